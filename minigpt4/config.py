@@ -1,0 +1,276 @@
+"""One configuration mechanism for every entry point.
+
+YAML files (``train_configs/``, ``eval_configs/``) are merged through omegaconf into the typed
+dataclasses below, then ``--options key=value`` overrides are applied on top. Unknown keys are
+errors (omegaconf struct mode), values are type-checked, and each dataclass validates itself in
+``__post_init__``. The same :class:`Config` shape (``model`` / ``datasets`` / ``run``) serves
+training, evaluation and the demo, so one file can be passed to any of them.
+
+Relative paths in a config are relative to the current working directory (the repository root
+in every documented command); image paths inside prepared annotation files are relative to the
+dataset folder, so prepared data can be moved freely.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+TASKS = ("pancreas_detection", "tumor_detection", "organ_detection", "tumor_classification")
+DETECTION_TASKS = ("pancreas_detection", "tumor_detection", "organ_detection")
+ORGANS = ("liver", "kidney", "spleen", "pancreas")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class VisionConfig:
+    """EVA ViT-g/14 as used by BLIP-2 / MiniGPT-v2 (defaults = full size)."""
+
+    image_size: int = 448
+    """Input side in pixels; the patch grid is image_size // patch_size."""
+    patch_size: int = 14
+    width: int = 1408
+    depth: int = 39
+    """Blocks used. EVA-CLIP-g has 40; BLIP-2 drops the last one."""
+    num_heads: int = 16
+    mlp_hidden: int = 6144
+    layer_norm_eps: float = 1e-6
+    weights: Optional[str] = None
+    """Path to ``eva_vit_g.pth``; None = random init (tests, tiny models, benchmarks)."""
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"model.vision.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        if self.width % self.num_heads:
+            raise ConfigError(f"model.vision.width={self.width} is not divisible by num_heads={self.num_heads}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+@dataclass
+class TextConfig:
+    """LLaMA-2 decoder (defaults = LLaMA-2-7B sizes)."""
+
+    path: Optional[str] = None
+    """Local Hugging Face folder (``weights/Llama-2-7b-chat-hf``); None = random init from the sizes below."""
+    tokenizer: Optional[str] = None
+    """SentencePiece ``tokenizer.model``; None = ``<path>/tokenizer.model``, or the project's tiny
+    tokenizer (built offline, cached) when ``path`` is None too."""
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    intermediate_size: int = 11008
+    vocab_size: int = 32000
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    quantization: str = "none"
+    """none | 8bit | 4bit (bitsandbytes, inference only)."""
+
+    def __post_init__(self) -> None:
+        if self.quantization not in ("none", "8bit", "4bit"):
+            raise ConfigError(f"model.text.quantization must be none, 8bit or 4bit, got {self.quantization!r}")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the LLaMA attention projections (paper §3.8)."""
+
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj"])
+    """Paper: q,k. The release trained q,v: set ``[q_proj, v_proj]`` to reproduce it."""
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"model.lora.r must be positive, got {self.r}")
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules is empty")
+
+
+@dataclass
+class ModelConfig:
+    """Composite config: vision tower + projection + language model + LoRA."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    merge_tokens: int = 4
+    """Consecutive visual tokens concatenated before ``llama_proj`` (1×4 row-major strips)."""
+    dtype: str = "auto"
+    """auto (bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32."""
+    init_from: Optional[str] = None
+    """Weights to start from: a MiniGPT-v2 stage-3 / release ``.pth`` or a project checkpoint
+    (folder or ``.safetensors``). Training starts a stage from here."""
+    ckpt: Optional[str] = None
+    """Weights to evaluate/serve, loaded after ``init_from`` (same formats)."""
+    max_txt_len: int = 160
+    max_new_tokens: int = 20
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    """Seed of the random initialisation (tiny models, llama_proj when nothing is loaded)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"model.dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.vision.num_patches % self.merge_tokens:
+            raise ConfigError(
+                f"{self.vision.num_patches} patches are not divisible by model.merge_tokens={self.merge_tokens}"
+            )
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.vision.num_patches // self.merge_tokens
+
+
+@dataclass
+class DatasetConfig:
+    """One prepared folder (output of ``python -m preprocessing``) used for one task."""
+
+    root: str = MISSING
+    task: str = MISSING
+    """pancreas_detection | tumor_detection | organ_detection | tumor_classification."""
+    sample_ratio: float = 1.0
+    """Relative weight when several datasets are mixed (a whole batch comes from one dataset)."""
+    threshold: Optional[float] = None
+    """None = use the prepared split files as they are; a number = reselect slices with
+    ``<target>_bbox_ratio > threshold`` from ``*_slices_info.json`` (the threshold study)."""
+    organs: List[str] = field(default_factory=lambda: list(ORGANS))
+    """organ_detection only: organs to keep."""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS and self.task != MISSING:
+            raise ConfigError(f"unknown dataset task {self.task!r}; expected one of {', '.join(TASKS)}")
+        if self.sample_ratio <= 0:
+            raise ConfigError(f"sample_ratio must be positive, got {self.sample_ratio}")
+        unknown = sorted(set(self.organs) - set(ORGANS))
+        if unknown:
+            raise ConfigError(f"unknown organs {unknown}; expected a subset of {list(ORGANS)}")
+
+
+@dataclass
+class RunConfig:
+    """Everything about one run that is not the model or the data."""
+
+    output_dir: str = "output/run"
+    seed: int = 42
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    # --- optimisation (paper §3.8; release batch 16) ---
+    max_epoch: int = 50
+    iters_per_epoch: Optional[int] = None
+    """None = an epoch is one full pass over the mixed data; the release used 1000 iterations."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps in total (smoke tests, interrupted-run tests)."""
+    batch_size: int = 16
+    """Per-process micro-batch."""
+    grad_accum_steps: int = 1
+    init_lr: float = 1e-5
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 1000
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    amp: str = "auto"
+    """auto (bf16 autocast on GPU, none on CPU) | bf16 | fp16 (with GradScaler) | none."""
+    num_workers: int = 2
+    log_interval: int = 10
+    resume: Optional[str] = None
+    """None | auto (latest checkpoint in output_dir) | path of a checkpoint folder."""
+    validate: bool = True
+    """Evaluate on the ``val`` split at the end of every epoch and keep the best checkpoint."""
+    val_max_samples: Optional[int] = None
+    # --- evaluation ---
+    eval_split: str = "test"
+    eval_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("auto", "bf16", "fp16", "none"):
+            raise ConfigError(f"run.amp must be auto, bf16, fp16 or none, got {self.amp!r}")
+        if self.eval_split not in ("train", "val", "test"):
+            raise ConfigError(f"run.eval_split must be train, val or test, got {self.eval_split!r}")
+        for name in ("batch_size", "grad_accum_steps", "eval_batch_size", "max_epoch"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"run.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    datasets: Dict[str, DatasetConfig] = field(default_factory=dict)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_config(path: Optional[str | os.PathLike] = None, options: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate, return typed dataclasses.
+
+    Raises:
+        FileNotFoundError: the YAML file does not exist.
+        ConfigError: unknown key, wrong type, missing required value or invalid value; the
+            message names the file and the key.
+    """
+    schema = OmegaConf.structured(Config)
+    source = "defaults"
+    try:
+        merged = schema
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file not found: {path}")
+            source = str(path)
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if options:
+            source += " + --options " + " ".join(options)
+            bad = [o for o in options if "=" not in o]
+            if bad:
+                raise ConfigError(f"--options expects key=value, got {bad}")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(options)))
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {err}".strip()) from None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config_to_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def add_config_arguments(parser) -> None:
+    """The two arguments every entry point shares: ``--cfg-path`` and ``--options``."""
+    parser.add_argument("--cfg-path", required=True, help="YAML config (train_configs/ or eval_configs/)")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. run.batch_size=4 datasets.tc.root=data/TC",
+    )

@@ -1,0 +1,148 @@
+"""The one prompt builder shared by training, evaluation and the demo (SPEC §3).
+
+A sequence is::
+
+    <s> [INST] <Img> [256 image embeddings] </Img> {instruction} [/INST] {answer}</s>
+
+Only the answer tokens and its ``</s>`` carry loss. Image embeddings occupy placeholder
+positions marked by ``image_mask``; the model writes the projected visual tokens there (the
+HF-llava pattern), so padding on either side never shifts them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+DETECTION_TEMPLATES = (
+    "[refer] Give me the location of the {}",
+    "[refer] Give me the position of the {}",
+    "[refer] Where is the {}?",
+    "[refer] Where is located the {} in this image?",
+    "[refer] Which is the position of the {}?",
+    "[refer] From this image, tell me the location of the {}",
+    "[refer] Could you tell me the location of the {}?",
+    "[refer] Where can I locate the {}?",
+)
+
+CLASSIFICATION_QUESTIONS = (
+    "[vqa] Does the pancreas in the image present a tumor?",
+    "[vqa] Is there a tumor in the pancreas shown in the image?",
+    "[vqa] Can you see a tumor in the pancreas in this picture?",
+    "[vqa] Does the image show a tumor in the pancreas?",
+    "[vqa] Is a pancreatic tumor visible in the image?",
+    "[vqa] Is the pancreas in this image showing signs of a tumor?",
+    "[vqa] Is the pancreas in the image affected by a tumor?",
+    "[vqa] Does the pancreas in the picture have a tumor?",
+)
+
+# target names as they appear in instructions, per task / organ
+TARGET_NAMES = {
+    "pancreas": "pancreas",
+    "tumor": "pancreatic tumor",
+    "liver": "liver",
+    "kidney": "kidney",
+    "spleen": "spleen",
+}
+
+PROMPT_BEFORE_IMAGE = "[INST] <Img>"
+PROMPT_AFTER_IMAGE = "</Img> {} [/INST]"
+
+
+def detection_instruction(target: str, rng: Optional[random.Random] = None) -> str:
+    """A detection instruction for ``target`` (an instruction name such as ``'pancreatic tumor'``).
+
+    With ``rng`` one of the 8 paper templates is drawn (training); without, the first one is
+    used (evaluation and the demo's quick buttons).
+    """
+    template = rng.choice(DETECTION_TEMPLATES) if rng is not None else DETECTION_TEMPLATES[0]
+    return template.format(target)
+
+
+def classification_question(rng: Optional[random.Random] = None) -> str:
+    """A yes/no tumor question: random in training, the first one for evaluation."""
+    return rng.choice(CLASSIFICATION_QUESTIONS) if rng is not None else CLASSIFICATION_QUESTIONS[0]
+
+
+def prompt_text(instruction: str) -> str:
+    """Human-readable form of the prompt (logs, demo); the image is shown as ``<ImageHere>``."""
+    return PROMPT_BEFORE_IMAGE + "<ImageHere>" + PROMPT_AFTER_IMAGE.format(instruction)
+
+
+class TextTokenizer(Protocol):
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass
+class PromptTokens:
+    """One tokenised sample. All tensors are 1-D of the same length L."""
+
+    input_ids: torch.Tensor  # (L,) long; image positions hold pad_id
+    image_mask: torch.Tensor  # (L,) bool; True where visual tokens go
+    labels: torch.Tensor  # (L,) long; IGNORE_INDEX except answer + </s>
+
+
+def build_prompt_tokens(
+    tokenizer: TextTokenizer,
+    instruction: str,
+    num_image_tokens: int,
+    answer: Optional[str] = None,
+    max_answer_tokens: Optional[int] = None,
+) -> PromptTokens:
+    """Tokenise one prompt (and answer, for training).
+
+    Without ``answer`` the sequence ends after ``[/INST]`` (generation input).
+    """
+    before = [tokenizer.bos_id] + tokenizer.encode(PROMPT_BEFORE_IMAGE)
+    after = tokenizer.encode(PROMPT_AFTER_IMAGE.format(instruction))
+    ids = before + [tokenizer.pad_id] * num_image_tokens + after
+    image_mask = [False] * len(before) + [True] * num_image_tokens + [False] * len(after)
+    labels = [IGNORE_INDEX] * len(ids)
+    if answer is not None:
+        answer_ids = tokenizer.encode(answer)
+        if max_answer_tokens is not None:
+            answer_ids = answer_ids[: max_answer_tokens - 1]
+        answer_ids = answer_ids + [tokenizer.eos_id]
+        ids += answer_ids
+        image_mask += [False] * len(answer_ids)
+        labels += answer_ids
+    return PromptTokens(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        image_mask=torch.tensor(image_mask, dtype=torch.bool),
+        labels=torch.tensor(labels, dtype=torch.long),
+    )
+
+
+def pad_prompt_batch(samples: Sequence[PromptTokens], pad_id: int, padding_side: str) -> dict[str, torch.Tensor]:
+    """Stack samples into a batch: right padding for training, left padding for generation.
+
+    Returns ``input_ids`` (B, L), ``attention_mask`` (B, L), ``image_mask`` (B, L), ``labels`` (B, L).
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    length = max(len(s.input_ids) for s in samples)
+    batch = {
+        "input_ids": torch.full((len(samples), length), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(samples), length), dtype=torch.long),
+        "image_mask": torch.zeros((len(samples), length), dtype=torch.bool),
+        "labels": torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long),
+    }
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        span = slice(length - n, length) if padding_side == "left" else slice(0, n)
+        batch["input_ids"][row, span] = s.input_ids
+        batch["attention_mask"][row, span] = 1
+        batch["image_mask"][row, span] = s.image_mask
+        batch["labels"][row, span] = s.labels
+    return batch
