@@ -1,0 +1,85 @@
+"""The one prompt builder: token layout, image placeholders, loss mask and padding sides."""
+
+import random
+
+import pytest
+import torch
+
+from minigpt4.prompts import (
+    CLASSIFICATION_QUESTIONS,
+    DETECTION_TEMPLATES,
+    IGNORE_INDEX,
+    build_prompt_tokens,
+    classification_question,
+    detection_instruction,
+    pad_prompt_batch,
+    prompt_text,
+)
+
+
+class WordTokenizer:
+    """Whitespace tokenizer with a growing vocabulary: enough to check positions exactly."""
+
+    bos_id, eos_id, pad_id = 1, 2, 0
+
+    def __init__(self):
+        self.vocab = {}
+
+    def encode(self, text):
+        return [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in text.split()]
+
+    def decode(self, ids):
+        inverse = {v: k for k, v in self.vocab.items()}
+        return " ".join(inverse[i] for i in ids if i in inverse)
+
+
+def test_paper_instruction_lists():
+    assert len(DETECTION_TEMPLATES) == 8 and len(CLASSIFICATION_QUESTIONS) == 8
+    assert detection_instruction("pancreas") == "[refer] Give me the location of the pancreas"
+    assert classification_question() == "[vqa] Does the pancreas in the image present a tumor?"
+    rng = random.Random(0)
+    drawn = {detection_instruction("liver", rng) for _ in range(200)}
+    assert drawn == {t.format("liver") for t in DETECTION_TEMPLATES}
+    assert prompt_text("[vqa] Q?") == "[INST] <Img><ImageHere></Img> [vqa] Q? [/INST]"
+
+
+def test_training_sequence_layout_and_loss_mask():
+    tok = WordTokenizer()
+    sample = build_prompt_tokens(tok, "[refer] where?", num_image_tokens=3, answer="{<1><2><3><4>}")
+    words = ["[INST]", "<Img>"]
+    after = ["</Img>", "[refer]", "where?", "[/INST]"]
+    ids = sample.input_ids.tolist()
+    # BOS, "[INST] <Img>", 3 image slots, "</Img> [refer] where? [/INST]", answer, EOS
+    assert len(ids) == 1 + 2 + 3 + 4 + 1 + 1
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert tok.decode(ids[1:3]) == " ".join(words)
+    assert tok.decode(ids[6:10]) == " ".join(after)
+    assert sample.image_mask.tolist() == [False] * 3 + [True] * 3 + [False] * 6
+    assert ids[3:6] == [tok.pad_id] * 3
+    # loss only on the answer token and its </s>
+    assert sample.labels.tolist() == [IGNORE_INDEX] * 10 + ids[10:]
+
+
+def test_generation_prompt_ends_after_inst():
+    tok = WordTokenizer()
+    sample = build_prompt_tokens(tok, "[vqa] tumor?", num_image_tokens=2)
+    assert tok.decode(sample.input_ids[-1:].tolist()) == "[/INST]"
+    assert (sample.labels == IGNORE_INDEX).all()
+
+
+def test_padding_sides():
+    tok = WordTokenizer()
+    short = build_prompt_tokens(tok, "a", num_image_tokens=1, answer="x")
+    long = build_prompt_tokens(tok, "a b c", num_image_tokens=1, answer="x")
+    right = pad_prompt_batch([short, long], tok.pad_id, "right")
+    left = pad_prompt_batch([short, long], tok.pad_id, "left")
+    n, m = len(short.input_ids), len(long.input_ids)
+    assert right["input_ids"].shape == left["input_ids"].shape == (2, m)
+    assert right["attention_mask"][0].tolist() == [1] * n + [0] * (m - n)
+    assert left["attention_mask"][0].tolist() == [0] * (m - n) + [1] * n
+    assert torch.equal(left["input_ids"][0, m - n :], short.input_ids)
+    assert torch.equal(right["labels"][0, :n], short.labels)
+    assert (right["labels"][0, n:] == IGNORE_INDEX).all()
+    assert left["image_mask"].sum() == right["image_mask"].sum() == 2
+    with pytest.raises(ValueError, match="padding_side"):
+        pad_prompt_batch([short], 0, "middle")
