@@ -1,0 +1,252 @@
+"""The MiniGPT-v2 stack on the tiny CPU config: shapes, freezing, prompt splice, decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt4.models.minigpt_v2 import MiniGPTPancreas, build_model, merge_visual_tokens
+from minigpt4.prompts import IGNORE_INDEX, build_prompt_tokens, pad_prompt_batch
+from tests.tiny import build_tiny_model, tiny_images, tiny_model_config
+
+torch.set_num_threads(1)
+
+INSTRUCTIONS = ["[refer] Where is the pancreas?", "[vqa] Is a pancreatic tumor visible in the image?"]
+ANSWERS = ["{<12><34><56><78>}", "yes"]
+
+
+@pytest.fixture(scope="module")
+def model() -> MiniGPTPancreas:
+    return build_tiny_model()
+
+
+def test_tiny_sizes(model):
+    assert model.num_visual_tokens == 16
+    assert model.llama_proj.in_features == 64 * 4 and model.llama_proj.out_features == 64
+    assert len(model.visual_encoder.blocks) == 2 and len(model.llama.model.layers) == 2
+    assert model.tokenizer.vocab_size == 512 == model.llama.config.vocab_size
+    assert model.image_transform.image_size == 112
+    # ln_vision is an identity affine and never trained
+    assert torch.equal(model.ln_vision.weight, torch.ones(64)) and torch.equal(model.ln_vision.bias, torch.zeros(64))
+
+
+def test_merge_visual_tokens_hand_built():
+    tokens = torch.arange(8 * 2, dtype=torch.float32).reshape(1, 8, 2)  # token t = (2t, 2t+1)
+    merged = merge_visual_tokens(tokens, 4)
+    expected = torch.tensor([[[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15]]], dtype=torch.float32)
+    assert torch.equal(merged, expected)
+    with pytest.raises(ValueError, match="not divisible"):
+        merge_visual_tokens(torch.zeros(1, 6, 2), 4)
+
+
+def test_encode_images_uses_row_major_1x4_strips(model):
+    """Visual token j is the concatenation of 4 horizontally adjacent patches of one grid row."""
+    images = tiny_images(1)
+    with torch.no_grad():
+        patches = model.ln_vision(model.visual_encoder(images))[0, 1:]  # (64, C), drop CLS
+        grid = patches.reshape(8, 8, -1)  # (row, col, C), row-major patch order
+        strips = [torch.cat([grid[j // 2, 4 * (j % 2) + k] for k in range(4)]) for j in range(16)]
+        expected = model.llama_proj(torch.stack(strips))
+        assert torch.allclose(model.encode_images(images)[0], expected, atol=1e-6)
+
+
+def test_forward_backward_only_lora_and_projection_get_gradients(model):
+    model.zero_grad(set_to_none=True)
+    model.train()
+    try:
+        out = model(tiny_images(), INSTRUCTIONS, ANSWERS)
+        assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+        out.loss.backward()
+    finally:
+        model.eval()
+    with_grad = {n.replace(".default.", ".") for n, p in model.named_parameters() if p.grad is not None}
+    expected = {"llama_proj.weight", "llama_proj.bias"} | {
+        f"llama_model.base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
+        for i in range(2)
+        for m in ("q_proj", "k_proj")
+        for ab in ("A", "B")
+    }
+    assert with_grad == expected == set(model.trainable_state_dict())
+    assert model.llama_proj.weight.grad.abs().sum() > 0
+    for part in (model.visual_encoder, model.ln_vision):
+        assert not any(p.requires_grad for p in part.parameters())
+    base = [n for n, p in model.llama.named_parameters() if ".lora_" not in n]
+    assert base and not any(p.requires_grad for n, p in model.llama.named_parameters() if ".lora_" not in n)
+    model.zero_grad(set_to_none=True)
+
+
+def test_train_mode_keeps_frozen_parts_in_eval(model):
+    model.train()
+    try:
+        assert model.training and model.llama_proj.training
+        assert not any(m.training for m in model.visual_encoder.modules())
+        assert not model.ln_vision.training
+        dropout = {n for n, m in model.llama_model.named_modules() if m.training}
+        assert dropout and all("lora_dropout" in n for n in dropout)
+        assert not any(m.training for m in model.llama.model.layers)
+    finally:
+        model.eval()
+    assert not any(m.training for m in model.modules())
+
+
+def test_loss_is_mean_cross_entropy_over_answer_tokens(model):
+    images = tiny_images()
+    with torch.no_grad():
+        out = model(images, INSTRUCTIONS, ANSWERS)
+    labels = out.labels
+    # the answer + </s> are the only supervised tokens
+    tok = model.tokenizer
+    for row, answer in enumerate(ANSWERS):
+        supervised = labels[row][labels[row] != IGNORE_INDEX].tolist()
+        assert supervised == tok.encode(answer) + [tok.eos_id]
+    shifted_logits, shifted_labels = out.logits[:, :-1].float(), labels[:, 1:]
+    manual = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1))
+    assert torch.allclose(out.loss, manual, atol=1e-5)
+    # changing only the answer changes the loss; the prompt alone carries none
+    with torch.no_grad():
+        other = model(images, INSTRUCTIONS, ["{<0><0><0><0>}", "no"])
+    assert not torch.allclose(out.loss, other.loss)
+
+
+def test_image_placeholders_and_images_must_agree(model):
+    batch = pad_prompt_batch([build_prompt_tokens(model.tokenizer, "[vqa] x", 15)], model.tokenizer.pad_id, "right")
+    visual = torch.zeros(1, 16, 64)
+    with pytest.raises(ValueError, match="image placeholders and images disagree"):
+        model.embed_inputs(batch["input_ids"], batch["image_mask"], visual)
+    with pytest.raises(ValueError, match="3 images for 2 prompts"):
+        model(tiny_images(3), INSTRUCTIONS, ANSWERS)
+    with pytest.raises(ValueError, match="112x112"):
+        model(torch.zeros(2, 3, 56, 56), INSTRUCTIONS, ANSWERS)
+
+
+def test_visual_tokens_are_spliced_at_the_image_positions(model):
+    images = tiny_images(1)
+    batch = model.tokenize(INSTRUCTIONS[:1], padding_side="left")
+    visual = model.encode_images(images)
+    embeds = model.embed_inputs(batch["input_ids"], batch["image_mask"], visual)
+    mask = batch["image_mask"][0]
+    assert torch.equal(embeds[0, mask], visual[0])
+    text = model.llama.get_input_embeddings()(batch["input_ids"])[0]
+    assert torch.equal(embeds[0, ~mask], text[~mask])
+
+
+def _overfit(model, images, instructions, answers, steps=80):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(images, instructions, answers).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def test_overfit_then_batched_generation_equals_one_by_one():
+    torch.manual_seed(0)
+    model = build_tiny_model(**{"lora.dropout": 0.0, "max_new_tokens": 24})
+    images = tiny_images(3, seed=1)
+    instructions = [INSTRUCTIONS[0], "[refer] Where can I locate the liver?", INSTRUCTIONS[1]]
+    answers = ["{<12><34><56><78>}", "{<3><40><9><77>}", "yes"]
+    losses = _overfit(model, images, instructions, answers)
+    assert losses[-1] < 0.2 * losses[0]
+    batched = model.generate(images, instructions)
+    singles = [model.generate(images[i : i + 1], [instructions[i]])[0] for i in range(3)]
+    assert batched == singles == answers
+    # max_new_tokens caps the length: 3 pieces of "{<12>" are '{', '<', '1' (+ the dummy prefix)
+    short = model.generate(images[:1], instructions[:1], max_new_tokens=3)
+    assert answers[0].startswith(short[0]) and len(short[0]) < len(answers[0])
+    # P(yes) for the sample trained on "yes"
+    p_yes = model.yes_probability(images[2:], instructions[2:])
+    assert p_yes.shape == (1,) and p_yes.item() > 0.9
+
+
+def test_yes_probability_matches_first_answer_token_logits(model):
+    images = tiny_images()
+    questions = [INSTRUCTIONS[1], "[vqa] Does the pancreas in the picture have a tumor?"]
+    p = model.yes_probability(images, questions)
+    assert p.shape == (2,) and bool(((p > 0) & (p < 1)).all())
+    yes, no = model.tokenizer.encode("yes")[0], model.tokenizer.encode("no")[0]
+    for i in range(2):
+        with torch.no_grad():
+            out = model(images[i : i + 1], questions[i : i + 1], ["yes"])
+        first = (out.labels[0] != IGNORE_INDEX).nonzero()[0, 0]  # logits at first-1 predict it
+        pair = out.logits[0, first - 1, [yes, no]].softmax(-1)
+        assert torch.allclose(p[i], pair[0], atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    results = []
+    for checkpointing in (False, True):
+        model = build_tiny_model(**{"lora.dropout": 0.0, "gradient_checkpointing": checkpointing})
+        with torch.no_grad():  # non-zero B so LoRA gradients are non-trivial
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.linspace(-0.1, 0.1, p.numel()).reshape(p.shape))
+        model.train()
+        if checkpointing:
+            assert all(layer.gradient_checkpointing and layer.training for layer in model.llama.model.layers)
+        out = model(tiny_images(), INSTRUCTIONS, ANSWERS)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b) and grads_a.keys() == grads_b.keys() and len(grads_a) == 10
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6), name
+
+
+def test_vocab_size_must_match_tiny_tokenizer():
+    with pytest.raises(ValueError, match="model.text.vocab_size=1000 but the tokenizer"):
+        build_model(tiny_model_config(**{"text.vocab_size": 1000}), device="cpu")
+
+
+def test_release_lora_targets_are_one_config_line_away():
+    model = build_tiny_model(**{"lora.target_modules": ["q_proj", "v_proj"]})
+    names = set(model.trainable_state_dict())
+    assert "llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in names
+    assert not any("k_proj" in n for n in names)
+
+
+def test_bf16_frozen_parts_keep_fp32_trainables():
+    model = build_tiny_model(dtype="bf16")
+    assert model.dtype == torch.bfloat16 and model.llama.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in model.trainable_state_dict().values())
+    out = model(tiny_images(), INSTRUCTIONS, ANSWERS)
+    assert torch.isfinite(out.loss)
+
+
+def test_missing_weight_files_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="eva_vit_g.pth"):
+        build_model(tiny_model_config(**{"vision.weights": str(tmp_path / "eva_vit_g.pth")}))
+    with pytest.raises(FileNotFoundError, match="Llama-2-7b-chat-hf"):
+        build_model(tiny_model_config(**{"text.path": str(tmp_path / "Llama-2-7b-chat-hf")}),
+                    tokenizer=build_tiny_model().tokenizer)
+    with pytest.raises(FileNotFoundError, match="checkpoint_stage3.pth"):
+        build_model(tiny_model_config(init_from=str(tmp_path / "checkpoint_stage3.pth")))
+
+
+def test_llama_loads_from_a_local_hf_folder_with_its_tokenizer(tmp_path):
+    """``text.path`` goes through ``from_pretrained`` (local only) and ``<path>/tokenizer.model``."""
+    import shutil
+
+    from minigpt4.tokenizer import tiny_tokenizer_path
+
+    from transformers import LlamaForCausalLM
+
+    from minigpt4.models.minigpt_v2 import llama_config
+
+    torch.manual_seed(3)
+    source = LlamaForCausalLM(llama_config(tiny_model_config().text, None))
+    folder = tmp_path / "Llama-2-tiny-hf"
+    source.save_pretrained(folder)
+    shutil.copy(tiny_tokenizer_path(), folder / "tokenizer.model")
+    model = build_model(tiny_model_config(**{"text.path": str(folder)}))
+    assert model.tokenizer.path == folder / "tokenizer.model"
+    for name, weight in source.state_dict().items():
+        peft_name = name.replace(".q_proj.weight", ".q_proj.base_layer.weight").replace(".k_proj.weight", ".k_proj.base_layer.weight")
+        assert torch.equal(model.llama.state_dict()[peft_name], weight), name
+    assert model.llama.model.embed_tokens.weight.dtype == torch.float32
