@@ -1,0 +1,29 @@
+"""The README's main command, shrunk to a few steps per stage: the whole cascade end to end."""
+
+import json
+import sys
+
+import pytest
+
+from minigpt4.quickstart import main
+
+
+@pytest.mark.slow
+def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--smoke", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    # every stage trained from the previous one's best checkpoint, and was evaluated
+    for stage, parent in [("stage2_tumor_classification", "stage1_pancreas_detection"),
+                          ("stage3_tumor_detection", "stage2_tumor_classification"),
+                          ("abd_organ_detection", "stage1_pancreas_detection")]:
+        saved = (tmp_path / "configs" / f"{stage}.yaml").read_text()
+        assert f"init_from: {tmp_path / 'runs' / parent / 'checkpoint_best'}" in saved
+    for stage in ["stage1_pancreas_detection", "stage3_tumor_detection", "abd_organ_detection"]:
+        metrics = json.loads((tmp_path / "eval" / stage / "metrics.json").read_text())
+        assert 0.0 <= metrics["weighted"]["mean_iou"] <= 1.0 and metrics["weighted"]["n"] > 0
+        assert (tmp_path / "eval" / stage / "tables.md").is_file()
+    classification = json.loads((tmp_path / "eval" / "stage2_tumor_classification" / "metrics.json").read_text())
+    assert set(classification) >= {"accuracy", "precision", "recall", "f1", "auc"}
+    assert (tmp_path / "runs" / "stage3_tumor_detection" / "checkpoint_best" / "model.safetensors").is_file()
+    assert "TINY model on SYNTHETIC phantoms" in printed
+    assert "python demo.py --cfg-path eval_configs/demo_cpu.yaml --options model.ckpt=" in printed
