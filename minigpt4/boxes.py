@@ -80,7 +80,8 @@ def parse_box(text: Optional[str]) -> Optional[tuple[int, int, int, int]]:
     if match is None:
         return None
     try:
-        x1, y1, x2, y2 = (min(GRID, max(0, round(float(g)))) for g in match.groups())
+        # clip before rounding: a huge literal is float('inf'), which round() cannot take
+        x1, y1, x2, y2 = (round(min(GRID, max(0.0, float(g)))) for g in match.groups())
     except (ValueError, OverflowError):
         return None
     return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))

@@ -1,0 +1,146 @@
+"""Helpers shared by detection and classification evaluation: record checks, batching, identity.
+
+Records are the *selected records* of ``preprocessing.layout.read_prepared`` (docs/ARCHITECTURE.md);
+images and instructions come from the training engineer's ``TaskDataset(train=False)`` so that
+evaluation sees exactly the transform and the fixed instruction that training used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from minigpt4.config import DETECTION_TASKS
+
+# Keys evaluation needs on top of what TaskDataset checks (identity of every prediction row).
+_EVAL_KEYS = ("q_id", "dataset", "volume_name", "slice_index")
+
+
+def check_records(records: Sequence[dict], task: str, source: str = "records") -> None:
+    """Fail early, before any model is loaded, on records that evaluation cannot use.
+
+    Runs the dataset checks (:func:`minigpt4.data.datasets.check_records`: task, required keys,
+    known targets / answers, every image file exists), then the evaluation ones: identity keys and
+    unique ``(dataset, q_id)``.
+
+    Raises:
+        ValueError: unknown task, empty or malformed records, duplicated id (names ``source``).
+        FileNotFoundError: image files are missing (the first few are listed).
+    """
+    from minigpt4.data.datasets import check_records as check_dataset_records
+
+    check_dataset_records(records, task, source)
+    seen: set[tuple[Any, Any]] = set()
+    for number, record in enumerate(records):
+        absent = [k for k in _EVAL_KEYS if k not in record]
+        if absent:
+            raise ValueError(f"{source}: record {number} ({record.get('image', '?')}) lacks {absent} needed for evaluation")
+        ident = (record["dataset"], record["q_id"])
+        if ident in seen:
+            raise ValueError(f"{source}: duplicate q_id {record['q_id']!r} in dataset {record['dataset']!r}")
+        seen.add(ident)
+        if task in DETECTION_TASKS and len(record["bbox"]) != 4:
+            raise ValueError(f"{source}: record q_id={record['q_id']!r} bbox is not 4 numbers: {record['bbox']!r}")
+
+
+def select_ids(records: Sequence[dict], q_ids: Optional[Sequence[int]], source: str = "records") -> list[dict]:
+    """Keep the records whose ``q_id`` is listed (in the records' order); unknown ids are an error."""
+    if q_ids is None:
+        return list(records)
+    wanted = set(q_ids)
+    known = {r["q_id"] for r in records}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown q_id(s) {unknown[:10]} ({len(unknown)} in all)")
+    return [r for r in records if r["q_id"] in wanted]
+
+
+def subsample(records: Sequence[dict], max_samples: Optional[int]) -> list[dict]:
+    """A deterministic, evenly spaced subset (keeps every dataset/volume region represented,
+    unlike the first N which would come from one volume)."""
+    if max_samples is None or max_samples >= len(records):
+        return list(records)
+    if max_samples <= 0:
+        raise ValueError(f"max_samples must be positive, got {max_samples}")
+    step = len(records) / max_samples
+    return [records[int(i * step)] for i in range(max_samples)]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def iter_batches(
+    model: Any, records: Sequence[dict], task: str, batch_size: int, num_workers: int = 0
+) -> Iterator[tuple[list[dict], torch.Tensor, list[str]]]:
+    """Yield ``(records, images (B,3,S,S) on the model's device, instructions)`` in record order."""
+    from minigpt4.data.datasets import TaskDataset, collate_samples  # training engineer's module
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    # records were checked by the caller (check_records) or come from the trainer's datasets
+    dataset = TaskDataset(list(records), task, model.image_transform, train=False, check=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_samples
+    )
+    device = model_device(model)
+    for batch in loader:
+        yield list(batch["records"]), batch["images"].to(device), list(batch["instructions"])
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """``model.eval()`` + no grad for the block; the previous train/eval mode is restored."""
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_identity(path: Optional[str]) -> Optional[dict]:
+    """Path, size, mtime and sha256 of the weights being evaluated (a file, or the
+    ``model.safetensors`` of a checkpoint folder); None when no checkpoint is configured."""
+    if path is None:
+        return None
+    target = Path(path)
+    if target.is_dir() and (target / "model.safetensors").is_file():
+        target = target / "model.safetensors"
+    info: dict[str, Any] = {"path": str(path), "resolved": str(target.resolve())}
+    if target.is_file():
+        stat = target.stat()
+        info.update(size=stat.st_size, mtime=stat.st_mtime, sha256=file_sha256(target))
+    else:
+        info["exists"] = False
+    return info
+
+
+def environment_identity() -> dict:
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "host": platform.node(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "pid": os.getpid(),
+    }

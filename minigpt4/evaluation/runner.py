@@ -1,0 +1,323 @@
+"""What ``eval_detection.py`` and ``eval_classification.py`` do; the scripts only call :func:`main`.
+
+Order of work, so that bad input fails in seconds rather than after loading 7 B parameters:
+config → records of every configured dataset of the task(s) (``read_prepared``, every image
+checked, ``--q-ids`` resolved) → weight files checked → model built → batched prediction →
+``predictions.jsonl``, ``metrics.json``, ``tables.md``, figures and ``config.yaml`` in
+``run.output_dir`` (one sub-folder per task when a config holds several detection tasks).
+
+Modes: ``--predictions FILE`` re-scores a saved predictions file without a model;
+``--checkpoints DIR`` (detection) evaluates every ``checkpoint_epoch_<N>`` of a training run on
+``val`` and ``test`` and picks the best epoch on ``val`` (the paper's Table 1 by epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from minigpt4.config import DETECTION_TASKS, ORGANS, Config, ConfigError, add_config_arguments, load_config, save_config
+from minigpt4.evaluation import figures, tables
+from minigpt4.evaluation.classification import classification_metrics, predict_classification
+from minigpt4.evaluation.classification import rescore_rows as rescore_classification
+from minigpt4.evaluation.common import (
+    check_records,
+    checkpoint_identity,
+    environment_identity,
+    file_sha256,
+    select_ids,
+    subsample,
+)
+from minigpt4.evaluation.detection import detection_metrics, predict_detection, primary_score
+from minigpt4.evaluation.detection import rescore_rows as rescore_detection
+from minigpt4.io import read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from minigpt4.prompts import CLASSIFICATION_QUESTIONS, DETECTION_TEMPLATES
+
+CLASSIFICATION = "tumor_classification"
+_EPOCH_RE = re.compile(r"^checkpoint_epoch_(\d+)$")
+
+
+def build_parser(kind: str) -> argparse.ArgumentParser:
+    """Command line of ``eval_detection.py`` (kind ``detection``) or ``eval_classification.py``."""
+    parser = argparse.ArgumentParser(
+        prog=f"eval_{kind}.py",
+        description=f"Evaluate {kind} on prepared data; results go to run.output_dir.",
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--split", choices=("train", "val", "test"), default=None, help="default: run.eval_split (test)")
+    parser.add_argument("--predictions", metavar="FILE.jsonl", help="re-score this predictions file; no model is loaded")
+    if kind == "detection":
+        parser.add_argument("--task", choices=DETECTION_TASKS, help="only this task of the config (default: all detection tasks)")
+        parser.add_argument("--checkpoints", metavar="DIR", help="evaluate every checkpoint_epoch_<N> of a training run on val and test")
+    parser.add_argument("--q-ids", type=int, nargs="+", metavar="ID", help="evaluate only these q_ids")
+    parser.add_argument("--max-samples", type=int, help="evenly spaced subset of this many records per task")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap replicates for the 95%% CIs (0: none)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    return parser
+
+
+# ----------------------------------------------------------------------------- records
+def configured_tasks(cfg: Config, kind: str, only: Optional[str] = None) -> list[str]:
+    """Tasks of the config's datasets this script evaluates, in config order."""
+    wanted = DETECTION_TASKS if kind == "detection" else (CLASSIFICATION,)
+    tasks = list(dict.fromkeys(ds.task for ds in cfg.datasets.values() if ds.task in wanted))
+    if only is not None:
+        tasks = [t for t in tasks if t == only]
+    if not tasks:
+        names = {n: d.task for n, d in cfg.datasets.items()}
+        raise ConfigError(f"no dataset with a {only or kind} task in the config (datasets: {names or 'none'})")
+    return tasks
+
+
+def load_task_records(cfg: Config, task: str, split: str, q_ids: Optional[Sequence[int]] = None,
+                      max_samples: Optional[int] = None) -> tuple[list[dict], dict]:
+    """Checked records of every configured dataset of ``task`` for ``split``.
+
+    Returns:
+        ``(records, summary)`` with ``summary[name] = {root, task, threshold, n}``.
+    """
+    from minigpt4.training.trainer import load_split_records  # the trainer's reader of datasets
+
+    subset = dataclasses.replace(cfg, datasets={n: d for n, d in cfg.datasets.items() if d.task == task})
+    records, summary = [], {}
+    for name, _, _, recs in load_split_records(subset, split):
+        ds = cfg.datasets[name]
+        source = f"datasets.{name} ({ds.root}, {task}, split {split})"
+        check_records(recs, task, source=source)
+        records.extend(recs)
+        summary[name] = {"root": ds.root, "task": task, "threshold": ds.threshold, "n": len(recs)}
+    records = subsample(select_ids(records, q_ids, source=f"{task} {split} records"), max_samples)
+    return records, summary
+
+
+def checkpoint_label(cfg: Config) -> str:
+    """A short name of the evaluated weights for the tables."""
+    path = cfg.model.ckpt or cfg.model.init_from
+    if path is None:
+        return "this evaluation (random init)"
+    p = Path(path)
+    return f"this evaluation ({p.parent.name}/{p.name})" if p.parent.name else f"this evaluation ({p.name})"
+
+
+def run_identity(cfg: Config, args: argparse.Namespace, model: Any, split: str, datasets: dict,
+                 batch_size: int, seconds: float, n: int) -> dict:
+    """Everything needed to know what was evaluated and how (goes into metrics.json ``run``)."""
+    task_list = sorted({d["task"] for d in datasets.values()})
+    return {
+        "mode": "predict",
+        "config": str(args.cfg_path),
+        "options": list(args.options),
+        "split": split,
+        "datasets": datasets,
+        "checkpoint": checkpoint_identity(cfg.model.ckpt),
+        "init_from": checkpoint_identity(cfg.model.init_from),
+        "model": {
+            "llama": cfg.model.text.path,
+            "eva": cfg.model.vision.weights,
+            "dtype_config": cfg.model.dtype,
+            "dtype": str(getattr(model, "dtype", None)),
+            "device": str(getattr(model, "device", None)),
+            "quantization": cfg.model.text.quantization,
+            "lora_target_modules": list(cfg.model.lora.target_modules),
+        },
+        "decoding": {
+            "strategy": "greedy",
+            "num_beams": 1,
+            "max_new_tokens": cfg.model.max_new_tokens,
+            "padding_side": "left",
+            "instruction": (CLASSIFICATION_QUESTIONS[0] if CLASSIFICATION in task_list else DETECTION_TEMPLATES[0]),
+        },
+        "batch_size": batch_size,
+        "seconds": round(seconds, 3),
+        "samples_per_s": round(n / seconds, 3) if seconds > 0 else None,
+        "environment": environment_identity(),
+    }
+
+
+# ----------------------------------------------------------------------------- outputs
+def write_detection_outputs(out: Path, rows: list[dict], metrics: dict, label: str, make_figures: bool = True) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(out / "predictions.jsonl", rows)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_text_atomic(out / "tables.md", tables.detection_table(metrics, label))
+    if make_figures and rows:
+        figures.detection_examples(rows, out / "examples.png")
+        figures.box_heatmaps(rows, out / "box_heatmaps.png", title=metrics.get("task") or "")
+        figures.iou_histogram(rows, out / "iou_histogram.png")
+
+
+def write_classification_outputs(out: Path, rows: list[dict], metrics: dict, label: str, make_figures: bool = True) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(out / "predictions.jsonl", rows)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_text_atomic(out / "tables.md", tables.classification_table(metrics, label))
+    if make_figures and rows:
+        figures.roc_figure(rows, out / "roc_curve.png", metrics.get("auc"))
+        figures.confusion_figure(metrics["confusion_matrix"], out / "confusion_matrix.png")
+
+
+def _progress(task: str):
+    def report(done: int, total: int) -> None:
+        print(f"\r{task}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _build_model(cfg: Config):
+    from minigpt4.models.minigpt_v2 import build_model
+    from minigpt4.training.trainer import check_weight_files
+
+    check_weight_files(cfg)
+    return build_model(cfg.model, device=cfg.run.device)
+
+
+# ----------------------------------------------------------------------------- re-scoring
+def infer_detection_task(rows: Sequence[dict], cfg_tasks: Sequence[str]) -> str:
+    """Task of a predictions file: from its targets, else the config's single detection task."""
+    targets = {r.get("target") for r in rows}
+    if None not in targets and targets:
+        if targets == {"tumor"}:
+            return "tumor_detection"
+        if targets == {"pancreas"}:
+            return "pancreas_detection"
+        if targets <= set(ORGANS):
+            return "organ_detection"
+    if len(cfg_tasks) == 1:
+        return cfg_tasks[0]
+    raise ValueError(f"cannot tell the detection task of the predictions (targets {sorted(map(str, targets))}); pass --task")
+
+
+def _rescore(args: argparse.Namespace, cfg: Config, kind: str) -> dict:
+    path = Path(args.predictions)
+    source = str(path)
+    rows = read_jsonl(path)
+    if not rows:
+        raise ValueError(f"{source}: no predictions in the file")
+    identity = {"mode": "rescore", "predictions": source, "sha256": file_sha256(path), "config": str(args.cfg_path)}
+    out = Path(cfg.run.output_dir)
+    if kind == "detection":
+        rows = rescore_detection(rows, source=source)
+        cfg_tasks = [d.task for d in cfg.datasets.values() if d.task in DETECTION_TASKS]
+        task = args.task or infer_detection_task(rows, list(dict.fromkeys(cfg_tasks)))
+        metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
+        metrics["run"] = identity
+        write_detection_outputs(out, rows, metrics, f"re-scored {path.name}", not args.no_figures)
+    else:
+        rows = rescore_classification(rows, source=source)
+        metrics = classification_metrics(rows, n_boot=args.bootstrap, seed=cfg.run.seed)
+        metrics["run"] = identity
+        write_classification_outputs(out, rows, metrics, f"re-scored {path.name}", not args.no_figures)
+    save_config(cfg, out / "config.yaml")
+    return metrics
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """``checkpoint_epoch_<N>`` folders of a training run, by N."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--checkpoints {folder}: folder not found")
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _EPOCH_RE.match(p.name)))
+    if not found:
+        raise FileNotFoundError(f"--checkpoints {folder}: no checkpoint_epoch_<N> folders inside")
+    return found
+
+
+def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> dict:
+    from minigpt4.models.checkpoints import load_weights
+
+    found = epoch_checkpoints(Path(args.checkpoints))
+    missing = [str(p) for _, p in found if not (p / "model.safetensors").is_file()]
+    if missing:
+        raise FileNotFoundError(f"--checkpoints: no model.safetensors in {missing[:5]}")
+    splits = {s: load_task_records(cfg, task, s, args.q_ids, args.max_samples) for s in ("val", "test")}
+    # the model is built without model.ckpt: every epoch's weights are loaded over it in turn
+    base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ckpt=None))
+    model = _build_model(base)
+    out = Path(cfg.run.output_dir)
+    epochs, best, best_rows = [], None, None
+    batch = cfg.run.eval_batch_size
+    for epoch, folder in found:
+        load_weights(model, folder)
+        entry: dict[str, Any] = {"epoch": epoch, "checkpoint": checkpoint_identity(str(folder))}
+        test_rows: list[dict] = []
+        for split, (records, _) in splits.items():
+            rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers,
+                                     progress=_progress(f"epoch {epoch} {split}"))
+            metrics = detection_metrics(rows, task, n_boot=0)
+            write_jsonl_atomic(out / f"epoch_{epoch}" / split / "predictions.jsonl", rows)
+            write_json_atomic(out / f"epoch_{epoch}" / split / "metrics.json", metrics)
+            entry[split] = metrics
+            if split == "test":
+                test_rows = rows
+        epochs.append(entry)
+        if best is None or primary_score(entry["val"]) > primary_score(best["val"]):
+            best, best_rows = entry, test_rows
+    assert best is not None
+    best_metrics = detection_metrics(best_rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
+    summary = {
+        "task": task,
+        "selection": "highest weighted mean IoU on the val split (earliest on ties)",
+        "best_epoch": best["epoch"],
+        "best_checkpoint": best["checkpoint"],
+        "best_test": best_metrics,
+        "epochs": [{"epoch": e["epoch"], "checkpoint": e["checkpoint"]["path"],
+                    "val": {k: e["val"][k] for k in ("per_dataset", "weighted")},
+                    "test": {k: e["test"][k] for k in ("per_dataset", "weighted")}} for e in epochs],
+        "run": {"mode": "checkpoints", "checkpoints": str(args.checkpoints), "config": str(args.cfg_path),
+                "datasets": {s: info for s, (_, info) in splits.items()}, "batch_size": batch,
+                "max_new_tokens": cfg.model.max_new_tokens, "decoding": "greedy, 1 beam, left padding",
+                "dtype": str(model.dtype), "environment": environment_identity()},
+    }
+    write_json_atomic(out / "metrics.json", summary)
+    label = f"epoch {best['epoch']} (best on val)"
+    write_text_atomic(out / "tables.md", tables.epochs_table(epochs, best["epoch"]) + "\n" + tables.detection_table(best_metrics, label))
+    write_jsonl_atomic(out / "predictions.jsonl", best_rows)
+    if not args.no_figures and best_rows:
+        figures.detection_examples(best_rows, out / "examples.png")
+        figures.box_heatmaps(best_rows, out / "box_heatmaps.png", title=task)
+        figures.iou_histogram(best_rows, out / "iou_histogram.png")
+    save_config(cfg, out / "config.yaml")
+    return summary
+
+
+# ----------------------------------------------------------------------------- main
+def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
+    """Run one evaluation; returns the metrics written (per task when several)."""
+    args = build_parser(kind).parse_args(argv)
+    cfg = load_config(args.cfg_path, args.options)
+    if args.predictions:
+        return _rescore(args, cfg, kind)
+    tasks = configured_tasks(cfg, kind, getattr(args, "task", None))
+    if getattr(args, "checkpoints", None):
+        if len(tasks) != 1:
+            raise ConfigError(f"--checkpoints evaluates one task; the config has {tasks}: pass --task")
+        return _evaluate_checkpoints(args, cfg, tasks[0])
+    split = args.split or cfg.run.eval_split
+    loaded = {t: load_task_records(cfg, t, split, args.q_ids, args.max_samples) for t in tasks}  # before the model
+    model = _build_model(cfg)
+    root = Path(cfg.run.output_dir)
+    results = {}
+    for task, (records, datasets) in loaded.items():
+        out = root if len(tasks) == 1 else root / task
+        batch = cfg.run.eval_batch_size
+        start = time.perf_counter()
+        if task == CLASSIFICATION:
+            rows = predict_classification(model, records, batch, num_workers=cfg.run.num_workers, progress=_progress(task))
+            metrics = classification_metrics(rows, n_boot=args.bootstrap, seed=cfg.run.seed)
+        else:
+            rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers, progress=_progress(task))
+            metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
+        metrics["run"] = run_identity(cfg, args, model, split, datasets, batch, time.perf_counter() - start, len(rows))
+        writer = write_classification_outputs if task == CLASSIFICATION else write_detection_outputs
+        writer(out, rows, metrics, checkpoint_label(cfg), not args.no_figures)
+        save_config(cfg, out / "config.yaml")
+        results[task] = metrics
+        headline = metrics["accuracy"] if task == CLASSIFICATION else metrics["weighted"]["mean_iou"]
+        print(f"{task} ({split}, n = {len(rows)}): {'accuracy' if task == CLASSIFICATION else 'weighted mean IoU'} "
+              f"{tables.fmt(headline)} -> {out}", file=sys.stderr)
+    return results[tasks[0]] if len(tasks) == 1 else results

@@ -1,0 +1,291 @@
+"""eval_detection.py / eval_classification.py on CPU with the tiny model: documented outputs,
+batch-size invariance, re-scoring equal to scoring, --checkpoints (best on val), and bad input
+failing before any model is built."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval_classification
+import eval_detection
+import train as train_entry
+from minigpt4.config import ConfigError
+from minigpt4.evaluation.common import file_sha256
+from minigpt4.io import read_json, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART_EVAL = ROOT / "eval_configs" / "quickstart_cpu.yaml"
+TC_EVAL = ROOT / "eval_configs" / "tc_cpu.yaml"
+SHARED_TC = ROOT.parent / "shared" / "data" / "tc_crops"
+
+DETECTION_ROW_KEYS = {"q_id", "dataset", "volume_name", "slice_index", "image", "target", "question", "answer",
+                      "parsed", "pred_box", "gt_box", "width", "height", "iou"}
+SUMMARY_KEYS = {"n", "n_parsed", "mean_iou", "mean_iou_parsed", "parse_rate", "acc_at_0.5"}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """Phantom MSD volumes prepared with the project's pipeline (≈1 s)."""
+    from preprocessing import pipeline, synthetic as synth
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("synthetic")
+    raw = synth.generate(folder / "raw", scheme="msd", n=10, n_slices=24, size=128, seed=0, log=lambda *a: None)
+    opts = pipeline.Options(dataset="MSD", images=[raw["images"]], labels=raw["labels"], out=str(folder / "prep"))
+    pipeline.prepare(opts, log=lambda *a: None)
+    return folder / "prep"
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic, tmp_path_factory) -> Path:
+    """A 2-epoch tiny training run (checkpoint_epoch_0, _1, checkpoint_best)."""
+    out = tmp_path_factory.mktemp("train")
+    argv = ["--cfg-path", str(ROOT / "train_configs" / "quickstart_cpu.yaml"), "--options",
+            f"datasets.synthetic.root={synthetic}", f"run.output_dir={out}", "run.max_epoch=2",
+            "run.iters_per_epoch=2", "run.batch_size=4", "run.val_max_samples=4", "run.eval_batch_size=4",
+            "model.max_new_tokens=6"]
+    assert train_entry.main(argv) == 0
+    return out
+
+
+def detect(data: Path, ckpt: Path, out: Path, *extra: str, options: tuple[str, ...] = ()) -> dict:
+    argv = ["--cfg-path", str(QUICKSTART_EVAL), "--options", f"datasets.synthetic.root={data}",
+            f"model.ckpt={ckpt}", f"run.output_dir={out}", "model.max_new_tokens=6", *options, "--bootstrap", "50", *extra]
+    return eval_detection.main(argv)
+
+
+def test_detection_writes_documented_outputs(synthetic, trained, tmp_path):
+    from preprocessing.layout import read_prepared
+
+    ckpt = trained / "checkpoint_best"
+    metrics = detect(synthetic, ckpt, tmp_path, options=("run.eval_batch_size=8",))
+    expected = read_prepared(synthetic, "pancreas_detection", "test")
+    rows = read_jsonl(tmp_path / "predictions.jsonl")
+    assert len(rows) == len(expected) > 0
+    assert [r["q_id"] for r in rows] == [r["q_id"] for r in expected]
+    assert all(DETECTION_ROW_KEYS <= set(r) for r in rows)
+    assert rows[0]["question"] == "[refer] Give me the location of the pancreas"
+    assert [r["gt_box"] for r in rows] == [[float(v) for v in r["bbox"]] for r in expected]
+
+    saved = read_json(tmp_path / "metrics.json")
+    assert saved["per_dataset"].keys() == {"MSD"} and set(saved["weighted"]) == SUMMARY_KEYS
+    assert saved["weighted"]["n"] == len(rows)
+    assert saved["weighted"]["mean_iou"] == pytest.approx(np.mean([r["iou"] for r in rows]))
+    run = saved["run"]
+    assert run["checkpoint"]["sha256"] == file_sha256(ckpt / "model.safetensors")
+    assert run["batch_size"] == 8 and run["split"] == "test"
+    assert run["decoding"] == {"strategy": "greedy", "num_beams": 1, "max_new_tokens": 6, "padding_side": "left",
+                               "instruction": "[refer] Give me the location of the {}"}
+    assert run["model"]["dtype"] == "torch.float32"
+    assert metrics["weighted"] == saved["weighted"]
+    tables_md = (tmp_path / "tables.md").read_text()
+    assert "Table 1 — pancreas detection" in tables_md and "0.574" in tables_md  # paper's number beside ours
+    for name in ("examples.png", "box_heatmaps.png", "iou_histogram.png", "config.yaml"):
+        assert (tmp_path / name).stat().st_size > 0, name
+
+    # re-scoring the file without a model gives the same metrics
+    again = eval_detection.main(["--cfg-path", str(QUICKSTART_EVAL), "--options", f"run.output_dir={tmp_path / 'rescored'}",
+                                 "--predictions", str(tmp_path / "predictions.jsonl"), "--bootstrap", "50", "--no-figures"])
+    assert again["per_dataset"] == saved["per_dataset"] and again["weighted"] == saved["weighted"]
+    assert again["ci95"] == saved["ci95"]
+    assert again["run"]["mode"] == "rescore"
+
+
+def test_batch_size_does_not_change_predictions(synthetic, trained, tmp_path):
+    ckpt = trained / "checkpoint_best"
+    one = detect(synthetic, ckpt, tmp_path / "b1", "--max-samples", "5", "--no-figures", options=("run.eval_batch_size=1",))
+    five = detect(synthetic, ckpt, tmp_path / "b5", "--max-samples", "5", "--no-figures", options=("run.eval_batch_size=5",))
+    rows1, rows5 = read_jsonl(tmp_path / "b1" / "predictions.jsonl"), read_jsonl(tmp_path / "b5" / "predictions.jsonl")
+    assert len(rows1) == 5
+    assert [(r["answer"], r["iou"]) for r in rows1] == [(r["answer"], r["iou"]) for r in rows5]
+    assert one["weighted"] == five["weighted"]
+
+
+def test_checkpoints_mode_picks_best_on_val(synthetic, trained, tmp_path):
+    summary = eval_detection.main(["--cfg-path", str(QUICKSTART_EVAL), "--options", f"datasets.synthetic.root={synthetic}",
+                                   f"run.output_dir={tmp_path}", "model.max_new_tokens=6", "--checkpoints", str(trained),
+                                   "--max-samples", "4", "--bootstrap", "0", "--no-figures"])
+    epochs = summary["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    val = [e["val"]["weighted"]["mean_iou"] for e in epochs]
+    assert summary["best_epoch"] == int(np.argmax(val))  # earliest on ties, never chosen on test
+    for e in epochs:
+        assert (tmp_path / f"epoch_{e['epoch']}" / "test" / "predictions.jsonl").is_file()
+    assert read_json(tmp_path / "metrics.json")["best_epoch"] == summary["best_epoch"]
+    assert "Table 1 — detection IoU by epoch" in (tmp_path / "tables.md").read_text()
+
+
+class _NoModel(Exception):
+    pass
+
+
+@pytest.fixture
+def forbid_model(monkeypatch):
+    """Any attempt to build a model fails the test: errors must come before it."""
+    import minigpt4.models.minigpt_v2 as mv2
+
+    def refuse(*args, **kwargs):
+        raise _NoModel("build_model was called")
+
+    monkeypatch.setattr(mv2, "build_model", refuse)
+
+
+def test_missing_image_fails_before_the_model_is_loaded(synthetic, trained, tmp_path, forbid_model):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic, data)
+    from preprocessing.layout import read_prepared
+
+    victim = Path(read_prepared(data, "pancreas_detection", "test")[0]["image"])
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        detect(data, trained / "checkpoint_best", tmp_path / "out")
+
+
+def test_unknown_ids_and_missing_checkpoint_fail_before_the_model(synthetic, trained, tmp_path, forbid_model):
+    with pytest.raises(ValueError, match=r"unknown q_id\(s\) \[999999\]"):
+        detect(synthetic, trained / "checkpoint_best", tmp_path, "--q-ids", "999999")
+    with pytest.raises(FileNotFoundError, match="model.ckpt"):
+        detect(synthetic, tmp_path / "no_such_checkpoint", tmp_path)
+    with pytest.raises(ConfigError, match="no dataset with a classification task"):
+        eval_classification.main(["--cfg-path", str(QUICKSTART_EVAL), "--options", f"run.output_dir={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint_epoch"):
+        detect(synthetic, trained / "checkpoint_best", tmp_path, "--checkpoints", str(tmp_path))
+
+
+def test_rescoring_a_hand_made_organ_file_writes_table4(tmp_path):
+    lines = [
+        {"dataset": "ABD", "volume_name": "c1", "target": "liver", "answer": "{<0><0><50><50>}", "gt_box": [0, 0, 100, 100], "width": 200, "height": 200},
+        {"dataset": "ABD", "volume_name": "c1", "target": "spleen", "answer": "none", "gt_box": [0, 0, 10, 10], "width": 200, "height": 200},
+    ]
+    path = tmp_path / "preds.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    m = eval_detection.main(["--cfg-path", str(QUICKSTART_EVAL), "--options", f"run.output_dir={tmp_path / 'out'}",
+                             "--predictions", str(path), "--bootstrap", "0"])
+    assert m["task"] == "organ_detection"  # inferred from the targets
+    assert m["per_organ"]["liver"]["mean_iou"] == 1.0 and m["per_organ"]["spleen"]["mean_iou"] == 0.0
+    text = (tmp_path / "out" / "tables.md").read_text()
+    assert "Table 4" in text and "0.839" in text
+    assert (tmp_path / "out" / "box_heatmaps.png").is_file()
+    assert not (tmp_path / "out" / "examples.png").exists()  # no images to draw on
+
+
+# ------------------------------------------------------------------------------ classification
+@pytest.fixture(scope="module")
+def tc_folder(tmp_path_factory) -> Path:
+    """A small TC folder: real crops from ../shared/data when present, else generated ones."""
+    from preprocessing.tc import import_tc
+
+    folder = tmp_path_factory.mktemp("tc")
+    rows = []
+    if SHARED_TC.is_dir():
+        with open(SHARED_TC / "labels.csv", newline="") as fh:
+            all_rows = list(csv.DictReader(fh))
+        for dataset in ("NIH", "MSD"):
+            volumes = sorted({r["volume"] for r in all_rows if r["dataset"] == dataset})[:6]
+            for v in volumes:
+                rows += [r for r in all_rows if r["volume"] == v][:2]
+        images = SHARED_TC / "images"
+    else:
+        images = folder / "crops"
+        images.mkdir()
+        rng = np.random.default_rng(0)
+        for dataset, answer in (("NIH", "no"), ("MSD", "yes")):
+            for v in range(6):
+                for k in range(2):
+                    name = f"{dataset}_{v}_{k}.png"
+                    Image.fromarray(rng.integers(0, 255, (30 + v, 40), dtype=np.uint8)).save(images / name)
+                    rows.append({"image": name, "dataset": dataset, "volume": f"{dataset}{v}", "slice_index": k, "answer": answer})
+    with open(folder / "labels.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["image", "dataset", "volume", "slice_index", "answer"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    import_tc(images, folder / "TC", csv_path=str(folder / "labels.csv"), test_ratio=0.5, val_ratio=0.0, seed=0)
+    return folder / "TC"
+
+
+def test_classification_outputs_and_batch_invariance(tc_folder, tmp_path):
+    from preprocessing.layout import read_prepared
+
+    def run(out: Path, batch: int) -> dict:
+        return eval_classification.main(["--cfg-path", str(TC_EVAL), "--options", f"datasets.tc.root={tc_folder}",
+                                         "model.ckpt=null", f"run.output_dir={out}", f"run.eval_batch_size={batch}",
+                                         "--bootstrap", "50"])
+
+    m = run(tmp_path / "b4", 4)
+    expected = read_prepared(tc_folder, "tumor_classification", "test")
+    rows = read_jsonl(tmp_path / "b4" / "predictions.jsonl")
+    assert len(rows) == len(expected) == m["n"]
+    assert {"answer", "pred_answer", "p_yes", "gt_answer", "dataset", "volume_name", "correct"} <= set(rows[0])
+    assert [r["gt_answer"] for r in rows] == [r["answer"] for r in expected]
+    assert all(0.0 <= r["p_yes"] <= 1.0 for r in rows)
+    assert {"accuracy", "precision", "recall", "f1", "auc", "invalid", "confusion_matrix", "ci95", "per_dataset"} <= set(m)
+    assert sum(map(sum, m["confusion_matrix"]["counts"])) == len(rows)
+    assert m["per_dataset"].keys() == {r["dataset"] for r in rows}
+    # a random tiny model rarely says yes/no: invalid answers are wrong, never "no"
+    invalid = sum(r["pred_answer"] is None for r in rows)
+    assert m["invalid"] == invalid
+    assert m["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+    assert "Table 2 — pancreatic tumor classification" in (tmp_path / "b4" / "tables.md").read_text()
+    assert (tmp_path / "b4" / "confusion_matrix.png").is_file()
+
+    m1 = run(tmp_path / "b1", 1)
+    rows1 = read_jsonl(tmp_path / "b1" / "predictions.jsonl")
+    assert [r["answer"] for r in rows1] == [r["answer"] for r in rows]
+    assert [r["p_yes"] for r in rows1] == pytest.approx([r["p_yes"] for r in rows], abs=1e-5)
+    assert m1["accuracy"] == m["accuracy"]
+
+    # re-scoring the file without a model
+    again = eval_classification.main(["--cfg-path", str(TC_EVAL), "--options", f"run.output_dir={tmp_path / 'r'}",
+                                      "--predictions", str(tmp_path / "b4" / "predictions.jsonl"), "--bootstrap", "50"])
+    for key in ("accuracy", "precision", "recall", "f1", "auc", "invalid", "confusion_matrix", "ci95"):
+        assert again[key] == m[key], key
+
+
+def test_validation_score_contract(tc_folder, synthetic):
+    from minigpt4.evaluation import validation_score
+    from preprocessing.layout import read_prepared
+    from tests.tiny import build_tiny_model
+
+    model = build_tiny_model(max_new_tokens=4)
+    model.train(True)
+    records = read_prepared(synthetic, "pancreas_detection", "val")
+    score, metrics = validation_score(model, records, "pancreas_detection", batch_size=3, max_samples=4)
+    assert model.training  # mode restored
+    assert metrics["weighted"]["n"] == 4 and score == metrics["weighted"]["mean_iou"]
+    tc = read_prepared(tc_folder, "tumor_classification", "test")
+    score, metrics = validation_score(model, tc, "tumor_classification", batch_size=4)
+    assert score == metrics["accuracy"] and metrics["n"] == len(tc)
+    with pytest.raises(ValueError, match="unknown task"):
+        validation_score(model, tc, "segmentation", 4)
+
+
+def test_eval_configs_name_the_weights_to_evaluate():
+    from minigpt4.config import load_config
+
+    expected = {
+        "stage1_pancreas_detection": ("output/stage1_pancreas_detection/checkpoint_best", {"pancreas_detection"}),
+        "stage2_tumor_classification": ("output/stage2_tumor_classification/checkpoint_best", {"tumor_classification"}),
+        "stage3_tumor_detection": ("output/stage3_tumor_detection/checkpoint_best", {"tumor_detection"}),
+        "abd_organ_detection": ("output/abd_organ_detection/checkpoint_best", {"organ_detection"}),
+        "minigptv2_baseline": ("weights/checkpoint_stage3.pth",
+                               {"pancreas_detection", "tumor_detection", "tumor_classification"}),
+    }
+    for name, (ckpt, tasks) in expected.items():
+        cfg = load_config(ROOT / "eval_configs" / f"{name}.yaml")
+        assert cfg.model.ckpt == ckpt and cfg.model.init_from is None, name
+        assert cfg.model.text.path == "weights/Llama-2-7b-chat-hf" and cfg.model.vision.weights == "weights/eva_vit_g.pth"
+        assert cfg.model.max_new_tokens == 20 and cfg.run.eval_split == "test", name
+        assert {d.task for d in cfg.datasets.values()} == tasks, name
+    stage1 = load_config(ROOT / "eval_configs" / "stage1_pancreas_detection.yaml")
+    train1 = load_config(ROOT / "train_configs" / "stage1_pancreas_detection.yaml")
+    assert {n: (d.root, d.task, d.threshold) for n, d in stage1.datasets.items()} == \
+        {n: (d.root, d.task, d.threshold) for n, d in train1.datasets.items()}  # same slices as training
