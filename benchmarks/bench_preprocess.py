@@ -1,0 +1,108 @@
+"""Preprocessing speed: the pipeline against the I/O floor measured in the same run.
+
+Generates ``--n`` synthetic 512×512×100 MSD phantoms (once, cached in ``--data``), then times
+
+* **pipeline**: ``python -m preprocessing msd`` (in-process ``prepare``) with 1 worker and with
+  ``--workers`` (default: all cores), into a fresh folder each time;
+* **floor**: reading the same image and label volumes fully (nibabel, gzip) and encoding and
+  writing the same PNGs (the pipeline's own 8-bit slices, decoded beforehand) and nothing else.
+
+Prints the wall times, slices per second and the ratio pipeline / floor (target ≤ 1.5 with one
+worker). Usage: ``python benchmarks/bench_preprocess.py [--n 8] [--size 512] [--slices 100]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nibabel as nib  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from minigpt4.io import write_bytes_atomic  # noqa: E402
+from preprocessing import synthetic  # noqa: E402
+from preprocessing.pipeline import Options, encode_png, prepare  # noqa: E402
+
+
+def floor(data: Path, pngs: dict[str, list[tuple[str, np.ndarray]]], out: Path) -> float:
+    """Read every volume pair fully and write the given PNGs; returns seconds."""
+    t0 = time.perf_counter()
+    for name, slices in pngs.items():
+        np.asarray(nib.load(str(data / "imagesTr" / f"{name}.nii.gz")).dataobj)
+        np.asarray(nib.load(str(data / "labelsTr" / f"{name}.nii.gz")).dataobj)
+        for rel, pixels in slices:
+            write_bytes_atomic(out / rel, encode_png(pixels))
+    return time.perf_counter() - t0
+
+
+def run_pipeline(data: Path, out: Path, workers: int) -> tuple[float, dict]:
+    if out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    manifest = prepare(Options(dataset="MSD", images=[str(data / "imagesTr")], labels=str(data / "labelsTr"),
+                               out=str(out), workers=workers), log=lambda *_: None)
+    return time.perf_counter() - t0, manifest
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--slices", type=int, default=100)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--data", help="folder for the phantoms (kept between runs); default: a temporary folder")
+    p.add_argument("--repeat", type=int, default=3, help="best of N timings")
+    args = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
+    data = Path(args.data) if args.data else tmp / "data"
+    if not (data / "imagesTr").is_dir() or len(list((data / "imagesTr").glob("*.nii.gz"))) != args.n:
+        t0 = time.perf_counter()
+        synthetic.generate(data, "msd", args.n, args.slices, args.size, "RAS", seed=0, log=lambda *_: None)
+        print(f"generated {args.n} phantoms {args.size}x{args.size}x{args.slices} in {time.perf_counter() - t0:.1f} s")
+    try:
+        # First run: gives the PNG list for the floor (and warms the page cache for both).
+        run_pipeline(data, tmp / "out1", 1)
+        pngs: dict[str, list] = {}
+        for png in sorted((tmp / "out1" / "slices").glob("*.png")):
+            name = png.name.rsplit("_slice_", 1)[0]
+            pngs.setdefault(name, []).append((f"slices/{png.name}", np.asarray(Image.open(png))))
+        n_png = sum(len(v) for v in pngs.values())
+        # Interleaved repeats, best of each: the machine may be shared, so also CPU seconds.
+        walls = {"floor": [], "one": []}
+        cpus = {"floor": [], "one": []}
+        manifest = None
+        for i in range(args.repeat):
+            c0 = time.process_time()
+            walls["floor"].append(floor(data, pngs, tmp / f"floor{i}"))
+            cpus["floor"].append(time.process_time() - c0)
+            c0 = time.process_time()
+            wall, manifest = run_pipeline(data, tmp / "out1", 1)
+            walls["one"].append(wall)
+            cpus["one"].append(time.process_time() - c0)
+        t_floor, t1 = min(walls["floor"]), min(walls["one"])
+        c_floor, c1 = min(cpus["floor"]), min(cpus["one"])
+        tw = min(run_pipeline(data, tmp / "outw", args.workers)[0] for _ in range(args.repeat))
+        tf = manifest["timings"]
+        print(f"{args.n} volumes {args.size}x{args.size}x{args.slices}, {n_png} PNGs, {os.cpu_count()} cores")
+        print(f"floor (read volumes + encode/write the same PNGs): {t_floor:6.2f} s wall, {c_floor:6.2f} s CPU")
+        print(f"pipeline, 1 worker:   {t1:6.2f} s wall ({n_png / t1:5.1f} slices/s), {c1:6.2f} s CPU; "
+              f"ratio {t1 / t_floor:.2f}x floor (wall), {c1 / c_floor:.2f}x (CPU)"
+              f"  [read {tf['read_s']:.2f} s, stats {tf['stats_s']:.2f} s, normalise+write {tf['write_s']:.2f} s]")
+        print(f"pipeline, {args.workers} workers: {tw:6.2f} s wall ({n_png / tw:5.1f} slices/s); ratio {tw / t_floor:.2f}x "
+              f"floor, speed-up {t1 / tw:.2f}x over 1 worker")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""``python -m preprocessing <subcommand>``: CT volumes → oriented PNG slices + JSON annotations.
+
+Subcommands:
+  msd        MSD Task07 (imagesTr/, labelsTr/; 1 pancreas, 2 tumor)
+  nih        NIH Pancreas-CT (DICOM series folders or NIfTI images; labels label00XX.nii.gz)
+  abd        AbdomenCT-1K (Case_XXXXX_0000.nii.gz + Case_XXXXX.nii.gz; 1 liver, 2 kidney, 3 spleen, 4 pancreas)
+  tc         tumor-classification crops from prepared MSD and NIH folders
+  tc-import  a TC folder from existing crops (the release's PNGs or a CSV)
+  synthetic  synthetic abdominal CT phantoms in a dataset's file layout
+  report     slices per threshold (paper Appendix Table 1) for prepared folders
+
+Limits: no resampling (slices keep their native size); oblique DICOM series are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from preprocessing.volumes import VolumeError
+
+
+def _label_map(items: Optional[Sequence[str]]) -> Optional[dict]:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"--label-map expects name=NUMBER items, got {item!r}")
+        out[name.strip()] = int(value)
+    return out
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--normalization", choices=("paper", "window"), default="paper",
+                   help="paper: per-slice 2-98%% percentile clip + histogram equalisation; window: HU window")
+    p.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"), default=(-150.0, 250.0))
+    p.add_argument("--threshold", type=float, default=0.6, help="select slices with bbox ratio > threshold")
+    p.add_argument("--test-ratio", type=float, default=0.2)
+    p.add_argument("--val-ratio", type=float, default=0.1, help="fraction of the training volumes used for validation")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--balanced", action="store_true", help="also write *_balanced_* sets with target-free slices")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+    p.add_argument("--overwrite", action="store_true", help="replace a folder prepared with other parameters")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m preprocessing", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, many in (("msd", False), ("nih", False), ("abd", True)):
+        p = sub.add_parser(name, help=f"prepare {name.upper()} volumes")
+        p.add_argument("--images", required=True, nargs="+" if many else None)
+        p.add_argument("--labels", required=True)
+        p.add_argument("--out", required=True)
+        p.add_argument("--label-map", nargs="+", metavar="NAME=N",
+                       help="label numbers of another scheme, e.g. liver=5 kidney=2 spleen=1 pancreas=7")
+        _common(p)
+    p = sub.add_parser("tc", help="tumor-classification crops from prepared MSD and NIH folders")
+    p.add_argument("--msd", required=True)
+    p.add_argument("--nih", help="prepared NIH folder (variant paper)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--variant", choices=("paper", "msd-only"), default="paper")
+    p.add_argument("--margin", type=int, default=0, help="pixels added around the pancreas box")
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="crop slices with pancreas bbox ratio > threshold (default 0: every slice with a box)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("tc-import", help="a TC folder from existing crops")
+    p.add_argument("--images", required=True)
+    p.add_argument("--csv", help="image,dataset,volume,slice_index,answer")
+    p.add_argument("--out", required=True)
+    p.add_argument("--test-ratio", type=float, default=0.2)
+    p.add_argument("--val-ratio", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("synthetic", help="synthetic CT phantoms in a dataset's file layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--scheme", choices=("msd", "nih", "abd"), required=True)
+    p.add_argument("--n", type=int, default=12)
+    p.add_argument("--slices", type=int, default=24)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--orient", default="RAS", help="storage orientation (nibabel axis codes), e.g. RAS, LPS, LAS")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nih-format", choices=("dicom", "nifti"), default="dicom")
+    p = sub.add_parser("report", help="slices per threshold (Appendix Table 1)")
+    p.add_argument("folders", nargs="+")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command in ("msd", "nih", "abd"):
+        from preprocessing.pipeline import Options, prepare
+
+        images = args.images if isinstance(args.images, list) else [args.images]
+        opts = Options(dataset=args.command.upper(), images=images, labels=args.labels, out=args.out,
+                       normalization=args.normalization, window=tuple(args.window), threshold=args.threshold,
+                       test_ratio=args.test_ratio, val_ratio=args.val_ratio, seed=args.seed,
+                       balanced=args.balanced, label_map=_label_map(args.label_map), on_error=args.on_error,
+                       workers=args.workers, overwrite=args.overwrite)
+        prepare(opts)
+    elif args.command == "synthetic":
+        from preprocessing.synthetic import generate
+
+        res = generate(args.out, args.scheme, args.n, args.slices, args.size, args.orient, args.seed, args.nih_format)
+        print(f"next: python -m preprocessing {args.scheme} --images {res['images']} --labels {res['labels']} --out OUT")
+    elif args.command == "tc":
+        from preprocessing.tc import build_tc
+
+        build_tc(args.msd, args.nih, args.out, variant=args.variant, margin=args.margin, threshold=args.threshold,
+                 seed=args.seed, workers=args.workers, overwrite=args.overwrite)
+    elif args.command == "tc-import":
+        from preprocessing.tc import import_tc
+
+        import_tc(args.images, args.out, csv_path=args.csv, test_ratio=args.test_ratio, val_ratio=args.val_ratio,
+                  seed=args.seed, overwrite=args.overwrite)
+    elif args.command == "report":
+        from preprocessing.report import report
+
+        print(report(args.folders))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` and run; bad input → message on stderr naming the file, exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (VolumeError, FileNotFoundError, ValueError, argparse.ArgumentTypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""THE reader of prepared folders (docs/ARCHITECTURE.md, "Prepared folder").
+
+Training, evaluation and the demo read prepared data only through :func:`read_prepared`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from minigpt4.io import read_json
+from preprocessing.slices import select_records
+from preprocessing.splits import SPLITS
+
+TASKS = ("pancreas_detection", "tumor_detection", "organ_detection", "tumor_classification")
+DATASETS = ("MSD", "NIH", "ABD", "TC")
+# task → datasets whose folders hold it
+TASK_DATASETS = {
+    "pancreas_detection": ("MSD", "NIH"),
+    "tumor_detection": ("MSD",),
+    "organ_detection": ("ABD",),
+    "tumor_classification": ("TC",),
+}
+
+
+def _manifest(root: Path) -> dict:
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: prepared folder not found")
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{root}: not a prepared folder (no manifest.json); run python -m preprocessing first")
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("dataset") not in DATASETS:
+        raise ValueError(f"{path}: manifest has no valid 'dataset' (one of {DATASETS})")
+    if manifest.get("status") != "complete":
+        raise ValueError(f"{root}: preparation did not finish (manifest status {manifest.get('status')!r}); "
+                         "re-run the same python -m preprocessing command")
+    return manifest
+
+
+def dataset_name(root: str | os.PathLike) -> str:
+    """``MSD`` | ``NIH`` | ``ABD`` | ``TC`` of a prepared folder (from its manifest)."""
+    return _manifest(Path(root))["dataset"]
+
+
+def _annotation_file(root: Path, dataset: str, task: str, split: str) -> Path:
+    prefix = "MSD_tumor" if task == "tumor_detection" else dataset
+    return root / "annotations" / f"{prefix}_{split}.json"
+
+
+def read_prepared(root: str | os.PathLike, task: str, split: str, threshold: Optional[float] = None,
+                  organs: Optional[Sequence[str]] = None) -> list[dict]:
+    """Selected records of one task and split of a prepared folder.
+
+    Args:
+        root: a folder written by ``python -m preprocessing msd|nih|abd|tc|tc-import``.
+        task: ``pancreas_detection`` (MSD, NIH), ``tumor_detection`` (MSD),
+            ``organ_detection`` (ABD) or ``tumor_classification`` (TC).
+        split: ``train`` | ``val`` | ``test``.
+        threshold: None → the records the CLI selected (``<DS>_{split}.json``); a value →
+            reselect from ``<DS>_slices_info.json`` and ``split.json`` with the same function
+            (:func:`preprocessing.slices.select_records`) at this threshold (threshold study).
+            Not available for tumor_classification (crops are made at preparation time).
+        organs: organ_detection only: restrict to these organs (``liver``, ``kidney``,
+            ``spleen``, ``pancreas``); selection and organ balancing are then redone among them.
+
+    Returns:
+        Records (dicts) with ``image`` as an absolute path string, ``q_id``, ``target``,
+        ``bbox`` (detection), ``answer`` (classification), ``width``, ``height``, ``dataset``,
+        ``volume_name``, ``slice_index`` and the slice-info keys.
+
+    Raises:
+        FileNotFoundError: the folder, its manifest or an annotation file is missing.
+        ValueError: unknown task/split, a folder of another task, an unfinished preparation.
+    """
+    root = Path(root).resolve()
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+    manifest = _manifest(root)
+    dataset = manifest["dataset"]
+    if dataset not in TASK_DATASETS[task]:
+        raise ValueError(f"{root}: holds {dataset} data, which has no {task} "
+                         f"(expected a folder of {' or '.join(TASK_DATASETS[task])})")
+    if organs is not None and task != "organ_detection":
+        raise ValueError(f"organs= only applies to organ_detection, not {task}")
+    if threshold is not None and task == "tumor_classification":
+        raise ValueError("threshold re-selection is not available for tumor_classification: the crops are "
+                         "chosen when the TC folder is made (python -m preprocessing tc --threshold ...)")
+    if threshold is None and organs is None:
+        path = _annotation_file(root, dataset, task, split)
+        records = read_json(path)
+    else:
+        if threshold is None:
+            threshold = manifest["parameters"]["threshold"]
+        info_path = root / "annotations" / f"{dataset}_slices_info.json"
+        infos = read_json(info_path)
+        split_doc = read_json(root / "annotations" / "split.json")
+        if split not in split_doc:
+            raise ValueError(f"{root / 'annotations' / 'split.json'}: no {split!r} list")
+        target = {"pancreas_detection": "pancreas", "tumor_detection": "tumor", "organ_detection": "organs"}[task]
+        seed = int(manifest["parameters"].get("seed", 42))
+        records = select_records(infos, split_doc[split], target, threshold, organs=organs, seed=seed)
+        path = info_path
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of records")
+    out = []
+    for rec in records:
+        if not isinstance(rec, dict) or "image" not in rec or not rec["image"]:
+            raise ValueError(f"{path}: record without an image: {str(rec)[:120]}")
+        rec = dict(rec)
+        rec["image"] = str(root / rec["image"])
+        out.append(rec)
+    return out

@@ -1,0 +1,233 @@
+"""Tumor-classification (TC) folders (SPEC §4 item 10).
+
+``build_tc``: crops of the pancreas box from prepared MSD and NIH folders. Candidate slices are
+the pancreas-detection selection (:func:`preprocessing.slices.select_records`, ``pancreas``,
+``ratio > threshold``) of each split; ``paper`` variant: MSD slices with tumor pixels → ``yes``,
+NIH slices → ``no``; ``msd-only``: MSD slices with tumor → ``yes``, MSD slices without → ``no``
+(no scanner/phase confound). Per split the larger class is down-sampled (seeded) to the smaller.
+Every crop keeps the split of its source volume, so no volume crosses splits between stages.
+
+``import_tc``: a TC folder from existing crops (the release's ``PANCREAS_00XX_slice_K.png`` = NIH/no,
+``pancreas_XXX_slice_K.png`` = MSD/yes, or any crops listed in a CSV), split by volume.
+
+Output: ``slices/*.png``, ``annotations/TC_{train,val,test}.json``, ``annotations/split.json``,
+``manifest.json``. A record: ``q_id, image, answer, target ('tumor'), dataset, volume_name,
+slice_index, slice_id, width, height`` (+ ``crop_box`` and ``source`` for built crops).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from minigpt4.io import read_json, write_bytes_atomic, write_json_atomic
+from preprocessing import layout, pipeline, slices, splits
+
+_RELEASE_NAME = re.compile(r"^(?P<volume>(?P<prefix>PANCREAS|pancreas)_\d+)_slice_(?P<k>\d+)\.png$")
+
+
+def crop_box(box, width: int, height: int, margin: int = 0) -> tuple[int, int, int, int]:
+    """Inclusive pancreas box + margin, clipped to the image: the crop keeps every box row/column.
+
+    Returns ``(x1, y1, x2, y2)`` inclusive; the crop is ``image[y1:y2 + 1, x1:x2 + 1]``.
+    """
+    if margin < 0:
+        raise ValueError(f"--margin must be >= 0, got {margin}")
+    x1, y1, x2, y2 = (int(v) for v in box)
+    return (max(0, x1 - margin), max(0, y1 - margin), min(width - 1, x2 + margin), min(height - 1, y2 + margin))
+
+
+def _prepared(root, expected: str) -> tuple[Path, dict, list, dict]:
+    root = Path(root).resolve()
+    ds = layout.dataset_name(root)
+    if ds != expected:
+        raise ValueError(f"{root}: holds {ds} data, expected a prepared {expected} folder")
+    manifest = read_json(root / "manifest.json")
+    infos = read_json(root / "annotations" / f"{ds}_slices_info.json")
+    split = read_json(root / "annotations" / "split.json")
+    return root, manifest, infos, split
+
+
+def _balance(yes: list, no: list, rng) -> tuple[list, list]:
+    n = min(len(yes), len(no))
+    pick = lambda rows: rows if len(rows) == n else [rows[i] for i in sorted(rng.choice(len(rows), n, replace=False).tolist())]  # noqa: E731
+    return pick(yes), pick(no)
+
+
+def _start(out: Path, params: dict, overwrite: bool) -> None:
+    pipeline.check_output_folder(out, params, overwrite)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    (out / "slices").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "manifest.json", {"dataset": "TC", "status": "incomplete", "parameters": params})
+
+
+def _finish(out: Path, params: dict, per_split: dict, split_doc: dict, t0: float, extra: dict) -> dict:
+    written = set()
+    counts = {}
+    for s in splits.SPLITS:
+        rows = sorted(per_split[s], key=lambda r: (r["dataset"], r["volume_name"], r["slice_index"]))
+        for q_id, r in enumerate(rows):
+            r["q_id"] = q_id
+            written.add(r["image"])
+        write_json_atomic(out / "annotations" / f"TC_{s}.json", rows)
+        counts[f"TC_{s}"] = len(rows)
+        counts[f"TC_{s}_yes"] = sum(r["answer"] == "yes" for r in rows)
+    write_json_atomic(out / "annotations" / "split.json", split_doc)
+    removed = pipeline.clean_stale(out, written)
+    manifest = {"dataset": "TC", "status": "complete", "parameters": params, "versions": pipeline.versions(),
+                "counts": counts, "stale_files_removed": removed,
+                "timings": {"wall_s": round(time.perf_counter() - t0, 3)}, **extra}
+    write_json_atomic(out / "manifest.json", manifest)
+    print("TC: " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f" → {out}")
+    return manifest
+
+
+def build_tc(msd, nih, out, variant: str = "paper", margin: int = 0, threshold: float = 0.0, seed: int = 42,
+             workers: int = 1, overwrite: bool = False) -> dict:
+    """Crop the pancreas box of selected slices of prepared MSD (and NIH) folders.
+
+    Args:
+        msd: prepared MSD folder. nih: prepared NIH folder (``paper`` variant only).
+        variant: ``paper`` (MSD tumor = yes, NIH = no) or ``msd-only``.
+        margin: pixels added on each side of the inclusive pancreas box (clipped to the slice).
+        threshold: candidate slices have ``pancreas_bbox_ratio > threshold``.
+
+    Returns:
+        The manifest.
+    """
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    if variant not in ("paper", "msd-only"):
+        raise ValueError(f"--variant must be paper or msd-only, got {variant!r}")
+    if variant == "paper" and not nih:
+        raise ValueError("--variant paper needs --nih (a prepared NIH folder); use --variant msd-only without it")
+    slices._check_threshold(threshold)
+    out = Path(out)
+    msd_root, _, msd_infos, msd_split = _prepared(msd, "MSD")
+    sources = {"MSD": (msd_root, msd_infos, msd_split)}
+    if variant == "paper":
+        nih_root, _, nih_infos, nih_split = _prepared(nih, "NIH")
+        sources["NIH"] = (nih_root, nih_infos, nih_split)
+    params = {"variant": variant, "msd": str(msd_root), "nih": str(sources["NIH"][0]) if "NIH" in sources else None,
+              "margin": int(margin), "threshold": float(threshold), "seed": int(seed)}
+    if out.resolve() in {v[0] for v in sources.values()}:
+        raise ValueError(f"{out}: --out must differ from the source folders")
+    _start(out, params, overwrite)
+    rng = np.random.default_rng(seed)
+    per_split, split_doc = {}, {"seed": int(seed), "variant": variant,
+                                "sources": {k: str(v[0]) for k, v in sources.items()}}
+    for s in splits.SPLITS:
+        cand = {ds: slices.select_records(infos, split[s], "pancreas", threshold, seed=seed)
+                for ds, (_, infos, split) in sources.items()}
+        yes = [("MSD", r) for r in cand["MSD"] if r["pixels_tumor"] > 0]
+        if variant == "paper":
+            no = [("NIH", r) for r in cand["NIH"]]
+        else:
+            no = [("MSD", r) for r in cand["MSD"] if r["pixels_tumor"] == 0]
+        yes, no = _balance(yes, no, rng)
+        rows = []
+        for answer, group in (("yes", yes), ("no", no)):
+            for ds, r in group:
+                root = sources[ds][0]
+                src = root / r["image"]
+                with Image.open(src) as im:
+                    pixels = np.asarray(im)
+                h, w = pixels.shape[:2]
+                x1, y1, x2, y2 = crop_box(r["bbox_pancreas"], w, h, margin)
+                crop = pixels[y1:y2 + 1, x1:x2 + 1]
+                rel = slices.png_name(r["volume_name"], r["slice_index"])
+                write_bytes_atomic(out / rel, pipeline.encode_png(crop))
+                rows.append({"image": rel, "answer": answer, "target": "tumor", "dataset": ds,
+                             "volume_name": r["volume_name"], "slice_index": r["slice_index"],
+                             "slice_id": r["slice_id"], "width": int(crop.shape[1]), "height": int(crop.shape[0]),
+                             "crop_box": [x1, y1, x2, y2], "source": r["image"]})
+        per_split[s] = rows
+        split_doc[s] = sorted({r["volume_name"] for r in rows} | set(
+            v for ds in sources for v in sources[ds][2][s]))
+    return _finish(out, params, per_split, split_doc, t0, {})
+
+
+def _read_csv(images: Path, csv_path: Path) -> list[dict]:
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path}: CSV not found")
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        need = {"image", "dataset", "volume", "slice_index", "answer"}
+        missing = need - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {sorted(missing)} (need {sorted(need)})")
+        rows = []
+        for line, row in enumerate(reader, 2):
+            answer = row["answer"].strip().lower()
+            if answer not in ("yes", "no"):
+                raise ValueError(f"{csv_path}:{line}: answer must be yes or no, got {row['answer']!r}")
+            try:
+                k = int(row["slice_index"])
+            except ValueError:
+                raise ValueError(f"{csv_path}:{line}: slice_index is not an integer: {row['slice_index']!r}") from None
+            rows.append({"file": images / row["image"], "dataset": row["dataset"].strip(),
+                         "volume_name": row["volume"].strip(), "slice_index": k, "answer": answer})
+    return rows
+
+
+def import_tc(images, out, csv_path: Optional[str] = None, test_ratio: float = 0.2, val_ratio: float = 0.1,
+              seed: int = 42, overwrite: bool = False) -> dict:
+    """Turn existing crops into a TC folder (split by volume; ratios 0 and 1 allowed).
+
+    Without a CSV, file names decide: ``PANCREAS_00XX_slice_K.png`` → NIH, ``no``;
+    ``pancreas_XXX_slice_K.png`` → MSD, ``yes``; any other PNG is an error naming it.
+    """
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    images = Path(images).resolve()
+    out = Path(out)
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images}: --images folder not found")
+    if csv_path:
+        rows = _read_csv(images, Path(csv_path))
+    else:
+        rows = []
+        for p in sorted(images.glob("*.png")):
+            m = _RELEASE_NAME.match(p.name)
+            if not m:
+                raise ValueError(f"{p}: name is neither PANCREAS_00XX_slice_K.png (NIH) nor pancreas_XXX_slice_K.png "
+                                 "(MSD); give a --csv for other crops")
+            nih = m["prefix"] == "PANCREAS"
+            rows.append({"file": p, "dataset": "NIH" if nih else "MSD", "volume_name": m["volume"],
+                         "slice_index": int(m["k"]), "answer": "no" if nih else "yes"})
+    if not rows:
+        raise ValueError(f"{images}: no crops found")
+    params = {"import": str(images), "csv": str(Path(csv_path).resolve()) if csv_path else None,
+              "test_ratio": float(test_ratio), "val_ratio": float(val_ratio), "seed": int(seed)}
+    split_doc = splits.split_volumes({r["volume_name"] for r in rows}, test_ratio, val_ratio, seed)
+    where = splits.split_of(split_doc)
+    _start(out, params, overwrite)
+    per_split = {s: [] for s in splits.SPLITS}
+    names = set()
+    for r in rows:
+        src = r["file"]
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: crop image not found")
+        rel = f"slices/{src.name}"
+        if rel in names:
+            raise ValueError(f"{src}: two crops share the file name {src.name}")
+        names.add(rel)
+        try:
+            with Image.open(src) as im:
+                width, height = im.size
+        except OSError as err:
+            raise ValueError(f"{src}: not a readable image ({err})") from None
+        dst = out / rel
+        write_bytes_atomic(dst, src.read_bytes())
+        per_split[where[r["volume_name"]]].append(
+            {"image": rel, "answer": r["answer"], "target": "tumor", "dataset": r["dataset"],
+             "volume_name": r["volume_name"], "slice_index": r["slice_index"],
+             "slice_id": f"{r['volume_name']}_slice_{r['slice_index']}", "width": width, "height": height})
+    return _finish(out, params, per_split, split_doc, t0, {})

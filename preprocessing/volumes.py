@@ -1,0 +1,309 @@
+"""Reading CT volumes (NIfTI, DICOM series) and bringing them into the display frame.
+
+Frames used in this package:
+
+* **stored frame**: the voxel array as stored in the file (NIfTI) or as stacked by
+  :func:`read_dicom_series` (columns, rows, slices sorted along the slice normal), with an
+  affine mapping voxel indices to RAS+ world millimetres (nibabel's convention).
+* **display frame**: ``(rows, cols, slices)`` with rows running anterior → posterior (anterior
+  at the top of the PNG), columns running from the patient's right to the patient's left
+  (radiological convention: the patient's right on the image LEFT), and the axial axis kept in
+  its **stored order**: slice ``k`` of the display frame is slice ``k`` along the stored axial
+  axis, whether that axis runs inferior → superior or the reverse. ``slice_index`` in every
+  JSON record is this ``k``; a file stored with its axial axis pointing inferior (``..I``)
+  therefore has ``slice_index 0`` at the top of the scan, exactly as a viewer of the stored
+  array would count it.
+
+Only axis permutations and flips are applied (no resampling); an oblique NIfTI affine is
+assigned to its closest axes (``nibabel.orientations.io_orientation``), an oblique DICOM series
+is refused.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import nibabel as nib
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+
+class VolumeError(ValueError):
+    """A problem with one input volume; the message names the file and the problem."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+# ----------------------------------------------------------------------------- orientation
+
+
+def display_transform(affine: np.ndarray) -> np.ndarray:
+    """Orientation transform (nibabel ``ornt`` array, shape (3, 2)) stored → display frame.
+
+    The display frame is ``('P', 'L', axial)`` in nibabel's axis codes (rows point posterior,
+    columns point to the patient's left), where ``axial`` is ``'S'`` or ``'I'`` as stored, so
+    the axial order is never changed.
+    """
+    start = io_orientation(affine)
+    axial = [i for i in range(3) if int(start[i, 0]) == 2]
+    if len(axial) != 1:  # pragma: no cover - io_orientation always yields a permutation
+        raise ValueError("affine has no axial axis")
+    axial_code = "S" if start[axial[0], 1] > 0 else "I"
+    return ornt_transform(start, axcodes2ornt(("P", "L", axial_code)))
+
+
+def to_display(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Stored array (X, Y, Z) → display-frame view (rows, cols, slices); no copy."""
+    return apply_orientation(array, display_transform(affine))
+
+
+def axial_stored_axis(affine: np.ndarray) -> int:
+    """Index of the stored array axis that is the axial (inferior/superior) one."""
+    start = io_orientation(affine)
+    return int([i for i in range(3) if int(start[i, 0]) == 2][0])
+
+
+# ----------------------------------------------------------------------------- NIfTI
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith(".nii") or path.name.endswith(".nii.gz")
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """``pancreas_001.nii.gz`` → ``pancreas_001`` (suffix removed, never ``str.strip``)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+@dataclass
+class Volume:
+    """A volume in its stored frame.
+
+    Attributes:
+        array: (X, Y, Z) voxel data, unscaled (apply ``slope``/``inter`` for HU).
+        affine: (4, 4) voxel → RAS+ mm.
+        slope, inter: linear scaling to HU (1 and 0 when the data are HU already).
+        path: where it came from (for error messages).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: str
+    slope: float = 1.0
+    inter: float = 0.0
+
+
+def load_nifti(path: str | os.PathLike, scaled: bool = False) -> Volume:
+    """Read a NIfTI file fully, turning every read failure into a :class:`VolumeError`.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        scaled: return HU floats (``True``) or the unscaled stored integers plus
+            ``slope``/``inter`` (``False``, cheaper: scaling is applied per written slice).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeError(path, "file not found")
+    try:
+        img = nib.load(str(path))
+        if len(img.shape) != 3:
+            if len(img.shape) == 4 and img.shape[3] == 1:
+                pass
+            else:
+                raise VolumeError(path, f"expected a 3-D volume, got shape {img.shape}")
+        proxy = img.dataobj
+        if scaled or not hasattr(proxy, "get_unscaled"):
+            array = np.asanyarray(proxy)
+            slope, inter = 1.0, 0.0
+        else:
+            array = np.asarray(proxy.get_unscaled())
+            slope = float(proxy.slope) if proxy.slope is not None else 1.0
+            inter = float(proxy.inter) if proxy.inter is not None else 0.0
+            if not np.isfinite(slope) or slope == 0:
+                slope, inter = 1.0, 0.0
+    except VolumeError:
+        raise
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError,
+            nib.filebasedimages.ImageFileError) as err:
+        raise VolumeError(path, f"corrupt or truncated NIfTI file ({type(err).__name__}: {err})") from None
+    if array.ndim == 4:
+        array = array[..., 0]
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise VolumeError(path, "invalid (singular or non-finite) affine")
+    return Volume(array=array, affine=np.asarray(affine, dtype=np.float64), path=str(path),
+                  slope=slope, inter=inter)
+
+
+def label_array(volume: Volume) -> np.ndarray:
+    """Integer label map of a label volume; refuses non-integer values (names the file)."""
+    data = volume.array
+    if volume.slope != 1.0 or volume.inter != 0.0:
+        data = data * volume.slope + volume.inter
+    if not np.issubdtype(data.dtype, np.integer):
+        rounded = np.rint(data)
+        if not np.array_equal(rounded, data):
+            raise VolumeError(volume.path, "label map has non-integer values")
+        data = rounded
+    return data if np.issubdtype(data.dtype, np.integer) else data.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def align_label_to_image(label: np.ndarray, label_affine: np.ndarray, image_shape: tuple,
+                         image_affine: np.ndarray, label_path: str, image_path: str,
+                         tol_voxel: float = 0.05) -> np.ndarray:
+    """Bring a label array onto the image's voxel grid when both describe the same grid.
+
+    Accepts a label stored with another axis order or direction (e.g. an LAS label for an LPS
+    DICOM stack) as long as every image voxel centre is a label voxel centre; anything else
+    (other spacing, shift, shape) is a geometry mismatch.
+
+    Returns:
+        (X, Y, Z) label array indexed like the image.
+
+    Raises:
+        VolumeError: naming both files, when the grids differ.
+    """
+    if tuple(label.shape) == tuple(image_shape) and np.allclose(label_affine, image_affine, atol=1e-3):
+        return label  # the common case: same grid, nothing to do
+    # T maps image voxel indices to label voxel indices.
+    T = np.linalg.solve(label_affine, image_affine)
+    R = np.rint(T[:3, :3])
+    off = T[:3, 3]
+    ok = (np.allclose(T[:3, :3], R, atol=tol_voxel / max(image_shape))
+          and np.all(np.abs(R).sum(axis=0) == 1) and np.all(np.abs(R).sum(axis=1) == 1)
+          and np.allclose(off, np.rint(off), atol=tol_voxel))
+    if ok:
+        off = np.rint(off).astype(int)
+        perm = [int(np.nonzero(R[:, j])[0][0]) for j in range(3)]  # label axis for image axis j
+        signs = [int(R[perm[j], j]) for j in range(3)]
+        # label index along axis perm[j] = off[perm[j]] + signs[j] * i_j for i_j in 0..n_j-1
+        ok = True
+        for j in range(3):
+            first = off[perm[j]]
+            last = first + signs[j] * (image_shape[j] - 1)
+            if min(first, last) != 0 or max(first, last) != label.shape[perm[j]] - 1:
+                ok = False
+    if not ok:
+        raise VolumeError(label_path, f"geometry does not match the image {image_path} "
+                                      f"(label shape {tuple(label.shape)}, image shape {tuple(image_shape)}; "
+                                      f"label affine {np.round(label_affine, 3).tolist()} vs image affine "
+                                      f"{np.round(image_affine, 3).tolist()})")
+    out = np.transpose(label, perm)
+    flips = tuple(slice(None, None, -1) if s < 0 else slice(None) for s in signs)
+    return out[flips]
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> Volume:
+    """Read one DICOM series (nested folders allowed) into a stored-frame HU volume.
+
+    Slices are ordered by ImagePositionPatient projected on the slice normal (never by file
+    name or InstanceNumber), RescaleSlope/Intercept are applied per slice, and the affine is
+    built from ImageOrientationPatient/PixelSpacing/positions and converted from DICOM LPS to
+    RAS. The array is indexed ``[column, row, slice]`` like a NIfTI volume converted by
+    dcm2niix without reorientation.
+
+    Raises:
+        VolumeError: no DICOM files, several series, inconsistent or oblique orientation,
+            missing or duplicated slices, unequal slice sizes, unreadable pixel data.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VolumeError(folder, "DICOM folder not found")
+    headers = []
+    for path in _dicom_files(folder):
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError):
+            continue  # not a DICOM file (README, licence, DICOMDIR index...)
+        if "ImagePositionPatient" not in ds or "PixelSpacing" not in ds:
+            continue  # DICOMDIR, reports, localisers without geometry
+        headers.append((path, ds))
+    if not headers:
+        raise VolumeError(folder, "no DICOM image files found")
+    series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers})
+    if len(series) > 1:
+        raise VolumeError(folder, f"mixed series: {len(series)} SeriesInstanceUIDs in one folder "
+                                  f"({', '.join(s[-12:] for s in series[:4])}...); keep one series per folder")
+    iops = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in headers])
+    if not np.allclose(iops, iops[0], atol=1e-4):
+        raise VolumeError(folder, "slices have different ImageOrientationPatient")
+    row_cos, col_cos = iops[0][:3], iops[0][3:]
+    # Oblique: a direction cosine not aligned with a patient axis.
+    for cos in (row_cos, col_cos):
+        if np.max(np.abs(cos)) < 0.999:
+            raise VolumeError(folder, f"oblique geometry (ImageOrientationPatient {iops[0].tolist()}) "
+                                      "is not supported; resample the series to axial first")
+    normal = np.cross(row_cos, col_cos)
+    if np.argmax(np.abs(normal)) != 2:
+        raise VolumeError(folder, "not an axial series (slice normal is not head-feet)")
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in headers])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    along = along[order]
+    headers = [headers[i] for i in order]
+    positions = positions[order]
+    if len(headers) > 1:
+        gaps = np.diff(along)
+        if np.any(gaps < 1e-3):
+            dup = [headers[i][0].name for i in np.nonzero(gaps < 1e-3)[0][:2]]
+            raise VolumeError(folder, f"duplicated slice position (e.g. {dup[0]} at {along[0]:.2f} mm)")
+        step = float(np.median(gaps))
+        if np.any(np.abs(gaps - step) > 0.1 * step):
+            worst = int(np.argmax(np.abs(gaps - step)))
+            raise VolumeError(folder, f"missing slice or uneven spacing: gap of {gaps[worst]:.2f} mm after "
+                                      f"{headers[worst][0].name} where the series spacing is {step:.2f} mm")
+        in_plane = positions - np.outer(along, normal)
+        if not np.allclose(in_plane, in_plane[0], atol=0.01 * step + 1e-3):
+            raise VolumeError(folder, "slice positions do not lie on a straight line along the normal (sheared series)")
+    else:
+        step = float(getattr(headers[0][1], "SliceThickness", 1.0) or 1.0)
+    rows, cols = int(headers[0][1].Rows), int(headers[0][1].Columns)
+    spacing = [float(v) for v in headers[0][1].PixelSpacing]  # [between rows, between columns]
+    data = np.empty((cols, rows, len(headers)), dtype=dtype)
+    for k, (path, _) in enumerate(headers):
+        try:
+            ds = pydicom.dcmread(str(path))
+            pixels = ds.pixel_array
+        except Exception as err:  # decoder errors come in many types
+            raise VolumeError(path, f"cannot decode pixel data ({type(err).__name__}: {err})") from None
+        if pixels.shape != (rows, cols):
+            raise VolumeError(path, f"slice size {pixels.shape} differs from the series' {(rows, cols)}")
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        data[:, :, k] = (pixels.astype(np.float32) * slope + inter).T
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * spacing[1]
+    lps[:3, 1] = col_cos * spacing[0]
+    lps[:3, 2] = normal * step
+    lps[:3, 3] = positions[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS → RAS
+    return Volume(array=data, affine=affine, path=str(folder))
+
+
+def is_nifti(path: Path) -> bool:
+    return _is_nifti(Path(path))

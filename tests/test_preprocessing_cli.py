@@ -1,0 +1,272 @@
+"""End to end on phantoms: synthetic → msd/nih/abd → read_prepared, tc, tc-import, report, reruns."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from preprocessing import layout
+from preprocessing.__main__ import main
+from preprocessing.layout import read_prepared
+
+ROOT = Path(__file__).resolve().parents[1]
+DETECTION_KEYS = {"image", "q_id", "target", "bbox", "width", "height", "dataset", "volume_name", "slice_index"}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    base = tmp_path_factory.mktemp("prep")
+    out = {}
+    for scheme, sub in (("msd", ("imagesTr", "labelsTr")), ("nih", ("images", "labels"))):
+        syn = base / f"syn_{scheme}"
+        assert main(["synthetic", "--out", str(syn), "--scheme", scheme, "--n", "6", "--size", "64",
+                     "--slices", "16", "--seed", "1"]) == 0
+        out[scheme] = base / scheme
+        assert main([scheme, "--images", str(syn / sub[0]), "--labels", str(syn / sub[1]), "--out", str(out[scheme]),
+                     "--workers", "1", "--threshold", "0.3", "--test-ratio", "0.34", "--val-ratio", "0.25"]) == 0
+        out[f"syn_{scheme}"] = syn
+    return out
+
+
+def _json(path):
+    return json.loads(Path(path).read_text())
+
+
+def test_layout_and_manifest(prepared):
+    root = prepared["msd"]
+    ann = root / "annotations"
+    expected = {"MSD_slices_info.json", "split.json"} | {f"MSD_{s}.json" for s in ("train", "val", "test")} \
+        | {f"MSD_tumor_{s}.json" for s in ("train", "val", "test")}
+    assert {p.name for p in ann.iterdir()} == expected
+    manifest = _json(root / "manifest.json")
+    assert manifest["dataset"] == "MSD" and manifest["status"] == "complete"
+    assert manifest["counts"]["volumes"] == 6 and manifest["counts"]["slices"] == 6 * 16
+    assert manifest["skipped"] == [] and manifest["parameters"]["threshold"] == 0.3
+    assert {"read_s", "write_s", "wall_s"} <= set(manifest["timings"])
+    split = _json(ann / "split.json")
+    assert split["seed"] == 42 and (len(split["train"]), len(split["val"]), len(split["test"])) == (3, 1, 2)
+    infos = _json(ann / "MSD_slices_info.json")
+    pngs = {f"slices/{p.name}" for p in (root / "slices").iterdir()}
+    assert pngs == {r["image"] for r in infos if r["image"]}
+    assert all((r["image"] is not None) == (r["pixels_pancreas"] > 0) for r in infos)
+    assert layout.dataset_name(root) == "MSD"
+
+
+def test_read_prepared_records(prepared):
+    root = prepared["msd"]
+    split = _json(root / "annotations" / "split.json")
+    for s in ("train", "val", "test"):
+        recs = read_prepared(root, "pancreas_detection", s)
+        assert recs and DETECTION_KEYS <= set(recs[0])
+        assert [r["q_id"] for r in recs] == list(range(len(recs)))
+        assert {r["volume_name"] for r in recs} <= set(split[s])
+        for r in recs:
+            assert Path(r["image"]).is_absolute() and Path(r["image"]).is_file()
+            assert r["target"] == "pancreas" and r["bbox"] == r["bbox_pancreas"] and r["pancreas_bbox_ratio"] > 0.3
+            with Image.open(r["image"]) as im:
+                assert im.size == (r["width"], r["height"]) and im.mode == "L"
+        tumor = read_prepared(root, "tumor_detection", s)
+        assert all(r["target"] == "tumor" and r["bbox"] == r["bbox_tumor"] and r["tumor_bbox_ratio"] > 0.3 for r in tumor)
+        assert {r["volume_name"] for r in tumor} <= set(split[s])  # one split shared by both stages
+    # the synthetic pancreas is brighter than its surroundings inside its box (visible)
+    r = read_prepared(root, "pancreas_detection", "train")[0]
+    png = np.asarray(Image.open(r["image"]), dtype=float)
+    x1, y1, x2, y2 = r["bbox"]
+    assert png[y1:y2 + 1, x1:x2 + 1].mean() > png.mean()
+
+
+def test_threshold_reselection_uses_the_cli_selection(prepared):
+    root = prepared["msd"]
+    for s in ("train", "test"):
+        assert read_prepared(root, "pancreas_detection", s, threshold=0.3) == read_prepared(root, "pancreas_detection", s)
+    low = read_prepared(root, "pancreas_detection", "train", threshold=0.0)
+    high = read_prepared(root, "pancreas_detection", "train", threshold=0.8)
+    assert len(low) > len(read_prepared(root, "pancreas_detection", "train")) > len(high) > 0
+    assert all(r["pancreas_bbox_ratio"] > 0.8 for r in high)
+
+
+def test_read_prepared_errors(prepared, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing_folder"):
+        read_prepared(tmp_path / "missing_folder", "pancreas_detection", "train")
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        read_prepared(tmp_path, "pancreas_detection", "train")
+    with pytest.raises(ValueError, match="holds NIH data"):
+        read_prepared(prepared["nih"], "tumor_detection", "train")
+    with pytest.raises(ValueError, match="holds MSD data"):
+        read_prepared(prepared["msd"], "organ_detection", "train")
+    with pytest.raises(ValueError, match="unknown split"):
+        read_prepared(prepared["msd"], "pancreas_detection", "validation")
+    with pytest.raises(ValueError, match="unknown task"):
+        read_prepared(prepared["msd"], "segmentation", "train")
+    broken = tmp_path / "broken"
+    (broken / "annotations").mkdir(parents=True)
+    (broken / "manifest.json").write_text(json.dumps({"dataset": "MSD", "status": "complete", "parameters": {}}))
+    with pytest.raises(FileNotFoundError, match="MSD_train.json"):
+        read_prepared(broken, "pancreas_detection", "train")
+    (broken / "manifest.json").write_text(json.dumps({"dataset": "MSD", "status": "incomplete"}))
+    with pytest.raises(ValueError, match="did not finish"):
+        read_prepared(broken, "pancreas_detection", "train")
+
+
+def test_rerun_refuse_overwrite_and_workers(prepared, tmp_path):
+    syn = prepared["syn_msd"]
+    args = ["msd", "--images", str(syn / "imagesTr"), "--labels", str(syn / "labelsTr"), "--threshold", "0.3",
+            "--test-ratio", "0.34", "--val-ratio", "0.25"]
+    out = tmp_path / "again"
+    assert main(args + ["--out", str(out), "--workers", "2"]) == 0
+    ref = prepared["msd"] / "annotations"
+    for name in ("MSD_slices_info.json", "MSD_train.json", "MSD_tumor_test.json", "split.json"):
+        assert (out / "annotations" / name).read_bytes() == (ref / name).read_bytes()  # 2 workers == 1 worker
+    pngs = sorted(p.name for p in (out / "slices").iterdir())
+    # an interrupted run: lost PNGs, a temporary leftover, an unfinished manifest → rerun = clean run
+    for name in pngs[:3]:
+        (out / "slices" / name).unlink()
+    (out / "slices" / ".x.png.123.tmp").write_bytes(b"partial")
+    m = _json(out / "manifest.json")
+    (out / "manifest.json").write_text(json.dumps({"dataset": "MSD", "status": "incomplete", "parameters": m["parameters"]}))
+    assert main(args + ["--out", str(out), "--workers", "1"]) == 0
+    assert sorted(p.name for p in (out / "slices").iterdir()) == pngs
+    assert all((out / "slices" / n).read_bytes() == (prepared["msd"] / "slices" / n).read_bytes() for n in pngs)
+    # other parameters: refused, nothing touched
+    before = (out / "annotations" / "MSD_train.json").read_bytes()
+    assert main(args[:-6] + ["--threshold", "0.5", "--out", str(out)]) == 2
+    assert (out / "annotations" / "MSD_train.json").read_bytes() == before
+    # --overwrite: replaced; balanced adds negatives (empty boxes)
+    assert main(args + ["--out", str(out), "--balanced", "--overwrite", "--workers", "1"]) == 0
+    bal = _json(out / "annotations" / "MSD_balanced_train.json")
+    assert any(r["bbox"] == [0, 0, 0, 0] for r in bal) and any(r["bbox"] != [0, 0, 0, 0] for r in bal)
+    assert all((out / r["image"]).is_file() for r in bal)
+    # back to unbalanced: stale negative PNGs are removed
+    assert main(args + ["--out", str(out), "--overwrite", "--workers", "1"]) == 0
+    assert sorted(p.name for p in (out / "slices").iterdir()) == pngs
+    assert not list((out / "annotations").glob("*balanced*"))
+
+
+def test_refusal_message_names_the_folder(prepared, tmp_path, capsys):
+    syn = prepared["syn_msd"]
+    out = tmp_path / "o"
+    base = ["msd", "--images", str(syn / "imagesTr"), "--labels", str(syn / "labelsTr"), "--out", str(out), "--workers", "1"]
+    assert main(base) == 0
+    assert main(base + ["--normalization", "window"]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "different parameters" in err and "normalization" in err
+
+
+def test_tc_paper_and_msd_only(prepared, tmp_path):
+    out = tmp_path / "tc"
+    assert main(["tc", "--msd", str(prepared["msd"]), "--nih", str(prepared["nih"]), "--out", str(out)]) == 0
+    msd_split = _json(prepared["msd"] / "annotations" / "split.json")
+    nih_split = _json(prepared["nih"] / "annotations" / "split.json")
+    msd_info = {r["slice_id"]: r for r in _json(prepared["msd"] / "annotations" / "MSD_slices_info.json")}
+    total = 0
+    for s in ("train", "val", "test"):
+        recs = read_prepared(out, "tumor_classification", s)
+        total += len(recs)
+        yes = [r for r in recs if r["answer"] == "yes"]
+        no = [r for r in recs if r["answer"] == "no"]
+        assert len(yes) == len(no)
+        assert all(r["dataset"] == "MSD" for r in yes) and all(r["dataset"] == "NIH" for r in no)
+        assert {r["volume_name"] for r in yes} <= set(msd_split[s])  # split inherited
+        assert {r["volume_name"] for r in no} <= set(nih_split[s])
+        for r in yes:
+            src = msd_info[r["slice_id"]]
+            x1, y1, x2, y2 = src["bbox_pancreas"]
+            assert (r["width"], r["height"]) == (x2 - x1 + 1, y2 - y1 + 1)  # inclusive: no lost row/column
+            assert src["pixels_tumor"] > 0 and "bbox" not in r
+            crop = np.asarray(Image.open(r["image"]))
+            full = np.asarray(Image.open(prepared["msd"] / src["image"]))
+            assert np.array_equal(crop, full[y1:y2 + 1, x1:x2 + 1])
+    assert total > 0
+    only = tmp_path / "tc_msd_only"
+    assert main(["tc", "--msd", str(prepared["msd"]), "--variant", "msd-only", "--margin", "2", "--out", str(only)]) == 0
+    recs = read_prepared(only, "tumor_classification", "train")
+    assert recs and {r["dataset"] for r in recs} == {"MSD"}
+    assert sum(r["answer"] == "yes" for r in recs) == sum(r["answer"] == "no" for r in recs)
+    r = recs[0]
+    x1, y1, x2, y2 = msd_info[r["slice_id"]]["bbox_pancreas"]
+    assert r["crop_box"] == [max(0, x1 - 2), max(0, y1 - 2), min(63, x2 + 2), min(63, y2 + 2)]
+    assert main(["tc", "--msd", str(prepared["msd"]), "--out", str(tmp_path / "x")]) == 2  # paper needs --nih
+    with pytest.raises(ValueError, match="threshold re-selection"):
+        read_prepared(out, "tumor_classification", "train", threshold=0.5)
+
+
+def _crop(path: Path, w: int, h: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((h, w), 100, dtype=np.uint8)).save(path)
+
+
+def test_tc_import_release_names_csv_and_ratios(tmp_path):
+    crops = tmp_path / "crops"
+    for v in range(1, 6):
+        for k in (10, 11):
+            _crop(crops / f"PANCREAS_{v:04d}_slice_{k}.png", 20 + v, 10)
+            _crop(crops / f"pancreas_{v:03d}_slice_{k}.png", 30, 12 + v)
+    out = tmp_path / "tc"
+    assert main(["tc-import", "--images", str(crops), "--out", str(out), "--test-ratio", "0.2", "--val-ratio", "0"]) == 0
+    recs = {s: read_prepared(out, "tumor_classification", s) for s in ("train", "val", "test")}
+    assert len(recs["train"]) + len(recs["test"]) == 20 and recs["val"] == []
+    vols = {s: {r["volume_name"] for r in recs[s]} for s in recs}
+    assert len(vols["test"]) == 2 and not vols["train"] & vols["test"]  # by volume (10 volumes → 2 test)
+    r = next(r for r in recs["train"] + recs["test"] if r["volume_name"] == "PANCREAS_0003")
+    assert (r["dataset"], r["answer"], r["width"], r["height"]) == ("NIH", "no", 23, 10)
+    r = next(r for r in recs["train"] + recs["test"] if r["volume_name"] == "pancreas_002")
+    assert (r["dataset"], r["answer"], r["height"]) == ("MSD", "yes", 14)
+    all_test = tmp_path / "tc_test"
+    assert main(["tc-import", "--images", str(crops), "--out", str(all_test), "--test-ratio", "1"]) == 0
+    assert len(read_prepared(all_test, "tumor_classification", "test")) == 20
+    assert read_prepared(all_test, "tumor_classification", "train") == []
+    all_train = tmp_path / "tc_train"
+    assert main(["tc-import", "--images", str(crops), "--out", str(all_train), "--test-ratio", "0", "--val-ratio", "0"]) == 0
+    assert len(read_prepared(all_train, "tumor_classification", "train")) == 20
+    # CSV: arbitrary names
+    other = tmp_path / "other"
+    _crop(other / "a.png", 5, 6)
+    _crop(other / "b.png", 7, 8)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("image,dataset,volume,slice_index,answer\na.png,MSD,v1,3,yes\nb.png,NIH,v2,4,no\n")
+    out_csv = tmp_path / "tc_csv"
+    assert main(["tc-import", "--images", str(other), "--csv", str(csv), "--out", str(out_csv), "--test-ratio", "0.5", "--val-ratio", "0"]) == 0
+    got = read_prepared(out_csv, "tumor_classification", "train") + read_prepared(out_csv, "tumor_classification", "test")
+    assert sorted((r["volume_name"], r["answer"], r["slice_index"], r["width"]) for r in got) == [("v1", "yes", 3, 5), ("v2", "no", 4, 7)]
+    # bad names / bad CSV are errors naming the file
+    from preprocessing.tc import import_tc
+
+    _crop(crops / "PANCREAS_0009.png", 5, 5)
+    with pytest.raises(ValueError, match="PANCREAS_0009.png: name is neither"):
+        import_tc(crops, tmp_path / "bad")
+    csv.write_text("image,dataset,volume,slice_index,answer\na.png,MSD,v1,3,maybe\n")
+    with pytest.raises(ValueError, match="labels.csv:2"):
+        import_tc(other, tmp_path / "bad2", csv_path=str(csv))
+
+
+def test_abd_and_report(prepared, tmp_path, capsys):
+    syn = tmp_path / "syn_abd"
+    assert main(["synthetic", "--out", str(syn), "--scheme", "abd", "--n", "3", "--size", "64", "--slices", "16"]) == 0
+    out = tmp_path / "abd"
+    assert main(["abd", "--images", str(syn / "images"), "--labels", str(syn / "masks"), "--out", str(out),
+                 "--workers", "1", "--test-ratio", "0.34", "--val-ratio", "0"]) == 0
+    recs = read_prepared(out, "organ_detection", "train")
+    counts = {o: sum(r["target"] == o for r in recs) for o in ("liver", "kidney", "spleen", "pancreas")}
+    assert len(set(counts.values())) == 1 and counts["liver"] > 0
+    assert all(r["bbox"] == r[f"bbox_{r['target']}"] for r in recs)
+    pancreas = read_prepared(out, "organ_detection", "train", organs=["pancreas"])
+    assert {r["target"] for r in pancreas} == {"pancreas"} and len(pancreas) >= counts["pancreas"]
+    capsys.readouterr()
+    assert main(["report", str(prepared["msd"]), str(prepared["nih"])]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert len(text) == 12 and text[2].startswith("| 0 % |") and text[-1].startswith("| 90 % |")
+    n0 = len(read_prepared(prepared["msd"], "pancreas_detection", "train", threshold=0.0))
+    assert text[2].split("|")[2].strip() == f"{n0:,}"
+
+
+def test_module_runs_from_another_directory(prepared, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "preprocessing", "report", str(prepared["msd"])], cwd=tmp_path,
+                         capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    assert "| 60 % |" in res.stdout
