@@ -1,0 +1,1 @@
+"""Datasets over prepared folders and the image transform (SPEC §2)."""
