@@ -122,8 +122,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"| {r['batch']} | {r['samples_per_s']:.2f} | {r['samples_per_s'] / base:.1f}× | "
               f"{r['mean_answer_tokens']:.1f} | {100 * r['same_answers_as_first']:.0f} % |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "full_size": args.full_size, "build_s": build_s,
-                                               "rows": results}, indent=1))
+        from minigpt4.io import write_json_atomic
+
+        write_json_atomic(args.json, {"device": name, "full_size": args.full_size, "build_s": build_s,
+                                      "max_new_tokens": args.max_new_tokens, "rows": results})
     return 0
 
 

@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--data", help="folder for the phantoms (kept between runs); default: a temporary folder")
     p.add_argument("--repeat", type=int, default=3, help="best of N timings")
+    p.add_argument("--json", help="also write the figures here (machine-readable, for benchmarks/run_all.py)")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
     data = Path(args.data) if args.data else tmp / "data"
@@ -99,6 +100,17 @@ def main(argv=None) -> int:
               f"  [read {tf['read_s']:.2f} s, stats {tf['stats_s']:.2f} s, normalise+write {tf['write_s']:.2f} s]")
         print(f"pipeline, {args.workers} workers: {tw:6.2f} s wall ({n_png / tw:5.1f} slices/s); ratio {tw / t_floor:.2f}x "
               f"floor, speed-up {t1 / tw:.2f}x over 1 worker")
+        if args.json:
+            from minigpt4.io import write_json_atomic
+
+            write_json_atomic(args.json, {
+                "volumes": args.n, "size": args.size, "slices": args.slices, "pngs": n_png, "cores": os.cpu_count(),
+                "repeat": args.repeat,
+                "floor": {"wall_s": t_floor, "cpu_s": c_floor},
+                "one_worker": {"wall_s": t1, "cpu_s": c1, "slices_per_s": n_png / t1,
+                               "read_s": tf["read_s"], "stats_s": tf["stats_s"], "write_s": tf["write_s"]},
+                "many_workers": {"workers": args.workers, "wall_s": tw, "slices_per_s": n_png / tw},
+                "ratio_wall": t1 / t_floor, "ratio_cpu": c1 / c_floor, "speedup_workers": t1 / tw})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -171,7 +171,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             peak_text = "" if row.get("oom") else f" peak {row['peak_gib']:.1f} GiB;"
             print(f"default training config (batch {cfg.run.batch_size}, checkpointing {label}):{peak_text} fits an A100-40GB: {fits}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"gpu": name, "seq_len": seq_len, "flops_per_sample": flops, "rows": rows}, indent=1))
+        from minigpt4.io import write_json_atomic
+
+        write_json_atomic(args.json, {"gpu": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                                      "seq_len": seq_len, "flops_per_sample": flops,
+                                      "default_batch": cfg.run.batch_size, "rows": rows})
     return 0
 
 

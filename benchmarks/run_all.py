@@ -1,0 +1,561 @@
+"""Run the CPU benchmarks and write ``BENCHMARKS.md`` (figures, ratios, machine, date, versions).
+
+    python benchmarks/run_all.py                  # default sizes, about 5-10 minutes on 2 cores
+    python benchmarks/run_all.py --quick          # smaller sizes, about 2 minutes
+    python benchmarks/run_all.py --only eval --extra eval "--samples 64"
+    python benchmarks/run_all.py --report-only    # rewrite BENCHMARKS.md from benchmarks/results/
+
+Each benchmark script runs as its own subprocess (so one crash or hang does not take the others
+with it, and each starts with a cold interpreter) and writes its figures with ``--json`` into
+``benchmarks/results/<name>.json``; its console output goes to ``<name>.log`` next to it. While
+it runs the 1-minute load average is sampled every few seconds: the development machines are
+shared, and the report says how loaded the machine was, because wall times mean little without it.
+Every ratio in the report compares two figures measured by the same script in the same run
+(pipeline vs I/O floor, batch 16 vs batch 1, ...), never figures from different runs.
+
+GPU figures are not measured here: ``benchmarks/gpu_full_size.py`` writes
+``benchmarks/results/gpu_full_size.json`` on a GPU machine, and the report keeps them (with the
+card that gave them) whenever that file is present.
+
+Limits: the TC-baseline benchmark needs the real crops in ``../shared/data/tc_crops`` and is
+reported as skipped without them. ``--extra`` arguments are appended after the defaults, so they
+override them (argparse keeps the last value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from minigpt4.io import read_json, write_json_atomic, write_text_atomic  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+TC_CROPS = ROOT.parent / "shared" / "data" / "tc_crops"
+GPU_COMMAND = "python benchmarks/gpu_full_size.py --json benchmarks/results/gpu_full_size.json"
+PACKAGES = ("torch", "transformers", "peft", "numpy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """One CPU benchmark script and the sizes run_all gives it.
+
+    Attributes:
+        name: key: ``results/<name>.json``, ``--only``/``--extra`` name.
+        title: section title in the report.
+        script: path relative to the repository root.
+        default: arguments for the default run (≲ 10 minutes for the whole suite on 2 cores).
+        quick: arguments for ``--quick`` (≈ 2 minutes for the suite).
+        prepare: optional ``prepare(tmp_dir) -> (extra args, skip reason)``; a reason skips the bench.
+    """
+
+    name: str
+    title: str
+    script: str
+    default: tuple[str, ...]
+    quick: tuple[str, ...]
+    prepare: Optional[Callable[[Path], tuple[list[str], Optional[str]]]] = None
+
+
+def _prepare_tc(tmp: Path) -> tuple[list[str], Optional[str]]:
+    """Import the shared real TC crops into a volume-split TC folder (≈ 3 s)."""
+    if not (TC_CROPS / "labels.csv").is_file():
+        return [], f"the real TC crops are absent ({TC_CROPS}/labels.csv not found)"
+    out = tmp / "tc"
+    cmd = [sys.executable, "-m", "preprocessing", "tc-import", "--images", str(TC_CROPS / "images"),
+           "--csv", str(TC_CROPS / "labels.csv"), "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        return [], f"tc-import failed: {(done.stderr or done.stdout).strip()[-500:]}"
+    return ["--data", str(out)], None
+
+
+# Sizes: default ≈ 2 + 0.5 + 1.5 + 1.5 minutes on the shared 2-core development machine (quick ≈ 1-2);
+# the preprocessing default is the size of the figures first reported (8 volumes of 512×512×100).
+BENCHES: tuple[Bench, ...] = (
+    Bench("preprocess", "Preprocessing", "benchmarks/bench_preprocess.py",
+          default=("--n", "8", "--size", "512", "--slices", "100", "--repeat", "2"),
+          quick=("--n", "2", "--size", "512", "--slices", "60", "--repeat", "1")),
+    Bench("train", "Training (tiny model, CPU)", "benchmarks/bench_train.py",
+          default=("--steps", "30", "--warmup", "5", "--batch-size", "16"),
+          quick=("--steps", "12", "--warmup", "4", "--batch-size", "16")),
+    Bench("eval", "Evaluation (tiny model, CPU)", "benchmarks/bench_eval.py",
+          default=("--samples", "32", "--repeats", "2", "--batch-sizes", "1", "16", "--max-new-tokens", "20"),
+          quick=("--samples", "16", "--repeats", "1", "--batch-sizes", "1", "16", "--max-new-tokens", "20")),
+    Bench("tc", "Tumor-classification baselines (real crops, CPU)", "benchmarks/tc_baselines.py",
+          default=("--methods", "hist", "cnn"), quick=("--methods", "hist"), prepare=_prepare_tc),
+)
+BY_NAME = {b.name: b for b in BENCHES}
+
+
+# --------------------------------------------------------------------------- machine and versions
+def machine_info() -> dict:
+    """CPU model, usable cores and RAM (Linux ``/proc`` first, portable fallbacks)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        ram = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            ram = None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "cpu_count": os.cpu_count(), "ram_gib": ram / 2**30 if ram else None,
+            "os": platform.platform()}
+
+
+def versions() -> dict:
+    """Python and the installed versions of the packages that set the speed."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_commit(root: Path = ROOT) -> str:
+    """``<short sha>`` plus ``+ uncommitted changes`` when the tree is dirty; ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha} + uncommitted changes" if dirty else sha
+
+
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+# --------------------------------------------------------------------------- running
+def run_bench(bench: Bench, args: Sequence[str], results: Path, timeout: float, tmp: Path,
+              echo: bool = True) -> dict:
+    """Run one benchmark script as a subprocess writing ``results/<name>.json``.
+
+    Returns:
+        The status record: command, return code, wall and child CPU seconds, load averages
+        (before, mean and max while running), ``error`` (last lines of output) or ``skipped``.
+    """
+    out_json, log_path = results / f"{bench.name}.json", results / f"{bench.name}.log"
+    out_json.unlink(missing_ok=True)  # never report an earlier run's figures as this run's
+    status: dict[str, Any] = {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                              "commit": git_commit()}
+    extra: list[str] = []
+    if bench.prepare is not None:
+        extra, reason = bench.prepare(tmp)
+        if reason:
+            return {**status, "skipped": reason}
+    cmd = [sys.executable, str(ROOT / bench.script), *args, *extra, "--json", str(out_json)]
+    # the temporary folder of a prepared input means nothing after the run: show it as $TMP
+    status["command"] = "python " + shlex.join([bench.script, *args, *extra]).replace(str(tmp), "$TMP")
+    loads, load_before = [], _load()
+    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    with open(log_path, "wb") as log:
+        # own session: a timeout stops the script and any workers it started, and nothing else
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def pump() -> None:
+            for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+                log.write(chunk)
+                if echo:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        timed_out = False
+        while proc.poll() is None:
+            loads.append(_load())
+            if time.perf_counter() - start > timeout:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                break
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                pass
+        proc.wait()
+        reader.join(5)
+    usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    loads.append(_load())
+    status.update({
+        "returncode": proc.returncode, "seconds": time.perf_counter() - start,
+        "cpu_s": (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime),
+        "load_before": load_before, "load_mean": sum(loads) / len(loads), "load_max": max(loads),
+    })
+    if timed_out or proc.returncode != 0 or not out_json.is_file():
+        tail = log_path.read_text(errors="replace").replace("\r", "\n").strip().splitlines()[-15:]
+        why = f"timed out after {timeout:.0f} s" if timed_out else (
+            f"exit status {proc.returncode}" if proc.returncode else "no JSON written")
+        status["error"] = why + ("\n" + "\n".join(tail) if tail else "")
+    return status
+
+
+# --------------------------------------------------------------------------- report
+def _f(x: Optional[float], digits: int = 2, unit: str = "") -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}{unit}"
+
+
+def _status_line(status: Optional[dict]) -> str:
+    if not status or "seconds" not in status:
+        return ""
+    return (f"Measured {status['date']} at commit {status['commit']}: {status['seconds']:.0f} s wall, "
+            f"{status['cpu_s']:.0f} s CPU; 1-minute load average {status['load_before']:.1f} before, "
+            f"{status['load_mean']:.1f} mean / {status['load_max']:.1f} max while it ran "
+            f"(the benchmark itself adds up to its thread count).\n\nCommand: `{status['command']}`")
+
+
+def render_preprocess(r: dict) -> str:
+    one, many, fl = r["one_worker"], r["many_workers"], r["floor"]
+    lines = [
+        f"{r['volumes']} synthetic MSD phantoms of {r['size']}×{r['size']}×{r['slices']} voxels (int16 HU, gzip "
+        f"NIfTI), `python -m preprocessing msd` defaults (paper normalisation, threshold 0.6), {r['pngs']} PNGs "
+        f"written. " + (f"Best of {r['repeat']} interleaved repeats." if r["repeat"] > 1 else "One timing each."), "",
+        "| measurement | wall | CPU | ratio to floor |", "|---|---:|---:|---:|",
+        f"| floor (read volumes + encode/write the same PNGs) | {fl['wall_s']:.2f} s | {fl['cpu_s']:.2f} s | 1 |",
+        f"| pipeline, 1 worker | {one['wall_s']:.2f} s ({one['slices_per_s']:.1f} slices/s) | {one['cpu_s']:.2f} s "
+        f"| **{r['ratio_cpu']:.2f}× (CPU)**, {r['ratio_wall']:.2f}× (wall) |",
+        f"| pipeline, {many['workers']} workers | {many['wall_s']:.2f} s ({many['slices_per_s']:.1f} slices/s) | – "
+        f"| {many['wall_s'] / fl['wall_s']:.2f}× (wall); speed-up {r['speedup_workers']:.2f}× over 1 worker |", "",
+        f"Pipeline breakdown (1 worker): reading {one['read_s']:.2f} s, slice statistics and boxes "
+        f"{one['stats_s']:.2f} s (whole-volume numpy reductions, no per-slice loop), normalisation + PNG encode "
+        f"+ write {one['write_s']:.2f} s.",
+    ]
+    if (r.get("cores") or 0) <= 2:
+        lines += ["", f"Only {r.get('cores')} cores here, shared with the benchmark's own processes: the worker "
+                  "figure is not a scaling measurement."]
+    return "\n".join(lines)
+
+
+def render_train(r: dict) -> str:
+    sps, share = r["samples_per_s"], r["data_fraction"]
+    compute = sps / (1 - share) if share < 1 else None
+    return "\n".join([
+        f"Model `{r['size']}` on `{r['device']}`, batch {r['batch_size']}, {r['workers']} DataLoader workers, "
+        f"medians over {r['steps_measured']} steps after warm-up.", "",
+        "| measurement | samples/s | ratio |", "|---|---:|---:|",
+        f"| training loop (data loading + step) | {sps:.1f} | {1 - share:.2f}× of compute-only |",
+        f"| compute only (loop minus waiting for data) | {_f(compute, 1)} | 1 |", "",
+        f"Data loading is **{100 * share:.1f} %** of step time (time waiting for the next batch / step time).",
+    ])
+
+
+def render_eval(r: dict) -> str:
+    rows = r["rows"]
+    base = rows[0]["samples_per_s"]
+    lines = [f"Device: {r['device']}; {'full size, bf16' if r.get('full_size') else 'tiny model (tests/tiny.py), fp32'}; "
+             f"model build {r['build_s']:.1f} s; `max_new_tokens` {r.get('max_new_tokens', 'n/a')}; "
+             f"{rows[0]['samples']} samples; random weights.", "",
+             f"| batch | samples/s | speed-up vs batch {rows[0]['batch']} | mean answer tokens | answers equal to batch "
+             f"{rows[0]['batch']} |", "|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['batch']} | {row['samples_per_s']:.2f} | **{row['samples_per_s'] / base:.1f}×** | "
+                     f"{row['mean_answer_tokens']:.1f} | {100 * row['same_answers_as_first']:.0f} % |")
+    same = min(row["same_answers_as_first"] for row in rows)
+    lines += ["", "Batching changed no answer." if same == 1.0 else
+              f"**Batching changed answers**: as few as {100 * same:.0f} % equal to batch {rows[0]['batch']}."]
+    return "\n".join(lines)
+
+
+def render_tc(r: dict) -> str:
+    yes = r["test_yes_fraction"]
+    majority = max(yes, 1 - yes)
+    names = {"hist_gbm": "crop size + intensity histogram → gradient boosting", "cnn_3layer": "3-layer CNN, 64×64 crops",
+             "model": "MiniGPT checkpoint"}
+    lines = [f"Volume-level split: {r['n_train']} train and {r['n_test']} test crops ({100 * yes:.1f} % `yes` "
+             "in test); the validation crops are not used.", "",
+             "| method | test accuracy | ratio to majority class | ROC AUC | time |", "|---|---:|---:|---:|---:|",
+             f"| majority class (`{'yes' if yes >= 0.5 else 'no'}`) | {majority:.3f} | 1 | 0.500 | – |"]
+    for key, m in r["results"].items():
+        lines.append(f"| {names.get(key, key)} | {m['accuracy']:.3f} | {m['accuracy'] / majority:.2f}× | "
+                     f"{m['auc']:.3f} | {m['seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def render_gpu(r: dict) -> str:
+    lines = [f"Card: **{r['gpu']}**" + (f"; torch {r['torch']}" if r.get("torch") else "")
+             + (f"; measured {r['date']}" if r.get("date") else "")
+             + f"; sequence {r['seq_len']} tokens; model FLOPs/sample {r['flops_per_sample'] / 1e12:.2f} TFLOP.", "",
+             "| batch | grad. checkpointing | samples/s | step (s) | peak memory (GiB) | MFU |",
+             "|---:|:---:|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        gc = "on" if row["checkpointing"] else "off"
+        if row.get("oom"):
+            lines.append(f"| {row['batch']} | {gc} | OOM | | | |")
+        else:
+            mfu = f"{100 * row['mfu']:.1f} %" if row.get("mfu") is not None else "n/a"
+            lines.append(f"| {row['batch']} | {gc} | {row['samples_per_s']:.2f} | {row['step_s']:.3f} | "
+                         f"{row['peak_gib']:.1f} | {mfu} |")
+    batch = r.get("default_batch", 16)
+    for row in r["rows"]:
+        if row["batch"] == batch:
+            gc = "on" if row["checkpointing"] else "off"
+            # same criterion as the script: 40 GB card minus ~1.5 GiB for the CUDA context
+            fits = "OOM on this card" if row.get("oom") else ("yes" if row["peak_gib"] < 40e9 / 2**30 - 1.5 else "no")
+            lines.append(f"\nDefault training config (batch {batch}, checkpointing {gc}) fits an A100-40GB: {fits}.")
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {"preprocess": render_preprocess, "train": render_train,
+                                                "eval": render_eval, "tc": render_tc}
+
+# Hand-written explanations (from the engineers who wrote each script) kept around the figures.
+NOTES_BEFORE = {
+    "preprocess": (
+        "`benchmarks/bench_preprocess.py` (CPU only) times `python -m preprocessing msd` against the floor "
+        "measured in the same run: reading the same image and label volumes fully with nibabel and encoding + "
+        "writing the same PNGs (PIL, compress level 6, atomic rename) and nothing else. The target is "
+        "pipeline ≤ 1.5× floor with one worker. On a shared machine CPU seconds are the reliable comparison for "
+        "the 1-worker case; wall times are noisy."),
+    "train": (
+        "`benchmarks/bench_train.py` runs the real training loop (train.py's trainer, DataLoader, dataset "
+        "mixing, logging) on synthetic phantoms and reads samples/s (global batch / step wall time) and the "
+        "data-loading share of step time from the trainer's `log.jsonl`. The compute-only figure is derived: "
+        "samples/s ÷ (1 − data share). The model is the tiny one of `train_configs/quickstart_cpu.yaml`: its "
+        "image size and widths set the speed, so figures from before a change of that config are not "
+        "comparable."),
+    "eval": (
+        "`benchmarks/bench_eval.py` times `minigpt4.evaluation.predict_detection` end to end (PNG loading, image "
+        "transform, left-padded batched greedy generation, decoding, scoring) on generated 512×512 slices, batch "
+        "size 1 vs 16 in one run, and checks that the batched answers equal the one-by-one answers. Random "
+        "weights: speed does not depend on them, answer lengths do (the table gives the mean)."),
+    "tc": (
+        "`benchmarks/tc_baselines.py` scores simple baselines on the real TC crops (`../shared/data/tc_crops`, "
+        "imported with `python -m preprocessing tc-import`, split by volume). Not a speed benchmark: it shows "
+        "how much of the task a model must beat, because the `yes` (MSD) and `no` (NIH) crops come from "
+        "different scanners and contrast phases (SPEC §4 item 10), so crop size and histogram alone separate "
+        "them. Add `--checkpoint <folder>` (via `--extra tc \"--checkpoint ...\"`) to score a trained model on "
+        "the same split."),
+}
+NOTES_AFTER = {
+    "preprocess": (
+        "Profiled once during development (not re-measured by this run): per 512×512 slice, paper normalisation "
+        "≈ 2.5 ms (one `bincount`) and PNG encode ≈ 11 ms. For reference the release's scripts spend about "
+        "9.4 s on 4 such volumes (≈ 11 slices/s). The worker-scaling figure needs a machine with free cores: "
+        "`python benchmarks/bench_preprocess.py --n 8 --workers 8`."),
+    "eval": (
+        "Profiled during development: ≈ 95 % of the time is spent in `model.generate`, none in scoring. On a "
+        "contended CPU the batch-16 speed-up varied between 1.9× and 5.8× from run to run. At full size on a GPU "
+        "the issue expects several times the batch-1 throughput at batch 16: "
+        "`python benchmarks/bench_eval.py --full-size --json benchmarks/results/eval_full_size.json` (see the GPU "
+        "section)."),
+    "train": ("Full size on a GPU: `python benchmarks/bench_train.py --size full --device cuda --batch-size 16 "
+              "--workers 8 --json benchmarks/results/train_full_size.json` (see the GPU section)."),
+}
+GPU_TEXT = (
+    "`benchmarks/gpu_full_size.py` builds the full-size model (EVA ViT-g 39 blocks + LLaMA-2-7B sizes, LoRA r 64 "
+    "on q,k) with random weights in bf16 on one GPU and times one training step (forward + backward + AdamW on "
+    "LoRA + `llama_proj`, bf16 autocast) with 448×448 images, the paper's detection prompt and 40 answer tokens "
+    "(322-token sequences with the LLaMA-2 tokenizer) at batch sizes 1, 4, 8, 16, gradient checkpointing off "
+    "and on. It reports samples/s, peak memory, model FLOP utilisation (≈ 10.9 TFLOP of model FLOPs per sample, "
+    "frozen-base backward counted as activation gradients only) and whether the default training config "
+    "(batch 16) fits an A100-40GB. It needs one H100/H200/A100, no weight file and no network (about 3–5 "
+    "minutes).")
+
+
+def render_report(run: dict, results: dict[str, Optional[dict]], gpu: dict[str, Optional[dict]]) -> str:
+    """The whole BENCHMARKS.md text.
+
+    Args:
+        run: ``run_all.json``: ``date``, ``mode``, ``machine``, ``versions``, ``commit``, ``seconds`` and
+            ``benches`` (name → status record from :func:`run_bench`; absent = not run).
+        results: name → the benchmark's JSON (``None`` when it has none).
+        gpu: ``gpu_full_size`` / ``eval_full_size`` / ``train_full_size`` → JSON or ``None``.
+    """
+    m, v = run["machine"], run["versions"]
+    ram = f"{m['ram_gib']:.1f} GiB RAM" if m.get("ram_gib") else "RAM unknown"
+    out = [
+        "# Benchmarks", "",
+        f"Generated by `python benchmarks/run_all.py{' --quick' if run.get('mode') == 'quick' else ''}` on "
+        f"{run['date']} ({run['mode']} sizes, {run.get('seconds', 0) / 60:.1f} minutes). Every ratio compares two "
+        "figures measured by the same script in the same run. Regenerate with `python benchmarks/run_all.py` "
+        "(`--quick` for a ≈ 2-minute version); `--report-only` rewrites this file from `benchmarks/results/`.", "",
+        "## Machine and versions", "",
+        "| | |", "|---|---|",
+        f"| date | {run['date']} |",
+        f"| machine | {m['cpu']}, {m['cores']} usable cores ({m.get('cpu_count')} logical), {ram} |",
+        f"| OS | {m.get('os', 'unknown')} |",
+        f"| git commit | {run['commit']} |",
+        f"| Python | {v['python']} |",
+        *[f"| {name} | {v.get(name, 'unknown')} |" for name in PACKAGES],
+    ]
+    # figures count only with a successful status of this report's run: a stale JSON from an
+    # earlier run of a benchmark that was skipped or failed this time is not reported as current
+    results = {k: r for k, r in results.items()
+               if r is not None and run["benches"].get(k, {}).get("returncode") == 0 and not run["benches"][k].get("error")}
+    loads = [s["load_mean"] for s in run["benches"].values() if "load_mean" in s]
+    if loads:
+        out += ["", f"1-minute load average while the benchmarks ran: {min(loads):.1f}–{max(loads):.1f} "
+                f"(mean per benchmark; {m['cores']} cores). A load well above the core count means other jobs "
+                "shared the CPU and wall times are pessimistic; CPU seconds and the same-run ratios are the "
+                "reliable figures."]
+
+    out += ["", "## Summary", "", "| benchmark | figure | baseline (same run) | ratio |", "|---|---|---|---:|"]
+    for name, summary in (("preprocess", _summary_preprocess), ("train", _summary_train), ("eval", _summary_eval),
+                          ("tc", _summary_tc)):
+        r = results.get(name)
+        out.append(summary(r) if r else f"| {BY_NAME[name].title} | not measured (see below) | | |")
+
+    for bench in BENCHES:
+        out += ["", f"## {bench.title}", "", NOTES_BEFORE[bench.name], ""]
+        status, r = run["benches"].get(bench.name), results.get(bench.name)
+        if status is None:
+            out.append("Not run in this report (`--only`/`--skip`).")
+        elif status.get("skipped"):
+            out.append(f"Skipped: {status['skipped']}.")
+        elif status.get("error") or r is None:
+            out += ["**Failed** — " + status.get("error", "no JSON").split("\n")[0] + ". Last lines of output:", "",
+                    "```", *status.get("error", "").split("\n")[1:], "```", "", f"Command: `{status.get('command')}`"]
+        else:
+            out += [RENDERERS[bench.name](r), "", _status_line(status)]
+        if bench.name in NOTES_AFTER:
+            out += ["", NOTES_AFTER[bench.name]]
+
+    out += ["", "## GPU (full size)", "", GPU_TEXT, ""]
+    if gpu.get("gpu_full_size"):
+        out += ["Training step, from `benchmarks/results/gpu_full_size.json` (written by the GPU script, not by "
+                "run_all; the card below gave these figures):", "", render_gpu(gpu["gpu_full_size"])]
+    else:
+        out += ["**Not yet measured**: the script is ready and has not been run (no "
+                "`benchmarks/results/gpu_full_size.json`; the sessions so far had no GPU). On one GPU run:", "",
+                "```", GPU_COMMAND, "python benchmarks/run_all.py --report-only   # puts the figures here", "```"]
+    if gpu.get("eval_full_size"):
+        out += ["", "Evaluation at full size (`benchmarks/results/eval_full_size.json`):", "",
+                render_eval(gpu["eval_full_size"])]
+    if gpu.get("train_full_size"):
+        out += ["", "Training loop at full size (`benchmarks/results/train_full_size.json`):", "",
+                render_train(gpu["train_full_size"])]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _summary_preprocess(r: dict) -> str:
+    return (f"| Preprocessing | pipeline, 1 worker: {r['one_worker']['cpu_s']:.2f} s CPU "
+            f"({r['one_worker']['slices_per_s']:.1f} slices/s) | I/O floor: {r['floor']['cpu_s']:.2f} s CPU "
+            f"| {r['ratio_cpu']:.2f}× |")
+
+
+def _summary_train(r: dict) -> str:
+    share = r["data_fraction"]
+    return (f"| Training (tiny, CPU) | {r['samples_per_s']:.1f} samples/s, data loading {100 * share:.1f} % "
+            f"| compute only: {_f(r['samples_per_s'] / (1 - share) if share < 1 else None, 1)} samples/s "
+            f"| {1 - share:.2f}× |")
+
+
+def _summary_eval(r: dict) -> str:
+    rows = r["rows"]
+    return (f"| Evaluation (tiny, CPU) | batch {rows[-1]['batch']}: {rows[-1]['samples_per_s']:.2f} samples/s "
+            f"| batch {rows[0]['batch']}: {rows[0]['samples_per_s']:.2f} samples/s "
+            f"| {rows[-1]['samples_per_s'] / rows[0]['samples_per_s']:.1f}× |")
+
+
+def _summary_tc(r: dict) -> str:
+    best_key = max(r["results"], key=lambda k: r["results"][k]["accuracy"])
+    best = r["results"][best_key]
+    majority = max(r["test_yes_fraction"], 1 - r["test_yes_fraction"])
+    return (f"| TC baselines (real crops) | best: {best_key} accuracy {best['accuracy']:.3f}, AUC {best['auc']:.3f} "
+            f"| majority class: {majority:.3f} | {best['accuracy'] / majority:.2f}× |")
+
+
+def load_results(results: Path) -> tuple[dict, dict]:
+    """Benchmark JSONs (name → dict or None) and the GPU JSONs found in ``results``."""
+    cpu = {b.name: read_json(results / f"{b.name}.json") if (results / f"{b.name}.json").is_file() else None
+           for b in BENCHES}
+    gpu = {k: read_json(results / f"{k}.json") if (results / f"{k}.json").is_file() else None
+           for k in ("gpu_full_size", "eval_full_size", "train_full_size")}
+    return cpu, gpu
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="benchmarks: " + ", ".join(f"{b.name} ({b.script})" for b in BENCHES))
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (≈ 2 minutes on 2 cores)")
+    parser.add_argument("--only", nargs="+", choices=list(BY_NAME), help="run only these (others keep their "
+                        "previous results in the report)")
+    parser.add_argument("--skip", nargs="+", choices=list(BY_NAME), default=[], help="do not run these")
+    parser.add_argument("--extra", nargs=2, action="append", default=[], metavar=("NAME", "ARGS"),
+                        help='extra arguments for one benchmark, e.g. --extra eval "--samples 64"')
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per benchmark before it is stopped")
+    parser.add_argument("--results", default=str(RESULTS), help="folder for the JSON figures and logs")
+    parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="report path")
+    parser.add_argument("--report-only", action="store_true", help="run nothing; rewrite the report from --results")
+    args = parser.parse_args(argv)
+    for name, _ in args.extra:
+        if name not in BY_NAME:
+            parser.error(f"--extra: unknown benchmark {name!r} (choose from {', '.join(BY_NAME)})")
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    run_path = results / "run_all.json"
+    previous = read_json(run_path) if run_path.is_file() else {"benches": {}}
+
+    if args.report_only:
+        if "machine" not in previous:
+            print(f"{run_path}: no earlier run to report; run without --report-only first", file=sys.stderr)
+            return 2
+        run = previous
+    else:
+        selected = [b for b in BENCHES if (not args.only or b.name in args.only) and b.name not in args.skip]
+        run = {"date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+               "mode": "quick" if args.quick else "default", "machine": machine_info(), "versions": versions(),
+               "commit": git_commit(), "benches": {}}
+        # benchmarks not selected keep their earlier record only when --only narrowed the run on purpose
+        if args.only:
+            run["benches"] = {k: s for k, s in previous.get("benches", {}).items() if k not in args.only}
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="run_all_") as tmp:
+            for bench in selected:
+                extra = [a for name, text in args.extra if name == bench.name for a in shlex.split(text)]
+                bench_args = [*(bench.quick if args.quick else bench.default), *extra]
+                print(f"\n=== {bench.name}: {bench.script} {' '.join(bench_args)}", flush=True)
+                status = run_bench(bench, bench_args, results, args.timeout, Path(tmp))
+                run["benches"][bench.name] = status
+                verdict = status.get("skipped") or (status.get("error", "").split("\n")[0] or "ok")
+                print(f"=== {bench.name}: {verdict} ({status.get('seconds', 0):.0f} s)", flush=True)
+        run["seconds"] = time.perf_counter() - start
+        write_json_atomic(run_path, run)
+
+    cpu, gpu = load_results(results)
+    write_text_atomic(args.out, render_report(run, cpu, gpu))
+    print(f"\nwrote {args.out}")
+    failed = [k for k, s in run["benches"].items() if s.get("error")]
+    if failed:
+        print(f"failed: {', '.join(failed)} (see {results}/<name>.log)", file=sys.stderr)
+    # exit 1 when a benchmark failed in this run; rewriting the report of an earlier run succeeds
+    return 1 if failed and not args.report_only else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

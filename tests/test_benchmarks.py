@@ -1,0 +1,207 @@
+"""benchmarks/run_all.py: the report writer on fake benchmark JSONs, and the subprocess runner.
+
+No benchmark is timed here: the figures are made up so that every ratio in the report can be
+checked by hand (e.g. pipeline 4.2 s CPU / floor 3.5 s CPU = 1.20×).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_run_all():
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_all"] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+run_all = _load_run_all()
+
+STATUS = {"date": "2025-01-02T03:04:05+00:00", "commit": "abc1234", "returncode": 0, "seconds": 61.0, "cpu_s": 58.0,
+          "load_before": 1.5, "load_mean": 2.5, "load_max": 3.5, "command": "python benchmarks/x.py --n 4"}
+PREPROCESS = {"volumes": 4, "size": 512, "slices": 100, "pngs": 171, "cores": 2, "repeat": 2,
+              "floor": {"wall_s": 5.0, "cpu_s": 3.5},
+              "one_worker": {"wall_s": 6.0, "cpu_s": 4.2, "slices_per_s": 28.5, "read_s": 2.0, "stats_s": 0.5,
+                             "write_s": 3.5},
+              "many_workers": {"workers": 2, "wall_s": 4.0, "slices_per_s": 42.75},
+              "ratio_wall": 1.2, "ratio_cpu": 1.2, "speedup_workers": 1.5}
+TRAIN = {"size": "tiny", "device": "cpu", "batch_size": 16, "workers": 0, "steps_measured": 25,
+         "samples_per_s": 30.0, "data_fraction": 0.25}
+EVAL = {"device": "CPU, 2 threads", "full_size": False, "build_s": 1.0, "max_new_tokens": 20,
+        "rows": [{"batch": 1, "samples": 32, "seconds": 32.0, "samples_per_s": 1.0, "mean_answer_tokens": 19.5,
+                  "same_answers_as_first": 1.0},
+                 {"batch": 16, "samples": 32, "seconds": 6.4, "samples_per_s": 5.0, "mean_answer_tokens": 19.5,
+                  "same_answers_as_first": 1.0}]}
+TC = {"data": "/tmp/tc", "n_train": 1600, "n_test": 400, "test_yes_fraction": 0.6,
+      "results": {"hist_gbm": {"accuracy": 0.84, "auc": 0.9, "n": 400, "seconds": 2.0},
+                  "cnn_3layer": {"accuracy": 0.78, "auc": 0.85, "n": 400, "seconds": 60.0}}}
+GPU = {"gpu": "NVIDIA H200", "torch": "2.14.1", "date": "2025-01-01", "seq_len": 322, "flops_per_sample": 10.9e12,
+       "default_batch": 16,
+       "rows": [{"batch": 16, "checkpointing": False, "step_s": 1.6, "samples_per_s": 10.0, "peak_gib": 45.0,
+                 "mfu": 0.11},
+                {"batch": 16, "checkpointing": True, "step_s": 2.0, "samples_per_s": 8.0, "peak_gib": 20.0,
+                 "mfu": 0.09},
+                {"batch": 32, "checkpointing": False, "oom": True}]}
+
+
+def _write_results(folder: Path, benches: dict, gpu: bool = False) -> None:
+    run = {"date": "2025-01-02 03:04 UTC", "mode": "default", "seconds": 300.0, "commit": "abc1234",
+           "machine": {"cpu": "Test CPU 9000", "cores": 2, "cpu_count": 2, "ram_gib": 24.0, "os": "Linux-test"},
+           "versions": {"python": "3.11.9", "torch": "2.14.1", "transformers": "5.24.0", "peft": "0.21.2",
+                        "numpy": "2.3.0"},
+           "benches": benches}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run_all.json").write_text(json.dumps(run))
+    for name, data in (("preprocess", PREPROCESS), ("train", TRAIN), ("eval", EVAL), ("tc", TC)):
+        (folder / f"{name}.json").write_text(json.dumps(data))
+    if gpu:
+        (folder / "gpu_full_size.json").write_text(json.dumps(GPU))
+
+
+def _report(tmp_path: Path, benches: dict, gpu: bool = False) -> str:
+    results, out = tmp_path / "results", tmp_path / "BENCHMARKS.md"
+    _write_results(results, benches, gpu)
+    assert run_all.main(["--report-only", "--results", str(results), "--out", str(out)]) == 0
+    return out.read_text()
+
+
+def test_report_has_every_section_with_same_run_ratios(tmp_path):
+    text = _report(tmp_path, {name: dict(STATUS) for name in ("preprocess", "train", "eval", "tc")})
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert headings == ["# Benchmarks", "## Machine and versions", "## Summary", "## Preprocessing",
+                        "## Training (tiny model, CPU)", "## Evaluation (tiny model, CPU)",
+                        "## Tumor-classification baselines (real crops, CPU)", "## GPU (full size)"]
+    # header: date, machine, versions, commit, load
+    assert "| date | 2025-01-02 03:04 UTC |" in text
+    assert "| machine | Test CPU 9000, 2 usable cores (2 logical), 24.0 GiB RAM |" in text
+    for row in ("| Python | 3.11.9 |", "| torch | 2.14.1 |", "| transformers | 5.24.0 |", "| peft | 0.21.2 |",
+                "| numpy | 2.3.0 |", "| git commit | abc1234 |"):
+        assert row in text
+    assert "load average while the benchmarks ran: 2.5–2.5" in text
+    # preprocessing: 4.2 / 3.5 CPU = 1.20×, 2 workers 4.0 / 5.0 wall = 0.80× of the floor
+    assert "| floor (read volumes + encode/write the same PNGs) | 5.00 s | 3.50 s | 1 |" in text
+    assert "**1.20× (CPU)**" in text and "| 0.80× (wall); speed-up 1.50× over 1 worker |" in text
+    assert "Best of 2 interleaved repeats." in text
+    assert "reading 2.00 s, slice statistics and boxes 0.50 s" in text
+    # training: 30 samples/s with 25 % data wait → 40 compute-only, ratio 0.75
+    assert "| training loop (data loading + step) | 30.0 | 0.75× of compute-only |" in text
+    assert "| compute only (loop minus waiting for data) | 40.0 | 1 |" in text
+    assert "Data loading is **25.0 %**" in text
+    # evaluation: 5.0 / 1.0 = 5.0×, answers unchanged
+    assert "| 16 | 5.00 | **5.0×** | 19.5 | 100 % |" in text and "Batching changed no answer." in text
+    # TC: majority class 0.6 → 0.84 / 0.6 = 1.40×
+    assert "| majority class (`yes`) | 0.600 | 1 | 0.500 | – |" in text
+    assert "| crop size + intensity histogram → gradient boosting | 0.840 | 1.40× | 0.900 | 2 s |" in text
+    # summary rows carry the same ratios
+    assert "| I/O floor: 3.50 s CPU | 1.20× |" in text
+    assert "| batch 1: 1.00 samples/s | 5.0× |" in text
+    assert "| majority class: 0.600 | 1.40× |" in text
+    # per-benchmark load and command lines
+    assert "1-minute load average 1.5 before, 2.5 mean / 3.5 max while it ran" in text
+    assert "Command: `python benchmarks/x.py --n 4`" in text
+    # hand-written notes kept
+    assert "release's scripts spend about 9.4 s on 4 such volumes" in text
+    assert "≈ 95 % of the time is spent in `model.generate`" in text
+    # GPU: not run → the exact command
+    gpu = text.split("## GPU (full size)")[1]
+    assert "**Not yet measured**" in gpu and run_all.GPU_COMMAND in gpu
+    assert run_all.GPU_COMMAND == "python benchmarks/gpu_full_size.py --json benchmarks/results/gpu_full_size.json"
+
+
+def test_report_keeps_gpu_figures_and_names_the_card(tmp_path):
+    text = _report(tmp_path, {name: dict(STATUS) for name in ("preprocess", "train", "eval", "tc")}, gpu=True)
+    gpu = text.split("## GPU (full size)")[1]
+    assert "Not yet measured" not in gpu
+    assert "Card: **NVIDIA H200**; torch 2.14.1; measured 2025-01-01; sequence 322 tokens" in gpu
+    assert "| 16 | off | 10.00 | 1.600 | 45.0 | 11.0 % |" in gpu and "| 32 | off | OOM | | | |" in gpu
+    # 45 GiB > 40 GB card, 20 GiB fits
+    assert "(batch 16, checkpointing off) fits an A100-40GB: no." in gpu
+    assert "(batch 16, checkpointing on) fits an A100-40GB: yes." in gpu
+
+
+def test_failed_skipped_and_unrun_benchmarks_do_not_show_stale_figures(tmp_path):
+    failed = {**STATUS, "returncode": 1, "error": "exit status 1\nTraceback (most recent call last):\nValueError: boom"}
+    text = _report(tmp_path, {"preprocess": dict(STATUS), "eval": failed,
+                              "tc": {"date": "d", "commit": "c", "skipped": "the real TC crops are absent"}})
+    evaluation = text.split("## Evaluation (tiny model, CPU)")[1].split("## Tumor")[0]
+    assert "**Failed** — exit status 1." in evaluation and "ValueError: boom" in evaluation
+    assert "5.0×" not in text  # eval.json exists but belongs to no successful run
+    assert "Skipped: the real TC crops are absent." in text
+    assert "Not run in this report" in text.split("## Training (tiny model, CPU)")[1].split("## Evaluation")[0]
+    summary = text.split("## Summary")[1].split("## Preprocessing")[0]
+    assert "| Evaluation (tiny model, CPU) | not measured (see below) | | |" in summary
+    assert "| I/O floor: 3.50 s CPU | 1.20× |" in summary
+
+
+def test_report_only_without_a_run_is_a_clear_error(tmp_path, capsys):
+    assert run_all.main(["--report-only", "--results", str(tmp_path), "--out", str(tmp_path / "B.md")]) == 2
+    assert "run_all.json: no earlier run" in capsys.readouterr().err
+    assert not (tmp_path / "B.md").exists()
+
+
+def _fake_bench(tmp_path: Path, body: str) -> "run_all.Bench":
+    script = tmp_path / "fake_bench.py"
+    script.write_text("import argparse, json, sys, time\n"
+                      "p = argparse.ArgumentParser(); p.add_argument('--n', type=int); p.add_argument('--json')\n"
+                      "a = p.parse_args()\n" + body)
+    return run_all.Bench("fake", "Fake", str(script), default=(), quick=())
+
+
+def test_run_bench_collects_json_and_load(tmp_path):
+    bench = _fake_bench(tmp_path, "print('hello', a.n)\njson.dump({'n': a.n}, open(a.json, 'w'))\n")
+    (tmp_path / "fake.json").write_text('{"n": -1}')  # an earlier run's figures must go
+    status = run_all.run_bench(bench, ["--n", "7"], tmp_path, timeout=60, tmp=tmp_path, echo=False)
+    assert status["returncode"] == 0 and "error" not in status
+    assert json.loads((tmp_path / "fake.json").read_text()) == {"n": 7}
+    assert (tmp_path / "fake.log").read_text() == "hello 7\n"
+    assert status["command"].endswith("fake_bench.py --n 7")
+    assert status["load_max"] >= status["load_mean"] >= 0 and status["seconds"] > 0
+
+
+def test_run_bench_reports_failure_and_timeout(tmp_path):
+    bench = _fake_bench(tmp_path, "print('step 1')\nsys.exit('broken input: x.nii.gz')\n")
+    (tmp_path / "fake.json").write_text('{"n": -1}')
+    status = run_all.run_bench(bench, [], tmp_path, timeout=60, tmp=tmp_path, echo=False)
+    assert status["returncode"] == 1 and not (tmp_path / "fake.json").exists()
+    assert status["error"].splitlines() == ["exit status 1", "step 1", "broken input: x.nii.gz"]
+
+    slow = _fake_bench(tmp_path, "print('started', flush=True)\ntime.sleep(60)\n")
+    status = run_all.run_bench(slow, [], tmp_path, timeout=1, tmp=tmp_path, echo=False)
+    assert status["error"].startswith("timed out after 1 s") and status["seconds"] < 30
+
+
+def test_machine_and_versions_are_filled():
+    m, v = run_all.machine_info(), run_all.versions()
+    assert m["cores"] >= 1 and m["cpu"] and (m["ram_gib"] is None or m["ram_gib"] > 0)
+    assert set(v) == {"python", "torch", "transformers", "peft", "numpy"}
+    assert v["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert v["torch"].split("+")[0] == __import__("torch").__version__.split("+")[0]
+
+
+def test_every_bench_script_accepts_json_and_the_run_all_sizes():
+    """Each CPU script parses run_all's default and quick arguments plus --json (parse only, via --help)."""
+    for bench in run_all.BENCHES:
+        source = (ROOT / bench.script).read_text()
+        assert '"--json"' in source, f"{bench.script} has no --json option"
+        for option in {a for a in (*bench.default, *bench.quick) if a.startswith("--")}:
+            assert f'"{option}"' in source, f"{bench.script} has no {option} option"
+
+
+def test_tc_input_is_imported_from_the_shared_crops_or_skipped(tmp_path, monkeypatch):
+    if not (run_all.TC_CROPS / "labels.csv").is_file():
+        pytest.skip(f"real TC crops absent ({run_all.TC_CROPS})")
+    args, reason = run_all._prepare_tc(tmp_path)
+    assert reason is None and args == ["--data", str(tmp_path / "tc")]
+    assert (tmp_path / "tc" / "manifest.json").is_file()
+    monkeypatch.setattr(run_all, "TC_CROPS", tmp_path / "nowhere")
+    args, reason = run_all._prepare_tc(tmp_path / "other")
+    assert args == [] and "real TC crops are absent" in reason and "nowhere/labels.csv" in reason
