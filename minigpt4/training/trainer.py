@@ -1,0 +1,489 @@
+"""The training loop of every cascade stage (SPEC §5): one function, :func:`train`.
+
+What it does, in order:
+
+1. checks everything that can be checked before a model is built — weight files named in the
+   config, every dataset's ``train`` (and, with ``run.validate``, ``val``) records and image files,
+   the checkpoint to resume — so bad input fails in seconds, not after loading 7 B parameters;
+2. builds the model (``build_model``: EVA, LLaMA, ``init_from``), the datasets and the mixing plan
+   (:mod:`minigpt4.training.sampler`), AdamW (weight decay on ≥2-D tensors only) and the per-step
+   warm-up + cosine schedule (:mod:`minigpt4.training.schedule`);
+3. restores a run exactly when resuming (``run.resume``: a checkpoint folder or ``auto`` = the
+   folder named in ``<output_dir>/checkpoint_latest``): trainable weights, optimizer, schedule,
+   GradScaler, every RNG and the step counter (which is the whole data position);
+4. trains with gradient accumulation, bf16 autocast on GPU (fp16 + GradScaler on request, fp32
+   on CPU) and DDP under torchrun; logs to a tqdm bar and ``log.jsonl``;
+5. at the end of every epoch: validation on the ``val`` split through
+   ``minigpt4.evaluation.validation_score``, a checkpoint ``checkpoint_epoch_<N>`` (N = 0-based
+   epoch index, as the release and the paper's Table 1), ``checkpoint_best`` (best validation
+   score, never test), ``checkpoint_latest``. A run stopped by ``run.max_steps`` in the middle
+   of an epoch writes ``checkpoint_step_<S>`` so that it can be resumed.
+
+``init_from`` (weights a stage starts from: optimizer and schedule start fresh) and ``resume``
+(continue this very run) are different things; a resumed run loads the trainable weights from its
+own checkpoint on top of whatever ``init_from`` gave.
+
+Output folder (``run.output_dir``; only rank 0 writes; every file is written atomically)::
+
+    config.yaml                      resolved config
+    log.jsonl                        {"kind": "step", ...} every log_interval steps, {"kind": "epoch", ...}
+    val_metrics.jsonl                one row per epoch: score, metrics per task, best flag
+    checkpoint_epoch_<N>/            model.safetensors + config.yaml (save_checkpoint) + training_state.pt
+    checkpoint_step_<S>/             same, for a run stopped mid-epoch by run.max_steps
+    checkpoint_best/                 copy of the best epoch checkpoint
+    checkpoint_latest                text file: the name of the newest checkpoint folder
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from minigpt4.config import ORGANS, Config, ConfigError, save_config
+from minigpt4.data.datasets import MixedDataset, TaskDataset, check_records, collate_samples
+from minigpt4.io import read_jsonl, write_jsonl_atomic, write_text_atomic
+from minigpt4.training import distributed as D
+from minigpt4.training.sampler import MixPlan
+from minigpt4.training.schedule import WarmupCosineSchedule
+from minigpt4.utils import rng_state, seed_everything, set_rng_state
+
+__all__ = [
+    "TrainResult",
+    "train",
+    "check_weight_files",
+    "load_split_records",
+    "resolve_resume",
+    "build_optimizer",
+    "TRAINING_STATE",
+    "LATEST_POINTER",
+    "BEST_FOLDER",
+]
+
+TRAINING_STATE = "training_state.pt"
+LATEST_POINTER = "checkpoint_latest"
+BEST_FOLDER = "checkpoint_best"
+STATE_FORMAT = 1
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (on every rank; losses are the mean over ranks)."""
+
+    output_dir: Path
+    step: int
+    """Global optimizer steps done when the call returned."""
+    epoch: int
+    """Epochs completed."""
+    losses: list = field(default_factory=list)
+    """``(step, loss)`` for every step this call ran (1-based step numbers)."""
+    best_score: Optional[float] = None
+    best_epoch: Optional[int] = None
+    resumed_from: Optional[Path] = None
+
+
+# --------------------------------------------------------------------------- checks before training
+
+
+def check_weight_files(cfg: Config) -> None:
+    """Every weight file the config names must exist before anything is built.
+
+    Raises:
+        FileNotFoundError: naming the config key and the path.
+    """
+    model = cfg.model
+    named = {
+        "model.vision.weights": model.vision.weights,
+        "model.text.path": model.text.path,
+        "model.text.tokenizer": model.text.tokenizer,
+        "model.init_from": model.init_from,
+        "model.ckpt": model.ckpt,
+    }
+    for key, value in named.items():
+        if value and not Path(value).exists():
+            hint = ""
+            if key == "model.init_from" and "checkpoint_best" in str(value):
+                hint = " (a cascade stage starts from the previous stage's checkpoint_best: train that stage first)"
+            raise FileNotFoundError(f"{key}={value}: file or folder not found{hint}")
+
+
+def load_split_records(cfg: Config, split: str) -> list[tuple[str, str, float, list[dict]]]:
+    """``(name, task, sample_ratio, records)`` for every configured dataset, checked.
+
+    Raises:
+        ConfigError: no dataset configured.
+        FileNotFoundError / ValueError: missing folder or images, empty split (named).
+    """
+    from preprocessing.layout import read_prepared  # the one reader of prepared folders
+
+    if not cfg.datasets:
+        raise ConfigError("no datasets configured: add at least one entry under 'datasets:'")
+    out = []
+    for name, ds in cfg.datasets.items():
+        source = f"datasets.{name} ({ds.root}, {ds.task}, split {split})"
+        # organs only for organ_detection and only when narrowed: any organs= makes the reader reselect
+        narrowed = ds.task == "organ_detection" and sorted(ds.organs) != sorted(ORGANS)
+        records = read_prepared(ds.root, ds.task, split, threshold=ds.threshold, organs=list(ds.organs) if narrowed else None)
+        check_records(records, ds.task, source=source)
+        out.append((name, ds.task, float(ds.sample_ratio), records))
+    return out
+
+
+def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
+    """``run.resume`` → a checkpoint folder or None.
+
+    ``auto`` = the folder named in ``<output_dir>/checkpoint_latest`` (None when the run has no
+    checkpoint yet, so ``resume: auto`` also starts a fresh run); a path must be a checkpoint
+    folder holding ``training_state.pt``.
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        pointer = output_dir / LATEST_POINTER
+        if not pointer.is_file():
+            return None
+        folder = output_dir / pointer.read_text().strip()
+    else:
+        folder = Path(resume)
+    if not (folder / TRAINING_STATE).is_file():
+        raise FileNotFoundError(f"run.resume={resume}: {folder / TRAINING_STATE} not found (not a training checkpoint)")
+    return folder
+
+
+# --------------------------------------------------------------------------- optimisation pieces
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; weight decay only on tensors with ≥ 2 dimensions
+    (matrices: LoRA A/B, llama_proj.weight), none on biases and norms (SPEC §5)."""
+    decay, no_decay = [], []
+    for _, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    run = cfg.run
+    groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=run.init_lr, betas=(run.beta1, run.beta2), weight_decay=run.weight_decay
+    )
+
+
+def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """``run.amp`` → autocast dtype or None (fp32)."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    # Append is enough for logs: a crash loses at most the line being written, and a resumed
+    # run first rewrites the file (atomically) without the rows after its checkpoint.
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, default=_jsonable) + "\n")
+
+
+def _truncate_jsonl(path: Path, keep) -> None:
+    if path.is_file():
+        write_jsonl_atomic(path, [row for row in read_jsonl(path) if keep(row)])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    """Move a finished temp folder onto ``final``; the old one is removed only afterwards."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _write_checkpoint(model: torch.nn.Module, cfg: Config, output_dir: Path, name: str, state: dict) -> Path:
+    from minigpt4.models.checkpoints import save_checkpoint
+
+    final = output_dir / name
+    tmp = output_dir / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_checkpoint(model, tmp, cfg)
+    torch.save(state, tmp / TRAINING_STATE)
+    _replace_folder(tmp, final)
+    write_text_atomic(output_dir / LATEST_POINTER, name + "\n")
+    return final
+
+
+def _copy_as_best(folder: Path, output_dir: Path) -> None:
+    tmp = output_dir / f".{BEST_FOLDER}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(folder, tmp)
+    _replace_folder(tmp, output_dir / BEST_FOLDER)
+
+
+def _validate(model: torch.nn.Module, val_sets: list, cfg: Config) -> tuple[float, dict]:
+    """Score on every dataset's ``val`` records; tasks are averaged weighted by record count."""
+    from minigpt4.evaluation import validation_score
+
+    by_task: dict[str, list[dict]] = {}
+    for _, task, _, records in val_sets:
+        by_task.setdefault(task, []).extend(records)
+    results, total, weighted = {}, 0, 0.0
+    for task, records in by_task.items():
+        score, metrics = validation_score(model, records, task, cfg.run.eval_batch_size, max_samples=cfg.run.val_max_samples)
+        n = len(records) if cfg.run.val_max_samples is None else min(len(records), cfg.run.val_max_samples)
+        results[task] = {"score": float(score), "n": n, "metrics": metrics}
+        total += n
+        weighted += float(score) * n
+    return weighted / total, results
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run (or resume) one training run as configured; see the module docstring."""
+    run = cfg.run
+    dist_info = D.init_distributed(run.device)
+    device, main = dist_info.device, dist_info.is_main
+    output_dir = Path(run.output_dir)
+    try:
+        # ---- checks first: nothing heavy happens before these pass
+        check_weight_files(cfg)
+        train_sets = load_split_records(cfg, "train")
+        val_sets = load_split_records(cfg, "val") if run.validate else []
+        resume_from = resolve_resume(run.resume, output_dir)
+        amp_dtype = _amp_dtype(run.amp, device)
+
+        if main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, output_dir / "config.yaml")
+
+        # ---- model, data, optimisation
+        from minigpt4.models.minigpt_v2 import build_model
+
+        seed_everything(run.seed)
+        model = build_model(cfg.model, device)
+        if resume_from is not None:
+            from minigpt4.models.checkpoints import load_weights
+
+            load_weights(model, resume_from)
+        datasets = [
+            TaskDataset(records, task, model.image_transform, train=True, seed=run.seed, check=False)
+            for _, task, _, records in train_sets
+        ]
+        plan = MixPlan(
+            [len(d) for d in datasets],
+            [ratio for _, _, ratio, _ in train_sets],
+            micro_batch=run.batch_size,
+            accum=run.grad_accum_steps,
+            world=dist_info.world_size,
+            seed=run.seed,
+            iters_per_epoch=run.iters_per_epoch,
+        )
+        spe = plan.steps_per_epoch
+        optimizer = build_optimizer(model, cfg)
+        schedule = WarmupCosineSchedule(
+            optimizer, run.max_epoch * spe, run.init_lr, run.min_lr, run.warmup_lr, run.warmup_steps
+        )
+        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+        step, best_score, best_epoch = 0, None, None
+        seed_everything(run.seed + dist_info.rank)  # dropout differs per rank, as in LAVIS
+        if resume_from is not None:
+            state = torch.load(resume_from / TRAINING_STATE, map_location="cpu", weights_only=True)
+            if state.get("steps_per_epoch") != spe:
+                raise ValueError(
+                    f"cannot resume from {resume_from}: it has {state.get('steps_per_epoch')} steps per epoch, "
+                    f"this config gives {spe} (batch size, world size, iters_per_epoch or data changed)"
+                )
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            step = int(state["step"])
+            best_score, best_epoch = state["best"]["score"], state["best"]["epoch"]
+            rngs = state["rng"]
+            if len(rngs) == dist_info.world_size:
+                set_rng_state(rngs[dist_info.rank])
+            else:  # another world size: per-rank streams cannot be continued, reseed by step
+                seed_everything(run.seed + dist_info.rank + step)
+            if main:
+                _truncate_jsonl(output_dir / "log.jsonl", lambda row: row.get("step", 0) <= step)
+                _truncate_jsonl(output_dir / "val_metrics.jsonl", lambda row: row.get("step", 0) <= step)
+
+        train_model: torch.nn.Module = model
+        if dist_info.enabled:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        mixed = MixedDataset(datasets)
+        result = TrainResult(output_dir=output_dir, step=step, epoch=step // spe, resumed_from=resume_from,
+                             best_score=best_score, best_epoch=best_epoch)
+        if main:
+            _append_jsonl(output_dir / "log.jsonl", {
+                "kind": "start", "step": step, "epoch": step // spe, "steps_per_epoch": spe,
+                "global_batch": plan.global_batch, "world_size": dist_info.world_size,
+                "train_records": [len(d) for d in datasets], "resumed_from": resume_from, "device": str(device),
+            })
+
+        def save(name: str, epoch: int) -> Optional[Path]:
+            """Gather every rank's RNG, then rank 0 writes the checkpoint."""
+            rngs = [rng_state()]
+            if dist_info.enabled:
+                gathered: list = [None] * dist_info.world_size
+                torch.distributed.all_gather_object(gathered, rngs[0])
+                rngs = gathered
+            folder = None
+            if main:
+                state = {
+                    "format": STATE_FORMAT,
+                    "epoch": epoch,
+                    "step": step,
+                    "steps_per_epoch": spe,
+                    "data": {"consumed": plan.consumed_before(step), "global_batch": plan.global_batch,
+                             "world_size": dist_info.world_size, "seed": run.seed},
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "rng": rngs,
+                    "best": {"score": best_score, "epoch": best_epoch},
+                }
+                folder = _write_checkpoint(model, cfg, output_dir, name, state)
+            D.barrier()
+            return folder
+
+        total_steps = run.max_epoch * spe
+        stop_at = total_steps if run.max_steps is None else min(total_steps, run.max_steps)
+        train_model.train()
+        while step < stop_at:
+            epoch = step // spe
+            epoch_end = (epoch + 1) * spe
+            last = min(epoch_end, stop_at)
+            loader = DataLoader(
+                mixed,
+                batch_sampler=plan.batches(step, last, dist_info.rank),
+                collate_fn=collate_samples,
+                num_workers=run.num_workers,
+                pin_memory=device.type == "cuda",
+                # own generator: creating an iterator would otherwise draw from the global torch
+                # RNG and make a resumed run (new loader mid-epoch) diverge from a straight one
+                generator=torch.Generator().manual_seed(run.seed + step),
+            )
+            batches = iter(loader)
+            epoch_losses: list[float] = []
+            epoch_start = time.perf_counter()
+            bar = _progress(last - step, epoch, main)
+            while step < last:
+                t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(run.grad_accum_steps)]
+                t_data = time.perf_counter() - t0
+                lr = schedule.apply()
+                step_loss = torch.zeros((), device=device)
+                for index, batch in enumerate(micro):
+                    # DDP: all-reduce gradients only on the last micro-batch
+                    sync = index == len(micro) - 1 or not dist_info.enabled
+                    context = contextlib.nullcontext() if sync else train_model.no_sync()
+                    with context:
+                        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                            out = train_model(batch["images"].to(device, non_blocking=True), batch["instructions"], batch["answers"])
+                        loss = out.loss / run.grad_accum_steps
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                    step_loss += loss.detach()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.advance()
+                step += 1
+                loss_value = float(D.all_reduce_mean(step_loss))
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {step} (epoch {epoch})")
+                elapsed = time.perf_counter() - t0
+                samples_per_s = plan.global_batch / elapsed
+                epoch_losses.append(loss_value)
+                result.losses.append((step, loss_value))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}")
+                if main and (step % run.log_interval == 0 or step == last):
+                    _append_jsonl(output_dir / "log.jsonl", {
+                        "kind": "step", "epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
+                        "samples_per_s": samples_per_s, "data_fraction": t_data / elapsed, "time": time.time(),
+                    })
+            if bar is not None:
+                bar.close()
+            del batches, loader
+
+            if step < epoch_end:  # stopped by run.max_steps inside the epoch: resumable checkpoint
+                save(f"checkpoint_step_{step}", epoch)
+                break
+            # ---- end of epoch: validate (rank 0), checkpoint, best
+            score, per_task, is_best = None, None, False
+            if run.validate and main:
+                score, per_task = _validate(model, val_sets, cfg)
+                is_best = best_score is None or score > best_score
+                if is_best:
+                    best_score, best_epoch = score, epoch
+            D.barrier()
+            best_score, best_epoch = D.broadcast_object((best_score, best_epoch))
+            folder = save(f"checkpoint_epoch_{epoch}", epoch + 1)
+            if main:
+                if is_best or (not run.validate):
+                    _copy_as_best(folder, output_dir)  # without validation: the latest epoch
+                if run.validate:
+                    _append_jsonl(output_dir / "val_metrics.jsonl", {
+                        "epoch": epoch, "step": step, "score": score, "best": is_best, "tasks": per_task,
+                    })
+                _append_jsonl(output_dir / "log.jsonl", {
+                    "kind": "epoch", "epoch": epoch, "step": step,
+                    "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None,
+                    "val_score": score, "best_score": best_score, "best_epoch": best_epoch,
+                    "epoch_time_s": time.perf_counter() - epoch_start,
+                })
+            D.barrier()
+        result.step, result.epoch = step, step // spe
+        result.best_score, result.best_epoch = best_score, best_epoch
+        return result
+    finally:
+        D.cleanup()
+
+
+def _progress(total: int, epoch: int, main: bool):
+    if not main:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=False)

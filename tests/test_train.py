@@ -1,0 +1,206 @@
+"""train.py on the tiny model and synthetic phantoms: outputs, exact resume, cascade wiring, bad input.
+
+Each run takes a few seconds on one CPU core (tiny model, 112-px images, 16-sample batches).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train as train_entry
+from minigpt4.config import ConfigError, load_config
+from minigpt4.io import write_json_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "train_configs" / "quickstart_cpu.yaml"
+
+
+def make_synthetic(folder: Path, n: int = 10, seed: int = 0) -> Path:
+    """Phantom MSD volumes prepared into ``folder / 'prep'`` (≈1 s)."""
+    from preprocessing import pipeline, synthetic
+
+    raw = synthetic.generate(folder / "raw", scheme="msd", n=n, n_slices=24, size=128, seed=seed, log=lambda *a: None)
+    opts = pipeline.Options(dataset="MSD", images=[raw["images"]], labels=raw["labels"], out=str(folder / "prep"))
+    pipeline.prepare(opts, log=lambda *a: None)
+    return folder / "prep"
+
+
+def run_train(data: Path, out: Path, *options: str) -> None:
+    """``python train.py --cfg-path quickstart_cpu.yaml`` with test-sized overrides."""
+    argv = [
+        "--cfg-path", str(QUICKSTART), "--options",
+        f"datasets.synthetic.root={data}", f"run.output_dir={out}",
+        "run.batch_size=4", "run.log_interval=1", "run.val_max_samples=4", "run.eval_batch_size=4",
+        "model.max_new_tokens=6", *options,
+    ]
+    assert train_entry.main(argv) == 0
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "step"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    return make_synthetic(tmp_path_factory.mktemp("synthetic"))
+
+
+def test_smoke_run_writes_documented_outputs(data, tmp_path):
+    out = tmp_path / "run"
+    run_train(data, out, "run.iters_per_epoch=1", "run.max_steps=2")
+    names = {p.name for p in out.iterdir()}
+    assert names == {"config.yaml", "log.jsonl", "val_metrics.jsonl", "checkpoint_epoch_0", "checkpoint_epoch_1",
+                     "checkpoint_best", "checkpoint_latest"}
+    for folder in ("checkpoint_epoch_0", "checkpoint_epoch_1", "checkpoint_best"):
+        assert {p.name for p in (out / folder).iterdir()} == {"model.safetensors", "config.yaml", "training_state.pt"}
+    assert (out / "checkpoint_latest").read_text().strip() == "checkpoint_epoch_1"
+    # the saved config is the resolved one (overrides applied) and loads back
+    saved = load_config(out / "config.yaml")
+    assert saved.run.batch_size == 4 and saved.datasets["synthetic"].root == str(data)
+    # training state loads without unpickling arbitrary objects
+    state = torch.load(out / "checkpoint_epoch_1" / "training_state.pt", weights_only=True)
+    assert state["step"] == 2 and state["epoch"] == 2 and state["steps_per_epoch"] == 1
+    assert set(state) >= {"optimizer", "schedule", "scaler", "rng", "data", "best"}
+    assert state["schedule"]["step"] == 2 and state["data"]["consumed"] == [8]
+    losses = step_losses(out)
+    assert sorted(losses) == [1, 2] and all(0 < v < 20 for v in losses.values())
+    val = [json.loads(line) for line in (out / "val_metrics.jsonl").read_text().splitlines()]
+    assert [v["epoch"] for v in val] == [0, 1]
+    assert all(0.0 <= v["score"] <= 1.0 and v["tasks"]["pancreas_detection"]["n"] == 4 for v in val)
+    # checkpoint_best is a byte copy of the best epoch's weights
+    best_epoch = max(val, key=lambda v: (v["score"], -v["epoch"]))["epoch"]
+    assert (out / "checkpoint_best" / "model.safetensors").read_bytes() == (
+        out / f"checkpoint_epoch_{best_epoch}" / "model.safetensors").read_bytes()
+    # nothing temporary is left behind
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_is_exact(data, tmp_path):
+    """4 steps straight == 2 steps, stop, resume for 2 (crossing an epoch end with validation).
+
+    LoRA dropout is on, so this also checks that RNG states are restored."""
+    common = ("run.iters_per_epoch=3", "model.lora.dropout=0.1")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_train(data, straight, *common, "run.max_steps=4")
+    run_train(data, split, *common, "run.max_steps=2")
+    assert (split / "checkpoint_latest").read_text().strip() == "checkpoint_step_2"
+    run_train(data, split, *common, "run.max_steps=4", "run.resume=auto")
+
+    a, b = step_losses(straight), step_losses(split)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert a == b  # bit-identical losses
+    assert len(set(a.values())) == 4  # and they do change from step to step
+    wa = load_file(straight / "checkpoint_step_4" / "model.safetensors")
+    wb = load_file(split / "checkpoint_step_4" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    w0 = load_file(split / "checkpoint_step_2" / "model.safetensors")
+    assert not torch.equal(w0["llama_proj.weight"], wa["llama_proj.weight"])  # training did move weights
+    sa = torch.load(straight / "checkpoint_step_4" / "training_state.pt", weights_only=True)
+    sb = torch.load(split / "checkpoint_step_4" / "training_state.pt", weights_only=True)
+    for key, value in sa["optimizer"]["state"].items():
+        assert torch.equal(value["exp_avg"], sb["optimizer"]["state"][key]["exp_avg"])
+    val_a = (straight / "val_metrics.jsonl").read_text()
+    assert val_a == (split / "val_metrics.jsonl").read_text() and val_a.count("\n") == 1
+
+
+def test_resume_explicit_path_and_missing(data, tmp_path):
+    out = tmp_path / "run"
+    run_train(data, out, "run.iters_per_epoch=2", "run.max_steps=1", "run.validate=false")
+    with pytest.raises(FileNotFoundError, match="training_state.pt"):
+        run_train(data, out, "run.max_steps=2", "run.iters_per_epoch=2", f"run.resume={tmp_path / 'nowhere'}")
+    run_train(data, out, "run.iters_per_epoch=2", "run.max_steps=2", "run.validate=false",
+              f"run.resume={out / 'checkpoint_step_1'}")
+    assert sorted(step_losses(out)) == [1, 2]
+    # without validation checkpoint_best follows the latest epoch
+    assert (out / "checkpoint_best" / "model.safetensors").read_bytes() == (
+        out / "checkpoint_epoch_0" / "model.safetensors").read_bytes()
+
+
+def test_cascade_configs_chain_best_checkpoints():
+    cfgs = {name: load_config(ROOT / "train_configs" / f"{name}.yaml") for name in (
+        "stage1_pancreas_detection", "stage2_tumor_classification", "stage3_tumor_detection", "abd_organ_detection")}
+    s1, s2, s3 = cfgs["stage1_pancreas_detection"], cfgs["stage2_tumor_classification"], cfgs["stage3_tumor_detection"]
+    assert s1.model.init_from == "weights/checkpoint_stage3.pth"
+    assert Path(s2.model.init_from) == Path(s1.run.output_dir) / "checkpoint_best"
+    assert Path(s3.model.init_from) == Path(s2.run.output_dir) / "checkpoint_best"
+    assert [d.task for d in s1.datasets.values()] == ["pancreas_detection"] * 2
+    assert [d.threshold for d in s1.datasets.values()] == [0.6, 0.6]
+    assert [d.task for d in s2.datasets.values()] == ["tumor_classification"]
+    assert [d.task for d in s3.datasets.values()] == ["tumor_detection"]
+    assert [d.task for d in cfgs["abd_organ_detection"].datasets.values()] == ["organ_detection"]
+    for cfg in cfgs.values():  # the paper's optimisation and the release's batch
+        r = cfg.run
+        assert (r.init_lr, r.min_lr, r.warmup_lr, r.weight_decay, r.beta1, r.beta2) == (1e-5, 1e-6, 1e-6, 0.05, 0.9, 0.999)
+        assert (r.max_epoch, r.batch_size, r.iters_per_epoch, r.warmup_steps, r.seed) == (50, 16, 1000, 1000, 42)
+        assert cfg.model.vision.image_size == 448 and cfg.model.lora.r == 64
+        assert cfg.model.vision.weights == "weights/eva_vit_g.pth"
+        assert cfg.model.text.path == "weights/Llama-2-7b-chat-hf"
+        assert len({cfg.run.output_dir for cfg in cfgs.values()}) == 4
+
+
+def test_stage_starts_from_previous_best(data, tmp_path):
+    """A later stage built with init_from=<previous>/checkpoint_best starts from those weights:
+    with LR 0 its first checkpoint equals the previous stage's best."""
+    s1 = tmp_path / "stage1"
+    run_train(data, s1, "run.iters_per_epoch=2", "run.max_steps=2", "run.validate=false")
+    s2 = tmp_path / "stage2"
+    run_train(data, s2, "run.iters_per_epoch=1", "run.max_steps=1", "run.validate=false",
+              "datasets.synthetic.task=tumor_detection", f"model.init_from={s1 / 'checkpoint_best'}",
+              "run.init_lr=0", "run.warmup_lr=0", "run.min_lr=0")
+    w1 = load_file(s1 / "checkpoint_best" / "model.safetensors")
+    w2 = load_file(s2 / "checkpoint_epoch_0" / "model.safetensors")
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    # and from a fresh init the weights differ (the test can fail)
+    s2b = tmp_path / "stage2b"
+    run_train(data, s2b, "run.iters_per_epoch=1", "run.max_steps=1", "run.validate=false",
+              "run.init_lr=0", "run.warmup_lr=0", "run.min_lr=0")
+    w3 = load_file(s2b / "checkpoint_epoch_0" / "model.safetensors")
+    assert not torch.equal(w1["llama_proj.weight"], w3["llama_proj.weight"])
+
+
+def test_missing_image_fails_before_training(data, tmp_path):
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(data, broken)
+    victim = sorted((broken / "slices").iterdir())[0]
+    records = json.loads((broken / "annotations" / "MSD_train.json").read_text())
+    used = [r["image"] for r in records]
+    victim = broken / used[0]
+    victim.unlink()
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        run_train(broken, out)
+    assert not out.exists()  # nothing written, nothing trained
+
+
+def test_empty_dataset_fails_before_training(data, tmp_path):
+    import shutil
+
+    empty = tmp_path / "empty"
+    shutil.copytree(data, empty)
+    write_json_atomic(empty / "annotations" / "MSD_train.json", [])
+    with pytest.raises(ValueError, match="empty"):
+        run_train(empty, tmp_path / "run")
+    with pytest.raises(ConfigError, match="no datasets"):
+        no_data = tmp_path / "no_data.yaml"
+        no_data.write_text(f"run: {{output_dir: {tmp_path / 'r'}, device: cpu}}\n")
+        train_entry.main(["--cfg-path", str(no_data)])
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_weight_file_and_unknown_key(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.init_from=.*stage1.*train that stage first"):
+        run_train(data, tmp_path / "run", "model.init_from=output/stage1_x/checkpoint_best")
+    with pytest.raises(FileNotFoundError, match="model.vision.weights"):
+        run_train(data, tmp_path / "run", f"model.vision.weights={tmp_path / 'eva_vit_g.pth'}")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        run_train(data, tmp_path / "run", "run.learning_rate=1")
+    assert not (tmp_path / "run").exists()
