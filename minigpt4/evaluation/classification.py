@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from minigpt4.boxes import parse_yes_no
-from minigpt4.evaluation.common import eval_mode, iter_batches
+from minigpt4.evaluation.common import eval_mode, iter_batches, record_identity
 from minigpt4.evaluation.stats import auc_score, binary_metrics_from_counts, cluster_bootstrap
 
 RESCORE_KEYS = ("answer", "gt_answer", "dataset")
@@ -31,11 +31,7 @@ def classification_row(record: dict, answer: str, p_yes: Optional[float] = None,
     """Parse one answer for a TC record and return its prediction row."""
     pred = parse_yes_no(answer)
     return {
-        "q_id": record.get("q_id"),
-        "dataset": record["dataset"],
-        "volume_name": record.get("volume_name"),
-        "slice_index": record.get("slice_index"),
-        "image": str(record["image"]) if record.get("image") is not None else None,
+        **record_identity(record),
         "question": question,
         "answer": answer,
         "pred_answer": pred,

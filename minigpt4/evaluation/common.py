@@ -49,6 +49,17 @@ def check_records(records: Sequence[dict], task: str, source: str = "records") -
             raise ValueError(f"{source}: record q_id={record['q_id']!r} bbox is not 4 numbers: {record['bbox']!r}")
 
 
+def record_identity(record: dict) -> dict:
+    """The columns every prediction row starts with: which slice of which volume it is."""
+    return {
+        "q_id": record.get("q_id"),
+        "dataset": record["dataset"],
+        "volume_name": record.get("volume_name"),
+        "slice_index": record.get("slice_index"),
+        "image": str(record["image"]) if record.get("image") is not None else None,
+    }
+
+
 def select_ids(records: Sequence[dict], q_ids: Optional[Sequence[int]], source: str = "records") -> list[dict]:
     """Keep the records whose ``q_id`` is listed (in the records' order); unknown ids are an error."""
     if q_ids is None:

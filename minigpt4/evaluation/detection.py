@@ -20,7 +20,7 @@ import numpy as np
 
 from minigpt4.boxes import score_answer
 from minigpt4.config import DETECTION_TASKS, ORGANS
-from minigpt4.evaluation.common import eval_mode, iter_batches
+from minigpt4.evaluation.common import eval_mode, iter_batches, record_identity
 from minigpt4.evaluation.stats import cluster_bootstrap
 
 # What a predictions file must hold for re-scoring without a model.
@@ -31,11 +31,7 @@ def detection_row(record: dict, answer: str, question: Optional[str] = None) -> 
     """Score one answer against a selected record and return its prediction row."""
     pred_box, iou = score_answer(answer, record["bbox"], record["width"], record["height"])
     return {
-        "q_id": record.get("q_id"),
-        "dataset": record["dataset"],
-        "volume_name": record.get("volume_name"),
-        "slice_index": record.get("slice_index"),
-        "image": str(record["image"]) if record.get("image") is not None else None,
+        **record_identity(record),
         "target": record.get("target"),
         "question": question,
         "answer": answer,
