@@ -4,7 +4,11 @@ Each phantom is built in the display frame (rows anterior → posterior, columns
 left, slices inferior → superior) in HU: air, a body (fat rim, soft tissue), spine, aorta, liver
 on the patient's right (image left), spleen, both kidneys, an elongated pancreas anterior to the
 spine whose position, length, thickness, tilt and axial extent vary with the seed, and (MSD) a
-hypodense tumor inside the pancreas covering only part of its slices. It is then stored in the
+hypodense tumor inside the pancreas covering only part of its slices. Like patients, phantoms
+also differ in body size (the whole anatomy scaled by 0.7–1.1 about the middle of the back,
+which lies on the table) and in where the body lies in the field of view (table height and
+lateral position, ±4 % of the image), so that organ boxes vary from volume to volume and the
+image (body outline, spine, organs) tells where the pancreas is. It is then stored in the
 requested orientation (``--orient``, any nibabel axis codes such as RAS, LPS, LAS) with the
 matching affine, so the pipeline must undo the orientation from the affine.
 
@@ -80,23 +84,35 @@ def phantom(size: int = 128, n_slices: int = 24, seed: int = 0, scheme: str = "m
     lab_no = LABELS[scheme]
     image = np.full((h, w, s), -1000.0, dtype=np.float32)
     label = np.zeros((h, w, s), dtype=np.uint8)
-    big = 10.0 * s  # "all slices" in z
-    c = lambda fr, fc, fk: (fr * h, fc * w, fk * s)  # noqa: E731 - fractional → voxel centre
-    r = lambda fr, fc, fk: (fr * h, fc * w, fk * s)  # noqa: E731
-    _paint(image, None, c(0.52, 0.5, 0.5), (0.33 * h, 0.43 * w, big), -100.0)  # fat rim
-    _paint(image, None, c(0.52, 0.5, 0.5), (0.30 * h, 0.40 * w, big), 30.0)  # soft tissue
+    # The patient: body size (scale about the middle of the back at row 0.85, where the body lies
+    # on the table) and position in the field of view. |shifts| <= 0.04 keep the vertebra
+    # (radius >= 0.042) on the image midline and its top below 0.6 h, the body inside the image.
+    # Drawn from their own stream so that the organ draws below are those of the same seed without
+    # patient variation (slice extents, tumor placement).
+    patient = np.random.default_rng([seed, 1])
+    scale = float(patient.uniform(0.7, 1.1))
+    shift_r, shift_c = float(patient.uniform(-0.04, 0.04)), float(patient.uniform(-0.04, 0.04))
+
+    def c(fr, fc, fk):  # fractional position in a reference body → voxel centre in this patient
+        return ((0.85 + shift_r + scale * (fr - 0.85)) * h, (0.5 + shift_c + scale * (fc - 0.5)) * w, fk * s)
+
+    def r(fr, fc, fk):  # fractional radii → voxels (in-plane radii scale with the body)
+        return (scale * fr * h, scale * fc * w, fk * s)
+
+    _paint(image, None, c(0.52, 0.5, 0.5), r(0.33, 0.43, 10.0), -100.0)  # fat rim
+    _paint(image, None, c(0.52, 0.5, 0.5), r(0.30, 0.40, 10.0), 30.0)  # soft tissue
     organ = lambda name: lab_no.get(name, 0)  # noqa: E731 - label number or 0 (not labelled)
     jitter = lambda a: float(rng.uniform(-a, a))  # noqa: E731
     _paint(image, label, c(0.42 + jitter(0.02), 0.30 + jitter(0.02), 0.70), r(0.17, 0.16, 0.35), 60.0, organ("liver"))
     _paint(image, label, c(0.55 + jitter(0.02), 0.78 + jitter(0.02), 0.70), r(0.08, 0.07, 0.22), 45.0, organ("spleen"))
     for col in (0.33, 0.67):  # both kidneys; "kidney" in ABD is made of the right one later
         _paint(image, label, c(0.66, col + jitter(0.01), 0.45 + jitter(0.05)), r(0.06, 0.045, 0.18), 150.0, organ("kidney"))
-    _paint(image, None, c(0.73, 0.5, 0.5), (0.06 * h, 0.06 * w, big), 650.0)  # vertebra
-    _paint(image, None, c(0.61, 0.54, 0.5), (0.025 * h, 0.025 * w, big), 180.0)  # aorta
-    # Pancreas: elongated, tilted (tail up towards the spleen on the image right), varies.
-    p_centre = c(0.53 + jitter(0.04), 0.52 + jitter(0.07), 0.5 + jitter(0.12))
-    p_radii = (float(rng.uniform(0.025, 0.045)) * h, float(rng.uniform(0.11, 0.19)) * w,
-               float(rng.uniform(0.12, 0.25)) * s)
+    _paint(image, None, c(0.73, 0.5, 0.5), r(0.06, 0.06, 10.0), 650.0)  # vertebra
+    _paint(image, None, c(0.61, 0.54, 0.5), r(0.025, 0.025, 10.0), 180.0)  # aorta
+    # Pancreas: elongated, draped over the aorta and spine, tilted (tail up towards the spleen on
+    # the image right); its size, tilt and position relative to the spine vary too.
+    p_centre = c(0.53 + jitter(0.03), 0.52 + jitter(0.03), 0.5 + jitter(0.12))
+    p_radii = r(float(rng.uniform(0.025, 0.045)), float(rng.uniform(0.12, 0.18)), float(rng.uniform(0.12, 0.25)))
     angle = float(rng.uniform(-0.45, 0.1))
     _paint(image, label, p_centre, p_radii, 110.0, organ("pancreas"), angle=angle)
     if scheme == "msd":

@@ -76,6 +76,57 @@ def test_forward_backward_only_lora_and_projection_get_gradients(model):
     model.zero_grad(set_to_none=True)
 
 
+def test_trainable_vision_option_trains_saves_and_loads_the_vit(tmp_path):
+    """``model.vision.trainable`` (off by default, the paper's frozen EVA) adds every ViT tensor to
+    the trainable set: gradients, train mode, fp32 on a bf16 base, checkpoint round trip."""
+    from minigpt4.models.checkpoints import load_weights, save_checkpoint
+
+    model = build_tiny_model(**{"vision.trainable": True})
+    vit_names = {f"visual_encoder.{n}" for n, _ in model.visual_encoder.named_parameters()}
+    assert len(vit_names) == 2 + 2 + 2 * 13  # patch conv w/b, cls + pos, 13 tensors per block
+    model.train()
+    try:
+        assert all(m.training for m in model.visual_encoder.modules()) and not model.ln_vision.training
+        model(tiny_images(), INSTRUCTIONS, ANSWERS).loss.backward()
+    finally:
+        model.eval()
+    assert not any(m.training for m in model.modules())
+    with_grad = {n.replace(".default.", ".") for n, p in model.named_parameters() if p.grad is not None}
+    lora_and_proj = {"llama_proj.weight", "llama_proj.bias"} | {
+        f"llama_model.base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
+        for i in range(2) for m in ("q_proj", "k_proj") for ab in ("A", "B")
+    }
+    assert with_grad == lora_and_proj | vit_names == set(model.trainable_state_dict())
+    assert model.visual_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in model.ln_vision.parameters())
+    assert not any(p.requires_grad for n, p in model.llama.named_parameters() if ".lora_" not in n)
+
+    # the checkpoint carries the trained ViT and loads it back, also into a frozen-ViT config
+    with torch.no_grad():
+        for p in model.visual_encoder.parameters():
+            p.add_(0.01)
+    save_checkpoint(model, tmp_path / "ckpt")
+    for trainable in (True, False):
+        target = build_tiny_model(seed=3, **{"vision.trainable": trainable})
+        report = load_weights(target, tmp_path / "ckpt")
+        assert not report.missing and not report.unexpected and set(report.loaded) >= vit_names
+        for (name, a), b in zip(model.visual_encoder.named_parameters(), target.visual_encoder.parameters()):
+            assert torch.equal(a, b), name
+        assert torch.equal(target.llama_proj.weight, model.llama_proj.weight)
+    # a checkpoint without ViT tensors (frozen run, MiniGPT-v2 stage 3) still starts a trainable-ViT run
+    frozen = build_tiny_model()
+    save_checkpoint(frozen, tmp_path / "frozen")
+    target = build_tiny_model(seed=3, **{"vision.trainable": True})
+    before = target.visual_encoder.pos_embed.detach().clone()
+    report = load_weights(target, tmp_path / "frozen")
+    assert not report.missing and not set(report.loaded) & vit_names
+    assert torch.equal(target.visual_encoder.pos_embed, before)
+    # on a bf16 base the trained ViT stays fp32 like every trained tensor
+    bf16 = build_tiny_model(dtype="bf16", **{"vision.trainable": True})
+    assert bf16.dtype == torch.bfloat16 and bf16.visual_encoder.pos_embed.dtype == torch.float32
+    assert torch.isfinite(bf16(tiny_images(), INSTRUCTIONS, ANSWERS).loss)
+
+
 def test_train_mode_keeps_frozen_parts_in_eval(model):
     model.train()
     try:

@@ -18,6 +18,7 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
                           ("abd_organ_detection", "stage1_pancreas_detection")]:
         saved = (tmp_path / "configs" / f"{stage}.yaml").read_text()
         assert f"init_from: {tmp_path / 'runs' / parent / 'checkpoint_best'}" in saved
+        assert ("init_lr: 0.0005" in saved) == (stage == "stage2_tumor_classification")  # STAGE_OPTIONS
     for stage in ["stage1_pancreas_detection", "stage3_tumor_detection", "abd_organ_detection"]:
         metrics = json.loads((tmp_path / "eval" / stage / "metrics.json").read_text())
         assert 0.0 <= metrics["weighted"]["mean_iou"] <= 1.0 and metrics["weighted"]["n"] > 0
@@ -26,4 +27,7 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     assert set(classification) >= {"accuracy", "precision", "recall", "f1", "auc"}
     assert (tmp_path / "runs" / "stage3_tumor_detection" / "checkpoint_best" / "model.safetensors").is_file()
     assert "TINY model on SYNTHETIC phantoms" in printed
+    # every stage's result is printed next to what an image-blind answer gets on the same records
+    assert printed.count("vs image-blind baseline, constant box (mean training box per target): mean IoU") == 3
+    assert printed.count("vs image-blind baseline, always '") == 1
     assert "python demo.py --cfg-path eval_configs/demo_cpu.yaml --options model.ckpt=" in printed

@@ -10,7 +10,10 @@ Formats :func:`load_weights` accepts:
   no ``.default.`` segment), read with ``torch.load(..., weights_only=True)``.
 
 Every trainable tensor the model expects must be found (else ``ValueError`` naming the missing
-keys); unexpected keys are reported, never silently dropped. When the file's LoRA adapters do
+keys); unexpected keys are reported, never silently dropped. ViT tensors (``visual_encoder.*``,
+present only in checkpoints of runs with ``model.vision.trainable``) are optional: they are loaded
+when the file has them — from a project checkpoint even into a frozen ViT, since the checkpoint
+defines the model — and otherwise the ViT keeps ``vision.weights`` / its initialisation. When the file's LoRA adapters do
 not fit the configured ones (other target modules or rank: stage-3 has q,v; the paper trains
 q,k), the file's deltas ``W += B·A·α/r`` are merged into the frozen base weights and the fresh
 adapters stay at their initialisation (B = 0), so the model computes exactly what the file's
@@ -264,6 +267,10 @@ def load_weights(model: MiniGPTPancreas, path: Union[str, os.PathLike], lora_alp
         alpha = lora_alpha if lora_alpha is not None else MINIGPT_V2_LORA_ALPHA
 
     params = {stable_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+    vision = {n: p for n, p in model.named_parameters() if n.startswith("visual_encoder.")}
+    if report.format == "project":  # a trained ViT loads into any model of the same sizes
+        params.update(vision)
+    optional = set(vision)
     file_lora, rest = _split_lora(state)
     model_lora, _ = _split_lora(params)
     report.lora_targets_in_file = sorted({m.rsplit(".", 1)[-1] for m in file_lora})
@@ -289,7 +296,8 @@ def load_weights(model: MiniGPTPancreas, path: Union[str, os.PathLike], lora_alp
         to_load.update({n: v for n, v in state.items() if _LORA_RE.match(n)})
         expected = list(params)
 
-    report.missing = sorted(n for n in expected if n not in to_load)
+    report.missing = sorted(n for n in expected if n not in to_load and n not in optional)
+    expected = [n for n in expected if n in to_load or n not in optional]
     if report.missing:
         raise ValueError(
             f"{path}: {len(report.missing)} trainable tensors missing from the checkpoint, e.g. {report.missing[:6]}"

@@ -14,7 +14,8 @@ The data flow, with full-size shapes (B images, 448 px)::
 Prompts come from :mod:`minigpt4.prompts` only (the one builder for training and inference):
 right padding for training, left padding for generation. Trainable tensors are the LoRA
 factors and ``llama_proj``; everything else stays frozen *and in eval mode* even after
-``model.train()``.
+``model.train()``. ``model.vision.trainable: true`` (off by default; a deviation for tiny models
+trained from scratch) adds the ViT's weights to the trainable set, kept in fp32.
 
 Example::
 
@@ -113,7 +114,8 @@ class MiniGPTPancreas(nn.Module):
         # kept so that a project checkpoint can reproduce its base exactly.
         self.merged_lora: list[dict] = []
 
-        self.visual_encoder = EvaViT(cfg.vision).to(dtype)
+        # a trained tower stays fp32 like every other trained tensor (AMP casts it on the fly)
+        self.visual_encoder = EvaViT(cfg.vision).to(torch.float32 if cfg.vision.trainable else dtype)
         # BLIP-2's ln_vision is never trained nor stored anywhere: identity affine (SPEC §2)
         self.ln_vision = nn.LayerNorm(cfg.vision.width).to(dtype)
         hidden = llama.config.hidden_size
@@ -121,6 +123,8 @@ class MiniGPTPancreas(nn.Module):
 
         for part in (self.visual_encoder, self.ln_vision, llama):
             part.requires_grad_(False)
+        if cfg.vision.trainable:
+            self.visual_encoder.requires_grad_(True)
         lora = PeftLoraConfig(
             r=cfg.lora.r,
             lora_alpha=cfg.lora.alpha,
@@ -147,18 +151,21 @@ class MiniGPTPancreas(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """dtype of the frozen parts."""
-        return self.visual_encoder.pos_embed.dtype
+        """dtype of the frozen parts (the LLaMA base; the ViT too unless it is trained)."""
+        return self.ln_vision.weight.dtype
 
     def train(self, mode: bool = True) -> "MiniGPTPancreas":
         """Train mode for the trainable parts only; frozen parts stay in eval mode.
+
+        A trainable ViT (``model.vision.trainable``) follows ``mode`` (it has no dropout, so
+        this changes nothing numerically either).
 
         LoRA dropout follows ``mode``. With gradient checkpointing, the decoder layers' own
         ``training`` flag follows ``mode`` too because HF only checkpoints in training mode;
         LLaMA has no dropout (attention_dropout 0), so this changes nothing numerically.
         """
         super().train(mode)
-        self.visual_encoder.eval()
+        self.visual_encoder.train(mode and self.cfg.vision.trainable)
         self.ln_vision.eval()
         for name, module in self.llama_model.named_modules():
             module.training = mode and "lora_dropout" in name
@@ -186,7 +193,8 @@ class MiniGPTPancreas(nn.Module):
         """``{stable name: tensor}`` of LoRA factors and ``llama_proj`` (detached, same storage).
 
         Names: ``llama_proj.weight``, ``llama_proj.bias`` and
-        ``llama_model.base_model.model.model.layers.{i}.self_attn.{q,k}_proj.lora_{A,B}.weight``.
+        ``llama_model.base_model.model.model.layers.{i}.self_attn.{q,k}_proj.lora_{A,B}.weight``;
+        with ``model.vision.trainable`` also every ``visual_encoder.*`` tensor.
         """
         return {stable_name(n): p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
@@ -194,15 +202,18 @@ class MiniGPTPancreas(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) → projected visual tokens (B, N/merge, hidden) in the LLaMA dtype.
 
-        The frozen tower runs without autograd; only ``llama_proj`` is differentiated.
+        A frozen tower runs without autograd (only ``llama_proj`` is differentiated); a trainable
+        one (``model.vision.trainable``) is differentiated too.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, S, S), got {tuple(images.shape)}")
         size = self.cfg.vision.image_size
         if images.shape[-2:] != (size, size):
             raise ValueError(f"images must be {size}x{size} (model.vision.image_size), got {tuple(images.shape[-2:])}")
-        with torch.no_grad():
-            tokens = self.ln_vision(self.visual_encoder(images.to(self.device, self.dtype)))  # (B, 1+N, C)
+        trained = self.cfg.vision.trainable and torch.is_grad_enabled()
+        with torch.set_grad_enabled(trained):
+            tower = self.visual_encoder(images.to(self.device, self.visual_encoder.pos_embed.dtype))
+            tokens = self.ln_vision(tower.to(self.ln_vision.weight.dtype))  # (B, 1+N, C)
         tokens = merge_visual_tokens(tokens[:, 1:], self.cfg.merge_tokens)  # drop CLS
         projected = self.llama_proj(tokens.to(self.llama_proj.weight.dtype))
         return projected.to(self.llama.get_input_embeddings().weight.dtype)

@@ -299,7 +299,8 @@ def train(cfg: Config) -> TrainResult:
 
             load_weights(model, resume_from)
         datasets = [
-            TaskDataset(records, task, model.image_transform, train=True, seed=run.seed, check=False)
+            TaskDataset(records, task, model.image_transform, train=True, seed=run.seed, check=False,
+                        cache=run.cache_images)
             for _, task, _, records in train_sets
         ]
         plan = MixPlan(
