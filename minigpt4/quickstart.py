@@ -117,7 +117,7 @@ def image_blind_baseline(datasets: dict[str, DatasetConfig]) -> tuple[str, float
         test += read_prepared(ds.root, ds.task, "test")
     if all(ds.task == "tumor_classification" for ds in datasets.values()):
         answers = [r["answer"] for r in train]
-        majority = max(set(answers), key=answers.count)
+        majority = max(sorted(set(answers)), key=answers.count)  # ties: alphabetical, reproducible
         return f"always '{majority}' (majority training answer): accuracy", float(np.mean([r["answer"] == majority for r in test]))
     mean_box = {}
     for target in {r["target"] for r in train}:
