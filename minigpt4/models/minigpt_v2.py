@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import warnings
@@ -117,6 +118,7 @@ class MiniGPTPancreas(nn.Module):
         self.image_transform = ImageTransform(cfg.vision.image_size)
         self.num_visual_tokens = cfg.num_visual_tokens
         self.gradient_checkpointing = False
+        self.compiled = False  # compile_regions() was called
         # set by compile_regions(): training prompts are padded to a multiple of this length
         self.pad_to_multiple_of: Optional[int] = None
         # Frozen LoRA deltas merged into the base weights (see checkpoints.merge_lora_into_base);
@@ -197,6 +199,34 @@ class MiniGPTPancreas(nn.Module):
             llama.gradient_checkpointing_disable()
         self.gradient_checkpointing = enable
         self.train(self.training)
+
+    def compile_regions(self, pad_to_multiple_of: int = 64, backend: str = "inductor") -> None:
+        """``run.compile``: ``torch.compile`` each LLaMA decoder layer and each EVA block on its own.
+
+        Regional compilation: identical blocks share one compiled graph (compile time of one
+        block, not of the whole model), and most of the step's memory-bound elementwise work
+        (RMSNorm, rotary, SiLU·mul, LoRA scaling, residuals) is fused. Compiled in place
+        (``nn.Module.compile``), so parameter names and checkpoints are unchanged. Training prompts
+        are padded to a multiple of ``pad_to_multiple_of`` so that few shapes (and recompiles)
+        occur. The trainer validates under :meth:`eager_layers`. ``backend``: a
+        ``torch.compile`` backend (``aot_eager`` in tests: graph capture without code generation).
+        """
+        for block in self.visual_encoder.blocks:
+            block.compile(backend=backend)
+        for layer in self.llama.model.layers:
+            layer.compile(backend=backend)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.compiled = True
+
+    def eager_layers(self):
+        """Context in which compiled layers run eagerly (``torch.compiler.set_stance``, torch ≥ 2.6).
+
+        For generation during training: decoding shapes (one new token, a growing KV cache,
+        per-layer cache indices) would recompile every layer many times for a short validation pass.
+        """
+        if self.compiled and hasattr(torch.compiler, "set_stance"):
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """``{stable name: tensor}`` of LoRA factors and ``llama_proj`` (detached, same storage).
