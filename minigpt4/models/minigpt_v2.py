@@ -301,8 +301,10 @@ class MiniGPTPancreas(nn.Module):
         answers: Optional[Sequence[str]] = None,
         padding_side: str = "right",
         pad_to_multiple_of: Optional[int] = None,
+        to_device: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Prompts (and answers) → padded batch on the model device (see ``pad_prompt_batch``)."""
+        """Prompts (and answers) → padded batch on the model device (see ``pad_prompt_batch``);
+        ``to_device=False`` leaves it on the CPU."""
         if self.tokenizer is None:
             raise RuntimeError("this model was built without a tokenizer (meta device)")
         if answers is not None and len(answers) != len(instructions):
@@ -318,7 +320,7 @@ class MiniGPTPancreas(nn.Module):
             for i, instruction in enumerate(instructions)
         ]
         batch = pad_prompt_batch(samples, self.tokenizer.pad_id, padding_side, pad_to_multiple_of=pad_to_multiple_of)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()} if to_device else batch
 
     def _prepare(
         self, images: Optional[torch.Tensor], batch: dict[str, torch.Tensor], tower_tokens: Optional[torch.Tensor] = None
@@ -354,15 +356,22 @@ class MiniGPTPancreas(nn.Module):
             answers: B answers, e.g. ``'{<12><34><56><78>}'`` or ``'yes'``.
             tower_tokens: (B, 1 + N, C) cached ``encode_tower`` output instead of ``images``.
         """
-        batch = self.tokenize(instructions, answers, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+        cpu_batch = self.tokenize(
+            instructions, answers, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of, to_device=False
+        )
+        # answer positions found on the CPU: no device sync in the middle of the step
+        labels = cpu_batch["labels"]  # (B, L)
+        length = labels.shape[1]
+        rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # position t predicts token t+1
+        flat_positions = (rows * length + cols).to(self.device, non_blocking=True)  # (T,) into (B·L)
+        targets = labels[rows, cols + 1].to(self.device, non_blocking=True)  # (T,)
+        batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
         embeds = self._prepare(images, batch, tower_tokens)
         hidden = self.llama.model(
             inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False
         ).last_hidden_state  # (B, L, hidden), after the final norm
-        next_labels = batch["labels"][:, 1:]  # position t predicts token t+1
-        answer_positions = next_labels != IGNORE_INDEX  # (B, L-1)
-        targets = next_labels[answer_positions]  # (T,)
-        logits = self.llama.lm_head(hidden[:, :-1][answer_positions])  # (T, vocab)
+        answer_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions)  # (T, hidden)
+        logits = self.llama.lm_head(answer_hidden)  # (T, vocab)
         loss = F.cross_entropy(logits.float(), targets)  # fp32 like HF's ForCausalLMLoss
         return MiniGPTOutput(loss=loss, logits=logits, labels=batch["labels"], targets=targets)
 

@@ -7,7 +7,9 @@ What it does, in order:
    the checkpoint to resume — so bad input fails in seconds, not after loading 7 B parameters;
 2. builds the model (``build_model``: EVA, LLaMA, ``init_from``), the datasets and the mixing plan
    (:mod:`minigpt4.training.sampler`), AdamW (weight decay on ≥2-D tensors only) and the per-step
-   warm-up + cosine schedule (:mod:`minigpt4.training.schedule`);
+   warm-up + cosine schedule (:mod:`minigpt4.training.schedule`); with ``run.cache_visual_features``
+   encodes every training image once with the frozen tower (:mod:`minigpt4.data.feature_cache`),
+   with ``run.compile`` compiles each decoder layer / EVA block (``model.compile_regions``);
 3. restores a run exactly when resuming (``run.resume``: a checkpoint folder or ``auto`` = the
    folder named in ``<output_dir>/checkpoint_latest``): trainable weights, optimizer, schedule,
    GradScaler, every RNG and the step counter (which is the whole data position);
@@ -32,6 +34,7 @@ Output folder (``run.output_dir``; only rank 0 writes; every file is written ato
     checkpoint_step_<S>/             same, for a run stopped mid-epoch by run.max_steps
     checkpoint_best/                 copy of the best epoch checkpoint
     checkpoint_latest                text file: the name of the newest checkpoint folder
+    feature_cache/                   run.cache_visual_features without run.feature_cache_dir
 """
 
 from __future__ import annotations
