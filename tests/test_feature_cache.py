@@ -75,3 +75,7 @@ def test_dataset_delivers_cached_tokens_and_bad_files_are_named(model, tmp_path)
     damaged.unlink()
     with pytest.raises(FileNotFoundError, match="feature cache file missing"):
         dataset[1]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(OSError, match="cannot read image .*bad.png"):
+        VisualFeatureCache(tmp_path / "cache", model).fill([str(bad)], batch_size=1)

@@ -95,6 +95,24 @@ class CachedTowerTokens:
             raise OSError(f"feature cache file {path} is unreadable ({err}); delete it to re-encode the image") from None
 
 
+class _Images(torch.utils.data.Dataset):
+    """Transformed images (3, S, S) of a list of files, for the one encoding pass."""
+
+    def __init__(self, paths: Sequence[str], transform) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                return self.transform(image)
+        except OSError as err:
+            raise OSError(f"cannot read image {path}: {err}") from None
+
+
 class VisualFeatureCache:
     """On-disk cache of ``model.encode_tower`` outputs for one frozen tower.
 
@@ -117,7 +135,9 @@ class VisualFeatureCache:
         self.fingerprint = tower_fingerprint(model, self.storage_dtype)
         self.folder = Path(root) / self.fingerprint
 
-    def fill(self, image_paths: Sequence[str], batch_size: int, rank: int = 0, world_size: int = 1) -> CachedTowerTokens:
+    def fill(
+        self, image_paths: Sequence[str], batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0
+    ) -> CachedTowerTokens:
         """Encode every image of ``image_paths`` that is not cached yet; return the lookup.
 
         With several processes each rank encodes its share of the missing images; call a
@@ -126,6 +146,7 @@ class VisualFeatureCache:
         Args:
             image_paths: one path per dataset record (duplicates are encoded once).
             batch_size: images per tower forward.
+            num_workers: DataLoader processes decoding and resizing the images.
         Returns:
             :class:`CachedTowerTokens` aligned with ``image_paths``.
         """
@@ -136,13 +157,16 @@ class VisualFeatureCache:
             first_path.setdefault(key, str(path))
         missing = sorted(k for k in first_path if not (self.folder / k[:2] / f"{k}.safetensors").is_file())
         mine = missing[rank::world_size]
-        if mine:
-            self._write_info()
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start : start + batch_size]
-            images = torch.stack([self._load_image(first_path[k]) for k in chunk])
-            for key, tokens in zip(chunk, self._encode(images)):
+        if not mine:
+            return lookup
+        self._write_info()
+        images = _Images([first_path[k] for k in mine], self.model.image_transform)
+        loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers)
+        done = 0
+        for batch in loader:
+            for key, tokens in zip(mine[done : done + len(batch)], self._encode(batch)):
                 self._write(key, tokens)
+            done += len(batch)
         return lookup
 
     @torch.no_grad()
@@ -151,13 +175,6 @@ class VisualFeatureCache:
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
             tower = self.model.encode_tower(images.to(device))
         return tower.to("cpu", self.storage_dtype)
-
-    def _load_image(self, path: str) -> torch.Tensor:
-        try:
-            with Image.open(path) as image:
-                return self.model.image_transform(image)
-        except OSError as err:
-            raise OSError(f"cannot read image {path}: {err}") from None
 
     def _write(self, key: str, tokens: torch.Tensor) -> None:
         final = self.folder / key[:2] / f"{key}.safetensors"

@@ -272,7 +272,9 @@ def attach_feature_cache(model, datasets: list, cfg: Config, amp_dtype: Optional
     cache = VisualFeatureCache(root, model, autocast_dtype=amp_dtype)
     for dataset in datasets:
         paths = [record["image"] for record in dataset.records]
-        dataset.tower_features = cache.fill(paths, cfg.run.eval_batch_size, rank=rank, world_size=world_size)
+        dataset.tower_features = cache.fill(
+            paths, cfg.run.eval_batch_size, rank=rank, world_size=world_size, num_workers=cfg.run.num_workers
+        )
     D.barrier()  # every rank's entries are written before any rank reads them
     return cache.folder
 
