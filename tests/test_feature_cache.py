@@ -79,3 +79,17 @@ def test_dataset_delivers_cached_tokens_and_bad_files_are_named(model, tmp_path)
     bad.write_bytes(b"not a png")
     with pytest.raises(OSError, match="cannot read image .*bad.png"):
         VisualFeatureCache(tmp_path / "cache", model).fill([str(bad)], batch_size=1)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bf16_autocast_cached_tokens_give_a_bit_identical_loss(tmp_path, dtype):
+    """Stored in the autocast dtype, the cached tokens are exactly what llama_proj would see live."""
+    model = build_tiny_model(dtype=dtype)
+    paths = write_pngs(tmp_path, 2)
+    lookup = VisualFeatureCache(tmp_path / "cache", model, autocast_dtype=torch.bfloat16).fill(paths, batch_size=2)
+    images = torch.stack([model.image_transform(Image.open(p)) for p in paths])
+    instructions, answers = ["[refer] Where is the pancreas?"] * 2, ["{<12><34><56><78>}", "{<1><2><3><4>}"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        live = model(images, instructions, answers).loss
+        cached = model(None, instructions, answers, tower_tokens=torch.stack([lookup[0], lookup[1]])).loss
+    assert torch.equal(live, cached)
