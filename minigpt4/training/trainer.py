@@ -336,7 +336,7 @@ def train(cfg: Config) -> TrainResult:
         if run.cache_visual_features:
             feature_folder = attach_feature_cache(model, datasets, cfg, amp_dtype, dist_info.rank, dist_info.world_size)
         if run.compile:
-            model.compile_regions(pad_to_multiple_of=64)
+            model.compile_regions(pad_to_multiple_of=run.compile_pad_to_multiple_of)
         plan = MixPlan(
             [len(d) for d in datasets],
             [ratio for _, _, ratio, _ in train_sets],
