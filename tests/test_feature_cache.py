@@ -93,3 +93,16 @@ def test_bf16_autocast_cached_tokens_give_a_bit_identical_loss(tmp_path, dtype):
         live = model(images, instructions, answers).loss
         cached = model(None, instructions, answers, tower_tokens=torch.stack([lookup[0], lookup[1]])).loss
     assert torch.equal(live, cached)
+
+
+def test_ranks_split_the_missing_images_by_key_whatever_the_timing(model, tmp_path):
+    paths = write_pngs(tmp_path, 6)
+    cache = VisualFeatureCache(tmp_path / "cache", model)
+    lookup = cache.fill(paths, batch_size=4, rank=1, world_size=2)  # rank 1 first: the order must not matter
+
+    def written():
+        return {p.stem for p in cache.folder.glob("*/*.safetensors")}
+
+    assert written() == {k for k in lookup.keys if int(k[:8], 16) % 2 == 1} and 0 < len(written()) < 6
+    cache.fill(paths, batch_size=4, rank=0, world_size=2)
+    assert written() == set(lookup.keys)

@@ -155,8 +155,12 @@ class VisualFeatureCache:
         first_path: dict[str, str] = {}
         for key, path in zip(keys, image_paths):
             first_path.setdefault(key, str(path))
-        missing = sorted(k for k in first_path if not (self.folder / k[:2] / f"{k}.safetensors").is_file())
-        mine = missing[rank::world_size]
+        # a key's owner follows from the key alone: ranks that look at the folder at different
+        # moments (another rank already writing) still split the work without gaps
+        mine = sorted(
+            k for k in first_path
+            if int(k[:8], 16) % world_size == rank and not (self.folder / k[:2] / f"{k}.safetensors").is_file()
+        )
         if not mine:
             return lookup
         self._write_info()
