@@ -158,6 +158,9 @@ def test_demo_volume_reader_refuses_a_nifti_without_orientation(tmp_path):
     _strip_orientation(img)
     with pytest.raises(InputError, match=r"upload\.nii\.gz: .*qform_code"):
         read_display_volume(img, "upload.nii.gz")
+    nan_image = _float_image(tmp_path / "nan", "pancreas_002", np.nan)
+    with pytest.raises(InputError, match=r"upload\.nii\.gz: 1 NaN/Inf voxel"):
+        read_display_volume(nan_image, "upload.nii.gz")
 
 
 # ----------------------------------------------------------------------------- items 4 and 5
