@@ -329,3 +329,9 @@ def test_rerun_with_other_error_handling_and_workers_is_the_same_folder(tmp_path
                  "--out", str(out), "--workers", "2", "--test-ratio", "0", "--val-ratio", "0"]) == 0
     assert _tree(out / "annotations") == before
     assert "on_error" not in _json(out / "manifest.json")["parameters"]
+    # the case an error message advises: a run stopped by a bad volume, re-run with --on-error skip
+    bad = _float_image(tmp_path, "pancreas_002", np.nan)
+    stopped = tmp_path / "stopped"
+    assert _msd(tmp_path, stopped) == 2
+    assert _msd(tmp_path, stopped, "--on-error", "skip") == 0
+    assert [s["file"] for s in _json(stopped / "manifest.json")["skipped"]] == [str(bad)]
