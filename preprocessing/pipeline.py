@@ -582,6 +582,9 @@ def prepare(opts: Options, log=print) -> dict:
         raise PreparationError(f"{out}: no volume could be prepared ({len(skipped)} skipped)")
     split = splits.split_volumes(done, opts.test_ratio, opts.val_ratio, opts.seed)
     check_splits_not_empty(out, ds, infos, split, opts.threshold, opts.seed, without_target)
+    for s, ratio in (("test", opts.test_ratio), ("val", opts.val_ratio)):
+        if ratio > 0 and not split[s]:  # a warning only: tiny phantom sets and benchmarks do this on purpose
+            log(f"warning: the {s} split got no volume (--{s}-ratio {ratio:g} of {len(done)} volume(s) rounds to 0)")
     write_json_atomic(ann / f"{ds}_slices_info.json", infos)
     write_json_atomic(ann / "split.json", split)
     counts = write_selections(ann, ds, infos, split, opts.threshold, opts.seed, opts.balanced)

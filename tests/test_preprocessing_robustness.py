@@ -303,6 +303,8 @@ def test_empty_labels_are_summarised_and_an_empty_split_stops(tmp_path, capsys):
     assert _msd(tmp_path, out) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "1 without target (pancreas_002)" in last and "0 skipped" in last
+    assert _msd(tmp_path, tmp_path / "no_val", "--val-ratio", "0.1") == 0
+    assert "warning: the val split got no volume (--val-ratio 0.1 of 2 volume(s)" in capsys.readouterr().out
     # one volume per split, one of them the empty one: that split has nothing to train or test on
     rc = main(["msd", "--images", str(tmp_path / "imagesTr"), "--labels", str(tmp_path / "labelsTr"),
                "--out", str(tmp_path / "bad"), "--workers", "1", "--test-ratio", "0.5", "--val-ratio", "0"])
@@ -335,3 +337,31 @@ def test_rerun_with_other_error_handling_and_workers_is_the_same_folder(tmp_path
     assert _msd(tmp_path, stopped) == 2
     assert _msd(tmp_path, stopped, "--on-error", "skip") == 0
     assert [s["file"] for s in _json(stopped / "manifest.json")["skipped"]] == [str(bad)]
+
+
+def test_interrupted_run_is_finished_by_a_rerun_and_foreign_files_stay(tmp_path, monkeypatch):
+    from preprocessing import pipeline
+
+    for i in (1, 2):
+        write_pair(tmp_path, f"pancreas_00{i}", *_with_pancreas(seed=i))
+    ref = tmp_path / "ref"
+    assert _msd(tmp_path, ref) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "slices").mkdir()
+    (out / "slices" / "notes_slice_1.png").write_bytes(b"foreign")
+    real = pipeline.process_volume
+
+    def interrupted(job):
+        if job.volume_name == "pancreas_002":
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(pipeline, "process_volume", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _msd(tmp_path, out, "--overwrite")
+    assert _json(out / "manifest.json")["volumes_in_progress"] == ["pancreas_001", "pancreas_002"]
+    monkeypatch.setattr(pipeline, "process_volume", real)
+    assert _msd(tmp_path, out) == 0  # same parameters: its own unfinished folder, no --overwrite needed
+    assert {k: v for k, v in _tree(out).items() if k != "manifest.json"} == {
+        **{k: v for k, v in _tree(ref).items() if k != "manifest.json"}, "slices/notes_slice_1.png": b"foreign"}
