@@ -270,6 +270,10 @@ def align_label_to_image(label: np.ndarray, label_affine: np.ndarray, image_shap
 # ----------------------------------------------------------------------------- DICOM
 
 
+GEOMETRY_TAGS = (("ImagePositionPatient", "(0020,0032)"), ("ImageOrientationPatient", "(0020,0037)"),
+                 ("PixelSpacing", "(0028,0030)"))
+
+
 def _dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
@@ -293,7 +297,7 @@ def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> Volume:
     folder = Path(folder)
     if not folder.is_dir():
         raise VolumeError(folder, "DICOM folder not found")
-    headers = []
+    headers, without_geometry = [], []
     for path in _dicom_files(folder):
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
@@ -301,15 +305,21 @@ def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> Volume:
             continue  # not a DICOM file (README, licence, DICOMDIR index...)
         if "Rows" not in ds or "Columns" not in ds:
             continue  # DICOMDIR, reports, presentation states: no image
-        for tag, number in (("ImagePositionPatient", "(0020,0032)"), ("ImageOrientationPatient", "(0020,0037)"),
-                            ("PixelSpacing", "(0028,0030)")):
-            if tag not in ds:
-                raise VolumeError(path, f"image slice without {tag} {number}: its place in the series is "
-                                        "unknown; remove the file from the folder or restore the tag")
-        headers.append((path, ds))
+        missing = [(tag, number) for tag, number in GEOMETRY_TAGS if tag not in ds]
+        if missing:
+            without_geometry.append((path, ds, missing))
+        else:
+            headers.append((path, ds))
+    series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers})
+    # An image of this series without geometry cannot be placed: name it rather than report a
+    # "missing slice" later. Images of another series (a dose report screenshot) are ignored.
+    for path, ds, missing in without_geometry:
+        if not headers or str(getattr(ds, "SeriesInstanceUID", "")) in series:
+            tags = ", ".join(f"{tag} {number}" for tag, number in missing)
+            raise VolumeError(path, f"image slice without {tags}: its place in the series is unknown; "
+                                    "remove the file from the folder or restore the tag")
     if not headers:
         raise VolumeError(folder, "no DICOM image files found")
-    series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers})
     if len(series) > 1:
         raise VolumeError(folder, f"mixed series: {len(series)} SeriesInstanceUIDs in one folder "
                                   f"({', '.join(s[-12:] for s in series[:4])}...); keep one series per folder")

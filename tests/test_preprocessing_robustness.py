@@ -365,3 +365,13 @@ def test_interrupted_run_is_finished_by_a_rerun_and_foreign_files_stay(tmp_path,
     assert _msd(tmp_path, out) == 0  # same parameters: its own unfinished folder, no --overwrite needed
     assert {k: v for k, v in _tree(out).items() if k != "manifest.json"} == {
         **{k: v for k, v in _tree(ref).items() if k != "manifest.json"}, "slices/notes_slice_1.png": b"foreign"}
+
+
+def test_dicom_image_of_another_series_without_geometry_is_ignored(tmp_path):
+    folder, files = _series(tmp_path)
+    expected = volumes.read_dicom_series(folder).array
+    ds = pydicom.dcmread(files[0])  # e.g. a dose-report screenshot stored beside the CT series
+    ds.SeriesInstanceUID = "1.2.3.999"
+    del ds.ImagePositionPatient
+    ds.save_as(folder / "dose_report.dcm")
+    assert np.array_equal(volumes.read_dicom_series(folder).array, expected)
