@@ -169,8 +169,9 @@ def load_nifti(path: str | os.PathLike, scaled: bool = False, assume_orientation
     if "qform_code" in header and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
         if not assume_orientation:
             raise VolumeError(path, "no orientation in the header (qform_code = sform_code = 0), so left/right "
-                                    "and up/down are unknown; fix the header (set a qform/sform) or, when you "
-                                    "know how it is stored, run with --assume-orientation RAS|LPS|... ")
+                                    "and up/down are unknown; fix the header (set a qform/sform), or, when you "
+                                    "know how it is stored, give it to python -m preprocessing as "
+                                    "--assume-orientation RAS|LPS|...")
         try:
             affine = assumed_affine(assume_orientation, header.get_zooms()[:3])
         except ValueError as err:
@@ -194,14 +195,15 @@ def check_intensities(volume: Volume) -> None:
         if not finite.all():
             bad = np.argwhere(~finite)
             raise VolumeError(volume.path, f"{len(bad)} NaN/Inf voxel(s) (first at voxel {bad[0].tolist()}); "
-                                           "fix or drop the volume (--on-error skip goes on without it)")
+                                           "fix or drop the volume (python -m preprocessing --on-error skip goes on "
+                                           "without it)")
     if data.size == 0:
         return
     lo, hi = sorted(float(v) * volume.slope + volume.inter for v in (data.min(), data.max()))
     if lo < HU_RANGE[0] or hi > HU_RANGE[1]:
         raise VolumeError(volume.path, f"voxel values {lo:g} .. {hi:g} lie outside the CT range "
                                        f"[{HU_RANGE[0]:g}, {HU_RANGE[1]:g}] HU; is this a CT in Hounsfield units? "
-                                       "(--on-error skip goes on without it)")
+                                       "(python -m preprocessing --on-error skip goes on without it)")
 
 
 def label_array(volume: Volume) -> np.ndarray:
