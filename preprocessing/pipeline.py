@@ -53,6 +53,9 @@ class Options:
     val_ratio: float = 0.1
     seed: int = 42
     balanced: bool = False
+    all_slices: bool = False
+    """Write a PNG of every slice, not only those with a target (``eval_cascade.py`` needs every
+    slice of the val/test volumes: a clinician's scan has no ground truth to skip slices by)."""
     label_map: Optional[dict] = None
     on_error: str = "fail"
     workers: int = 1
@@ -71,6 +74,7 @@ class Options:
             "val_ratio": float(self.val_ratio),
             "seed": int(self.seed),
             "balanced": bool(self.balanced),
+            "all_slices": bool(self.all_slices),
             "label_map": dict(self.label_map or DEFAULT_LABELS[self.dataset]),
             "on_error": self.on_error,
         }
@@ -93,6 +97,7 @@ class Job:
     out: str = ""
     balanced: bool = False
     seed: int = 42
+    all_slices: bool = False
 
 
 def _number(name: str) -> Optional[int]:
@@ -169,7 +174,8 @@ def discover(opts: Options) -> tuple[list[Job], list[dict]]:
             problems.append({"volume": name, "file": str(image), "reason": f"missing label file in {label_dir}"})
             continue
         jobs.append(Job(ds, name, str(image), str(label), kind, label_map, opts.label_map is None,
-                        opts.normalization, tuple(opts.window), str(opts.out), opts.balanced, opts.seed))
+                        opts.normalization, tuple(opts.window), str(opts.out), opts.balanced, opts.seed,
+                        opts.all_slices))
     return jobs, problems
 
 
@@ -264,7 +270,9 @@ def process_volume(job: Job) -> dict:
     for m in masks.values():
         present |= m.any(axis=(0, 1))
     write = np.nonzero(present)[0]
-    if job.balanced:
+    if job.all_slices:
+        write = np.arange(present.size)
+    elif job.balanced:
         write = np.union1d(write, _negatives(job, np.nonzero(~present)[0], int(present.sum())))
     t2 = time.perf_counter()
     out = Path(job.out)
