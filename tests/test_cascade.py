@@ -228,3 +228,40 @@ def test_eval_cascade_refuses_folders_without_all_slices(tmp_path):
     config.write_text(config.read_text().replace("pancreas_detection: " + str(tmp_path), "pancreas_detection: null", 1))
     with pytest.raises(ConfigError, match="cascade.stages.pancreas_detection"):
         eval_cascade.main(["--cfg-path", str(config)])
+
+
+# ----------------------------------------------------------------------------- demo, three stages
+def test_demo_serves_three_stages_routes_tasks_and_scans_with_the_cascade(tmp_path):
+    from minigpt4.config import load_config
+    from minigpt4.models.minigpt_v2 import build_model
+    from minigpt4.serving import load_service
+
+    torch.set_num_threads(1)
+    cfg = tiny_model_config(max_new_tokens=6, **{"vision.trainable": True})
+    paths = random_stage_checkpoints(tmp_path / "ckpt", cfg)
+    config = tmp_path / "demo.yaml"
+    config.write_text(OmegaConf.to_yaml(OmegaConf.create({
+        "model": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "cascade": {"stages": paths, "threshold": 0.3, "aggregation": "top_k_mean", "top_k": 2},
+        "run": {"device": "cpu"}})))
+    service = load_service(load_config(config))
+    assert service.stages is not None and service.warning is None
+    assert "stage 2 (tumor classification)" in service.description
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, size=(64, 64), dtype=np.uint8)
+    pixels = service._images([image])
+    for instruction, stage in [("[refer] Give me the location of the pancreatic tumor", "tumor_detection"),
+                               ("[vqa] Does the pancreas in the image present a tumor?", "tumor_classification"),
+                               ("[refer] Give me the location of the pancreas", "pancreas_detection")]:
+        answer = service.ask(image, instruction)
+        alone = build_model(dataclasses.replace(cfg, ckpt=paths[stage])).eval()
+        assert answer.stage == stage
+        assert answer.text == alone.generate(pixels, [instruction], max_new_tokens=6)[0]
+        assert f"Answered by stage {STAGES.index(stage) + 1}" in answer.message
+    volume = rng.integers(0, 255, size=(5, 64, 64), dtype=np.uint8)
+    result = service.scan_volume(volume)
+    expected = cascade.run_cascade(service.stages, list(volume), 0.3, 0, 4)
+    assert [r.p_tumor for r in result.rows] == [e["p_tumor"] for e in expected]
+    assert result.patient["score"] == pytest.approx(cascade.aggregate([e["p_tumor"] for e in expected], "top_k_mean", 2))
+    assert result.patient["tumor"] == (result.patient["score"] >= 0.3)
+    assert "Patient-level answer" in result.patient_text()
