@@ -17,7 +17,7 @@ from PIL import Image
 from minigpt4.config import ConfigError
 from minigpt4.evaluation import cascade
 from minigpt4.io import read_json, read_jsonl
-from tests.tiny import tiny_images, tiny_model_config
+from tests.tiny import random_checkpoints, tiny_images, tiny_model_config
 
 STAGES = ("pancreas_detection", "tumor_classification", "tumor_detection")
 QUESTIONS = ["[refer] Give me the location of the pancreas", "[vqa] Does the pancreas in the image present a tumor?"]
@@ -25,19 +25,7 @@ QUESTIONS = ["[refer] Give me the location of the pancreas", "[vqa] Does the pan
 
 def random_stage_checkpoints(folder: Path, cfg) -> dict[str, str]:
     """Three checkpoints of one base with different random trainable tensors."""
-    from minigpt4.models.checkpoints import save_checkpoint
-    from minigpt4.models.minigpt_v2 import build_model
-
-    paths = {}
-    for number, stage in enumerate(STAGES):
-        model = build_model(cfg)
-        generator = torch.Generator().manual_seed(100 + number)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-        paths[stage] = str(save_checkpoint(model, folder / stage).parent)
-    return paths
+    return random_checkpoints(folder, cfg, STAGES)
 
 
 @pytest.mark.parametrize("vit_trainable", [False, True])
