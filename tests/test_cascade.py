@@ -52,6 +52,31 @@ def test_stages_on_one_base_answer_as_each_checkpoint_alone(tmp_path, vit_traina
     assert sorted(stages.names) == sorted(STAGES)
 
 
+def test_stages_share_the_frozen_minigpt_v2_adapter_their_checkpoints_carry(tmp_path):
+    """Stages trained from MiniGPT-v2 stage 3 (q,v LoRA, stacked frozen under q,k) carry that adapter:
+    on one base it is stacked once, and each stage still answers as its checkpoint alone."""
+    from minigpt4.models.minigpt_v2 import build_model
+    from minigpt4.models.stages import load_stages
+    from tests.test_checkpoints import release_state, save_release_pth
+
+    torch.set_num_threads(1)
+    save_release_pth(tmp_path / "checkpoint_stage3.pth", release_state(("q_proj", "v_proj")))
+    trained_cfg = tiny_model_config(init_from=str(tmp_path / "checkpoint_stage3.pth"))
+    paths = random_stage_checkpoints(tmp_path / "ckpt", trained_cfg)
+    cfg = tiny_model_config()  # the served config names no init_from: the checkpoints carry it
+    stages = load_stages(cfg, paths)
+    names = [e["name"] for e in stages.model.adapter_stack()]
+    assert names == ["default", "checkpoint_stage3", *STAGES]  # stacked once
+    images = tiny_images(2)
+    for stage in ("tumor_detection", "pancreas_detection", "tumor_classification"):
+        alone = build_model(dataclasses.replace(cfg, ckpt=paths[stage])).eval()
+        assert [e["name"] for e in alone.adapter_stack() if e["active"]] == ["default", "checkpoint_stage3"]
+        model = stages.use(stage)
+        assert model.active_adapters() == [stage, "checkpoint_stage3"]
+        assert torch.equal(model.yes_probability(images, QUESTIONS), alone.yes_probability(images, QUESTIONS))
+        assert model.generate(images, QUESTIONS) == alone.generate(images, QUESTIONS)
+
+
 def test_stages_refuse_an_unknown_stage(tmp_path):
     from minigpt4.models.stages import load_stages
 

@@ -14,13 +14,13 @@ checkpoint loaded alone (``tests/test_cascade.py`` checks equal logits and answe
 models). Memory: one base + ≈ 230 MB per stage at full size (LoRA r 64 on q,k: 134 MB fp32;
 ``llama_proj``: 92 MB fp32).
 
-Every checkpoint is read with the checked loader :func:`minigpt4.models.checkpoints.load_weights`
-(into the model's ``default`` adapter, then copied into the stage's named adapter). Foreign LoRA
-deltas merged into the base (MiniGPT-v2 stage 3, carried by every stage trained from it) must be
-the same for all stages, since they share one base: a stage that would change the base is an
-error naming it.
-
-Only public peft calls are used (``add_adapter``, ``set_adapter``). Example::
+Built on the model's adapter stack (``add_lora_adapter`` / ``set_active_adapters`` /
+``adapter_stack``): every checkpoint is read with the checked loader
+:func:`minigpt4.models.checkpoints.load_weights` (into the trainable adapter, then copied into the
+stage's named frozen adapter). Frozen adapters a checkpoint stacks (MiniGPT-v2's stage-3 q,v
+LoRA, carried by every stage trained from it) are stacked once and shared by the stages that
+carry the same tensors; each stage runs with its own adapter plus the frozen ones its checkpoint
+activates. Example::
 
     stages = load_stages(cfg.model, cfg.cascade.stages.configured(), device="cpu")
     model = stages.use("pancreas_detection")
@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 from typing import Mapping, Union
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
 from torch import nn
 
 from minigpt4.config import CASCADE_STAGES, ModelConfig
-from minigpt4.models.minigpt_v2 import _PEFT_ADAPTER, MiniGPTPancreas, build_model
+from minigpt4.models.minigpt_v2 import MiniGPTPancreas, build_model
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +55,7 @@ class StageModels:
         self.sources = dict(sources)
         self._proj: dict[str, nn.Linear] = {}
         self._vit: dict[str, nn.Module] = {}
+        self._frozen: dict[str, list[str]] = {}
         # the modules checkpoints are loaded into; each stage keeps copies
         self._load_proj = model.llama_proj
         self._load_vit = model.visual_encoder
@@ -67,39 +66,38 @@ class StageModels:
         return list(self._proj)
 
     def add_stage(self, name: str, path: str) -> None:
-        """Load ``path`` (checked) and keep its tensors as stage ``name``."""
-        from minigpt4.models.checkpoints import load_weights
+        """Load ``path`` (checked, :func:`load_weights`) and keep its tensors as stage ``name``.
+
+        The stage's LoRA becomes the frozen named adapter ``name``; frozen adapters its checkpoint
+        stacks (e.g. MiniGPT-v2 stage 3) are shared with the stages that carry the same tensors.
+        """
+        from minigpt4.models.checkpoints import load_weights, read_checkpoint
 
         model = self.model
         if name in self._proj:
             raise ValueError(f"stage {name!r} is already loaded")
         self._activate_loading_slot()
-        known = {entry["id"] for entry in model.merged_lora}
+        contents = read_checkpoint(path)
         vit_before = {n: p.detach().clone() for n, p in model.visual_encoder.named_parameters()}
         report = load_weights(model, path)
-        added = [entry["source"] for entry in model.merged_lora if entry["id"] not in known]
-        if added and self._proj:
-            raise ValueError(
-                f"{path}: stage {name!r} merges LoRA deltas into the base ({added}) that the stages loaded "
-                f"before ({', '.join(self._proj)}) do not have; stages served on one base must share it"
-            )
-        # the stage's LoRA: a named adapter holding a copy of what load_weights put in 'default'
-        lora = model.cfg.lora
-        adapter = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-        with warnings.catch_warnings():  # peft calls a deprecated transformers property
-            warnings.simplefilter("ignore", FutureWarning)
-            model.llama_model.add_adapter(name, adapter)
-        params = dict(model.llama_model.named_parameters())
-        with torch.no_grad():
-            for pname, value in list(params.items()):
-                if f".{_PEFT_ADAPTER}." in pname:
-                    target = params[pname.replace(f".{_PEFT_ADAPTER}.", f".{name}.")]
-                    target.data = value.detach().clone()  # fp32 like the trained factors
-                    target.requires_grad_(False)
+        # the frozen adapters this stage runs with, as a lone model loading the file would
+        frozen, matched = [], set()
+        for entry in contents.frozen:
+            adapter = self._find_adapter(entry["tensors"], entry["alpha"])
+            matched.add(adapter)
+            if entry["active"]:
+                frozen.append(adapter)
+        # a file LoRA that does not fit the configured adapter is stacked (active) by load_weights
+        frozen += [a for a in dict.fromkeys(report.stacked_adapters + report.reused_adapters) if a not in matched]
+        order = [entry["name"] for entry in model.adapter_stack()]
+        self._frozen[name] = sorted(set(frozen), key=order.index)
+        # the stage's own LoRA: a copy of what load_weights put into the trainable adapter
+        trainable = next(entry for entry in model.adapter_stack() if entry["trainable"])
+        tensors = {k: v.clone() for k, v in model.adapter_tensors(trainable["name"]).items()}
+        model.add_lora_adapter(name, tensors, alpha=trainable["alpha"], r=trainable["r"], trainable=False,
+                               source=str(path), active=False)
         self._proj[name] = copy.deepcopy(model.llama_proj).requires_grad_(False)
-        loaded_vit = any(n.startswith("visual_encoder.") for n in report.loaded)
-        if loaded_vit:
+        if any(n.startswith("visual_encoder.") for n in report.loaded):
             self._vit[name] = copy.deepcopy(model.visual_encoder).requires_grad_(False)
         elif self._vit:
             raise ValueError(f"{path}: stage {name!r} has no ViT tensors but the stages before carry their own ViT")
@@ -110,37 +108,40 @@ class StageModels:
         self.sources[name] = str(path)
         self.active = None
 
+    def _find_adapter(self, tensors: Mapping[str, torch.Tensor], alpha: float) -> str:
+        """The name of the model's adapter holding exactly ``tensors`` with ``alpha``."""
+        for entry in self.model.adapter_stack():
+            present = self.model.adapter_tensors(entry["name"])
+            if entry["alpha"] == float(alpha) and set(present) == set(tensors) and all(
+                torch.equal(present[k], tensors[k].to(present[k].device, present[k].dtype)) for k in tensors
+            ):
+                return entry["name"]
+        raise ValueError("a frozen adapter of the checkpoint was not stacked on the model")
+
     def _activate_loading_slot(self) -> None:
-        """Point the model at the ``default`` adapter and the loading modules, trainable as
+        """Point the model at its trainable adapter alone and the loading modules, trainable as
         :func:`load_weights` expects them (it loads into the tensors that require grad)."""
         model = self.model
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            model.llama_model.set_adapter(_PEFT_ADAPTER)
+        trainable = next(entry["name"] for entry in model.adapter_stack() if entry["trainable"])
+        model.set_active_adapters([trainable])
         model.llama_proj = self._load_proj
         model.visual_encoder = self._load_vit
-        for pname, param in model.named_parameters():
-            param.requires_grad_(
-                (".lora_" in pname and f".{_PEFT_ADAPTER}." in pname)
-                or pname.startswith("llama_proj.")
-                or (model.cfg.vision.trainable and pname.startswith("visual_encoder."))
-            )
+        model.llama_proj.requires_grad_(True)
+        model.visual_encoder.requires_grad_(model.cfg.vision.trainable)
         self.active = None
 
     def use(self, name: str) -> MiniGPTPancreas:
-        """Activate stage ``name`` and return the model (eval mode, no trainable tensors)."""
+        """Activate stage ``name`` and return the model (eval mode)."""
         if name not in self._proj:
             raise KeyError(f"stage {name!r} is not loaded; loaded: {', '.join(self._proj) or 'none'}")
         if self.active != name:
             model = self.model
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                model.llama_model.set_adapter(name)
+            # the stage's adapter first, then its frozen ones: a lone model sums them in that order
+            model.set_active_adapters([name] + self._frozen[name])
             model.llama_proj = self._proj[name]
             if name in self._vit:
                 model.visual_encoder = self._vit[name]
-            model.requires_grad_(False)  # serving only; set_adapter marks the adapter trainable
-            model.train(False)  # add_adapter creates its LoRA dropout modules in training mode
+            model.train(False)
             self.active = name
         return self.model
 
