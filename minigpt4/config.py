@@ -259,8 +259,13 @@ class CascadeConfig:
     was trained on (``preprocessing tc``'s default is 0)."""
     bootstrap: int = 1000
     """Bootstrap replicates (over volumes) of the patient-level CIs; 0 = none."""
+    max_volumes: Optional[int] = None
+    """Scan at most this many volumes per folder and split (evenly spaced by name; quick runs such
+    as the quickstart); None = all."""
 
     def __post_init__(self) -> None:
+        if self.max_volumes is not None and self.max_volumes <= 0:
+            raise ConfigError(f"cascade.max_volumes must be positive or null, got {self.max_volumes}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"cascade.aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:

@@ -224,6 +224,11 @@ def test_eval_cascade_end_to_end(tmp_path, prepared):
     stored = json.loads((out / "metrics.json").read_text())
     assert stored["slice"] == pytest.approx(metrics["slice"], nan_ok=True)
     assert "Patient level" in (out / "tables.md").read_text()
+    # cascade.max_volumes: evenly spaced subset per folder and split
+    from minigpt4.config import load_config
+
+    subset = cascade.load_volumes(load_config(config, ["cascade.max_volumes=1"]), "test")
+    assert sorted(d for d, _ in subset) == ["MSD", "NIH"]
 
 
 def test_eval_cascade_refuses_folders_without_all_slices(tmp_path):

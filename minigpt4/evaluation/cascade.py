@@ -366,13 +366,15 @@ def volume_3d_metrics(volumes: dict[tuple[str, str], list[dict]], rows: Sequence
 
 # ----------------------------------------------------------------------------- data
 def load_volumes(cfg: Any, split: str) -> dict[tuple[str, str], list[dict]]:
-    """Every slice of every ``split`` volume of the config's MSD/NIH folders, images checked.
+    """Every slice of every ``split`` volume of the config's MSD/NIH folders, images checked
+    (at most ``cascade.max_volumes`` volumes per folder, evenly spaced by name).
 
     Raises:
         ConfigError: no dataset configured.
         FileNotFoundError: a slice has no PNG (the folder was prepared without ``--all-slices``).
     """
     from minigpt4.config import ConfigError
+    from minigpt4.evaluation.common import subsample
     from preprocessing.layout import read_volumes
 
     roots = list(dict.fromkeys(str(ds.root) for ds in cfg.datasets.values()))
@@ -380,7 +382,9 @@ def load_volumes(cfg: Any, split: str) -> dict[tuple[str, str], list[dict]]:
         raise ConfigError("eval_cascade needs datasets: the prepared MSD and NIH folders (task pancreas_detection)")
     volumes: dict[tuple[str, str], list[dict]] = {}
     for root in roots:
-        for name, records in read_volumes(root, split).items():
+        found = read_volumes(root, split)
+        for name in subsample(sorted(found), cfg.cascade.max_volumes):
+            records = found[name]
             missing = [r["slice_index"] for r in records if r["image"] is None or not Path(r["image"]).is_file()]
             if missing:
                 raise FileNotFoundError(
