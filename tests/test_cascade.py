@@ -127,6 +127,29 @@ def test_crop_from_a_box_equals_preprocessing_tc(prepared):
 
 
 # ----------------------------------------------------------------------------- hand-computed
+def test_grid_box_to_the_widest_inclusive_pixel_box():
+    from minigpt4.boxes import grid_to_pixel_inclusive, pixel_to_grid
+
+    # 512 px: grid cell g covers pixels ceil(5.12 g) .. ceil(5.12 (g + 1)) - 1
+    assert grid_to_pixel_inclusive((25, 50, 74, 99), 512, 512) == (128, 256, 383, 511)
+    assert grid_to_pixel_inclusive((10, 10, 10, 10), 512, 512) == (52, 52, 56, 56)  # 51.2 → 52 .. 56.32 → 56
+    assert grid_to_pixel_inclusive((0, 0, 100, 100), 64, 48) == (0, 0, 63, 47)  # clipped to the image
+    # 600 px: 174 / 600 * 100 is 28.999… in floating point: pixel_to_grid puts pixel 174 in cell 28
+    assert pixel_to_grid((174, 174, 174, 174), 600, 600)[0] == 28
+    assert grid_to_pixel_inclusive((29, 29, 29, 29), 600, 600)[0] == 175
+    rng = np.random.default_rng(0)
+    for _ in range(3000):  # the round trip and "widest": one more pixel changes the grid box
+        w, h = (int(v) for v in rng.integers(5, 700, size=2))
+        x1, x2 = sorted(int(v) for v in rng.integers(0, w, size=2))
+        y1, y2 = sorted(int(v) for v in rng.integers(0, h, size=2))
+        grid = pixel_to_grid((x1, y1, x2, y2), w, h)
+        box = grid_to_pixel_inclusive(grid, w, h)
+        assert pixel_to_grid(box, w, h) == grid
+        assert box[0] <= x1 and box[1] <= y1 and box[2] >= x2 and box[3] >= y2
+        assert box[2] == w - 1 or pixel_to_grid((box[0], box[1], box[2] + 1, box[3]), w, h) != grid
+        assert box[0] == 0 or pixel_to_grid((box[0] - 1, box[1], box[2], box[3]), w, h) != grid
+
+
 def test_aggregation_and_threshold_by_hand():
     assert cascade.aggregate([0.2, None, 0.9, 0.5, 0.7], "max", 3) == 0.9
     assert cascade.aggregate([0.2, None, 0.9, 0.5, 0.7], "top_k_mean", 3) == pytest.approx((0.9 + 0.7 + 0.5) / 3)
