@@ -132,6 +132,25 @@ def serve(folder: Path, options: list[str]):
             proc.wait()
 
 
+@contextlib.contextmanager
+def browser_page(url: str):
+    """Debian's headless Chromium (Playwright) on ``url``; yields the page."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1100},
+        )
+        try:
+            page = context.new_page()
+            page.goto(url)
+            yield page
+        finally:
+            context.close()
+
+
 @pytest.fixture(scope="module")
 def server():
     """``python demo.py`` on 127.0.0.1:<free port> serving a saved tiny checkpoint."""
@@ -316,35 +335,23 @@ def cascade_server():
 def test_browser_three_stage_demo_scans_a_volume(cascade_server):
     """Scan volume runs the cascade on a phantom NIfTI: per-slice table, P(tumor) plot, patient
     answer; the task buttons say which stage answered."""
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
-        context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1100},
+    with browser_page(cascade_server["url"]) as page:
+        description = page.locator("#model-description")
+        description.wait_for(timeout=30_000)
+        assert "three stages on one base" in description.inner_text()
+        page.locator("#upload input[type=file]").set_input_files(str(cascade_server["files"]["volume"]))
+        page.get_by_text("Loaded volume phantom.nii.gz: 5 axial slices of 64×64").wait_for(timeout=30_000)
+        page.locator("#quick-tumor_yes_no").click()
+        page.locator("#chat").get_by_text("Answered by stage 2 (tumor classification)").wait_for(timeout=30_000)
+        page.locator("#quick-pancreas").click()
+        page.locator("#chat").get_by_text("Answered by stage 1 (pancreas detection)").wait_for(timeout=30_000)
+        page.locator("#scan-volume").click()
+        page.get_by_text("Patient-level answer:").wait_for(timeout=60_000)
+        page.wait_for_function(
+            "() => { const t = document.querySelector('#scan-table');"
+            " return t && (t.innerText.match(/pancreas crop \\(predicted box\\)|no pancreas box/g) || []).length === 5; }",
+            timeout=30_000,
         )
-        try:
-            page = context.new_page()
-            page.goto(cascade_server["url"])
-            description = page.locator("#model-description")
-            description.wait_for(timeout=30_000)
-            assert "three stages on one base" in description.inner_text()
-            page.locator("#upload input[type=file]").set_input_files(str(cascade_server["files"]["volume"]))
-            page.get_by_text("Loaded volume phantom.nii.gz: 5 axial slices of 64×64").wait_for(timeout=30_000)
-            page.locator("#quick-tumor_yes_no").click()
-            page.locator("#chat").get_by_text("Answered by stage 2 (tumor classification)").wait_for(timeout=30_000)
-            page.locator("#quick-pancreas").click()
-            page.locator("#chat").get_by_text("Answered by stage 1 (pancreas detection)").wait_for(timeout=30_000)
-            page.locator("#scan-volume").click()
-            page.get_by_text("Patient-level answer:").wait_for(timeout=60_000)
-            page.wait_for_function(
-                "() => { const t = document.querySelector('#scan-table');"
-                " return t && (t.innerText.match(/pancreas crop \\(predicted box\\)|no pancreas box/g) || []).length === 5; }",
-                timeout=30_000,
-            )
-            page.locator("#scan-plot img").wait_for(timeout=30_000)
-            page.screenshot(path=str(ARTIFACTS / "demo_e2e_cascade.png"), full_page=True)
-        finally:
-            context.close()
+        page.locator("#scan-plot img").wait_for(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "demo_e2e_cascade.png"), full_page=True)
     assert (ARTIFACTS / "demo_e2e_cascade.png").stat().st_size > 10_000
