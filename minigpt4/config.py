@@ -120,8 +120,10 @@ class ModelConfig:
     dtype: str = "auto"
     """auto (bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32."""
     init_from: Optional[str] = None
-    """Weights to start from: a MiniGPT-v2 stage-3 / release ``.pth`` or a project checkpoint
-    (folder or ``.safetensors``). Training starts a stage from here."""
+    """Weights to start from: a MiniGPT-v2 stage-3 / release ``.pth``, a project checkpoint
+    (folder or ``.safetensors``) or a PEFT export folder (``python -m minigpt4.export``).
+    Training starts a stage from here. A LoRA of other targets/rank than ``lora`` is stacked as a
+    frozen adapter (the base weights are never modified)."""
     ckpt: Optional[str] = None
     """Weights to evaluate/serve, loaded after ``init_from`` (same formats)."""
     max_txt_len: int = 160

@@ -58,6 +58,7 @@ CONFIG_NAME = "config.yaml"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PROJECTION_NAME = "llama_proj.safetensors"
+VISION_NAME = "visual_encoder.safetensors"  # only when the run trained the ViT
 STACK_NAME = "adapter_stack.json"
 PEFT_KEY_PREFIX = "base_model.model."
 """peft's saved key prefix (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``)."""
@@ -308,23 +309,24 @@ def read_checkpoint(path: Union[str, os.PathLike], lora_alpha: Optional[float] =
 
 def _read_peft_folder(folder: Path, lora_alpha: Optional[float]) -> CheckpointContents:
     """A folder written by :mod:`minigpt4.export` (or any PEFT LoRA folder + ``llama_proj.safetensors``)."""
-    config, tensors = _read_peft_adapter(folder)
+    config, state = _read_peft_adapter(folder)
     alpha = float(lora_alpha if lora_alpha is not None else config["lora_alpha"])
-    state = {LORA_KEY_PREFIX + k[len(PEFT_KEY_PREFIX):] if k.startswith(PEFT_KEY_PREFIX) else k: v for k, v in tensors.items()}
     projection = folder / PROJECTION_NAME
     if not projection.is_file():
         raise FileNotFoundError(f"{folder}: {PROJECTION_NAME} missing (the llama_proj weights of a PEFT export)")
     state.update(_read_project(projection)[0])
+    if (folder / VISION_NAME).is_file():
+        state.update(_read_project(folder / VISION_NAME)[0])
     contents = CheckpointContents("peft", folder, folder / PEFT_WEIGHTS_NAME, state, alpha)
     stack_file = folder / STACK_NAME
     entries = read_json(stack_file) if stack_file.is_file() else []
     for entry in entries:
         if entry.get("trainable"):
             continue
-        sub = folder / entry["name"]
+        sub = folder / entry.get("folder", entry["name"])
         sub_config, sub_tensors = _read_peft_adapter(sub)
         contents.frozen.append({
-            "name": entry["name"], "tensors": {LORA_KEY_PREFIX + k[len(PEFT_KEY_PREFIX):]: v for k, v in sub_tensors.items()},
+            "name": entry["name"], "tensors": sub_tensors,
             "alpha": float(sub_config["lora_alpha"]), "source": entry.get("source"), "sha256": entry.get("sha256"),
             "active": entry.get("active", True),
         })
@@ -332,15 +334,17 @@ def _read_peft_folder(folder: Path, lora_alpha: Optional[float]) -> CheckpointCo
 
 
 def _read_peft_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(adapter_config, {peft-0.2 name: tensor})`` of one PEFT LoRA folder."""
     config = read_json(folder / PEFT_CONFIG_NAME)
     unsupported = {k: config[k] for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if config.get(k)}
     if config.get("peft_type", "LORA") != "LORA" or unsupported or "lora_alpha" not in config:
         raise ValueError(f"{folder / PEFT_CONFIG_NAME}: only plain LoRA adapters are supported (got {unsupported or config.get('peft_type')})")
     tensors, _ = _read_project(folder / PEFT_WEIGHTS_NAME)
-    bad = [k for k in tensors if not k.startswith(PEFT_KEY_PREFIX) or not _LORA_RE.match(LORA_KEY_PREFIX + k[len(PEFT_KEY_PREFIX):])]
+    ours = {LORA_KEY_PREFIX + k[len(PEFT_KEY_PREFIX):]: v for k, v in tensors.items() if k.startswith(PEFT_KEY_PREFIX)}
+    bad = [k for k in tensors if not (k.startswith(PEFT_KEY_PREFIX) and _LORA_RE.match(LORA_KEY_PREFIX + k[len(PEFT_KEY_PREFIX):]))]
     if bad:
         raise ValueError(f"{folder / PEFT_WEIGHTS_NAME}: not LoRA factors in peft's naming, e.g. {bad[:3]}")
-    return config, tensors
+    return config, ours
 
 
 def load_weights(model: MiniGPTPancreas, path: Union[str, os.PathLike], lora_alpha: Optional[float] = None) -> LoadReport:
@@ -366,7 +370,7 @@ def load_weights(model: MiniGPTPancreas, path: Union[str, os.PathLike], lora_alp
 
     params = model.trainable_parameters()
     vision = {n: p for n, p in model.named_parameters() if n.startswith("visual_encoder.")}
-    if report.format == "project":  # a trained ViT loads into any model of the same sizes
+    if report.format in ("project", "peft"):  # a trained ViT loads into any model of the same sizes
         params.update(vision)
     optional = set(vision)
     file_lora, rest = split_lora_tensors(state)

@@ -87,8 +87,9 @@ def stable_name(name: str, adapter: str = _PEFT_ADAPTER) -> str:
     """A parameter name without peft's adapter segment (``lora_A.default.weight`` → ``lora_A.weight``).
 
     This is also the naming of peft 0.2, used by the MiniGPT-v2 and MiniGPT-Pancreas releases.
+    Only the segment after ``lora_A``/``lora_B`` is removed, whatever the adapter is called.
     """
-    return name.replace(f".{adapter}.", ".")
+    return re.sub(rf"\.(lora_[AB])\.{re.escape(adapter)}\.", r".\1.", name)
 
 
 LORA_KEY_PREFIX = "llama_model.base_model.model."
@@ -327,11 +328,13 @@ class MiniGPTPancreas(nn.Module):
         active_before = self.active_adapters()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            self.llama_model.add_adapter(name, config, autocast_adapter_dtype=True)
+            self.llama_model.add_adapter(name, config)
         with torch.no_grad():
             for module_path, pair in lora.items():
                 layer = self.llama.get_submodule(module_path)
                 for ab, factors in (("A", layer.lora_A), ("B", layer.lora_B)):
+                    # fp32 factors on any base (older peft casts new adapters to a bf16 base's dtype)
+                    factors[name].to(torch.float32)
                     weight = factors[name].weight
                     weight.copy_(pair[ab].to(weight.device, weight.dtype))
         self._adapters[name] = {
