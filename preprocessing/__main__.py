@@ -43,6 +43,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-ratio", type=float, default=0.1, help="fraction of the training volumes used for validation")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--balanced", action="store_true", help="also write *_balanced_* sets with target-free slices")
+    p.add_argument("--all-slices", action="store_true",
+                   help="write a PNG of every slice, also those without a target (needed by eval_cascade.py)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail")
     p.add_argument("--overwrite", action="store_true",
@@ -108,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         opts = Options(dataset=args.command.upper(), images=images, labels=args.labels, out=args.out,
                        normalization=args.normalization, window=tuple(args.window), threshold=args.threshold,
                        test_ratio=args.test_ratio, val_ratio=args.val_ratio, seed=args.seed,
-                       balanced=args.balanced, label_map=_label_map(args.label_map), on_error=args.on_error,
+                       balanced=args.balanced, all_slices=args.all_slices, label_map=_label_map(args.label_map),
+                       on_error=args.on_error,
                        workers=args.workers, overwrite=args.overwrite,
                        assume_orientation=args.assume_orientation)
         prepare(opts)

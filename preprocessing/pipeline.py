@@ -53,6 +53,9 @@ class Options:
     val_ratio: float = 0.1
     seed: int = 42
     balanced: bool = False
+    all_slices: bool = False
+    """Write a PNG of every slice, not only those with a target (``eval_cascade.py`` needs every
+    slice of the val/test volumes: a clinician's scan has no ground truth to skip slices by)."""
     label_map: Optional[dict] = None
     on_error: str = "fail"
     workers: int = 1
@@ -74,8 +77,11 @@ class Options:
             "balanced": bool(self.balanced),
             "label_map": dict(self.label_map or DEFAULT_LABELS[self.dataset]),
         }
-        if self.assume_orientation:  # only when given, so folders prepared before the option still match
+        # only when given, so folders prepared before these options still match
+        if self.assume_orientation:
             params["assume_orientation"] = self.assume_orientation
+        if self.all_slices:
+            params["all_slices"] = True
         return params
 
 
@@ -97,6 +103,7 @@ class Job:
     balanced: bool = False
     seed: int = 42
     assume_orientation: Optional[str] = None
+    all_slices: bool = False
 
 
 NO_PATIENT_NUMBER = "no 4-digit patient number in the name (expected e.g. PANCREAS_0001 or label0001.nii.gz)"
@@ -195,7 +202,7 @@ def discover(opts: Options) -> tuple[list[Job], list[dict]]:
             continue
         jobs.append(Job(ds, name, str(image), str(label), kind, label_map, opts.label_map is None,
                         opts.normalization, tuple(opts.window), str(opts.out), opts.balanced, opts.seed,
-                        opts.assume_orientation))
+                        assume_orientation=opts.assume_orientation, all_slices=opts.all_slices))
     return jobs, problems
 
 
@@ -291,7 +298,9 @@ def process_volume(job: Job) -> dict:
     for m in masks.values():
         present |= m.any(axis=(0, 1))
     write = np.nonzero(present)[0]
-    if job.balanced:
+    if job.all_slices:
+        write = np.arange(present.size)
+    elif job.balanced:
         write = np.union1d(write, _negatives(job, np.nonzero(~present)[0], int(present.sum())))
     t2 = time.perf_counter()
     out = Path(job.out)
