@@ -124,3 +124,41 @@ def parse_yes_no(text: Optional[str]) -> Optional[str]:
         return None
     match = _YES_NO_RE.match(text)
     return match.group(1).lower() if match else None
+
+
+def grid_to_pixel_inclusive(box: Sequence[int], width: int, height: int) -> tuple[int, int, int, int]:
+    """0–100 grid box → the widest *inclusive* pixel box whose :func:`pixel_to_grid` is ``box``.
+
+    Pixel ``x`` lies in grid cell ``floor(x / width * 100)``; so the first pixel of cell ``g`` is
+    ``ceil(g * width / 100)`` and the last pixel of cell ``g`` is ``ceil((g + 1) * width / 100) - 1``.
+    A box answered exactly right thus covers the whole ground-truth box (at most one grid cell
+    more per side). Used to cut crops from predicted boxes (the cascade's stage 2 input).
+
+    >>> grid_to_pixel_inclusive((25, 50, 74, 99), 512, 512)
+    (128, 256, 383, 511)
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    x1, y1, x2, y2 = (min(GRID, max(0, int(v))) for v in box)
+
+    def cell(x: int, size: int) -> int:  # exactly pixel_to_grid's float rule
+        return math.floor(x / size * GRID)
+
+    def first(g: int, size: int) -> int:  # first pixel whose cell is >= g
+        x = min(size - 1, -((-g * size) // GRID))  # ceil(g * size / 100), then fix float rounding
+        while x > 0 and cell(x - 1, size) >= g:
+            x -= 1
+        while x < size - 1 and cell(x, size) < g:
+            x += 1
+        return x
+
+    def last(g: int, size: int) -> int:  # last pixel whose cell is <= g
+        x = min(size - 1, max(0, -((-(g + 1) * size) // GRID) - 1))
+        while x < size - 1 and cell(x + 1, size) <= g:
+            x += 1
+        while x > 0 and cell(x, size) > g:
+            x -= 1
+        return x
+
+    fx, fy = first(x1, width), first(y1, height)
+    return (fx, fy, max(fx, last(x2, width)), max(fy, last(y2, height)))

@@ -120,8 +120,10 @@ class ModelConfig:
     dtype: str = "auto"
     """auto (bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32."""
     init_from: Optional[str] = None
-    """Weights to start from: a MiniGPT-v2 stage-3 / release ``.pth`` or a project checkpoint
-    (folder or ``.safetensors``). Training starts a stage from here."""
+    """Weights to start from: a MiniGPT-v2 stage-3 / release ``.pth``, a project checkpoint
+    (folder or ``.safetensors``) or a PEFT export folder (``python -m minigpt4.export``).
+    Training starts a stage from here. A LoRA of other targets/rank than ``lora`` is stacked as a
+    frozen adapter (the base weights are never modified)."""
     ckpt: Optional[str] = None
     """Weights to evaluate/serve, loaded after ``init_from`` (same formats)."""
     max_txt_len: int = 160
@@ -237,11 +239,72 @@ class RunConfig:
                 raise ConfigError(f"run.{name} must be positive, got {getattr(self, name)}")
 
 
+CASCADE_STAGES = ("pancreas_detection", "tumor_classification", "tumor_detection")
+AGGREGATIONS = ("auto", "max", "top_k_mean")
+
+
+@dataclass
+class CascadeStagesConfig:
+    """The checkpoint of each stage of the clinical cascade (folder, ``.safetensors`` or ``.pth``).
+
+    All three are served on one base (``model:`` gives its sizes and weight files); each stage
+    adds its own LoRA adapter and ``llama_proj`` (and ViT, for tiny models with
+    ``vision.trainable``)."""
+
+    pancreas_detection: Optional[str] = None
+    """Stage 1: ``[refer]`` pancreas box on the whole slice."""
+    tumor_classification: Optional[str] = None
+    """Stage 2: P(tumor) on the crop to the predicted pancreas box."""
+    tumor_detection: Optional[str] = None
+    """Stage 3: ``[refer]`` tumor box on the whole slice, asked where P(tumor) >= threshold."""
+
+    def configured(self) -> dict[str, str]:
+        """``{stage: checkpoint}`` of the stages that name one, in cascade order."""
+        return {s: getattr(self, s) for s in CASCADE_STAGES if getattr(self, s) is not None}
+
+
+@dataclass
+class CascadeConfig:
+    """``eval_cascade.py`` and the demo's three-stage mode (``cascade.stages`` set)."""
+
+    stages: CascadeStagesConfig = field(default_factory=CascadeStagesConfig)
+    threshold: Optional[float] = None
+    """P(tumor) at or above which stage 3 is asked for a box and a volume is called tumor;
+    None = chosen on the ``val`` volumes (Youden's J of the patient scores), never on test."""
+    aggregation: str = "auto"
+    """Patient score from the slices' P(tumor): ``max``, ``top_k_mean`` (mean of the ``top_k``
+    largest) or ``auto`` (the one with the higher patient AUC on ``val``)."""
+    top_k: int = 3
+    crop_margin: int = 0
+    """Pixels added around the predicted pancreas box: the ``--margin`` of the TC folder stage 2
+    was trained on (``preprocessing tc``'s default is 0)."""
+    bootstrap: int = 1000
+    """Bootstrap replicates (over volumes) of the patient-level CIs; 0 = none."""
+    max_volumes: Optional[int] = None
+    """Scan at most this many volumes per folder and split (evenly spaced by name; quick runs such
+    as the quickstart); None = all."""
+
+    def __post_init__(self) -> None:
+        if self.max_volumes is not None and self.max_volumes <= 0:
+            raise ConfigError(f"cascade.max_volumes must be positive or null, got {self.max_volumes}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"cascade.aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"cascade.threshold must be in [0, 1] or null, got {self.threshold}")
+        if self.top_k <= 0:
+            raise ConfigError(f"cascade.top_k must be positive, got {self.top_k}")
+        if self.crop_margin < 0:
+            raise ConfigError(f"cascade.crop_margin must be >= 0, got {self.crop_margin}")
+        if self.bootstrap < 0:
+            raise ConfigError(f"cascade.bootstrap must be >= 0, got {self.bootstrap}")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     datasets: Dict[str, DatasetConfig] = field(default_factory=dict)
     run: RunConfig = field(default_factory=RunConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     def __post_init__(self) -> None:
         check_feature_cache(self)

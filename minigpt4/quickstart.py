@@ -9,7 +9,9 @@
    detection (MSD), each starting from the previous stage's best checkpoint, plus multi-organ
    detection on the AbdomenCT-1K layout starting from stage 1;
 4. evaluation with ``eval_detection.py`` / ``eval_classification.py``'s code on the test
-   volumes: the paper-style tables are printed and written with the figures;
+   volumes: the paper-style tables are printed and written with the figures; then the clinical
+   cascade (``eval_cascade.py``, ``eval_configs/cascade_cpu.yaml``): the three stages on one base
+   over every slice of the test volumes, with per-patient results;
 5. the final checkpoint and the ``python demo.py ...`` line that serves it.
 
 Each stage's config is ``train_configs/quickstart_cpu.yaml`` with that stage's datasets and
@@ -31,6 +33,7 @@ from minigpt4.config import DatasetConfig, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "train_configs" / "quickstart_cpu.yaml"
+CASCADE_CONFIG = REPO / "eval_configs" / "cascade_cpu.yaml"
 
 # (scheme, phantoms) of each synthetic dataset: (full run, --smoke). Hundreds of volumes, because
 # a model that sees a few dozen memorises their boxes instead of learning to read the image.
@@ -68,8 +71,10 @@ def make_data(out: Path, smoke: bool, workers: int) -> dict[str, Path]:
         n = counts[1] if smoke else counts[0]
         raw = generate(out / "raw" / scheme.upper(), scheme, n, slices, size, "RAS", 0, "dicom", log=print)
         target = out / "data" / scheme.upper()
+        # the cascade evaluation scans every slice of the MSD/NIH test volumes
+        every = ["--all-slices"] if scheme in ("msd", "nih") else []
         _run_cli(preprocessing_main, [scheme, "--images", str(raw["images"]), "--labels", str(raw["labels"]),
-                                      "--out", str(target), "--workers", str(workers), "--overwrite"])
+                                      "--out", str(target), "--workers", str(workers), "--overwrite", *every])
         prepared[scheme.upper()] = target
     prepared["TC"] = out / "data" / "TC"
     _run_cli(preprocessing_main, ["tc", "--msd", str(prepared["MSD"]), "--nih", str(prepared["NIH"]),
@@ -94,6 +99,16 @@ def stage_plan(data: dict[str, Path]) -> list[tuple[str, dict[str, DatasetConfig
             "abd_organs": DatasetConfig(root=str(data["ABD"]), task="organ_detection"),
         }, "stage1_pancreas_detection"),
     ]
+
+
+def cascade_options(data: dict[str, Path], best: dict[str, Path], out: Path, smoke: bool) -> list[str]:
+    """``--options`` of ``eval_cascade.py`` (``cascade_cpu.yaml``) for this run's folders and stages."""
+    stages = {"pancreas_detection": "stage1_pancreas_detection", "tumor_classification": "stage2_tumor_classification",
+              "tumor_detection": "stage3_tumor_detection"}
+    return [f"datasets.msd.root={data['MSD']}", f"datasets.nih.root={data['NIH']}", f"run.output_dir={out}",
+            *(f"cascade.stages.{stage}={best[run]}" for stage, run in stages.items()),
+            # a subset of the 100 + 60 test volumes keeps the scan of every slice to about a minute
+            "cascade.max_volumes=20", *(["cascade.bootstrap=0"] if smoke else [])]
 
 
 def image_blind_baseline(datasets: dict[str, DatasetConfig]) -> tuple[str, float]:
@@ -136,6 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="preprocessing workers")
     args = parser.parse_args(argv)
 
+    from minigpt4.evaluation.cascade import main as cascade_main
     from minigpt4.evaluation.runner import main as eval_main
     from minigpt4.training import train
 
@@ -160,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = train(cfg)
         best[name] = Path(result.output_dir) / "checkpoint_best"
 
-    _say("3/4  evaluation on the test volumes (eval_detection.py / eval_classification.py code)")
+    _say("3/4  evaluation on the test volumes (eval_detection.py / eval_classification.py / eval_cascade.py code)")
     tables = []
     for name, datasets, _ in stage_plan(data):
         kind = "classification" if name.startswith("stage2") else "detection"
@@ -170,6 +186,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"run.output_dir={eval_dir}", *(["--bootstrap", "0"] if args.smoke else []),
         ])
         tables.append((name, eval_dir))
+    cascade_dir = out / "eval" / "cascade"
+    _run_cli(lambda argv: 0 if cascade_main(argv) is not None else 1, [
+        "--cfg-path", str(CASCADE_CONFIG), "--options", *cascade_options(data, best, cascade_dir, args.smoke)])
 
     _say("4/4  results — a TINY model on SYNTHETIC phantoms: these numbers test the machinery, "
          "they are not the paper's results")
@@ -183,6 +202,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model_value = metrics["accuracy"] if "accuracy" in metrics else metrics["weighted"]["mean_iou"]
         shown = "n/a" if model_value is None else f"{model_value:.3f}"
         print(f"tiny model {shown} vs image-blind baseline, {what} {value:.3f}")
+    print("\n## the clinical cascade: stage 1 → crop from the predicted box → stage 2 → stage 3, every test slice\n")
+    print((cascade_dir / "tables.md").read_text())
     final = best["stage3_tumor_detection"]
     demo_config = REPO / "eval_configs" / "demo_cpu.yaml"
     print(f"\nfinal checkpoint (stage 3, tumor detection): {final}")
@@ -190,6 +211,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"total time: {time.perf_counter() - start:.0f} s")
     print("\nserve it in the browser (localhost only):")
     print(f"  python demo.py --cfg-path {demo_config.relative_to(REPO)} --options model.ckpt={final}")
+    print("or the three stages at once (each task routed to its stage, 'Scan volume' runs the cascade):")
+    stage_options = " ".join(o for o in cascade_options(data, best, cascade_dir, False) if o.startswith("cascade.stages."))
+    print(f"  python demo.py --cfg-path {demo_config.relative_to(REPO)} --options {stage_options}")
     return 0
 
 

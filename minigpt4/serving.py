@@ -352,6 +352,26 @@ class Answer:
     p_yes: Optional[float] = None
     message: str = ""
     """Markdown for the chat."""
+    stage: Optional[str] = None
+    """The cascade stage that answered (three-stage mode), e.g. ``tumor_classification``."""
+
+
+STAGE_LABELS = {
+    "pancreas_detection": "stage 1 (pancreas detection)",
+    "tumor_classification": "stage 2 (tumor classification)",
+    "tumor_detection": "stage 3 (tumor detection)",
+}
+
+
+def stage_for(instruction: str) -> str:
+    """The cascade stage that answers an instruction in three-stage mode: ``[vqa]`` → stage 2,
+    ``[refer]`` about a tumor → stage 3, anything else (pancreas, organs, free text) → stage 1."""
+    task = instruction_task(instruction)
+    if task == "question":
+        return "tumor_classification"
+    if task == "detection" and "tumor" in instruction.lower():
+        return "tumor_detection"
+    return "pancreas_detection"
 
 
 def instruction_task(instruction: str) -> str:
@@ -395,7 +415,8 @@ def _model_device(model: Any) -> torch.device:
 @dataclass
 class ScanRow:
     slice_index: int
-    p_tumor: float
+    p_tumor: Optional[float]
+    """None: no pancreas box in three-stage mode, so nothing to classify."""
     classified_on: str
     """``pancreas crop`` (as the classifier was trained) or ``whole slice`` (no pancreas box found)."""
     pancreas_box: Optional[tuple[float, float, float, float]]
@@ -409,7 +430,7 @@ class ScanRow:
 
         return {
             "slice": self.slice_index,
-            "p_tumor": round(self.p_tumor, 4),
+            "p_tumor": None if self.p_tumor is None else round(self.p_tumor, 4),
             "classified_on": self.classified_on,
             "pancreas_box": rounded(self.pancreas_box),
             "tumor_box": rounded(self.tumor_box),
@@ -421,12 +442,24 @@ class ScanRow:
 @dataclass
 class ScanResult:
     rows: list[ScanRow]
+    patient: Optional[dict] = None
+    """Three-stage mode: the volume's answer ``{aggregation, top_k, score, threshold, tumor}``."""
 
     @property
     def most_suspicious(self) -> int:
         """Slice index with the highest P(tumor) (the first one on ties)."""
-        best = max(self.rows, key=lambda r: (r.p_tumor, -r.slice_index))
+        best = max(self.rows, key=lambda r: (-1.0 if r.p_tumor is None else r.p_tumor, -r.slice_index))
         return best.slice_index
+
+    def patient_text(self) -> str:
+        """The patient-level answer in words (three-stage mode), '' otherwise."""
+        if self.patient is None:
+            return ""
+        p = self.patient
+        how = "largest slice P(tumor)" if p["aggregation"] == "max" else f"mean of the {p['top_k']} largest slice P(tumor)"
+        verdict = "tumor suspected" if p["tumor"] else "no tumor found"
+        return (f"Patient-level answer: **{verdict}** ({how} = {p['score']:.3f}, threshold {p['threshold']:.3f}, "
+                f"aggregation `{p['aggregation']}`).")
 
     def boxes_for(self, slice_index: int) -> list[tuple[tuple[float, ...], tuple[int, int, int]]]:
         row = self.rows[slice_index]
@@ -466,6 +499,12 @@ class DemoService:
         text_max_new_tokens: for free-text instructions.
         warning: shown in the app (e.g. "random weights").
         description: one line about what is served (checkpoint, sizes).
+        stages: three-stage mode: a :class:`minigpt4.models.stages.StageModels` serving the
+            cascade's stages on one base (``model`` is its model); each instruction goes to its
+            stage (:func:`stage_for`) and "Scan volume" runs the cascade of
+            :func:`minigpt4.evaluation.cascade.run_cascade`.
+        cascade: three-stage mode: ``threshold``, ``aggregation`` (max | top_k_mean), ``top_k``,
+            ``crop_margin`` of the volume scan.
     """
 
     def __init__(
@@ -478,8 +517,12 @@ class DemoService:
         warning: Optional[str] = None,
         description: str = "",
         scan_batch_size: int = 4,
+        stages: Any = None,
+        cascade: Optional[dict] = None,
     ) -> None:
         self.model = model
+        self.stages = stages
+        self.cascade = {"threshold": 0.5, "aggregation": "max", "top_k": 3, "crop_margin": 0, **(cascade or {})}
         self.max_new_tokens = max_new_tokens
         self.text_max_new_tokens = text_max_new_tokens
         self.limits = limits
@@ -494,14 +537,20 @@ class DemoService:
         batch = torch.stack([self.model.image_transform(Image.fromarray(s)) for s in slices])
         return batch.to(_model_device(self.model))
 
-    def _generate(self, slices: Sequence[np.ndarray], instructions: Sequence[str], max_new_tokens: int) -> list[str]:
+    def _model_for(self, stage: Optional[str]) -> Any:
+        # call with the lock held: switching stages changes the shared model
+        return self.model if self.stages is None or stage is None else self.stages.use(stage)
+
+    def _generate(self, slices: Sequence[np.ndarray], instructions: Sequence[str], max_new_tokens: int,
+                  stage: Optional[str] = None) -> list[str]:
         with self._lock, torch.no_grad():
-            answers = self.model.generate(self._images(slices), list(instructions), max_new_tokens=max_new_tokens)
+            model = self._model_for(stage)
+            answers = model.generate(self._images(slices), list(instructions), max_new_tokens=max_new_tokens)
         return [str(a) for a in answers]
 
-    def _p_yes(self, slices: Sequence[np.ndarray], questions: Sequence[str]) -> list[float]:
+    def _p_yes(self, slices: Sequence[np.ndarray], questions: Sequence[str], stage: Optional[str] = None) -> list[float]:
         with self._lock, torch.no_grad():
-            probs = self.model.yes_probability(self._images(slices), list(questions))
+            probs = self._model_for(stage).yes_probability(self._images(slices), list(questions))
         return [float(p) for p in torch.as_tensor(probs).float().cpu().reshape(-1)]
 
     def check_instruction(self, instruction: Optional[str]) -> str:
@@ -526,15 +575,18 @@ class DemoService:
         task = instruction_task(instruction)
         height, width = image.shape[:2]
         budget = self.text_max_new_tokens if task == "free" else self.max_new_tokens
-        text = self._generate([image], [instruction], budget)[0]
-        answer = Answer(instruction=instruction, text=text, task=task)
+        stage = stage_for(instruction) if self.stages is not None else None
+        text = self._generate([image], [instruction], budget, stage)[0]
+        answer = Answer(instruction=instruction, text=text, task=task, stage=stage)
         if task == "detection":
             answer.grid_box = parse_box(text)
             if answer.grid_box is not None:
                 answer.pixel_box = grid_to_pixel(answer.grid_box, width, height)
         elif task == "question":
-            answer.p_yes = self._p_yes([image], [instruction])[0]
+            answer.p_yes = self._p_yes([image], [instruction], stage)[0]
         answer.message = describe_answer(answer, width, height)
+        if stage is not None:
+            answer.message += f"\n\n*Answered by {STAGE_LABELS[stage]}.*"
         return answer
 
     def classify(self, image: np.ndarray) -> Answer:
@@ -571,6 +623,8 @@ class DemoService:
         """
         if slices.ndim != 3 or slices.shape[0] == 0:
             raise InputError("the volume has no slices to scan.")
+        if self.stages is not None:
+            return self._scan_cascade(slices, progress)
         count, height, width = slices.shape
         pancreas_q = detection_instruction(TARGET_NAMES["pancreas"])
         tumor_q = detection_instruction(TARGET_NAMES["tumor"])
@@ -601,6 +655,43 @@ class DemoService:
             progress(1.0, "scan finished")
         return ScanResult(rows)
 
+    def _scan_cascade(self, slices: np.ndarray, progress: Optional[Callable[[float, str], None]]) -> ScanResult:
+        """Three-stage mode: the cascade of ``eval_cascade.py`` on every slice, then the patient answer.
+
+        Stage 1 pancreas box → crop from the predicted box (as ``preprocessing tc`` cuts) → stage 2
+        P(tumor) → stage 3 tumor box where P(tumor) >= threshold; the slices' P(tumor) aggregated.
+        """
+        from minigpt4.evaluation.cascade import aggregate, run_cascade
+
+        count = slices.shape[0]
+        settings = self.cascade
+        step = max(1, self.scan_batch_size * 4)
+        results: list[dict] = []
+        for start in range(0, count, step):
+            if progress is not None:
+                progress(start / count, f"cascade on slices {start + 1}–{min(count, start + step)} of {count}")
+            with self._lock:
+                results += run_cascade(self.stages, [slices[i] for i in range(start, min(count, start + step))],
+                                       settings["threshold"], settings["crop_margin"], self.scan_batch_size)
+        rows = []
+        for index, r in enumerate(results):
+            asked = r["tumor_asked"]
+            rows.append(ScanRow(
+                slice_index=index,
+                p_tumor=r["p_tumor"],
+                classified_on="pancreas crop (predicted box)" if r["p_tumor"] is not None else "no pancreas box",
+                pancreas_box=None if r["pancreas_box"] is None else tuple(r["pancreas_box"]),
+                tumor_box=None if r["tumor_box"] is None else tuple(r["tumor_box"]),
+                pancreas_answer=r["pancreas_answer"],
+                tumor_answer=r["tumor_answer"] if asked else "(not asked: P(tumor) below the threshold)",
+            ))
+        score = aggregate([r.p_tumor for r in rows], settings["aggregation"], settings["top_k"])
+        patient = {"aggregation": settings["aggregation"], "top_k": settings["top_k"], "score": score,
+                   "threshold": settings["threshold"], "tumor": score >= settings["threshold"]}
+        if progress is not None:
+            progress(1.0, "scan finished")
+        return ScanResult(rows, patient)
+
 
 def make_private_workdir(prefix: str = "minigpt_pancreas_demo_") -> Path:
     """A fresh temp folder readable only by this user (``mkdtemp`` uses mode 0700 and a random
@@ -613,10 +704,45 @@ def _is_random_init(model_cfg: Any) -> bool:
     return model_cfg.text.path is None and model_cfg.vision.weights is None
 
 
+def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limits: Limits) -> Optional[DemoService]:
+    """Three-stage mode (``cascade.stages``, no ``model.ckpt``); None when a tiny random-init
+    model lacks a stage checkpoint (the caller then serves random weights with a warning)."""
+    from minigpt4.config import CASCADE_STAGES
+    from minigpt4.models.stages import load_stages
+    from minigpt4.utils import resolve_device
+
+    missing = [s for s in CASCADE_STAGES if s not in stage_paths]
+    if missing:
+        raise ValueError(f"cascade.stages.{missing[0]} is not set: the three-stage demo needs all three stages "
+                         "(or set model.ckpt to serve one checkpoint for every task)")
+    absent = {s: p for s, p in stage_paths.items() if not Path(p).exists()}
+    if absent:
+        if _is_random_init(cfg.model):
+            return None
+        stage, path = next(iter(absent.items()))
+        raise FileNotFoundError(f"cascade.stages.{stage} {path} not found (cwd {Path.cwd()}); train the cascade first")
+    resolved = resolve_device(device or cfg.run.device)
+    stages = load_stages(cfg.model, stage_paths, device=resolved)
+    casc = cfg.cascade
+    threshold = 0.5 if casc.threshold is None else casc.threshold
+    aggregation = "max" if casc.aggregation == "auto" else casc.aggregation
+    listed = "; ".join(f"{STAGE_LABELS[s]} `{p}`" for s, p in stage_paths.items())
+    description = (f"three stages on one base — {listed} (image {cfg.model.vision.image_size}px, LLaMA "
+                   f"{cfg.model.text.num_layers}×{cfg.model.text.hidden_size}) on {resolved}; greedy decoding; "
+                   f"volume scan: threshold {threshold:g}{' (cascade.threshold unset: 0.5)' if casc.threshold is None else ''}, "
+                   f"aggregation {aggregation}.")
+    return DemoService(
+        stages.model, max_new_tokens=cfg.model.max_new_tokens, limits=limits, description=description, stages=stages,
+        cascade={"threshold": threshold, "aggregation": aggregation, "top_k": casc.top_k, "crop_margin": casc.crop_margin},
+    )
+
+
 def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits()) -> DemoService:
     """Build the configured model and wrap it for the demo.
 
-    ``model.ckpt`` is the checkpoint served (any stage, or the quickstart's). When it is missing:
+    ``model.ckpt`` is the checkpoint served (any stage, or the quickstart's) for every task.
+    Without it, ``cascade.stages`` serves the three stages on one base (three-stage mode: each
+    task routed to its stage, the volume scan runs the cascade). When a checkpoint is missing:
     a random-init (tiny) model starts anyway with random weights and a visible warning; a
     full-size model raises, because serving the untuned base model silently is the release's
     defect. With no ``model.ckpt`` at all the app shows a warning that the base weights are served.
@@ -632,6 +758,12 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
     from minigpt4.utils import resolve_device
 
     model_cfg = cfg.model
+    stage_paths = cfg.cascade.stages.configured() if hasattr(cfg, "cascade") else {}
+    if stage_paths and model_cfg.ckpt is None:
+        service = _load_stage_service(cfg, stage_paths, device, limits)
+        if service is not None:
+            return service
+        model_cfg.ckpt = stage_paths.get("tumor_detection") or next(iter(stage_paths.values()))
     warning = None
     ckpt = model_cfg.ckpt
     if ckpt is not None and not Path(ckpt).exists():

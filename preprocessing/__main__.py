@@ -43,9 +43,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-ratio", type=float, default=0.1, help="fraction of the training volumes used for validation")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--balanced", action="store_true", help="also write *_balanced_* sets with target-free slices")
+    p.add_argument("--all-slices", action="store_true",
+                   help="write a PNG of every slice, also those without a target (needed by eval_cascade.py)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail")
-    p.add_argument("--overwrite", action="store_true", help="replace a folder prepared with other parameters")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a folder prepared with other parameters, or write into a non-empty folder "
+                        "without manifest.json (its own files are kept)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True)
         p.add_argument("--label-map", nargs="+", metavar="NAME=N",
                        help="label numbers of another scheme, e.g. liver=5 kidney=2 spleen=1 pancreas=7")
+        p.add_argument("--assume-orientation", metavar="CODES",
+                       help="axis codes (RAS, LPS, ...) of NIfTI files whose header has no orientation "
+                            "(qform_code = sform_code = 0); such files are refused without it")
         _common(p)
     p = sub.add_parser("tc", help="tumor-classification crops from prepared MSD and NIH folders")
     p.add_argument("--msd", required=True)
@@ -88,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orient", default="RAS", help="storage orientation (nibabel axis codes), e.g. RAS, LPS, LAS")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nih-format", choices=("dicom", "nifti"), default="dicom")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder without manifest.json (its own files are kept)")
     p = sub.add_parser("report", help="slices per threshold (Appendix Table 1)")
     p.add_argument("folders", nargs="+")
     return parser
@@ -101,13 +110,16 @@ def run(args: argparse.Namespace) -> int:
         opts = Options(dataset=args.command.upper(), images=images, labels=args.labels, out=args.out,
                        normalization=args.normalization, window=tuple(args.window), threshold=args.threshold,
                        test_ratio=args.test_ratio, val_ratio=args.val_ratio, seed=args.seed,
-                       balanced=args.balanced, label_map=_label_map(args.label_map), on_error=args.on_error,
-                       workers=args.workers, overwrite=args.overwrite)
+                       balanced=args.balanced, all_slices=args.all_slices, label_map=_label_map(args.label_map),
+                       on_error=args.on_error,
+                       workers=args.workers, overwrite=args.overwrite,
+                       assume_orientation=args.assume_orientation)
         prepare(opts)
     elif args.command == "synthetic":
         from preprocessing.synthetic import generate
 
-        res = generate(args.out, args.scheme, args.n, args.slices, args.size, args.orient, args.seed, args.nih_format)
+        res = generate(args.out, args.scheme, args.n, args.slices, args.size, args.orient, args.seed, args.nih_format,
+                       overwrite=args.overwrite)
         print(f"next: python -m preprocessing {args.scheme} --images {res['images']} --labels {res['labels']} --out OUT")
     elif args.command == "tc":
         from preprocessing.tc import build_tc

@@ -114,3 +114,37 @@ def read_prepared(root: str | os.PathLike, task: str, split: str, threshold: Opt
         rec["image"] = str(root / rec["image"])
         out.append(rec)
     return out
+
+
+def read_volumes(root: str | os.PathLike, split: str) -> dict[str, list[dict]]:
+    """Every slice of every volume of ``split`` (``<DS>_slices_info.json`` + ``split.json``).
+
+    Unlike :func:`read_prepared` nothing is selected: slices without a target are included
+    (``eval_cascade.py`` scans whole volumes). MSD / NIH / ABD folders only.
+
+    Returns:
+        ``{volume_name: [slice-info record, ...]}`` by volume name, each list by ``slice_index``;
+        ``image`` is an absolute path string, or None for a slice whose PNG was not written
+        (folders prepared without ``--all-slices`` have PNGs of target slices only).
+
+    Raises:
+        FileNotFoundError / ValueError: as :func:`read_prepared`; also a TC folder.
+    """
+    root = Path(root).resolve()
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+    dataset = _manifest(root)["dataset"]
+    if dataset == "TC":
+        raise ValueError(f"{root}: a TC folder holds crops, not whole volumes; give a prepared MSD or NIH folder")
+    infos = read_json(root / "annotations" / f"{dataset}_slices_info.json")
+    split_doc = read_json(root / "annotations" / "split.json")
+    if split not in split_doc:
+        raise ValueError(f"{root / 'annotations' / 'split.json'}: no {split!r} list")
+    wanted = set(split_doc[split])
+    volumes: dict[str, list[dict]] = {}
+    for rec in infos:
+        if rec["volume_name"] in wanted:
+            rec = dict(rec)
+            rec["image"] = str(root / rec["image"]) if rec.get("image") else None
+            volumes.setdefault(rec["volume_name"], []).append(rec)
+    return {name: sorted(recs, key=lambda r: r["slice_index"]) for name, recs in sorted(volumes.items())}

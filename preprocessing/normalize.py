@@ -16,6 +16,9 @@ import numpy as np
 
 METHODS = ("paper", "window")
 DEFAULT_WINDOW = (-150.0, 250.0)
+# Above this HU range a slice's histogram is built over its distinct values instead (same result:
+# the equalisation only depends on ranks); keeps a stray 1e9 voxel from allocating gigabytes.
+MAX_HISTOGRAM_BINS = 1 << 17
 
 
 def equalize(slice_hu: np.ndarray, low_pct: float = 2.0, high_pct: float = 98.0) -> np.ndarray:
@@ -33,11 +36,16 @@ def equalize(slice_hu: np.ndarray, low_pct: float = 2.0, high_pct: float = 98.0)
     """
     slice_hu = np.asarray(slice_hu)
     if np.issubdtype(slice_hu.dtype, np.integer):
-        values = slice_hu.astype(np.int32)
+        values = slice_hu.astype(np.int64)
     else:
-        values = np.rint(slice_hu.astype(np.float32)).astype(np.int32)
-    vmin = int(values.min())
-    shifted = values - vmin
+        if not np.isfinite(slice_hu).all():
+            raise ValueError("slice has NaN/Inf values")
+        values = np.rint(slice_hu.astype(np.float32))
+    vmin = values.min()
+    if float(values.max()) - float(vmin) <= MAX_HISTOGRAM_BINS:
+        shifted = (values - vmin).astype(np.intp)
+    else:  # a few extreme values: histogram over the distinct values (ranks), not over the range
+        shifted = np.unique(values, return_inverse=True)[1].reshape(values.shape)
     hist = np.bincount(shifted.ravel())
     cdf = np.cumsum(hist)
     n = int(cdf[-1])

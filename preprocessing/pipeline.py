@@ -53,14 +53,18 @@ class Options:
     val_ratio: float = 0.1
     seed: int = 42
     balanced: bool = False
+    all_slices: bool = False
+    """Write a PNG of every slice, not only those with a target (``eval_cascade.py`` needs every
+    slice of the val/test volumes: a clinician's scan has no ground truth to skip slices by)."""
     label_map: Optional[dict] = None
     on_error: str = "fail"
     workers: int = 1
     overwrite: bool = False
+    assume_orientation: Optional[str] = None
 
     def parameters(self) -> dict:
-        """What determines the output (workers/overwrite do not)."""
-        return {
+        """What determines the output (on_error/workers/overwrite only say how to run)."""
+        params = {
             "dataset": self.dataset,
             "images": [str(Path(p).resolve()) for p in self.images],
             "labels": str(Path(self.labels).resolve()),
@@ -72,8 +76,13 @@ class Options:
             "seed": int(self.seed),
             "balanced": bool(self.balanced),
             "label_map": dict(self.label_map or DEFAULT_LABELS[self.dataset]),
-            "on_error": self.on_error,
         }
+        # only when given, so folders prepared before these options still match
+        if self.assume_orientation:
+            params["assume_orientation"] = self.assume_orientation
+        if self.all_slices:
+            params["all_slices"] = True
+        return params
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -93,11 +102,22 @@ class Job:
     out: str = ""
     balanced: bool = False
     seed: int = 42
+    assume_orientation: Optional[str] = None
+    all_slices: bool = False
 
 
-def _number(name: str) -> Optional[int]:
-    digits = re.findall(r"\d+", name)
-    return int(digits[-1]) if digits else None
+NO_PATIENT_NUMBER = "no 4-digit patient number in the name (expected e.g. PANCREAS_0001 or label0001.nii.gz)"
+
+
+def patient_number(name: str, path) -> Optional[int]:
+    """NIH pairing rule: the patient number is the one run of exactly four digits in the name
+    (``PANCREAS_0001``, ``label0001``, ``ct_0001_5mm`` → 1); other digit runs (``5mm``, a
+    date ``20151124``) are ignored. None when there is no such run; several → error."""
+    runs = re.findall(r"(?<!\d)\d{4}(?!\d)", name)
+    if len(runs) > 1:
+        raise PreparationError(f"{path}: ambiguous patient number (several 4-digit numbers {runs} in the name); "
+                               "rename it so that only the patient number has 4 digits, e.g. PANCREAS_0001")
+    return int(runs[0]) if runs else None
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -132,12 +152,20 @@ def discover(opts: Options) -> tuple[list[Job], list[dict]]:
                 pairs.append((name, p, label, "nifti"))
         for name in sorted(set(labels) - used):
             problems.append({"volume": name, "file": str(labels[name]), "reason": "label without image"})
-    else:  # NIH: DICOM series folders or NIfTI images, labels label00XX.nii.gz, paired by number
-        labels = {}
+    else:  # NIH: DICOM series folders or NIfTI images, labels label00XX.nii.gz, paired by patient number
+        labels: dict[int, Path] = {}
         for p in _visible(label_dir):
-            if volumes.is_nifti(p) and _number(p.name) is not None:
-                labels[_number(volumes.nifti_stem(p))] = p
-        used = set()
+            if not volumes.is_nifti(p):
+                continue
+            number = patient_number(volumes.nifti_stem(p), p)
+            if number is None:
+                problems.append({"volume": p.name, "file": str(p), "reason": NO_PATIENT_NUMBER})
+                continue
+            if number in labels:
+                raise PreparationError(f"{labels[number]} and {p}: two labels for patient {number:04d}; "
+                                       "keep one label file per patient")
+            labels[number] = p
+        images_by_number: dict[int, Path] = {}
         for folder in image_dirs:
             for p in _visible(folder):
                 if p.is_dir():
@@ -146,19 +174,23 @@ def discover(opts: Options) -> tuple[list[Job], list[dict]]:
                     kind = "nifti"
                 else:
                     continue
-                number = _number(volumes.nifti_stem(p) if kind == "nifti" else p.name)
+                number = patient_number(volumes.nifti_stem(p) if kind == "nifti" else p.name, p)
                 if number is None:
-                    problems.append({"volume": p.name, "file": str(p), "reason": "no patient number in the name"})
+                    problems.append({"volume": p.name, "file": str(p), "reason": NO_PATIENT_NUMBER})
                     continue
-                used.add(number)
+                if number in images_by_number:
+                    raise PreparationError(f"{images_by_number[number]} and {p}: two images for patient "
+                                           f"{number:04d}; keep one image (series) per patient")
+                images_by_number[number] = p
                 pairs.append((f"PANCREAS_{number:04d}", p, labels.get(number), kind))
-        for number in sorted(set(labels) - used):
+        for number in sorted(set(labels) - set(images_by_number)):
             problems.append({"volume": f"PANCREAS_{number:04d}", "file": str(labels[number]),
                              "reason": "label without image"})
     names = [n for n, *_ in pairs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise PreparationError(f"{', '.join(map(str, opts.images))}: several images for volume(s) {dup}")
+        files = [str(image) for n, image, *_ in pairs if n in dup]
+        raise PreparationError(f"several images for volume(s) {dup}: {', '.join(files[:6])}; keep one per volume")
     if not pairs:
         raise PreparationError(f"{', '.join(map(str, opts.images))}: no {ds} images found "
                                f"(expected {'*.nii.gz' if ds != 'NIH' else 'DICOM series folders or *.nii.gz'})")
@@ -169,7 +201,8 @@ def discover(opts: Options) -> tuple[list[Job], list[dict]]:
             problems.append({"volume": name, "file": str(image), "reason": f"missing label file in {label_dir}"})
             continue
         jobs.append(Job(ds, name, str(image), str(label), kind, label_map, opts.label_map is None,
-                        opts.normalization, tuple(opts.window), str(opts.out), opts.balanced, opts.seed))
+                        opts.normalization, tuple(opts.window), str(opts.out), opts.balanced, opts.seed,
+                        assume_orientation=opts.assume_orientation, all_slices=opts.all_slices))
     return jobs, problems
 
 
@@ -244,8 +277,9 @@ def process_volume(job: Job) -> dict:
         if job.kind == "dicom":
             image = volumes.read_dicom_series(job.image)
         else:
-            image = volumes.load_nifti(job.image)
-        label_vol = volumes.load_nifti(job.label)
+            image = volumes.load_nifti(job.image, assume_orientation=job.assume_orientation)
+        volumes.check_intensities(image)
+        label_vol = volumes.load_nifti(job.label, assume_orientation=job.assume_orientation)
         label = volumes.label_array(label_vol)
         label = volumes.align_label_to_image(label, label_vol.affine, image.array.shape, image.affine,
                                              job.label, job.image)
@@ -264,7 +298,9 @@ def process_volume(job: Job) -> dict:
     for m in masks.values():
         present |= m.any(axis=(0, 1))
     write = np.nonzero(present)[0]
-    if job.balanced:
+    if job.all_slices:
+        write = np.arange(present.size)
+    elif job.balanced:
         write = np.union1d(write, _negatives(job, np.nonzero(~present)[0], int(present.sum())))
     t2 = time.perf_counter()
     out = Path(job.out)
@@ -272,7 +308,10 @@ def process_volume(job: Job) -> dict:
         hu = image_d[:, :, k]
         if image.slope != 1.0 or image.inter != 0.0:
             hu = hu.astype(np.float32) * np.float32(image.slope) + np.float32(image.inter)
-        pixels = normalize.normalize_slice(hu, job.normalization, job.window)
+        try:
+            pixels = normalize.normalize_slice(hu, job.normalization, job.window)
+        except ValueError as err:  # e.g. NaN introduced by scaling: one volume's problem, --on-error applies
+            return {"volume": job.volume_name, "error": {"file": job.image, "problem": f"slice {k}: {err}"}}
         rel = slices.png_name(job.volume_name, k)
         with atomic_path(out / rel) as tmp:
             tmp.write_bytes(encode_png(pixels))
@@ -295,32 +334,111 @@ def versions() -> dict:
             "pydicom": pydicom.__version__, "pillow": PIL.__version__}
 
 
-def check_output_folder(out: Path, parameters: dict, overwrite: bool) -> None:
-    """Refuse an output folder made with other parameters unless ``overwrite``."""
-    manifest = out / "manifest.json"
-    if manifest.is_file() and not overwrite:
+# Options that say how a run behaves, not what it writes: a re-run may change them freely.
+RUN_OPTIONS = ("on_error", "workers", "overwrite", "progress")
+PREPARED_KINDS = ("MSD", "NIH", "ABD", "TC")
+_OWN_PNG = re.compile(r"slices/(?P<volume>.+)_slice_\d+\.png")
+_TEMP = re.compile(r"\..+\.tmp")  # minigpt4.io.atomic_path leftovers of an interrupted run
+
+
+def check_not_input(out, inputs: Sequence) -> None:
+    """Refuse an output folder that equals, contains or lies inside an input (file or folder)."""
+    out_abs = Path(out).resolve()
+    for item in inputs:
+        if not item:
+            continue
+        src = Path(item).resolve()
+        if out_abs == src or out_abs in src.parents or src in out_abs.parents:
+            raise PreparationError(f"{out}: --out must not equal, contain or lie inside the input {item}; "
+                                   "choose a separate output folder")
+
+
+def _owned(out: Path, manifest: dict) -> set[str]:
+    """Files (relative paths) of ``out`` that its manifest says a run of this package wrote.
+
+    ``files`` lists a finished run's outputs; an unfinished run also owns the PNGs of
+    ``volumes_in_progress``. Manifests written before ``files`` existed own what that version
+    treated as its own: ``slices/*_slice_<N>.png`` and ``annotations/*.json``.
+    """
+    existing = set()
+    for folder in ("slices", "annotations"):
+        if (out / folder).is_dir():
+            existing.update(f"{folder}/{p.name}" for p in (out / folder).iterdir() if p.is_file())
+    if "files" not in manifest:
+        return {f for f in existing if _OWN_PNG.fullmatch(f) or re.fullmatch(r"annotations/[^/]+\.json", f)}
+    owned = set(manifest["files"]) & existing
+    pending = set(manifest.get("volumes_in_progress") or ())
+    owned.update(f for f in existing if (m := _OWN_PNG.fullmatch(f)) and m["volume"] in pending)
+    return owned
+
+
+def check_output_folder(out: Path, parameters: dict, overwrite: bool, inputs: Sequence = (),
+                        kinds: Sequence[str] = PREPARED_KINDS) -> set[str]:
+    """Check that a run may write into ``out``; returns the files there that earlier runs wrote.
+
+    Rules: ``out`` must not equal, contain or lie inside an input; a folder with a manifest of
+    this package (``dataset`` in ``kinds``) made with other parameters is refused unless
+    ``overwrite``; a non-empty folder without a manifest is refused unless ``overwrite``, and
+    even then its files are never deleted or replaced (see :func:`check_no_foreign`).
+    """
+    out = Path(out)
+    check_not_input(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise PreparationError(f"{out}: --out exists and is not a folder")
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
         try:
-            old = read_json(manifest).get("parameters")
+            old = read_json(manifest_path)
         except ValueError:
             old = None
-        if old != parameters:
-            diff = sorted(k for k in set(parameters) | set(old or {}) if (old or {}).get(k) != parameters.get(k))
+        if not isinstance(old, dict) or old.get("dataset") not in kinds or not isinstance(old.get("parameters"), dict):
+            raise PreparationError(f"{manifest_path}: not a manifest written by python -m preprocessing for "
+                                   f"{'/'.join(kinds)}; choose another --out")
+        old_params = {k: v for k, v in old["parameters"].items() if k not in RUN_OPTIONS}
+        new_params = {k: v for k, v in parameters.items() if k not in RUN_OPTIONS}
+        if old_params != new_params and not overwrite:
+            diff = sorted(k for k in set(new_params) | set(old_params) if old_params.get(k) != new_params.get(k))
             raise PreparationError(f"{out}: folder was prepared with different parameters ({', '.join(diff)}); "
                                    "use --overwrite to replace it or choose another --out")
+        return _owned(out, old)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise PreparationError(f"{out}: folder is not empty and has no manifest.json (not written by "
+                               "python -m preprocessing); choose an empty or new --out, or add --overwrite to "
+                               "write next to its files (they are kept)")
+    return set()
 
 
-def clean_stale(out: Path, keep: set[str]) -> int:
-    """Remove PNGs of earlier runs that this run did not write, and temporary leftovers."""
+def check_no_foreign(out: Path, owned: set[str], would_write) -> None:
+    """Refuse to replace a file in ``slices/`` or ``annotations/`` that no run of ours wrote.
+
+    ``would_write(rel)`` says whether this run may write the relative path ``rel``.
+    """
+    foreign = []
+    for folder in ("slices", "annotations"):
+        if (out / folder).is_dir():
+            foreign += sorted(rel for p in (out / folder).iterdir()
+                              if (rel := f"{folder}/{p.name}") not in owned and would_write(rel))
+    if foreign:
+        raise PreparationError(f"{out}: would replace {len(foreign)} file(s) that python -m preprocessing did not "
+                               f"write ({', '.join(foreign[:5])}); move them away or choose another --out")
+
+
+def clean_stale(out: Path, owned: set[str], keep: set[str], temporaries: bool = True) -> int:
+    """Remove the files earlier runs wrote (``owned``) that this run did not write (``keep``),
+    and (``temporaries``: the folder had our manifest) temporary leftovers of an interrupted
+    run; never anything else."""
     removed = 0
+    for rel in sorted(owned - keep):
+        path = out / rel
+        if path.is_file():
+            path.unlink()
+            removed += 1
     for folder in (out / "slices", out / "annotations"):
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            rel = f"{folder.name}/{p.name}"
-            stale_png = folder.name == "slices" and re.fullmatch(r".+_slice_\d+\.png", p.name) and rel not in keep
-            if stale_png or (p.name.startswith(".") and p.name.endswith(".tmp")):
-                p.unlink()
-                removed += 1
+        if temporaries and folder.is_dir():
+            for p in folder.iterdir():
+                if _TEMP.fullmatch(p.name) and p.is_file():
+                    p.unlink()
+                    removed += 1
     return removed
 
 
@@ -335,14 +453,30 @@ def run_jobs(jobs: Sequence, worker, workers: int):
         return pool.map(worker, jobs, chunksize=1)
 
 
-def write_selections(ann: Path, dataset: str, infos: list[dict], split: dict, threshold: float,
-                     seed: int, balanced: bool) -> dict:
-    """Write ``<DS>_{split}.json`` (+ tumor, + balanced) with :func:`slices.select_records`."""
-    counts = {}
+def _selection_sets(dataset: str) -> list[tuple[str, str]]:
+    """(file prefix, target) of the selected sets; the first is the dataset's main task."""
     sets = [(dataset, "organs" if dataset == "ABD" else "pancreas")]
     if dataset == "MSD":
         sets.append(("MSD_tumor", "tumor"))
-    for prefix, target in sets:
+    return sets
+
+
+def annotation_files(dataset: str, balanced: bool) -> set[str]:
+    """Relative paths of every annotation file a run writes."""
+    names = {f"annotations/{dataset}_slices_info.json", "annotations/split.json"}
+    for prefix, target in _selection_sets(dataset):
+        names.update(f"annotations/{prefix}_{s}.json" for s in splits.SPLITS)
+        if balanced and target != "organs":
+            names.update(f"annotations/{prefix}_balanced_{s}.json" for s in splits.SPLITS)
+    return names
+
+
+def write_selections(ann: Path, dataset: str, infos: list[dict], split: dict, threshold: float,
+                     seed: int, balanced: bool) -> dict:
+    """Write ``<DS>_{split}.json`` (+ tumor, + balanced) with :func:`slices.select_records`.
+    Balanced sets of an earlier ``--balanced`` run are removed by :func:`clean_stale`."""
+    counts = {}
+    for prefix, target in _selection_sets(dataset):
         for s in splits.SPLITS:
             selected = slices.select_records(infos, split[s], target, threshold, seed=seed)
             write_json_atomic(ann / f"{prefix}_{s}.json", selected)
@@ -352,9 +486,45 @@ def write_selections(ann: Path, dataset: str, infos: list[dict], split: dict, th
                 bal = slices.select_balanced(infos, split[s], target, threshold, seed=seed)
                 write_json_atomic(balanced_path, bal)
                 counts[f"{prefix}_balanced_{s}"] = len(bal)
-            elif balanced_path.exists():  # left by an earlier --balanced run of this folder
-                balanced_path.unlink()
     return counts
+
+
+def check_splits_not_empty(out: Path, dataset: str, infos: list[dict], split: dict, threshold: float,
+                           seed: int, without_target: Sequence[str]) -> None:
+    """Stop when a split that received volumes selects no slice of the dataset's main task."""
+    prefix, target = _selection_sets(dataset)[0]
+    empty = set(without_target)
+    for s in splits.SPLITS:
+        if split[s] and not slices.select_records(infos, split[s], target, threshold, seed=seed):
+            names = split[s]
+            no_target = [v for v in names if v in empty]
+            raise PreparationError(
+                f"{out}: the {s} split ({len(names)} volume(s): {', '.join(names[:5])}"
+                f"{', ...' if len(names) > 5 else ''}) has no selected slice for {prefix}_{s}.json "
+                f"({len(no_target)} of its volumes have no {target} at all"
+                f"{': ' + ', '.join(no_target[:5]) if no_target else ''}); lower --threshold, add labelled "
+                "volumes or change --test-ratio/--val-ratio")
+
+
+def check_label_map(dataset: str, label_map: dict) -> None:
+    """``--label-map``: exactly the dataset's targets, distinct positive label values."""
+    missing = [t for t in slices.DATASET_TARGETS[dataset] if t not in label_map]
+    extra = [t for t in label_map if t not in slices.DATASET_TARGETS[dataset]]
+    if missing or extra:
+        raise PreparationError(f"--label-map must give exactly {list(slices.DATASET_TARGETS[dataset])} "
+                               f"(missing {missing}, unknown {extra})")
+    background = [t for t, v in label_map.items() if int(v) <= 0]
+    if background:
+        raise PreparationError(f"--label-map: {', '.join(f'{t}={label_map[t]}' for t in background)} is the "
+                               "background value (0) or negative; give each target its positive label number")
+    by_value: dict = {}
+    for target, value in label_map.items():
+        by_value.setdefault(int(value), []).append(target)
+    shared = {v: ts for v, ts in by_value.items() if len(ts) > 1}
+    if shared:
+        raise PreparationError("--label-map: targets share a label value ("
+                               + "; ".join(f"{' and '.join(ts)} = {v}" for v, ts in sorted(shared.items()))
+                               + "); each target needs its own label number")
 
 
 def prepare(opts: Options, log=print) -> dict:
@@ -373,26 +543,31 @@ def prepare(opts: Options, log=print) -> dict:
         raise PreparationError(f"--on-error must be fail or skip, got {opts.on_error!r}")
     slices._check_threshold(opts.threshold)
     if opts.label_map is not None:
-        missing = [t for t in slices.DATASET_TARGETS[ds] if t not in opts.label_map]
-        extra = [t for t in opts.label_map if t not in slices.DATASET_TARGETS[ds]]
-        if missing or extra:
-            raise PreparationError(f"--label-map must give exactly {list(slices.DATASET_TARGETS[ds])} "
-                                   f"(missing {missing}, unknown {extra})")
+        check_label_map(ds, opts.label_map)
+    if opts.assume_orientation:
+        volumes.orientation_codes(opts.assume_orientation)
     out = Path(opts.out)
     params = opts.parameters()
-    check_output_folder(out, params, opts.overwrite)
-    jobs, problems = discover(opts)
+    jobs, problems = discover(opts)  # first: a missing input folder is the error to report
+    ours = (out / "manifest.json").is_file()
+    owned = check_output_folder(out, params, opts.overwrite, inputs=[*opts.images, opts.labels])
     problems.sort(key=lambda p: p["volume"])
     if problems and opts.on_error == "fail":
         if len(problems) == 1:
             raise VolumeError(problems[0]["file"], problems[0]["reason"])
         raise PreparationError(f"{len(problems)} unpaired inputs (use --on-error skip to go on without them): "
                                + "; ".join(f"{p['file']}: {p['reason']}" for p in problems[:10]))
+    names = {j.volume_name for j in jobs}
+    planned = annotation_files(ds, opts.balanced)
+    check_no_foreign(out, owned, lambda rel: rel in planned
+                     or bool((m := _OWN_PNG.fullmatch(rel)) and m["volume"] in names))
     ann = out / "annotations"
     ann.mkdir(parents=True, exist_ok=True)
     (out / "slices").mkdir(parents=True, exist_ok=True)
-    # Marks the folder as in progress: read_prepared refuses it until the final manifest.
-    write_json_atomic(out / "manifest.json", {"dataset": ds, "status": "incomplete", "parameters": params})
+    # Marks the folder as in progress (read_prepared refuses it until the final manifest) and
+    # records what this run may write, so that a re-run after an interruption may replace it.
+    write_json_atomic(out / "manifest.json", {"dataset": ds, "status": "incomplete", "parameters": params,
+                                              "files": sorted(owned), "volumes_in_progress": sorted(names)})
     workers = max(1, int(opts.workers or os.cpu_count() or 1))
     log(f"{ds}: {len(jobs)} volumes, {workers} worker(s) → {out}")
     results = run_jobs(jobs, process_volume, workers)
@@ -415,19 +590,33 @@ def prepare(opts: Options, log=print) -> dict:
     if not done:
         raise PreparationError(f"{out}: no volume could be prepared ({len(skipped)} skipped)")
     split = splits.split_volumes(done, opts.test_ratio, opts.val_ratio, opts.seed)
+    check_splits_not_empty(out, ds, infos, split, opts.threshold, opts.seed, without_target)
+    for s, ratio in (("test", opts.test_ratio), ("val", opts.val_ratio)):
+        if ratio > 0 and not split[s]:  # a warning only: tiny phantom sets and benchmarks do this on purpose
+            log(f"warning: the {s} split got no volume (--{s}-ratio {ratio:g} of {len(done)} volume(s) rounds to 0)")
     write_json_atomic(ann / f"{ds}_slices_info.json", infos)
     write_json_atomic(ann / "split.json", split)
     counts = write_selections(ann, ds, infos, split, opts.threshold, opts.seed, opts.balanced)
-    removed = clean_stale(out, written)
+    files = written | {f"annotations/{ds}_slices_info.json", "annotations/split.json"} \
+        | {f"annotations/{k}.json" for k in counts}
+    # Every existing PNG of this run's volumes is ours (check_no_foreign refused foreign ones),
+    # including those of a volume that failed half-way.
+    removed = clean_stale(out, owned | _owned(out, {"files": [], "volumes_in_progress": names}), files,
+                          temporaries=ours)
     timings["wall_s"] = time.perf_counter() - t_start
     manifest = {
         "dataset": ds, "status": "complete", "parameters": params, "versions": versions(),
+        "run": {"on_error": opts.on_error, "workers": workers},
         "counts": {"volumes": len(done), "slices": len(infos), "pngs": len(written),
                    "split_volumes": {s: len(split[s]) for s in splits.SPLITS}, **counts},
         "skipped": skipped, "volumes_without_target": without_target, "stale_files_removed": removed,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "timings": {k: round(v, 3) for k, v in timings.items()}, "files": sorted(files),
     }
     write_json_atomic(out / "manifest.json", manifest)
+    empty_note = f" ({', '.join(without_target[:5])}{', ...' if len(without_target) > 5 else ''})" \
+        if without_target else ""
     log(f"{ds}: {len(done)} volumes, {len(written)} PNGs, selected "
-        + ", ".join(f"{k}={v}" for k, v in counts.items()) + f" ({timings['wall_s']:.1f} s)")
+        + ", ".join(f"{k}={v}" for k, v in counts.items())
+        + f"; {len(skipped)} skipped, {len(without_target)} without target{empty_note}"
+        + (" (see manifest.json 'skipped')" if skipped else "") + f" ({timings['wall_s']:.1f} s)")
     return manifest

@@ -205,14 +205,66 @@ def write_dicom_series(folder: Path, hu: np.ndarray, spacing, patient: str, seed
         write_bytes_atomic(series_dir / f"1-{s - k:03d}.dcm", buf.getvalue())
 
 
+def _planned_files(scheme: str, n: int, n_slices: int, nih_format: str) -> list[str]:
+    """Relative paths :func:`generate` writes, in writing order."""
+    files = []
+    for i in range(1, n + 1):
+        if scheme == "msd":
+            files += [f"imagesTr/pancreas_{i:03d}.nii.gz", f"labelsTr/pancreas_{i:03d}.nii.gz"]
+        elif scheme == "nih":
+            if nih_format == "dicom":
+                files += [f"images/PANCREAS_{i:04d}/study/series/1-{n_slices - k:03d}.dcm" for k in range(n_slices)]
+            else:
+                files.append(f"images/PANCREAS_{i:04d}.nii.gz")
+            files.append(f"labels/label{i:04d}.nii.gz")
+        else:
+            files += [f"images/Case_{i:05d}_0000.nii.gz", f"masks/Case_{i:05d}.nii.gz"]
+    return files
+
+
+def _start_output(out: Path, planned: list[str], overwrite: bool) -> set[str]:
+    """Same rules as the prepared folders (``preprocessing.pipeline.check_output_folder``):
+    returns the files an earlier ``generate`` wrote here (its ``manifest.json`` lists them);
+    refuses a non-empty folder without that manifest unless ``overwrite``, and never replaces
+    a file it did not write."""
+    from minigpt4.io import read_json
+    from preprocessing.pipeline import PreparationError
+
+    manifest_path = out / "manifest.json"
+    owned: set[str] = set()
+    if manifest_path.is_file():
+        try:
+            old = read_json(manifest_path)
+        except ValueError:
+            old = None
+        if not isinstance(old, dict) or old.get("dataset") != "synthetic":
+            raise PreparationError(f"{manifest_path}: not a manifest of python -m preprocessing synthetic; "
+                                   "choose another --out")
+        owned = {f for f in old.get("files", []) if (out / f).is_file()}
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise PreparationError(f"{out}: folder is not empty and has no manifest.json of python -m preprocessing "
+                               "synthetic; choose an empty or new --out, or add --overwrite to write next to "
+                               "its files (they are kept)")
+    foreign = [f for f in planned if f not in owned and (out / f).exists()]
+    if foreign:
+        raise PreparationError(f"{out}: would replace {len(foreign)} file(s) it did not write "
+                               f"({', '.join(foreign[:5])}); move them away or choose another --out")
+    return owned
+
+
 def generate(out, scheme: str = "msd", n: int = 12, n_slices: int = 24, size: int = 128,
-             orient: str = "RAS", seed: int = 0, nih_format: str = "dicom", log=print) -> dict:
-    """Write ``n`` phantoms in ``scheme``'s layout under ``out``.
+             orient: str = "RAS", seed: int = 0, nih_format: str = "dicom", log=print,
+             overwrite: bool = False) -> dict:
+    """Write ``n`` phantoms in ``scheme``'s layout under ``out`` (+ ``manifest.json`` listing them).
+
+    A re-run into the same folder replaces and removes only the files its manifest lists.
 
     Returns:
         ``{"images": folder, "labels": folder, "volumes": [names]}`` (the arguments for
         ``python -m preprocessing <scheme>``).
     """
+    from minigpt4.io import write_json_atomic
+
     out = Path(out)
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
@@ -225,6 +277,11 @@ def generate(out, scheme: str = "msd", n: int = 12, n_slices: int = 24, size: in
         img_dir, lab_dir = out / "images", out / "masks"
     else:
         raise ValueError(f"unknown scheme {scheme!r}; choose msd, nih or abd")
+    planned = _planned_files(scheme, n, n_slices, nih_format)
+    owned = _start_output(out, planned, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "manifest.json", {"dataset": "synthetic", "status": "incomplete",
+                                              "files": sorted(owned | set(planned))})
     for i in range(1, n + 1):
         hu, label, spacing = phantom(size, n_slices, seed=seed * 100003 + i, scheme=scheme)
         lab_arr, lab_aff = stored(label, spacing, orient)
@@ -247,5 +304,17 @@ def generate(out, scheme: str = "msd", n: int = 12, n_slices: int = 24, size: in
             write_nifti(img_dir / f"{name}_0000.nii.gz", img_arr, img_aff)
             write_nifti(lab_dir / f"{name}.nii.gz", lab_arr, lab_aff)
         names.append(name)
+    for rel in sorted(owned - set(planned)):  # files of an earlier, larger run
+        path = out / rel
+        path.unlink()
+        for parent in path.parents:  # and the folders that held only them (DICOM series)
+            if parent == out or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    write_json_atomic(out / "manifest.json", {
+        "dataset": "synthetic", "status": "complete",
+        "parameters": {"scheme": scheme, "n": n, "slices": n_slices, "size": size, "orient": orient,
+                       "seed": seed, "nih_format": nih_format},
+        "files": sorted(planned)})
     log(f"wrote {n} {scheme} phantoms ({size}x{size}x{n_slices}, {orient}) to {out}")
     return {"images": str(img_dir), "labels": str(lab_dir), "volumes": names}

@@ -59,15 +59,26 @@ def _balance(yes: list, no: list, rng) -> tuple[list, list]:
     return pick(yes), pick(no)
 
 
-def _start(out: Path, params: dict, overwrite: bool) -> None:
-    pipeline.check_output_folder(out, params, overwrite)
+ANNOTATIONS = {f"annotations/TC_{s}.json" for s in splits.SPLITS} | {"annotations/split.json"}
+
+
+def _start(out: Path, params: dict, overwrite: bool, inputs, planned: set[str]) -> dict:
+    """Check the output folder (see :func:`pipeline.check_output_folder`) and mark it in progress;
+    returns what :func:`_finish` needs to remove only files of earlier runs."""
+    ours = (out / "manifest.json").is_file()
+    owned = pipeline.check_output_folder(out, params, overwrite, inputs=inputs)
+    planned = set(planned) | ANNOTATIONS
+    pipeline.check_no_foreign(out, owned, lambda rel: rel in planned)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     (out / "slices").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "manifest.json", {"dataset": "TC", "status": "incomplete", "parameters": params})
+    write_json_atomic(out / "manifest.json", {"dataset": "TC", "status": "incomplete", "parameters": params,
+                                              "files": sorted(owned | planned)})
+    return {"owned": owned | planned, "ours": ours}
 
 
-def _finish(out: Path, params: dict, per_split: dict, split_doc: dict, t0: float, extra: dict) -> dict:
-    written = set()
+def _finish(out: Path, params: dict, per_split: dict, split_doc: dict, t0: float, extra: dict,
+            state: dict) -> dict:
+    written = set(ANNOTATIONS)
     counts = {}
     for s in splits.SPLITS:
         rows = sorted(per_split[s], key=lambda r: (r["dataset"], r["volume_name"], r["slice_index"]))
@@ -78,10 +89,10 @@ def _finish(out: Path, params: dict, per_split: dict, split_doc: dict, t0: float
         counts[f"TC_{s}"] = len(rows)
         counts[f"TC_{s}_yes"] = sum(r["answer"] == "yes" for r in rows)
     write_json_atomic(out / "annotations" / "split.json", split_doc)
-    removed = pipeline.clean_stale(out, written)
+    removed = pipeline.clean_stale(out, state["owned"], written, temporaries=state["ours"])
     manifest = {"dataset": "TC", "status": "complete", "parameters": params, "versions": pipeline.versions(),
                 "counts": counts, "stale_files_removed": removed,
-                "timings": {"wall_s": round(time.perf_counter() - t0, 3)}, **extra}
+                "timings": {"wall_s": round(time.perf_counter() - t0, 3)}, **extra, "files": sorted(written)}
     write_json_atomic(out / "manifest.json", manifest)
     print("TC: " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f" → {out}")
     return manifest
@@ -116,12 +127,8 @@ def build_tc(msd, nih, out, variant: str = "paper", margin: int = 0, threshold: 
         sources["NIH"] = (nih_root, nih_infos, nih_split)
     params = {"variant": variant, "msd": str(msd_root), "nih": str(sources["NIH"][0]) if "NIH" in sources else None,
               "margin": int(margin), "threshold": float(threshold), "seed": int(seed)}
-    if out.resolve() in {v[0] for v in sources.values()}:
-        raise ValueError(f"{out}: --out must differ from the source folders")
-    _start(out, params, overwrite)
     rng = np.random.default_rng(seed)
-    per_split, split_doc = {}, {"seed": int(seed), "variant": variant,
-                                "sources": {k: str(v[0]) for k, v in sources.items()}}
+    chosen = {}
     for s in splits.SPLITS:
         cand = {ds: slices.select_records(infos, split[s], "pancreas", threshold, seed=seed)
                 for ds, (_, infos, split) in sources.items()}
@@ -130,7 +137,14 @@ def build_tc(msd, nih, out, variant: str = "paper", margin: int = 0, threshold: 
             no = [("NIH", r) for r in cand["NIH"]]
         else:
             no = [("MSD", r) for r in cand["MSD"] if r["pixels_tumor"] == 0]
-        yes, no = _balance(yes, no, rng)
+        chosen[s] = _balance(yes, no, rng)
+    planned = {slices.png_name(r["volume_name"], r["slice_index"])
+               for yes, no in chosen.values() for _, r in yes + no}
+    state = _start(out, params, overwrite, [v[0] for v in sources.values()], planned)
+    per_split, split_doc = {}, {"seed": int(seed), "variant": variant,
+                                "sources": {k: str(v[0]) for k, v in sources.items()}}
+    for s in splits.SPLITS:
+        yes, no = chosen[s]
         rows = []
         for answer, group in (("yes", yes), ("no", no)):
             for ds, r in group:
@@ -150,7 +164,7 @@ def build_tc(msd, nih, out, variant: str = "paper", margin: int = 0, threshold: 
         per_split[s] = rows
         split_doc[s] = sorted({r["volume_name"] for r in rows} | set(
             v for ds in sources for v in sources[ds][2][s]))
-    return _finish(out, params, per_split, split_doc, t0, {})
+    return _finish(out, params, per_split, split_doc, t0, {}, state)
 
 
 def _read_csv(images: Path, csv_path: Path) -> list[dict]:
@@ -208,17 +222,19 @@ def import_tc(images, out, csv_path: Optional[str] = None, test_ratio: float = 0
               "test_ratio": float(test_ratio), "val_ratio": float(val_ratio), "seed": int(seed)}
     split_doc = splits.split_volumes({r["volume_name"] for r in rows}, test_ratio, val_ratio, seed)
     where = splits.split_of(split_doc)
-    _start(out, params, overwrite)
-    per_split = {s: [] for s in splits.SPLITS}
     names = set()
+    for r in rows:
+        rel = f"slices/{r['file'].name}"
+        if rel in names:
+            raise ValueError(f"{r['file']}: two crops share the file name {r['file'].name}")
+        names.add(rel)
+    state = _start(out, params, overwrite, [images, csv_path], names)
+    per_split = {s: [] for s in splits.SPLITS}
     for r in rows:
         src = r["file"]
         if not src.is_file():
             raise FileNotFoundError(f"{src}: crop image not found")
         rel = f"slices/{src.name}"
-        if rel in names:
-            raise ValueError(f"{src}: two crops share the file name {src.name}")
-        names.add(rel)
         try:
             with Image.open(src) as im:
                 width, height = im.size
@@ -230,4 +246,4 @@ def import_tc(images, out, csv_path: Optional[str] = None, test_ratio: float = 0
             {"image": rel, "answer": r["answer"], "target": "tumor", "dataset": r["dataset"],
              "volume_name": r["volume_name"], "slice_index": r["slice_index"],
              "slice_id": f"{r['volume_name']}_slice_{r['slice_index']}", "width": width, "height": height})
-    return _finish(out, params, per_split, split_doc, t0, {})
+    return _finish(out, params, per_split, split_doc, t0, {}, state)

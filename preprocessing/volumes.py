@@ -105,13 +105,37 @@ class Volume:
     inter: float = 0.0
 
 
-def load_nifti(path: str | os.PathLike, scaled: bool = False) -> Volume:
+def orientation_codes(codes: str) -> tuple[str, str, str]:
+    """``"LPS"`` → ``("L", "P", "S")``; refuses anything but one of R/L, A/P, S/I per axis."""
+    letters = tuple(str(codes).strip().upper())
+    axes = [next((i for i, pair in enumerate(("RL", "AP", "SI")) if c in pair), None) for c in letters]
+    if len(letters) != 3 or None in axes or sorted(axes) != [0, 1, 2]:
+        raise ValueError(f"--assume-orientation must be three axis codes, one of R/L, A/P and S/I each "
+                         f"(e.g. RAS, LPS, LAS), got {codes!r}")
+    return letters  # type: ignore[return-value]
+
+
+def assumed_affine(codes: str, zooms) -> np.ndarray:
+    """(4, 4) voxel → RAS+ mm affine of a file stored with axis codes ``codes`` and voxel sizes ``zooms``."""
+    ornt = axcodes2ornt(orientation_codes(codes))
+    affine = np.eye(4)
+    affine[:3, :3] = 0.0
+    for i, (axis, flip) in enumerate(ornt):
+        affine[int(axis), i] = float(flip) * float(zooms[i])
+    return affine
+
+
+def load_nifti(path: str | os.PathLike, scaled: bool = False, assume_orientation: str | None = None) -> Volume:
     """Read a NIfTI file fully, turning every read failure into a :class:`VolumeError`.
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file.
         scaled: return HU floats (``True``) or the unscaled stored integers plus
             ``slope``/``inter`` (``False``, cheaper: scaling is applied per written slice).
+        assume_orientation: axis codes (``RAS``, ``LPS``, ...) for a file whose header has no
+            orientation (qform_code = sform_code = 0), which is refused without it: nibabel
+            would silently fall back to a default orientation (flipped slices and boxes).
+            Files with an orientation keep their own.
     """
     path = Path(path)
     if not path.is_file():
@@ -141,10 +165,45 @@ def load_nifti(path: str | os.PathLike, scaled: bool = False) -> Volume:
     if array.ndim == 4:
         array = array[..., 0]
     affine = img.affine
+    header = img.header
+    if "qform_code" in header and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        if not assume_orientation:
+            raise VolumeError(path, "no orientation in the header (qform_code = sform_code = 0), so left/right "
+                                    "and up/down are unknown; fix the header (set a qform/sform), or, when you "
+                                    "know how it is stored, give it to python -m preprocessing as "
+                                    "--assume-orientation RAS|LPS|...")
+        try:
+            affine = assumed_affine(assume_orientation, header.get_zooms()[:3])
+        except ValueError as err:
+            raise VolumeError(path, str(err)) from None
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise VolumeError(path, "invalid (singular or non-finite) affine")
     return Volume(array=array, affine=np.asarray(affine, dtype=np.float64), path=str(path),
                   slope=slope, inter=inter)
+
+
+# Hounsfield units a CT can hold (int16 and uint16 - 1024 storage); a value outside is not HU.
+HU_RANGE = (-32768.0, 65535.0)
+
+
+def check_intensities(volume: Volume) -> None:
+    """Refuse NaN/Inf voxels and values outside :data:`HU_RANGE` (naming the file): they would
+    break the normalisation, or a 1e9 voxel would size its histogram at gigabytes."""
+    data = volume.array
+    if np.issubdtype(data.dtype, np.floating):
+        finite = np.isfinite(data)
+        if not finite.all():
+            bad = np.argwhere(~finite)
+            raise VolumeError(volume.path, f"{len(bad)} NaN/Inf voxel(s) (first at voxel {bad[0].tolist()}); "
+                                           "fix or drop the volume (python -m preprocessing --on-error skip goes on "
+                                           "without it)")
+    if data.size == 0:
+        return
+    lo, hi = sorted(float(v) * volume.slope + volume.inter for v in (data.min(), data.max()))
+    if lo < HU_RANGE[0] or hi > HU_RANGE[1]:
+        raise VolumeError(volume.path, f"voxel values {lo:g} .. {hi:g} lie outside the CT range "
+                                       f"[{HU_RANGE[0]:g}, {HU_RANGE[1]:g}] HU; is this a CT in Hounsfield units? "
+                                       "(python -m preprocessing --on-error skip goes on without it)")
 
 
 def label_array(volume: Volume) -> np.ndarray:
@@ -152,6 +211,8 @@ def label_array(volume: Volume) -> np.ndarray:
     data = volume.array
     if volume.slope != 1.0 or volume.inter != 0.0:
         data = data * volume.slope + volume.inter
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise VolumeError(volume.path, "label map has NaN/Inf values")
     if not np.issubdtype(data.dtype, np.integer):
         rounded = np.rint(data)
         if not np.array_equal(rounded, data):
@@ -211,6 +272,10 @@ def align_label_to_image(label: np.ndarray, label_affine: np.ndarray, image_shap
 # ----------------------------------------------------------------------------- DICOM
 
 
+GEOMETRY_TAGS = (("ImagePositionPatient", "(0020,0032)"), ("ImageOrientationPatient", "(0020,0037)"),
+                 ("PixelSpacing", "(0028,0030)"))
+
+
 def _dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
@@ -234,21 +299,38 @@ def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> Volume:
     folder = Path(folder)
     if not folder.is_dir():
         raise VolumeError(folder, "DICOM folder not found")
-    headers = []
+    headers, without_geometry = [], []
     for path in _dicom_files(folder):
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError):
             continue  # not a DICOM file (README, licence, DICOMDIR index...)
-        if "ImagePositionPatient" not in ds or "PixelSpacing" not in ds:
-            continue  # DICOMDIR, reports, localisers without geometry
-        headers.append((path, ds))
+        if "Rows" not in ds or "Columns" not in ds:
+            continue  # DICOMDIR, reports, presentation states: no image
+        missing = [(tag, number) for tag, number in GEOMETRY_TAGS if tag not in ds]
+        if missing:
+            without_geometry.append((path, ds, missing))
+        else:
+            headers.append((path, ds))
+    series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers})
+    # An image of this series without geometry cannot be placed: name it rather than report a
+    # "missing slice" later. Images of another series (a dose report screenshot) are ignored.
+    for path, ds, missing in without_geometry:
+        if not headers or str(getattr(ds, "SeriesInstanceUID", "")) in series:
+            tags = ", ".join(f"{tag} {number}" for tag, number in missing)
+            raise VolumeError(path, f"image slice without {tags}: its place in the series is unknown; "
+                                    "remove the file from the folder or restore the tag")
     if not headers:
         raise VolumeError(folder, "no DICOM image files found")
-    series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers})
     if len(series) > 1:
         raise VolumeError(folder, f"mixed series: {len(series)} SeriesInstanceUIDs in one folder "
                                   f"({', '.join(s[-12:] for s in series[:4])}...); keep one series per folder")
+    spacings = np.array([[float(v) for v in ds.PixelSpacing] for _, ds in headers])
+    odd = np.nonzero(~np.all(np.isclose(spacings, spacings[0], rtol=1e-4, atol=1e-6), axis=1))[0]
+    if odd.size:
+        path, ds = headers[int(odd[0])]
+        raise VolumeError(path, f"PixelSpacing {spacings[odd[0]].tolist()} differs from the series' "
+                                f"{spacings[0].tolist()} (of {headers[0][0].name}); keep one series per folder")
     iops = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in headers])
     if not np.allclose(iops, iops[0], atol=1e-4):
         raise VolumeError(folder, "slices have different ImageOrientationPatient")
@@ -270,8 +352,9 @@ def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> Volume:
     if len(headers) > 1:
         gaps = np.diff(along)
         if np.any(gaps < 1e-3):
-            dup = [headers[i][0].name for i in np.nonzero(gaps < 1e-3)[0][:2]]
-            raise VolumeError(folder, f"duplicated slice position (e.g. {dup[0]} at {along[0]:.2f} mm)")
+            i = int(np.nonzero(gaps < 1e-3)[0][0])
+            raise VolumeError(folder, f"duplicated slice position: {headers[i][0].name} and {headers[i + 1][0].name} "
+                                      f"both at {along[i]:.2f} mm along the slice normal; remove one of them")
         step = float(np.median(gaps))
         if np.any(np.abs(gaps - step) > 0.1 * step):
             worst = int(np.argmax(np.abs(gaps - step)))

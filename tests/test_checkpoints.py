@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from minigpt4.config import VisionConfig
+from minigpt4.evaluation.common import file_sha256
 from minigpt4.models.checkpoints import load_weights, save_checkpoint
 from minigpt4.models.eva_vit import EvaViT, interpolate_pos_embed, load_eva_weights
 from minigpt4.models.minigpt_v2 import build_model
@@ -40,6 +42,12 @@ def save_release_pth(path, state):
     # what MiniGPT-4's runner saves: model + optimizer + config dict + scaler + epoch
     torch.save({"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5}]},
                 "config": {"run": {"seed": 42}}, "scaler": None, "epoch": 3}, path)
+
+
+def base_weights(model) -> dict:
+    """The LLaMA base tensors by their plain names (peft's ``.base_layer.`` segment removed), cloned."""
+    return {n.replace(".base_layer.", "."): p.detach().clone() for n, p in model.llama.named_parameters()
+            if ".lora_" not in n}
 
 
 def logits(model):
@@ -73,7 +81,8 @@ def test_release_layout_with_matching_targets_loads_into_the_adapters(tmp_path):
     state["visual_encoder.blocks.0.norm1.weight"] = torch.ones(64)  # not trainable: reported
     save_release_pth(tmp_path / "release.pth", state)
     report = load_weights(model, tmp_path / "release.pth")
-    assert report.format == "torch_pickle" and not report.merged_modules
+    assert report.format == "torch_pickle" and not report.stacked_adapters
+    assert [e["name"] for e in model.adapter_stack()] == ["default"]
     assert report.unexpected == ["visual_encoder.blocks.0.norm1.weight"]
     assert report.lora_targets_in_file == ["q_proj", "v_proj"]
     trained = model.trainable_state_dict()
@@ -91,45 +100,78 @@ def test_newer_peft_names_and_ddp_prefix_are_mapped(tmp_path):
     assert len(report.loaded) == 2 + 2 * 2 * 2 and not report.unexpected
 
 
-def test_stage3_qv_into_qk_config_merges_deltas_exactly(tmp_path):
-    """Stage-3 has LoRA on q,v; the paper trains q,k: the model must compute what stage-3 computed."""
+def test_stage3_qv_into_qk_config_stacks_a_frozen_adapter(tmp_path):
+    """Stage-3 has LoRA on q,v; the paper trains q,k: stage-3's adapter is stacked, frozen, on the
+    unchanged base, and the model computes what stage-3 computed."""
     state = release_state(("q_proj", "v_proj"))
     save_release_pth(tmp_path / "checkpoint_stage3.pth", state)
     reference = build_tiny_model(**{"lora.target_modules": ["q_proj", "v_proj"], "lora.alpha": 16})
     load_weights(reference, tmp_path / "checkpoint_stage3.pth")
 
     model = build_tiny_model()  # q,k, r 8, alpha 16
-    v_before = model.llama.model.layers[0].self_attn.v_proj.weight.clone()
+    base_before = base_weights(model)
+    assert "model.layers.0.self_attn.v_proj.weight" in base_before
     report = load_weights(model, tmp_path / "checkpoint_stage3.pth")
-    assert report.merged_modules == [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+    assert report.stacked_adapters == ["checkpoint_stage3"] and not report.reused_adapters
     assert report.loaded == ["llama_proj.bias", "llama_proj.weight"]
-    # W += B·A·α/r with α 16 (MiniGPT-v2's) and r 8 read from the shapes
-    A = state[f"{PREFIX}.0.self_attn.v_proj.lora_A.weight"]
-    B = state[f"{PREFIX}.0.self_attn.v_proj.lora_B.weight"]
-    assert torch.allclose(model.llama.model.layers[0].self_attn.v_proj.weight, v_before + B @ A * (16 / 8), atol=1e-6)
-    # fresh q,k adapters (B = 0) leave the merged function untouched
+    assert base_weights(model).keys() == base_before.keys()
+    for name, weight in base_weights(model).items():
+        assert torch.equal(weight, base_before[name]), name  # the base is never modified
+    stage3 = model.adapter_stack()[1]
+    assert stage3 == {"name": "checkpoint_stage3", "targets": ["q_proj", "v_proj"], "r": 8, "alpha": 16.0,
+                      "source": str(tmp_path / "checkpoint_stage3.pth"),
+                      "sha256": file_sha256(tmp_path / "checkpoint_stage3.pth"), "trainable": False, "active": True}
+    assert {k: torch.equal(v, state[k]) for k, v in model.adapter_tensors("checkpoint_stage3").items()} == {
+        k: True for k in state if ".lora_" in k}
+    # fresh q,k adapters (B = 0) add nothing: the same function as the q,v model
     assert all(not t.any() for n, t in model.trainable_state_dict().items() if "lora_B" in n)
-    assert torch.allclose(logits(model), logits(reference), atol=1e-4)
+    assert torch.allclose(logits(model), logits(reference), atol=1e-5)
 
-    # a project checkpoint of the merged model reproduces it without the stage-3 file ...
+    # a project checkpoint carries the frozen adapter: it rebuilds itself without the stage-3 file ...
     with torch.no_grad():
         model.llama_proj.bias.add_(0.01)
     save_checkpoint(model, tmp_path / "stage1")
+    stored = load_file(str(tmp_path / "stage1" / "model.safetensors"))
+    assert set(stored) == set(model.trainable_state_dict()) | {
+        f"lora_adapters.checkpoint_stage3.{k}" for k in state if ".lora_" in k}
     fresh = build_tiny_model()
     report = load_weights(fresh, tmp_path / "stage1")
-    assert len(report.merged_modules) == 4
-    assert torch.allclose(logits(fresh), logits(model), atol=1e-5)
-    # ... and init_from=stage3 + ckpt=stage1 does not merge the same deltas twice
+    assert report.stacked_adapters == ["checkpoint_stage3"]
+    assert fresh.adapter_stack() == model.adapter_stack()
+    assert torch.equal(logits(fresh), logits(model))
+    # ... and init_from=stage3 + ckpt=stage1 does not stack the same adapter twice
     both = build_model(tiny_model_config(init_from=str(tmp_path / "checkpoint_stage3.pth"), ckpt=str(tmp_path / "stage1")))
-    assert len(both.merged_lora) == 1
-    assert torch.allclose(logits(both), logits(model), atol=1e-5)
+    assert [e["name"] for e in both.adapter_stack()] == ["default", "checkpoint_stage3"]
+    assert torch.equal(logits(both), logits(model))
+
+
+def test_legacy_checkpoint_with_merged_deltas_loads_as_a_frozen_adapter(tmp_path):
+    """Format /1 stored foreign deltas as ``merged_lora.<i>.*`` (they were merged into the base);
+    they now become a frozen adapter: same function, base untouched."""
+    state = release_state(("q_proj", "v_proj"))
+    reference = build_tiny_model(**{"lora.target_modules": ["q_proj", "v_proj"]})
+    save_release_pth(tmp_path / "checkpoint_stage3.pth", state)
+    load_weights(reference, tmp_path / "checkpoint_stage3.pth")
+    old = build_tiny_model()
+    tensors = {k: v.contiguous() for k, v in old.trainable_state_dict().items()}
+    tensors.update({f"merged_lora.0.{k}": v for k, v in state.items() if ".lora_" in k})
+    tensors["llama_proj.weight"], tensors["llama_proj.bias"] = state["llama_proj.weight"], state["llama_proj.bias"]
+    (tmp_path / "old").mkdir()
+    save_file(tensors, str(tmp_path / "old" / "model.safetensors"), metadata={
+        "format": "minigpt-pancreas/1", "lora_alpha": "16", "lora_targets": '["q_proj", "k_proj"]',
+        "merged_lora": json.dumps([{"id": "x", "source": "weights/checkpoint_stage3.pth", "alpha": 16.0}])})
+    model = build_tiny_model()
+    report = load_weights(model, tmp_path / "old")
+    assert report.stacked_adapters == ["checkpoint_stage3"] and not report.unexpected
+    assert model.adapter_stack()[1]["source"] == "weights/checkpoint_stage3.pth"
+    assert torch.allclose(logits(model), logits(reference), atol=1e-5)
 
 
 def test_missing_trainable_keys_are_an_error(tmp_path):
     state = release_state(("q_proj", "k_proj"))
     del state[f"{PREFIX}.1.self_attn.k_proj.lora_B.weight"]
     save_release_pth(tmp_path / "partial.pth", state)
-    # an incomplete adapter set does not fit → merge path, which needs both factors
+    # an incomplete adapter set does not fit → a frozen adapter, which needs both factors
     with pytest.raises(ValueError, match="has only lora_A"):
         load_weights(build_tiny_model(), tmp_path / "partial.pth")
     state = release_state(("q_proj", "k_proj"))

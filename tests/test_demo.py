@@ -492,7 +492,11 @@ def test_configs_load_and_point_at_checkpoints():
     assert (full.model.text.path, full.model.vision.weights) == ("weights/Llama-2-7b-chat-hf", "weights/eva_vit_g.pth")
     assert full.model.ckpt == "output/stage3_tumor_detection/checkpoint_best"
     cpu = load_config(REPO / "eval_configs" / "demo_cpu.yaml")
-    assert cpu.model.ckpt == "quickstart_output/runs/stage3_tumor_detection/checkpoint_best"
+    assert cpu.model.ckpt is None  # three-stage mode
+    assert cpu.cascade.stages.configured() == {
+        s: f"quickstart_output/runs/{run}/checkpoint_best" for s, run in (
+            ("pancreas_detection", "stage1_pancreas_detection"), ("tumor_classification", "stage2_tumor_classification"),
+            ("tumor_detection", "stage3_tumor_detection"))}
     assert cpu.model.text.path is None and cpu.run.device == "cpu"
 
 

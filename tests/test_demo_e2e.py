@@ -9,6 +9,7 @@ The browser test writes ``test-artifacts/demo_e2e.png`` (gitignored) and skips w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -94,25 +95,16 @@ def train_box_checkpoint(cfg, slice_png: Path, folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def server():
-    """``python demo.py`` on 127.0.0.1:<free port> serving a saved tiny checkpoint."""
-    import torch
-
-    from minigpt4.config import load_config
-
-    folder = Path(tempfile.mkdtemp(prefix="demo_e2e_"))
-    files = phantom_files(folder)
-    torch.set_num_threads(1)
-    cfg = load_config(REPO / "eval_configs" / "demo_cpu.yaml", ["model.ckpt=null"])
-    train_box_checkpoint(cfg, files["slice"], folder / "checkpoint_best")
+@contextlib.contextmanager
+def serve(folder: Path, options: list[str]):
+    """``python demo.py --cfg-path eval_configs/demo_cpu.yaml --options ...`` on a free port; yields (url, proc)."""
     port = free_port()
     log_path = folder / "server.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, str(REPO / "demo.py"), "--cfg-path", str(REPO / "eval_configs" / "demo_cpu.yaml"),
-             "--port", str(port), "--options", f"model.ckpt={folder / 'checkpoint_best'}"],
+             "--port", str(port), "--options", *options],
             cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     url = f"http://127.0.0.1:{port}/"
@@ -130,7 +122,7 @@ def server():
             if time.monotonic() > deadline:
                 pytest.fail(f"demo.py did not answer on {url} within {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield {"url": url, "files": files, "log": log_path, "ckpt": folder / "checkpoint_best", "proc": proc}
+        yield url, proc
     finally:
         proc.terminate()
         try:
@@ -138,6 +130,41 @@ def server():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def browser_page(url: str):
+    """Debian's headless Chromium (Playwright) on ``url``; yields the page."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1100},
+        )
+        try:
+            page = context.new_page()
+            page.goto(url)
+            yield page
+        finally:
+            context.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    """``python demo.py`` on 127.0.0.1:<free port> serving a saved tiny checkpoint."""
+    import torch
+
+    from minigpt4.config import load_config
+
+    folder = Path(tempfile.mkdtemp(prefix="demo_e2e_"))
+    files = phantom_files(folder)
+    torch.set_num_threads(1)
+    cfg = load_config(REPO / "eval_configs" / "demo_cpu.yaml", ["model.ckpt=null"])
+    train_box_checkpoint(cfg, files["slice"], folder / "checkpoint_best")
+    with serve(folder, [f"model.ckpt={folder / 'checkpoint_best'}"]) as (url, proc):
+        yield {"url": url, "files": files, "log": folder / "server.log", "ckpt": folder / "checkpoint_best", "proc": proc}
 
 
 def test_server_binds_localhost_only(server):
@@ -281,3 +308,50 @@ def test_shutdown_removes_the_private_temp_folder(server):
     server["proc"].terminate()
     assert server["proc"].wait(timeout=20) == 0
     assert not workdir.exists()
+
+
+@pytest.fixture(scope="module")
+def cascade_server():
+    """``python demo.py --cfg-path eval_configs/demo_cpu.yaml`` in three-stage mode: stage 1 is the
+    box-trained checkpoint, stages 2 and 3 random tiny checkpoints of the same base."""
+    import torch
+
+    from minigpt4.config import load_config
+    from tests.tiny import random_checkpoints
+
+    folder = Path(tempfile.mkdtemp(prefix="demo_e2e_cascade_"))
+    files = phantom_files(folder)
+    torch.set_num_threads(1)
+    cfg = load_config(REPO / "eval_configs" / "demo_cpu.yaml")
+    assert cfg.model.ckpt is None and cfg.cascade.stages.configured()  # the documented three-stage mode
+    stages = {"pancreas_detection": str(train_box_checkpoint(cfg, files["slice"], folder / "stage1"))}
+    stages.update(random_checkpoints(folder, cfg.model, ["tumor_classification", "tumor_detection"]))
+    with serve(folder, [f"cascade.stages.{s}={p}" for s, p in stages.items()]) as (url, proc):
+        yield {"url": url, "files": files}
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless browser test needs Debian's chromium at /usr/bin/chromium")
+def test_browser_three_stage_demo_scans_a_volume(cascade_server):
+    """Scan volume runs the cascade on a phantom NIfTI: per-slice table, P(tumor) plot, patient
+    answer; the task buttons say which stage answered."""
+    with browser_page(cascade_server["url"]) as page:
+        description = page.locator("#model-description")
+        description.wait_for(timeout=30_000)
+        assert "three stages on one base" in description.inner_text()
+        page.locator("#upload input[type=file]").set_input_files(str(cascade_server["files"]["volume"]))
+        page.get_by_text("Loaded volume phantom.nii.gz: 5 axial slices of 64×64").wait_for(timeout=30_000)
+        page.locator("#quick-tumor_yes_no").click()
+        page.locator("#chat").get_by_text("Answered by stage 2 (tumor classification)").wait_for(timeout=30_000)
+        page.locator("#quick-pancreas").click()
+        page.locator("#chat").get_by_text("Answered by stage 1 (pancreas detection)").wait_for(timeout=30_000)
+        page.locator("#scan-volume").click()
+        page.get_by_text("Patient-level answer:").wait_for(timeout=60_000)
+        page.wait_for_function(
+            "() => { const t = document.querySelector('#scan-table');"
+            " return t && (t.innerText.match(/pancreas crop \\(predicted box\\)|no pancreas box/g) || []).length === 5; }",
+            timeout=30_000,
+        )
+        page.locator("#scan-plot img").wait_for(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "demo_e2e_cascade.png"), full_page=True)
+    assert (ARTIFACTS / "demo_e2e_cascade.png").stat().st_size > 10_000

@@ -31,3 +31,9 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     assert printed.count("vs image-blind baseline, constant box (mean training box per target): mean IoU") == 3
     assert printed.count("vs image-blind baseline, always '") == 1
     assert "python demo.py --cfg-path eval_configs/demo_cpu.yaml --options model.ckpt=" in printed
+    # the clinical cascade ran on every slice of the test volumes and its tables were printed
+    cascade = json.loads((tmp_path / "eval" / "cascade" / "metrics.json").read_text())
+    assert set(cascade) >= {"slice", "patient", "selection"}
+    assert cascade["slice"]["n_slices"] == sum(1 for _ in open(tmp_path / "eval" / "cascade" / "predictions.jsonl"))
+    assert "## Patient level (test volumes)" in printed
+    assert f"cascade.stages.tumor_detection={tmp_path / 'runs' / 'stage3_tumor_detection' / 'checkpoint_best'}" in printed

@@ -59,3 +59,23 @@ def tiny_images(batch: int = 2, size: int = 112, seed: int = 0) -> torch.Tensor:
     """Random normalised-looking images (B, 3, size, size)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, size, size, generator=generator)
+
+
+def random_checkpoints(folder, cfg: ModelConfig, names, seed: int = 100) -> dict:
+    """``{name: checkpoint folder}``: checkpoints of one base (``cfg``) whose trainable tensors are
+    different random values (N(0, 0.2²), seeded per name), written by ``save_checkpoint``."""
+    from pathlib import Path
+
+    from minigpt4.models.checkpoints import save_checkpoint
+    from minigpt4.models.minigpt_v2 import build_model
+
+    paths = {}
+    for number, name in enumerate(names):
+        model = build_model(cfg)
+        generator = torch.Generator().manual_seed(seed + number)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+        paths[name] = str(save_checkpoint(model, Path(folder) / name).parent)
+    return paths

@@ -94,8 +94,12 @@ def _scan_plot(result: ScanResult, current: Optional[int] = None):
     fig = Figure(figsize=(7, 2.6), dpi=100)
     ax = fig.add_subplot()
     index = [r.slice_index for r in result.rows]
-    ax.plot(index, [r.p_tumor for r in result.rows], color="#b91c1c", lw=1.5, label="P(tumor)")
-    with_box = [r.slice_index for r in result.rows if r.tumor_box is not None]
+    # nan (no pancreas box, three-stage mode) leaves a gap in the line
+    ax.plot(index, [np.nan if r.p_tumor is None else r.p_tumor for r in result.rows], ".-", color="#b91c1c", lw=1.5,
+            ms=4, label="P(tumor)")
+    if result.patient is not None:
+        ax.axhline(result.patient["threshold"], color="#6b7280", ls=":", lw=1, label="threshold")
+    with_box = [r.slice_index for r in result.rows if r.tumor_box is not None and r.p_tumor is not None]
     if with_box:
         ax.scatter(with_box, [result.rows[i].p_tumor for i in with_box], s=12, color="black", zorder=3,
                    label="tumor box answered")
@@ -114,7 +118,15 @@ def _scan_table(result: ScanResult) -> list[list]:
     def fmt(box):
         return "" if box is None else "[" + ", ".join(str(round(v)) for v in box) + "]"
 
-    return [[r.slice_index, round(r.p_tumor, 3), r.classified_on, fmt(r.pancreas_box), fmt(r.tumor_box)] for r in result.rows]
+    return [[r.slice_index, "" if r.p_tumor is None else round(r.p_tumor, 3), r.classified_on, fmt(r.pancreas_box),
+             fmt(r.tumor_box)] for r in result.rows]
+
+
+def _suspicious_text(result: ScanResult, best: int) -> str:
+    row = result.rows[best]
+    if row.p_tumor is None:
+        return "no slice got a pancreas box, so no slice was classified"
+    return f"P(tumor) = {row.p_tumor:.3f} (classified on the {row.classified_on})"
 
 
 class DemoHandlers:
@@ -206,14 +218,15 @@ class DemoHandlers:
         state["boxes"] = {r.slice_index: result.boxes_for(r.slice_index) for r in result.rows}
         best = result.most_suspicious
         state["index"] = best
-        row = result.rows[best]
+        stages = " Three stages: pancreas box (stage 1) → P(tumor) on its crop (stage 2) → tumor box (stage 3)." \
+            if result.patient is not None else ""
         history.append({
             "role": "assistant",
             "content": (
-                f"Scanned {len(result.rows)} slices. Most suspicious: **slice {best}**, P(tumor) = "
-                f"{row.p_tumor:.3f} (classified on the {row.classified_on}). Boxes: tumor in red, "
-                "pancreas in cyan. The viewer now shows that slice."
-            ),
+                f"Scanned {len(result.rows)} slices.{stages} Most suspicious: **slice {best}**, "
+                f"{_suspicious_text(result, best)}. Boxes: tumor in red, "
+                "pancreas in cyan. The viewer now shows that slice. " + result.patient_text()
+            ).strip(),
         })
         return state, _render(state), gr.update(value=best), _scan_plot(result), _scan_table(result), history
 
@@ -253,10 +266,11 @@ class DemoHandlers:
         except Exception as err:  # noqa: BLE001
             return _error_text(err), [], None
         best = result.most_suspicious
+        p_best = result.rows[best].p_tumor
         summary = (
             f"{volume.name}: {volume.num_slices} slices scanned; most suspicious slice {best} "
-            f"(P(tumor) = {result.rows[best].p_tumor:.3f})."
-        )
+            f"(P(tumor) = {'n/a' if p_best is None else f'{p_best:.3f}'}). " + result.patient_text().replace("**", "")
+        ).strip()
         return summary, [r.as_dict() for r in result.rows], annotate(volume.slices[best], result.boxes_for(best))
 
 

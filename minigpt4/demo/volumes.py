@@ -32,12 +32,13 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> 
     Raises:
         InputError: the preprocessing reader refused the file (the message says why).
     """
-    from preprocessing.volumes import VolumeError, load_nifti, read_dicom_series, to_display
+    from preprocessing.volumes import VolumeError, check_intensities, load_nifti, read_dicom_series, to_display
 
     path = Path(path)
     name = name or path.name
     try:
         volume = read_dicom_series(path) if path.is_dir() else load_nifti(path, scaled=True)
+        check_intensities(volume)  # NaN/Inf or non-HU values: refused like the preprocessing CLI does
     except VolumeError as err:
         raise InputError(f"{name}: {err.problem}.") from None
     if volume.array.ndim != 3 or min(volume.array.shape) == 0:

@@ -7,18 +7,27 @@ Formats :func:`load_weights` accepts:
 * the MiniGPT-v2 stage-3 checkpoint and the MiniGPT-Pancreas release checkpoints: torch pickles
   with a ``"model"`` dict of ``llama_proj.{weight,bias}`` and LoRA factors named with peft-0.2
   names (``llama_model.base_model.model.model.layers.{i}.self_attn.{q,v}_proj.lora_{A,B}.weight``,
-  no ``.default.`` segment), read with ``torch.load(..., weights_only=True)``.
+  no ``.default.`` segment), read with ``torch.load(..., weights_only=True)``;
+* a standard PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` +
+  ``llama_proj.safetensors``, as written by ``python -m minigpt4.export``).
 
 Every trainable tensor the model expects must be found (else ``ValueError`` naming the missing
 keys); unexpected keys are reported, never silently dropped. ViT tensors (``visual_encoder.*``,
 present only in checkpoints of runs with ``model.vision.trainable``) are optional: they are loaded
 when the file has them — from a project checkpoint even into a frozen ViT, since the checkpoint
-defines the model — and otherwise the ViT keeps ``vision.weights`` / its initialisation. When the file's LoRA adapters do
-not fit the configured ones (other target modules or rank: stage-3 has q,v; the paper trains
-q,k), the file's deltas ``W += B·A·α/r`` are merged into the frozen base weights and the fresh
-adapters stay at their initialisation (B = 0), so the model computes exactly what the file's
-model computed. Merged deltas are remembered on the model and written into the project's own
-checkpoints, so a checkpoint of a later stage reproduces its base without the stage-3 file.
+defines the model — and otherwise the ViT keeps ``vision.weights`` / its initialisation.
+
+When the file's LoRA does not fit the configured adapter (other target modules or rank:
+stage-3 has q,v; the paper trains q,k), it becomes a **frozen named adapter stacked with the
+trainable one** (peft runs both; the base weights are never modified, so quantized bases work and
+nothing is rounded into bf16 weights); the fresh trainable adapter stays at its initialisation
+(B = 0), so the model computes exactly what the file's model computed. A project checkpoint
+records its adapter stack (names, targets, r, α, source file + sha256) in the safetensors
+metadata and stores the frozen adapters' tensors as ``lora_adapters.<name>.<peft-0.2 name>``, so
+it rebuilds itself without the stage-3 file. An adapter already on the model (same tensors and
+α) is not stacked twice. Old checkpoints (``minigpt-pancreas/1``) that hold ``merged_lora.*``
+deltas (merged into the base by earlier versions) load too: each delta set becomes a frozen
+adapter, which computes the same function without touching the base.
 """
 
 from __future__ import annotations
@@ -37,14 +46,24 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minigpt4.io import atomic_path, write_text_atomic
-from minigpt4.models.minigpt_v2 import MiniGPTPancreas, stable_name
+from minigpt4.evaluation.common import file_sha256
+from minigpt4.io import atomic_path, read_json, write_text_atomic
+from minigpt4.models.minigpt_v2 import LORA_KEY_PREFIX, MiniGPTPancreas, split_lora_tensors, stable_name
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
-FORMAT = "minigpt-pancreas/1"
+# a standard PEFT adapter folder (python -m minigpt4.export): peft's own file names and key names
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PROJECTION_NAME = "llama_proj.safetensors"
+VISION_NAME = "visual_encoder.safetensors"  # only when the run trained the ViT
+STACK_NAME = "adapter_stack.json"
+PEFT_KEY_PREFIX = "base_model.model."
+"""peft's saved key prefix (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``)."""
+FORMAT = "minigpt-pancreas/2"
+"""/2: frozen adapters stacked (``lora_adapters.*`` + ``adapter_stack``); /1 merged them (``merged_lora.*``)."""
 MINIGPT_V2_LORA_ALPHA = 16
 """α of the MiniGPT-v2 stage-3 and MiniGPT-Pancreas release adapters (r = 64 is read from the shapes)."""
 STAGE3_SOURCE = (
@@ -53,7 +72,8 @@ STAGE3_SOURCE = (
 )
 
 _LORA_RE = re.compile(r"^llama_model\.base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-_MERGED_RE = re.compile(r"^merged_lora\.(?P<index>\d+)\.(?P<name>.+)$")
+_MERGED_RE = re.compile(r"^merged_lora\.(?P<index>\d+)\.(?P<name>.+)$")  # legacy (format /1)
+_STACKED_RE = re.compile(r"^lora_adapters\.(?P<adapter>[A-Za-z0-9_]+)\.(?P<name>.+)$")
 
 
 @dataclass
@@ -61,22 +81,22 @@ class LoadReport:
     """What :func:`load_weights` did."""
 
     path: str
-    format: str  # "project" | "torch_pickle"
+    format: str  # "project" | "torch_pickle" | "peft"
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
-    merged_modules: list[str] = field(default_factory=list)
-    """LLaMA modules whose base weight received a LoRA delta from this file."""
-    skipped_merges: int = 0
-    """Merged-delta sets already present in the model (loaded earlier), not applied twice."""
+    stacked_adapters: list[str] = field(default_factory=list)
+    """Names of the frozen LoRA adapters this file added to the model's stack."""
+    reused_adapters: list[str] = field(default_factory=list)
+    """Frozen adapters of this file already on the model (loaded earlier), not stacked twice."""
     lora_targets_in_file: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"{self.path}: {len(self.loaded)} tensors loaded"]
-        if self.merged_modules:
-            parts.append(f"LoRA deltas of {len(self.merged_modules)} modules merged into the base weights")
-        if self.skipped_merges:
-            parts.append(f"{self.skipped_merges} merged delta sets already applied")
+        if self.stacked_adapters:
+            parts.append(f"frozen LoRA adapters stacked: {self.stacked_adapters}")
+        if self.reused_adapters:
+            parts.append(f"frozen adapters already present: {self.reused_adapters}")
         if self.unexpected:
             parts.append(f"{len(self.unexpected)} unexpected keys ignored: {self.unexpected[:5]}")
         return "; ".join(parts)
@@ -84,10 +104,13 @@ class LoadReport:
 
 # ---------------------------------------------------------------------- saving
 def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], config: Any = None) -> Path:
-    """Write ``folder/model.safetensors`` (trainable tensors + merged base deltas) and ``folder/config.yaml``.
+    """Write ``folder/model.safetensors`` (trainable tensors + frozen adapters) and ``folder/config.yaml``.
 
     Each file is written to a temporary name and renamed into place; the tensors come last, so
-    a folder with ``model.safetensors`` is complete.
+    a folder with ``model.safetensors`` is complete. The safetensors metadata holds ``format``,
+    ``lora_alpha``, ``lora_targets`` and ``adapter_stack`` (JSON list of
+    :meth:`MiniGPTPancreas.adapter_stack` entries); each frozen adapter's tensors are stored as
+    ``lora_adapters.<name>.<peft-0.2 name>``.
 
     Args:
         model: the model.
@@ -105,16 +128,17 @@ def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], con
     write_text_atomic(folder / CONFIG_NAME, OmegaConf.to_yaml(config))
 
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in model.trainable_state_dict().items()}
-    merged_meta = []
-    for index, entry in enumerate(model.merged_lora):
-        merged_meta.append({"id": entry["id"], "source": entry["source"], "alpha": entry["alpha"]})
-        for name, t in entry["tensors"].items():
-            tensors[f"merged_lora.{index}.{name}"] = t.contiguous()
+    stack = model.adapter_stack()
+    trainable = next(entry for entry in stack if entry["trainable"])
+    for entry in stack:
+        if not entry["trainable"]:
+            for name, t in model.adapter_tensors(entry["name"]).items():
+                tensors[f"lora_adapters.{entry['name']}.{name}"] = t.to("cpu").contiguous().clone()
     metadata = {
         "format": FORMAT,
-        "lora_alpha": str(model.cfg.lora.alpha),
-        "lora_targets": json.dumps(list(model.cfg.lora.target_modules)),
-        "merged_lora": json.dumps(merged_meta),
+        "lora_alpha": str(trainable["alpha"]),
+        "lora_targets": json.dumps(trainable["targets"]),
+        "adapter_stack": json.dumps(stack),
     }
     path = folder / WEIGHTS_NAME
     with atomic_path(path) as tmp:
@@ -155,66 +179,172 @@ def _normalise(name: str) -> str:
     return stable_name(name)
 
 
-def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].detach().to(torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+def _adapter_name(path: Path) -> str:
+    """A peft adapter name from a file name: ``checkpoint_stage3.pth`` → ``checkpoint_stage3``."""
+    stem = path.parent.name if path.name == WEIGHTS_NAME else path.stem
+    name = re.sub(r"\W+", "_", stem).strip("_") or "adapter"
+    return name if name[0].isalpha() else f"adapter_{name}"
 
 
-def _split_lora(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """{module path: {"A": A, "B": B}} of LoRA factors, and the remaining tensors."""
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    rest = {}
-    for name, value in state.items():
-        match = _LORA_RE.match(name)
-        if match:
-            lora.setdefault(match["module"], {})[match["ab"]] = value
-        else:
-            rest[name] = value
-    return lora, rest
+def _same_adapter(model: MiniGPTPancreas, entry: dict, tensors: dict[str, torch.Tensor], alpha: float) -> bool:
+    if entry["alpha"] != float(alpha):
+        return False
+    present = model.adapter_tensors(entry["name"])
+    return set(present) == set(tensors) and all(
+        torch.equal(present[k], tensors[k].to(present[k].device, present[k].dtype)) for k in tensors
+    )
 
 
-def merge_lora_into_base(
-    model: MiniGPTPancreas, lora: dict[str, dict[str, torch.Tensor]], alpha: float, source: str
-) -> list[str]:
-    """Add ``B·A·α/r`` of each module into the frozen LLaMA base weight; return the module paths.
+def stack_frozen_adapter(
+    model: MiniGPTPancreas,
+    tensors: dict[str, torch.Tensor],
+    alpha: float,
+    name: str,
+    source: Optional[str],
+    sha256: Optional[str],
+    report: LoadReport,
+    active: bool = True,
+) -> str:
+    """Add ``tensors`` (peft-0.2 LoRA names) as a frozen adapter unless the model has it already.
 
-    Applied at most once per delta set (identified by a hash of its tensors), and recorded in
-    ``model.merged_lora`` so that :func:`save_checkpoint` can store it.
+    The name gets a suffix (``_2``, …) when a different adapter holds it. Returns the name used.
     """
-    tensors = {}
-    for module, pair in lora.items():
-        if set(pair) != {"A", "B"}:
-            raise ValueError(f"{source}: LoRA of {module} has only lora_{''.join(pair)}")
-        for ab, value in pair.items():
-            tensors[f"llama_model.base_model.model.{module}.lora_{ab}.weight"] = value.detach().to("cpu", torch.float32)
-    alpha = float(alpha)
-    ident = _fingerprint(tensors) + f"-a{alpha:g}"
-    if any(entry["id"] == ident for entry in model.merged_lora):
-        return []
-    llama = model.llama
-    with torch.no_grad():
-        for module_path, pair in sorted(lora.items()):
-            try:
-                module = llama.get_submodule(module_path)
-            except AttributeError:
-                raise ValueError(f"{source}: LoRA module {module_path} does not exist in this LLaMA") from None
-            base = getattr(module, "base_layer", module)  # a peft LoRA layer wraps the Linear
-            A, B = pair["A"].to(torch.float32), pair["B"].to(torch.float32)
-            rank = A.shape[0]
-            if B.shape[1] != rank or base.weight.shape != (B.shape[0], A.shape[1]):
-                raise ValueError(
-                    f"{source}: LoRA of {module_path} has A {tuple(A.shape)}, B {tuple(B.shape)} which do not "
-                    f"fit the weight {tuple(base.weight.shape)}"
-                )
-            if base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                raise ValueError(f"{source}: cannot merge LoRA into a quantized weight ({module_path})")
-            delta = (B.to(base.weight.device) @ A.to(base.weight.device)) * (alpha / rank)
-            base.weight.add_(delta.to(base.weight.dtype))
-    model.merged_lora.append({"id": ident, "source": source, "alpha": alpha, "tensors": tensors})
-    return sorted(lora)
+    for entry in model.adapter_stack():
+        if not entry["trainable"] and _same_adapter(model, entry, tensors, alpha):
+            report.reused_adapters.append(entry["name"])
+            return entry["name"]
+    used = {entry["name"] for entry in model.adapter_stack()}
+    unique, k = name, 2
+    while unique in used:
+        unique, k = f"{name}_{k}", k + 1
+    model.add_lora_adapter(unique, tensors, alpha=alpha, source=source, sha256=sha256, active=active)
+    report.stacked_adapters.append(unique)
+    return unique
+
+
+@dataclass
+class CheckpointContents:
+    """What a weight file holds, in the model's naming (see :func:`read_checkpoint`)."""
+
+    format: str  # "project" | "torch_pickle" | "peft"
+    path: Path  # the file (or PEFT folder) read
+    weights_file: Path  # the tensor file the main LoRA comes from (its sha256 is the provenance)
+    state: dict[str, torch.Tensor]  # llama_proj.*, the main LoRA (peft-0.2 names), visual_encoder.*
+    lora_alpha: float  # alpha of the main LoRA
+    frozen: list[dict] = field(default_factory=list)
+    """Frozen stacked adapters: ``name, tensors, alpha, source, sha256, active``."""
+
+
+def resolve_checkpoint_path(path: Union[str, os.PathLike]) -> Path:
+    """A checkpoint folder → its tensor file (``model.safetensors``, or a PEFT folder's
+    ``adapter_model.safetensors``); a file stays as it is.
+
+    Raises:
+        FileNotFoundError: nothing there (the message says where stage-3 comes from).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / (PEFT_WEIGHTS_NAME if (path / PEFT_CONFIG_NAME).is_file() else WEIGHTS_NAME)
+    if not path.is_file():
+        hint = f"; get {STAGE3_SOURCE}" if "stage3" in path.name else ""
+        raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
+    return path
+
+
+def read_checkpoint(path: Union[str, os.PathLike], lora_alpha: Optional[float] = None) -> CheckpointContents:
+    """Read any accepted checkpoint format (module docstring) without a model.
+
+    Args:
+        path: project folder / ``.safetensors`` / ``.pth`` / PEFT adapter folder.
+        lora_alpha: alpha of a ``.pth`` file's LoRA; default :data:`MINIGPT_V2_LORA_ALPHA`
+            (project and PEFT files record theirs; a given value overrides it).
+    Raises:
+        FileNotFoundError, ValueError: missing or unreadable file, inconsistent adapter stack.
+    """
+    path = resolve_checkpoint_path(path)
+    if path.name == PEFT_WEIGHTS_NAME and (path.parent / PEFT_CONFIG_NAME).is_file():
+        return _read_peft_folder(path.parent, lora_alpha)
+    if path.suffix != ".safetensors":
+        state = {_normalise(k): v for k, v in _read_pickle(path).items()}
+        alpha = lora_alpha if lora_alpha is not None else MINIGPT_V2_LORA_ALPHA
+        return CheckpointContents("torch_pickle", path, path, state, float(alpha))
+
+    raw, metadata = _read_project(path)
+    alpha = lora_alpha if lora_alpha is not None else float(metadata.get("lora_alpha", MINIGPT_V2_LORA_ALPHA))
+    contents = CheckpointContents("project", path, path, {}, float(alpha))
+    stacked: dict[str, dict[str, torch.Tensor]] = {}
+    merged: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in raw.items():
+        if match := _STACKED_RE.match(name):
+            stacked.setdefault(match["adapter"], {})[match["name"]] = value
+        elif match := _MERGED_RE.match(name):
+            merged.setdefault(int(match["index"]), {})[match["name"]] = value
+        else:
+            contents.state[_normalise(name)] = value
+    try:
+        stack = json.loads(metadata.get("adapter_stack", "[]"))
+        legacy = json.loads(metadata.get("merged_lora", "[]"))  # format /1: deltas merged into the base
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: unreadable adapter metadata ({err})") from None
+    entries = [e for e in stack if not e.get("trainable")]
+    if set(stacked) != {e["name"] for e in entries}:
+        raise ValueError(
+            f"{path}: adapter tensors {sorted(stacked)} do not match the recorded adapter stack "
+            f"{[e['name'] for e in entries]}"
+        )
+    for entry in entries:  # frozen adapters of earlier stages, in stack order
+        contents.frozen.append({
+            "name": entry["name"], "tensors": stacked[entry["name"]], "alpha": float(entry["alpha"]),
+            "source": entry.get("source"), "sha256": entry.get("sha256"), "active": entry.get("active", True),
+        })
+    for index in sorted(merged):
+        meta = legacy[index] if index < len(legacy) else {}
+        source = meta.get("source", str(path))
+        contents.frozen.append({
+            "name": _adapter_name(Path(source)), "tensors": merged[index],
+            "alpha": float(meta.get("alpha", MINIGPT_V2_LORA_ALPHA)), "source": source, "sha256": None, "active": True,
+        })
+    return contents
+
+
+def _read_peft_folder(folder: Path, lora_alpha: Optional[float]) -> CheckpointContents:
+    """A folder written by :mod:`minigpt4.export` (or any PEFT LoRA folder + ``llama_proj.safetensors``)."""
+    config, state = _read_peft_adapter(folder)
+    alpha = float(lora_alpha if lora_alpha is not None else config["lora_alpha"])
+    projection = folder / PROJECTION_NAME
+    if not projection.is_file():
+        raise FileNotFoundError(f"{folder}: {PROJECTION_NAME} missing (the llama_proj weights of a PEFT export)")
+    state.update(_read_project(projection)[0])
+    if (folder / VISION_NAME).is_file():
+        state.update(_read_project(folder / VISION_NAME)[0])
+    contents = CheckpointContents("peft", folder, folder / PEFT_WEIGHTS_NAME, state, alpha)
+    stack_file = folder / STACK_NAME
+    entries = read_json(stack_file) if stack_file.is_file() else []
+    for entry in entries:
+        if entry.get("trainable"):
+            continue
+        sub = folder / entry.get("folder", entry["name"])
+        sub_config, sub_tensors = _read_peft_adapter(sub)
+        contents.frozen.append({
+            "name": entry["name"], "tensors": sub_tensors,
+            "alpha": float(sub_config["lora_alpha"]), "source": entry.get("source"), "sha256": entry.get("sha256"),
+            "active": entry.get("active", True),
+        })
+    return contents
+
+
+def _read_peft_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(adapter_config, {peft-0.2 name: tensor})`` of one PEFT LoRA folder."""
+    config = read_json(folder / PEFT_CONFIG_NAME)
+    unsupported = {k: config[k] for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if config.get(k)}
+    if config.get("peft_type", "LORA") != "LORA" or unsupported or "lora_alpha" not in config:
+        raise ValueError(f"{folder / PEFT_CONFIG_NAME}: only plain LoRA adapters are supported (got {unsupported or config.get('peft_type')})")
+    tensors, _ = _read_project(folder / PEFT_WEIGHTS_NAME)
+    ours = {LORA_KEY_PREFIX + k[len(PEFT_KEY_PREFIX):]: v for k, v in tensors.items() if k.startswith(PEFT_KEY_PREFIX)}
+    bad = [k for k in tensors if not (k.startswith(PEFT_KEY_PREFIX) and _LORA_RE.match(LORA_KEY_PREFIX + k[len(PEFT_KEY_PREFIX):]))]
+    if bad:
+        raise ValueError(f"{folder / PEFT_WEIGHTS_NAME}: not LoRA factors in peft's naming, e.g. {bad[:3]}")
+    return config, ours
 
 
 def load_weights(model: MiniGPTPancreas, path: Union[str, os.PathLike], lora_alpha: Optional[float] = None) -> LoadReport:
@@ -222,57 +352,29 @@ def load_weights(model: MiniGPTPancreas, path: Union[str, os.PathLike], lora_alp
 
     Args:
         model: the model (LoRA already attached).
-        path: project folder / ``.safetensors`` / MiniGPT-v2 or release ``.pth``.
-        lora_alpha: α of the file's LoRA (only used when its deltas are merged); default: the
-            value stored in a project checkpoint, else :data:`MINIGPT_V2_LORA_ALPHA`.
+        path: project folder / ``.safetensors`` / MiniGPT-v2 or release ``.pth`` / PEFT export folder.
+        lora_alpha: alpha of the file's LoRA; default: the value the file records, else
+            :data:`MINIGPT_V2_LORA_ALPHA`.
     Returns:
         A :class:`LoadReport` (also logged).
     Raises:
         FileNotFoundError: no such file/folder (the message says where stage-3 comes from).
         ValueError: unreadable file, missing trainable keys (named), shape mismatches.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS_NAME
-    if not path.is_file():
-        hint = f"; get {STAGE3_SOURCE}" if "stage3" in path.name else ""
-        raise FileNotFoundError(f"checkpoint not found: {path}{hint}")
+    contents = read_checkpoint(path, lora_alpha)
+    path, state, alpha = contents.path, contents.state, contents.lora_alpha
+    report = LoadReport(str(path), contents.format)
+    for frozen in contents.frozen:
+        stack_frozen_adapter(model, frozen["tensors"], frozen["alpha"], frozen["name"], frozen["source"],
+                             frozen["sha256"], report, active=frozen["active"])
 
-    if path.suffix == ".safetensors":
-        raw, metadata = _read_project(path)
-        report = LoadReport(str(path), "project")
-        alpha = lora_alpha if lora_alpha is not None else float(metadata.get("lora_alpha", MINIGPT_V2_LORA_ALPHA))
-        # deltas merged into the base by earlier stages come first
-        sets = json.loads(metadata.get("merged_lora", "[]"))
-        merged_sets: dict[int, dict[str, torch.Tensor]] = {}
-        state = {}
-        for name, value in raw.items():
-            match = _MERGED_RE.match(name)
-            if match:
-                merged_sets.setdefault(int(match["index"]), {})[match["name"]] = value
-            else:
-                state[_normalise(name)] = value
-        for index in sorted(merged_sets):
-            meta = sets[index] if index < len(sets) else {}
-            lora, rest = _split_lora(merged_sets[index])
-            report.unexpected += [f"merged_lora.{index}.{k}" for k in rest]
-            done = merge_lora_into_base(model, lora, float(meta.get("alpha", MINIGPT_V2_LORA_ALPHA)), meta.get("source", str(path)))
-            if done:
-                report.merged_modules += done
-            else:
-                report.skipped_merges += 1
-    else:
-        state = {_normalise(k): v for k, v in _read_pickle(path).items()}
-        report = LoadReport(str(path), "torch_pickle")
-        alpha = lora_alpha if lora_alpha is not None else MINIGPT_V2_LORA_ALPHA
-
-    params = {stable_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+    params = model.trainable_parameters()
     vision = {n: p for n, p in model.named_parameters() if n.startswith("visual_encoder.")}
-    if report.format == "project":  # a trained ViT loads into any model of the same sizes
+    if report.format in ("project", "peft"):  # a trained ViT loads into any model of the same sizes
         params.update(vision)
     optional = set(vision)
-    file_lora, rest = _split_lora(state)
-    model_lora, _ = _split_lora(params)
+    file_lora, rest = split_lora_tensors(state)
+    model_lora, _ = split_lora_tensors(params)
     report.lora_targets_in_file = sorted({m.rsplit(".", 1)[-1] for m in file_lora})
     fits = set(file_lora) == set(model_lora) and all(
         file_lora[m].get(ab) is not None and file_lora[m][ab].shape == model_lora[m][ab].shape
@@ -281,16 +383,15 @@ def load_weights(model: MiniGPTPancreas, path: Union[str, os.PathLike], lora_alp
     )
     to_load = dict(rest)
     if file_lora and not fits:
+        trainable = next(e for e in model.adapter_stack() if e["trainable"])
         log.warning(
-            "%s: LoRA in the file (targets %s, %d modules) does not fit the configured adapters (%s, r=%d): "
-            "merging its deltas into the base weights (alpha=%s), fresh adapters attached",
-            path, report.lora_targets_in_file, len(file_lora), list(model.cfg.lora.target_modules), model.cfg.lora.r, alpha,
+            "%s: LoRA in the file (targets %s, %d modules) does not fit the trainable adapter (%s, r=%d): "
+            "stacked as a frozen adapter (alpha=%s); the base weights stay unchanged",
+            path, report.lora_targets_in_file, len(file_lora), trainable["targets"], trainable["r"], alpha,
         )
-        done = merge_lora_into_base(model, file_lora, alpha, str(path))
-        if done:
-            report.merged_modules += done
-        else:
-            report.skipped_merges += 1
+        lora_state = {n: v for n, v in state.items() if _LORA_RE.match(n)}
+        stack_frozen_adapter(model, lora_state, alpha, _adapter_name(path), str(path),
+                             file_sha256(contents.weights_file), report)
         expected = [n for n in params if not _LORA_RE.match(n)]
     else:
         to_load.update({n: v for n, v in state.items() if _LORA_RE.match(n)})

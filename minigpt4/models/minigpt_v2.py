@@ -13,8 +13,13 @@ The data flow, with full-size shapes (B images, 448 px)::
 
 Prompts come from :mod:`minigpt4.prompts` only (the one builder for training and inference):
 right padding for training, left padding for generation. Trainable tensors are the LoRA
-factors and ``llama_proj``; everything else stays frozen *and in eval mode* even after
-``model.train()``. ``model.vision.trainable: true`` (off by default; a deviation for tiny models
+factors of the trainable adapter and ``llama_proj``; everything else stays frozen *and in eval
+mode* even after ``model.train()``.
+
+LoRA adapters form a stack on one never-modified base (peft runs several active adapters): the
+trainable adapter (``default``, ``model.lora``) plus any number of frozen named adapters, e.g.
+MiniGPT-v2's stage-3 q,v LoRA under a q,k configuration (:meth:`MiniGPTPancreas.add_lora_adapter`,
+:meth:`~MiniGPTPancreas.set_active_adapters`, :meth:`~MiniGPTPancreas.adapter_stack`). ``model.vision.trainable: true`` (off by default; a deviation for tiny models
 trained from scratch) adds the ViT's weights to the trainable set, kept in fp32.
 
 Example::
@@ -30,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,12 +91,37 @@ def merge_visual_tokens(tokens: torch.Tensor, merge: int) -> torch.Tensor:
     return tokens.reshape(B, N // merge, merge * C)
 
 
-def stable_name(name: str) -> str:
+def stable_name(name: str, adapter: str = _PEFT_ADAPTER) -> str:
     """A parameter name without peft's adapter segment (``lora_A.default.weight`` → ``lora_A.weight``).
 
     This is also the naming of peft 0.2, used by the MiniGPT-v2 and MiniGPT-Pancreas releases.
+    Only the segment after ``lora_A``/``lora_B`` is removed, whatever the adapter is called.
     """
-    return name.replace(f".{_PEFT_ADAPTER}.", ".")
+    return re.sub(rf"\.(lora_[AB])\.{re.escape(adapter)}\.", r".\1.", name)
+
+
+LORA_KEY_PREFIX = "llama_model.base_model.model."
+"""Prefix of LoRA tensor names in the peft-0.2 layout (``<prefix><module>.lora_{A,B}.weight``)."""
+_LORA_KEY_RE = re.compile(r"^llama_model\.base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_ADAPTER_PARAM_RE = re.compile(r"\.lora_[AB]\.(?P<adapter>[^.]+)\.weight$")
+_ADAPTER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def split_lora_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """``({module path: {"A": A, "B": B}}, other tensors)`` from peft-0.2 names.
+
+    ``llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` goes to
+    ``lora["model.layers.0.self_attn.q_proj"]["A"]``; A is (r, in), B is (out, r).
+    """
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    rest = {}
+    for name, value in state.items():
+        match = _LORA_KEY_RE.match(name)
+        if match:
+            lora.setdefault(match["module"], {})[match["ab"]] = value
+        else:
+            rest[name] = value
+    return lora, rest
 
 
 class MiniGPTPancreas(nn.Module):
@@ -121,9 +152,9 @@ class MiniGPTPancreas(nn.Module):
         self.compiled = False  # compile_regions() was called
         # set by compile_regions(): training prompts are padded to a multiple of this length
         self.pad_to_multiple_of: Optional[int] = None
-        # Frozen LoRA deltas merged into the base weights (see checkpoints.merge_lora_into_base);
-        # kept so that a project checkpoint can reproduce its base exactly.
-        self.merged_lora: list[dict] = []
+        # name → what adapter_stack() reports; insertion order is the stack order
+        self._adapters: dict[str, dict] = {}
+        self._trainable_adapter = _PEFT_ADAPTER
 
         # a trained tower stays fp32 like every other trained tensor (AMP casts it on the fly)
         self.visual_encoder = EvaViT(cfg.vision).to(torch.float32 if cfg.vision.trainable else dtype)
@@ -148,6 +179,11 @@ class MiniGPTPancreas(nn.Module):
         with warnings.catch_warnings():  # peft calls a deprecated transformers property
             warnings.simplefilter("ignore", FutureWarning)
             self.llama_model = get_peft_model(llama, lora, autocast_adapter_dtype=True)
+        self._adapters[_PEFT_ADAPTER] = {
+            "name": _PEFT_ADAPTER, "targets": sorted(cfg.lora.target_modules), "r": cfg.lora.r,
+            "alpha": float(cfg.lora.alpha), "source": None, "sha256": None, "trainable": True,
+        }
+        self._refreeze_adapters()
         self.train(False)
 
     # ------------------------------------------------------------------ parts
@@ -178,8 +214,10 @@ class MiniGPTPancreas(nn.Module):
         super().train(mode)
         self.visual_encoder.train(mode and self.cfg.vision.trainable)
         self.ln_vision.eval()
+        # only the trainable adapter's dropout: frozen adapters compute exactly what they computed
+        trained_dropout = f"lora_dropout.{self._trainable_adapter}"
         for name, module in self.llama_model.named_modules():
-            module.training = mode and "lora_dropout" in name
+            module.training = mode and name.endswith(trained_dropout)
         if self.gradient_checkpointing:
             for layer in self.llama.model.layers:
                 layer.training = mode
@@ -228,14 +266,158 @@ class MiniGPTPancreas(nn.Module):
             return torch.compiler.set_stance("force_eager")
         return contextlib.nullcontext()
 
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """``{stable name: parameter}`` of everything trained (see :meth:`trainable_state_dict`)."""
+        return {stable_name(n, self._trainable_adapter): p for n, p in self.named_parameters() if p.requires_grad}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """``{stable name: tensor}`` of LoRA factors and ``llama_proj`` (detached, same storage).
+        """``{stable name: tensor}`` of the trainable adapter's LoRA factors and ``llama_proj``
+        (detached, same storage). Frozen stacked adapters are not in it.
 
         Names: ``llama_proj.weight``, ``llama_proj.bias`` and
         ``llama_model.base_model.model.model.layers.{i}.self_attn.{q,k}_proj.lora_{A,B}.weight``;
         with ``model.vision.trainable`` also every ``visual_encoder.*`` tensor.
         """
-        return {stable_name(n): p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        return {name: p.detach() for name, p in self.trainable_parameters().items()}
+
+    # ------------------------------------------------------------------ LoRA adapter stack
+    def adapter_stack(self) -> list[dict]:
+        """The LoRA adapters on the base, in the order they were added (the trainable one first).
+
+        Returns:
+            One dict per adapter: ``name``, ``targets`` (sorted short module names, e.g.
+            ``['q_proj', 'v_proj']``), ``r``, ``alpha``, ``source`` (file it came from, or None),
+            ``sha256`` (of that file, or None), ``trainable`` (bool), ``active`` (bool).
+        """
+        active = set(self.active_adapters())
+        return [dict(entry, active=name in active) for name, entry in self._adapters.items()]
+
+    def active_adapters(self) -> list[str]:
+        """Names of the adapters that take part in the forward pass."""
+        names = self.llama_model.base_model.active_adapter
+        return [names] if isinstance(names, str) else list(names)
+
+    def add_lora_adapter(
+        self,
+        name: str,
+        tensors: dict[str, torch.Tensor],
+        alpha: float,
+        r: Optional[int] = None,
+        targets: Optional[Sequence[str]] = None,
+        trainable: bool = False,
+        source: Optional[str] = None,
+        sha256: Optional[str] = None,
+        active: bool = True,
+    ) -> dict:
+        """Stack a LoRA adapter with the given weights on the (unchanged) base.
+
+        The adapter computes ``W x + B A x · alpha / r`` on each of its modules, with fp32
+        factors, and no dropout when frozen. It is active unless ``active=False``.
+
+        Args:
+            name: a new adapter name (letters, digits, ``_``), e.g. ``'stage3'``.
+            tensors: ``{peft-0.2 name: tensor}``, i.e.
+                ``llama_model.base_model.model.model.layers.{i}.self_attn.v_proj.lora_{A,B}.weight``
+                (A (r, in), B (out, r)); every targeted module needs both factors.
+            alpha: LoRA alpha (MiniGPT-v2's stage 3: 16).
+            r: rank; default read from the shapes (checked against them when given).
+            targets: short module names; default those of ``tensors`` (checked when given).
+            trainable: make this the adapter that is trained (its tensors become
+                :meth:`trainable_state_dict`); the previous trainable adapter is frozen and stays active.
+            source, sha256: provenance recorded in :meth:`adapter_stack` and in checkpoints.
+            active: take part in the forward pass right away.
+        Returns:
+            The new :meth:`adapter_stack` entry.
+        Raises:
+            ValueError: bad name, a module missing in this LLaMA, a missing factor, shapes that
+                do not fit the weight or disagree with ``r``/``targets``.
+        """
+        where = source or "adapter"
+        if not _ADAPTER_NAME_RE.match(name) or name in self._adapters:
+            raise ValueError(f"{where}: adapter name {name!r} is invalid or already used ({sorted(self._adapters)})")
+        lora, rest = split_lora_tensors(tensors)
+        if rest or not lora:
+            raise ValueError(f"{where}: expected only LoRA factors in peft-0.2 names, got e.g. {sorted(rest)[:3] or 'nothing'}")
+        ranks = set()
+        for module_path, pair in sorted(lora.items()):
+            if set(pair) != {"A", "B"}:
+                raise ValueError(f"{where}: LoRA of {module_path} has only lora_{''.join(pair)}")
+            try:
+                layer = self.llama.get_submodule(module_path)
+            except AttributeError:
+                raise ValueError(f"{where}: LoRA module {module_path} does not exist in this LLaMA") from None
+            base = getattr(layer, "base_layer", layer)
+            A, B = pair["A"], pair["B"]
+            if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != (base.out_features, base.in_features):
+                raise ValueError(
+                    f"{where}: LoRA of {module_path} has A {tuple(A.shape)}, B {tuple(B.shape)} which do not "
+                    f"fit the weight ({base.out_features}, {base.in_features})"
+                )
+            ranks.add(A.shape[0])
+        found = sorted({m.rsplit(".", 1)[-1] for m in lora})
+        if len(ranks) != 1 or (r is not None and ranks != {r}):
+            raise ValueError(f"{where}: LoRA ranks {sorted(ranks)} (expected one rank{'' if r is None else f', {r}'})")
+        if targets is not None and sorted(targets) != found:
+            raise ValueError(f"{where}: LoRA targets {found} in the tensors, but {sorted(targets)} declared")
+        config = PeftLoraConfig(
+            r=ranks.pop(), lora_alpha=float(alpha), lora_dropout=self.cfg.lora.dropout if trainable else 0.0,
+            bias="none", task_type="CAUSAL_LM",
+            target_modules=sorted(lora),  # exact module paths: only the modules the tensors cover
+        )
+        active_before = self.active_adapters()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.llama_model.add_adapter(name, config)
+        with torch.no_grad():
+            for module_path, pair in lora.items():
+                layer = self.llama.get_submodule(module_path)
+                for ab, factors in (("A", layer.lora_A), ("B", layer.lora_B)):
+                    # fp32 factors on any base (older peft casts new adapters to a bf16 base's dtype)
+                    factors[name].to(torch.float32)
+                    weight = factors[name].weight
+                    weight.copy_(pair[ab].to(weight.device, weight.dtype))
+        self._adapters[name] = {
+            "name": name, "targets": found, "r": config.r, "alpha": float(alpha),
+            "source": source, "sha256": sha256, "trainable": False,
+        }
+        if trainable:
+            self._adapters[self._trainable_adapter]["trainable"] = False
+            self._adapters[name]["trainable"] = True
+            self._trainable_adapter = name
+        self.set_active_adapters(active_before + [name] if active else active_before)
+        return dict(self._adapters[name], active=active)
+
+    def set_active_adapters(self, names: Sequence[str]) -> None:
+        """Make exactly ``names`` take part in the forward pass (their deltas add up).
+
+        Freezing does not depend on this: only the trainable adapter ever requires grad (peft's
+        ``set_adapter`` marks every active adapter trainable; that is undone here).
+        """
+        names = list(names)
+        unknown = [n for n in names if n not in self._adapters]
+        if unknown or not names:
+            raise ValueError(f"unknown adapters {unknown} (known: {list(self._adapters)})" if unknown else "no adapter named")
+        self.llama_model.base_model.set_adapter(names)
+        self._refreeze_adapters()
+        self.train(self.training)
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """``{peft-0.2 name: tensor}`` of adapter ``name`` (detached, same storage)."""
+        if name not in self._adapters:
+            raise ValueError(f"unknown adapter {name!r} (known: {list(self._adapters)})")
+        out = {}
+        for param_name, p in self.llama_model.named_parameters(prefix="llama_model"):
+            match = _ADAPTER_PARAM_RE.search(param_name)
+            if match and match["adapter"] == name:
+                out[stable_name(param_name, name)] = p.detach()
+        return out
+
+    def _refreeze_adapters(self) -> None:
+        # peft's add_adapter / set_adapter / disable_adapter flip requires_grad of adapters;
+        # the rule here is by name only: the trainable adapter's factors, nothing else of the LLaMA
+        for param_name, p in self.llama_model.named_parameters():
+            match = _ADAPTER_PARAM_RE.search(param_name)
+            p.requires_grad_(bool(match) and match["adapter"] == self._trainable_adapter)
 
     # ------------------------------------------------------------------ image → tokens
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

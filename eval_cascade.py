@@ -1,0 +1,28 @@
+"""The clinical cascade end to end on every slice of the test volumes (issue 13).
+
+    python eval_cascade.py --cfg-path eval_configs/cascade.yaml
+    python eval_cascade.py --cfg-path eval_configs/cascade_cpu.yaml     # the quickstart's tiny stages
+
+Stage 1 (pancreas box) → crop from the predicted box, cut as ``python -m preprocessing tc`` cuts →
+stage 2 P(tumor) → stage 3 (tumor box) where P(tumor) >= threshold; the three stages share one
+base (EVA + LLaMA loaded once). Per volume, P(tumor) is aggregated (max, mean of the top k) into
+a patient answer; threshold and aggregation are chosen on the val volumes. Writes
+``predictions.jsonl`` (one row per slice), ``metrics.json``, ``tables.md``, ``p_tumor_along_z.png``
+and ``config.yaml`` to ``run.output_dir``. Needs MSD/NIH folders prepared with ``--all-slices``.
+Limits: one process, one device.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the cascade evaluation; returns the metrics written to ``metrics.json``."""
+    from minigpt4.evaluation.cascade import main as run
+
+    return run(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,566 @@
+"""The clinical cascade end to end, measured as a user meets it (``eval_cascade.py``, issue 13).
+
+The paper scores each stage on ground-truth inputs (crops cut with the ground-truth pancreas box,
+slices known to hold a tumor). Here every slice of every volume goes through the three stages:
+
+1. stage 1 (``pancreas_detection``): ``[refer]`` pancreas box on the whole slice;
+2. the crop is cut exactly as ``python -m preprocessing tc`` cuts TC crops
+   (:func:`preprocessing.tc.crop_box`), but from the **predicted** box
+   (:func:`minigpt4.boxes.grid_to_pixel_inclusive`: the widest pixel box with the answered grid box);
+3. stage 2 (``tumor_classification``): P(tumor) = P(yes) on that crop;
+4. stage 3 (``tumor_detection``): ``[refer]`` tumor box on the whole slice where
+   P(tumor) >= threshold.
+
+Per volume, the slices' P(tumor) are aggregated (``max`` and mean of the ``top_k`` largest) into
+a patient score. The threshold and the aggregation are chosen on the ``val`` volumes (stages 1–2
+only), never on ``test``. Outputs in ``run.output_dir``: ``predictions.jsonl`` (one row per
+test slice), ``metrics.json`` (``slice``, ``patient``, ``selection``, ``run``), ``tables.md``,
+``p_tumor_along_z.png`` and ``config.yaml``.
+
+A slice "got a box" when the answer parses (:func:`minigpt4.boxes.parse_box`) to anything but
+the empty box ``{<0><0><0><0>}``. A slice without a box has no crop and no P(tumor); a volume
+with no such slice scores 0. 3-D boxes: x, y continuous as in 2-D scoring (no +1), z covers
+whole slices (slice k spans [k, k + 1)).
+
+Limits: volumes come from prepared folders written with ``--all-slices`` (the default
+preprocessing writes PNGs of target slices only); the patient-level labels of the paper's data
+are confounded with the source dataset (MSD volumes nearly all hold a tumor, NIH volumes none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from minigpt4.boxes import EMPTY_BOX, box_iou, grid_to_pixel, grid_to_pixel_inclusive, parse_box
+from minigpt4.evaluation.stats import auc_score, cluster_bootstrap, safe_ratio
+from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
+
+AGGREGATIONS = ("max", "top_k_mean")
+FALLBACK_THRESHOLD = 0.5
+
+
+# ----------------------------------------------------------------------------- crops and boxes
+def predicted_box(answer: Optional[str]) -> Optional[tuple[int, int, int, int]]:
+    """The grid box of a detection answer, or None when it has none (unparseable or empty box)."""
+    grid = parse_box(answer)
+    return None if grid is None or tuple(grid) == EMPTY_BOX else grid
+
+
+def cut_crop(pixels: np.ndarray, pixel_box: Sequence[int], margin: int = 0) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The crop ``python -m preprocessing tc`` cuts for an inclusive pixel box.
+
+    Args:
+        pixels: (H, W) uint8 slice.
+        pixel_box: inclusive ``[x1, y1, x2, y2]``.
+        margin: the TC folder's ``--margin``.
+    Returns:
+        ``(crop (h, w), crop_box)`` with the inclusive crop box of :func:`preprocessing.tc.crop_box`.
+    """
+    from preprocessing.tc import crop_box
+
+    height, width = pixels.shape[:2]
+    x1, y1, x2, y2 = crop_box(pixel_box, width, height, margin)
+    return pixels[y1:y2 + 1, x1:x2 + 1], (x1, y1, x2, y2)
+
+
+def box_3d(slice_boxes: Sequence[tuple[int, Sequence[float]]]) -> Optional[tuple[float, ...]]:
+    """Union of ``(slice_index, (x1, y1, x2, y2))`` → ``(x1, y1, z1, x2, y2, z2)``, slice k = [k, k+1)."""
+    if not slice_boxes:
+        return None
+    boxes = np.asarray([b for _, b in slice_boxes], dtype=float)
+    zs = [k for k, _ in slice_boxes]
+    return (boxes[:, 0].min(), boxes[:, 1].min(), float(min(zs)), boxes[:, 2].max(), boxes[:, 3].max(), float(max(zs) + 1))
+
+
+def iou_3d(a: Optional[Sequence[float]], b: Optional[Sequence[float]]) -> float:
+    """Continuous 3-D IoU of ``(x1, y1, z1, x2, y2, z2)`` boxes; 0 when either is missing."""
+    if a is None or b is None:
+        return 0.0
+
+    def volume(box):
+        return max(0.0, box[3] - box[0]) * max(0.0, box[4] - box[1]) * max(0.0, box[5] - box[2])
+
+    inter = [max(a[i], b[i]) for i in range(3)] + [min(a[i + 3], b[i + 3]) for i in range(3)]
+    common = volume(inter)
+    union = volume(a) + volume(b) - common
+    return float(common / union) if union > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- running the stages
+def _images(model: Any, slices: Sequence[np.ndarray]) -> torch.Tensor:
+    return torch.stack([model.image_transform(s) for s in slices]).to(model.device)
+
+
+def _batched(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.inference_mode()
+def run_cascade(stages: Any, slices: Sequence[np.ndarray], threshold: Optional[float], margin: int = 0,
+                batch_size: int = 8, gt_pancreas_boxes: Optional[Sequence[Optional[Sequence[int]]]] = None,
+                gt_tumor_slices: Sequence[bool] = ()) -> list[dict]:
+    """Run the cascade on the slices of one volume.
+
+    Args:
+        stages: a :class:`minigpt4.models.stages.StageModels` (``use(stage) -> model``).
+        slices: Z slices (H, W) uint8, as the prepared PNGs.
+        threshold: stage 3 is asked where P(tumor) >= threshold; None = stages 1–2 only.
+        margin: crop margin (the TC folder's ``--margin``).
+        batch_size: images per model call (does not change the answers).
+        gt_pancreas_boxes: per slice, the ground-truth inclusive pancreas box (None = none): stage 2
+            is also run on the ground-truth crop (``p_tumor_gt_crop``) to price the predicted crop.
+        gt_tumor_slices: per slice, True where a tumor is present: stage 3 is also asked there
+            regardless of P(tumor) (``tumor_answer_alone``, the paper's Table 3 condition).
+
+    Returns:
+        One dict per slice: ``pancreas_answer, pancreas_grid, pancreas_box`` (continuous pixels,
+        scored), ``crop_box``, ``p_tumor``, ``p_tumor_gt_crop``, ``tumor_asked``, ``tumor_answer``,
+        ``tumor_box``, ``tumor_answer_alone``, ``tumor_box_alone``.
+    """
+    n = len(slices)
+    rows: list[dict] = [{} for _ in range(n)]
+    pancreas_q = detection_instruction(TARGET_NAMES["pancreas"])
+    tumor_q = detection_instruction(TARGET_NAMES["tumor"])
+    yes_q = classification_question()
+
+    model = stages.use("pancreas_detection")
+    for idx in _batched(list(range(n)), batch_size):
+        answers = model.generate(_images(model, [slices[i] for i in idx]), [pancreas_q] * len(idx))
+        for i, answer in zip(idx, answers):
+            height, width = slices[i].shape[:2]
+            grid = predicted_box(answer)
+            rows[i].update(pancreas_answer=answer, pancreas_grid=None if grid is None else list(grid),
+                           pancreas_box=None if grid is None else list(grid_to_pixel(grid, width, height)))
+
+    crops: list[tuple[int, str, np.ndarray]] = []
+    for i in range(n):
+        height, width = slices[i].shape[:2]
+        rows[i].update(crop_box=None, p_tumor=None, p_tumor_gt_crop=None)
+        if rows[i]["pancreas_grid"] is not None:
+            crop, box = cut_crop(slices[i], grid_to_pixel_inclusive(rows[i]["pancreas_grid"], width, height), margin)
+            rows[i]["crop_box"] = list(box)
+            crops.append((i, "p_tumor", crop))
+        gt = None if gt_pancreas_boxes is None else gt_pancreas_boxes[i]
+        if gt is not None:
+            crops.append((i, "p_tumor_gt_crop", cut_crop(slices[i], gt, margin)[0]))
+    model = stages.use("tumor_classification")
+    for chunk in _batched(crops, batch_size):
+        probs = model.yes_probability(_images(model, [c for _, _, c in chunk]), [yes_q] * len(chunk))
+        for (i, key, _), p in zip(chunk, probs.float().cpu().tolist()):
+            rows[i][key] = float(p)
+
+    for i in range(n):
+        p = rows[i]["p_tumor"]
+        rows[i].update(tumor_asked=threshold is not None and p is not None and p >= threshold,
+                       tumor_answer=None, tumor_box=None, tumor_answer_alone=None, tumor_box_alone=None)
+    asks = [(i, "tumor") for i in range(n) if rows[i]["tumor_asked"]]
+    asks += [(i, "tumor_alone") for i in range(n) if i < len(gt_tumor_slices) and gt_tumor_slices[i]]
+    if asks:
+        model = stages.use("tumor_detection")
+        for chunk in _batched(asks, batch_size):
+            answers = model.generate(_images(model, [slices[i] for i, _ in chunk]), [tumor_q] * len(chunk))
+            for (i, kind), answer in zip(chunk, answers):
+                height, width = slices[i].shape[:2]
+                grid = predicted_box(answer)
+                suffix = "" if kind == "tumor" else "_alone"
+                rows[i]["tumor_answer" + suffix] = answer
+                rows[i]["tumor_box" + suffix] = None if grid is None else list(grid_to_pixel(grid, width, height))
+    return rows
+
+
+# ----------------------------------------------------------------------------- patient level
+def aggregate(p_tumor: Sequence[Optional[float]], method: str, top_k: int) -> float:
+    """A volume's score from its slices' P(tumor) (None = slice without a crop, ignored).
+
+    ``max``: the largest; ``top_k_mean``: mean of the ``top_k`` largest (all when fewer);
+    0 when no slice has a P(tumor).
+    """
+    values = sorted((float(p) for p in p_tumor if p is not None), reverse=True)
+    if not values:
+        return 0.0
+    if method == "max":
+        return values[0]
+    if method == "top_k_mean":
+        return float(np.mean(values[:top_k]))
+    raise ValueError(f"unknown aggregation {method!r}; expected one of {AGGREGATIONS}")
+
+
+def sensitivity_specificity(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[Optional[float], Optional[float]]:
+    """Positive where ``score >= threshold``; None for a class that is absent."""
+    labels = np.asarray(labels, dtype=bool)
+    called = np.asarray(scores, dtype=float) >= threshold
+    return safe_ratio(float((called & labels).sum()), float(labels.sum())), \
+        safe_ratio(float((~called & ~labels).sum()), float((~labels).sum()))
+
+
+def choose_threshold(labels: Sequence[bool], scores: Sequence[float]) -> Optional[float]:
+    """The score value maximising Youden's J = sensitivity + specificity − 1 (positive where
+    ``score >= threshold``); ties → the highest such threshold (fewer positives). None when a
+    class is absent."""
+    labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=float)
+    if labels.all() or not labels.any():
+        return None
+    best, best_j = None, -math.inf
+    for t in sorted(set(scores.tolist()), reverse=True):
+        sens, spec = sensitivity_specificity(labels, scores, t)
+        j = sens + spec - 1
+        if j > best_j + 1e-12:
+            best, best_j = t, j
+    return float(best)
+
+
+def volume_truth(records: Sequence[dict]) -> dict:
+    """Ground truth of one volume from its slice records: tumor yes/no and 3-D boxes."""
+    pancreas = [(r["slice_index"], r["bbox_pancreas"]) for r in records if r.get("pixels_pancreas", 0) > 0]
+    tumor = [(r["slice_index"], r["bbox_tumor"]) for r in records if r.get("pixels_tumor", 0) > 0]
+    return {"tumor": bool(tumor), "pancreas_3d": box_3d(pancreas), "tumor_3d": box_3d(tumor)}
+
+
+def patient_scores(rows: Sequence[dict], top_k: int) -> dict[tuple[str, str], dict]:
+    """``{(dataset, volume): {label, scores: {aggregation: score}, dataset}}`` from slice rows."""
+    by_volume: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        by_volume.setdefault((row["dataset"], row["volume_name"]), []).append(row)
+    out = {}
+    for key, vrows in by_volume.items():
+        ps = [r["p_tumor"] for r in vrows]
+        out[key] = {"dataset": key[0], "label": any(r["has_tumor"] for r in vrows),
+                    "scores": {m: aggregate(ps, m, top_k) for m in AGGREGATIONS}}
+    return out
+
+
+def select_operating_point(val_patients: dict, aggregation: str, threshold: Optional[float]) -> dict:
+    """Aggregation and threshold from the validation volumes.
+
+    ``aggregation='auto'``: the one with the higher val AUC (``max`` on ties or when undefined).
+    Per aggregation the threshold is ``threshold`` when given, else Youden's J on val (0.5 when
+    val lacks a class, said in ``notes``).
+    """
+    labels = np.asarray([v["label"] for v in val_patients.values()], dtype=bool)
+    selection: dict[str, Any] = {"n_val_volumes": int(labels.size), "n_val_tumor": int(labels.sum()),
+                                 "val_auc": {}, "thresholds": {}, "notes": []}
+    for method in AGGREGATIONS:
+        scores = np.asarray([v["scores"][method] for v in val_patients.values()], dtype=float)
+        selection["val_auc"][method] = auc_score(labels, scores) if labels.size else None
+        if threshold is not None:
+            selection["thresholds"][method] = float(threshold)
+            continue
+        chosen = choose_threshold(labels, scores) if labels.size else None
+        if chosen is None:
+            chosen = FALLBACK_THRESHOLD
+            selection["notes"].append(f"{method}: val volumes hold one class only: threshold {FALLBACK_THRESHOLD}")
+        selection["thresholds"][method] = chosen
+    if aggregation == "auto":
+        aucs = selection["val_auc"]
+        top = aucs["top_k_mean"] if aucs["top_k_mean"] is not None else -1.0
+        aggregation = "top_k_mean" if top > (aucs["max"] if aucs["max"] is not None else -1.0) else "max"
+        selection["aggregation_rule"] = "higher patient AUC on val (max on ties)"
+    else:
+        selection["aggregation_rule"] = "configured"
+    selection["aggregation"] = aggregation
+    selection["threshold"] = selection["thresholds"][aggregation]
+    selection["threshold_rule"] = "configured (cascade.threshold)" if threshold is not None else "Youden's J on val"
+    return selection
+
+
+def patient_metrics(patients: dict, thresholds: dict, n_boot: int, seed: int) -> dict:
+    """Per aggregation: AUC, sensitivity, specificity at its threshold, with volume bootstrap CIs."""
+    keys = list(patients)
+    labels = np.asarray([patients[k]["label"] for k in keys], dtype=bool)
+    strata = [patients[k]["dataset"] for k in keys]
+    out: dict[str, Any] = {"n_volumes": len(keys), "n_tumor": int(labels.sum())}
+    for method in AGGREGATIONS:
+        scores = np.asarray([patients[k]["scores"][method] for k in keys], dtype=float)
+        t = thresholds[method]
+
+        def stat(idx: np.ndarray, scores=scores, t=t) -> dict:
+            sens, spec = sensitivity_specificity(labels[idx], scores[idx], t)
+            return {"auc": auc_score(labels[idx], scores[idx]), "sensitivity": sens, "specificity": spec}
+
+        point = stat(np.arange(len(keys)))
+        ci = cluster_bootstrap(keys, stat, n_boot=n_boot, seed=seed, strata=strata)
+        out[method] = {"threshold": t, **point, "ci95": ci}
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return float(np.mean(values)) if len(values) else None
+
+
+def slice_metrics(rows: Sequence[dict]) -> dict:
+    """``pancreas_iou``, ``false_box_rate``, ``tc_auc_predicted_crops``, ``tc_auc_gt_crops``,
+    ``tumor_iou`` (+ ``tumor_iou_stage3_alone``) over the test slices, with their counts."""
+    pancreas = [r for r in rows if r["has_pancreas"]]
+    empty = [r for r in rows if not r["has_pancreas"]]
+    tumor = [r for r in rows if r["has_tumor"]]
+    both = [r for r in pancreas if r["p_tumor"] is not None and r["p_tumor_gt_crop"] is not None]
+    labels = np.asarray([r["has_tumor"] for r in both], dtype=bool)
+    return {
+        "n_slices": len(rows),
+        "pancreas_iou": _mean([r["pancreas_iou"] for r in pancreas]),
+        "n_pancreas_slices": len(pancreas),
+        "pancreas_box_rate": safe_ratio(sum(r["pancreas_box"] is not None for r in pancreas), len(pancreas)),
+        "false_box_rate": safe_ratio(sum(r["pancreas_box"] is not None for r in empty), len(empty)),
+        "n_slices_without_pancreas": len(empty),
+        "tc_auc_predicted_crops": auc_score(labels, [r["p_tumor"] for r in both]) if both else None,
+        "tc_auc_gt_crops": auc_score(labels, [r["p_tumor_gt_crop"] for r in both]) if both else None,
+        "n_tc_slices": len(both),
+        "n_tc_tumor_slices": int(labels.sum()),
+        "tumor_iou": _mean([r["tumor_iou"] for r in tumor]),
+        "tumor_iou_stage3_alone": _mean([r["tumor_iou_alone"] for r in tumor]),
+        "n_tumor_slices": len(tumor),
+        "tumor_asked_rate": safe_ratio(sum(r["tumor_asked"] for r in rows), len(rows)),
+    }
+
+
+def score_volume(records: Sequence[dict], results: Sequence[dict], split: str) -> list[dict]:
+    """Prediction rows of one volume: identity, ground truth, the cascade's answers and IoUs."""
+    rows = []
+    for rec, res in zip(records, results):
+        has_pancreas = rec.get("pixels_pancreas", 0) > 0
+        has_tumor = rec.get("pixels_tumor", 0) > 0
+        row = {"dataset": rec["dataset"], "volume_name": rec["volume_name"], "slice_index": rec["slice_index"],
+               "split": split, "image": rec["image"], "width": rec["width"], "height": rec["height"],
+               "has_pancreas": has_pancreas, "has_tumor": has_tumor,
+               "gt_pancreas_box": list(rec["bbox_pancreas"]) if has_pancreas else None,
+               "gt_tumor_box": list(rec["bbox_tumor"]) if has_tumor else None, **res}
+        row["pancreas_iou"] = (box_iou(res["pancreas_box"], rec["bbox_pancreas"]) if res["pancreas_box"] else 0.0) \
+            if has_pancreas else None
+        row["tumor_iou"] = (box_iou(res["tumor_box"], rec["bbox_tumor"]) if res["tumor_box"] else 0.0) if has_tumor else None
+        row["tumor_iou_alone"] = (box_iou(res["tumor_box_alone"], rec["bbox_tumor"]) if res["tumor_box_alone"] else 0.0) \
+            if has_tumor else None
+        rows.append(row)
+    return rows
+
+
+def volume_3d_metrics(volumes: dict[tuple[str, str], list[dict]], rows: Sequence[dict]) -> dict:
+    """Mean 3-D IoU of the slice-box unions vs the ground-truth 3-D boxes (pancreas, tumor)."""
+    by_volume: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        by_volume.setdefault((row["dataset"], row["volume_name"]), []).append(row)
+    pancreas, tumor = [], []
+    for key, records in volumes.items():
+        truth = volume_truth(records)
+        vrows = by_volume.get(key, [])
+        if truth["pancreas_3d"] is not None:
+            pred = box_3d([(r["slice_index"], r["pancreas_box"]) for r in vrows if r["pancreas_box"]])
+            pancreas.append(iou_3d(pred, truth["pancreas_3d"]))
+        if truth["tumor_3d"] is not None:
+            pred = box_3d([(r["slice_index"], r["tumor_box"]) for r in vrows if r["tumor_box"]])
+            tumor.append(iou_3d(pred, truth["tumor_3d"]))
+    return {"pancreas_iou_3d": _mean(pancreas), "n_pancreas_volumes": len(pancreas),
+            "tumor_iou_3d": _mean(tumor), "n_tumor_volumes": len(tumor)}
+
+
+# ----------------------------------------------------------------------------- data
+def load_volumes(cfg: Any, split: str) -> dict[tuple[str, str], list[dict]]:
+    """Every slice of every ``split`` volume of the config's MSD/NIH folders, images checked
+    (at most ``cascade.max_volumes`` volumes per folder, evenly spaced by name).
+
+    Raises:
+        ConfigError: no dataset configured.
+        FileNotFoundError: a slice has no PNG (the folder was prepared without ``--all-slices``).
+    """
+    from minigpt4.config import ConfigError
+    from minigpt4.evaluation.common import subsample
+    from preprocessing.layout import read_volumes
+
+    roots = list(dict.fromkeys(str(ds.root) for ds in cfg.datasets.values()))
+    if not roots:
+        raise ConfigError("eval_cascade needs datasets: the prepared MSD and NIH folders (task pancreas_detection)")
+    volumes: dict[tuple[str, str], list[dict]] = {}
+    for root in roots:
+        found = read_volumes(root, split)
+        for name in subsample(sorted(found), cfg.cascade.max_volumes):
+            records = found[name]
+            missing = [r["slice_index"] for r in records if r["image"] is None or not Path(r["image"]).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{root}: volume {name} has no PNG for slices {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
+                    "the cascade scans every slice: prepare the folder again with --all-slices")
+            volumes[(records[0]["dataset"], name)] = records
+    return volumes
+
+
+def _read_slices(records: Sequence[dict]) -> list[np.ndarray]:
+    out = []
+    for r in records:
+        with Image.open(r["image"]) as im:
+            out.append(np.asarray(im.convert("L")))
+    return out
+
+
+def predict_split(stages: Any, volumes: dict, split: str, threshold: Optional[float], margin: int, batch_size: int,
+                  with_truth_runs: bool, progress: Optional[Callable[[int, int], None]] = None) -> list[dict]:
+    """Scored prediction rows of every slice of ``volumes``."""
+    rows: list[dict] = []
+    for done, records in enumerate(volumes.values(), 1):
+        gt_boxes = [r["bbox_pancreas"] if with_truth_runs and r.get("pixels_pancreas", 0) > 0 else None for r in records]
+        gt_tumor = [with_truth_runs and r.get("pixels_tumor", 0) > 0 for r in records]
+        results = run_cascade(stages, _read_slices(records), threshold, margin, batch_size, gt_boxes, gt_tumor)
+        rows += score_volume(records, results, split)
+        if progress is not None:
+            progress(done, len(volumes))
+    return rows
+
+
+# ----------------------------------------------------------------------------- outputs
+def cascade_tables(metrics: dict) -> str:
+    from minigpt4.evaluation.tables import fmt
+
+    s, p, sel = metrics["slice"], metrics["patient"], metrics["selection"]
+    lines = [
+        "## Cascade on every slice of the test volumes (predicted inputs)", "",
+        "| metric | value | n | the paper's per-stage number (ground-truth inputs) |", "|---|---|---|---|",
+        f"| pancreas IoU (slices with pancreas) | {fmt(s['pancreas_iou'])} | {s['n_pancreas_slices']} | 0.574 (Table 1, slices with ratio > 0.6 only) |",
+        f"| false box rate (slices without pancreas given a box) | {fmt(s['false_box_rate'])} | {s['n_slices_without_pancreas']} | not measured |",
+        f"| tumor AUC, crops from the predicted box | {fmt(s['tc_auc_predicted_crops'])} | {s['n_tc_slices']} ({s['n_tc_tumor_slices']} tumor) | accuracy 0.876 (Table 2, GT crops, MSD vs NIH) |",
+        f"| tumor AUC, crops from the ground-truth box | {fmt(s['tc_auc_gt_crops'])} | {s['n_tc_slices']} | same slices, same model |",
+        f"| tumor IoU through the cascade (slices with tumor) | {fmt(s['tumor_iou'])} | {s['n_tumor_slices']} | 0.168 (Table 3, tumor slices only) |",
+        f"| tumor IoU, stage 3 alone on the same slices | {fmt(s['tumor_iou_stage3_alone'])} | {s['n_tumor_slices']} | |",
+        "", "## Patient level (test volumes)", "",
+        f"Threshold and aggregation chosen on {sel['n_val_volumes']} val volumes ({sel['n_val_tumor']} with tumor): "
+        f"**{sel['aggregation']}** (top_k = {metrics['top_k']}), threshold {fmt(sel['threshold'])} ({sel['threshold_rule']}).", "",
+        "| aggregation | threshold | AUC [95% CI] | sensitivity [95% CI] | specificity [95% CI] |", "|---|---|---|---|---|",
+    ]
+    for method in AGGREGATIONS:
+        m = p[method]
+
+        def cell(name, m=m):
+            ci = m["ci95"].get(name)
+            return fmt(m[name]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
+
+        mark = " (selected)" if method == sel["aggregation"] else ""
+        lines.append(f"| {method}{mark} | {fmt(m['threshold'])} | {cell('auc')} | {cell('sensitivity')} | {cell('specificity')} |")
+    lines += ["", f"{p['n_volumes']} test volumes, {p['n_tumor']} with tumor. "
+              f"3-D IoU of the slice-box unions: pancreas {fmt(p['pancreas_iou_3d'])} ({p['n_pancreas_volumes']} volumes), "
+              f"tumor {fmt(p['tumor_iou_3d'])} ({p['n_tumor_volumes']} volumes).", ""]
+    for note in sel["notes"]:
+        lines.append(f"Note: {note}.")
+    return "\n".join(lines) + "\n"
+
+
+def p_tumor_figure(rows: Sequence[dict], threshold: float, path: Path, columns: int = 4) -> Path:
+    """P(tumor) along z per test volume: GT tumor slices shaded red, pancreas slices marked below."""
+    from matplotlib.figure import Figure
+
+    from minigpt4.evaluation.figures import _save
+
+    by_volume: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        by_volume.setdefault((row["dataset"], row["volume_name"]), []).append(row)
+    n = max(1, len(by_volume))
+    cols = min(columns, n)
+    lines = math.ceil(n / cols)
+    fig = Figure(figsize=(3.2 * cols, 2.2 * lines))
+    for i, ((dataset, name), vrows) in enumerate(by_volume.items()):
+        ax = fig.add_subplot(lines, cols, i + 1)
+        z = [r["slice_index"] for r in vrows]
+        for r in vrows:
+            if r["has_tumor"]:
+                ax.axvspan(r["slice_index"] - 0.5, r["slice_index"] + 0.5, color="red", alpha=0.2, lw=0)
+        pz = [(r["slice_index"], r["p_tumor"]) for r in vrows if r["p_tumor"] is not None]
+        if pz:
+            ax.plot([a for a, _ in pz], [b for _, b in pz], ".-", color="black", lw=1, ms=3)
+        ax.plot([r["slice_index"] for r in vrows if r["has_pancreas"]], [-0.05] * sum(r["has_pancreas"] for r in vrows),
+                "|", color="tab:blue", ms=6)
+        ax.axhline(threshold, color="tab:orange", lw=0.8, ls="--")
+        ax.set_ylim(-0.1, 1.05)
+        ax.set_xlim(min(z) - 0.5, max(z) + 0.5)
+        ax.set_title(f"{dataset} {name}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    fig.suptitle("P(tumor) along z (red: GT tumor slices, blue ticks: GT pancreas slices, dashed: threshold)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from minigpt4.config import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="eval_cascade.py", description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser)
+    parser.add_argument("--no-figures", action="store_true", help="skip the P(tumor) figure")
+    return parser
+
+
+def _progress(label: str):
+    def report(done: int, total: int) -> None:
+        print(f"\r{label}: volume {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    return report
+
+
+def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[dict] = None) -> dict:
+    """Choose the operating point on ``val``, run the cascade on ``test``, write every output."""
+    from minigpt4.config import save_config
+    from minigpt4.evaluation.common import checkpoint_identity, environment_identity
+    from minigpt4.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+
+    casc = cfg.cascade
+    val_volumes = load_volumes(cfg, "val")  # both splits are checked before any model work
+    test_volumes = load_volumes(cfg, "test")
+    if not test_volumes:
+        raise ValueError("no test volume in the configured folders")
+    batch = cfg.run.eval_batch_size
+    start = time.perf_counter()
+    val_rows = predict_split(stages, val_volumes, "val", None, casc.crop_margin, batch, False, _progress("val (stages 1-2)"))
+    selection = select_operating_point(patient_scores(val_rows, casc.top_k), casc.aggregation, casc.threshold)
+    rows = predict_split(stages, test_volumes, "test", selection["threshold"], casc.crop_margin, batch, True,
+                         _progress("test (stages 1-3)"))
+    patients = patient_scores(rows, casc.top_k)
+    metrics = {
+        "slice": slice_metrics(rows),
+        "patient": {**patient_metrics(patients, selection["thresholds"], casc.bootstrap, cfg.run.seed),
+                    **volume_3d_metrics(test_volumes, rows)},
+        "selection": selection,
+        "top_k": casc.top_k,
+        "volumes": {f"{d}/{v}": {"tumor": p["label"], **{m: round(s, 6) for m, s in p["scores"].items()}}
+                    for (d, v), p in patients.items()},
+        "run": {"stages": {s: checkpoint_identity(p) for s, p in stages.sources.items()},
+                "datasets": sorted({str(ds.root) for ds in cfg.datasets.values()}),
+                "crop_margin": casc.crop_margin, "batch_size": batch, "seconds": round(time.perf_counter() - start, 3),
+                "decoding": "greedy, 1 beam, left padding", "environment": environment_identity(), **(source or {})},
+    }
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(out / "predictions.jsonl", rows)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_text_atomic(out / "tables.md", cascade_tables(metrics))
+    if make_figures:
+        p_tumor_figure(rows, selection["threshold"], out / "p_tumor_along_z.png")
+    save_config(cfg, out / "config.yaml")
+    return metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """``eval_cascade.py --cfg-path eval_configs/cascade.yaml``; returns the metrics written."""
+    from minigpt4.config import ConfigError, load_config
+    from minigpt4.models.stages import load_stages
+
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.cfg_path, args.options)
+    missing = [s for s in ("pancreas_detection", "tumor_classification", "tumor_detection")
+               if getattr(cfg.cascade.stages, s) is None]
+    if missing:
+        raise ConfigError(f"{args.cfg_path}: cascade.stages.{missing[0]} is not set (all three stages are needed)")
+    for stage, path in cfg.cascade.stages.configured().items():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"cascade.stages.{stage}: checkpoint not found: {path}")
+    load_volumes(cfg, "val"), load_volumes(cfg, "test")  # fail on data before loading the model
+    stages = load_stages(cfg.model, cfg.cascade.stages.configured(), device=cfg.run.device)
+    metrics = evaluate(cfg, stages, not args.no_figures, {"config": str(args.cfg_path), "options": list(args.options)})
+    print(cascade_tables(metrics), file=sys.stderr)
+    return metrics
