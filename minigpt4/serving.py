@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from minigpt4.boxes import EMPTY_BOX, grid_to_pixel, parse_box, parse_yes_no
+from minigpt4.config import DecodingConfig
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
 
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -463,7 +464,9 @@ class DemoService:
             ``yes_probability(images, questions) -> Tensor (B,)`` and ``image_transform``
             (:class:`minigpt4.models.minigpt_v2.MiniGPTPancreas` or a test double).
         max_new_tokens: for detection and yes/no answers (the evaluation setting, 20).
-        text_max_new_tokens: for free-text instructions.
+        text_max_new_tokens: for free-text instructions (when ``text_decoding`` is None).
+        text_decoding: decoding of free-text instructions (``model.generation.free_text``, e.g.
+            sampling like the release's demo); None = greedy. Detection stays greedy.
         warning: shown in the app (e.g. "random weights").
         description: one line about what is served (checkpoint, sizes).
     """
@@ -474,6 +477,7 @@ class DemoService:
         *,
         max_new_tokens: int = 20,
         text_max_new_tokens: int = 64,
+        text_decoding: Optional[DecodingConfig] = None,
         limits: Limits = Limits(),
         warning: Optional[str] = None,
         description: str = "",
@@ -482,6 +486,7 @@ class DemoService:
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.text_max_new_tokens = text_max_new_tokens
+        self.text_decoding = text_decoding
         self.limits = limits
         self.warning = warning
         self.description = description
@@ -494,9 +499,16 @@ class DemoService:
         batch = torch.stack([self.model.image_transform(Image.fromarray(s)) for s in slices])
         return batch.to(_model_device(self.model))
 
-    def _generate(self, slices: Sequence[np.ndarray], instructions: Sequence[str], max_new_tokens: int) -> list[str]:
+    def _generate(
+        self,
+        slices: Sequence[np.ndarray],
+        instructions: Sequence[str],
+        max_new_tokens: Optional[int],
+        decoding: Optional[DecodingConfig] = None,
+    ) -> list[str]:
+        extra = {} if decoding is None else {"decoding": decoding}
         with self._lock, torch.no_grad():
-            answers = self.model.generate(self._images(slices), list(instructions), max_new_tokens=max_new_tokens)
+            answers = self.model.generate(self._images(slices), list(instructions), max_new_tokens=max_new_tokens, **extra)
         return [str(a) for a in answers]
 
     def _p_yes(self, slices: Sequence[np.ndarray], questions: Sequence[str]) -> list[float]:
@@ -525,8 +537,11 @@ class DemoService:
         instruction = self.check_instruction(instruction)
         task = instruction_task(instruction)
         height, width = image.shape[:2]
-        budget = self.text_max_new_tokens if task == "free" else self.max_new_tokens
-        text = self._generate([image], [instruction], budget)[0]
+        if task == "free" and self.text_decoding is not None:
+            text = self._generate([image], [instruction], None, self.text_decoding)[0]
+        else:
+            budget = self.text_max_new_tokens if task == "free" else self.max_new_tokens
+            text = self._generate([image], [instruction], budget)[0]
         answer = Answer(instruction=instruction, text=text, task=task)
         if task == "detection":
             answer.grid_box = parse_box(text)
@@ -653,10 +668,13 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
     model.eval()
     sizes = f"image {model_cfg.vision.image_size}px, LLaMA {model_cfg.text.num_layers}×{model_cfg.text.hidden_size}"
     served = ckpt if model_cfg.ckpt is not None else "random / base weights"
-    description = f"checkpoint `{served}` ({sizes}) on {resolved}; greedy decoding."
+    free_text = model_cfg.generation.free_text
+    decoding = "greedy decoding" if free_text is None else f"greedy boxes and yes/no, free text: {free_text.strategy}"
+    description = f"checkpoint `{served}` ({sizes}) on {resolved}; {decoding}."
     return DemoService(
         model,
-        max_new_tokens=model_cfg.max_new_tokens,
+        max_new_tokens=model_cfg.generation.max_new_tokens,
+        text_decoding=free_text,
         limits=limits,
         warning=warning,
         description=description,

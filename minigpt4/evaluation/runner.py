@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from minigpt4.config import DETECTION_TASKS, ORGANS, Config, ConfigError, add_config_arguments, load_config, save_config
+from minigpt4.config import DETECTION_TASKS, ORGANS, Config, ConfigError, DecodingConfig, add_config_arguments, load_config, save_config
 from minigpt4.evaluation import figures, tables
 from minigpt4.evaluation.classification import classification_metrics, predict_classification
 from minigpt4.evaluation.classification import rescore_rows as rescore_classification
@@ -104,6 +104,16 @@ def checkpoint_label(cfg: Config) -> str:
     return f"this evaluation ({p.parent.name}/{p.name})" if p.parent.name else f"this evaluation ({p.name})"
 
 
+def decoding_identity(generation: DecodingConfig) -> dict:
+    """How answers were decoded: strategy, beams, length, and the sampling values when sampling."""
+    identity = {"strategy": generation.strategy, "num_beams": generation.num_beams, "max_new_tokens": generation.max_new_tokens}
+    if generation.do_sample:
+        identity.update(temperature=generation.temperature, top_p=generation.top_p)
+    if generation.repetition_penalty != 1.0:
+        identity["repetition_penalty"] = generation.repetition_penalty
+    return identity
+
+
 def run_identity(cfg: Config, args: argparse.Namespace, model: Any, split: str, datasets: dict,
                  batch_size: int, seconds: float, n: int) -> dict:
     """Everything needed to know what was evaluated and how (goes into metrics.json ``run``)."""
@@ -126,9 +136,7 @@ def run_identity(cfg: Config, args: argparse.Namespace, model: Any, split: str, 
             "lora_target_modules": list(cfg.model.lora.target_modules),
         },
         "decoding": {
-            "strategy": "greedy",
-            "num_beams": 1,
-            "max_new_tokens": cfg.model.max_new_tokens,
+            **decoding_identity(cfg.model.generation),
             "padding_side": "left",
             "instruction": (CLASSIFICATION_QUESTIONS[0] if CLASSIFICATION in task_list else DETECTION_TEMPLATES[0]),
         },
@@ -270,7 +278,7 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
                     "test": {k: e["test"][k] for k in ("per_dataset", "weighted")}} for e in epochs],
         "run": {"mode": "checkpoints", "checkpoints": str(args.checkpoints), "config": str(args.cfg_path),
                 "datasets": {s: info for s, (_, info) in splits.items()}, "batch_size": batch,
-                "max_new_tokens": cfg.model.max_new_tokens, "decoding": "greedy, 1 beam, left padding",
+                "max_new_tokens": cfg.model.generation.max_new_tokens, "decoding": {**decoding_identity(cfg.model.generation), "padding_side": "left"},
                 "dtype": str(model.dtype), "environment": environment_identity()},
     }
     write_json_atomic(out / "metrics.json", summary)
