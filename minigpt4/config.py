@@ -259,10 +259,18 @@ class RunConfig:
     # --- evaluation ---
     eval_split: str = "test"
     eval_batch_size: int = 16
+    eval_instruction: Optional[str] = None
+    """Detection instruction of evaluation, ``{}`` = the target (``pancreas``, ``pancreatic
+    tumor``, ...). None = the paper's first instruction ``[refer] Give me the location of the {}``
+    (also used in training). The zero-shot MiniGPT-v2 baseline uses the release's wording."""
 
     def __post_init__(self) -> None:
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ConfigError(f"run.amp must be auto, bf16, fp16 or none, got {self.amp!r}")
+        if self.eval_instruction is not None and self.eval_instruction.count("{}") != 1:
+            raise ConfigError(
+                f"run.eval_instruction needs exactly one {{}} for the target, got {self.eval_instruction!r}"
+            )
         if self.eval_split not in ("train", "val", "test"):
             raise ConfigError(f"run.eval_split must be train, val or test, got {self.eval_split!r}")
         for name in ("batch_size", "grad_accum_steps", "eval_batch_size", "max_epoch"):

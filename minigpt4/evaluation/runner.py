@@ -138,7 +138,8 @@ def run_identity(cfg: Config, args: argparse.Namespace, model: Any, split: str, 
         "decoding": {
             **decoding_identity(cfg.model.generation),
             "padding_side": "left",
-            "instruction": (CLASSIFICATION_QUESTIONS[0] if CLASSIFICATION in task_list else DETECTION_TEMPLATES[0]),
+            "instruction": (CLASSIFICATION_QUESTIONS[0] if CLASSIFICATION in task_list
+                            else cfg.run.eval_instruction or DETECTION_TEMPLATES[0]),
         },
         "batch_size": batch_size,
         "seconds": round(seconds, 3),
@@ -255,7 +256,7 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
         test_rows: list[dict] = []
         for split, (records, _) in splits.items():
             rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers,
-                                     progress=_progress(f"epoch {epoch} {split}"))
+                                     progress=_progress(f"epoch {epoch} {split}"), instruction=cfg.run.eval_instruction)
             metrics = detection_metrics(rows, task, n_boot=0)
             write_jsonl_atomic(out / f"epoch_{epoch}" / split / "predictions.jsonl", rows)
             write_json_atomic(out / f"epoch_{epoch}" / split / "metrics.json", metrics)
@@ -318,7 +319,8 @@ def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
             rows = predict_classification(model, records, batch, num_workers=cfg.run.num_workers, progress=_progress(task))
             metrics = classification_metrics(rows, n_boot=args.bootstrap, seed=cfg.run.seed)
         else:
-            rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers, progress=_progress(task))
+            rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers, progress=_progress(task),
+                                     instruction=cfg.run.eval_instruction)
             metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
         metrics["run"] = run_identity(cfg, args, model, split, datasets, batch, time.perf_counter() - start, len(rows))
         writer = write_classification_outputs if task == CLASSIFICATION else write_detection_outputs
