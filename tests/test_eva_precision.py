@@ -85,12 +85,13 @@ def test_full_width_eva_policy_error_is_smaller_than_all_bf16():
     (bf16 Conv/Linear weights, fp32 rest, autocast) against the fp32 reference, versus the
     former all-bf16 tower (every parameter and the residual stream in bf16)."""
     cfg = VisionConfig(image_size=112, width=1408, depth=2, num_heads=16, mlp_hidden=6144)
-    torch.manual_seed(0)
-    reference = _trained_like(EvaViT(cfg)).eval()
+    with torch.device("meta"):  # skip the random init: _trained_like sets every parameter
+        reference = EvaViT(cfg)
+    reference = _trained_like(reference.to_empty(device="cpu")).eval()
     policy = cast_vision_weights(copy.deepcopy(reference), torch.bfloat16)
     all_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
     ln_vision = nn.LayerNorm(cfg.width)  # identity affine, fp32 (SPEC §2)
-    images = tiny_images(2, size=112, seed=1)
+    images = tiny_images(1, size=112, seed=1)  # 65 tokens: bf16 matmuls are slow on CPUs
 
     with torch.no_grad():
         expected = ln_vision(reference(images))
@@ -103,5 +104,5 @@ def test_full_width_eva_policy_error_is_smaller_than_all_bf16():
     err_policy, err_bf16 = relative_error(got_policy), relative_error(got_bf16)
     print(f"EVA 1408 wide, 2 blocks, 112 px: relative error vs fp32 — policy {err_policy:.2e}, all-bf16 {err_bf16:.2e}")
     assert torch.isfinite(got_policy).all()
-    assert err_policy < 0.5 * err_bf16  # measured here: 7.2e-04 vs 4.0e-03
+    assert err_policy < 0.5 * err_bf16  # measured here: 7.2e-04 vs 3.9e-03
     assert err_policy < 2e-3
