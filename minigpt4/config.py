@@ -109,6 +109,51 @@ class LoraConfig:
 
 
 @dataclass
+class DecodingConfig:
+    """How :meth:`MiniGPTPancreas.generate` decodes (HF ``generate``). Defaults: greedy, one beam,
+    20 new tokens, the evaluation setting of SPEC §3. The first new token is never ``</s>``
+    (MiniGPT-v2's ``min_length=1``), so an answer is never empty."""
+
+    max_new_tokens: int = 20
+    num_beams: int = 1
+    do_sample: bool = False
+    """Sample instead of greedy/beam search (the release's demo: temperature 0.6, top-p 0.9)."""
+    temperature: float = 1.0
+    """Sampling only."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (sampling only)."""
+    repetition_penalty: float = 1.0
+    """> 1 makes repeated tokens less likely (the release's demo: 1.05); 1 = off."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0 or self.num_beams <= 0:
+            raise ConfigError(
+                f"generation max_new_tokens and num_beams must be positive, got {self.max_new_tokens}, {self.num_beams}"
+            )
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise ConfigError(
+                "generation needs temperature > 0, 0 < top_p <= 1 and repetition_penalty > 0, got "
+                f"{self.temperature}, {self.top_p}, {self.repetition_penalty}"
+            )
+
+    @property
+    def strategy(self) -> str:
+        """greedy | beam | sample (recorded next to evaluation results)."""
+        return "sample" if self.do_sample else ("beam" if self.num_beams > 1 else "greedy")
+
+
+@dataclass
+class GenerationConfig(DecodingConfig):
+    """``model.generation``: decoding of detection and yes/no answers (evaluation, demo buttons),
+    plus an optional setting for the demo's free-text answers."""
+
+    free_text: Optional[DecodingConfig] = None
+    """Demo only: decoding of instructions that are neither ``[refer]`` nor ``[vqa]``. None =
+    the settings above with up to 64 new tokens. ``eval_configs/demo.yaml`` samples like the
+    release's demo (temperature 0.6, top-p 0.9, repetition penalty 1.05)."""
+
+
+@dataclass
 class ModelConfig:
     """Composite config: vision tower + projection + language model + LoRA."""
 
@@ -127,7 +172,11 @@ class ModelConfig:
     ckpt: Optional[str] = None
     """Weights to evaluate/serve, loaded after ``init_from`` (same formats)."""
     max_txt_len: int = 160
-    max_new_tokens: int = 20
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    max_new_tokens: Optional[int] = None
+    """Old spelling of ``generation.max_new_tokens`` (old configs, ``--options
+    model.max_new_tokens=N``): when set it replaces ``generation.max_new_tokens`` and is reset
+    to None, so read ``generation.max_new_tokens``."""
     gradient_checkpointing: bool = False
     seed: int = 0
     """Seed of the random initialisation (tiny models, llama_proj when nothing is loaded)."""
@@ -139,6 +188,9 @@ class ModelConfig:
             raise ConfigError(
                 f"{self.vision.num_patches} patches are not divisible by model.merge_tokens={self.merge_tokens}"
             )
+        if self.max_new_tokens is not None:  # the old spelling: move it to its new place
+            self.generation.max_new_tokens = self.max_new_tokens
+            self.max_new_tokens = None
 
     @property
     def num_visual_tokens(self) -> int:
@@ -228,10 +280,18 @@ class RunConfig:
     # --- evaluation ---
     eval_split: str = "test"
     eval_batch_size: int = 16
+    eval_instruction: Optional[str] = None
+    """Detection instruction of evaluation, ``{}`` = the target (``pancreas``, ``pancreatic
+    tumor``, ...). None = the paper's first instruction ``[refer] Give me the location of the {}``
+    (also used in training). The zero-shot MiniGPT-v2 baseline uses the release's wording."""
 
     def __post_init__(self) -> None:
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ConfigError(f"run.amp must be auto, bf16, fp16 or none, got {self.amp!r}")
+        if self.eval_instruction is not None and self.eval_instruction.count("{}") != 1:
+            raise ConfigError(
+                f"run.eval_instruction needs exactly one {{}} for the target, got {self.eval_instruction!r}"
+            )
         if self.eval_split not in ("train", "val", "test"):
             raise ConfigError(f"run.eval_split must be train, val or test, got {self.eval_split!r}")
         for name in ("batch_size", "grad_accum_steps", "eval_batch_size", "max_epoch", "compile_pad_to_multiple_of"):

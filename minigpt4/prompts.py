@@ -41,6 +41,11 @@ CLASSIFICATION_QUESTIONS = (
     "[vqa] Does the pancreas in the picture have a tumor?",
 )
 
+# The MiniGPT-Pancreas release evaluated detection with this lowercase wording (its eval datasets,
+# ``f"[refer] give me the location of the {sent}"``); the zero-shot MiniGPT-v2 baseline is
+# sensitive to wording, so eval_configs/minigptv2_baseline.yaml uses it (run.eval_instruction).
+RELEASE_EVAL_TEMPLATE = "[refer] give me the location of the {}"
+
 # target names as they appear in instructions, per task / organ
 TARGET_NAMES = {
     "pancreas": "pancreas",
@@ -54,14 +59,16 @@ PROMPT_BEFORE_IMAGE = "[INST] <Img>"
 PROMPT_AFTER_IMAGE = "</Img> {} [/INST]"
 
 
-def detection_instruction(target: str, rng: Optional[random.Random] = None) -> str:
+def detection_instruction(target: str, rng: Optional[random.Random] = None, template: Optional[str] = None) -> str:
     """A detection instruction for ``target`` (an instruction name such as ``'pancreatic tumor'``).
 
-    With ``rng`` one of the 8 paper templates is drawn (training); without, the first one is
-    used (evaluation and the demo's quick buttons).
+    With ``rng`` one of the 8 paper templates is drawn (training); without, ``template`` (one
+    ``{}`` for the target, ``run.eval_instruction``) or else the first paper template is used
+    (evaluation and the demo's quick buttons).
     """
-    template = rng.choice(DETECTION_TEMPLATES) if rng is not None else DETECTION_TEMPLATES[0]
-    return template.format(target)
+    if rng is not None:
+        return rng.choice(DETECTION_TEMPLATES).format(target)
+    return (DETECTION_TEMPLATES[0] if template is None else template).format(target)
 
 
 def classification_question(rng: Optional[random.Random] = None) -> str:

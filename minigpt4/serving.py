@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from minigpt4.boxes import EMPTY_BOX, grid_to_pixel, parse_box, parse_yes_no
+from minigpt4.config import DecodingConfig
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
 
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -496,7 +497,9 @@ class DemoService:
             ``yes_probability(images, questions) -> Tensor (B,)`` and ``image_transform``
             (:class:`minigpt4.models.minigpt_v2.MiniGPTPancreas` or a test double).
         max_new_tokens: for detection and yes/no answers (the evaluation setting, 20).
-        text_max_new_tokens: for free-text instructions.
+        text_max_new_tokens: for free-text instructions (when ``text_decoding`` is None).
+        text_decoding: decoding of free-text instructions (``model.generation.free_text``, e.g.
+            sampling like the release's demo); None = greedy. Detection stays greedy.
         warning: shown in the app (e.g. "random weights").
         description: one line about what is served (checkpoint, sizes).
         stages: three-stage mode: a :class:`minigpt4.models.stages.StageModels` serving the
@@ -513,6 +516,7 @@ class DemoService:
         *,
         max_new_tokens: int = 20,
         text_max_new_tokens: int = 64,
+        text_decoding: Optional[DecodingConfig] = None,
         limits: Limits = Limits(),
         warning: Optional[str] = None,
         description: str = "",
@@ -525,6 +529,7 @@ class DemoService:
         self.cascade = {"threshold": 0.5, "aggregation": "max", "top_k": 3, "crop_margin": 0, **(cascade or {})}
         self.max_new_tokens = max_new_tokens
         self.text_max_new_tokens = text_max_new_tokens
+        self.text_decoding = text_decoding
         self.limits = limits
         self.warning = warning
         self.description = description
@@ -541,11 +546,18 @@ class DemoService:
         # call with the lock held: switching stages changes the shared model
         return self.model if self.stages is None or stage is None else self.stages.use(stage)
 
-    def _generate(self, slices: Sequence[np.ndarray], instructions: Sequence[str], max_new_tokens: int,
-                  stage: Optional[str] = None) -> list[str]:
+    def _generate(
+        self,
+        slices: Sequence[np.ndarray],
+        instructions: Sequence[str],
+        max_new_tokens: Optional[int],
+        decoding: Optional[DecodingConfig] = None,
+        stage: Optional[str] = None,
+    ) -> list[str]:
+        extra = {} if decoding is None else {"decoding": decoding}
         with self._lock, torch.no_grad():
             model = self._model_for(stage)
-            answers = model.generate(self._images(slices), list(instructions), max_new_tokens=max_new_tokens)
+            answers = model.generate(self._images(slices), list(instructions), max_new_tokens=max_new_tokens, **extra)
         return [str(a) for a in answers]
 
     def _p_yes(self, slices: Sequence[np.ndarray], questions: Sequence[str], stage: Optional[str] = None) -> list[float]:
@@ -574,9 +586,12 @@ class DemoService:
         instruction = self.check_instruction(instruction)
         task = instruction_task(instruction)
         height, width = image.shape[:2]
-        budget = self.text_max_new_tokens if task == "free" else self.max_new_tokens
         stage = stage_for(instruction) if self.stages is not None else None
-        text = self._generate([image], [instruction], budget, stage)[0]
+        if task == "free" and self.text_decoding is not None:
+            text = self._generate([image], [instruction], None, self.text_decoding, stage=stage)[0]
+        else:
+            budget = self.text_max_new_tokens if task == "free" else self.max_new_tokens
+            text = self._generate([image], [instruction], budget, stage=stage)[0]
         answer = Answer(instruction=instruction, text=text, task=task, stage=stage)
         if task == "detection":
             answer.grid_box = parse_box(text)
@@ -732,7 +747,8 @@ def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limi
                    f"volume scan: threshold {threshold:g}{' (cascade.threshold unset: 0.5)' if casc.threshold is None else ''}, "
                    f"aggregation {aggregation}.")
     return DemoService(
-        stages.model, max_new_tokens=cfg.model.max_new_tokens, limits=limits, description=description, stages=stages,
+        stages.model, max_new_tokens=cfg.model.generation.max_new_tokens, text_decoding=cfg.model.generation.free_text,
+        limits=limits, description=description, stages=stages,
         cascade={"threshold": threshold, "aggregation": aggregation, "top_k": casc.top_k, "crop_margin": casc.crop_margin},
     )
 
@@ -785,10 +801,13 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
     model.eval()
     sizes = f"image {model_cfg.vision.image_size}px, LLaMA {model_cfg.text.num_layers}×{model_cfg.text.hidden_size}"
     served = ckpt if model_cfg.ckpt is not None else "random / base weights"
-    description = f"checkpoint `{served}` ({sizes}) on {resolved}; greedy decoding."
+    free_text = model_cfg.generation.free_text
+    decoding = "greedy decoding" if free_text is None else f"greedy boxes and yes/no, free text: {free_text.strategy}"
+    description = f"checkpoint `{served}` ({sizes}) on {resolved}; {decoding}."
     return DemoService(
         model,
-        max_new_tokens=model_cfg.max_new_tokens,
+        max_new_tokens=model_cfg.generation.max_new_tokens,
+        text_decoding=free_text,
         limits=limits,
         warning=warning,
         description=description,

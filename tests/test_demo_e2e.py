@@ -87,7 +87,7 @@ def train_box_checkpoint(cfg, slice_png: Path, folder: Path) -> Path:
         optimizer.step()
         if step % 10 == 9:
             model.eval()
-            if model.generate(image, [PANCREAS_Q], max_new_tokens=cfg.model.max_new_tokens) == [BOX_ANSWER]:
+            if model.generate(image, [PANCREAS_Q], max_new_tokens=cfg.model.generation.max_new_tokens) == [BOX_ANSWER]:
                 break
     else:
         pytest.fail(f"the tiny model did not learn to answer {BOX_ANSWER} in 200 steps")

@@ -283,7 +283,7 @@ def test_eval_configs_name_the_weights_to_evaluate():
         cfg = load_config(ROOT / "eval_configs" / f"{name}.yaml")
         assert cfg.model.ckpt == ckpt and cfg.model.init_from is None, name
         assert cfg.model.text.path == "weights/Llama-2-7b-chat-hf" and cfg.model.vision.weights == "weights/eva_vit_g.pth"
-        assert cfg.model.max_new_tokens == 20 and cfg.run.eval_split == "test", name
+        assert cfg.model.generation.max_new_tokens == 20 and cfg.run.eval_split == "test", name
         assert {d.task for d in cfg.datasets.values()} == tasks, name
     stage1 = load_config(ROOT / "eval_configs" / "stage1_pancreas_detection.yaml")
     train1 = load_config(ROOT / "train_configs" / "stage1_pancreas_detection.yaml")

@@ -75,6 +75,8 @@ class TaskDataset(Dataset):
         train: draw a random instruction per sample (True) or use the fixed first one (False).
         seed: seed of the instruction draws.
         check: validate records and image files at construction (default).
+        eval_instruction: detection instruction template when ``train=False`` (``run.eval_instruction``;
+            None = the first paper instruction).
         cache: keep every transformed image in memory after its first use (``run.cache_images``:
             3·S²·4 bytes each, 150 KB at 112 px). Decoding and resizing are most of the data
             time of a tiny CPU model; the transform is deterministic, so results do not change.
@@ -95,6 +97,7 @@ class TaskDataset(Dataset):
         seed: int = 0,
         check: bool = True,
         cache: bool = False,
+        eval_instruction: Optional[str] = None,
     ) -> None:
         if check:
             check_records(records, task)
@@ -104,6 +107,7 @@ class TaskDataset(Dataset):
         self.train = train
         self.seed = int(seed)
         self.epoch = 0
+        self.eval_instruction = eval_instruction
         self._cache: Optional[dict[int, torch.Tensor]] = {} if cache else None
         # run.cache_visual_features: index → cached (1+N, C) tower tokens (feature_cache.CachedTowerTokens);
         # when set, samples carry "tower_tokens" instead of "image"
@@ -126,7 +130,7 @@ class TaskDataset(Dataset):
         record = self.records[index]
         if self.task == "tumor_classification":
             return classification_question(rng)
-        return detection_instruction(TARGET_NAMES[record["target"]], rng)
+        return detection_instruction(TARGET_NAMES[record["target"]], rng, self.eval_instruction)
 
     def answer(self, index: int) -> str:
         record = self.records[index]

@@ -90,15 +90,19 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def iter_batches(
-    model: Any, records: Sequence[dict], task: str, batch_size: int, num_workers: int = 0
+    model: Any, records: Sequence[dict], task: str, batch_size: int, num_workers: int = 0,
+    instruction: Optional[str] = None,
 ) -> Iterator[tuple[list[dict], torch.Tensor, list[str]]]:
-    """Yield ``(records, images (B,3,S,S) on the model's device, instructions)`` in record order."""
+    """Yield ``(records, images (B,3,S,S) on the model's device, instructions)`` in record order.
+
+    ``instruction``: detection instruction template (``run.eval_instruction``), None = the default.
+    """
     from minigpt4.data.datasets import TaskDataset, collate_samples  # training engineer's module
 
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     # records were checked by the caller (check_records) or come from the trainer's datasets
-    dataset = TaskDataset(list(records), task, model.image_transform, train=False, check=False)
+    dataset = TaskDataset(list(records), task, model.image_transform, train=False, check=False, eval_instruction=instruction)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_samples
     )

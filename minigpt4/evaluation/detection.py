@@ -161,6 +161,7 @@ def predict_detection(
     max_new_tokens: Optional[int] = None,
     num_workers: int = 0,
     progress: Any = None,
+    instruction: Optional[str] = None,
 ) -> list[dict]:
     """Greedy batched generation over ``records`` and one scored row per record (same order).
 
@@ -173,12 +174,14 @@ def predict_detection(
         records: selected records (see :func:`minigpt4.evaluation.common.check_records`).
         task: a detection task.
         progress: optional callable ``progress(done, total)``.
+        instruction: instruction template with ``{}`` for the target (``run.eval_instruction``);
+            None = the paper's first instruction.
     """
     if task not in DETECTION_TASKS:
         raise ValueError(f"not a detection task: {task!r}")
     rows: list[dict] = []
     with eval_mode(model):
-        for batch_records, images, instructions in iter_batches(model, records, task, batch_size, num_workers):
+        for batch_records, images, instructions in iter_batches(model, records, task, batch_size, num_workers, instruction):
             answers = model.generate(images, instructions, max_new_tokens=max_new_tokens)
             if len(answers) != len(batch_records):
                 raise RuntimeError(f"model.generate returned {len(answers)} answers for {len(batch_records)} images")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from minigpt4.config import DETECTION_TASKS, ORGANS, Config, ConfigError, add_config_arguments, load_config, save_config
+from minigpt4.config import DETECTION_TASKS, ORGANS, Config, ConfigError, DecodingConfig, add_config_arguments, load_config, save_config
 from minigpt4.evaluation import figures, tables
 from minigpt4.evaluation.classification import classification_metrics, predict_classification
 from minigpt4.evaluation.classification import rescore_rows as rescore_classification
@@ -104,6 +104,16 @@ def checkpoint_label(cfg: Config) -> str:
     return f"this evaluation ({p.parent.name}/{p.name})" if p.parent.name else f"this evaluation ({p.name})"
 
 
+def decoding_identity(generation: DecodingConfig) -> dict:
+    """How answers were decoded: strategy, beams, length, and the sampling values when sampling."""
+    identity = {"strategy": generation.strategy, "num_beams": generation.num_beams, "max_new_tokens": generation.max_new_tokens}
+    if generation.do_sample:
+        identity.update(temperature=generation.temperature, top_p=generation.top_p)
+    if generation.repetition_penalty != 1.0:
+        identity["repetition_penalty"] = generation.repetition_penalty
+    return identity
+
+
 def run_identity(cfg: Config, args: argparse.Namespace, model: Any, split: str, datasets: dict,
                  batch_size: int, seconds: float, n: int) -> dict:
     """Everything needed to know what was evaluated and how (goes into metrics.json ``run``)."""
@@ -126,11 +136,10 @@ def run_identity(cfg: Config, args: argparse.Namespace, model: Any, split: str, 
             "lora_target_modules": list(cfg.model.lora.target_modules),
         },
         "decoding": {
-            "strategy": "greedy",
-            "num_beams": 1,
-            "max_new_tokens": cfg.model.max_new_tokens,
+            **decoding_identity(cfg.model.generation),
             "padding_side": "left",
-            "instruction": (CLASSIFICATION_QUESTIONS[0] if CLASSIFICATION in task_list else DETECTION_TEMPLATES[0]),
+            "instruction": (CLASSIFICATION_QUESTIONS[0] if CLASSIFICATION in task_list
+                            else cfg.run.eval_instruction or DETECTION_TEMPLATES[0]),
         },
         "batch_size": batch_size,
         "seconds": round(seconds, 3),
@@ -247,7 +256,7 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
         test_rows: list[dict] = []
         for split, (records, _) in splits.items():
             rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers,
-                                     progress=_progress(f"epoch {epoch} {split}"))
+                                     progress=_progress(f"epoch {epoch} {split}"), instruction=cfg.run.eval_instruction)
             metrics = detection_metrics(rows, task, n_boot=0)
             write_jsonl_atomic(out / f"epoch_{epoch}" / split / "predictions.jsonl", rows)
             write_json_atomic(out / f"epoch_{epoch}" / split / "metrics.json", metrics)
@@ -270,7 +279,7 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
                     "test": {k: e["test"][k] for k in ("per_dataset", "weighted")}} for e in epochs],
         "run": {"mode": "checkpoints", "checkpoints": str(args.checkpoints), "config": str(args.cfg_path),
                 "datasets": {s: info for s, (_, info) in splits.items()}, "batch_size": batch,
-                "max_new_tokens": cfg.model.max_new_tokens, "decoding": "greedy, 1 beam, left padding",
+                "max_new_tokens": cfg.model.generation.max_new_tokens, "decoding": {**decoding_identity(cfg.model.generation), "padding_side": "left"},
                 "dtype": str(model.dtype), "environment": environment_identity()},
     }
     write_json_atomic(out / "metrics.json", summary)
@@ -310,7 +319,8 @@ def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
             rows = predict_classification(model, records, batch, num_workers=cfg.run.num_workers, progress=_progress(task))
             metrics = classification_metrics(rows, n_boot=args.bootstrap, seed=cfg.run.seed)
         else:
-            rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers, progress=_progress(task))
+            rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers, progress=_progress(task),
+                                     instruction=cfg.run.eval_instruction)
             metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
         metrics["run"] = run_identity(cfg, args, model, split, datasets, batch, time.perf_counter() - start, len(rows))
         writer = write_classification_outputs if task == CLASSIFICATION else write_detection_outputs

@@ -7,10 +7,16 @@ mlp.fc1,mlp.fc2}.*``), so the released file loads with a plain, *checked*
 
 Sizes come from :class:`minigpt4.config.VisionConfig`: full size is width 1408, 39 blocks,
 16 heads, MLP 6144, 448-pixel images (32×32 patches); tests use a 2-block, 64-wide version.
+
+Precision follows MiniGPT-v2 (LAVIS ``convert_weights_to_fp16``): :func:`cast_vision_weights`
+puts only the Conv/Linear weights and biases in half precision; LayerNorms, ``pos_embed``,
+``cls_token`` and the q/v bias vectors stay fp32, the forward pass runs under autocast, and the
+residual stream between blocks stays fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -121,20 +127,53 @@ class EvaViT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype of the Conv/Linear weights: the autocast dtype of the forward pass."""
+        return self.patch_embed.proj.weight.dtype
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(images)  # (B, N, C)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat((cls, x), dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
+        with self._autocast(images.device):
+            x = self.patch_embed(images)  # (B, N, C), compute dtype
+            cls = self.cls_token.expand(x.shape[0], -1, -1)
+            # cat promotes to the fp32 of cls_token/pos_embed: the residual stream stays fp32
+            x = torch.cat((cls, x), dim=1) + self.pos_embed
+            for block in self.blocks:
+                x = block(x)
         return x
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        # half-precision weights (cast_vision_weights) run under autocast like MiniGPT-v2's
+        # maybe_autocast: matmuls in half, LayerNorm in fp32; an all-fp32 tower keeps any
+        # autocast the caller has opened (training with run.amp)
+        dtype = self.compute_dtype
+        if dtype == torch.float32 or device.type == "meta":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def cast_vision_weights(tower: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """MiniGPT-v2's precision policy: Conv/Linear weights and biases in ``dtype``, the rest fp32.
+
+    LAVIS ``convert_weights_to_fp16`` halves only ``nn.Conv{1,2}d``/``nn.Linear`` parameters;
+    LayerNorms, ``pos_embed``, ``cls_token`` and the ``q_bias``/``v_bias`` vectors stay fp32,
+    so (with the autocast of :meth:`EvaViT.forward`) normalisation and the residual stream are
+    fp32. ``dtype=float32`` makes the whole tower fp32. Returns ``tower`` (changed in place).
+    """
+    tower.to(torch.float32)
+    if dtype != torch.float32:
+        for module in tower.modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                module.to(dtype)
+    return tower
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
     """Resize a (1, 1 + g², C) position embedding to (1, 1 + num_patches, C).
 
     The CLS embedding is kept; the g×g grid is resized bicubically (align_corners=False), as
-    BLIP-2 does to go from the 224-pixel training grid (16×16) to 448 pixels (32×32).
+    BLIP-2 does to go from the 224-pixel training grid (16×16) to 448 pixels (32×32). A resized
+    embedding is fp32 whatever the file's dtype (BLIP-2 resizes into its fp32 parameter).
     """
     old = pos_embed.shape[1] - 1
     old_side, new_side = math.isqrt(old), math.isqrt(num_patches)
@@ -142,11 +181,11 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Te
         raise ValueError(f"position embedding grids must be square, got {old} → {num_patches} patches")
     if old == num_patches:
         return pos_embed
-    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
-    dtype = grid.dtype
+    cls, grid = pos_embed[:, :1].float(), pos_embed[:, 1:]
     grid = grid.reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, num_patches, -1).to(dtype)
+    # kept in fp32 (not cast back to the file's fp16): pos_embed is an fp32 parameter
+    grid = grid.permute(0, 2, 3, 1).reshape(1, num_patches, -1)
     return torch.cat((cls, grid), dim=1)
 
 

@@ -33,7 +33,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import re
 import warnings
@@ -46,11 +45,12 @@ import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
+from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minigpt4.config import ModelConfig, TextConfig
+from minigpt4.config import DecodingConfig, ModelConfig, TextConfig
 from minigpt4.data.transforms import ImageTransform
-from minigpt4.models.eva_vit import EvaViT, load_eva_weights
+from minigpt4.models.eva_vit import EvaViT, cast_vision_weights, load_eva_weights
 from minigpt4.prompts import IGNORE_INDEX, build_prompt_tokens, pad_prompt_batch
 from minigpt4.tokenizer import Tokenizer, load_tokenizer
 from minigpt4.utils import resolve_device, resolve_dtype
@@ -59,8 +59,6 @@ log = logging.getLogger(__name__)
 
 LLAMA_SOURCE = "Llama-2-7b-chat-hf from https://huggingface.co/meta-llama/Llama-2-7b-chat-hf (~13.5 GB, license required)"
 _PEFT_ADAPTER = "default"
-# transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns, then goes away)
-_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -156,10 +154,11 @@ class MiniGPTPancreas(nn.Module):
         self._adapters: dict[str, dict] = {}
         self._trainable_adapter = _PEFT_ADAPTER
 
-        # a trained tower stays fp32 like every other trained tensor (AMP casts it on the fly)
-        self.visual_encoder = EvaViT(cfg.vision).to(torch.float32 if cfg.vision.trainable else dtype)
-        # BLIP-2's ln_vision is never trained nor stored anywhere: identity affine (SPEC §2)
-        self.ln_vision = nn.LayerNorm(cfg.vision.width).to(dtype)
+        # MiniGPT-v2's precision policy: only Conv/Linear weights in `dtype`, LayerNorms, position
+        # embedding and residual stream fp32; a trained tower is all fp32 (AMP casts on the fly)
+        self.visual_encoder = cast_vision_weights(EvaViT(cfg.vision), torch.float32 if cfg.vision.trainable else dtype)
+        # BLIP-2's ln_vision is never trained nor stored anywhere: identity affine (SPEC §2), fp32
+        self.ln_vision = nn.LayerNorm(cfg.vision.width)
         hidden = llama.config.hidden_size
         self.llama_proj = nn.Linear(cfg.vision.width * cfg.merge_tokens, hidden)  # fp32: trained
 
@@ -198,8 +197,8 @@ class MiniGPTPancreas(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """dtype of the frozen parts (the LLaMA base; the ViT too unless it is trained)."""
-        return self.ln_vision.weight.dtype
+        """dtype of the frozen parts: the LLaMA base, the ViT's Conv/Linear weights (unless trained)."""
+        return self.llama.get_input_embeddings().weight.dtype
 
     def train(self, mode: bool = True) -> "MiniGPTPancreas":
         """Train mode for the trainable parts only; frozen parts stay in eval mode.
@@ -442,8 +441,8 @@ class MiniGPTPancreas(nn.Module):
             raise ValueError(f"images must be {size}x{size} (model.vision.image_size), got {tuple(images.shape[-2:])}")
         trained = self.cfg.vision.trainable and torch.is_grad_enabled()
         with torch.set_grad_enabled(trained):
-            tower = self.visual_encoder(images.to(self.device, self.visual_encoder.pos_embed.dtype))
-            return self.ln_vision(tower.to(self.ln_vision.weight.dtype))  # (B, 1+N, C)
+            tower = self.visual_encoder(images.to(self.device, torch.float32))  # (B, 1+N, C) fp32
+            return self.ln_vision(tower.float())  # fp32 like BLIP-2's LayerNorm subclass
 
     def project_visual(self, tower_tokens: torch.Tensor) -> torch.Tensor:
         """Tower tokens (B, 1 + N, C) → drop CLS, merge, ``llama_proj`` → (B, N/merge, hidden) in the LLaMA dtype."""
@@ -563,51 +562,74 @@ class MiniGPTPancreas(nn.Module):
         # with left padding, real tokens must start at position 0 like an unpadded prompt
         return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
-    @torch.no_grad()
-    def generate_ids(self, images: torch.Tensor, instructions: Sequence[str], max_new_tokens: Optional[int] = None) -> torch.Tensor:
-        """Greedy decoding with a KV cache; (B, T) new token ids, ``pad_id`` after ``</s>``."""
+    def generation_config(self, decoding: Optional[DecodingConfig] = None, max_new_tokens: Optional[int] = None) -> HFGenerationConfig:
+        """The HF ``GenerationConfig`` for ``decoding`` (default ``cfg.generation``).
+
+        Every setting is explicit, so nothing comes from the LLaMA folder's own defaults.
+        ``min_new_tokens=1`` keeps ``</s>`` from being the first token (MiniGPT-v2 passes
+        ``min_length=1``), so an answer is never empty.
+        """
         assert self.tokenizer is not None
-        max_new_tokens = self.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        decoding = self.cfg.generation if decoding is None else decoding
+        settings = {
+            "max_new_tokens": decoding.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            "min_new_tokens": 1,
+            "num_beams": decoding.num_beams,
+            "do_sample": decoding.do_sample,
+            "bos_token_id": self.tokenizer.bos_id,
+            "eos_token_id": self.tokenizer.eos_id,
+            "pad_token_id": self.tokenizer.pad_id,
+        }
+        if decoding.do_sample:  # set only when sampling: HF warns about unused sampling settings
+            settings.update(temperature=decoding.temperature, top_p=decoding.top_p)
+        if decoding.repetition_penalty != 1.0:
+            settings["repetition_penalty"] = decoding.repetition_penalty
+        return HFGenerationConfig(**settings)
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        images: torch.Tensor,
+        instructions: Sequence[str],
+        max_new_tokens: Optional[int] = None,
+        decoding: Optional[DecodingConfig] = None,
+    ) -> torch.Tensor:
+        """HF ``generate(inputs_embeds=..., attention_mask=...)`` on the peft model, as MiniGPT-v2.
+
+        Prompts are left-padded; HF derives the position ids from the attention mask, so every
+        prompt starts at position 0 and a batch gives the answers of one-by-one generation.
+
+        Returns:
+            (B, T) new token ids only (no prompt), ``pad_id`` after a row's ``</s>``.
+        """
         batch = self.tokenize(instructions, padding_side="left")
         embeds = self._prepare(images, batch)
-        attention = batch["attention_mask"]
-        positions = self._positions(attention)
-        embed_tokens = self.llama.get_input_embeddings()
-        finished = torch.zeros(len(instructions), dtype=torch.bool, device=self.device)
-        out_ids, cache = [], None
-        for _ in range(max_new_tokens):
-            out = self.llama_model(
+        with warnings.catch_warnings():
+            # a repetition penalty sees the new tokens only (no prompt ids): so in MiniGPT-v2 too
+            warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds")
+            return self.llama_model.generate(
                 inputs_embeds=embeds,
-                attention_mask=attention,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{_CACHE_KW: cache},
+                attention_mask=batch["attention_mask"],
+                generation_config=self.generation_config(decoding, max_new_tokens),
             )
-            cache = getattr(out, _CACHE_KW)
-            next_ids = out.logits[:, -1].argmax(dim=-1)
-            next_ids = torch.where(finished, torch.full_like(next_ids, self.tokenizer.pad_id), next_ids)
-            out_ids.append(next_ids)
-            finished |= next_ids == self.tokenizer.eos_id
-            if bool(finished.all()):
-                break
-            embeds = embed_tokens(next_ids[:, None])
-            attention = torch.cat((attention, attention.new_ones(len(next_ids), 1)), dim=1)
-            positions = positions[:, -1:] + 1
-        if not out_ids:
-            return torch.zeros(len(instructions), 0, dtype=torch.long, device=self.device)
-        return torch.stack(out_ids, dim=1)
 
-    def generate(self, images: torch.Tensor, instructions: Sequence[str], max_new_tokens: Optional[int] = None) -> list[str]:
-        """Greedy answers, batched with left padding (equal to one-by-one generation).
+    def generate(
+        self,
+        images: torch.Tensor,
+        instructions: Sequence[str],
+        max_new_tokens: Optional[int] = None,
+        decoding: Optional[DecodingConfig] = None,
+    ) -> list[str]:
+        """Answers, batched with left padding (greedy by default: equal to one-by-one generation).
 
         Args:
             images: (B, 3, S, S); instructions: B strings.
-            max_new_tokens: default ``cfg.max_new_tokens`` (20, SPEC §3).
+            max_new_tokens: default ``decoding.max_new_tokens`` (20, SPEC §3).
+            decoding: greedy / beams / sampling settings; default ``cfg.generation``.
         Returns:
             B answers, decoded up to the first ``</s>``, stripped.
         """
-        ids = self.generate_ids(images, instructions, max_new_tokens)
+        ids = self.generate_ids(images, instructions, max_new_tokens, decoding)
         answers = []
         for row in ids.tolist():
             if self.tokenizer.eos_id in row:
@@ -679,6 +701,13 @@ def load_llama(text: TextConfig, dtype: torch.dtype, device: torch.device) -> Ll
         )
         kwargs["device_map"] = {"": device}
     llama = LlamaForCausalLM.from_pretrained(str(path), **kwargs)
+    # decoding is set by model.generation alone: LLaMA-2-chat's generation_config.json samples
+    # (temperature 0.6, top-p 0.9), and HF fills every setting a call leaves open from it
+    llama.generation_config = HFGenerationConfig(
+        bos_token_id=llama.config.bos_token_id,
+        eos_token_id=llama.config.eos_token_id,
+        pad_token_id=llama.config.pad_token_id,
+    )
     return llama if text.quantization != "none" else llama.to(device)
 
 
