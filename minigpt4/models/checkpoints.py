@@ -338,10 +338,11 @@ def _read_peft_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config = read_json(folder / PEFT_CONFIG_NAME)
     unsupported = {k: config[k] for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if config.get(k)}
     if config.get("peft_type", "LORA") != "LORA" or unsupported or "lora_alpha" not in config:
-        raise ValueError(f"{folder / PEFT_CONFIG_NAME}: only plain LoRA adapters are supported (got {unsupported or config.get('peft_type')})")
+        got = unsupported or config.get("peft_type")
+        raise ValueError(f"{folder / PEFT_CONFIG_NAME}: only plain LoRA adapters are supported (got {got})")
     tensors, _ = _read_project(folder / PEFT_WEIGHTS_NAME)
     ours = {LORA_KEY_PREFIX + k[len(PEFT_KEY_PREFIX):]: v for k, v in tensors.items() if k.startswith(PEFT_KEY_PREFIX)}
-    bad = [k for k in tensors if not (k.startswith(PEFT_KEY_PREFIX) and _LORA_RE.match(LORA_KEY_PREFIX + k[len(PEFT_KEY_PREFIX):]))]
+    bad = [k for k in tensors if not k.startswith(PEFT_KEY_PREFIX)] + [k for k in ours if not _LORA_RE.match(k)]
     if bad:
         raise ValueError(f"{folder / PEFT_WEIGHTS_NAME}: not LoRA factors in peft's naming, e.g. {bad[:3]}")
     return config, ours
