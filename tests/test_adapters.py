@@ -11,7 +11,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from minigpt4.config import Config
-from minigpt4.models.checkpoints import load_weights, save_checkpoint
+from minigpt4.models.checkpoints import load_weights
 from minigpt4.models.minigpt_v2 import MiniGPTPancreas, build_model, llama_config
 from minigpt4.tokenizer import tiny_tokenizer_path
 from minigpt4.training.trainer import build_optimizer
@@ -67,7 +67,8 @@ def test_bf16_stage3_init_keeps_the_base_bit_identical_and_the_adapter_active(tm
     qv = {"text.path": str(tmp_path / "llama"), "lora.target_modules": ["q_proj", "v_proj"]}
     reference = build_model(tiny_model_config(dtype="bf16", init_from=str(tmp_path / "checkpoint_stage3.pth"), **qv))
     assert [e["name"] for e in reference.adapter_stack()] == ["default"]
-    assert torch.allclose(with_stage3, forward_logits(reference), atol=2e-2)
+    # exactly: the fresh q,k adapter adds exact zeros, the stage-3 delta is computed the same way
+    assert torch.equal(with_stage3, forward_logits(reference))
 
 
 def test_only_the_trainable_adapter_and_projection_are_trained(tmp_path):

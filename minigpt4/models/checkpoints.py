@@ -32,7 +32,6 @@ adapter, which computes the same function without touching the base.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
