@@ -1,4 +1,4 @@
-"""Export a checkpoint as a standard PEFT LoRA adapter folder (issue 10, interop).
+"""Export a checkpoint as a standard PEFT LoRA adapter folder (interop with peft / transformers).
 
 Usage::
 

@@ -9,7 +9,9 @@ Formats :func:`load_weights` accepts:
   names (``llama_model.base_model.model.model.layers.{i}.self_attn.{q,v}_proj.lora_{A,B}.weight``,
   no ``.default.`` segment), read with ``torch.load(..., weights_only=True)``;
 * a standard PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` +
-  ``llama_proj.safetensors``, as written by ``python -m minigpt4.export``).
+  ``llama_proj.safetensors``, as written by ``python -m minigpt4.export``, or by peft's
+  ``save_pretrained`` with ``llama_proj.safetensors`` added; further adapters in subfolders are
+  stacked frozen).
 
 Every trainable tensor the model expects must be found (else ``ValueError`` naming the missing
 keys); unexpected keys are reported, never silently dropped. ViT tensors (``visual_encoder.*``,
@@ -318,7 +320,10 @@ def _read_peft_folder(folder: Path, lora_alpha: Optional[float]) -> CheckpointCo
         state.update(_read_project(folder / VISION_NAME)[0])
     contents = CheckpointContents("peft", folder, folder / PEFT_WEIGHTS_NAME, state, alpha)
     stack_file = folder / STACK_NAME
-    entries = read_json(stack_file) if stack_file.is_file() else []
+    if stack_file.is_file():
+        entries = read_json(stack_file)
+    else:  # peft's own save_pretrained: every further adapter in a subfolder named after it
+        entries = [{"name": d.name} for d in sorted(folder.iterdir()) if (d / PEFT_CONFIG_NAME).is_file()]
     for entry in entries:
         if entry.get("trainable"):
             continue
