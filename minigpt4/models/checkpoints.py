@@ -241,9 +241,14 @@ def load_weights(model: MiniGPTPancreas, path: Union[str, os.PathLike], lora_alp
     if path.suffix == ".safetensors":
         raw, metadata = _read_project(path)
         report = LoadReport(str(path), "project")
-        alpha = lora_alpha if lora_alpha is not None else float(metadata.get("lora_alpha", MINIGPT_V2_LORA_ALPHA))
-        # deltas merged into the base by earlier stages come first
-        sets = json.loads(metadata.get("merged_lora", "[]"))
+        try:  # metadata is free text in the file header: a bad value names the file and the field
+            alpha = lora_alpha if lora_alpha is not None else float(metadata.get("lora_alpha", MINIGPT_V2_LORA_ALPHA))
+            # deltas merged into the base by earlier stages come first
+            sets = json.loads(metadata.get("merged_lora", "[]"))
+            if not isinstance(sets, list) or not all(isinstance(s, dict) for s in sets):
+                raise ValueError("merged_lora is not a list of objects")
+        except ValueError as err:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: bad checkpoint metadata ({err}); re-save the checkpoint with this project") from None
         merged_sets: dict[int, dict[str, torch.Tensor]] = {}
         state = {}
         for name, value in raw.items():
