@@ -189,8 +189,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"figures and metrics: {out / 'eval'}")
     print(f"total time: {time.perf_counter() - start:.0f} s")
     print("\nserve it in the browser (localhost only):")
-    print(f"  python demo.py --cfg-path {demo_config.relative_to(REPO)} --options model.ckpt={final}")
+    print(f"  {demo_command(demo_config, final)}")
     return 0
+
+
+def demo_command(demo_config: Path, checkpoint: Path) -> str:
+    """The shell command that serves ``checkpoint`` in the demo, runnable exactly as printed.
+
+    ``quickstart.sh`` installs only ``.``; the demo needs the ``demo`` extra (gradio), so the
+    command installs it first when gradio is not importable. It names the interpreter running
+    the quickstart when ``python`` on the PATH is another one, and ``cd``s to the repository when
+    the quickstart ran from elsewhere (the config path is relative to it).
+    """
+    import importlib.util
+    import os
+    import shlex
+    import shutil
+
+    on_path = shutil.which("python")
+    same = on_path is not None and os.path.realpath(on_path) == os.path.realpath(sys.executable)
+    python = "python" if same else shlex.quote(sys.executable)
+    steps = []
+    if Path.cwd().resolve() != REPO:
+        steps.append(f"cd {shlex.quote(str(REPO))}")
+    if importlib.util.find_spec("gradio") is None:
+        steps.append(f"{python} -m pip install -e '.[demo]'")
+    config = demo_config.relative_to(REPO) if demo_config.is_relative_to(REPO) else demo_config
+    steps.append(f"{python} demo.py --cfg-path {shlex.quote(str(config))} --options model.ckpt={shlex.quote(str(checkpoint))}")
+    return " && ".join(steps)
 
 
 if __name__ == "__main__":
