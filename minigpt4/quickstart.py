@@ -134,6 +134,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default="quickstart_output", help="everything is written here")
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage (tests)")
     parser.add_argument("--workers", type=int, default=2, help="preprocessing workers")
+    from minigpt4.cli import add_debug_argument
+
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
 
     from minigpt4.evaluation.runner import main as eval_main
@@ -220,4 +223,6 @@ def demo_command(demo_config: Path, checkpoint: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from minigpt4.cli import run_main
+
+    sys.exit(run_main(main, prog="quickstart"))

@@ -12,7 +12,8 @@ What it does, in order:
    folder named in ``<output_dir>/checkpoint_latest``): trainable weights, optimizer, schedule,
    GradScaler, every RNG and the step counter (which is the whole data position);
 4. trains with gradient accumulation, bf16 autocast on GPU (fp16 + GradScaler on request, fp32
-   on CPU) and DDP under torchrun; logs to a tqdm bar and ``log.jsonl``;
+   on CPU) and DDP under torchrun; logs to a progress display (:mod:`minigpt4.progress`: tqdm on
+   a terminal, a line every 5 % in a log) and ``log.jsonl``;
 5. at the end of every epoch: validation on the ``val`` split through
    ``minigpt4.evaluation.validation_score``, a checkpoint ``checkpoint_epoch_<N>`` (N = 0-based
    epoch index, as the release and the paper's Table 1), ``checkpoint_best`` (best validation
