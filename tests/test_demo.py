@@ -251,6 +251,19 @@ def write_nifti(path: Path, array: np.ndarray, affine=None) -> Path:
     return path
 
 
+def zipped_dicom_series(path: Path, hu: np.ndarray, spacing, folder: str = "") -> Path:
+    """A phantom written as a DICOM series (preprocessing.synthetic) and zipped, members sorted,
+    under ``folder/`` inside the archive."""
+    from preprocessing import synthetic
+
+    files = path.with_suffix(".dcm.d")
+    synthetic.write_dicom_series(files, hu, spacing, "P1", 1)
+    with zipfile.ZipFile(path, "w") as archive:
+        for file in sorted(files.rglob("*.dcm")):
+            archive.write(file, str(Path(folder) / file.relative_to(files)) if folder else file.relative_to(files))
+    return path
+
+
 def test_load_volume_reorients_from_the_affine(tmp_path):
     # stored RAS (identity affine): voxel i grows to the patient's right, j to anterior.
     # A marker in the most right-anterior voxel must land top-left (radiological display).
@@ -273,11 +286,7 @@ def test_dicom_zip_and_nifti_give_the_training_slices(tmp_path):
     from preprocessing.normalize import normalize_slice
 
     hu, _, spacing = synthetic.phantom(size=64, n_slices=6, seed=1)
-    synthetic.write_dicom_series(tmp_path / "dcm", hu, spacing, "P1", 1)
-    archive_path = tmp_path / "series.zip"
-    with zipfile.ZipFile(archive_path, "w") as archive:
-        for file in sorted((tmp_path / "dcm").rglob("*.dcm")):
-            archive.write(file, file.relative_to(tmp_path / "dcm"))
+    archive_path = zipped_dicom_series(tmp_path / "series.zip", hu, spacing)
     array, affine = synthetic.stored(hu, spacing, "LPS")
     synthetic.write_nifti(tmp_path / "lps.nii.gz", array, affine)
     for method in ("paper", "window"):
@@ -376,11 +385,7 @@ def test_volume_headers_are_checked_before_any_voxel_is_decoded(tmp_path, monkey
     from preprocessing import synthetic
 
     hu, _, spacing = synthetic.phantom(size=64, n_slices=6, seed=1)
-    synthetic.write_dicom_series(tmp_path / "dcm", hu, spacing, "P1", 1)
-    series = tmp_path / "series.zip"
-    with zipfile.ZipFile(series, "w") as archive:
-        for file in sorted((tmp_path / "dcm").rglob("*.dcm")):
-            archive.write(file, file.relative_to(tmp_path / "dcm"))
+    series = zipped_dicom_series(tmp_path / "series.zip", hu, spacing)
     with pytest.raises(InputError, match=r"^series.zip: 6 slices, over the demo's limit of 5\.$"):
         load_volume(series, limits=Limits(max_slices=5), workdir=tmp_path)
     # 6 × 64 × 64 voxels × 9 bytes = 221,184 bytes
@@ -407,12 +412,8 @@ def test_volume_errors_do_not_reveal_private_paths(tmp_path, monkeypatch):
     from preprocessing import synthetic
 
     hu, _, spacing = synthetic.phantom(size=64, n_slices=4, seed=1)
-    synthetic.write_dicom_series(tmp_path / "dcm", hu, spacing, "P1", 1)
-    series = uploads / "series.zip"
-    with zipfile.ZipFile(series, "w") as archive:
-        for file in sorted((tmp_path / "dcm").rglob("*.dcm")):
-            archive.write(file, "study/" + file.name)
-    first_member = "study/" + sorted(p.name for p in (tmp_path / "dcm").rglob("*.dcm"))[0]
+    series = zipped_dicom_series(uploads / "series.zip", hu, spacing, folder="study")
+    first_member = zipfile.ZipFile(series).namelist()[0]
 
     def failing_reader(folder, name):
         raise RuntimeError(f"bad pixel data in {Path(folder) / '000000.dcm'}")
