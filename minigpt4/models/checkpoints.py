@@ -271,7 +271,19 @@ def read_checkpoint(path: Union[str, os.PathLike], lora_alpha: Optional[float] =
         return CheckpointContents("torch_pickle", path, path, state, float(alpha))
 
     raw, metadata = _read_project(path)
-    alpha = lora_alpha if lora_alpha is not None else float(metadata.get("lora_alpha", MINIGPT_V2_LORA_ALPHA))
+    try:  # metadata is free text in the file header: a bad value names the file and the field
+        alpha = lora_alpha if lora_alpha is not None else float(metadata.get("lora_alpha", MINIGPT_V2_LORA_ALPHA))
+        stack = json.loads(metadata.get("adapter_stack", "[]"))
+        legacy = json.loads(metadata.get("merged_lora", "[]"))  # format /1: deltas merged into the base
+        for key, value in (("adapter_stack", stack), ("merged_lora", legacy)):
+            if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+                raise ValueError(f"{key} is not a list of objects")
+        for entry in stack:
+            if not entry.get("trainable") and ("name" not in entry or "alpha" not in entry):
+                raise ValueError("an adapter_stack entry lacks its name or alpha")
+            float(entry.get("alpha", 0))
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: bad checkpoint metadata ({err}); re-save the checkpoint with this project") from None
     contents = CheckpointContents("project", path, path, {}, float(alpha))
     stacked: dict[str, dict[str, torch.Tensor]] = {}
     merged: dict[int, dict[str, torch.Tensor]] = {}
@@ -282,11 +294,6 @@ def read_checkpoint(path: Union[str, os.PathLike], lora_alpha: Optional[float] =
             merged.setdefault(int(match["index"]), {})[match["name"]] = value
         else:
             contents.state[_normalise(name)] = value
-    try:
-        stack = json.loads(metadata.get("adapter_stack", "[]"))
-        legacy = json.loads(metadata.get("merged_lora", "[]"))  # format /1: deltas merged into the base
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: unreadable adapter metadata ({err})") from None
     entries = [e for e in stack if not e.get("trainable")]
     if set(stacked) != {e["name"] for e in entries}:
         raise ValueError(
