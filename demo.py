@@ -16,11 +16,11 @@ otherwise; a public Gradio link is opened only with ``--share``. There is no aut
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from typing import Optional, Sequence
 
+from minigpt4.cli import USER_ERRORS, error_message, run_main, setup_logging
 from minigpt4.config import add_config_arguments, load_config
 from minigpt4.demo.app import build_app, launch, parse_size, private_workdir  # noqa: F401  (build_app re-exported)
 
@@ -40,7 +40,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.debug)
     from minigpt4.serving import Limits, load_service
 
     try:
@@ -48,8 +48,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.cfg_path, args.options)
         limits = Limits(max_volume_bytes=max_bytes, max_slice_bytes=min(Limits().max_slice_bytes, max_bytes))
         service = load_service(cfg, device=args.device, limits=limits)
-    except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
-        print(f"demo.py: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:  # ConfigError is a ValueError
+        if args.debug:
+            raise
+        print(f"demo.py: error: {error_message(err)}", file=sys.stderr)
         return 2
     if service.warning:
         print(f"WARNING: {service.warning}", file=sys.stderr)
@@ -68,4 +70,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog="demo.py"))

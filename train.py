@@ -37,4 +37,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from minigpt4.cli import run_main
+
+    sys.exit(run_main(main, prog="train.py"))

@@ -411,7 +411,11 @@ def load_config(path: Optional[str | os.PathLike] = None, options: Sequence[str]
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{source}: {err}".strip()) from None
+        # omegaconf appends full_key/reference_type/object_type lines: keep one line naming the key
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        key = getattr(err, "full_key", None)
+        where = f" (key {key}; the valid keys are the fields in minigpt4/config.py)" if key else ""
+        raise ConfigError(f"{source}: {first}{where}") from None
     assert isinstance(cfg, Config)
     return cfg
 
@@ -430,7 +434,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def add_config_arguments(parser) -> None:
-    """The two arguments every entry point shares: ``--cfg-path`` and ``--options``."""
+    """The arguments every entry point shares: ``--cfg-path``, ``--options`` and ``--debug``."""
     parser.add_argument("--cfg-path", required=True, help="YAML config (train_configs/ or eval_configs/)")
     parser.add_argument(
         "--options",
@@ -439,3 +443,6 @@ def add_config_arguments(parser) -> None:
         metavar="KEY=VALUE",
         help="override config keys, e.g. run.batch_size=4 datasets.tc.root=data/TC",
     )
+    from minigpt4.cli import add_debug_argument  # every entry point: errors as one line unless --debug
+
+    add_debug_argument(parser)

@@ -1,4 +1,4 @@
-"""Export a checkpoint as a standard PEFT LoRA adapter folder (issue 10, interop).
+"""Export a checkpoint as a standard PEFT LoRA adapter folder (interop with peft / transformers).
 
 Usage::
 
@@ -94,7 +94,9 @@ def _write_adapter(
     return config
 
 
-def export_peft(ckpt: str | Path, out: str | Path, base_model: Optional[str] = None, lora_alpha: Optional[float] = None) -> Path:
+def export_peft(
+    ckpt: str | Path, out: str | Path, base_model: Optional[str] = None, lora_alpha: Optional[float] = None
+) -> Path:
     """Write the PEFT folder described in the module docstring; returns ``out``.
 
     Args:
@@ -125,7 +127,8 @@ def export_peft(ckpt: str | Path, out: str | Path, base_model: Optional[str] = N
     if not lora_tensors or set(projection) != {"llama_proj.weight", "llama_proj.bias"}:
         raise ValueError(f"{contents.path}: needs LoRA factors and llama_proj.{{weight,bias}} to export")
     if other:
-        log.warning("%s: %d tensors not exported (neither LoRA, llama_proj nor the ViT): %s", contents.path, len(other), other[:5])
+        log.warning("%s: %d tensors not exported (neither LoRA, llama_proj nor the ViT): %s",
+                    contents.path, len(other), other[:5])
 
     main = _write_adapter(out, lora_tensors, contents.lora_alpha, dropout, base_model, num_layers)
     with atomic_path(out / PROJECTION_NAME) as tmp:
@@ -175,7 +178,8 @@ def _readme(out: Path, base_model: str, stack: list[dict], vision: bool) -> str:
     if frozen:
         lines += [
             "This checkpoint stacks frozen adapters on the base (trained on top of them): "
-            + ", ".join(f"`{e['name']}/` ({e['targets']}, r={e['r']}, alpha={e['alpha']:g}, from {e['source']})" for e in frozen)
+            + ", ".join(f"`{e['folder']}/` ({e['targets']}, r={e['r']}, alpha={e['alpha']:g}, from {e['source']})"
+                        for e in frozen)
             + ". Load them as above: without them the model is not the trained one.",
             "",
         ]

@@ -62,4 +62,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from minigpt4.cli import run_main
+
+    raise SystemExit(run_main(main, prog="python -m minigpt4.inspect"))

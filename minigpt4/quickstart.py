@@ -149,6 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default="quickstart_output", help="everything is written here")
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage (tests)")
     parser.add_argument("--workers", type=int, default=2, help="preprocessing workers")
+    from minigpt4.cli import add_debug_argument
+
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
 
     from minigpt4.evaluation.cascade import main as cascade_main
@@ -210,12 +213,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"figures and metrics: {out / 'eval'}")
     print(f"total time: {time.perf_counter() - start:.0f} s")
     print("\nserve it in the browser (localhost only):")
-    print(f"  python demo.py --cfg-path {demo_config.relative_to(REPO)} --options model.ckpt={final}")
+    print(f"  {demo_command(demo_config, [f'model.ckpt={final}'])}")
     print("or the three stages at once (each task routed to its stage, 'Scan volume' runs the cascade):")
-    stage_options = " ".join(o for o in cascade_options(data, best, cascade_dir, False) if o.startswith("cascade.stages."))
-    print(f"  python demo.py --cfg-path {demo_config.relative_to(REPO)} --options {stage_options}")
+    stage_options = [o for o in cascade_options(data, best, cascade_dir, False) if o.startswith("cascade.stages.")]
+    print(f"  {demo_command(demo_config, stage_options)}")
     return 0
 
 
+def demo_command(demo_config: Path, options: Sequence[str]) -> str:
+    """The shell command that serves the demo with ``--options`` ``options`` (``key=value``),
+    runnable exactly as printed.
+
+    ``quickstart.sh`` installs only ``.``; the demo needs the ``demo`` extra (gradio), so the
+    command installs it first when gradio is not importable. It names the interpreter running
+    the quickstart when ``python`` on the PATH is another one, and ``cd``s to the repository when
+    the quickstart ran from elsewhere (the config path is relative to it).
+    """
+    import importlib.util
+    import os
+    import shlex
+    import shutil
+
+    on_path = shutil.which("python")
+    same = on_path is not None and os.path.realpath(on_path) == os.path.realpath(sys.executable)
+    python = "python" if same else shlex.quote(sys.executable)
+    steps = []
+    if Path.cwd().resolve() != REPO:
+        steps.append(f"cd {shlex.quote(str(REPO))}")
+    if importlib.util.find_spec("gradio") is None:
+        steps.append(f"{python} -m pip install -e '.[demo]'")
+    config = demo_config.relative_to(REPO) if demo_config.is_relative_to(REPO) else demo_config
+    overrides = " ".join(shlex.quote(option) for option in options)
+    steps.append(f"{python} demo.py --cfg-path {shlex.quote(str(config))} --options {overrides}")
+    return " && ".join(steps)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from minigpt4.cli import run_main
+
+    sys.exit(run_main(main, prog="quickstart"))

@@ -75,6 +75,122 @@ class Limits:
     max_side: int = 4096
     max_slices: int = 2000
     max_instruction_chars: int = 500
+    max_decode_bytes: int = 4 * 1024**3
+    """Memory a volume may take once decoded, estimated from its header before any voxel is read
+    (:func:`decode_bytes`): a small ``.nii.gz`` of zeros can declare gigabytes of voxels."""
+
+
+def decode_bytes(voxels: int, itemsize: int) -> int:
+    """Peak memory of :func:`load_volume` for ``voxels`` stored with ``itemsize`` bytes each.
+
+    Measured (tracemalloc) at 5–16 bytes per voxel: the file's array (≥ float32 once scaled), the
+    float32 HU volume in display order and the uint8 slices; estimated as 2 × max(itemsize, 4) + 1.
+    """
+    return int(voxels) * (2 * max(int(itemsize), 4) + 1)
+
+
+def _check_volume_geometry(name: str, n_slices: int, height: int, width: int, voxels: int, itemsize: int,
+                           limits: Limits) -> None:
+    """The slice count, slice size and decoding memory a header declares, against ``limits``."""
+    if n_slices > limits.max_slices:
+        raise InputError(f"{name}: {n_slices} slices, over the demo's limit of {limits.max_slices}.")
+    if min(height, width) < limits.min_side or max(height, width) > limits.max_side:
+        raise InputError(
+            f"{name}: slices of {width}×{height} pixels are outside the accepted size "
+            f"({limits.min_side}–{limits.max_side} pixels per side)."
+        )
+    need = decode_bytes(voxels, itemsize)
+    if need > limits.max_decode_bytes:
+        raise InputError(
+            f"{name}: {n_slices} slices of {width}×{height} pixels need about {_size_text(need)} of memory "
+            f"to decode, over the demo's budget of {_size_text(limits.max_decode_bytes)}."
+        )
+
+
+def _size_text(n_bytes: int) -> str:
+    return f"{n_bytes / 1024**3:.1f} GB" if n_bytes >= 1024**3 else f"{n_bytes / 1024**2:.1f} MB"
+
+
+def check_nifti_header(path: Path, name: str, limits: Limits) -> None:
+    """Refuse a NIfTI whose header declares more than the demo accepts, before reading voxels.
+
+    ``nibabel.load`` reads only the header (the voxels stay on disk behind a proxy). A header
+    nibabel cannot read is left to the reader, which names the problem.
+
+    Raises:
+        InputError: not 3-D, a non-numeric voxel type, too many slices, slices too small or
+            large, or more decoding memory than ``limits.max_decode_bytes``.
+    """
+    import nibabel as nib
+    from nibabel.orientations import io_orientation
+
+    try:
+        image = nib.load(str(path))
+        shape = tuple(int(v) for v in image.shape)
+        dtype = np.dtype(image.get_data_dtype())
+        affine = image.affine
+    except Exception:  # noqa: BLE001 - unreadable headers are reported by the reader
+        return
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise InputError(f"{name}: voxel type {dtype} is not a CT intensity (expected integers or floats).")
+    dims = shape[:3] if len(shape) == 4 and shape[3] == 1 else shape
+    if len(dims) != 3:
+        raise InputError(f"{name}: expected a 3-D CT volume, got shape {shape}.")
+    axial = 2
+    try:  # the stored axis closest to head-feet becomes the slice axis (as in to_display)
+        axes = io_orientation(affine)[:, 0]
+        if 2 in axes:
+            axial = int(np.nonzero(axes == 2)[0][0])
+    except Exception:  # noqa: BLE001 - a degenerate affine is the reader's to report
+        pass
+    height, width = (dims[i] for i in range(3) if i != axial)
+    slope, inter = image.header.get_slope_inter() if hasattr(image.header, "get_slope_inter") else (None, None)
+    scaled = (slope is not None and slope != 1) or (inter is not None and inter != 0)
+    itemsize = max(dtype.itemsize, 8 if scaled else 4)  # nibabel scales into float64 when needed
+    _check_volume_geometry(name, dims[axial], height, width, int(np.prod(dims, dtype=np.int64)), itemsize, limits)
+
+
+def check_dicom_headers(folder: Path, name: str, limits: Limits) -> None:
+    """Refuse a DICOM series that declares more than the demo accepts, before decoding pixels.
+
+    Reads every file's header only (``stop_before_pixels``): image count (× NumberOfFrames),
+    Rows × Columns. Files that are not DICOM images are left to the reader.
+
+    Raises:
+        InputError: too many slices, slices too small or large, too much decoding memory.
+    """
+    import pydicom
+
+    n_slices, voxels, sizes = 0, 0, set()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            header = pydicom.dcmread(str(file), stop_before_pixels=True)
+            rows, cols = int(header.Rows), int(header.Columns)
+            frames = int(getattr(header, "NumberOfFrames", 1) or 1)
+        except Exception:  # noqa: BLE001 - not a DICOM image (README, DICOMDIR, ...)
+            continue
+        n_slices += frames
+        voxels += frames * rows * cols
+        sizes.add((rows, cols))
+    if not sizes:
+        return
+    outside = sorted(s for s in sizes if min(s) < limits.min_side or max(s) > limits.max_side)
+    height, width = outside[0] if outside else max(sizes)
+    _check_volume_geometry(name, n_slices, height, width, voxels, 4, limits)
+
+
+def public_message(message: str, upload: Path, private: Sequence[Path] = (), members: Optional[dict] = None) -> str:
+    """``message`` without the server's private paths: the upload's temp path becomes its file
+    name, an extracted DICOM file ``<dir>/000003.dcm`` becomes ``<zip>:<member name>``, and any
+    other private folder is dropped."""
+    for generated, member in (members or {}).items():
+        for folder in private:
+            message = message.replace(str(Path(folder) / generated), f"{upload.name}:{member}")
+    message = message.replace(str(upload), upload.name)
+    folders = {str(Path(f)) for f in (*private, upload.parent) if Path(f).is_absolute() and len(Path(f).parts) > 1}
+    for folder in sorted(folders, key=len, reverse=True):  # a folder before its parents
+        message = message.replace(folder + os.sep, "").replace(folder, "(upload folder)")
+    return message
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,9 +321,10 @@ class Volume:
         return int(self.slices.shape[0])
 
 
-def _safe_extract_dicom_zip(path: Path, dest: Path, limits: Limits) -> Path:
+def _safe_extract_dicom_zip(path: Path, dest: Path, limits: Limits, members_by_file: Optional[dict] = None) -> Path:
     """Extract a zip's files into ``dest`` under generated names (member names never become paths,
-    so ``../`` tricks cannot escape), after checking member count and total size."""
+    so ``../`` tricks cannot escape), after checking member count and total size.
+    ``members_by_file`` receives ``{generated name: member name}``."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
@@ -229,6 +346,8 @@ def _safe_extract_dicom_zip(path: Path, dest: Path, limits: Limits) -> Path:
             if Path(member.filename).name.startswith("."):
                 continue  # macOS resource forks (__MACOSX/._x) and hidden files
             target = dest / f"{number:06d}.dcm"
+            if members_by_file is not None:
+                members_by_file[target.name] = member.filename
             try:
                 with archive.open(member) as src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out, length=1024**2)
@@ -266,15 +385,30 @@ def load_volume(
     _check_file(path, limits.max_volume_bytes)
     from minigpt4.demo import volumes as volume_io  # the preprocessing package is imported lazily there
 
-    if path.name.lower().endswith(".zip"):
-        extract_dir = Path(tempfile.mkdtemp(prefix="dicom_", dir=workdir))
-        try:
-            _safe_extract_dicom_zip(path, extract_dir, limits)
-            hu, spacing = volume_io.read_display_volume(extract_dir, path.name)
-        finally:
-            shutil.rmtree(extract_dir, ignore_errors=True)
-    else:
-        hu, spacing = volume_io.read_display_volume(path, path.name)
+    # headers are checked against the limits before any voxel is decoded, and no message may
+    # show the server's private temp paths (Gradio's upload folder, the extraction folder)
+    private: list[Path] = [Path(workdir)] if workdir is not None else []
+    members: dict[str, str] = {}
+    try:
+        if path.name.lower().endswith(".zip"):
+            extract_dir = Path(tempfile.mkdtemp(prefix="dicom_", dir=workdir))
+            private.insert(0, extract_dir)
+            try:
+                _safe_extract_dicom_zip(path, extract_dir, limits, members)
+                check_dicom_headers(extract_dir, path.name, limits)
+                hu, spacing = volume_io.read_display_volume(extract_dir, path.name)
+            finally:
+                shutil.rmtree(extract_dir, ignore_errors=True)
+        else:
+            check_nifti_header(path, path.name, limits)
+            hu, spacing = volume_io.read_display_volume(path, path.name)
+    except InputError as err:
+        raise InputError(public_message(str(err), path, private, members)) from None
+    except MemoryError:
+        raise InputError(f"{path.name}: not enough memory to decode this volume.") from None
+    except Exception as err:  # noqa: BLE001 - a reader failure is a message, without private paths
+        raise InputError(public_message(f"{path.name}: cannot read the volume ({type(err).__name__}: {err}).",
+                                        path, private, members)) from None
     if hu.ndim != 3:
         raise InputError(f"{path.name}: expected a 3-D CT volume, got shape {tuple(hu.shape)}.")
     if hu.shape[0] == 0 or hu.size == 0:

@@ -442,15 +442,32 @@ def clean_stale(out: Path, owned: set[str], keep: set[str], temporaries: bool = 
     return removed
 
 
-def run_jobs(jobs: Sequence, worker, workers: int):
-    """Map ``worker`` over jobs, in-process for one worker, else with a fork/spawn pool."""
-    if workers <= 1 or len(jobs) <= 1:
-        return [worker(j) for j in jobs]
-    import multiprocessing as mp
+def run_jobs(jobs: Sequence, worker, workers: int, desc: str = "volumes"):
+    """Map ``worker`` over jobs, in-process for one worker, else with a fork/spawn pool.
 
-    method = "fork" if "fork" in mp.get_all_start_methods() and sys.platform != "darwin" else "spawn"
-    with mp.get_context(method).Pool(min(workers, len(jobs))) as pool:
-        return pool.map(worker, jobs, chunksize=1)
+    Shows progress on stderr (:func:`minigpt4.progress.progress`: a bar on a terminal, a line
+    every 5 % in a log). Results keep the order of ``jobs``.
+    """
+    from minigpt4.progress import progress
+
+    bar = progress(len(jobs), desc, unit="volume")
+    results = []
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                results.append(worker(job))
+                bar.update(1)
+            return results
+        import multiprocessing as mp
+
+        method = "fork" if "fork" in mp.get_all_start_methods() and sys.platform != "darwin" else "spawn"
+        with mp.get_context(method).Pool(min(workers, len(jobs))) as pool:
+            for result in pool.imap(worker, jobs, chunksize=1):  # in order, like map, but one at a time
+                results.append(result)
+                bar.update(1)
+        return results
+    finally:
+        bar.close()
 
 
 def _selection_sets(dataset: str) -> list[tuple[str, str]]:

@@ -194,6 +194,22 @@ def test_shape_mismatch_and_bad_files(tmp_path):
         load_weights(build_tiny_model(), tmp_path / "nothing.pth")
 
 
+def test_bad_checkpoint_metadata_names_the_file(tmp_path):
+    """The safetensors header's free-text metadata (lora_alpha, merged_lora) is checked."""
+    from safetensors.torch import save_file
+
+    path = save_checkpoint(build_tiny_model(seed=1), tmp_path / "ckpt")
+    tensors = load_file(str(path))
+    for key, value, problem in [("merged_lora", "[{broken", "Expecting property name"),
+                                ("merged_lora", '{"a": 1}', "merged_lora is not a list of objects"),
+                                ("lora_alpha", "sixteen", "could not convert string to float")]:
+        metadata = {"format": "minigpt-pancreas/1", "lora_alpha": "16", "merged_lora": "[]", key: value}
+        save_file(tensors, str(path), metadata=metadata)
+        with pytest.raises(ValueError) as bad:
+            load_weights(build_tiny_model(), tmp_path / "ckpt")
+        assert str(bad.value).startswith(f"{path}: bad checkpoint metadata (") and problem in str(bad.value)
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("executed",))

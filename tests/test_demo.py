@@ -251,6 +251,19 @@ def write_nifti(path: Path, array: np.ndarray, affine=None) -> Path:
     return path
 
 
+def zipped_dicom_series(path: Path, hu: np.ndarray, spacing, folder: str = "") -> Path:
+    """A phantom written as a DICOM series (preprocessing.synthetic) and zipped, members sorted,
+    under ``folder/`` inside the archive."""
+    from preprocessing import synthetic
+
+    files = path.with_suffix(".dcm.d")
+    synthetic.write_dicom_series(files, hu, spacing, "P1", 1)
+    with zipfile.ZipFile(path, "w") as archive:
+        for file in sorted(files.rglob("*.dcm")):
+            archive.write(file, str(Path(folder) / file.relative_to(files)) if folder else file.relative_to(files))
+    return path
+
+
 def test_load_volume_reorients_from_the_affine(tmp_path):
     # stored RAS (identity affine): voxel i grows to the patient's right, j to anterior.
     # A marker in the most right-anterior voxel must land top-left (radiological display).
@@ -273,11 +286,7 @@ def test_dicom_zip_and_nifti_give_the_training_slices(tmp_path):
     from preprocessing.normalize import normalize_slice
 
     hu, _, spacing = synthetic.phantom(size=64, n_slices=6, seed=1)
-    synthetic.write_dicom_series(tmp_path / "dcm", hu, spacing, "P1", 1)
-    archive_path = tmp_path / "series.zip"
-    with zipfile.ZipFile(archive_path, "w") as archive:
-        for file in sorted((tmp_path / "dcm").rglob("*.dcm")):
-            archive.write(file, file.relative_to(tmp_path / "dcm"))
+    archive_path = zipped_dicom_series(tmp_path / "series.zip", hu, spacing)
     array, affine = synthetic.stored(hu, spacing, "LPS")
     synthetic.write_nifti(tmp_path / "lps.nii.gz", array, affine)
     for method in ("paper", "window"):
@@ -325,6 +334,95 @@ def test_dicom_zips_are_extracted_safely(tmp_path):
         archive.writestr("a.dcm", b"\0" * 100_000)
     with pytest.raises(InputError, match="bomb.zip: 0 MB uncompressed, over the limit"):
         load_volume(bomb, limits=Limits(max_unzipped_bytes=50_000), workdir=workdir)
+
+
+def nifti_header_only(path: Path, shape: tuple, dtype, affine=None) -> Path:
+    """A ``.nii.gz`` whose header declares ``shape`` but holds no voxels: reading the header is
+    free, decoding would need ``prod(shape)`` voxels (the 1.5 MB file of zeros from issue 14)."""
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_qform(np.eye(4) if affine is None else affine, code=1)
+    header.set_sform(np.eye(4) if affine is None else affine, code=1)
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 64))
+    return path
+
+
+def test_volume_headers_are_checked_before_any_voxel_is_decoded(tmp_path, monkeypatch):
+    import tracemalloc
+
+    from minigpt4.demo import volumes as volume_io
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the volume was decoded before its header was checked")
+
+    monkeypatch.setattr(volume_io, "read_display_volume", no_decoding)
+    zeros = nifti_header_only(tmp_path / "zeros.nii.gz", (512, 512, 2100), np.uint8)
+    tracemalloc.start()
+    with pytest.raises(InputError, match=r"^zeros.nii.gz: 2100 slices, over the demo's limit of 2000\.$"):
+        load_volume(zeros)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20 * 1024**2  # the header only, not 550 MB of voxels
+    # within the slice and size limits but over the memory budget: 1024² × 1000 int16 × 9 bytes
+    big = nifti_header_only(tmp_path / "big.nii.gz", (1024, 1024, 1000), np.int16)
+    with pytest.raises(InputError, match=r"^big.nii.gz: 1000 slices of 1024×1024 pixels need about 8.8 GB of "
+                                         r"memory to decode, over the demo's budget of 4.0 GB\.$"):
+        load_volume(big)
+    # the slice axis is the stored axis closest to head-feet (here the first), as in the display
+    sagittal_first = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
+    tall = nifti_header_only(tmp_path / "tall.nii.gz", (2100, 64, 64), np.int16, sagittal_first)
+    with pytest.raises(InputError, match="tall.nii.gz: 2100 slices, over"):
+        load_volume(tall)
+    with pytest.raises(InputError, match="rgb.nii.gz: voxel type .* is not a CT intensity"):
+        load_volume(nifti_header_only(tmp_path / "rgb.nii.gz", (64, 64, 4), np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])))
+
+    # DICOM: file count × Rows × Columns from the headers (stop_before_pixels), before decoding
+    from preprocessing import synthetic
+
+    hu, _, spacing = synthetic.phantom(size=64, n_slices=6, seed=1)
+    series = zipped_dicom_series(tmp_path / "series.zip", hu, spacing)
+    with pytest.raises(InputError, match=r"^series.zip: 6 slices, over the demo's limit of 5\.$"):
+        load_volume(series, limits=Limits(max_slices=5), workdir=tmp_path)
+    # 6 × 64 × 64 voxels × 9 bytes = 221,184 bytes
+    with pytest.raises(InputError, match=r"series.zip: 6 slices of 64×64 pixels need about 0.2 MB .* budget of 0.1 MB"):
+        load_volume(series, limits=Limits(max_decode_bytes=100_000), workdir=tmp_path)
+    with pytest.raises(InputError, match=r"series.zip: slices of 64×64 pixels are outside the accepted size \(80–"):
+        load_volume(series, limits=Limits(min_side=80), workdir=tmp_path)
+
+
+def test_volume_errors_do_not_reveal_private_paths(tmp_path, monkeypatch):
+    import nibabel as nib
+
+    uploads = tmp_path / "gradio" / "3f2a9c"  # where Gradio keeps an upload
+    uploads.mkdir(parents=True)
+    full = uploads / "full.nii"
+    nib.save(nib.Nifti1Image(np.ones((40, 40, 4), np.int16), np.eye(4)), str(full))
+    cut = uploads / "cut.nii"
+    cut.write_bytes(full.read_bytes()[:2000])  # nibabel: "Expected 12800 bytes, got ... from <path>"
+    with pytest.raises(InputError) as truncated:
+        load_volume(cut, workdir=tmp_path)
+    assert str(truncated.value).startswith("cut.nii: ") and str(tmp_path) not in str(truncated.value)
+    # any reader failure naming an extracted file: the zip member's name, not the temp path
+    from minigpt4.demo import volumes as volume_io
+    from preprocessing import synthetic
+
+    hu, _, spacing = synthetic.phantom(size=64, n_slices=4, seed=1)
+    series = zipped_dicom_series(uploads / "series.zip", hu, spacing, folder="study")
+    first_member = zipfile.ZipFile(series).namelist()[0]
+
+    def failing_reader(folder, name):
+        raise RuntimeError(f"bad pixel data in {Path(folder) / '000000.dcm'}")
+
+    monkeypatch.setattr(volume_io, "read_display_volume", failing_reader)
+    with pytest.raises(InputError) as failed:
+        load_volume(series, workdir=tmp_path)
+    assert str(failed.value) == (f"series.zip: cannot read the volume (RuntimeError: bad pixel data in "
+                                 f"series.zip:{first_member}).")
 
 
 def scan_volume_array() -> np.ndarray:
@@ -458,6 +556,50 @@ def test_build_app_constructs_without_launching(tmp_path, monkeypatch):
     import os
 
     assert os.environ["GRADIO_TEMP_DIR"] == str(tmp_path / "gradio")
+
+
+def test_private_ui_events_are_hidden_but_reachable_by_fn_index(tmp_path, monkeypatch):
+    """docs/DEMO.md tells the truth about the UI's private events: hidden from the API and refused
+    by gradio_client, yet reachable over HTTP by fn_index (as the browser calls them), acting only
+    on the caller's own (empty) session."""
+    import json
+    import socket
+    import urllib.request
+
+    from gradio_client import Client
+
+    from minigpt4.demo import app as app_module
+    from minigpt4.demo.app import launch
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "restored"))  # build_app sets it
+    service, _ = make_service()
+    app = build_app(service, workdir=tmp_path)
+    on_ask = next(i for i, fn in app.fns.items() if fn.name == "on_ask")
+    assert app.fns[on_ask].api_visibility == "private"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch(app, port=port, block=False, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        assert set(client.view_api(return_format="dict", print_info=False)["named_endpoints"]) == {
+            "/ask", "/classify", "/scan_volume"}
+        with pytest.raises(ValueError, match="Invalid function index"):
+            client.predict("[vqa] hi", [], None, fn_index=on_ask)
+        base = f"http://127.0.0.1:{port}/gradio_api"
+        body = {"data": ["[vqa] hi", [], None], "fn_index": on_ask, "session_hash": "s14b", "event_data": None,
+                "trigger_id": None}
+        request = urllib.request.Request(base + "/queue/join", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=30).read()
+        with urllib.request.urlopen(base + "/queue/data?session_hash=s14b", timeout=60) as stream:
+            done = next(json.loads(line[5:]) for line in stream if b"process_completed" in line)
+        assert "Upload a CT slice or volume first" in json.dumps(done["output"], ensure_ascii=False)
+    finally:
+        app.close()
+    demo_doc = (REPO / "docs" / "DEMO.md").read_text()
+    assert "not callable" not in demo_doc and "not callable" not in app_module.__doc__
+    assert "refuses their\n`fn_index`" in demo_doc and "any HTTP client can too" in demo_doc
 
 
 def test_private_workdir_is_user_only():

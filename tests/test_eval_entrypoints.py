@@ -289,3 +289,30 @@ def test_eval_configs_name_the_weights_to_evaluate():
     train1 = load_config(ROOT / "train_configs" / "stage1_pancreas_detection.yaml")
     assert {n: (d.root, d.task, d.threshold) for n, d in stage1.datasets.items()} == \
         {n: (d.root, d.task, d.threshold) for n, d in train1.datasets.items()}  # same slices as training
+
+
+def test_command_line_logs_the_weight_load_and_a_few_progress_lines(synthetic, trained, tmp_path, capsys, caplog):
+    """``eval_detection.py`` through its command-line wrapper with stderr not a terminal: the
+    checkpoint's load report is logged at INFO and the per-batch progress is at most 20 whole
+    lines, not one ``\\r`` update per batch. (tests/test_cli.py checks that the wrapper's logging
+    reaches stderr outside pytest.)"""
+    import logging
+
+    from minigpt4.cli import run_main
+    from preprocessing.layout import read_prepared
+
+    n = min(24, len(read_prepared(synthetic, "pancreas_detection", "train")))
+    assert n > 20  # more batches than progress lines
+    ckpt = trained / "checkpoint_best"
+    argv = ["--cfg-path", str(QUICKSTART_EVAL), "--options", f"datasets.synthetic.root={synthetic}", f"model.ckpt={ckpt}",
+            f"run.output_dir={tmp_path}", "model.max_new_tokens=2", "run.eval_batch_size=1", "--split", "train",
+            "--max-samples", "24", "--bootstrap", "0", "--no-figures"]
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="minigpt4"):
+        assert run_main(eval_detection.main, argv, prog="eval_detection.py") == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert any(r.name == "minigpt4.models.checkpoints" and r.levelno == logging.INFO
+               and r.getMessage().startswith(f"{ckpt / 'model.safetensors'}: ") for r in caplog.records)
+    progress = [line for line in err.splitlines() if line.startswith("pancreas_detection: ")]
+    assert 10 <= len(progress) <= 20 and progress[-1].startswith(f"pancreas_detection: {n}/{n} (100 %)")

@@ -4,6 +4,7 @@ and that ``model.ckpt`` accepts back."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -59,6 +60,12 @@ def test_export_round_trip_through_peft_and_back(tmp_path, capsys):
         both = peft_model(input_ids=ids).logits
     assert torch.allclose(both, ours, atol=1e-5)
     assert not torch.allclose(only_trained, ours, atol=1e-3)  # the stacked adapter is needed
+    # what peft itself saves (further adapters in subfolders) + llama_proj loads back too
+    peft_model.save_pretrained(str(tmp_path / "resaved"))
+    shutil.copy(out / "llama_proj.safetensors", tmp_path / "resaved")
+    resaved = build_model(tiny_model_config(ckpt=str(tmp_path / "resaved"), **{"text.path": str(tmp_path / "llama")}))
+    assert [e["name"] for e in resaved.adapter_stack()] == ["default", "checkpoint_stage3"]
+    assert torch.allclose(forward_logits(resaved), forward_logits(model), atol=1e-5)
 
     # model.ckpt accepts the folder back: same stack, same outputs (same seed: the random tiny ViT)
     back = build_model(tiny_model_config(ckpt=str(out), **{"text.path": str(tmp_path / "llama")}))

@@ -37,3 +37,33 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     assert cascade["slice"]["n_slices"] == sum(1 for _ in open(tmp_path / "eval" / "cascade" / "predictions.jsonl"))
     assert "## Patient level (test volumes)" in printed
     assert f"cascade.stages.tumor_detection={tmp_path / 'runs' / 'stage3_tumor_detection' / 'checkpoint_best'}" in printed
+
+
+def test_printed_demo_command_installs_gradio_when_it_is_missing(monkeypatch, tmp_path):
+    """After ./quickstart.sh (which installs only '.') the printed demo command must work as printed."""
+    import importlib.util
+    import shutil
+    import sys
+    import tomllib
+
+    from minigpt4 import quickstart
+
+    monkeypatch.chdir(quickstart.REPO)
+    monkeypatch.setattr(shutil, "which", lambda name: sys.executable if name == "python" else None)
+    config, ckpt = quickstart.REPO / "eval_configs" / "demo_cpu.yaml", tmp_path / "checkpoint_best"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real_find_spec(name, *a))
+    assert quickstart.demo_command(config, [f"model.ckpt={ckpt}"]) == (
+        "python -m pip install -e '.[demo]' && "
+        f"python demo.py --cfg-path eval_configs/demo_cpu.yaml --options model.ckpt={ckpt}")
+    extras = tomllib.loads((quickstart.REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("gradio>") for req in extras["demo"])  # what the install brings
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    if real_find_spec("gradio") is not None:  # installed: the plain command
+        assert quickstart.demo_command(config, [f"model.ckpt={ckpt}"]) == (
+            f"python demo.py --cfg-path eval_configs/demo_cpu.yaml --options model.ckpt={ckpt}")
+    # run from another folder, with another interpreter than `python`: both are spelled out
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    command = quickstart.demo_command(config, [f"model.ckpt={ckpt}"])
+    assert command.startswith(f"cd {quickstart.REPO} && ") and f"{sys.executable} demo.py" in command

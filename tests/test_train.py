@@ -206,6 +206,67 @@ def test_missing_weight_file_and_unknown_key(data, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_auto_refuses_a_run_of_another_config(data, tmp_path):
+    """``run.resume=auto`` into a folder holding another task's run must not continue that run."""
+    out = tmp_path / "run"
+    common = ("run.iters_per_epoch=2", "run.validate=false", "run.resume=auto")
+    run_train(data, out, *common, "run.max_steps=1")
+    saved_config = (out / "config.yaml").read_text()
+    with pytest.raises(ValueError) as refused:
+        run_train(data, out, *common, "run.max_steps=2", "datasets.synthetic.task=tumor_detection",
+                  "model.lora.r=4", "run.init_lr=0.5")
+    message = str(refused.value)
+    assert str(out / "checkpoint_step_1" / "config.yaml") in message
+    for key in ("datasets.synthetic.task", "model.lora.r", "run.init_lr"):
+        assert key in message
+    differing = message.split("differing keys: ")[1].split(". Use another")[0]
+    assert [part.split(":")[0] for part in differing.split("; ")] == [
+        "datasets.synthetic.task", "model.lora.r", "run.init_lr"]
+    assert "model.lora.r: 16 in the run, 4 now" in differing
+    assert (out / "config.yaml").read_text() == saved_config  # the old run's config is untouched
+    assert sorted(step_losses(out)) == [1]
+    # options that do not change the trained weights may differ: the run continues
+    run_train(data, out, *common, "run.max_steps=2", "run.num_workers=0", "run.log_interval=5",
+              "run.eval_batch_size=2", "run.validate=true", "run.val_max_samples=2", "model.gradient_checkpointing=true")
+    assert sorted(step_losses(out)) == [1, 2]
+
+
+def test_truncated_training_state_names_the_file(data, tmp_path):
+    out = tmp_path / "run"
+    run_train(data, out, "run.iters_per_epoch=2", "run.max_steps=1", "run.validate=false")
+    state = out / "checkpoint_step_1" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{state}: truncated or unreadable training state"):
+        run_train(data, out, "run.iters_per_epoch=2", "run.max_steps=2", "run.validate=false", "run.resume=auto")
+
+
+def test_missing_weights_say_where_to_get_them(data, tmp_path):
+    from minigpt4.models.eva_vit import EVA_SOURCE
+    from minigpt4.models.minigpt_v2 import LLAMA_SOURCE
+
+    with pytest.raises(FileNotFoundError) as eva:
+        run_train(data, tmp_path / "run", f"model.vision.weights={tmp_path / 'eva_vit_g.pth'}")
+    assert f"model.vision.weights={tmp_path / 'eva_vit_g.pth'}: file or folder not found; get {EVA_SOURCE}" in str(eva.value)
+    with pytest.raises(FileNotFoundError) as llama:
+        run_train(data, tmp_path / "run", f"model.text.path={tmp_path / 'Llama-2-7b-chat-hf'}")
+    assert LLAMA_SOURCE in str(llama.value) and "huggingface.co/meta-llama" in str(llama.value)
+
+
+def test_output_dir_errors_are_one_line_with_exit_status_2(data, tmp_path, capsys):
+    """train.py's command line: a file in the way of run.output_dir is one ``error:`` line, status 2."""
+    from minigpt4.cli import run_main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    argv = ["--cfg-path", str(QUICKSTART), "--options", f"datasets.synthetic.root={data}",
+            f"run.output_dir={blocker / 'run'}", "run.max_steps=1"]
+    assert run_main(train_entry.main, argv, prog="train.py") == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"train.py: error: {blocker / 'run'}: a path component is a file, not a folder: choose another output path"
+    with pytest.raises(NotADirectoryError):
+        run_main(train_entry.main, [*argv, "--debug"], prog="train.py")
+
+
 def test_feature_cache_gives_the_same_losses_and_encodes_each_image_once(data, tmp_path):
     """run.cache_visual_features: same step losses as encoding every step; a second run reuses the files."""
     common = ("model.vision.trainable=false", "run.iters_per_epoch=2", "run.max_steps=2", "run.validate=false")

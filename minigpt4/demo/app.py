@@ -8,7 +8,9 @@ slice and a table of boxes).
 Every handler turns bad input and model failures into a chat message (:class:`InputError`
 messages verbatim, anything else as "the model failed ..."), so the app never crashes on an
 upload. Scripted endpoints (``gradio_client``) are stateless: ``/ask``, ``/classify``,
-``/scan_volume``; the UI's own events are private (not callable by clients). See docs/DEMO.md.
+``/scan_volume``. The UI's own events are ``api_visibility="private"``: hidden from the API page
+and refused by ``gradio_client``, but reachable over HTTP by their ``fn_index`` as the browser
+calls them, so they check their input like the public endpoints. See docs/DEMO.md.
 """
 
 from __future__ import annotations

@@ -171,8 +171,18 @@ def write_classification_outputs(out: Path, rows: list[dict], metrics: dict, lab
 
 
 def _progress(task: str):
+    """``progress(done, total)`` callback drawing :func:`minigpt4.progress.progress` (tqdm or log lines)."""
+    from minigpt4.progress import progress
+
+    bar = None
+
     def report(done: int, total: int) -> None:
-        print(f"\r{task}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        nonlocal bar
+        if bar is None:
+            bar = progress(total, task, unit="sample")
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
 
     return report
 

@@ -9,7 +9,9 @@ Formats :func:`load_weights` accepts:
   names (``llama_model.base_model.model.model.layers.{i}.self_attn.{q,v}_proj.lora_{A,B}.weight``,
   no ``.default.`` segment), read with ``torch.load(..., weights_only=True)``;
 * a standard PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` +
-  ``llama_proj.safetensors``, as written by ``python -m minigpt4.export``).
+  ``llama_proj.safetensors``, as written by ``python -m minigpt4.export``, or by peft's
+  ``save_pretrained`` with ``llama_proj.safetensors`` added; further adapters in subfolders are
+  stacked frozen).
 
 Every trainable tensor the model expects must be found (else ``ValueError`` naming the missing
 keys); unexpected keys are reported, never silently dropped. ViT tensors (``visual_encoder.*``,
@@ -32,7 +34,6 @@ adapter, which computes the same function without touching the base.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -270,7 +271,19 @@ def read_checkpoint(path: Union[str, os.PathLike], lora_alpha: Optional[float] =
         return CheckpointContents("torch_pickle", path, path, state, float(alpha))
 
     raw, metadata = _read_project(path)
-    alpha = lora_alpha if lora_alpha is not None else float(metadata.get("lora_alpha", MINIGPT_V2_LORA_ALPHA))
+    try:  # metadata is free text in the file header: a bad value names the file and the field
+        alpha = lora_alpha if lora_alpha is not None else float(metadata.get("lora_alpha", MINIGPT_V2_LORA_ALPHA))
+        stack = json.loads(metadata.get("adapter_stack", "[]"))
+        legacy = json.loads(metadata.get("merged_lora", "[]"))  # format /1: deltas merged into the base
+        for key, value in (("adapter_stack", stack), ("merged_lora", legacy)):
+            if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+                raise ValueError(f"{key} is not a list of objects")
+        for entry in stack:
+            if not entry.get("trainable") and ("name" not in entry or "alpha" not in entry):
+                raise ValueError("an adapter_stack entry lacks its name or alpha")
+            float(entry.get("alpha", 0))
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: bad checkpoint metadata ({err}); re-save the checkpoint with this project") from None
     contents = CheckpointContents("project", path, path, {}, float(alpha))
     stacked: dict[str, dict[str, torch.Tensor]] = {}
     merged: dict[int, dict[str, torch.Tensor]] = {}
@@ -281,11 +294,6 @@ def read_checkpoint(path: Union[str, os.PathLike], lora_alpha: Optional[float] =
             merged.setdefault(int(match["index"]), {})[match["name"]] = value
         else:
             contents.state[_normalise(name)] = value
-    try:
-        stack = json.loads(metadata.get("adapter_stack", "[]"))
-        legacy = json.loads(metadata.get("merged_lora", "[]"))  # format /1: deltas merged into the base
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: unreadable adapter metadata ({err})") from None
     entries = [e for e in stack if not e.get("trainable")]
     if set(stacked) != {e["name"] for e in entries}:
         raise ValueError(
@@ -319,7 +327,10 @@ def _read_peft_folder(folder: Path, lora_alpha: Optional[float]) -> CheckpointCo
         state.update(_read_project(folder / VISION_NAME)[0])
     contents = CheckpointContents("peft", folder, folder / PEFT_WEIGHTS_NAME, state, alpha)
     stack_file = folder / STACK_NAME
-    entries = read_json(stack_file) if stack_file.is_file() else []
+    if stack_file.is_file():
+        entries = read_json(stack_file)
+    else:  # peft's own save_pretrained: every further adapter in a subfolder named after it
+        entries = [{"name": d.name} for d in sorted(folder.iterdir()) if (d / PEFT_CONFIG_NAME).is_file()]
     for entry in entries:
         if entry.get("trainable"):
             continue
@@ -338,10 +349,11 @@ def _read_peft_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config = read_json(folder / PEFT_CONFIG_NAME)
     unsupported = {k: config[k] for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if config.get(k)}
     if config.get("peft_type", "LORA") != "LORA" or unsupported or "lora_alpha" not in config:
-        raise ValueError(f"{folder / PEFT_CONFIG_NAME}: only plain LoRA adapters are supported (got {unsupported or config.get('peft_type')})")
+        got = unsupported or config.get("peft_type")
+        raise ValueError(f"{folder / PEFT_CONFIG_NAME}: only plain LoRA adapters are supported (got {got})")
     tensors, _ = _read_project(folder / PEFT_WEIGHTS_NAME)
     ours = {LORA_KEY_PREFIX + k[len(PEFT_KEY_PREFIX):]: v for k, v in tensors.items() if k.startswith(PEFT_KEY_PREFIX)}
-    bad = [k for k in tensors if not (k.startswith(PEFT_KEY_PREFIX) and _LORA_RE.match(LORA_KEY_PREFIX + k[len(PEFT_KEY_PREFIX):]))]
+    bad = [k for k in tensors if not k.startswith(PEFT_KEY_PREFIX)] + [k for k in ours if not _LORA_RE.match(k)]
     if bad:
         raise ValueError(f"{folder / PEFT_WEIGHTS_NAME}: not LoRA factors in peft's naming, e.g. {bad[:3]}")
     return config, ours

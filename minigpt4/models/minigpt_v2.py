@@ -16,11 +16,15 @@ right padding for training, left padding for generation. Trainable tensors are t
 factors of the trainable adapter and ``llama_proj``; everything else stays frozen *and in eval
 mode* even after ``model.train()``.
 
+``model.vision.trainable: true`` (off by default; a deviation for tiny models trained from
+scratch) adds the ViT's weights to the trainable set, kept in fp32.
+
 LoRA adapters form a stack on one never-modified base (peft runs several active adapters): the
 trainable adapter (``default``, ``model.lora``) plus any number of frozen named adapters, e.g.
 MiniGPT-v2's stage-3 q,v LoRA under a q,k configuration (:meth:`MiniGPTPancreas.add_lora_adapter`,
-:meth:`~MiniGPTPancreas.set_active_adapters`, :meth:`~MiniGPTPancreas.adapter_stack`). ``model.vision.trainable: true`` (off by default; a deviation for tiny models
-trained from scratch) adds the ViT's weights to the trainable set, kept in fp32.
+:meth:`~MiniGPTPancreas.set_active_adapters`, :meth:`~MiniGPTPancreas.adapter_stack`,
+:meth:`~MiniGPTPancreas.adapters_disabled`; call these rather than peft's own methods, which
+mark adapters trainable).
 
 Example::
 
@@ -38,7 +42,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -336,7 +340,8 @@ class MiniGPTPancreas(nn.Module):
             raise ValueError(f"{where}: adapter name {name!r} is invalid or already used ({sorted(self._adapters)})")
         lora, rest = split_lora_tensors(tensors)
         if rest or not lora:
-            raise ValueError(f"{where}: expected only LoRA factors in peft-0.2 names, got e.g. {sorted(rest)[:3] or 'nothing'}")
+            got = sorted(rest)[:3] or "nothing"
+            raise ValueError(f"{where}: expected only LoRA factors in peft-0.2 names, got e.g. {got}")
         ranks = set()
         for module_path, pair in sorted(lora.items()):
             if set(pair) != {"A", "B"}:
@@ -347,7 +352,8 @@ class MiniGPTPancreas(nn.Module):
                 raise ValueError(f"{where}: LoRA module {module_path} does not exist in this LLaMA") from None
             base = getattr(layer, "base_layer", layer)
             A, B = pair["A"], pair["B"]
-            if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0] or (B.shape[0], A.shape[1]) != (base.out_features, base.in_features):
+            fits = A.ndim == B.ndim == 2 and B.shape[1] == A.shape[0]
+            if not fits or (B.shape[0], A.shape[1]) != (base.out_features, base.in_features):
                 raise ValueError(
                     f"{where}: LoRA of {module_path} has A {tuple(A.shape)}, B {tuple(B.shape)} which do not "
                     f"fit the weight ({base.out_features}, {base.in_features})"
@@ -395,10 +401,20 @@ class MiniGPTPancreas(nn.Module):
         names = list(names)
         unknown = [n for n in names if n not in self._adapters]
         if unknown or not names:
-            raise ValueError(f"unknown adapters {unknown} (known: {list(self._adapters)})" if unknown else "no adapter named")
+            raise ValueError(f"unknown adapters {unknown} (known: {list(self._adapters)})" if unknown else "no adapters")
         self.llama_model.base_model.set_adapter(names)
         self._refreeze_adapters()
         self.train(self.training)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the bare base inside the block (peft's ``disable_adapter``), re-frozen afterwards:
+        peft leaves every active adapter trainable when the block ends."""
+        try:
+            with self.llama_model.disable_adapter():
+                yield
+        finally:
+            self._refreeze_adapters()
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """``{peft-0.2 name: tensor}`` of adapter ``name`` (detached, same storage)."""

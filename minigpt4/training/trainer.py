@@ -14,7 +14,8 @@ What it does, in order:
    folder named in ``<output_dir>/checkpoint_latest``): trainable weights, optimizer, schedule,
    GradScaler, every RNG and the step counter (which is the whole data position);
 4. trains with gradient accumulation, bf16 autocast on GPU (fp16 + GradScaler on request, fp32
-   on CPU) and DDP under torchrun; logs to a tqdm bar and ``log.jsonl``;
+   on CPU) and DDP under torchrun; logs to a progress display (:mod:`minigpt4.progress`: tqdm on
+   a terminal, a line every 5 % in a log) and ``log.jsonl``;
 5. at the end of every epoch: validation on the ``val`` split through
    ``minigpt4.evaluation.validation_score``, a checkpoint ``checkpoint_epoch_<N>`` (N = 0-based
    epoch index, as the release and the paper's Table 1), ``checkpoint_best`` (best validation
@@ -43,6 +44,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -117,7 +119,20 @@ def check_weight_files(cfg: Config) -> None:
             hint = ""
             if key == "model.init_from" and "checkpoint_best" in str(value):
                 hint = " (a cascade stage starts from the previous stage's checkpoint_best: train that stage first)"
+            elif key != "model.init_from" or "stage3" in Path(value).name:
+                hint = _weights_source(key)
             raise FileNotFoundError(f"{key}={value}: file or folder not found{hint}")
+
+
+def _weights_source(key: str) -> str:
+    """``"; get <where the README says>"`` for a config key naming downloadable weights, else ``""``."""
+    from minigpt4.models.checkpoints import STAGE3_SOURCE
+    from minigpt4.models.eva_vit import EVA_SOURCE
+    from minigpt4.models.minigpt_v2 import LLAMA_SOURCE
+
+    sources = {"model.vision.weights": EVA_SOURCE, "model.text.path": LLAMA_SOURCE,
+               "model.text.tokenizer": f"tokenizer.model from {LLAMA_SOURCE}", "model.init_from": STAGE3_SOURCE}
+    return f"; get {sources[key]} (README, 'Weights')" if key in sources else ""
 
 
 def load_split_records(cfg: Config, split: str) -> list[tuple[str, str, float, list[dict]]]:
@@ -161,6 +176,98 @@ def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
     if not (folder / TRAINING_STATE).is_file():
         raise FileNotFoundError(f"run.resume={resume}: {folder / TRAINING_STATE} not found (not a training checkpoint)")
     return folder
+
+
+RESUME_COMPARED_RUN_KEYS = (
+    "seed", "max_epoch", "iters_per_epoch", "batch_size", "grad_accum_steps", "init_lr", "min_lr",
+    "warmup_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "amp",
+)
+"""``run`` keys that change the trained weights (data order, optimisation, schedule: max_epoch
+sets the cosine length). The other run keys may differ on resume: where and when to stop
+(max_steps, resume), where and how to log or validate (output_dir, log_interval, validate,
+val_max_samples, eval_*), and speed/memory options (device, num_workers, cache_images, ...)."""
+RESUME_IGNORED_MODEL_KEYS = ("model.ckpt", "model.gradient_checkpointing")
+"""``model`` keys that do not change training: the weights to *evaluate*, and recomputation
+for memory (the same numbers). Every other model and datasets key must match."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): tree}
+
+
+def resume_config_differences(cfg: Config, saved: dict) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved value, this config's value)}`` for the result-changing keys that differ.
+
+    Compared: every ``model`` key except :data:`RESUME_IGNORED_MODEL_KEYS`, every ``datasets``
+    key (a dataset added or removed counts), and :data:`RESUME_COMPARED_RUN_KEYS`. A model or run
+    key missing from the saved file (written by an older version) is not compared.
+    """
+    from omegaconf import OmegaConf
+
+    now = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(now, dict)
+    before, current = _flatten(saved), _flatten(now)
+    keys = {k for k in current if k.startswith("model.")} | {f"run.{k}" for k in RESUME_COMPARED_RUN_KEYS}
+    keys = {k for k in keys if k in before} - set(RESUME_IGNORED_MODEL_KEYS)
+    keys |= {k for k in set(before) | set(current) if k.startswith("datasets")}
+    missing = object()
+    return {k: (before.get(k, "(absent)"), current.get(k, "(absent)")) for k in sorted(keys)
+            if before.get(k, missing) != current.get(k, missing)}
+
+
+def check_resume_config(cfg: Config, checkpoint: Path) -> None:
+    """Refuse to resume ``checkpoint`` with a config that would train something else.
+
+    The checkpoint's ``config.yaml`` (the resolved config of the run that wrote it) is compared
+    with ``cfg`` by :func:`resume_config_differences`.
+
+    Raises:
+        ValueError: naming the saved config file and every differing key, with both values.
+    """
+    from omegaconf import OmegaConf
+
+    saved_path = checkpoint / "config.yaml"
+    if not saved_path.is_file():  # a checkpoint of an older version: nothing to compare
+        return
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(saved_path))
+    except Exception as err:  # omegaconf/yaml raise many types
+        raise ValueError(f"{saved_path}: unreadable config of the run to resume ({err})") from None
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise ValueError(f"{saved_path}: not a training config (no 'model' section)")
+    diff = resume_config_differences(cfg, saved)
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in list(diff.items())[:10])
+        more = f" (and {len(diff) - 10} more)" if len(diff) > 10 else ""
+        raise ValueError(
+            f"run.resume={cfg.run.resume}: {checkpoint} belongs to a run of another config ({saved_path}); "
+            f"differing keys: {shown}{more}. Use another run.output_dir for the new run, set these keys "
+            f"back to continue the old one, or run.resume=null to start over in this folder"
+        )
+
+
+def load_training_state(path: Path) -> dict:
+    """``torch.load`` of a ``training_state.pt`` (weights only), with an error naming the file.
+
+    Raises:
+        ValueError: truncated, corrupt or not a training state (the message says what to do).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"{path}: truncated or unreadable training state ({first}); resume from another checkpoint "
+            f"(run.resume=<folder>) or delete {path.parent} and its name in {LATEST_POINTER}"
+        ) from None
+    if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
+        raise ValueError(f"{path}: not a training state of this project (no step/optimizer entries)")
+    return state
 
 
 # --------------------------------------------------------------------------- optimisation pieces
@@ -312,6 +419,8 @@ def train(cfg: Config) -> TrainResult:
         train_sets = load_split_records(cfg, "train")
         val_sets = load_split_records(cfg, "val") if run.validate else []
         resume_from = resolve_resume(run.resume, output_dir)
+        if resume_from is not None:
+            check_resume_config(cfg, resume_from)
         amp_dtype = _amp_dtype(run.amp, device)
 
         if main:
@@ -356,7 +465,7 @@ def train(cfg: Config) -> TrainResult:
         step, best_score, best_epoch = 0, None, None
         seed_everything(run.seed + dist_info.rank)  # dropout differs per rank, as in LAVIS
         if resume_from is not None:
-            state = torch.load(resume_from / TRAINING_STATE, map_location="cpu", weights_only=True)
+            state = load_training_state(resume_from / TRAINING_STATE)
             if state.get("steps_per_epoch") != spe:
                 raise ValueError(
                     f"cannot resume from {resume_from}: it has {state.get('steps_per_epoch')} steps per epoch, "
@@ -473,8 +582,8 @@ def train(cfg: Config) -> TrainResult:
                 epoch_losses.append(loss_value)
                 result.losses.append((step, loss_value))
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}")
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}", refresh=False)
+                    bar.update(1)  # after the postfix: a log line shows this step's loss
                 if main and (step % run.log_interval == 0 or step == last):
                     _append_jsonl(output_dir / "log.jsonl", {
                         "kind": "step", "epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
@@ -529,6 +638,6 @@ def _visual_inputs(batch: dict, device: torch.device) -> tuple:
 def _progress(total: int, epoch: int, main: bool):
     if not main:
         return None
-    from tqdm import tqdm
+    from minigpt4.progress import progress  # a tqdm bar on a terminal, a few lines in a log
 
-    return tqdm(total=total, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=False)
+    return progress(total, f"epoch {epoch}", unit="step", leave=False)
