@@ -25,4 +25,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from minigpt4.cli import run_main
+
+    sys.exit(run_main(main, prog="eval_cascade.py"))

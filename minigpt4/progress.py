@@ -82,3 +82,18 @@ def progress(total: int, desc: str, unit: str = "it", file: Optional[TextIO] = N
 
         return tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, leave=leave)
     return LineProgress(total, desc, file=stream)
+
+
+def progress_callback(desc: str, unit: str = "it"):
+    """A ``report(done, total)`` callback drawing :func:`progress` (for loops that count themselves)."""
+    bar = None
+
+    def report(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress(total, desc, unit=unit)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return report

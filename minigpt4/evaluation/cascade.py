@@ -497,10 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _progress(label: str):
-    def report(done: int, total: int) -> None:
-        print(f"\r{label}: volume {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+    from minigpt4.progress import progress_callback
 
-    return report
+    return progress_callback(label, unit="volume")
 
 
 def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[dict] = None) -> dict:

@@ -171,20 +171,9 @@ def write_classification_outputs(out: Path, rows: list[dict], metrics: dict, lab
 
 
 def _progress(task: str):
-    """``progress(done, total)`` callback drawing :func:`minigpt4.progress.progress` (tqdm or log lines)."""
-    from minigpt4.progress import progress
+    from minigpt4.progress import progress_callback
 
-    bar = None
-
-    def report(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = progress(total, task, unit="sample")
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return report
+    return progress_callback(task, unit="sample")
 
 
 def _build_model(cfg: Config):
