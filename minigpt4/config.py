@@ -257,7 +257,8 @@ class RunConfig:
     output on disk and reuse it every epoch (``minigpt4/data/feature_cache.py``): saves the ViT
     forward (≈ 20 % of a full-size step) after the first pass. The loss is unchanged. Needs a
     frozen tower (``model.vision.trainable: false``). Disk: (1 + N) × width values per image in
-    the frozen dtype: 1025 × 1408 × 2 bytes ≈ 2.75 MiB per 448-px image in bf16."""
+    the autocast dtype (fp32 without autocast): 1025 × 1408 × 2 bytes ≈ 2.75 MiB per 448-px image
+    in bf16."""
     feature_cache_dir: Optional[str] = None
     """Where ``cache_visual_features`` keeps its files; None = ``<output_dir>/feature_cache``.
     Entries are keyed by image content + ViT weights + image size, so one folder can be shared
