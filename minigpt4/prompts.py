@@ -131,14 +131,24 @@ def build_prompt_tokens(
     )
 
 
-def pad_prompt_batch(samples: Sequence[PromptTokens], pad_id: int, padding_side: str) -> dict[str, torch.Tensor]:
+def pad_prompt_batch(
+    samples: Sequence[PromptTokens], pad_id: int, padding_side: str, pad_to_multiple_of: Optional[int] = None
+) -> dict[str, torch.Tensor]:
     """Stack samples into a batch: right padding for training, left padding for generation.
+
+    ``pad_to_multiple_of`` rounds the length L up (``run.compile``: a compiled layer sees few
+    distinct shapes, so it recompiles a bounded number of times). Padding is masked and carries
+    no labels, so it does not change the loss.
 
     Returns ``input_ids`` (B, L), ``attention_mask`` (B, L), ``image_mask`` (B, L), ``labels`` (B, L).
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if pad_to_multiple_of is not None and pad_to_multiple_of <= 0:
+        raise ValueError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
     length = max(len(s.input_ids) for s in samples)
+    if pad_to_multiple_of is not None:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
     batch = {
         "input_ids": torch.full((len(samples), length), pad_id, dtype=torch.long),
         "attention_mask": torch.zeros((len(samples), length), dtype=torch.long),

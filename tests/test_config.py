@@ -75,3 +75,15 @@ def test_every_shipped_config_loads():
         pytest.skip("no configs shipped yet")
     for path in paths:
         load_config(path)
+
+
+def test_training_speed_keys_default_off_and_feature_cache_needs_a_frozen_tower():
+    cfg = load_config()
+    assert (cfg.run.cache_visual_features, cfg.run.feature_cache_dir, cfg.run.compile) == (False, None, False)
+    assert cfg.run.compile_pad_to_multiple_of == 64
+    with pytest.raises(ConfigError, match="compile_pad_to_multiple_of must be positive"):
+        load_config(None, ["run.compile_pad_to_multiple_of=0"])
+    cfg = load_config(None, ["run.cache_visual_features=true", "run.compile=true", "run.feature_cache_dir=/tmp/f"])
+    assert (cfg.run.cache_visual_features, cfg.run.feature_cache_dir, cfg.run.compile) == (True, "/tmp/f", True)
+    with pytest.raises(ConfigError, match="cache_visual_features=true needs a frozen vision tower"):
+        load_config(None, ["run.cache_visual_features=true", "model.vision.trainable=true"])

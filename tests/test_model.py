@@ -151,9 +151,12 @@ def test_loss_is_mean_cross_entropy_over_answer_tokens(model):
     for row, answer in enumerate(ANSWERS):
         supervised = labels[row][labels[row] != IGNORE_INDEX].tolist()
         assert supervised == tok.encode(answer) + [tok.eos_id]
-    shifted_logits, shifted_labels = out.logits[:, :-1].float(), labels[:, 1:]
-    manual = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1))
-    assert torch.allclose(out.loss, manual, atol=1e-5)
+    # logits only at the positions predicting an answer token, in row-major order
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+    assert torch.equal(out.targets, targets)
+    assert out.logits.shape == (len(targets), model.llama.config.vocab_size)
+    manual = F.cross_entropy(out.logits.float(), targets)
+    assert torch.allclose(out.loss, manual, atol=1e-6)
     # changing only the answer changes the loss; the prompt alone carries none
     with torch.no_grad():
         other = model(images, INSTRUCTIONS, ["{<0><0><0><0>}", "no"])
@@ -225,8 +228,8 @@ def test_yes_probability_matches_first_answer_token_logits(model):
     for i in range(2):
         with torch.no_grad():
             out = model(images[i : i + 1], questions[i : i + 1], ["yes"])
-        first = (out.labels[0] != IGNORE_INDEX).nonzero()[0, 0]  # logits at first-1 predict it
-        pair = out.logits[0, first - 1, [yes, no]].softmax(-1)
+        assert out.targets[0] == yes  # logits[0] predict the first answer token
+        pair = out.logits[0, [yes, no]].softmax(-1)
         assert torch.allclose(p[i], pair[0], atol=1e-5)
 
 
@@ -301,3 +304,76 @@ def test_llama_loads_from_a_local_hf_folder_with_its_tokenizer(tmp_path):
         peft_name = name.replace(".q_proj.weight", ".q_proj.base_layer.weight").replace(".k_proj.weight", ".k_proj.base_layer.weight")
         assert torch.equal(model.llama.state_dict()[peft_name], weight), name
     assert model.llama.model.embed_tokens.weight.dtype == torch.float32
+
+
+def _full_logits_loss(model, images, instructions, answers, pad_to_multiple_of=None):
+    """The previous computation: HF's shifted loss over full (B, L, vocab) logits."""
+    batch = model.tokenize(instructions, answers, "right", pad_to_multiple_of=pad_to_multiple_of)
+    embeds = model.embed_inputs(batch["input_ids"], batch["image_mask"], model.encode_images(images))
+    return model.llama_model(
+        inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
+    ).loss
+
+
+def _loss_and_trainable_grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _nonzero_lora_b(model):
+    with torch.no_grad():  # non-zero B so that the LoRA A gradients are non-trivial
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.linspace(-0.1, 0.1, p.numel()).reshape(p.shape))
+
+
+def test_answer_position_loss_equals_full_logits_loss_with_gradients():
+    model = build_tiny_model(**{"lora.dropout": 0.0})
+    _nonzero_lora_b(model)
+    model.train()
+    images = tiny_images(3, seed=2)
+    instructions = [INSTRUCTIONS[0], INSTRUCTIONS[1], "[refer] Where can I locate the liver?"]
+    answers = ["{<12><34><56><78>}", "yes", "{<3><40><9><77>}"]  # different lengths: right padding
+    new_loss, new_grads = _loss_and_trainable_grads(model, lambda: model(images, instructions, answers).loss)
+    old_loss, old_grads = _loss_and_trainable_grads(model, lambda: _full_logits_loss(model, images, instructions, answers))
+    assert torch.allclose(new_loss, old_loss, rtol=1e-6, atol=1e-6)
+    assert set(new_grads) == set(old_grads) and any("llama_proj" in n for n in new_grads)
+    assert sum("lora_A" in n for n in new_grads) == sum("lora_B" in n for n in new_grads) == 4  # 2 layers × q, k
+    for name, grad in new_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(grad, old_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_padding_to_a_multiple_of_64_does_not_change_the_loss():
+    model = build_tiny_model(**{"lora.dropout": 0.0})
+    images = tiny_images()
+    with torch.no_grad():
+        plain = model(images, INSTRUCTIONS, ANSWERS)
+        model.pad_to_multiple_of = 64
+        try:
+            padded = model(images, INSTRUCTIONS, ANSWERS)
+        finally:
+            model.pad_to_multiple_of = None
+    assert plain.labels.shape[1] % 64 and padded.labels.shape[1] % 64 == 0
+    assert torch.equal(padded.targets, plain.targets)
+    assert torch.allclose(padded.loss, plain.loss, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(padded.logits, plain.logits, atol=1e-5)
+
+
+def test_cached_tower_tokens_give_the_same_loss_as_images(model):
+    images = tiny_images()
+    with torch.no_grad():
+        tower = model.encode_tower(images)
+        assert tower.shape == (2, 1 + 64, 64)
+        assert torch.equal(model.project_visual(tower), model.encode_images(images))
+        from_images = model(images, INSTRUCTIONS, ANSWERS).loss
+        from_tower = model(None, INSTRUCTIONS, ANSWERS, tower_tokens=tower).loss
+    assert torch.equal(from_images, from_tower)
+    with pytest.raises(ValueError, match="either images or tower_tokens"):
+        model(images, INSTRUCTIONS, ANSWERS, tower_tokens=tower)
+    with pytest.raises(ValueError, match=r"tower tokens must be \(B, 65, 64\)"):
+        model(None, INSTRUCTIONS, ANSWERS, tower_tokens=tower[:, 1:])

@@ -83,3 +83,21 @@ def test_padding_sides():
     assert left["image_mask"].sum() == right["image_mask"].sum() == 2
     with pytest.raises(ValueError, match="padding_side"):
         pad_prompt_batch([short], 0, "middle")
+
+
+def test_pad_to_multiple_of_rounds_the_length_up_with_masked_unlabelled_padding():
+    tok = WordTokenizer()
+    short = build_prompt_tokens(tok, "a", num_image_tokens=1, answer="x")
+    long = build_prompt_tokens(tok, "a b c", num_image_tokens=1, answer="x")
+    m = len(long.input_ids)
+    plain = pad_prompt_batch([short, long], tok.pad_id, "right")
+    padded = pad_prompt_batch([short, long], tok.pad_id, "right", pad_to_multiple_of=8)
+    assert m % 8 and padded["input_ids"].shape == (2, -(-m // 8) * 8)
+    for key in plain:  # the first m columns are the plain batch; the rest is masked padding
+        assert torch.equal(padded[key][:, :m], plain[key])
+    assert (padded["attention_mask"][:, m:] == 0).all() and (padded["labels"][:, m:] == IGNORE_INDEX).all()
+    assert not padded["image_mask"][:, m:].any() and (padded["input_ids"][:, m:] == tok.pad_id).all()
+    exact = pad_prompt_batch([long], tok.pad_id, "right", pad_to_multiple_of=m)
+    assert exact["input_ids"].shape == (1, m)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be positive"):
+        pad_prompt_batch([short], tok.pad_id, "right", pad_to_multiple_of=0)

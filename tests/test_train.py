@@ -265,3 +265,26 @@ def test_output_dir_errors_are_one_line_with_exit_status_2(data, tmp_path, capsy
     assert err.strip() == f"train.py: error: {blocker / 'run'}: a path component is a file, not a folder: choose another output path"
     with pytest.raises(NotADirectoryError):
         run_main(train_entry.main, [*argv, "--debug"], prog="train.py")
+
+
+def test_feature_cache_gives_the_same_losses_and_encodes_each_image_once(data, tmp_path):
+    """run.cache_visual_features: same step losses as encoding every step; a second run reuses the files."""
+    common = ("model.vision.trainable=false", "run.iters_per_epoch=2", "run.max_steps=2", "run.validate=false")
+    cache = tmp_path / "features"
+    run_train(data, tmp_path / "live", *common)
+    run_train(data, tmp_path / "cached", *common, "run.cache_visual_features=true", f"run.feature_cache_dir={cache}")
+    live, cached = step_losses(tmp_path / "live"), step_losses(tmp_path / "cached")
+    assert sorted(live) == sorted(cached) == [1, 2]
+    for step in live:  # the tower ran in other batches when cached: equal up to fp32 rounding
+        assert cached[step] == pytest.approx(live[step], rel=1e-5)
+    start = json.loads((tmp_path / "cached" / "log.jsonl").read_text().splitlines()[0])
+    folder = Path(start["feature_cache"])
+    assert folder.parent == cache and folder.name.endswith("_112px_float32")
+    files = sorted(folder.glob("*/*.safetensors"))
+    records = json.loads((data / "annotations" / "MSD_train.json").read_text())
+    assert len(files) == len({r["image"] for r in records}) > 0  # every distinct training image, once
+    assert load_file(files[0])["tower"].shape == (1 + 64, 64)
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    run_train(data, tmp_path / "again", *common, "run.cache_visual_features=true", f"run.feature_cache_dir={cache}")
+    assert {f: f.stat().st_mtime_ns for f in sorted(folder.glob("*/*.safetensors"))} == stamps  # nothing re-encoded
+    assert step_losses(tmp_path / "again") == cached

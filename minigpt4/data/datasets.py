@@ -109,6 +109,9 @@ class TaskDataset(Dataset):
         self.epoch = 0
         self.eval_instruction = eval_instruction
         self._cache: Optional[dict[int, torch.Tensor]] = {} if cache else None
+        # run.cache_visual_features: index → cached (1+N, C) tower tokens (feature_cache.CachedTowerTokens);
+        # when set, samples carry "tower_tokens" instead of "image"
+        self.tower_features: Optional[Sequence[torch.Tensor]] = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -159,8 +162,12 @@ class TaskDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} records")
         index %= len(self)
+        if self.tower_features is not None:
+            visual = {"tower_tokens": self.tower_features[index]}
+        else:
+            visual = {"image": self.load_image(index)}
         return {
-            "image": self.load_image(index),
+            **visual,
             "instruction": self.instruction(index, draw),
             "answer": self.answer(index),
             "record": self.records[index],
@@ -187,11 +194,13 @@ class MixedDataset(Dataset):
 
 def collate_samples(samples: Sequence[dict]) -> dict:
     """Stack samples: ``{"images": Tensor(B, 3, S, S), "instructions": [str] * B,
-    "answers": [str] * B, "records": [dict] * B}``."""
+    "answers": [str] * B, "records": [dict] * B}``; samples from the feature cache give
+    ``"tower_tokens": Tensor(B, 1 + N, C)`` instead of ``"images"``."""
     if not samples:
         raise ValueError("collate_samples: empty batch")
+    visual = "tower_tokens" if "tower_tokens" in samples[0] else "image"
     return {
-        "images": torch.stack([s["image"] for s in samples]),
+        "tower_tokens" if visual == "tower_tokens" else "images": torch.stack([s[visual] for s in samples]),
         "instructions": [s["instruction"] for s in samples],
         "answers": [s["answer"] for s in samples],
         "records": [s["record"] for s in samples],

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
@@ -54,7 +55,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from minigpt4.config import DecodingConfig, ModelConfig, TextConfig
 from minigpt4.data.transforms import ImageTransform
 from minigpt4.models.eva_vit import EvaViT, cast_vision_weights, load_eva_weights
-from minigpt4.prompts import build_prompt_tokens, pad_prompt_batch
+from minigpt4.prompts import IGNORE_INDEX, build_prompt_tokens, pad_prompt_batch
 from minigpt4.tokenizer import Tokenizer, load_tokenizer
 from minigpt4.utils import resolve_device, resolve_dtype
 
@@ -66,11 +67,17 @@ _PEFT_ADAPTER = "default"
 
 @dataclass
 class MiniGPTOutput:
-    """What :meth:`MiniGPTPancreas.forward` returns."""
+    """What :meth:`MiniGPTPancreas.forward` returns.
+
+    Logits exist only at the T positions whose next token is supervised (the answer tokens and
+    their ``</s>``, ≈ 40 of ≈ 322 per full-size sample), in row-major order: ``logits[k]``
+    predicts ``targets[k]``, the k-th non-ignored entry of ``labels[:, 1:]``.
+    """
 
     loss: Optional[torch.Tensor]  # scalar mean cross-entropy over answer tokens (+ </s>)
-    logits: torch.Tensor  # (B, L, vocab)
+    logits: Optional[torch.Tensor]  # (T, vocab) at the answer positions only
     labels: torch.Tensor  # (B, L), IGNORE_INDEX outside the answers
+    targets: Optional[torch.Tensor] = None  # (T,) the answer token ids the logits predict
 
 
 def merge_visual_tokens(tokens: torch.Tensor, merge: int) -> torch.Tensor:
@@ -144,6 +151,9 @@ class MiniGPTPancreas(nn.Module):
         self.image_transform = ImageTransform(cfg.vision.image_size)
         self.num_visual_tokens = cfg.num_visual_tokens
         self.gradient_checkpointing = False
+        self.compiled = False  # compile_regions() was called
+        # set by compile_regions(): training prompts are padded to a multiple of this length
+        self.pad_to_multiple_of: Optional[int] = None
         # name → what adapter_stack() reports; insertion order is the stack order
         self._adapters: dict[str, dict] = {}
         self._trainable_adapter = _PEFT_ADAPTER
@@ -230,6 +240,34 @@ class MiniGPTPancreas(nn.Module):
             llama.gradient_checkpointing_disable()
         self.gradient_checkpointing = enable
         self.train(self.training)
+
+    def compile_regions(self, pad_to_multiple_of: int = 64, backend: str = "inductor") -> None:
+        """``run.compile``: ``torch.compile`` each LLaMA decoder layer and each EVA block on its own.
+
+        Regional compilation: identical blocks share one compiled graph (compile time of one
+        block, not of the whole model), and most of the step's memory-bound elementwise work
+        (RMSNorm, rotary, SiLU·mul, LoRA scaling, residuals) is fused. Compiled in place
+        (``nn.Module.compile``), so parameter names and checkpoints are unchanged. Training prompts
+        are padded to a multiple of ``pad_to_multiple_of`` so that few shapes (and recompiles)
+        occur. The trainer validates under :meth:`eager_layers`. ``backend``: a
+        ``torch.compile`` backend (``aot_eager`` in tests: graph capture without code generation).
+        """
+        for block in self.visual_encoder.blocks:
+            block.compile(backend=backend)
+        for layer in self.llama.model.layers:
+            layer.compile(backend=backend)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.compiled = True
+
+    def eager_layers(self):
+        """Context in which compiled layers run eagerly (``torch.compiler.set_stance``, torch ≥ 2.6).
+
+        For generation during training: decoding shapes (one new token, a growing KV cache,
+        per-layer cache indices) would recompile every layer many times for a short validation pass.
+        """
+        if self.compiled and hasattr(torch.compiler, "set_stance"):
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """``{stable name: parameter}`` of everything trained (see :meth:`trainable_state_dict`)."""
@@ -400,8 +438,17 @@ class MiniGPTPancreas(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) → projected visual tokens (B, N/merge, hidden) in the LLaMA dtype.
 
-        A frozen tower runs without autograd (only ``llama_proj`` is differentiated); a trainable
-        one (``model.vision.trainable``) is differentiated too.
+        ``project_visual(encode_tower(images))``; the frozen-feature cache
+        (``run.cache_visual_features``) stores what ``encode_tower`` returns and calls
+        ``project_visual`` itself.
+        """
+        return self.project_visual(self.encode_tower(images))
+
+    def encode_tower(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) → ViT + ``ln_vision`` tokens (B, 1 + N, C), CLS first.
+
+        A frozen tower runs without autograd; a trainable one (``model.vision.trainable``) is
+        differentiated when grad is enabled.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, S, S), got {tuple(images.shape)}")
@@ -411,8 +458,14 @@ class MiniGPTPancreas(nn.Module):
         trained = self.cfg.vision.trainable and torch.is_grad_enabled()
         with torch.set_grad_enabled(trained):
             tower = self.visual_encoder(images.to(self.device, torch.float32))  # (B, 1+N, C) fp32
-            tokens = self.ln_vision(tower.float())  # fp32 like BLIP-2's LayerNorm subclass
-        tokens = merge_visual_tokens(tokens[:, 1:], self.cfg.merge_tokens)  # drop CLS
+            return self.ln_vision(tower.float())  # fp32 like BLIP-2's LayerNorm subclass
+
+    def project_visual(self, tower_tokens: torch.Tensor) -> torch.Tensor:
+        """Tower tokens (B, 1 + N, C) → drop CLS, merge, ``llama_proj`` → (B, N/merge, hidden) in the LLaMA dtype."""
+        expected = (1 + self.cfg.vision.num_patches, self.cfg.vision.width)
+        if tower_tokens.ndim != 3 or tuple(tower_tokens.shape[1:]) != expected:
+            raise ValueError(f"tower tokens must be (B, {expected[0]}, {expected[1]}), got {tuple(tower_tokens.shape)}")
+        tokens = merge_visual_tokens(tower_tokens[:, 1:].to(self.device), self.cfg.merge_tokens)  # drop CLS
         projected = self.llama_proj(tokens.to(self.llama_proj.weight.dtype))
         return projected.to(self.llama.get_input_embeddings().weight.dtype)
 
@@ -444,8 +497,11 @@ class MiniGPTPancreas(nn.Module):
         instructions: Sequence[str],
         answers: Optional[Sequence[str]] = None,
         padding_side: str = "right",
+        pad_to_multiple_of: Optional[int] = None,
+        to_device: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Prompts (and answers) → padded batch on the model device (see ``pad_prompt_batch``)."""
+        """Prompts (and answers) → padded batch on the model device (see ``pad_prompt_batch``);
+        ``to_device=False`` leaves it on the CPU."""
         if self.tokenizer is None:
             raise RuntimeError("this model was built without a tokenizer (meta device)")
         if answers is not None and len(answers) != len(instructions):
@@ -460,32 +516,61 @@ class MiniGPTPancreas(nn.Module):
             )
             for i, instruction in enumerate(instructions)
         ]
-        batch = pad_prompt_batch(samples, self.tokenizer.pad_id, padding_side)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        batch = pad_prompt_batch(samples, self.tokenizer.pad_id, padding_side, pad_to_multiple_of=pad_to_multiple_of)
+        return {k: v.to(self.device) for k, v in batch.items()} if to_device else batch
 
-    def _prepare(self, images: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if images.shape[0] != batch["input_ids"].shape[0]:
-            raise ValueError(f"{images.shape[0]} images for {batch['input_ids'].shape[0]} prompts")
-        return self.embed_inputs(batch["input_ids"], batch["image_mask"], self.encode_images(images))
+    def _prepare(
+        self, images: Optional[torch.Tensor], batch: dict[str, torch.Tensor], tower_tokens: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        if (images is None) == (tower_tokens is None):
+            raise ValueError("pass either images or tower_tokens (cached ViT features), not both or neither")
+        source = images if images is not None else tower_tokens
+        if source.shape[0] != batch["input_ids"].shape[0]:
+            raise ValueError(f"{source.shape[0]} images for {batch['input_ids'].shape[0]} prompts")
+        visual = self.encode_images(images) if images is not None else self.project_visual(tower_tokens)
+        return self.embed_inputs(batch["input_ids"], batch["image_mask"], visual)
 
     # ------------------------------------------------------------------ training
-    def forward(self, images: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]) -> MiniGPTOutput:
+    def forward(
+        self,
+        images: Optional[torch.Tensor],
+        instructions: Sequence[str],
+        answers: Sequence[str],
+        tower_tokens: Optional[torch.Tensor] = None,
+    ) -> MiniGPTOutput:
         """Teacher-forced forward pass; loss on the answer tokens and their ``</s>`` only.
 
+        The decoder runs to its last hidden states (B, L, hidden); ``lm_head`` and the
+        cross-entropy are applied only at the T positions whose next token is supervised, so
+        the full (B, L, vocab) logits never exist (at full size: ≈ 40 of ≈ 322 positions, and
+        no 2.6 GB fp32 logits tensor held through backward at batch 16). The loss equals HF's
+        shifted mean cross-entropy over all answer tokens of the batch.
+
         Args:
-            images: (B, 3, S, S) normalised images (``model.image_transform``).
+            images: (B, 3, S, S) normalised images (``model.image_transform``), or None with
+                ``tower_tokens``.
             instructions: B instructions, e.g. ``'[refer] Where is the pancreas?'``.
             answers: B answers, e.g. ``'{<12><34><56><78>}'`` or ``'yes'``.
+            tower_tokens: (B, 1 + N, C) cached ``encode_tower`` output instead of ``images``.
         """
-        batch = self.tokenize(instructions, answers, padding_side="right")
-        embeds = self._prepare(images, batch)
-        out = self.llama_model(
-            inputs_embeds=embeds,
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            use_cache=False,
+        cpu_batch = self.tokenize(
+            instructions, answers, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of, to_device=False
         )
-        return MiniGPTOutput(loss=out.loss, logits=out.logits, labels=batch["labels"])
+        # answer positions found on the CPU: no device sync in the middle of the step
+        labels = cpu_batch["labels"]  # (B, L)
+        length = labels.shape[1]
+        rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # position t predicts token t+1
+        flat_positions = (rows * length + cols).to(self.device, non_blocking=True)  # (T,) into (B·L)
+        targets = labels[rows, cols + 1].to(self.device, non_blocking=True)  # (T,)
+        batch = {k: v.to(self.device) for k, v in cpu_batch.items()}
+        embeds = self._prepare(images, batch, tower_tokens)
+        hidden = self.llama.model(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state  # (B, L, hidden), after the final norm
+        answer_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions)  # (T, hidden)
+        logits = self.llama.lm_head(answer_hidden)  # (T, vocab)
+        loss = F.cross_entropy(logits.float(), targets)  # fp32 like HF's ForCausalLMLoss
+        return MiniGPTOutput(loss=loss, logits=logits, labels=batch["labels"], targets=targets)
 
     # ------------------------------------------------------------------ inference
     @staticmethod

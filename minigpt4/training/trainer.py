@@ -7,7 +7,9 @@ What it does, in order:
    the checkpoint to resume — so bad input fails in seconds, not after loading 7 B parameters;
 2. builds the model (``build_model``: EVA, LLaMA, ``init_from``), the datasets and the mixing plan
    (:mod:`minigpt4.training.sampler`), AdamW (weight decay on ≥2-D tensors only) and the per-step
-   warm-up + cosine schedule (:mod:`minigpt4.training.schedule`);
+   warm-up + cosine schedule (:mod:`minigpt4.training.schedule`); with ``run.cache_visual_features``
+   encodes every training image once with the frozen tower (:mod:`minigpt4.data.feature_cache`),
+   with ``run.compile`` compiles each decoder layer / EVA block (``model.compile_regions``);
 3. restores a run exactly when resuming (``run.resume``: a checkpoint folder or ``auto`` = the
    folder named in ``<output_dir>/checkpoint_latest``): trainable weights, optimizer, schedule,
    GradScaler, every RNG and the step counter (which is the whole data position);
@@ -33,6 +35,7 @@ Output folder (``run.output_dir``; only rank 0 writes; every file is written ato
     checkpoint_step_<S>/             same, for a run stopped mid-epoch by run.max_steps
     checkpoint_best/                 copy of the best epoch checkpoint
     checkpoint_latest                text file: the name of the newest checkpoint folder
+    feature_cache/                   run.cache_visual_features without run.feature_cache_dir
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from minigpt4.config import ORGANS, Config, ConfigError, save_config
+from minigpt4.config import ORGANS, Config, ConfigError, check_feature_cache, save_config
 from minigpt4.data.datasets import MixedDataset, TaskDataset, check_records, collate_samples
 from minigpt4.io import read_jsonl, write_jsonl_atomic, write_text_atomic
 from minigpt4.training import distributed as D
@@ -281,8 +284,11 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
         raise ValueError("the model has no trainable parameters")
     run = cfg.run
     groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one kernel for the whole update on CUDA; CPU keeps the default (foreach) implementation
+    on_cuda = all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=run.init_lr, betas=(run.beta1, run.beta2), weight_decay=run.weight_decay
+        [g for g in groups if g["params"]], lr=run.init_lr, betas=(run.beta1, run.beta2), weight_decay=run.weight_decay,
+        fused=True if on_cuda else None,
     )
 
 
@@ -358,6 +364,28 @@ def _copy_as_best(folder: Path, output_dir: Path) -> None:
     _replace_folder(tmp, output_dir / BEST_FOLDER)
 
 
+def attach_feature_cache(model, datasets: list, cfg: Config, amp_dtype: Optional[torch.dtype], rank: int = 0,
+                         world_size: int = 1) -> Path:
+    """``run.cache_visual_features``: encode every training image once, make the datasets deliver its tower tokens.
+
+    Images already in the cache folder (``run.feature_cache_dir``, default
+    ``<output_dir>/feature_cache``) are not encoded again: a resumed run or a later stage with the
+    same frozen EVA reuses them. Returns the folder of this tower's entries.
+    """
+    from minigpt4.data.feature_cache import VisualFeatureCache
+
+    check_feature_cache(cfg)
+    root = Path(cfg.run.feature_cache_dir) if cfg.run.feature_cache_dir else Path(cfg.run.output_dir) / "feature_cache"
+    cache = VisualFeatureCache(root, model, autocast_dtype=amp_dtype)
+    for dataset in datasets:
+        paths = [record["image"] for record in dataset.records]
+        dataset.tower_features = cache.fill(
+            paths, cfg.run.eval_batch_size, rank=rank, world_size=world_size, num_workers=cfg.run.num_workers
+        )
+    D.barrier()  # every rank's entries are written before any rank reads them
+    return cache.folder
+
+
 def _validate(model: torch.nn.Module, val_sets: list, cfg: Config) -> tuple[float, dict]:
     """Score on every dataset's ``val`` records; tasks are averaged weighted by record count."""
     from minigpt4.evaluation import validation_score
@@ -367,7 +395,8 @@ def _validate(model: torch.nn.Module, val_sets: list, cfg: Config) -> tuple[floa
         by_task.setdefault(task, []).extend(records)
     results, total, weighted = {}, 0, 0.0
     for task, records in by_task.items():
-        score, metrics = validation_score(model, records, task, cfg.run.eval_batch_size, max_samples=cfg.run.val_max_samples)
+        with model.eager_layers():  # run.compile: no recompiles for decoding shapes
+            score, metrics = validation_score(model, records, task, cfg.run.eval_batch_size, max_samples=cfg.run.val_max_samples)
         n = len(records) if cfg.run.val_max_samples is None else min(len(records), cfg.run.val_max_samples)
         results[task] = {"score": float(score), "n": n, "metrics": metrics}
         total += n
@@ -412,6 +441,11 @@ def train(cfg: Config) -> TrainResult:
                         cache=run.cache_images)
             for _, task, _, records in train_sets
         ]
+        feature_folder = None
+        if run.cache_visual_features:
+            feature_folder = attach_feature_cache(model, datasets, cfg, amp_dtype, dist_info.rank, dist_info.world_size)
+        if run.compile:
+            model.compile_regions(pad_to_multiple_of=run.compile_pad_to_multiple_of)
         plan = MixPlan(
             [len(d) for d in datasets],
             [ratio for _, _, ratio, _ in train_sets],
@@ -465,6 +499,7 @@ def train(cfg: Config) -> TrainResult:
                 "kind": "start", "step": step, "epoch": step // spe, "steps_per_epoch": spe,
                 "global_batch": plan.global_batch, "world_size": dist_info.world_size,
                 "train_records": [len(d) for d in datasets], "resumed_from": resume_from, "device": str(device),
+                "feature_cache": feature_folder, "compile": run.compile,
             })
 
         def save(name: str, epoch: int) -> Optional[Path]:
@@ -526,7 +561,8 @@ def train(cfg: Config) -> TrainResult:
                     context = contextlib.nullcontext() if sync else train_model.no_sync()
                     with context:
                         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                            out = train_model(batch["images"].to(device, non_blocking=True), batch["instructions"], batch["answers"])
+                            images, tower_tokens = _visual_inputs(batch, device)
+                            out = train_model(images, batch["instructions"], batch["answers"], tower_tokens=tower_tokens)
                         loss = out.loss / run.grad_accum_steps
                         (scaler.scale(loss) if scaler is not None else loss).backward()
                     step_loss += loss.detach()
@@ -589,6 +625,14 @@ def train(cfg: Config) -> TrainResult:
         return result
     finally:
         D.cleanup()
+
+
+def _visual_inputs(batch: dict, device: torch.device) -> tuple:
+    """``(images, tower_tokens)`` on the device: images, or None and the cached tower tokens
+    (``run.cache_visual_features``)."""
+    if "tower_tokens" in batch:
+        return None, batch["tower_tokens"].to(device, non_blocking=True)
+    return batch["images"].to(device, non_blocking=True), None
 
 
 def _progress(total: int, epoch: int, main: bool):
