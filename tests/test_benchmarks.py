@@ -45,12 +45,19 @@ TC = {"data": "/tmp/tc", "n_train": 1600, "n_test": 400, "test_yes_fraction": 0.
       "results": {"hist_gbm": {"accuracy": 0.84, "auc": 0.9, "n": 400, "seconds": 2.0},
                   "cnn_3layer": {"accuracy": 0.78, "auc": 0.85, "n": 400, "seconds": 60.0}}}
 GPU = {"gpu": "NVIDIA H200", "torch": "2.14.1", "date": "2025-01-01", "seq_len": 322, "flops_per_sample": 10.9e12,
-       "default_batch": 16,
-       "rows": [{"batch": 16, "checkpointing": False, "step_s": 1.6, "samples_per_s": 10.0, "peak_gib": 45.0,
+       "flops_per_sample_cached": 9.0e12, "peak_flops": 989e12, "default_plan": {"batch": 8, "grad_accum": 2},
+       "rows": [{"batch": 16, "grad_accum": 1, "checkpoint_every": 0, "checkpointing": "off", "compile": False,
+                 "feature_cache": False, "step_s": 1.6, "samples_per_s": 10.0, "peak_gib": 45.0, "predicted_gib": 44.9,
                  "mfu": 0.11},
-                {"batch": 16, "checkpointing": True, "step_s": 2.0, "samples_per_s": 8.0, "peak_gib": 20.0,
+                {"batch": 8, "grad_accum": 2, "checkpoint_every": 0, "checkpointing": "off", "compile": False,
+                 "feature_cache": False, "step_s": 2.0, "samples_per_s": 8.0, "peak_gib": 30.0, "predicted_gib": 30.1,
                  "mfu": 0.09},
-                {"batch": 32, "checkpointing": False, "oom": True}]}
+                {"batch": 16, "grad_accum": 1, "checkpoint_every": 3, "checkpointing": "every 3", "compile": True,
+                 "feature_cache": True, "oom": True, "predicted_gib": 36.0},
+                {"batch": 16, "grad_accum": 1, "checkpoint_every": 1, "checkpointing": "all layers", "compile": True,
+                 "feature_cache": False, "skipped": "time budget 300 s", "predicted_gib": 20.0}]}
+TRAIN_30 = {"steps": 30, "image_size": 448, "batch_size": 8, "grad_accum_steps": 2, "first_loss": 10.5,
+            "last_loss": 4.25, "loss_falls": True, "samples_per_s": 9.5}
 
 
 def _write_results(folder: Path, benches: dict, gpu: bool = False) -> None:
@@ -65,6 +72,7 @@ def _write_results(folder: Path, benches: dict, gpu: bool = False) -> None:
         (folder / f"{name}.json").write_text(json.dumps(data))
     if gpu:
         (folder / "gpu_full_size.json").write_text(json.dumps(GPU))
+        (folder / "train_30_steps.json").write_text(json.dumps(TRAIN_30))
 
 
 def _report(tmp_path: Path, benches: dict, gpu: bool = False) -> str:
@@ -121,11 +129,17 @@ def test_report_keeps_gpu_figures_and_names_the_card(tmp_path):
     text = _report(tmp_path, {name: dict(STATUS) for name in ("preprocess", "train", "eval", "tc")}, gpu=True)
     gpu = text.split("## GPU (full size)")[1]
     assert "Not yet measured" not in gpu
-    assert "Card: **NVIDIA H200**; torch 2.14.1; measured 2025-01-01; sequence 322 tokens" in gpu
-    assert "| 16 | off | 10.00 | 1.600 | 45.0 | 11.0 % |" in gpu and "| 32 | off | OOM | | | |" in gpu
-    # 45 GiB > 40 GB card, 20 GiB fits
-    assert "(batch 16, checkpointing off) fits an A100-40GB: no." in gpu
-    assert "(batch 16, checkpointing on) fits an A100-40GB: yes." in gpu
+    assert ("Card: **NVIDIA H200**; torch 2.14.1; measured 2025-01-01; sequence 322 tokens; model FLOPs/sample "
+            "10.90 TFLOP (9.00 with cached ViT features); dense bf16 peak 989 TFLOP/s.") in gpu
+    assert "| 16 × 1 | off | off | off | 10.00 | 1.600 | 45.0 | 44.9 | 11.0 % |" in gpu
+    assert "| 8 × 2 | off | off | off | 8.00 | 2.000 | 30.0 | 30.1 | 9.0 % |" in gpu
+    assert "| 16 × 1 | every 3 | on | on | OOM | | | 36.0 | |" in gpu
+    assert "| 16 × 1 | all layers | on | off | skipped: time budget 300 s | | | 20.0 | |" in gpu
+    # the default plan (8 × 2, eager, no cache) at 30 GiB fits the 38 GiB budget of a 40 GiB card
+    assert ("Default training config (batch 8 × accumulation 2, no checkpointing): peak 30.0 GiB (predicted 30.1); "
+            "fits an A100-40GB: yes.") in gpu
+    assert ("30 optimizer steps of real `train.py` at full size (random weights, synthetic phantoms at 448 px, batch "
+            "8 × accumulation 2): loss 10.500 (mean of the first 5 steps) → 4.250 (last 5): **falls**") in gpu
 
 
 def test_failed_skipped_and_unrun_benchmarks_do_not_show_stale_figures(tmp_path):
