@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -219,3 +222,68 @@ def test_tc_input_is_imported_from_the_shared_crops_or_skipped(tmp_path, monkeyp
     monkeypatch.setattr(run_all, "TC_CROPS", tmp_path / "nowhere")
     args, reason = run_all._prepare_tc(tmp_path / "other")
     assert args == [] and "real TC crops are absent" in reason and "nowhere/labels.csv" in reason
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_matrix_peaks_and_flops():
+    gpu = _load_script("gpu_full_size")
+    cases = gpu.cases()
+    assert len(cases) == 16 and [c.compile for c in cases] == [False] * 8 + [True] * 8  # eager first
+    assert {(c.batch, c.grad_accum, c.checkpointing) for c in cases} == {
+        (16, 1, "off"), (16, 1, "every 3"), (16, 1, "all layers"), (8, 2, "off")}
+    assert gpu.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and gpu.peak_flops("NVIDIA H100 NVL") == 835e12
+    assert gpu.peak_flops("NVIDIA H100 PCIe") == 756e12 and gpu.peak_flops("NVIDIA H200") == 989e12
+    assert gpu.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12 and gpu.peak_flops("Tesla T4") is None
+    from minigpt4.config import ModelConfig
+
+    n_train = 23_072_768 + 33_554_432
+    flops = gpu.model_flops_per_sample(ModelConfig(), 322, n_train)
+    assert flops == pytest.approx(10.9e12, rel=0.01)
+    vit_only = flops - gpu.model_flops_per_sample(ModelConfig(), 322, n_train, with_vit=False)
+    assert vit_only == pytest.approx(2 * 39 * (4 * 1408**2 + 2 * 1408 * 6144) * 1025 + 4 * 39 * 1025**2 * 1408)
+    for script in ("run_device.sh", "fetch_wheels.sh"):  # shell syntax
+        assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu" / script)]).returncode == 0
+
+
+@pytest.mark.slow
+def test_run_device_dry_run_builds_and_runs_everything_on_cpu(tmp_path):
+    """benchmarks/gpu/run_device.sh --dry-run: the GPU call's every step at tiny widths on CPU (≈ 45 s CPU).
+
+    Checks the files it leaves in $OUT (the device tool returns at most 8), that each step passed,
+    that the benchmark matrix has every eager case and one compiled case, that train.py ran 30
+    steps with the default batch 8 × 2 layout (here 2 × 2), and that run_all renders the figures.
+    """
+    if shutil.which("bash") is None:
+        pytest.skip("bash not available")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run_device.sh"), "--dry-run"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["device_run.json", "eval_full_size.json", "gpu_full_size.json", "run_device.log",
+                     "train_30_steps.json"]
+    status = json.loads((out / "device_run.json").read_text())
+    assert status["dry_run"] and [s["step"] for s in status["steps"]] == [
+        "gpu_full_size", "phantoms", "train_30_steps", "train_loss_falls", "eval_full_size"]
+    assert all(s["returncode"] == 0 for s in status["steps"])
+    gpu = json.loads((out / "gpu_full_size.json").read_text())
+    eager = [r for r in gpu["rows"] if not r["compile"]]
+    assert len(eager) == 8 and all("samples_per_s" in r for r in eager)
+    assert {(r["checkpointing"], r["feature_cache"]) for r in eager} == {
+        (c, f) for c in ("off", "every 3", "all layers") for f in (False, True)}
+    assert [r["compile"] for r in gpu["rows"]].count(True) == 1
+    train = json.loads((out / "train_30_steps.json").read_text())
+    assert train["steps"] == 30 and len(train["losses"]) == 30 and train["grad_accum_steps"] == 2
+    evaluation = json.loads((out / "eval_full_size.json").read_text())
+    assert [r["batch"] for r in evaluation["rows"]] == [1, 4]
+    assert all(r["same_answers_as_first"] == 1.0 for r in evaluation["rows"])
+    text = run_all.render_gpu(gpu) + run_all.render_device_train(train)
+    assert "| 2 × 1 | every 3 | off | on |" in text and "30 optimizer steps of real `train.py`" in text
