@@ -9,8 +9,8 @@ batched answers equal the one-by-one answers.
 
 Limits: random weights (speed does not depend on them, but answer lengths do: a random model may
 stop early or run to ``max_new_tokens``; the table reports the mean generated length). The full
-size uses the real LLaMA-2 tokenizer when ``../shared/data/tokenizer/llama2/tokenizer.model``
-exists. No weight file is opened and nothing is downloaded.
+size uses the real LLaMA-2 tokenizer when ``benchmarks/full_size.py`` finds one (``../shared`` or
+the copy carried to the GPU machine in ``benchmarks/gpu/wheels``). No weight file is opened and nothing is downloaded.
 """
 
 from __future__ import annotations
