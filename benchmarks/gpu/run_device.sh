@@ -59,12 +59,12 @@ if [ $DRY = 1 ]; then
     TRAIN_EXTRA="run.device=cpu run.num_workers=0 run.batch_size=2"
 else
     GPU_INFO=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 1)
-    SIZES=""; GPU_ARGS=(--time-budget 150); IMAGE_PX=448; EVAL_ARGS=(--full-size --samples 32 --repeats 1)
+    SIZES=""; GPU_ARGS=(--time-budget 140); IMAGE_PX=448; EVAL_ARGS=(--full-size --samples 32 --repeats 1)
     TRAIN_EXTRA="run.num_workers=8"
 fi
 
 # 1. the training-step matrix
-step gpu_full_size 210 python3 benchmarks/gpu_full_size.py "${GPU_ARGS[@]}" --json "$OUT/gpu_full_size.json"
+step gpu_full_size 190 python3 benchmarks/gpu_full_size.py "${GPU_ARGS[@]}" --json "$OUT/gpu_full_size.json"
 
 # 2. 30 steps of the real train.py on synthetic phantoms
 step phantoms 60 bash -c "python3 -m preprocessing synthetic --out '$WORK/raw' --scheme msd --n 6 --slices 24 \
