@@ -159,7 +159,7 @@ def run_case(model, case: Case, steps: int, warmup: int, instruction: str, answe
         row["oom"] = True
         return row
     finally:
-        del optimizer, tower, images
+        optimizer = tower = images = None  # free them before the next case (step() holds the cells)
         model.zero_grad(set_to_none=True)
         gc.collect()
         if cuda:
