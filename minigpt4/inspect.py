@@ -62,12 +62,16 @@ def memory_report(cfg: Config, counts: dict) -> dict:
     from minigpt4.memory import predict_memory, preferred_plan
 
     predicted = predict_memory(cfg, counts)
-    plan = preferred_plan(cfg, counts, effective_batch=cfg.run.batch_size * cfg.run.grad_accum_steps)
+    try:
+        plan = preferred_plan(cfg, counts, effective_batch=cfg.run.batch_size * cfg.run.grad_accum_steps)
+        preferred = {**dataclasses.asdict(plan), "memory_gib": predict_memory(cfg, counts, plan)["peak"]}
+    except ValueError:  # nothing of this effective batch fits the budget
+        preferred = None
     return {
         "memory_gib": predicted["peak"],
         "memory_parts_gib": predicted["parts"],
         "memory_assumptions": {k: v for k, v in predicted.items() if k not in ("peak", "parts")},
-        "memory_preferred_plan": {**dataclasses.asdict(plan), "memory_gib": predict_memory(cfg, counts, plan)["peak"]},
+        "memory_preferred_plan": preferred,
     }
 
 
