@@ -9,8 +9,8 @@ batched answers equal the one-by-one answers.
 
 Limits: random weights (speed does not depend on them, but answer lengths do: a random model may
 stop early or run to ``max_new_tokens``; the table reports the mean generated length). The full
-size uses the real LLaMA-2 tokenizer when ``../shared/data/tokenizer/llama2/tokenizer.model``
-exists. No weight file is opened and nothing is downloaded.
+size uses the real LLaMA-2 tokenizer when ``benchmarks/full_size.py`` finds one (``../shared`` or
+the copy carried to the GPU machine in ``benchmarks/gpu/wheels``). No weight file is opened and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from minigpt4.evaluation import predict_detection  # noqa: E402
 from minigpt4.models.minigpt_v2 import build_model  # noqa: E402
 from minigpt4.tokenizer import load_tokenizer  # noqa: E402
 
-LLAMA2_TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizer" / "llama2" / "tokenizer.model"
+from benchmarks.full_size import llama2_tokenizer_path  # noqa: E402
+
+LLAMA2_TOKENIZER = llama2_tokenizer_path()
 
 
 def make_records(folder: Path, n: int, size: int = 512, seed: int = 0) -> list[dict]:
@@ -84,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options = ["model.vision.weights=null", "model.text.path=null", "model.init_from=null", "model.ckpt=null",
                    "model.dtype=bf16", f"model.max_new_tokens={args.max_new_tokens}"]
         cfg: ModelConfig = load_config(ROOT / "eval_configs" / "stage1_pancreas_detection.yaml", options).model
-        tokenizer = load_tokenizer(str(LLAMA2_TOKENIZER)) if LLAMA2_TOKENIZER.is_file() else load_tokenizer()
+        tokenizer = load_tokenizer(str(LLAMA2_TOKENIZER)) if LLAMA2_TOKENIZER else load_tokenizer()
         device, n = "cuda", args.samples or 32
     else:
         from tests.tiny import tiny_model_config

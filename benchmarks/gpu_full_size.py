@@ -1,28 +1,40 @@
 """Full-size MiniGPT-Pancreas training-step benchmark on one GPU (random weights, bf16).
 
-One training step = forward + backward + AdamW step of the LoRA + ``llama_proj`` parameters,
-with 448×448 images, the paper's prompt and ~40 answer tokens, under bf16 autocast (the
-project's GPU default). For each batch size (1, 4, 8, 16) and gradient checkpointing off/on it
-prints samples/s, peak GPU memory and model FLOP utilisation (MFU), as a Markdown table, and
-says whether the default training config (batch 16) fits an A100-40GB as used in the paper.
+One optimizer step = forward + backward of ``grad_accum`` micro-batches + fused AdamW on the LoRA
++ ``llama_proj`` parameters, 448×448 images, the paper's detection prompt and 40 answer tokens
+(322 tokens with the LLaMA-2 tokenizer), bf16 autocast. Cases (in this order, each timed after
+warm-up; the memory model's prediction, ``minigpt4/memory.py``, is printed next to the measured
+peak):
+
+- batch 16 with activation checkpointing off / partial (every 3rd layer) / on (every layer), and
+  the default configs' batch 8 × accumulation 2 without checkpointing;
+- each with the frozen-ViT feature cache off / on (on = the tower output is computed once, as
+  ``run.cache_visual_features`` does after the first epoch; its MFU counts no ViT FLOPs);
+- all of the above eager, then with ``run.compile``'s regional compilation (each decoder layer
+  and EVA block compiled on its own; compiling is in place, so eager cases run first).
 
 Model FLOPs per sample (what MFU counts; recomputation under checkpointing is not counted):
 frozen EVA forward ``2·N_vit·T_vit + 4·depth·T_vit²·C`` plus LLaMA forward and backward. The
 LLaMA base is frozen, so its backward computes activation gradients only (≈ one forward):
-``2 × (2·N_llm·T + 4·layers·T²·d)`` + the LoRA/projection weight gradients (``2·N_train·T``).
+``2 × (2·N_llm·T + 4·layers·T²·d)`` + the LoRA/projection weight gradients (``2·N_train·T``):
+≈ 10.9 TFLOP at 322 tokens. MFU = samples/s × FLOP/sample ÷ the card's dense bf16 peak
+(:data:`PEAK_BF16`).
 
-Run (one H100/H200, ~3-5 minutes; needs no weight file and no network)::
+Run (one H100/H200/A100; no weight file, no network)::
 
-    python benchmarks/gpu_full_size.py [--batch-sizes 1 4 8 16] [--steps 5] [--json out.json]
+    python benchmarks/gpu_full_size.py --json benchmarks/results/gpu_full_size.json [--time-budget 240]
+    python benchmarks/gpu_full_size.py --dry-run     # CPU: the same code path at tiny widths, 1 step per case
 
-Limits: random weights (speed and memory do not depend on them); the tokenizer is the real
-LLaMA-2 one when ``../shared/data/tokenizer/llama2/tokenizer.model`` exists, else the tiny one
-(only token ids differ; the sequence length is set to the same ~40 answer tokens either way).
+Limits: random weights (speed and memory do not depend on them); the tokenizer is found by
+``benchmarks/full_size.py`` (real LLaMA-2 or the tiny one; the sequence length is the same);
+cases left when ``--time-budget`` seconds have passed are reported as skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import sys
 import time
@@ -34,14 +46,48 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minigpt4.config import ModelConfig, load_config  # noqa: E402
+from benchmarks.full_size import DRY_RUN_SIZES, full_size_config, llama2_tokenizer_path, load_full_size_tokenizer  # noqa: E402
+from benchmarks.run_all import render_gpu_table  # noqa: E402
+from minigpt4.config import ModelConfig  # noqa: E402
+from minigpt4.memory import Plan, predict_memory  # noqa: E402
 from minigpt4.models.minigpt_v2 import build_model  # noqa: E402
 from minigpt4.prompts import DETECTION_TEMPLATES, build_prompt_tokens  # noqa: E402
-from minigpt4.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from minigpt4.tokenizer import Tokenizer  # noqa: E402
 
-LLAMA2_TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizer" / "llama2" / "tokenizer.model"
-PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+# dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets; the first key found
+# in torch.cuda.get_device_name() wins, so the specific H100 variants come before "H100"
+PEAK_BF16 = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+             "L40S": 362e12}
 ANSWER_TOKENS = 40
+PARTIAL_EVERY = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int
+    grad_accum: int
+    checkpoint_every: int  # 0 = off
+    compile: bool
+    feature_cache: bool
+
+    @property
+    def checkpointing(self) -> str:
+        return {0: "off", 1: "all layers"}.get(self.checkpoint_every, f"every {self.checkpoint_every}")
+
+
+def cases(compile_modes: Sequence[bool] = (False, True), dry_run: bool = False) -> list[Case]:
+    """The benchmark matrix in run order (eager first: compiling is in place).
+
+    ``dry_run``: batches divided by 8 and a single compiled case (each checkpointing mode would
+    recompile the tiny layers, which is slow on a CPU and proves nothing more).
+    """
+    div = 8 if dry_run else 1
+    plans = [(16 // div, 1, 0), (16 // div, 1, PARTIAL_EVERY), (16 // div, 1, 1), (8 // div, 2, 0)]
+    matrix = [Case(b, a, every, compiled, cache) for compiled in compile_modes for b, a, every in plans
+              for cache in (False, True)]
+    if dry_run:
+        matrix = [c for c in matrix if not c.compile] + [c for c in matrix if c.compile][:1]
+    return matrix
 
 
 def peak_flops(name: str) -> Optional[float]:
@@ -58,75 +104,98 @@ def answer_of_length(tokenizer: Tokenizer, n_tokens: int) -> str:
     return tokenizer.decode(ids)
 
 
-def model_flops_per_sample(cfg: ModelConfig, seq_len: int, n_train: int) -> float:
+def model_flops_per_sample(cfg: ModelConfig, seq_len: int, n_train: int, with_vit: bool = True) -> float:
+    """Model FLOPs of one training sample (see the module docstring); ``with_vit=False``: cached features."""
     v, t = cfg.vision, cfg.text
     n_vit = v.depth * (4 * v.width**2 + 2 * v.width * v.mlp_hidden)
     t_vit = 1 + v.num_patches
     vit = 2 * n_vit * t_vit + 4 * v.depth * t_vit**2 * v.width
     n_llm = t.num_layers * (4 * t.hidden_size**2 + 3 * t.hidden_size * t.intermediate_size) + t.hidden_size * t.vocab_size
     llm_fwd = 2 * n_llm * seq_len + 4 * t.num_layers * seq_len**2 * t.hidden_size
-    return vit + 2 * llm_fwd + 2 * n_train * seq_len + 2 * cfg.vision.width * cfg.merge_tokens * t.hidden_size * cfg.num_visual_tokens
+    proj = 2 * cfg.vision.width * cfg.merge_tokens * t.hidden_size * cfg.num_visual_tokens
+    return (vit if with_vit else 0) + 2 * llm_fwd + 2 * n_train * seq_len + proj
 
 
-def run_case(model, batch: int, checkpointing: bool, steps: int, warmup: int, instruction: str, answer: str) -> dict:
-    model.enable_gradient_checkpointing(checkpointing)
+def run_case(model, case: Case, steps: int, warmup: int, instruction: str, answer: str, device: str) -> dict:
+    """Time ``steps`` optimizer steps of ``case`` after ``warmup`` ones; peak memory on CUDA."""
+    model.enable_gradient_checkpointing(case.checkpoint_every > 0, every=max(case.checkpoint_every, 1))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=True)
+    cuda = device == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, **({"fused": True} if cuda else {}))
     size = model.cfg.vision.image_size
-    images = torch.randn(batch, 3, size, size, device="cuda")
-    instructions, answers = [instruction] * batch, [answer] * batch
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    images = torch.randn(case.batch, 3, size, size, device=device)
+    instructions, answers = [instruction] * case.batch, [answer] * case.batch
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
+    tower = None
+    if case.feature_cache:  # what the cache hands the model after the first epoch
+        with torch.no_grad(), autocast:
+            tower = model.encode_tower(images)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(images, instructions, answers).loss
-        loss.backward()
+        for _ in range(case.grad_accum):
+            with autocast:
+                out = model(None if tower is not None else images, instructions, answers, tower_tokens=tower)
+            (out.loss / case.grad_accum).backward()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
+    row = dataclasses.asdict(case) | {"checkpointing": case.checkpointing}
     try:
         for _ in range(warmup):
             step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(steps):
             step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / steps
     except torch.OutOfMemoryError:
-        del optimizer
+        row["oom"] = True
+        return row
+    finally:
+        optimizer = tower = images = None  # free them before the next case (step() holds the cells)
         model.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        return {"batch": batch, "checkpointing": checkpointing, "oom": True}
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    del optimizer
-    return {"batch": batch, "checkpointing": checkpointing, "step_s": seconds, "samples_per_s": batch / seconds, "peak_gib": peak}
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    global_batch = case.batch * case.grad_accum
+    row.update({"step_s": seconds, "samples_per_s": global_batch / seconds,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
+    return row
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cfg-path", default=str(ROOT / "train_configs" / "stage1_pancreas_detection.yaml"))
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--time-budget", type=float, default=300, help="seconds; later cases are skipped")
+    parser.add_argument("--no-compile", action="store_true", help="eager cases only")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny widths, 1 step per case, compile with the eager backend (graph capture only)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: this benchmark needs one GPU (H100/H200/A100)", file=sys.stderr)
+    if args.dry_run:
+        device, args.steps, args.warmup = "cpu", 1, 0
+    elif torch.cuda.is_available():
+        device = "cuda"
+    else:
+        print("no CUDA device: this benchmark needs one GPU (H100/H200/A100); --dry-run checks it on CPU", file=sys.stderr)
         return 2
 
-    # full-size model, random weights: no weight file is opened
-    options = ["model.vision.weights=null", "model.text.path=null", "model.init_from=null", "model.ckpt=null",
-               "model.dtype=bf16", "model.gradient_checkpointing=false"]
-    cfg_path = args.cfg_path if Path(args.cfg_path).is_file() else None
-    cfg = load_config(cfg_path, options)
-    tokenizer = load_tokenizer(str(LLAMA2_TOKENIZER)) if LLAMA2_TOKENIZER.is_file() else load_tokenizer()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    start = time.perf_counter()
-    model = build_model(cfg.model, device="cuda", load_weights=False, tokenizer=tokenizer)
-    build_s = time.perf_counter() - start
+    started = time.perf_counter()
+    tokenizer_path = llama2_tokenizer_path()
+    cfg = full_size_config([*(DRY_RUN_SIZES if args.dry_run else ("model.dtype=bf16",)), "model.gradient_checkpointing=false"],
+                           tokenizer_path)
+    tokenizer = load_full_size_tokenizer(tokenizer_path)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = build_model(cfg.model, device=device, load_weights=False, tokenizer=tokenizer)
+    build_s = time.perf_counter() - started
 
     instruction = DETECTION_TEMPLATES[0].format("pancreas")
     answer = answer_of_length(tokenizer, ANSWER_TOKENS)
@@ -134,48 +203,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seq_len = len(sample.input_ids)
     n_answer = int((sample.labels != -100).sum())
     n_train = sum(t.numel() for t in model.trainable_state_dict().values())
-    flops = model_flops_per_sample(cfg.model, seq_len, n_train)
-    name = torch.cuda.get_device_name()
+    flops = {cache: model_flops_per_sample(cfg.model, seq_len, n_train, with_vit=not cache) for cache in (False, True)}
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (dry run)"
     peak = peak_flops(name)
+    counts = {"trainable_params": n_train, "total_params": sum(p.numel() for p in model.parameters())}
 
-    rows = []
-    for checkpointing in (False, True):
-        for batch in args.batch_sizes:
-            row = run_case(model, batch, checkpointing, args.steps, args.warmup, instruction, answer)
-            if not row.get("oom"):
-                row["mfu"] = row["samples_per_s"] * flops / peak if peak else None
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    rows, compiled = [], False
+    for case in cases((False,) if args.no_compile else (False, True), dry_run=args.dry_run):
+        if time.perf_counter() - started > args.time_budget:
+            rows.append(dataclasses.asdict(case) | {"checkpointing": case.checkpointing,
+                                                    "skipped": f"time budget {args.time_budget:.0f} s"})
+            continue
+        if case.compile and not compiled:
+            model.compile_regions(pad_to_multiple_of=64, backend="eager" if args.dry_run else "inductor")
+            compiled = True
+        try:
+            row = run_case(model, case, args.steps, args.warmup, instruction, answer, device)
+        except Exception as err:  # a compile failure must not lose the eager figures
+            row = dataclasses.asdict(case) | {"checkpointing": case.checkpointing, "error": f"{type(err).__name__}: {err}"[:500]}
+        plan = Plan(case.batch, case.grad_accum, case.checkpoint_every > 0, max(case.checkpoint_every, 1))
+        run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, compile=case.compile))
+        row["predicted_gib"] = predict_memory(run_cfg, counts, plan)["peak"]
+        if "samples_per_s" in row:
+            row["mfu"] = row["samples_per_s"] * flops[case.feature_cache] / peak if peak else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
+    result = {"gpu": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "seq_len": seq_len,
+              "answer_tokens": n_answer, "flops_per_sample": flops[False], "flops_per_sample_cached": flops[True],
+              "peak_flops": peak, "build_s": build_s, "steps": args.steps, "warmup": args.warmup,
+              "tokenizer": "LLaMA-2" if tokenizer_path else "tiny", "default_plan": {"batch": 8, "grad_accum": 2},
+              "dry_run": args.dry_run, "rows": rows}
     print()
-    print(f"GPU: {name}; torch {torch.__version__}; bf16 autocast; weights bf16 (frozen), trainables fp32; "
-          f"build {build_s:.0f} s; sequence {seq_len} tokens ({model.num_visual_tokens} visual, {n_answer} answer incl. </s>); "
-          f"tokenizer {tokenizer.path.name if tokenizer.path else 'tiny'}; model FLOPs/sample {flops / 1e12:.2f} TFLOP; "
-          f"peak bf16 {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
-    print()
-    print("| batch | grad. checkpointing | samples/s | step (s) | peak memory (GiB) | MFU |")
-    print("|---:|:---:|---:|---:|---:|---:|")
-    for row in rows:
-        gc = "on" if row["checkpointing"] else "off"
-        if row.get("oom"):
-            print(f"| {row['batch']} | {gc} | OOM | | | |")
-        else:
-            mfu = f"{100 * row['mfu']:.1f} %" if row["mfu"] is not None else "n/a"
-            print(f"| {row['batch']} | {gc} | {row['samples_per_s']:.2f} | {row['step_s']:.3f} | {row['peak_gib']:.1f} | {mfu} |")
-    default = next((r for r in rows if r["batch"] == cfg.run.batch_size and not r["checkpointing"]), None)
-    default_gc = next((r for r in rows if r["batch"] == cfg.run.batch_size and r["checkpointing"]), None)
-    print()
-    for label, row in (("off", default), ("on", default_gc)):
-        if row is not None:
-            fits = "OOM here" if row.get("oom") else ("yes" if row["peak_gib"] < 40 * 1e9 / 2**30 - 1.5 else "no")
-            peak_text = "" if row.get("oom") else f" peak {row['peak_gib']:.1f} GiB;"
-            print(f"default training config (batch {cfg.run.batch_size}, checkpointing {label}):{peak_text} fits an A100-40GB: {fits}")
+    print(render_gpu_table(result))
     if args.json:
         from minigpt4.io import write_json_atomic
 
-        write_json_atomic(args.json, {"gpu": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                                      "seq_len": seq_len, "flops_per_sample": flops,
-                                      "default_batch": cfg.run.batch_size, "rows": rows})
+        write_json_atomic(args.json, result)
     return 0
 
 

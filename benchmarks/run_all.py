@@ -304,28 +304,53 @@ def render_tc(r: dict) -> str:
     return "\n".join(lines)
 
 
-def render_gpu(r: dict) -> str:
-    lines = [f"Card: **{r['gpu']}**" + (f"; torch {r['torch']}" if r.get("torch") else "")
-             + (f"; measured {r['date']}" if r.get("date") else "")
-             + f"; sequence {r['seq_len']} tokens; model FLOPs/sample {r['flops_per_sample'] / 1e12:.2f} TFLOP.", "",
-             "| batch | grad. checkpointing | samples/s | step (s) | peak memory (GiB) | MFU |",
-             "|---:|:---:|---:|---:|---:|---:|"]
+def render_gpu_table(r: dict) -> str:
+    """Markdown table of ``gpu_full_size.json``'s rows (also printed by ``benchmarks/gpu_full_size.py``)."""
+    lines = ["| batch × accum | checkpointing | compile | feature cache | samples/s | step (s) | peak memory (GiB) "
+             "| predicted (GiB) | MFU |", "|---|---|:---:|:---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
-        gc = "on" if row["checkpointing"] else "off"
+        head = (f"| {row['batch']} × {row['grad_accum']} | {row['checkpointing']} | {'on' if row['compile'] else 'off'} "
+                f"| {'on' if row['feature_cache'] else 'off'} |")
+        predicted = f"{row['predicted_gib']:.1f}" if row.get("predicted_gib") is not None else ""
         if row.get("oom"):
-            lines.append(f"| {row['batch']} | {gc} | OOM | | | |")
+            lines.append(f"{head} OOM | | | {predicted} | |")
+        elif "samples_per_s" not in row:
+            why = row.get("skipped") or row.get("error", "not run")
+            lines.append(f"{head} {'skipped' if row.get('skipped') else 'failed'}: {why.splitlines()[0][:120]} | | | "
+                         f"{predicted} | |")
         else:
             mfu = f"{100 * row['mfu']:.1f} %" if row.get("mfu") is not None else "n/a"
-            lines.append(f"| {row['batch']} | {gc} | {row['samples_per_s']:.2f} | {row['step_s']:.3f} | "
-                         f"{row['peak_gib']:.1f} | {mfu} |")
-    batch = r.get("default_batch", 16)
-    for row in r["rows"]:
-        if row["batch"] == batch:
-            gc = "on" if row["checkpointing"] else "off"
-            # same criterion as the script: 40 GB card minus ~1.5 GiB for the CUDA context
-            fits = "OOM on this card" if row.get("oom") else ("yes" if row["peak_gib"] < 40e9 / 2**30 - 1.5 else "no")
-            lines.append(f"\nDefault training config (batch {batch}, checkpointing {gc}) fits an A100-40GB: {fits}.")
+            peak = f"{row['peak_gib']:.1f}" if row.get("peak_gib") is not None else "n/a"
+            lines.append(f"{head} {row['samples_per_s']:.2f} | {row['step_s']:.3f} | {peak} | {predicted} | {mfu} |")
     return "\n".join(lines)
+
+
+def render_gpu(r: dict) -> str:
+    """``gpu_full_size.json`` → card line, the case table, and which default plan fits a 40 GiB card."""
+    peak = f"; dense bf16 peak {r['peak_flops'] / 1e12:.0f} TFLOP/s" if r.get("peak_flops") else ""
+    lines = [f"Card: **{r['gpu']}**" + (f"; torch {r['torch']}" if r.get("torch") else "")
+             + (f"; measured {r['date']}" if r.get("date") else "")
+             + f"; sequence {r['seq_len']} tokens; model FLOPs/sample {r['flops_per_sample'] / 1e12:.2f} TFLOP"
+             + (f" ({r['flops_per_sample_cached'] / 1e12:.2f} with cached ViT features)" if r.get("flops_per_sample_cached")
+                else "") + peak + ".", "", render_gpu_table(r), ""]
+    default = r.get("default_plan", {"batch": 8, "grad_accum": 2})
+    for row in r["rows"]:
+        if (row["batch"], row["grad_accum"], row["checkpointing"]) == (default["batch"], default["grad_accum"], "off") \
+                and not row["compile"] and not row["feature_cache"] and "peak_gib" in row:
+            # 40 GiB card minus 2 GiB for the CUDA context and fragmentation (minigpt4.memory.BUDGET_GIB)
+            fits = "yes" if row["peak_gib"] <= 38 else "no"
+            lines.append(f"Default training config (batch {default['batch']} × accumulation {default['grad_accum']}, "
+                         f"no checkpointing): peak {row['peak_gib']:.1f} GiB (predicted {row['predicted_gib']:.1f}); "
+                         f"fits an A100-40GB: {fits}.")
+    return "\n".join(lines).rstrip()
+
+
+def render_device_train(r: dict) -> str:
+    """``train_30_steps.json`` (``benchmarks/gpu/run_device.sh``): does the full-size loss fall?"""
+    return (f"{r['steps']} optimizer steps of real `train.py` at full size (random weights, synthetic phantoms at "
+            f"{r['image_size']} px, batch {r['batch_size']} × accumulation {r['grad_accum_steps']}): loss "
+            f"{r['first_loss']:.3f} (mean of the first 5 steps) → {r['last_loss']:.3f} (last 5): "
+            f"**{'falls' if r['loss_falls'] else 'does not fall'}**; median {r['samples_per_s']:.1f} samples/s.")
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {"preprocess": render_preprocess, "train": render_train,
@@ -371,18 +396,22 @@ NOTES_AFTER = {
         "the issue expects several times the batch-1 throughput at batch 16: "
         "`python benchmarks/bench_eval.py --full-size --json benchmarks/results/eval_full_size.json` (see the GPU "
         "section)."),
-    "train": ("Full size on a GPU: `python benchmarks/bench_train.py --size full --device cuda --batch-size 16 "
-              "--workers 8 --json benchmarks/results/train_full_size.json` (see the GPU section)."),
+    "train": ("Full size on a GPU (the stage-1 model, random weights): `python benchmarks/bench_train.py --size full "
+              "--device cuda --batch-size 8 --grad-accum 2 --workers 8 --json benchmarks/results/train_full_size.json` "
+              "(see the GPU section)."),
 }
 GPU_TEXT = (
-    "`benchmarks/gpu_full_size.py` builds the full-size model (EVA ViT-g 39 blocks + LLaMA-2-7B sizes, LoRA r 64 "
-    "on q,k) with random weights in bf16 on one GPU and times one training step (forward + backward + AdamW on "
-    "LoRA + `llama_proj`, bf16 autocast) with 448×448 images, the paper's detection prompt and 40 answer tokens "
-    "(322-token sequences with the LLaMA-2 tokenizer) at batch sizes 1, 4, 8, 16, gradient checkpointing off "
-    "and on. It reports samples/s, peak memory, model FLOP utilisation (≈ 10.9 TFLOP of model FLOPs per sample, "
-    "frozen-base backward counted as activation gradients only) and whether the default training config "
-    "(batch 16) fits an A100-40GB. It needs one H100/H200/A100, no weight file and no network (about 3–5 "
-    "minutes).")
+    "`benchmarks/gpu_full_size.py` builds the paper's stage-1 model (EVA ViT-g 39 blocks, frozen; LLaMA-2-7B sizes; "
+    "LoRA r 64 on q,k) with random weights in bf16 on one GPU and times optimizer steps (forward + backward + fused "
+    "AdamW on LoRA + `llama_proj`, bf16 autocast) with 448×448 images, the paper's detection prompt and 40 answer "
+    "tokens (322-token sequences with the LLaMA-2 tokenizer): batch 16 with activation checkpointing off / every "
+    "3rd layer / every layer and the default configs' batch 8 × accumulation 2, each with the frozen-ViT feature "
+    "cache off and on, eager and with regional compilation (`run.compile`). It reports samples/s, peak memory next "
+    "to the memory model's prediction (`python -m minigpt4.inspect --memory`, `minigpt4/memory.py`) and model FLOP "
+    "utilisation (≈ 10.9 TFLOP of model FLOPs per sample, frozen-base backward counted as activation gradients "
+    "only; dense bf16 peaks: A100 312, H100 PCIe 756, H100 NVL 835, H100 SXM and H200 989 TFLOP/s). "
+    "`benchmarks/gpu/run_device.sh` runs it together with a 30-step full-size `train.py` run and full-size "
+    "evaluation at batch 16 vs 1 in one call of the GPU machine (under 8 minutes; `--dry-run` checks it on a CPU).")
 
 
 def render_report(run: dict, results: dict[str, Optional[dict]], gpu: dict[str, Optional[dict]]) -> str:
@@ -392,7 +421,7 @@ def render_report(run: dict, results: dict[str, Optional[dict]], gpu: dict[str, 
         run: ``run_all.json``: ``date``, ``mode``, ``machine``, ``versions``, ``commit``, ``seconds`` and
             ``benches`` (name → status record from :func:`run_bench`; absent = not run).
         results: name → the benchmark's JSON (``None`` when it has none).
-        gpu: ``gpu_full_size`` / ``eval_full_size`` / ``train_full_size`` → JSON or ``None``.
+        gpu: ``gpu_full_size`` / ``eval_full_size`` / ``train_full_size`` / ``train_30_steps`` → JSON or ``None``.
     """
     m, v = run["machine"], run["versions"]
     ram = f"{m['ram_gib']:.1f} GiB RAM" if m.get("ram_gib") else "RAM unknown"
@@ -450,13 +479,18 @@ def render_report(run: dict, results: dict[str, Optional[dict]], gpu: dict[str, 
     else:
         out += ["**Not yet measured**: the script is ready and has not been run (no "
                 "`benchmarks/results/gpu_full_size.json`; the sessions so far had no GPU). On one GPU run:", "",
-                "```", GPU_COMMAND, "python benchmarks/run_all.py --report-only   # puts the figures here", "```"]
+                "```", GPU_COMMAND, "python benchmarks/run_all.py --report-only   # puts the figures here", "```", "",
+                "or everything in one call (`OUT=<folder> bash benchmarks/gpu/run_device.sh`, then copy its JSON "
+                "files into `benchmarks/results/`)."]
     if gpu.get("eval_full_size"):
         out += ["", "Evaluation at full size (`benchmarks/results/eval_full_size.json`):", "",
                 render_eval(gpu["eval_full_size"])]
     if gpu.get("train_full_size"):
         out += ["", "Training loop at full size (`benchmarks/results/train_full_size.json`):", "",
                 render_train(gpu["train_full_size"])]
+    if gpu.get("train_30_steps"):
+        out += ["", "Full-size training run (`benchmarks/results/train_30_steps.json`):", "",
+                render_device_train(gpu["train_30_steps"])]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -493,7 +527,7 @@ def load_results(results: Path) -> tuple[dict, dict]:
     cpu = {b.name: read_json(results / f"{b.name}.json") if (results / f"{b.name}.json").is_file() else None
            for b in BENCHES}
     gpu = {k: read_json(results / f"{k}.json") if (results / f"{k}.json").is_file() else None
-           for k in ("gpu_full_size", "eval_full_size", "train_full_size")}
+           for k in ("gpu_full_size", "eval_full_size", "train_full_size", "train_30_steps")}
     return cpu, gpu
 
 

@@ -178,12 +178,19 @@ class ModelConfig:
     model.max_new_tokens=N``): when set it replaces ``generation.max_new_tokens`` and is reset
     to None, so read ``generation.max_new_tokens``."""
     gradient_checkpointing: bool = False
+    """Recompute LLaMA decoder layers in the backward pass instead of keeping their activations."""
+    checkpoint_every: int = 1
+    """With ``gradient_checkpointing``: checkpoint decoder layers 0, n, 2n, … only (1 = every layer).
+    Partial checkpointing trades recomputation for memory; ``python -m minigpt4.inspect --memory``
+    predicts the peak of each choice (``minigpt4/memory.py``)."""
     seed: int = 0
     """Seed of the random initialisation (tiny models, llama_proj when nothing is loaded)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"model.dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.checkpoint_every <= 0:
+            raise ConfigError(f"model.checkpoint_every must be positive, got {self.checkpoint_every}")
         if self.vision.num_patches % self.merge_tokens:
             raise ConfigError(
                 f"{self.vision.num_patches} patches are not divisible by model.merge_tokens={self.merge_tokens}"

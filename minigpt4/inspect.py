@@ -1,8 +1,12 @@
-"""``python -m minigpt4.inspect --cfg-path CFG [--options k=v ...]``: parameter counts as JSON.
+"""``python -m minigpt4.inspect --cfg-path CFG [--options k=v ...] [--memory]``: parameter counts as JSON.
 
 Builds the configured model on the meta device (no memory, no weight file, a few seconds even
 at full size) and prints one JSON object: parameter counts per part, trainable and total
 counts, the number of visual tokens, the LoRA targets and the bf16 memory of the weights.
+``--memory`` adds ``memory_gib`` (predicted peak GPU memory of a training step for the config's
+batch size, sequence length and checkpointing), ``memory_parts_gib``, ``memory_assumptions`` and
+``memory_preferred_plan`` (the plan of effective batch ``batch_size × grad_accum_steps`` that fits
+38 GiB with the least recomputation); the arithmetic is in ``minigpt4/memory.py``.
 Full-size defaults: vision 986,975,872; LLM 6,738,415,616; projection 23,072,768;
 LoRA 33,554,432; 256 visual tokens.
 """
@@ -14,7 +18,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from minigpt4.config import ModelConfig, add_config_arguments, load_config
+from minigpt4.config import Config, ModelConfig, add_config_arguments, load_config
 
 
 def model_report(cfg: ModelConfig) -> dict:
@@ -51,12 +55,36 @@ def model_report(cfg: ModelConfig) -> dict:
     }
 
 
+def memory_report(cfg: Config, counts: dict) -> dict:
+    """``memory_gib`` and its parts for ``cfg``, plus the plan :func:`minigpt4.memory.preferred_plan` picks."""
+    import dataclasses
+
+    from minigpt4.memory import predict_memory, preferred_plan
+
+    predicted = predict_memory(cfg, counts)
+    try:
+        plan = preferred_plan(cfg, counts, effective_batch=cfg.run.batch_size * cfg.run.grad_accum_steps)
+        preferred = {**dataclasses.asdict(plan), "memory_gib": predict_memory(cfg, counts, plan)["peak"]}
+    except ValueError:  # nothing of this effective batch fits the budget
+        preferred = None
+    return {
+        "memory_gib": predicted["peak"],
+        "memory_parts_gib": predicted["parts"],
+        "memory_assumptions": {k: v for k, v in predicted.items() if k not in ("peak", "parts")},
+        "memory_preferred_plan": preferred,
+    }
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minigpt4.inspect", description=__doc__.splitlines()[0])
     add_config_arguments(parser)
+    parser.add_argument("--memory", action="store_true", help="add the predicted peak GPU memory of a training step")
     args = parser.parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
-    json.dump(model_report(cfg.model), sys.stdout, indent=1)
+    report = model_report(cfg.model)
+    if args.memory:
+        report.update(memory_report(cfg, report))
+    json.dump(report, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0
 

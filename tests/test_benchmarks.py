@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,12 +48,19 @@ TC = {"data": "/tmp/tc", "n_train": 1600, "n_test": 400, "test_yes_fraction": 0.
       "results": {"hist_gbm": {"accuracy": 0.84, "auc": 0.9, "n": 400, "seconds": 2.0},
                   "cnn_3layer": {"accuracy": 0.78, "auc": 0.85, "n": 400, "seconds": 60.0}}}
 GPU = {"gpu": "NVIDIA H200", "torch": "2.14.1", "date": "2025-01-01", "seq_len": 322, "flops_per_sample": 10.9e12,
-       "default_batch": 16,
-       "rows": [{"batch": 16, "checkpointing": False, "step_s": 1.6, "samples_per_s": 10.0, "peak_gib": 45.0,
+       "flops_per_sample_cached": 9.0e12, "peak_flops": 989e12, "default_plan": {"batch": 8, "grad_accum": 2},
+       "rows": [{"batch": 16, "grad_accum": 1, "checkpoint_every": 0, "checkpointing": "off", "compile": False,
+                 "feature_cache": False, "step_s": 1.6, "samples_per_s": 10.0, "peak_gib": 45.0, "predicted_gib": 44.9,
                  "mfu": 0.11},
-                {"batch": 16, "checkpointing": True, "step_s": 2.0, "samples_per_s": 8.0, "peak_gib": 20.0,
+                {"batch": 8, "grad_accum": 2, "checkpoint_every": 0, "checkpointing": "off", "compile": False,
+                 "feature_cache": False, "step_s": 2.0, "samples_per_s": 8.0, "peak_gib": 30.0, "predicted_gib": 30.1,
                  "mfu": 0.09},
-                {"batch": 32, "checkpointing": False, "oom": True}]}
+                {"batch": 16, "grad_accum": 1, "checkpoint_every": 3, "checkpointing": "every 3", "compile": True,
+                 "feature_cache": True, "oom": True, "predicted_gib": 36.0},
+                {"batch": 16, "grad_accum": 1, "checkpoint_every": 1, "checkpointing": "all layers", "compile": True,
+                 "feature_cache": False, "skipped": "time budget 300 s", "predicted_gib": 20.0}]}
+TRAIN_30 = {"steps": 30, "image_size": 448, "batch_size": 8, "grad_accum_steps": 2, "first_loss": 10.5,
+            "last_loss": 4.25, "loss_falls": True, "samples_per_s": 9.5}
 
 
 def _write_results(folder: Path, benches: dict, gpu: bool = False) -> None:
@@ -65,6 +75,7 @@ def _write_results(folder: Path, benches: dict, gpu: bool = False) -> None:
         (folder / f"{name}.json").write_text(json.dumps(data))
     if gpu:
         (folder / "gpu_full_size.json").write_text(json.dumps(GPU))
+        (folder / "train_30_steps.json").write_text(json.dumps(TRAIN_30))
 
 
 def _report(tmp_path: Path, benches: dict, gpu: bool = False) -> str:
@@ -121,11 +132,17 @@ def test_report_keeps_gpu_figures_and_names_the_card(tmp_path):
     text = _report(tmp_path, {name: dict(STATUS) for name in ("preprocess", "train", "eval", "tc")}, gpu=True)
     gpu = text.split("## GPU (full size)")[1]
     assert "Not yet measured" not in gpu
-    assert "Card: **NVIDIA H200**; torch 2.14.1; measured 2025-01-01; sequence 322 tokens" in gpu
-    assert "| 16 | off | 10.00 | 1.600 | 45.0 | 11.0 % |" in gpu and "| 32 | off | OOM | | | |" in gpu
-    # 45 GiB > 40 GB card, 20 GiB fits
-    assert "(batch 16, checkpointing off) fits an A100-40GB: no." in gpu
-    assert "(batch 16, checkpointing on) fits an A100-40GB: yes." in gpu
+    assert ("Card: **NVIDIA H200**; torch 2.14.1; measured 2025-01-01; sequence 322 tokens; model FLOPs/sample "
+            "10.90 TFLOP (9.00 with cached ViT features); dense bf16 peak 989 TFLOP/s.") in gpu
+    assert "| 16 × 1 | off | off | off | 10.00 | 1.600 | 45.0 | 44.9 | 11.0 % |" in gpu
+    assert "| 8 × 2 | off | off | off | 8.00 | 2.000 | 30.0 | 30.1 | 9.0 % |" in gpu
+    assert "| 16 × 1 | every 3 | on | on | OOM | | | 36.0 | |" in gpu
+    assert "| 16 × 1 | all layers | on | off | skipped: time budget 300 s | | | 20.0 | |" in gpu
+    # the default plan (8 × 2, eager, no cache) at 30 GiB fits the 38 GiB budget of a 40 GiB card
+    assert ("Default training config (batch 8 × accumulation 2, no checkpointing): peak 30.0 GiB (predicted 30.1); "
+            "fits an A100-40GB: yes.") in gpu
+    assert ("30 optimizer steps of real `train.py` at full size (random weights, synthetic phantoms at 448 px, batch "
+            "8 × accumulation 2): loss 10.500 (mean of the first 5 steps) → 4.250 (last 5): **falls**") in gpu
 
 
 def test_failed_skipped_and_unrun_benchmarks_do_not_show_stale_figures(tmp_path):
@@ -205,3 +222,68 @@ def test_tc_input_is_imported_from_the_shared_crops_or_skipped(tmp_path, monkeyp
     monkeypatch.setattr(run_all, "TC_CROPS", tmp_path / "nowhere")
     args, reason = run_all._prepare_tc(tmp_path / "other")
     assert args == [] and "real TC crops are absent" in reason and "nowhere/labels.csv" in reason
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_matrix_peaks_and_flops():
+    gpu = _load_script("gpu_full_size")
+    cases = gpu.cases()
+    assert len(cases) == 16 and [c.compile for c in cases] == [False] * 8 + [True] * 8  # eager first
+    assert {(c.batch, c.grad_accum, c.checkpointing) for c in cases} == {
+        (16, 1, "off"), (16, 1, "every 3"), (16, 1, "all layers"), (8, 2, "off")}
+    assert gpu.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and gpu.peak_flops("NVIDIA H100 NVL") == 835e12
+    assert gpu.peak_flops("NVIDIA H100 PCIe") == 756e12 and gpu.peak_flops("NVIDIA H200") == 989e12
+    assert gpu.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12 and gpu.peak_flops("Tesla T4") is None
+    from minigpt4.config import ModelConfig
+
+    n_train = 23_072_768 + 33_554_432
+    flops = gpu.model_flops_per_sample(ModelConfig(), 322, n_train)
+    assert flops == pytest.approx(10.9e12, rel=0.01)
+    vit_only = flops - gpu.model_flops_per_sample(ModelConfig(), 322, n_train, with_vit=False)
+    assert vit_only == pytest.approx(2 * 39 * (4 * 1408**2 + 2 * 1408 * 6144) * 1025 + 4 * 39 * 1025**2 * 1408)
+    for script in ("run_device.sh", "fetch_wheels.sh"):  # shell syntax
+        assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu" / script)]).returncode == 0
+
+
+@pytest.mark.slow
+def test_run_device_dry_run_builds_and_runs_everything_on_cpu(tmp_path):
+    """benchmarks/gpu/run_device.sh --dry-run: the GPU call's every step at tiny widths on CPU (≈ 45 s CPU).
+
+    Checks the files it leaves in $OUT (the device tool returns at most 8), that each step passed,
+    that the benchmark matrix has every eager case and one compiled case, that train.py ran 30
+    steps with the default batch 8 × 2 layout (here 2 × 2), and that run_all renders the figures.
+    """
+    if shutil.which("bash") is None:
+        pytest.skip("bash not available")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run_device.sh"), "--dry-run"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["device_run.json", "eval_full_size.json", "gpu_full_size.json", "run_device.log",
+                     "train_30_steps.json"]
+    status = json.loads((out / "device_run.json").read_text())
+    assert status["dry_run"] and [s["step"] for s in status["steps"]] == [
+        "gpu_full_size", "phantoms", "train_30_steps", "train_loss_falls", "eval_full_size"]
+    assert all(s["returncode"] == 0 for s in status["steps"])
+    gpu = json.loads((out / "gpu_full_size.json").read_text())
+    eager = [r for r in gpu["rows"] if not r["compile"]]
+    assert len(eager) == 8 and all("samples_per_s" in r for r in eager)
+    assert {(r["checkpointing"], r["feature_cache"]) for r in eager} == {
+        (c, f) for c in ("off", "every 3", "all layers") for f in (False, True)}
+    assert [r["compile"] for r in gpu["rows"]].count(True) == 1
+    train = json.loads((out / "train_30_steps.json").read_text())
+    assert train["steps"] == 30 and len(train["losses"]) == 30 and train["grad_accum_steps"] == 2
+    evaluation = json.loads((out / "eval_full_size.json").read_text())
+    assert [r["batch"] for r in evaluation["rows"]] == [1, 4]
+    assert all(r["same_answers_as_first"] == 1.0 for r in evaluation["rows"])
+    text = run_all.render_gpu(gpu) + run_all.render_device_train(train)
+    assert "| 2 × 1 | every 3 | off | on |" in text and "30 optimizer steps of real `train.py`" in text

@@ -226,8 +226,16 @@ class MiniGPTPancreas(nn.Module):
                 layer.training = mode
         return self
 
-    def enable_gradient_checkpointing(self, enable: bool = True) -> None:
-        """Recompute LLaMA decoder layers in the backward pass (less memory, ~30 % slower)."""
+    def enable_gradient_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        """Recompute LLaMA decoder layers in the backward pass (less memory, ~30 % slower with all layers).
+
+        Args:
+            enable: checkpoint (True) or keep every activation (False).
+            every: checkpoint layers 0, every, 2·every, … only (``model.checkpoint_every``);
+                the other layers keep their activations and cost no recomputation.
+        """
+        if every <= 0:
+            raise ValueError(f"checkpoint every must be positive, got {every}")
         llama = self.llama
         new_api = hasattr(llama, "activation_checkpointing_enable")  # transformers >= 5.2x
         if enable and new_api:
@@ -238,6 +246,11 @@ class MiniGPTPancreas(nn.Module):
             llama.activation_checkpointing_disable()
         else:
             llama.gradient_checkpointing_disable()
+        if enable:
+            # HF switches every layer on (its own every_n_layers is newer than transformers 5.17):
+            # switch the skipped layers off again through the same per-layer flag
+            for index, layer in enumerate(llama.model.layers):
+                layer.gradient_checkpointing = index % every == 0
         self.gradient_checkpointing = enable
         self.train(self.training)
 
@@ -789,5 +802,5 @@ def build_model(
             if path is not None:
                 load_checkpoint_weights(model, path)
     if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing(every=cfg.checkpoint_every)
     return model
