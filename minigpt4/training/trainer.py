@@ -186,7 +186,7 @@ RESUME_COMPARED_RUN_KEYS = (
 sets the cosine length). The other run keys may differ on resume: where and when to stop
 (max_steps, resume), where and how to log or validate (output_dir, log_interval, validate,
 val_max_samples, eval_*), and speed/memory options (device, num_workers, cache_images, ...)."""
-RESUME_IGNORED_MODEL_KEYS = ("model.ckpt", "model.gradient_checkpointing")
+RESUME_IGNORED_MODEL_KEYS = ("model.ckpt", "model.gradient_checkpointing", "model.checkpoint_every")
 """``model`` keys that do not change training: the weights to *evaluate*, and recomputation
 for memory (the same numbers). Every other model and datasets key must match."""
 
