@@ -6,9 +6,11 @@ Conventions (SPEC §3, §6):
   PNG (x = column, y = row), origin at the top-left pixel. ``[0, 0, 0, 0]`` = no target.
 * **Grid box**: the same box on a 0–100 integer grid, ``floor(x / width * 100)`` and
   ``floor(y / height * 100)``; written as text ``{<x1><y1><x2><y2>}`` with no spaces.
-* **Scoring**: a predicted grid box goes back to pixels as ``x * width / 100`` and
-  ``y * height / 100`` (floats), and IoU is continuous, ``(x2-x1)*(y2-y1)`` areas, no ``+1``
-  (the release's rule, kept so numbers are comparable with the paper).
+* **Scoring** (the release's rule, :data:`SCORING_RULE`, kept so numbers are comparable with the
+  paper): every run of digits in the answer; exactly four → the box as written, anything else a
+  bad answer (:func:`parse_box`). The box goes back to pixels as ``x * width / 100`` and
+  ``y * height / 100`` (floats), and IoU is continuous, ``max(0, x2-x1)*max(0, y2-y1)`` areas, no
+  ``+1``. Nothing clips or reorders a predicted box.
 """
 
 from __future__ import annotations
@@ -55,36 +57,52 @@ def box_answer(pixel_box: Sequence[float], width: int, height: int) -> str:
     return format_box(pixel_to_grid(pixel_box, width, height))
 
 
-# <12><34><56><78>, tolerant of spaces, decimals and a missing/extra brace.
-_BOX_RE = re.compile(
-    r"<\s*(-?\d+(?:\.\d+)?)\s*>\s*,?\s*<\s*(-?\d+(?:\.\d+)?)\s*>\s*,?\s*"
-    r"<\s*(-?\d+(?:\.\d+)?)\s*>\s*,?\s*<\s*(-?\d+(?:\.\d+)?)\s*>"
-)
+SCORING_RULE = "release"
+"""The one parsing rule used by training validation, evaluation and the demo (SPEC §6)."""
+
+_DIGIT_RUN_RE = re.compile(r"\d+")
+# A digit run longer than this cannot be a grid value; it would overflow the float rescaling
+# (the release would crash on it). Answers are at most ``max_new_tokens`` (20) pieces anyway.
+_MAX_DIGITS = 300
 
 
 def parse_box(text: Optional[str]) -> Optional[tuple[int, int, int, int]]:
-    """Find the first ``<x1><y1><x2><y2>`` group in a model answer.
+    """The release's rule (``eval_scripts/evaluate_predictions.py``): every run of digits in the
+    answer; exactly four → the box **as written**, otherwise None (a bad answer).
 
-    Tolerant: braces optional, spaces allowed, decimals rounded; values are clipped to 0–100 and
-    corners ordered so that x1 <= x2 and y1 <= y2. Returns None when no box can be read. Never
-    raises, whatever the input.
+    Nothing is clipped, rounded or reordered: reversed corners stay reversed (area 0 → IoU 0),
+    values over 100 stay over 100, a minus sign is dropped (``\\d+`` does not see it), a decimal
+    adds a digit run (→ bad answer), prose with other numbers, two boxes or an empty answer are bad
+    answers. Never raises, whatever the input.
 
     >>> parse_box("{<80><20><10><90>}")
-    (10, 20, 80, 90)
-    >>> parse_box("the pancreas") is None
+    (80, 20, 10, 90)
+    >>> parse_box("{<1><2><3><4>} and {<5><6><7><8>}") is None
     True
     """
     if not isinstance(text, str):
         return None
-    match = _BOX_RE.search(text)
-    if match is None:
+    runs = _DIGIT_RUN_RE.findall(text)
+    if len(runs) != 4 or any(len(r) > _MAX_DIGITS for r in runs):
         return None
-    try:
-        # clip before rounding: a huge literal is float('inf'), which round() cannot take
-        x1, y1, x2, y2 = (round(min(GRID, max(0.0, float(g)))) for g in match.groups())
-    except (ValueError, OverflowError):
-        return None
-    return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+    x1, y1, x2, y2 = (int(r) for r in runs)  # int() also reads non-ASCII digits, as the release
+    return (x1, y1, x2, y2)
+
+
+def box_problem(text: Optional[str]) -> Optional[str]:
+    """Why an answer scores 0 under the release rule, in words (for the demo); None when it is a
+    box with positive area."""
+    if not isinstance(text, str) or not text.strip():
+        return "the answer is empty"
+    runs = _DIGIT_RUN_RE.findall(text)
+    if len(runs) != 4:
+        return f"the scoring rule needs exactly four numbers, this answer has {len(runs)}"
+    box = parse_box(text)
+    if box is None:
+        return "a number is too long to be a grid value"
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return "its corners are reversed or equal (zero area), so it scores IoU 0"
+    return None
 
 
 def box_area(box: Sequence[float]) -> float:
@@ -105,7 +123,8 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 def score_answer(answer: Optional[str], gt_pixel_box: Sequence[float], width: int, height: int) -> tuple[Optional[tuple[float, float, float, float]], float]:
     """Parse a detection answer and score it against the ground-truth pixel box.
 
-    Returns ``(pred_pixel_box or None, iou)``; an unparseable answer scores 0.
+    Returns ``(pred_pixel_box or None, iou)``: the release rule (:func:`parse_box`), the box
+    rescaled as written (no clipping or reordering) and continuous IoU; a bad answer scores 0.
     """
     grid = parse_box(answer)
     if grid is None:
@@ -115,12 +134,22 @@ def score_answer(answer: Optional[str], gt_pixel_box: Sequence[float], width: in
 
 
 _YES_NO_RE = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
+_WORD_RE = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
 def parse_yes_no(text: Optional[str]) -> Optional[str]:
-    """``'Yes.'`` → ``'yes'``, ``' no'`` → ``'no'``; anything else → None (counted as invalid,
-    never silently as ``no``)."""
+    """``'Yes.'`` → ``'yes'``, ``' no, there is none'`` → ``'no'``; anything else → None (counted
+    as invalid, never silently as ``no``).
+
+    The answer must start with yes or no (any casing) and not contain the other word: ``'Yes/No'``
+    and ``'yes no'`` hedge between the classes and are invalid, not ``yes``.
+    """
     if not isinstance(text, str):
         return None
     match = _YES_NO_RE.match(text)
-    return match.group(1).lower() if match else None
+    if match is None:
+        return None
+    verdict = match.group(1).lower()
+    if any(word.lower() != verdict for word in _WORD_RE.findall(text)):
+        return None
+    return verdict
