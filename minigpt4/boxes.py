@@ -35,7 +35,9 @@ def pixel_to_grid(box: Sequence[float], width: int, height: int) -> tuple[int, i
         raise ValueError(f"image size must be positive, got {width}x{height}")
     x1, y1, x2, y2 = box
     scale = ((x1, width), (y1, height), (x2, width), (y2, height))
-    return tuple(min(GRID, max(0, math.floor(v / size * GRID))) for v, size in scale)  # type: ignore[return-value]
+    # v * GRID / size is one correctly rounded division, exact at integers; v / size * GRID is not
+    # (29 / 100 * 100 = 28.999999999999996 floors to 28)
+    return tuple(min(GRID, max(0, math.floor(v * GRID / size))) for v, size in scale)  # type: ignore[return-value]
 
 
 def grid_to_pixel(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:

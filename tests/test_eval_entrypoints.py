@@ -27,7 +27,7 @@ SHARED_TC = ROOT.parent / "shared" / "data" / "tc_crops"
 
 DETECTION_ROW_KEYS = {"q_id", "dataset", "volume_name", "slice_index", "image", "target", "question", "answer",
                       "parsed", "pred_box", "gt_box", "width", "height", "iou"}
-SUMMARY_KEYS = {"n", "n_parsed", "mean_iou", "mean_iou_parsed", "parse_rate", "acc_at_0.5"}
+SUMMARY_KEYS = {"n", "n_parsed", "mean_iou", "mean_iou_parsed", "parse_rate", "acc_at_0.5", "grid_ceiling"}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,12 @@ def test_checkpoints_mode_picks_best_on_val(synthetic, trained, tmp_path):
     for e in epochs:
         assert (tmp_path / f"epoch_{e['epoch']}" / "test" / "predictions.jsonl").is_file()
     assert read_json(tmp_path / "metrics.json")["best_epoch"] == summary["best_epoch"]
-    assert "Table 1 — detection IoU by epoch" in (tmp_path / "tables.md").read_text()
+    tables_md = (tmp_path / "tables.md").read_text()
+    assert "Table 1 — detection IoU by epoch" in tables_md
+    # 4 evenly spaced test slices are not the test set: neither key nor label say "best_test"
+    assert "best_test" not in summary and summary["best_test_subset"]["n"] == 4
+    assert summary["subset"] == {"max_samples": 4, "q_ids": None}
+    assert "subset of 4 test slices (--max-samples/--q-ids), not the test set" in tables_md
 
 
 class _NoModel(Exception):

@@ -35,7 +35,7 @@ from minigpt4.evaluation.common import (
 )
 from minigpt4.evaluation.detection import detection_metrics, predict_detection, primary_score
 from minigpt4.evaluation.detection import rescore_rows as rescore_detection
-from minigpt4.io import read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from minigpt4.io import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from minigpt4.prompts import CLASSIFICATION_QUESTIONS, DETECTION_TEMPLATES
 
 CLASSIFICATION = "tumor_classification"
@@ -90,9 +90,27 @@ def load_task_records(cfg: Config, task: str, split: str, q_ids: Optional[Sequen
         source = f"datasets.{name} ({ds.root}, {task}, split {split})"
         check_records(recs, task, source=source)
         records.extend(recs)
-        summary[name] = {"root": ds.root, "task": task, "threshold": ds.threshold, "n": len(recs)}
+        summary[name] = {"root": ds.root, "task": task, "threshold": effective_threshold(ds.root, ds.threshold), "n": len(recs)}
     records = subsample(select_ids(records, q_ids, source=f"{task} {split} records"), max_samples)
     return records, summary
+
+
+def effective_threshold(root: str, threshold: Optional[float]) -> Optional[float]:
+    """The selection threshold of a dataset: the config's, else the one its folder was prepared
+    with (``manifest.json``); None when neither is known (e.g. a TC folder)."""
+    if threshold is not None:
+        return float(threshold)
+    try:
+        value = read_json(Path(root) / "manifest.json").get("parameters", {}).get("threshold")
+    except (OSError, ValueError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def common_threshold(datasets: dict) -> Optional[float]:
+    """The threshold shared by every evaluated dataset, None when they differ or one is unknown."""
+    values = {d.get("threshold") for d in datasets.values()}
+    return values.pop() if len(values) == 1 else None
 
 
 def checkpoint_label(cfg: Config) -> str:
@@ -181,6 +199,8 @@ def infer_detection_task(rows: Sequence[dict], cfg_tasks: Sequence[str]) -> str:
     """Task of a predictions file: from its targets, else the config's single detection task."""
     targets = {r.get("target") for r in rows}
     if None not in targets and targets:
+        if {r.get("dataset") for r in rows} == {"ABD"} and targets <= set(ORGANS):
+            return "organ_detection"  # an ABD file of pancreas rows only is still Table 4
         if targets == {"tumor"}:
             return "tumor_detection"
         if targets == {"pancreas"}:
@@ -205,6 +225,8 @@ def _rescore(args: argparse.Namespace, cfg: Config, kind: str) -> dict:
         cfg_tasks = [d.task for d in cfg.datasets.values() if d.task in DETECTION_TASKS]
         task = args.task or infer_detection_task(rows, list(dict.fromkeys(cfg_tasks)))
         metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
+        metrics["threshold"] = common_threshold({n: {"threshold": effective_threshold(d.root, d.threshold)}
+                                                 for n, d in cfg.datasets.items() if d.task == task})
         metrics["run"] = identity
         write_detection_outputs(out, rows, metrics, f"re-scored {path.name}", not args.no_figures)
     else:
@@ -259,12 +281,17 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
             best, best_rows = entry, test_rows
     assert best is not None
     best_metrics = detection_metrics(best_rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
+    best_metrics["threshold"] = common_threshold(splits["test"][1])
+    # a subset is not the test set: its key and label say so
+    subset = args.max_samples is not None or args.q_ids is not None
+    test_key = "best_test_subset" if subset else "best_test"
     summary = {
         "task": task,
         "selection": "highest weighted mean IoU on the val split (earliest on ties)",
         "best_epoch": best["epoch"],
         "best_checkpoint": best["checkpoint"],
-        "best_test": best_metrics,
+        test_key: best_metrics,
+        "subset": {"max_samples": args.max_samples, "q_ids": args.q_ids} if subset else None,
         "epochs": [{"epoch": e["epoch"], "checkpoint": e["checkpoint"]["path"],
                     "val": {k: e["val"][k] for k in ("per_dataset", "weighted")},
                     "test": {k: e["test"][k] for k in ("per_dataset", "weighted")}} for e in epochs],
@@ -275,6 +302,8 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
     }
     write_json_atomic(out / "metrics.json", summary)
     label = f"epoch {best['epoch']} (best on val)"
+    if subset:
+        label += f", subset of {len(best_rows)} test slices (--max-samples/--q-ids), not the test set"
     write_text_atomic(out / "tables.md", tables.epochs_table(epochs, best["epoch"]) + "\n" + tables.detection_table(best_metrics, label))
     write_jsonl_atomic(out / "predictions.jsonl", best_rows)
     if not args.no_figures and best_rows:
@@ -312,6 +341,7 @@ def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
         else:
             rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers, progress=_progress(task))
             metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
+            metrics["threshold"] = common_threshold(datasets)
         metrics["run"] = run_identity(cfg, args, model, split, datasets, batch, time.perf_counter() - start, len(rows))
         writer = write_classification_outputs if task == CLASSIFICATION else write_detection_outputs
         writer(out, rows, metrics, checkpoint_label(cfg), not args.no_figures)
