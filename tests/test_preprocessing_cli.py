@@ -260,9 +260,15 @@ def test_abd_and_report(prepared, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(prepared["msd"]), str(prepared["nih"])]) == 0
     text = capsys.readouterr().out.splitlines()
-    assert len(text) == 12 and text[2].startswith("| 0 % |") and text[-1].startswith("| 90 % |")
+    assert len(text) == 12 + 5 + 10 and text[2].startswith("| 0 % |") and text[11].startswith("| 90 % |")
     n0 = len(read_prepared(prepared["msd"], "pancreas_detection", "train", threshold=0.0))
     assert text[2].split("|")[2].strip() == f"{n0:,}"
+    # beside the paper's appendix Table 1: ours (train + val), paper train, ours test, paper test
+    assert text[15].startswith("| threshold | MSD (msd) train+val | paper MSD train | MSD (msd) test | paper MSD test |")
+    val0 = len(read_prepared(prepared["msd"], "pancreas_detection", "val", threshold=0.0))
+    test0 = len(read_prepared(prepared["msd"], "pancreas_detection", "test", threshold=0.0))
+    assert text[17].split("|")[2:6] == [f" {n0 + val0:,} ", " 6,936 ", f" {test0:,} ", " 1,803 "]
+    assert text[-1].split("|")[7:10] == [" 504 ", text[11].split("|")[7], " 135 "]  # NIH at 90 %
 
 
 def test_module_runs_from_another_directory(prepared, tmp_path):
