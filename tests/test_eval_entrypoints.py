@@ -239,8 +239,25 @@ def test_classification_outputs_and_batch_invariance(tc_folder, tmp_path):
     invalid = sum(r["pred_answer"] is None for r in rows)
     assert m["invalid"] == invalid
     assert m["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
-    assert "Table 2 — pancreatic tumor classification" in (tmp_path / "b4" / "tables.md").read_text()
+    tables_md = (tmp_path / "b4" / "tables.md").read_text()
+    assert "Table 2 — pancreatic tumor classification" in tables_md
     assert (tmp_path / "b4" / "confusion_matrix.png").is_file()
+    # the model-free baseline, fitted on the same folder's train split, scored on the same rows
+    from minigpt4.evaluation.baselines import histogram_baseline_rows
+
+    train = read_prepared(tc_folder, "tumor_classification", "train")
+    base_rows = histogram_baseline_rows(train, expected, seed=42)
+    base = m["baseline"]
+    assert base["n_train"] == len(train) and base["n"] == len(rows)
+    assert base["accuracy"] == pytest.approx(np.mean([r["correct"] for r in base_rows]))
+    assert f"| crop size + intensity histogram → gradient boosting (no model), same rows | {base['accuracy']:.3f} |" in tables_md
+    assert m["tc_variant"] == {"tc": "paper"}  # tc-import of NIH = no, MSD = yes crops
+    # per source: NIH is all no (accuracy = specificity), MSD all yes (= sensitivity); no precision
+    assert m["per_dataset"]["NIH"]["measures"] == "specificity" and m["per_dataset"]["MSD"]["measures"] == "sensitivity"
+    assert "precision" not in m["per_dataset"]["NIH"] and set(m["ci95"]["per_dataset"]["MSD"]) == {"accuracy"}
+    nih = m["per_dataset"]["NIH"]
+    low, high = m["ci95"]["per_dataset"]["NIH"]["accuracy"]
+    assert f"| NIH | {nih['n']} | 0 | {nih['n_no']} | specificity | {nih['accuracy']:.3f} [{low:.3f}, {high:.3f}] |" in tables_md
 
     m1 = run(tmp_path / "b1", 1)
     rows1 = read_jsonl(tmp_path / "b1" / "predictions.jsonl")

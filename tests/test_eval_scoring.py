@@ -170,9 +170,14 @@ def test_classification_rescoring_of_a_hand_made_file(tmp_path):
     assert m["confusion_matrix"] == {"rows": ["yes", "no"], "columns": ["yes", "no", "invalid"], "counts": [[1, 1, 1], [0, 3, 1]]}
     # the confound made visible: per dataset only one class exists
     msd, nih = m["per_dataset"]["MSD"], m["per_dataset"]["NIH"]
-    assert msd["accuracy"] == pytest.approx(1 / 3) and msd["recall"] == pytest.approx(1 / 3)
-    assert msd["precision"] == 1.0 and msd["auc"] is None
-    assert nih["accuracy"] == pytest.approx(3 / 4) and nih["recall"] is None and nih["precision"] == 0.0
+    # MSD (all yes): accuracy 1/3 is the sensitivity; NIH (all no): 3/4 is the specificity.
+    # Precision, recall, F1, AUC of a one-class source are meaningless and left out.
+    assert msd["accuracy"] == pytest.approx(1 / 3) and msd["measures"] == "sensitivity"
+    assert nih["accuracy"] == pytest.approx(3 / 4) and nih["measures"] == "specificity"
+    assert set(msd) == set(nih) == {"n", "n_yes", "n_no", "accuracy", "invalid", "invalid_rate", "confusion_matrix", "measures"}
+    # a source holding both classes (the msd-only variant) keeps every metric
+    mixed = classification_metrics(rescore_classification([dict(line, dataset="MSD") for line in CLASSIFICATION_LINES]), n_boot=0)
+    assert mixed["per_dataset"]["MSD"]["measures"] == "accuracy" and mixed["per_dataset"]["MSD"]["auc"] == pytest.approx(0.75)
 
 
 def test_invalid_answers_are_never_counted_as_no():
@@ -196,8 +201,9 @@ def test_classification_bootstrap_intervals_bracket_the_estimate():
     ci = m["ci95"]["overall"]
     for name in ("accuracy", "recall", "auc"):
         assert ci[name][0] <= m[name] <= ci[name][1], name
-    # NIH has no positives: recall is undefined in every replicate
-    assert m["ci95"]["per_dataset"]["NIH"]["recall"] is None
+    # NIH has no positives: only its accuracy (= specificity) gets an interval
+    nih = m["ci95"]["per_dataset"]["NIH"]
+    assert set(nih) == {"accuracy"} and nih["accuracy"][0] <= m["per_dataset"]["NIH"]["accuracy"] <= nih["accuracy"][1]
 
 
 # ---------------------------------------------------------------------------------------------

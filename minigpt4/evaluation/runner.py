@@ -157,6 +157,39 @@ def run_identity(cfg: Config, args: argparse.Namespace, model: Any, split: str, 
     }
 
 
+def tc_variant(root: str, records: Sequence[dict]) -> Optional[str]:
+    """``paper`` or ``msd-only`` for a TC folder: its manifest's ``variant`` (``tc``), else read off
+    the records (``tc-import``): ``paper`` when no source holds both classes."""
+    try:
+        variant = read_json(Path(root) / "manifest.json").get("parameters", {}).get("variant")
+    except (OSError, ValueError):
+        variant = None
+    if variant:
+        return str(variant)
+    classes = {}
+    for r in records:
+        classes.setdefault(r["dataset"], set()).add(r["answer"])
+    if not classes:
+        return None
+    if all(len(c) == 1 for c in classes.values()):
+        return "paper"
+    return "msd-only" if set(classes) == {"MSD"} else None
+
+
+def classification_context(cfg: Config, records: Sequence[dict], seed: int) -> dict:
+    """Table 2's context: the crop-size + histogram baseline fitted on the train split of the same
+    folders and scored on ``records`` (``baseline``), and each folder's variant (``tc_variant``)."""
+    from minigpt4.evaluation.baselines import BASELINE_NAME, histogram_baseline_metrics
+
+    names = [n for n, d in cfg.datasets.items() if d.task == CLASSIFICATION]
+    variants = {n: tc_variant(cfg.datasets[n].root, records) for n in names}
+    try:
+        train, _ = load_task_records(cfg, CLASSIFICATION, "train")
+    except (FileNotFoundError, ValueError) as err:
+        return {"baseline": {"name": BASELINE_NAME, "skipped": f"no usable train split ({err})"}, "tc_variant": variants}
+    return {"baseline": histogram_baseline_metrics(train, records, n_boot=0, seed=seed), "tc_variant": variants}
+
+
 # ----------------------------------------------------------------------------- outputs
 def write_detection_outputs(out: Path, rows: list[dict], metrics: dict, label: str, make_figures: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -338,6 +371,7 @@ def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
         if task == CLASSIFICATION:
             rows = predict_classification(model, records, batch, num_workers=cfg.run.num_workers, progress=_progress(task))
             metrics = classification_metrics(rows, n_boot=args.bootstrap, seed=cfg.run.seed)
+            metrics.update(classification_context(cfg, records, cfg.run.seed))
         else:
             rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers, progress=_progress(task))
             metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)

@@ -186,17 +186,43 @@ def detection_table(metrics: dict, label: str) -> str:
     return f"{main}\n\n#### Detail\n\n{detail}{ci_line}\n"
 
 
+_VARIANT_NOTES = {
+    "paper": "TC folder variant `paper`: every `yes` crop comes from MSD and every `no` crop from NIH "
+             "(different scanners and phases), so the source alone predicts the class.",
+    "msd-only": "TC folder variant `msd-only`: both classes come from MSD (tumor vs tumor-free slices), "
+                "no source confound.",
+}
+
+
+def _source_cell(summary: dict, interval: Optional[Sequence[float]]) -> str:
+    value = fmt(summary.get("accuracy"))
+    return f"{value} [{fmt(interval[0])}, {fmt(interval[1])}]" if interval else value
+
+
 def classification_table(metrics: dict, label: str) -> str:
-    """Table 2 layout (accuracy, precision, recall, F1) plus AUC, invalid answers, CIs and the
-    per-source-dataset breakdown that exposes the NIH-vs-MSD confound."""
+    """Table 2 layout (accuracy, precision, recall, F1) plus AUC and invalid answers, the model-free
+    crop-size + histogram baseline on the same rows (``metrics['baseline']``), CIs, and the
+    per-source breakdown (NIH = specificity, MSD = sensitivity in the paper's set) that exposes the
+    NIH-vs-MSD confound."""
     rows: list[list[Any]] = [[f"{name}, paper", *values, None, None] for name, values in PAPER_TABLE2]
     rows.append([f"**{label}**", metrics["accuracy"], metrics["precision"], metrics["recall"], metrics["f1"],
                  metrics["auc"], str(metrics["invalid"])])
+    baseline = metrics.get("baseline") or {}
+    if "accuracy" in baseline:
+        rows.append([f"{baseline['name']}, same rows", baseline["accuracy"], baseline["precision"], baseline["recall"],
+                     baseline["f1"], baseline["auc"], str(baseline["invalid"])])
     parts = [
         "### Table 2 — pancreatic tumor classification", "",
         _table(["Model", "Accuracy", "Precision", "Recall", "F1", "AUC", "Invalid"], rows), "",
-        "`yes` (tumor) is the positive class; answers that are neither yes nor no are counted wrong.",
+        "`yes` (tumor) is the positive class; answers that are neither yes nor no (or hedge, `Yes/No`) are counted wrong.",
     ]
+    if "accuracy" in baseline:
+        parts.append(f"The baseline sees no model: fitted on the same folder's train split ({baseline['n_train']} crops), "
+                     "scored on the rows above. A model is only interesting where it beats it.")
+    elif baseline:
+        parts.append(f"Crop-size + histogram baseline not computed: {baseline['skipped']}.")
+    variants = sorted(set((metrics.get("tc_variant") or {}).values()))
+    parts += [_VARIANT_NOTES[v] for v in variants if v in _VARIANT_NOTES]
     ci = metrics.get("ci95", {}).get("overall", {})
     if ci:
         cells = [f"{name} [{fmt(v[0])}, {fmt(v[1])}]" for name, v in ci.items() if v is not None]
@@ -206,9 +232,17 @@ def classification_table(metrics: dict, label: str) -> str:
               _table(["truth \\ answer", *cm["columns"]], [[r, *map(str, c)] for r, c in zip(cm["rows"], cm["counts"])])]
     per = metrics.get("per_dataset", {})
     if per:
-        parts += ["", "#### Per source dataset (the classes come from different datasets)", "",
-                  _table(["Dataset", "n", "yes", "no", "Accuracy", "Invalid"],
-                         [[d, str(s["n"]), str(s["n_yes"]), str(s["n_no"]), s["accuracy"], str(s["invalid"])] for d, s in per.items()])]
+        source_ci = metrics.get("ci95", {}).get("per_dataset", {})
+        base_per = baseline.get("per_dataset", {})
+        source_rows = []
+        for d, s in per.items():
+            measures = s.get("measures", "accuracy")
+            base = base_per.get(d)
+            source_rows.append([d, str(s["n"]), str(s["n_yes"]), str(s["n_no"]), measures,
+                                _source_cell(s, source_ci.get(d, {}).get("accuracy")),
+                                base.get("accuracy") if base else None, str(s["invalid"])])
+        parts += ["", "#### Per source dataset (accuracy within a single-class source is its specificity or sensitivity)", "",
+                  _table(["Dataset", "n", "yes", "no", "Measures", "Model [95 % CI]", "Baseline", "Invalid"], source_rows)]
     return "\n".join(parts) + "\n"
 
 
