@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-ratio", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--split-from", nargs="+", metavar="PREPARED_DIR",
+                   help="prepared MSD / NIH folders: each crop volume keeps the cascade's split (no leakage)")
     p = sub.add_parser("synthetic", help="synthetic CT phantoms in a dataset's file layout")
     p.add_argument("--out", required=True)
     p.add_argument("--scheme", choices=("msd", "nih", "abd"), required=True)
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         from preprocessing.tc import import_tc
 
         import_tc(args.images, args.out, csv_path=args.csv, test_ratio=args.test_ratio, val_ratio=args.val_ratio,
-                  seed=args.seed, overwrite=args.overwrite)
+                  seed=args.seed, overwrite=args.overwrite, split_from=args.split_from)
     elif args.command == "report":
         from preprocessing.report import report
 

@@ -276,3 +276,28 @@ def test_module_runs_from_another_directory(prepared, tmp_path):
                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
     assert "| 60 % |" in res.stdout
+
+
+def test_tc_import_split_from_inherits_the_cascade_split(prepared, tmp_path):
+    splits = {ds: _json(prepared[ds] / "annotations" / "split.json") for ds in ("msd", "nih")}
+    where = {v: s for ds in splits for s in ("train", "val", "test") for v in splits[ds][s]}
+    crops = tmp_path / "crops"
+    for v in where:
+        _crop(crops / f"{v}_slice_5.png", 8, 8)
+    assert all(v.startswith(("pancreas_", "PANCREAS_")) for v in where)  # the release's crop names
+    out = tmp_path / "tc"
+    assert main(["tc-import", "--images", str(crops), "--out", str(out), "--split-from",
+                 str(prepared["msd"]), str(prepared["nih"])]) == 0
+    got = {r["volume_name"]: s for s in ("train", "val", "test") for r in read_prepared(out, "tumor_classification", s)}
+    assert got == where  # every crop volume in the split it has in the detection stages
+    doc = _json(out / "annotations" / "split.json")
+    assert doc["inherited_from"] == {"MSD": str(prepared["msd"].resolve()), "NIH": str(prepared["nih"].resolve())}
+    # a crop volume that the cascade never saw, or a dataset without a folder, is refused
+    _crop(crops / "pancreas_999_slice_1.png", 8, 8)
+    from preprocessing.tc import import_tc
+
+    with pytest.raises(ValueError, match=r"1 MSD crop volume\(s\) are not in its split.json: \['pancreas_999'\]"):
+        import_tc(crops, tmp_path / "bad", split_from=[str(prepared["msd"]), str(prepared["nih"])])
+    (crops / "pancreas_999_slice_1.png").unlink()
+    with pytest.raises(ValueError, match="no prepared NIH folder given for the NIH crops"):
+        import_tc(crops, tmp_path / "bad2", split_from=[str(prepared["msd"])])
