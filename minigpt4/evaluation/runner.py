@@ -34,6 +34,7 @@ from minigpt4.evaluation.common import (
     subsample,
 )
 from minigpt4.evaluation.detection import detection_metrics, predict_detection, primary_score
+from minigpt4.evaluation.leakage import check_evaluation
 from minigpt4.evaluation.detection import rescore_rows as rescore_detection
 from minigpt4.io import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from minigpt4.prompts import CLASSIFICATION_QUESTIONS, DETECTION_TEMPLATES
@@ -290,6 +291,7 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
     if missing:
         raise FileNotFoundError(f"--checkpoints: no model.safetensors in {missing[:5]}")
     splits = {s: load_task_records(cfg, task, s, args.q_ids, args.max_samples) for s in ("val", "test")}
+    check_evaluation(cfg, [n for n, d in cfg.datasets.items() if d.task == task], "test", str(found[0][1]))
     # the model is built without model.ckpt: every epoch's weights are loaded over it in turn
     base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ckpt=None))
     model = _build_model(base)
@@ -361,6 +363,9 @@ def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
         return _evaluate_checkpoints(args, cfg, tasks[0])
     split = args.split or cfg.run.eval_split
     loaded = {t: load_task_records(cfg, t, split, args.q_ids, args.max_samples) for t in tasks}  # before the model
+    for task in tasks:  # no volume the weights (or this config) trained on may be evaluated
+        check_evaluation(cfg, [n for n, d in cfg.datasets.items() if d.task == task], split,
+                         cfg.model.ckpt or cfg.model.init_from)
     model = _build_model(cfg)
     root = Path(cfg.run.output_dir)
     results = {}
