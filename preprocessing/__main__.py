@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True)
         p.add_argument("--label-map", nargs="+", metavar="NAME=N",
                        help="label numbers of another scheme, e.g. liver=5 kidney=2 spleen=1 pancreas=7")
+        if name == "abd":
+            p.add_argument("--exclude-overlap-with", nargs="+", metavar="PREPARED_OR_RAW_DIR",
+                           help="MSD / NIH folders: ABD volumes that are the same scans (by content) stay out of "
+                                "ABD val/test and are listed in the manifest")
         _common(p)
     p = sub.add_parser("tc", help="tumor-classification crops from prepared MSD and NIH folders")
     p.add_argument("--msd", required=True)
@@ -104,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
                        normalization=args.normalization, window=tuple(args.window), threshold=args.threshold,
                        test_ratio=args.test_ratio, val_ratio=args.val_ratio, seed=args.seed,
                        balanced=args.balanced, label_map=_label_map(args.label_map), on_error=args.on_error,
-                       workers=args.workers, overwrite=args.overwrite)
+                       workers=args.workers, overwrite=args.overwrite,
+                       exclude_overlap_with=getattr(args, "exclude_overlap_with", None))
         prepare(opts)
     elif args.command == "synthetic":
         from preprocessing.synthetic import generate

@@ -57,6 +57,8 @@ class Options:
     on_error: str = "fail"
     workers: int = 1
     overwrite: bool = False
+    exclude_overlap_with: Optional[list] = None
+    """Folders (prepared or raw) whose scans must stay out of this dataset's val/test (ABD)."""
 
     def parameters(self) -> dict:
         """What determines the output (workers/overwrite do not)."""
@@ -73,6 +75,9 @@ class Options:
             "balanced": bool(self.balanced),
             "label_map": dict(self.label_map or DEFAULT_LABELS[self.dataset]),
             "on_error": self.on_error,
+            # only when given, so folders prepared without the option keep their parameters
+            **({"exclude_overlap_with": [str(Path(p).resolve()) for p in self.exclude_overlap_with]}
+               if self.exclude_overlap_with else {}),
         }
 
 
@@ -414,7 +419,16 @@ def prepare(opts: Options, log=print) -> dict:
     done = sorted({r["volume_name"] for r in infos})
     if not done:
         raise PreparationError(f"{out}: no volume could be prepared ({len(skipped)} skipped)")
-    split = splits.split_volumes(done, opts.test_ratio, opts.val_ratio, opts.seed)
+    overlap_found = None
+    if opts.exclude_overlap_with:  # the same scans in other datasets: never in this val/test
+        from preprocessing import overlap
+
+        own = [(j.volume_name, j.image, j.kind) for j in jobs if j.volume_name in set(done)]
+        overlap_found = overlap.find_overlap(own, opts.exclude_overlap_with, workers)
+        split = overlap.split_keeping_in_train(done, list(overlap_found), opts.test_ratio, opts.val_ratio, opts.seed)
+        log(f"{ds}: {len(overlap_found)} volume(s) are scans of {', '.join(map(str, opts.exclude_overlap_with))}: kept in train")
+    else:
+        split = splits.split_volumes(done, opts.test_ratio, opts.val_ratio, opts.seed)
     write_json_atomic(ann / f"{ds}_slices_info.json", infos)
     write_json_atomic(ann / "split.json", split)
     counts = write_selections(ann, ds, infos, split, opts.threshold, opts.seed, opts.balanced)
@@ -427,6 +441,8 @@ def prepare(opts: Options, log=print) -> dict:
         "skipped": skipped, "volumes_without_target": without_target, "stale_files_removed": removed,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+    if overlap_found is not None:
+        manifest["overlap"] = overlap_found
     write_json_atomic(out / "manifest.json", manifest)
     log(f"{ds}: {len(done)} volumes, {len(written)} PNGs, selected "
         + ", ".join(f"{k}={v}" for k, v in counts.items()) + f" ({timings['wall_s']:.1f} s)")

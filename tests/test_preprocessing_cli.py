@@ -301,3 +301,39 @@ def test_tc_import_split_from_inherits_the_cascade_split(prepared, tmp_path):
     (crops / "pancreas_999_slice_1.png").unlink()
     with pytest.raises(ValueError, match="no prepared NIH folder given for the NIH crops"):
         import_tc(crops, tmp_path / "bad2", split_from=[str(prepared["msd"])])
+
+
+def test_abd_exclude_overlap_finds_the_same_scan_by_content(prepared, tmp_path):
+    import nibabel as nib
+
+    syn = tmp_path / "syn_abd"
+    assert main(["synthetic", "--out", str(syn), "--scheme", "abd", "--n", "4", "--size", "48", "--slices", "12"]) == 0
+    # MSD's copy of ABD case 2: another name, stored flipped left-right (the affine says so)
+    case = nib.load(str(syn / "images" / "Case_00002_0000.nii.gz"))
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = case.shape[0] - 1
+    other = tmp_path / "msd_raw"
+    other.mkdir()
+    nib.save(nib.Nifti1Image(np.asarray(case.dataobj)[::-1].copy(), case.affine @ flip), str(other / "pancreas_042.nii.gz"))
+    out = tmp_path / "abd"
+    assert main(["abd", "--images", str(syn / "images"), "--labels", str(syn / "masks"), "--out", str(out), "--workers", "1",
+                 "--test-ratio", "0.5", "--val-ratio", "0.5", "--exclude-overlap-with", str(other)]) == 0
+    manifest = _json(out / "manifest.json")
+    assert manifest["overlap"] == {"Case_00002": {"dataset": "MSD", "volume": "pancreas_042", "file": str(other / "pancreas_042.nii.gz")}}
+    assert manifest["parameters"]["exclude_overlap_with"] == [str(other.resolve())]
+    split = _json(out / "annotations" / "split.json")
+    assert "Case_00002" in split["train"] and split["kept_in_train"] == ["Case_00002"]
+    assert "Case_00002" not in split["val"] + split["test"]
+    # the other three are split as usual: 0.5 test (2 of 3 → round(1.5) = 2), half of the rest val
+    assert sorted(split["train"] + split["val"] + split["test"]) == [f"Case_0000{i}" for i in range(1, 5)]
+    assert (len(split["test"]), len(split["val"])) == (2, 1)
+
+
+def test_prepared_folder_fingerprints_are_those_of_its_raw_volumes(prepared):
+    from preprocessing.overlap import folder_volumes, volume_fingerprint
+
+    dataset, found = folder_volumes(prepared["msd"])
+    raw_dataset, raw = folder_volumes(prepared["syn_msd"] / "imagesTr")
+    assert dataset == raw_dataset == "MSD" and [n for n, _, _ in found] == [n for n, _, _ in raw]
+    prints = {volume_fingerprint(i, k) for _, i, k in found}
+    assert prints == {volume_fingerprint(i, k) for _, i, k in raw} and len(prints) == len(found)  # distinct scans
