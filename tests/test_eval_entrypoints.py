@@ -272,6 +272,31 @@ def test_classification_outputs_and_batch_invariance(tc_folder, tmp_path):
         assert again[key] == m[key], key
 
 
+def test_msd_only_variant_is_reported_per_folder(tc_folder, tmp_path):
+    from preprocessing.tc import import_tc
+
+    # a confound-free folder: both classes from MSD (volume names distinct from the paper set's)
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    rng = np.random.default_rng(1)
+    lines = ["image,dataset,volume,slice_index,answer"]
+    for v in range(6):
+        name = f"m{v}.png"
+        Image.fromarray(rng.integers(0, 255, (20 + v, 24), dtype=np.uint8)).save(crops / name)
+        lines.append(f"{name},MSD,msd_only_{v},1,{'yes' if v % 2 else 'no'}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    import_tc(crops, tmp_path / "TC_msd_only", csv_path=str(tmp_path / "labels.csv"), test_ratio=0.5, val_ratio=0.0, seed=0)
+    m = eval_classification.main(["--cfg-path", str(TC_EVAL), "--options", f"datasets.tc.root={tc_folder}",
+                                  f"datasets.tc_msd.root={tmp_path / 'TC_msd_only'}", "datasets.tc_msd.task=tumor_classification",
+                                  "model.ckpt=null", f"run.output_dir={tmp_path / 'out'}", "--bootstrap", "0", "--no-figures"])
+    assert m["tc_variant"] == {"tc": "paper", "tc_msd": "msd-only"}
+    folders = m["per_folder"]
+    assert folders["tc_msd"]["n"] == 3 and folders["tc"]["n"] + 3 == m["n"]
+    assert folders["tc_msd"]["n_yes"] + folders["tc_msd"]["n_no"] == 3
+    text = (tmp_path / "out" / "tables.md").read_text()
+    assert "#### Per TC folder" in text and f"| tc_msd | msd-only | 3 | {folders['tc_msd']['accuracy']:.3f} |" in text
+
+
 def test_validation_score_contract(tc_folder, synthetic):
     from minigpt4.evaluation import validation_score
     from preprocessing.layout import read_prepared

@@ -331,3 +331,13 @@ def test_an_abd_file_of_pancreas_rows_is_table4():
     rows = [{"dataset": "ABD", "target": "pancreas"}]
     assert infer_detection_task(rows, []) == "organ_detection"
     assert infer_detection_task([{"dataset": "NIH", "target": "pancreas"}], []) == "pancreas_detection"
+
+
+def test_epochs_table_shows_table1_rows_only_at_60_percent():
+    from minigpt4.evaluation.tables import epochs_table
+
+    m = detection_metrics(rescore_detection(DETECTION_LINES), "pancreas_detection", n_boot=0)
+    epochs = [{"epoch": 0, "val": m, "test": m}]
+    assert "| 21, paper (best) |" in epochs_table(epochs, 0, 0.6)
+    text = epochs_table(epochs, 0, 0.3)
+    assert "paper" not in text.split("\n\n")[1] and "slices with pancreas box ratio > 30 %" in text

@@ -177,18 +177,37 @@ def tc_variant(root: str, records: Sequence[dict]) -> Optional[str]:
     return "msd-only" if set(classes) == {"MSD"} else None
 
 
-def classification_context(cfg: Config, records: Sequence[dict], seed: int) -> dict:
+def _in_folder(record: dict, root: str) -> bool:
+    return Path(record["image"]).resolve().is_relative_to(Path(root).resolve())
+
+
+def classification_context(cfg: Config, records: Sequence[dict], rows: Sequence[dict], seed: int) -> dict:
     """Table 2's context: the crop-size + histogram baseline fitted on the train split of the same
-    folders and scored on ``records`` (``baseline``), and each folder's variant (``tc_variant``)."""
+    folders and scored on ``records`` (``baseline``), each folder's variant (``tc_variant``), and,
+    when the config holds several TC folders (e.g. the paper's set and the ``msd-only`` variant),
+    the model's and the baseline's metrics per folder (``per_folder``)."""
     from minigpt4.evaluation.baselines import BASELINE_NAME, histogram_baseline_metrics
+    from minigpt4.evaluation.classification import summarize
 
     names = [n for n, d in cfg.datasets.items() if d.task == CLASSIFICATION]
-    variants = {n: tc_variant(cfg.datasets[n].root, records) for n in names}
+    roots = {n: cfg.datasets[n].root for n in names}
+    variants = {n: tc_variant(roots[n], [r for r in records if _in_folder(r, roots[n])]) for n in names}
     try:
         train, _ = load_task_records(cfg, CLASSIFICATION, "train")
     except (FileNotFoundError, ValueError) as err:
-        return {"baseline": {"name": BASELINE_NAME, "skipped": f"no usable train split ({err})"}, "tc_variant": variants}
-    return {"baseline": histogram_baseline_metrics(train, records, n_boot=0, seed=seed), "tc_variant": variants}
+        skipped = {"name": BASELINE_NAME, "skipped": f"no usable train split ({err})"}
+        return {"baseline": skipped, "tc_variant": variants}
+    context: dict[str, Any] = {"baseline": histogram_baseline_metrics(train, records, n_boot=0, seed=seed),
+                               "tc_variant": variants}
+    if len(names) > 1:
+        per_folder = {}
+        for n in names:
+            picked = [i for i, r in enumerate(records) if _in_folder(r, roots[n])]
+            folder_train = [r for r in train if _in_folder(r, roots[n])]
+            per_folder[n] = {"root": roots[n], "variant": variants[n], **summarize([rows[i] for i in picked]),
+                             "baseline": histogram_baseline_metrics(folder_train, [records[i] for i in picked], seed=seed)}
+        context["per_folder"] = per_folder
+    return context
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -339,7 +358,7 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
     label = f"epoch {best['epoch']} (best on val)"
     if subset:
         label += f", subset of {len(best_rows)} test slices (--max-samples/--q-ids), not the test set"
-    write_text_atomic(out / "tables.md", tables.epochs_table(epochs, best["epoch"]) + "\n" + tables.detection_table(best_metrics, label))
+    write_text_atomic(out / "tables.md", tables.epochs_table(epochs, best["epoch"], best_metrics["threshold"]) + "\n" + tables.detection_table(best_metrics, label))
     write_jsonl_atomic(out / "predictions.jsonl", best_rows)
     if not args.no_figures and best_rows:
         figures.detection_examples(best_rows, out / "examples.png")
@@ -376,7 +395,7 @@ def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
         if task == CLASSIFICATION:
             rows = predict_classification(model, records, batch, num_workers=cfg.run.num_workers, progress=_progress(task))
             metrics = classification_metrics(rows, n_boot=args.bootstrap, seed=cfg.run.seed)
-            metrics.update(classification_context(cfg, records, cfg.run.seed))
+            metrics.update(classification_context(cfg, records, rows, cfg.run.seed))
         else:
             rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers, progress=_progress(task))
             metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
