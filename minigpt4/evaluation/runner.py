@@ -34,8 +34,8 @@ from minigpt4.evaluation.common import (
     subsample,
 )
 from minigpt4.evaluation.detection import detection_metrics, predict_detection, primary_score
-from minigpt4.evaluation.leakage import check_evaluation
 from minigpt4.evaluation.detection import rescore_rows as rescore_detection
+from minigpt4.evaluation.leakage import check_evaluation
 from minigpt4.io import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from minigpt4.prompts import CLASSIFICATION_QUESTIONS, DETECTION_TEMPLATES
 
