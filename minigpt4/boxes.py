@@ -4,8 +4,8 @@ Conventions (SPEC §3, §6):
 
 * **Pixel box** ``[x_min, y_min, x_max, y_max]``: *inclusive* pixel indices of the mask in the
   PNG (x = column, y = row), origin at the top-left pixel. ``[0, 0, 0, 0]`` = no target.
-* **Grid box**: the same box on a 0–100 integer grid, ``floor(x / width * 100)`` and
-  ``floor(y / height * 100)``; written as text ``{<x1><y1><x2><y2>}`` with no spaces.
+* **Grid box**: the same box on a 0–100 integer grid, ``floor(x * 100 / width)`` and
+  ``floor(y * 100 / height)``; written as text ``{<x1><y1><x2><y2>}`` with no spaces.
 * **Scoring** (the release's rule, :data:`SCORING_RULE`, kept so numbers are comparable with the
   paper): every run of digits in the answer; exactly four → the box as written, anything else a
   bad answer (:func:`parse_box`). The box goes back to pixels as ``x * width / 100`` and
