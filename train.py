@@ -25,8 +25,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
 
+    from minigpt4.evaluation.leakage import check_training_config
     from minigpt4.training import train  # after config parsing, so --help and config errors are fast
 
+    check_training_config(cfg)  # no test volume of any dataset is trained on (here or by init_from)
     result = train(cfg)
     if result.best_score is not None:
         print(f"done: {result.step} steps, {result.epoch} epochs, best val score {result.best_score:.4f} "

@@ -7,7 +7,8 @@ tc-import``) and reports held-out (test) accuracy and ROC AUC for:
 
 1. ``hist``: crop width, height, area, aspect and a 32-bin intensity histogram + mean/std →
    gradient boosting (SPEC §4 item 10: the crop size and histogram alone separate the TC classes,
-   because yes = MSD and no = NIH come from different scanners/phases);
+   because yes = MSD and no = NIH come from different scanners/phases); the same code
+   (:mod:`minigpt4.evaluation.baselines`) prints this row in ``eval_classification.py``'s Table 2;
 2. ``cnn``: a 3-layer CNN on 64×64 grayscale crops (Adam 1e-3, 8 epochs, batch 64), ~1 min CPU;
 3. ``model``: the checkpoint (a project checkpoint folder whose ``config.yaml`` holds its model
    config): greedy yes/no answers → accuracy, P(yes) at the first answer token → AUC.
@@ -18,7 +19,6 @@ Writes a JSON summary with ``--json``. Seeds are fixed; runtime is printed per m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,16 +30,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minigpt4.evaluation.baselines import fit_histogram_baseline, histogram_probabilities  # noqa: E402
+from minigpt4.evaluation.baselines import labels_of as _labels  # noqa: E402
 from preprocessing.layout import read_prepared  # noqa: E402
 
 
 def _gray(path: str) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("L"), dtype=np.uint8)
-
-
-def _labels(records: Sequence[dict]) -> np.ndarray:
-    return np.array([1 if r["answer"] == "yes" else 0 for r in records])
 
 
 def _metrics(y: np.ndarray, p_yes: np.ndarray, pred: Optional[np.ndarray] = None) -> dict:
@@ -49,22 +47,10 @@ def _metrics(y: np.ndarray, p_yes: np.ndarray, pred: Optional[np.ndarray] = None
     return {"accuracy": float((pred == y).mean()), "auc": float(roc_auc_score(y, p_yes)), "n": int(len(y))}
 
 
-def hist_features(records: Sequence[dict]) -> np.ndarray:
-    rows = []
-    for r in records:
-        a = _gray(r["image"])
-        h, w = a.shape
-        hist = np.histogram(a, bins=32, range=(0, 256))[0] / a.size
-        rows.append(np.concatenate([[w, h, w * h, w / h, a.mean(), a.std()], hist]))
-    return np.array(rows)
-
-
 def run_hist(train: list, test: list, seed: int) -> dict:
-    from sklearn.ensemble import GradientBoostingClassifier
-
+    """The package's Table 2 baseline (minigpt4/evaluation/baselines.py), timed."""
     t0 = time.perf_counter()
-    clf = GradientBoostingClassifier(random_state=seed).fit(hist_features(train), _labels(train))
-    p = clf.predict_proba(hist_features(test))[:, 1]
+    p = histogram_probabilities(fit_histogram_baseline(train, seed), test)
     return {**_metrics(_labels(test), p), "seconds": time.perf_counter() - t0}
 
 

@@ -4,11 +4,13 @@ Conventions (SPEC §3, §6):
 
 * **Pixel box** ``[x_min, y_min, x_max, y_max]``: *inclusive* pixel indices of the mask in the
   PNG (x = column, y = row), origin at the top-left pixel. ``[0, 0, 0, 0]`` = no target.
-* **Grid box**: the same box on a 0–100 integer grid, ``floor(x / width * 100)`` and
-  ``floor(y / height * 100)``; written as text ``{<x1><y1><x2><y2>}`` with no spaces.
-* **Scoring**: a predicted grid box goes back to pixels as ``x * width / 100`` and
-  ``y * height / 100`` (floats), and IoU is continuous, ``(x2-x1)*(y2-y1)`` areas, no ``+1``
-  (the release's rule, kept so numbers are comparable with the paper).
+* **Grid box**: the same box on a 0–100 integer grid, ``floor(x * 100 / width)`` and
+  ``floor(y * 100 / height)``; written as text ``{<x1><y1><x2><y2>}`` with no spaces.
+* **Scoring** (the release's rule, :data:`SCORING_RULE`, kept so numbers are comparable with the
+  paper): every run of digits in the answer; exactly four → the box as written, anything else a
+  bad answer (:func:`parse_box`). The box goes back to pixels as ``x * width / 100`` and
+  ``y * height / 100`` (floats), and IoU is continuous, ``max(0, x2-x1)*max(0, y2-y1)`` areas, no
+  ``+1``. Nothing clips or reorders a predicted box.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ def pixel_to_grid(box: Sequence[float], width: int, height: int) -> tuple[int, i
         raise ValueError(f"image size must be positive, got {width}x{height}")
     x1, y1, x2, y2 = box
     scale = ((x1, width), (y1, height), (x2, width), (y2, height))
-    return tuple(min(GRID, max(0, math.floor(v / size * GRID))) for v, size in scale)  # type: ignore[return-value]
+    # v * GRID / size is one correctly rounded division, exact at integers; v / size * GRID is not
+    # (29 / 100 * 100 = 28.999999999999996 floors to 28)
+    return tuple(min(GRID, max(0, math.floor(v * GRID / size))) for v, size in scale)  # type: ignore[return-value]
 
 
 def grid_to_pixel(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
@@ -55,36 +59,52 @@ def box_answer(pixel_box: Sequence[float], width: int, height: int) -> str:
     return format_box(pixel_to_grid(pixel_box, width, height))
 
 
-# <12><34><56><78>, tolerant of spaces, decimals and a missing/extra brace.
-_BOX_RE = re.compile(
-    r"<\s*(-?\d+(?:\.\d+)?)\s*>\s*,?\s*<\s*(-?\d+(?:\.\d+)?)\s*>\s*,?\s*"
-    r"<\s*(-?\d+(?:\.\d+)?)\s*>\s*,?\s*<\s*(-?\d+(?:\.\d+)?)\s*>"
-)
+SCORING_RULE = "release"
+"""The one parsing rule used by training validation, evaluation and the demo (SPEC §6)."""
+
+_DIGIT_RUN_RE = re.compile(r"\d+")
+# A digit run longer than this cannot be a grid value; it would overflow the float rescaling
+# (the release would crash on it). Answers are at most ``max_new_tokens`` (20) pieces anyway.
+_MAX_DIGITS = 300
 
 
 def parse_box(text: Optional[str]) -> Optional[tuple[int, int, int, int]]:
-    """Find the first ``<x1><y1><x2><y2>`` group in a model answer.
+    """The release's rule (``eval_scripts/evaluate_predictions.py``): every run of digits in the
+    answer; exactly four → the box **as written**, otherwise None (a bad answer).
 
-    Tolerant: braces optional, spaces allowed, decimals rounded; values are clipped to 0–100 and
-    corners ordered so that x1 <= x2 and y1 <= y2. Returns None when no box can be read. Never
-    raises, whatever the input.
+    Nothing is clipped, rounded or reordered: reversed corners stay reversed (area 0 → IoU 0),
+    values over 100 stay over 100, a minus sign is dropped (``\\d+`` does not see it), a decimal
+    adds a digit run (→ bad answer), prose with other numbers, two boxes or an empty answer are bad
+    answers. Never raises, whatever the input.
 
     >>> parse_box("{<80><20><10><90>}")
-    (10, 20, 80, 90)
-    >>> parse_box("the pancreas") is None
+    (80, 20, 10, 90)
+    >>> parse_box("{<1><2><3><4>} and {<5><6><7><8>}") is None
     True
     """
     if not isinstance(text, str):
         return None
-    match = _BOX_RE.search(text)
-    if match is None:
+    runs = _DIGIT_RUN_RE.findall(text)
+    if len(runs) != 4 or any(len(r) > _MAX_DIGITS for r in runs):
         return None
-    try:
-        # clip before rounding: a huge literal is float('inf'), which round() cannot take
-        x1, y1, x2, y2 = (round(min(GRID, max(0.0, float(g)))) for g in match.groups())
-    except (ValueError, OverflowError):
-        return None
-    return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+    x1, y1, x2, y2 = (int(r) for r in runs)  # int() also reads non-ASCII digits, as the release
+    return (x1, y1, x2, y2)
+
+
+def box_problem(text: Optional[str]) -> Optional[str]:
+    """Why an answer scores 0 under the release rule, in words (for the demo); None when it is a
+    box with positive area."""
+    if not isinstance(text, str) or not text.strip():
+        return "the answer is empty"
+    runs = _DIGIT_RUN_RE.findall(text)
+    if len(runs) != 4:
+        return f"the scoring rule needs exactly four numbers, this answer has {len(runs)}"
+    box = parse_box(text)
+    if box is None:
+        return "a number is too long to be a grid value"
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return "its corners are reversed or equal (zero area), so it scores IoU 0"
+    return None
 
 
 def box_area(box: Sequence[float]) -> float:
@@ -105,7 +125,8 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 def score_answer(answer: Optional[str], gt_pixel_box: Sequence[float], width: int, height: int) -> tuple[Optional[tuple[float, float, float, float]], float]:
     """Parse a detection answer and score it against the ground-truth pixel box.
 
-    Returns ``(pred_pixel_box or None, iou)``; an unparseable answer scores 0.
+    Returns ``(pred_pixel_box or None, iou)``: the release rule (:func:`parse_box`), the box
+    rescaled as written (no clipping or reordering) and continuous IoU; a bad answer scores 0.
     """
     grid = parse_box(answer)
     if grid is None:
@@ -115,24 +136,35 @@ def score_answer(answer: Optional[str], gt_pixel_box: Sequence[float], width: in
 
 
 _YES_NO_RE = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
+_WORD_RE = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
 def parse_yes_no(text: Optional[str]) -> Optional[str]:
-    """``'Yes.'`` → ``'yes'``, ``' no'`` → ``'no'``; anything else → None (counted as invalid,
-    never silently as ``no``)."""
+    """``'Yes.'`` → ``'yes'``, ``' no, there is none'`` → ``'no'``; anything else → None (counted
+    as invalid, never silently as ``no``).
+
+    The answer must start with yes or no (any casing) and not contain the other word: ``'Yes/No'``
+    and ``'yes no'`` hedge between the classes and are invalid, not ``yes``.
+    """
     if not isinstance(text, str):
         return None
     match = _YES_NO_RE.match(text)
-    return match.group(1).lower() if match else None
+    if match is None:
+        return None
+    verdict = match.group(1).lower()
+    if any(word.lower() != verdict for word in _WORD_RE.findall(text)):
+        return None
+    return verdict
 
 
 def grid_to_pixel_inclusive(box: Sequence[int], width: int, height: int) -> tuple[int, int, int, int]:
     """0–100 grid box → the widest *inclusive* pixel box whose :func:`pixel_to_grid` is ``box``.
 
-    Pixel ``x`` lies in grid cell ``floor(x / width * 100)``; so the first pixel of cell ``g`` is
-    ``ceil(g * width / 100)`` and the last pixel of cell ``g`` is ``ceil((g + 1) * width / 100) - 1``.
-    A box answered exactly right thus covers the whole ground-truth box (at most one grid cell
-    more per side). Used to cut crops from predicted boxes (the cascade's stage 2 input).
+    Pixel ``x`` lies in grid cell ``floor(x * 100 / width)``; so the first pixel of cell ``g`` is
+    ``ceil(g * width / 100)`` and the last pixel of cell ``g`` is ``ceil((g + 1) * width / 100) - 1``
+    (integer arithmetic, exact). A box answered exactly right thus covers the whole ground-truth
+    box (at most one grid cell more per side). Used to cut crops from predicted boxes (the
+    cascade's stage 2 input).
 
     >>> grid_to_pixel_inclusive((25, 50, 74, 99), 512, 512)
     (128, 256, 383, 511)
@@ -141,24 +173,11 @@ def grid_to_pixel_inclusive(box: Sequence[int], width: int, height: int) -> tupl
         raise ValueError(f"image size must be positive, got {width}x{height}")
     x1, y1, x2, y2 = (min(GRID, max(0, int(v))) for v in box)
 
-    def cell(x: int, size: int) -> int:  # exactly pixel_to_grid's float rule
-        return math.floor(x / size * GRID)
+    def first(g: int, size: int) -> int:  # ceil(g * size / 100)
+        return min(size - 1, -((-g * size) // GRID))
 
-    def first(g: int, size: int) -> int:  # first pixel whose cell is >= g
-        x = min(size - 1, -((-g * size) // GRID))  # ceil(g * size / 100), then fix float rounding
-        while x > 0 and cell(x - 1, size) >= g:
-            x -= 1
-        while x < size - 1 and cell(x, size) < g:
-            x += 1
-        return x
-
-    def last(g: int, size: int) -> int:  # last pixel whose cell is <= g
-        x = min(size - 1, max(0, -((-(g + 1) * size) // GRID) - 1))
-        while x < size - 1 and cell(x + 1, size) <= g:
-            x += 1
-        while x > 0 and cell(x, size) > g:
-            x -= 1
-        return x
+    def last(g: int, size: int) -> int:  # ceil((g + 1) * size / 100) - 1
+        return min(size - 1, max(0, -((-(g + 1) * size) // GRID) - 1))
 
     fx, fy = first(x1, width), first(y1, height)
     return (fx, fy, max(fx, last(x2, width)), max(fy, last(y2, height)))

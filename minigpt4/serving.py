@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from minigpt4.boxes import EMPTY_BOX, grid_to_pixel, parse_box, parse_yes_no
+from minigpt4.boxes import EMPTY_BOX, box_problem, grid_to_pixel, parse_box, parse_yes_no
 from minigpt4.config import DecodingConfig
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
 
@@ -524,10 +524,11 @@ def describe_answer(answer: Answer, width: int, height: int) -> str:
     raw = answer.text.strip() or "(empty answer)"
     raw_md = "`" + raw.replace("`", "'") + "`"
     if answer.task == "detection":
-        if answer.grid_box is None:
-            return f"The answer contains no box. Model answer: {raw_md}"
-        if tuple(answer.grid_box) == EMPTY_BOX:
+        if answer.grid_box is not None and tuple(answer.grid_box) == EMPTY_BOX:
             return f"The model reports the target absent from this slice (empty box). Model answer: {raw_md}"
+        problem = box_problem(answer.text)  # the scoring rule's verdict (the release's)
+        if problem is not None:
+            return f"Not a valid box answer: {problem}; evaluation scores it IoU 0. Model answer: {raw_md}"
         x1, y1, x2, y2 = (round(v) for v in answer.pixel_box)
         return (
             f"**Box** (pixels, x1 y1 x2 y2 on the {width}×{height} image): **[{x1}, {y1}, {x2}, {y2}]**, "

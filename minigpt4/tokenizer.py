@@ -160,3 +160,20 @@ def load_tokenizer(tokenizer_path: Optional[str] = None, text_path: Optional[str
             )
         return Tokenizer(path)
     return Tokenizer(tiny_tokenizer_path())
+
+
+def casing_piece_ids(tokenizer: Tokenizer, word: str) -> list[int]:
+    """Ids of the single pieces that spell ``word`` in its casing variants (``yes``, ``Yes``,
+    ``YES``), with and without SentencePiece's leading-space mark ``▁``; variants that are not
+    one piece of the vocabulary are left out (their first piece, e.g. ``▁Y``, starts other words).
+
+    LLaMA-2: ``casing_piece_ids(t, "yes")`` → ids of ``yes ▁yes Yes ▁Yes YES ▁YES``.
+    """
+    unk = tokenizer.sp.unk_id()
+    ids: list[int] = []
+    for variant in dict.fromkeys((word.lower(), word.capitalize(), word.upper())):
+        for piece in (variant, "\u2581" + variant):
+            piece_id = tokenizer.sp.piece_to_id(piece)
+            if piece_id != unk and tokenizer.sp.id_to_piece(piece_id) == piece and piece_id not in ids:
+                ids.append(piece_id)
+    return ids

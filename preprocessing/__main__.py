@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--assume-orientation", metavar="CODES",
                        help="axis codes (RAS, LPS, ...) of NIfTI files whose header has no orientation "
                             "(qform_code = sform_code = 0); such files are refused without it")
+        if name == "abd":
+            p.add_argument("--exclude-overlap-with", nargs="+", metavar="PREPARED_OR_RAW_DIR",
+                           help="MSD / NIH folders: ABD volumes that are the same scans (by content) stay out of "
+                                "ABD val/test and are listed in the manifest")
         _common(p)
     p = sub.add_parser("tc", help="tumor-classification crops from prepared MSD and NIH folders")
     p.add_argument("--msd", required=True)
@@ -86,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-ratio", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--split-from", nargs="+", metavar="PREPARED_DIR",
+                   help="prepared MSD / NIH folders: each crop volume keeps the cascade's split (no leakage)")
     p = sub.add_parser("synthetic", help="synthetic CT phantoms in a dataset's file layout")
     p.add_argument("--out", required=True)
     p.add_argument("--scheme", choices=("msd", "nih", "abd"), required=True)
@@ -113,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
                        balanced=args.balanced, all_slices=args.all_slices, label_map=_label_map(args.label_map),
                        on_error=args.on_error,
                        workers=args.workers, overwrite=args.overwrite,
-                       assume_orientation=args.assume_orientation)
+                       assume_orientation=args.assume_orientation,
+                       exclude_overlap_with=getattr(args, "exclude_overlap_with", None))
         prepare(opts)
     elif args.command == "synthetic":
         from preprocessing.synthetic import generate
@@ -130,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         from preprocessing.tc import import_tc
 
         import_tc(args.images, args.out, csv_path=args.csv, test_ratio=args.test_ratio, val_ratio=args.val_ratio,
-                  seed=args.seed, overwrite=args.overwrite)
+                  seed=args.seed, overwrite=args.overwrite, split_from=args.split_from)
     elif args.command == "report":
         from preprocessing.report import report
 

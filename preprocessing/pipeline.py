@@ -61,6 +61,8 @@ class Options:
     workers: int = 1
     overwrite: bool = False
     assume_orientation: Optional[str] = None
+    exclude_overlap_with: Optional[list] = None
+    """Folders (prepared or raw) whose scans must stay out of this dataset's val/test (ABD)."""
 
     def parameters(self) -> dict:
         """What determines the output (on_error/workers/overwrite only say how to run)."""
@@ -82,6 +84,8 @@ class Options:
             params["assume_orientation"] = self.assume_orientation
         if self.all_slices:
             params["all_slices"] = True
+        if self.exclude_overlap_with:
+            params["exclude_overlap_with"] = [str(Path(p).resolve()) for p in self.exclude_overlap_with]
         return params
 
 
@@ -606,7 +610,16 @@ def prepare(opts: Options, log=print) -> dict:
     done = sorted({r["volume_name"] for r in infos})
     if not done:
         raise PreparationError(f"{out}: no volume could be prepared ({len(skipped)} skipped)")
-    split = splits.split_volumes(done, opts.test_ratio, opts.val_ratio, opts.seed)
+    overlap_found = None
+    if opts.exclude_overlap_with:  # the same scans in other datasets: never in this val/test
+        from preprocessing import overlap
+
+        own = [(j.volume_name, j.image, j.kind) for j in jobs if j.volume_name in set(done)]
+        overlap_found = overlap.find_overlap(own, opts.exclude_overlap_with, workers)
+        split = overlap.split_keeping_in_train(done, list(overlap_found), opts.test_ratio, opts.val_ratio, opts.seed)
+        log(f"{ds}: {len(overlap_found)} volume(s) are scans of {', '.join(map(str, opts.exclude_overlap_with))}: kept in train")
+    else:
+        split = splits.split_volumes(done, opts.test_ratio, opts.val_ratio, opts.seed)
     check_splits_not_empty(out, ds, infos, split, opts.threshold, opts.seed, without_target)
     for s, ratio in (("test", opts.test_ratio), ("val", opts.val_ratio)):
         if ratio > 0 and not split[s]:  # a warning only: tiny phantom sets and benchmarks do this on purpose
@@ -629,6 +642,8 @@ def prepare(opts: Options, log=print) -> dict:
         "skipped": skipped, "volumes_without_target": without_target, "stale_files_removed": removed,
         "timings": {k: round(v, 3) for k, v in timings.items()}, "files": sorted(files),
     }
+    if overlap_found is not None:
+        manifest["overlap"] = overlap_found
     write_json_atomic(out / "manifest.json", manifest)
     empty_note = f" ({', '.join(without_target[:5])}{', ...' if len(without_target) > 5 else ''})" \
         if without_target else ""

@@ -190,12 +190,52 @@ def _read_csv(images: Path, csv_path: Path) -> list[dict]:
     return rows
 
 
+def inherited_split(volumes: dict[str, set], split_from) -> dict:
+    """The cascade's split for crop volumes: each volume takes the split it has in the prepared
+    folder of its dataset (``split.json`` of an MSD / NIH folder among ``split_from``), so that no
+    TC test crop comes from a volume an earlier stage trained on.
+
+    Args:
+        volumes: ``{dataset: {volume_name, ...}}`` of the crops.
+        split_from: prepared folders (``python -m preprocessing msd|nih``).
+    Returns:
+        ``{"inherited_from": {dataset: folder}, "train": [...], "val": [...], "test": [...]}``.
+    Raises:
+        ValueError: a crop dataset without a folder, two folders of one dataset, or crop volumes
+            that the folder does not hold (listed).
+    """
+    where, sources = {}, {}
+    for folder in split_from:
+        root = Path(folder).resolve()
+        ds = layout.dataset_name(root)
+        if ds in sources:
+            raise ValueError(f"--split-from: two {ds} folders ({sources[ds]}, {root})")
+        sources[ds] = str(root)
+        where[ds] = splits.split_of(read_json(root / "annotations" / "split.json"))
+    doc: dict = {"inherited_from": sources, **{s: [] for s in splits.SPLITS}}
+    for ds, names in sorted(volumes.items()):
+        if ds not in where:
+            raise ValueError(f"--split-from: no prepared {ds} folder given for the {ds} crops "
+                             f"(given: {sorted(sources) or 'none'})")
+        unknown = sorted(v for v in names if v not in where[ds])
+        if unknown:
+            raise ValueError(f"--split-from {sources[ds]}: {len(unknown)} {ds} crop volume(s) are not in its "
+                             f"split.json: {unknown[:10]}")
+        for v in names:
+            doc[where[ds][v]].append(v)
+    for s in splits.SPLITS:
+        doc[s].sort()
+    return doc
+
+
 def import_tc(images, out, csv_path: Optional[str] = None, test_ratio: float = 0.2, val_ratio: float = 0.1,
-              seed: int = 42, overwrite: bool = False) -> dict:
+              seed: int = 42, overwrite: bool = False, split_from: Optional[list] = None) -> dict:
     """Turn existing crops into a TC folder (split by volume; ratios 0 and 1 allowed).
 
     Without a CSV, file names decide: ``PANCREAS_00XX_slice_K.png`` → NIH, ``no``;
     ``pancreas_XXX_slice_K.png`` → MSD, ``yes``; any other PNG is an error naming it.
+    With ``split_from`` (prepared MSD / NIH folders), every crop volume keeps the split of the
+    cascade (:func:`inherited_split`) instead of a new draw; the ratios are then unused.
     """
     from PIL import Image
 
@@ -220,7 +260,14 @@ def import_tc(images, out, csv_path: Optional[str] = None, test_ratio: float = 0
         raise ValueError(f"{images}: no crops found")
     params = {"import": str(images), "csv": str(Path(csv_path).resolve()) if csv_path else None,
               "test_ratio": float(test_ratio), "val_ratio": float(val_ratio), "seed": int(seed)}
-    split_doc = splits.split_volumes({r["volume_name"] for r in rows}, test_ratio, val_ratio, seed)
+    if split_from:
+        by_dataset: dict[str, set] = {}
+        for r in rows:
+            by_dataset.setdefault(r["dataset"], set()).add(r["volume_name"])
+        split_doc = inherited_split(by_dataset, split_from)
+        params["split_from"] = split_doc["inherited_from"]
+    else:
+        split_doc = splits.split_volumes({r["volume_name"] for r in rows}, test_ratio, val_ratio, seed)
     where = splits.split_of(split_doc)
     names = set()
     for r in rows:

@@ -134,9 +134,9 @@ def test_grid_box_to_the_widest_inclusive_pixel_box():
     assert grid_to_pixel_inclusive((25, 50, 74, 99), 512, 512) == (128, 256, 383, 511)
     assert grid_to_pixel_inclusive((10, 10, 10, 10), 512, 512) == (52, 52, 56, 56)  # 51.2 → 52 .. 56.32 → 56
     assert grid_to_pixel_inclusive((0, 0, 100, 100), 64, 48) == (0, 0, 63, 47)  # clipped to the image
-    # 600 px: 174 / 600 * 100 is 28.999… in floating point: pixel_to_grid puts pixel 174 in cell 28
-    assert pixel_to_grid((174, 174, 174, 174), 600, 600)[0] == 28
-    assert grid_to_pixel_inclusive((29, 29, 29, 29), 600, 600)[0] == 175
+    # 600 px: pixel 174 is exactly the first of cell 29 (174 * 100 / 600 = 29, computed exactly)
+    assert pixel_to_grid((174, 174, 174, 174), 600, 600)[0] == 29
+    assert grid_to_pixel_inclusive((29, 29, 29, 29), 600, 600) == (174, 174, 179, 179)
     rng = np.random.default_rng(0)
     for _ in range(3000):  # the round trip and "widest": one more pixel changes the grid box
         w, h = (int(v) for v in rng.integers(5, 700, size=2))

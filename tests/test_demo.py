@@ -222,7 +222,14 @@ def test_empty_box_unparseable_and_questions():
     empty = service.ask(image, TUMOR_Q)
     assert "target absent" in empty.message and service.answer_boxes(empty) == []
     none = service.ask(image, PANCREAS_Q)
-    assert none.grid_box is None and "contains no box" in none.message and service.answer_boxes(none) == []
+    assert none.grid_box is None and service.answer_boxes(none) == []
+    assert none.message.startswith("Not a valid box answer: the scoring rule needs exactly four numbers, this answer has 0;")
+    # the release's rule: reversed corners are read as written, zero area, nothing drawn
+    service.model.answers[PANCREAS_Q] = "{<50><80><10><20>}"
+    reversed_box = service.ask(image, PANCREAS_Q)
+    assert reversed_box.grid_box == (50, 80, 10, 20)
+    assert np.array_equal(np.asarray(service.annotated(image, reversed_box)), np.asarray(service.annotated(image, None)))
+    assert "corners are reversed or equal (zero area)" in reversed_box.message
     question = service.classify(image)
     assert question.instruction == YES_Q and question.task == "question"
     assert 0.0 < question.p_yes < 1.0

@@ -27,7 +27,7 @@ SHARED_TC = ROOT.parent / "shared" / "data" / "tc_crops"
 
 DETECTION_ROW_KEYS = {"q_id", "dataset", "volume_name", "slice_index", "image", "target", "question", "answer",
                       "parsed", "pred_box", "gt_box", "width", "height", "iou"}
-SUMMARY_KEYS = {"n", "n_parsed", "mean_iou", "mean_iou_parsed", "parse_rate", "acc_at_0.5"}
+SUMMARY_KEYS = {"n", "n_parsed", "mean_iou", "mean_iou_parsed", "parse_rate", "acc_at_0.5", "grid_ceiling"}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,12 @@ def test_checkpoints_mode_picks_best_on_val(synthetic, trained, tmp_path):
     for e in epochs:
         assert (tmp_path / f"epoch_{e['epoch']}" / "test" / "predictions.jsonl").is_file()
     assert read_json(tmp_path / "metrics.json")["best_epoch"] == summary["best_epoch"]
-    assert "Table 1 — detection IoU by epoch" in (tmp_path / "tables.md").read_text()
+    tables_md = (tmp_path / "tables.md").read_text()
+    assert "Table 1 — detection IoU by epoch" in tables_md
+    # 4 evenly spaced test slices are not the test set: neither key nor label say "best_test"
+    assert "best_test" not in summary and summary["best_test_subset"]["n"] == 4
+    assert summary["subset"] == {"max_samples": 4, "q_ids": None}
+    assert "subset of 4 test slices (--max-samples/--q-ids), not the test set" in tables_md
 
 
 class _NoModel(Exception):
@@ -234,8 +239,25 @@ def test_classification_outputs_and_batch_invariance(tc_folder, tmp_path):
     invalid = sum(r["pred_answer"] is None for r in rows)
     assert m["invalid"] == invalid
     assert m["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
-    assert "Table 2 — pancreatic tumor classification" in (tmp_path / "b4" / "tables.md").read_text()
+    tables_md = (tmp_path / "b4" / "tables.md").read_text()
+    assert "Table 2 — pancreatic tumor classification" in tables_md
     assert (tmp_path / "b4" / "confusion_matrix.png").is_file()
+    # the model-free baseline, fitted on the same folder's train split, scored on the same rows
+    from minigpt4.evaluation.baselines import histogram_baseline_rows
+
+    train = read_prepared(tc_folder, "tumor_classification", "train")
+    base_rows = histogram_baseline_rows(train, expected, seed=42)
+    base = m["baseline"]
+    assert base["n_train"] == len(train) and base["n"] == len(rows)
+    assert base["accuracy"] == pytest.approx(np.mean([r["correct"] for r in base_rows]))
+    assert f"| crop size + intensity histogram → gradient boosting (no model), same rows | {base['accuracy']:.3f} |" in tables_md
+    assert m["tc_variant"] == {"tc": "paper"}  # tc-import of NIH = no, MSD = yes crops
+    # per source: NIH is all no (accuracy = specificity), MSD all yes (= sensitivity); no precision
+    assert m["per_dataset"]["NIH"]["measures"] == "specificity" and m["per_dataset"]["MSD"]["measures"] == "sensitivity"
+    assert "precision" not in m["per_dataset"]["NIH"] and set(m["ci95"]["per_dataset"]["MSD"]) == {"accuracy"}
+    nih = m["per_dataset"]["NIH"]
+    low, high = m["ci95"]["per_dataset"]["NIH"]["accuracy"]
+    assert f"| NIH | {nih['n']} | 0 | {nih['n_no']} | specificity | {nih['accuracy']:.3f} [{low:.3f}, {high:.3f}] |" in tables_md
 
     m1 = run(tmp_path / "b1", 1)
     rows1 = read_jsonl(tmp_path / "b1" / "predictions.jsonl")
@@ -248,6 +270,31 @@ def test_classification_outputs_and_batch_invariance(tc_folder, tmp_path):
                                       "--predictions", str(tmp_path / "b4" / "predictions.jsonl"), "--bootstrap", "50"])
     for key in ("accuracy", "precision", "recall", "f1", "auc", "invalid", "confusion_matrix", "ci95"):
         assert again[key] == m[key], key
+
+
+def test_msd_only_variant_is_reported_per_folder(tc_folder, tmp_path):
+    from preprocessing.tc import import_tc
+
+    # a confound-free folder: both classes from MSD (volume names distinct from the paper set's)
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    rng = np.random.default_rng(1)
+    lines = ["image,dataset,volume,slice_index,answer"]
+    for v in range(6):
+        name = f"m{v}.png"
+        Image.fromarray(rng.integers(0, 255, (20 + v, 24), dtype=np.uint8)).save(crops / name)
+        lines.append(f"{name},MSD,msd_only_{v},1,{'yes' if v % 2 else 'no'}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    import_tc(crops, tmp_path / "TC_msd_only", csv_path=str(tmp_path / "labels.csv"), test_ratio=0.5, val_ratio=0.0, seed=0)
+    m = eval_classification.main(["--cfg-path", str(TC_EVAL), "--options", f"datasets.tc.root={tc_folder}",
+                                  f"datasets.tc_msd.root={tmp_path / 'TC_msd_only'}", "datasets.tc_msd.task=tumor_classification",
+                                  "model.ckpt=null", f"run.output_dir={tmp_path / 'out'}", "--bootstrap", "0", "--no-figures"])
+    assert m["tc_variant"] == {"tc": "paper", "tc_msd": "msd-only"}
+    folders = m["per_folder"]
+    assert folders["tc_msd"]["n"] == 3 and folders["tc"]["n"] + 3 == m["n"]
+    assert folders["tc_msd"]["n_yes"] + folders["tc_msd"]["n_no"] == 3
+    text = (tmp_path / "out" / "tables.md").read_text()
+    assert "#### Per TC folder" in text and f"| tc_msd | msd-only | 3 | {folders['tc_msd']['accuracy']:.3f} |" in text
 
 
 def test_validation_score_contract(tc_folder, synthetic):

@@ -22,8 +22,13 @@ from minigpt4.io import read_jsonl, write_jsonl_atomic
 #   A NIH 200x100, gt [20,10,59,49], "{<10><10><30><50>}" -> (20,10,60,50): 39*39/(40*40)
 #   C NIH, unparseable -> 0, not parsed
 #   B MSD 100x100, gt [0,0,50,50], "{<25><25><75><75>}" -> 625/4375 = 1/7
-#   D MSD 100x100, gt [0,0,50,50], corners reversed "{<50><50><0><0>}" -> IoU 1
-IOU_A, IOU_B, IOU_D = 1521 / 1600, 1 / 7, 1.0
+#   D MSD 100x100, gt [0,0,50,50], corners reversed "{<50><50><0><0>}" -> parsed as written
+#     (the release's rule), area max(0, 0-50)*... = 0 -> IoU 0
+IOU_A, IOU_B, IOU_D = 1521 / 1600, 1 / 7, 0.0
+# Grid ceilings (the ground truth's own grid answer): A gt [20,10,59,49] on 200x100 -> grid
+# (10,10,29,49) -> pixels (20,10,58,49): 38*39 / 39*39; C gt [5,5,40,40] -> grid (2,5,20,40) ->
+# pixels (4,5,40,40): 35*35 / 36*35; B, D gt [0,0,50,50] on 100x100 -> exact, 1.
+CEIL_A, CEIL_C = 1482 / 1521, 1225 / 1260
 
 DETECTION_LINES = [
     {"q_id": 0, "dataset": "NIH", "volume_name": "n1", "target": "pancreas", "answer": "{<10><10><30><50>}",
@@ -45,24 +50,26 @@ def test_detection_rescoring_of_a_hand_made_file(tmp_path):
     assert [r["parsed"] for r in rows] == [True, False, True, True]
     assert rows[0]["pred_box"] == [20.0, 10.0, 60.0, 50.0]
     assert rows[1]["pred_box"] is None
-    assert rows[3]["pred_box"] == [0.0, 0.0, 50.0, 50.0]
+    assert rows[3]["pred_box"] == [50.0, 50.0, 0.0, 0.0]  # as written: never reordered
 
     m = detection_metrics(rows, "pancreas_detection", n_boot=0)
     assert set(m) == {"task", "n", "per_dataset", "weighted"}
     nih, msd, avg = m["per_dataset"]["NIH"], m["per_dataset"]["MSD"], m["weighted"]
-    assert set(nih) == {"n", "n_parsed", "mean_iou", "mean_iou_parsed", "parse_rate", "acc_at_0.5"}
+    assert set(nih) == {"n", "n_parsed", "mean_iou", "mean_iou_parsed", "parse_rate", "acc_at_0.5", "grid_ceiling"}
     assert nih["n"] == 2 and nih["n_parsed"] == 1
     assert nih["mean_iou"] == pytest.approx(IOU_A / 2)
     assert nih["mean_iou_parsed"] == pytest.approx(IOU_A)
     assert nih["parse_rate"] == 0.5 and nih["acc_at_0.5"] == 0.5
+    assert nih["grid_ceiling"] == pytest.approx((CEIL_A + CEIL_C) / 2)
     assert msd["mean_iou"] == pytest.approx((IOU_B + IOU_D) / 2)
     assert msd["mean_iou_parsed"] == pytest.approx((IOU_B + IOU_D) / 2)
-    assert msd["parse_rate"] == 1.0 and msd["acc_at_0.5"] == 0.5
+    assert msd["parse_rate"] == 1.0 and msd["acc_at_0.5"] == 0.0 and msd["grid_ceiling"] == 1.0
     # weighted by sample counts = pooled over all samples (the paper's "Average")
     assert avg["n"] == 4
     assert avg["mean_iou"] == pytest.approx((IOU_A + IOU_B + IOU_D) / 4)
     assert avg["mean_iou_parsed"] == pytest.approx((IOU_A + IOU_B + IOU_D) / 3)
-    assert avg["parse_rate"] == 0.75 and avg["acc_at_0.5"] == 0.5
+    assert avg["parse_rate"] == 0.75 and avg["acc_at_0.5"] == 0.25
+    assert avg["grid_ceiling"] == pytest.approx((CEIL_A + CEIL_C + 2) / 4)
 
 
 def test_weighted_average_reproduces_the_papers_table1_average():
@@ -96,7 +103,16 @@ def test_organ_metrics_need_targets():
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"answer": None}, "lacks \\['answer'\\]"), ({"gt_box": [1, 2, 3]}, "gt_box"), ({"width": 0}, "width/height")],
+    [({"answer": None}, "lacks \\['answer'\\]"), ({"gt_box": [1, 2, 3]}, "gt_box must be 4 numbers"),
+     ({"width": 0}, "width must be a positive integer, got 0"),
+     # a NaN box used to score IoU 6.72 and land in tables.md
+     ({"gt_box": [float("nan"), 10, 59, 49]}, "gt_box has a NaN or infinite value"),
+     ({"gt_box": [20, 10, float("inf"), 49]}, "gt_box has a NaN or infinite value"),
+     ({"gt_box": [-1, 10, 59, 49]}, "gt_box has a negative value"),
+     ({"gt_box": [59, 10, 20, 49]}, "gt_box corners are reversed"),
+     ({"gt_box": [20, "10", 59, 49]}, "gt_box must be 4 numbers"),
+     ({"height": 100.5}, "height must be a positive integer, got 100.5"),
+     ({"width": True}, "width must be a positive integer, got True")],
 )
 def test_rescoring_rejects_bad_lines_naming_the_line(change, message):
     line = dict(DETECTION_LINES[0], **change)
@@ -154,9 +170,14 @@ def test_classification_rescoring_of_a_hand_made_file(tmp_path):
     assert m["confusion_matrix"] == {"rows": ["yes", "no"], "columns": ["yes", "no", "invalid"], "counts": [[1, 1, 1], [0, 3, 1]]}
     # the confound made visible: per dataset only one class exists
     msd, nih = m["per_dataset"]["MSD"], m["per_dataset"]["NIH"]
-    assert msd["accuracy"] == pytest.approx(1 / 3) and msd["recall"] == pytest.approx(1 / 3)
-    assert msd["precision"] == 1.0 and msd["auc"] is None
-    assert nih["accuracy"] == pytest.approx(3 / 4) and nih["recall"] is None and nih["precision"] == 0.0
+    # MSD (all yes): accuracy 1/3 is the sensitivity; NIH (all no): 3/4 is the specificity.
+    # Precision, recall, F1, AUC of a one-class source are meaningless and left out.
+    assert msd["accuracy"] == pytest.approx(1 / 3) and msd["measures"] == "sensitivity"
+    assert nih["accuracy"] == pytest.approx(3 / 4) and nih["measures"] == "specificity"
+    assert set(msd) == set(nih) == {"n", "n_yes", "n_no", "accuracy", "invalid", "invalid_rate", "confusion_matrix", "measures"}
+    # a source holding both classes (the msd-only variant) keeps every metric
+    mixed = classification_metrics(rescore_classification([dict(line, dataset="MSD") for line in CLASSIFICATION_LINES]), n_boot=0)
+    assert mixed["per_dataset"]["MSD"]["measures"] == "accuracy" and mixed["per_dataset"]["MSD"]["auc"] == pytest.approx(0.75)
 
 
 def test_invalid_answers_are_never_counted_as_no():
@@ -180,8 +201,9 @@ def test_classification_bootstrap_intervals_bracket_the_estimate():
     ci = m["ci95"]["overall"]
     for name in ("accuracy", "recall", "auc"):
         assert ci[name][0] <= m[name] <= ci[name][1], name
-    # NIH has no positives: recall is undefined in every replicate
-    assert m["ci95"]["per_dataset"]["NIH"]["recall"] is None
+    # NIH has no positives: only its accuracy (= specificity) gets an interval
+    nih = m["ci95"]["per_dataset"]["NIH"]
+    assert set(nih) == {"accuracy"} and nih["accuracy"][0] <= m["per_dataset"]["NIH"]["accuracy"] <= nih["accuracy"][1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,3 +269,75 @@ def test_tables_show_the_papers_numbers_beside_ours():
     assert "| **ours** | 0.571 | 0.500 | 0.333 | 0.400 | 0.750 | 2 |" in text
     assert "0.876 | 0.874 | 0.878 | 0.876" in text
     assert "| yes | 1 | 1 | 1 |" in text and "| no | 0 | 3 | 1 |" in text
+
+
+def test_box_heatmap_cells_are_exact_for_grid_values_29_57_58():
+    from minigpt4.evaluation.figures import box_heatmap
+
+    # float arithmetic put these one cell low: 29 / 100 * 100 = 28.999..., 57 * 5.12 / 512 * 100 = 56.99...
+    gt_rows = [{"gt_box": [29, 57, 58, 58], "width": 100, "height": 100}]
+    pred_rows = [{"pred_box": [29 * 5.12, 57 * 5.12, 58 * 5.12, 58 * 5.12], "width": 512, "height": 512}]
+    answered = [dict(pred_rows[0], answer="{<29><57><58><58>}")]
+    for rows, key in ((gt_rows, "gt_box"), (pred_rows, "pred_box"), (answered, "pred_box")):
+        heat = box_heatmap(rows, key)
+        covered = np.argwhere(heat)  # (row = y, column = x)
+        assert covered[:, 0].tolist() == [57] * 29 and covered[:, 1].tolist() == list(range(29, 58)), (key, rows)
+
+
+def test_box_heatmaps_share_one_colour_scale(tmp_path, monkeypatch):
+    from minigpt4.evaluation import figures
+
+    limits = []
+    original = figures.Figure.add_subplot
+
+    def spy(fig, *args, **kwargs):
+        ax = original(fig, *args, **kwargs)
+        imshow = ax.imshow
+        ax.imshow = lambda *a, **k: limits.append((k.get("vmin"), k.get("vmax"))) or imshow(*a, **k)
+        return ax
+
+    monkeypatch.setattr(figures.Figure, "add_subplot", spy)
+    rows = [{"gt_box": [0, 0, 50, 50], "pred_box": [0, 0, 10, 10], "width": 100, "height": 100}] * 3
+    rows += [{"gt_box": [0, 0, 50, 50], "pred_box": None, "width": 100, "height": 100}]
+    figures.box_heatmaps(rows, tmp_path / "h.png")
+    assert limits == [(0, 4.0), (0, 4.0)]  # gt peaks at 4 boxes, predictions at 3: one scale
+
+
+def test_grid_ceiling_and_threshold_rows_in_table1():
+    from minigpt4.evaluation.tables import detection_table
+
+    rows = rescore_detection(DETECTION_LINES)
+    m = detection_metrics(rows, "pancreas_detection", n_boot=0)
+    m["threshold"] = 0.3
+    text = detection_table(m, "ours")
+    assert "### Table 1 — pancreas detection (IoU), slices with pancreas box ratio > 30 %" in text
+    # appendix Table 2 at 30 %, not Table 1's 60 % rows
+    assert "| Threshold 30 %, paper (appendix Table 2, 10 epochs) | 0.503 | 0.474 | 0.486 |" in text
+    assert "0.574" not in text and "Epoch 21" not in text
+    ceiling = f"{(CEIL_A + CEIL_C) / 2:.3f} | 1.000 | {(CEIL_A + CEIL_C + 2) / 4:.3f}"
+    assert f"| Grid ceiling (ground truth's own grid answer) | {ceiling} |" in text
+    m["threshold"] = 0.6
+    text = detection_table(m, "ours")
+    assert "| Epoch 21, paper (Table 1, 60 %) | 0.595 | 0.550 | 0.574 |" in text
+    assert "| Threshold 60 %, paper (appendix Table 2, 10 epochs) | 0.587 | 0.541 | 0.560 |" in text
+    m["threshold"] = 0.25
+    assert "The paper has no row for threshold 25 %" in detection_table(m, "ours")
+    assert "the release's number, as the paper's tables report it" in text
+
+
+def test_an_abd_file_of_pancreas_rows_is_table4():
+    from minigpt4.evaluation.runner import infer_detection_task
+
+    rows = [{"dataset": "ABD", "target": "pancreas"}]
+    assert infer_detection_task(rows, []) == "organ_detection"
+    assert infer_detection_task([{"dataset": "NIH", "target": "pancreas"}], []) == "pancreas_detection"
+
+
+def test_epochs_table_shows_table1_rows_only_at_60_percent():
+    from minigpt4.evaluation.tables import epochs_table
+
+    m = detection_metrics(rescore_detection(DETECTION_LINES), "pancreas_detection", n_boot=0)
+    epochs = [{"epoch": 0, "val": m, "test": m}]
+    assert "| 21, paper (best) |" in epochs_table(epochs, 0, 0.6)
+    text = epochs_table(epochs, 0, 0.3)
+    assert "paper" not in text.split("\n\n")[1] and "slices with pancreas box ratio > 30 %" in text

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from minigpt4.models.minigpt_v2 import MiniGPTPancreas, build_model, merge_visual_tokens
 from minigpt4.prompts import IGNORE_INDEX, build_prompt_tokens, pad_prompt_batch
+from minigpt4.tokenizer import casing_piece_ids, load_tokenizer
 from tests.tiny import build_tiny_model, tiny_images, tiny_model_config
 
 torch.set_num_threads(1)
@@ -219,18 +222,37 @@ def test_overfit_then_batched_generation_equals_one_by_one():
     assert p_yes.shape == (1,) and p_yes.item() > 0.9
 
 
-def test_yes_probability_matches_first_answer_token_logits(model):
+def test_yes_probability_sums_the_casing_variants_at_the_first_answer_token(model):
     images = tiny_images()
     questions = [INSTRUCTIONS[1], "[vqa] Does the pancreas in the picture have a tumor?"]
     p = model.yes_probability(images, questions)
     assert p.shape == (2,) and bool(((p > 0) & (p < 1)).all())
-    yes, no = model.tokenizer.encode("yes")[0], model.tokenizer.encode("no")[0]
+    # tiny vocabulary: '▁yes' '▁Yes' are pieces ('yes' alone and any 'YES' are not);
+    # 'no' '▁no' 'No' '▁No' are pieces
+    pieces = model.tokenizer.sp.id_to_piece
+    yes_ids, no_ids = casing_piece_ids(model.tokenizer, "yes"), casing_piece_ids(model.tokenizer, "no")
+    assert [pieces(i) for i in yes_ids] == ["\u2581yes", "\u2581Yes"]
+    assert [pieces(i) for i in no_ids] == ["no", "\u2581no", "No", "\u2581No"]
     for i in range(2):
         with torch.no_grad():
             out = model(images[i : i + 1], questions[i : i + 1], ["yes"])
-        assert out.targets[0] == yes  # logits[0] predict the first answer token
-        pair = out.logits[0, [yes, no]].softmax(-1)
-        assert torch.allclose(p[i], pair[0], atol=1e-5)
+        assert out.targets[0] == yes_ids[0]  # answer-only logits: row 0 predicts the first answer token
+        probs = out.logits[0].float().softmax(-1)
+        p_yes, p_no = probs[yes_ids].sum(), probs[no_ids].sum()
+        assert torch.allclose(p[i], p_yes / (p_yes + p_no), atol=1e-5)
+        # the old rule (▁yes vs ▁no only) gives another number: the variants carry mass
+        only_lower = probs[yes_ids[0]] / (probs[yes_ids[0]] + probs[no_ids[1]])
+        assert abs(float(p[i]) - float(only_lower)) > 1e-4
+
+
+def test_casing_piece_ids_on_the_real_llama2_tokenizer():
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizer" / "llama2" / "tokenizer.model"
+    if not path.is_file():
+        pytest.skip(f"LLaMA-2 tokenizer not found at {path} (../shared/data is absent)")
+    llama2 = load_tokenizer(str(path))
+    # yes ▁yes Yes ▁Yes YES ▁YES / no ▁no No ▁No NO ▁NO (ids read off the vocabulary by hand)
+    assert casing_piece_ids(llama2, "yes") == [3582, 4874, 8241, 3869, 21143, 22483]
+    assert casing_piece_ids(llama2, "no") == [1217, 694, 3782, 1939, 6632, 11698]
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():

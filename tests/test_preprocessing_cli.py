@@ -260,9 +260,15 @@ def test_abd_and_report(prepared, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(prepared["msd"]), str(prepared["nih"])]) == 0
     text = capsys.readouterr().out.splitlines()
-    assert len(text) == 12 and text[2].startswith("| 0 % |") and text[-1].startswith("| 90 % |")
+    assert len(text) == 12 + 5 + 10 and text[2].startswith("| 0 % |") and text[11].startswith("| 90 % |")
     n0 = len(read_prepared(prepared["msd"], "pancreas_detection", "train", threshold=0.0))
     assert text[2].split("|")[2].strip() == f"{n0:,}"
+    # beside the paper's appendix Table 1: ours (train + val), paper train, ours test, paper test
+    assert text[15].startswith("| threshold | MSD (msd) train+val | paper MSD train | MSD (msd) test | paper MSD test |")
+    val0 = len(read_prepared(prepared["msd"], "pancreas_detection", "val", threshold=0.0))
+    test0 = len(read_prepared(prepared["msd"], "pancreas_detection", "test", threshold=0.0))
+    assert text[17].split("|")[2:6] == [f" {n0 + val0:,} ", " 6,936 ", f" {test0:,} ", " 1,803 "]
+    assert text[-1].split("|")[7:10] == [" 504 ", text[11].split("|")[7], " 135 "]  # NIH at 90 %
 
 
 def test_module_runs_from_another_directory(prepared, tmp_path):
@@ -270,3 +276,64 @@ def test_module_runs_from_another_directory(prepared, tmp_path):
                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
     assert "| 60 % |" in res.stdout
+
+
+def test_tc_import_split_from_inherits_the_cascade_split(prepared, tmp_path):
+    splits = {ds: _json(prepared[ds] / "annotations" / "split.json") for ds in ("msd", "nih")}
+    where = {v: s for ds in splits for s in ("train", "val", "test") for v in splits[ds][s]}
+    crops = tmp_path / "crops"
+    for v in where:
+        _crop(crops / f"{v}_slice_5.png", 8, 8)
+    assert all(v.startswith(("pancreas_", "PANCREAS_")) for v in where)  # the release's crop names
+    out = tmp_path / "tc"
+    assert main(["tc-import", "--images", str(crops), "--out", str(out), "--split-from",
+                 str(prepared["msd"]), str(prepared["nih"])]) == 0
+    got = {r["volume_name"]: s for s in ("train", "val", "test") for r in read_prepared(out, "tumor_classification", s)}
+    assert got == where  # every crop volume in the split it has in the detection stages
+    doc = _json(out / "annotations" / "split.json")
+    assert doc["inherited_from"] == {"MSD": str(prepared["msd"].resolve()), "NIH": str(prepared["nih"].resolve())}
+    # a crop volume that the cascade never saw, or a dataset without a folder, is refused
+    _crop(crops / "pancreas_999_slice_1.png", 8, 8)
+    from preprocessing.tc import import_tc
+
+    with pytest.raises(ValueError, match=r"1 MSD crop volume\(s\) are not in its split.json: \['pancreas_999'\]"):
+        import_tc(crops, tmp_path / "bad", split_from=[str(prepared["msd"]), str(prepared["nih"])])
+    (crops / "pancreas_999_slice_1.png").unlink()
+    with pytest.raises(ValueError, match="no prepared NIH folder given for the NIH crops"):
+        import_tc(crops, tmp_path / "bad2", split_from=[str(prepared["msd"])])
+
+
+def test_abd_exclude_overlap_finds_the_same_scan_by_content(prepared, tmp_path):
+    import nibabel as nib
+
+    syn = tmp_path / "syn_abd"
+    assert main(["synthetic", "--out", str(syn), "--scheme", "abd", "--n", "4", "--size", "48", "--slices", "12"]) == 0
+    # MSD's copy of ABD case 2: another name, stored flipped left-right (the affine says so)
+    case = nib.load(str(syn / "images" / "Case_00002_0000.nii.gz"))
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = case.shape[0] - 1
+    other = tmp_path / "msd_raw"
+    other.mkdir()
+    nib.save(nib.Nifti1Image(np.asarray(case.dataobj)[::-1].copy(), case.affine @ flip), str(other / "pancreas_042.nii.gz"))
+    out = tmp_path / "abd"
+    assert main(["abd", "--images", str(syn / "images"), "--labels", str(syn / "masks"), "--out", str(out), "--workers", "1",
+                 "--test-ratio", "0.5", "--val-ratio", "0.5", "--exclude-overlap-with", str(other)]) == 0
+    manifest = _json(out / "manifest.json")
+    assert manifest["overlap"] == {"Case_00002": {"dataset": "MSD", "volume": "pancreas_042", "file": str(other / "pancreas_042.nii.gz")}}
+    assert manifest["parameters"]["exclude_overlap_with"] == [str(other.resolve())]
+    split = _json(out / "annotations" / "split.json")
+    assert "Case_00002" in split["train"] and split["kept_in_train"] == ["Case_00002"]
+    assert "Case_00002" not in split["val"] + split["test"]
+    # the other three are split as usual: 0.5 test (2 of 3 → round(1.5) = 2), half of the rest val
+    assert sorted(split["train"] + split["val"] + split["test"]) == [f"Case_0000{i}" for i in range(1, 5)]
+    assert (len(split["test"]), len(split["val"])) == (2, 1)
+
+
+def test_prepared_folder_fingerprints_are_those_of_its_raw_volumes(prepared):
+    from preprocessing.overlap import folder_volumes, volume_fingerprint
+
+    dataset, found = folder_volumes(prepared["msd"])
+    raw_dataset, raw = folder_volumes(prepared["syn_msd"] / "imagesTr")
+    assert dataset == raw_dataset == "MSD" and [n for n, _, _ in found] == [n for n, _, _ in raw]
+    prints = {volume_fingerprint(i, k) for _, i, k in found}
+    assert prints == {volume_fingerprint(i, k) for _, i, k in raw} and len(prints) == len(found)  # distinct scans

@@ -107,6 +107,19 @@ def summarize(rows: Sequence[dict]) -> dict[str, Any]:
     }
 
 
+def summarize_source(rows: Sequence[dict]) -> dict[str, Any]:
+    """:func:`summarize` for the rows of one source dataset, without what a single-class source
+    cannot define: with one class, accuracy *is* specificity (all ``no``, NIH in the paper's set) or
+    sensitivity (all ``yes``, MSD); precision, recall, F1 and AUC are dropped. ``measures`` names it."""
+    summary = summarize(rows)
+    if summary["n"] == 0:
+        return summary
+    if summary["n_yes"] and summary["n_no"]:
+        return {**summary, "measures": "accuracy"}
+    keep = ("n", "n_yes", "n_no", "accuracy", "invalid", "invalid_rate", "confusion_matrix")
+    return {**{k: summary[k] for k in keep}, "measures": "sensitivity" if summary["n_yes"] else "specificity"}
+
+
 def _intervals(rows: Sequence[dict], n_boot: int, seed: int) -> dict:
     if not rows or any(r.get("volume_name") is None for r in rows):
         return {}
@@ -133,15 +146,22 @@ def classification_metrics(rows: Sequence[dict], n_boot: int = 1000, seed: int =
     """Overall metrics, 95 % bootstrap intervals by volume, and the same per source dataset.
 
     The per-dataset numbers expose the TC confound: NIH slices are all ``no`` and MSD slices all
-    ``yes``, so per dataset only accuracy (= specificity on NIH, recall on MSD) is defined.
+    ``yes``, so per dataset only accuracy (= specificity on NIH, sensitivity on MSD) is defined
+    (:func:`summarize_source`), with its interval.
     """
     datasets = sorted({r["dataset"] for r in rows})
     metrics: dict[str, Any] = {"task": "tumor_classification", **summarize(rows)}
-    metrics["per_dataset"] = {ds: summarize([r for r in rows if r["dataset"] == ds]) for ds in datasets}
+    metrics["per_dataset"] = {ds: summarize_source([r for r in rows if r["dataset"] == ds]) for ds in datasets}
     if n_boot > 0:
+        per_source = {}
+        for ds in datasets:
+            intervals = _intervals([r for r in rows if r["dataset"] == ds], n_boot, seed)
+            both_classes = metrics["per_dataset"][ds].get("measures") == "accuracy"
+            defined = {"accuracy", "precision", "recall", "f1", "auc"} if both_classes else {"accuracy"}
+            per_source[ds] = {k: v for k, v in intervals.items() if k in defined}
         metrics["ci95"] = {
             "overall": _intervals(rows, n_boot, seed),
-            "per_dataset": {ds: _intervals([r for r in rows if r["dataset"] == ds], n_boot, seed) for ds in datasets},
+            "per_dataset": per_source,
             "method": f"percentile bootstrap, {n_boot} replicates, volumes resampled within each dataset, seed {seed}",
         }
     return metrics

@@ -1,9 +1,12 @@
 """Detection evaluation: batched greedy prediction, scoring, metrics (SPEC §6).
 
-Scoring rules (all in :mod:`minigpt4.boxes`): the predicted 0–100 grid box goes back to pixels as
-``x * width / 100``, ``y * height / 100``; IoU is continuous, without ``+1``. An unparseable
-answer scores IoU 0 and counts against ``parse_rate``; ``mean_iou_parsed`` (the release's number)
-is the mean over parsed answers only.
+Scoring rules (all in :mod:`minigpt4.boxes`, the release's rule): an answer with exactly four runs
+of digits is the box as written, anything else a bad answer; the 0–100 grid box goes back to
+pixels as ``x * width / 100``, ``y * height / 100``; IoU is continuous, without ``+1``. A bad
+answer scores IoU 0 in ``mean_iou`` and counts against ``parse_rate``; ``mean_iou_parsed`` is the
+mean over parsed answers only, the number the paper's tables report. ``grid_ceiling`` is the mean
+IoU of the ground truth's own grid answer (``box_answer(gt)`` scored like a prediction): no answer
+on the 0–100 grid can do better on average.
 
 A *prediction row* (one line of ``predictions.jsonl``)::
 
@@ -18,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from minigpt4.boxes import score_answer
+from minigpt4.boxes import box_answer, score_answer
 from minigpt4.config import DETECTION_TASKS, ORGANS
 from minigpt4.evaluation.common import eval_mode, iter_batches, record_identity
 from minigpt4.evaluation.stats import cluster_bootstrap
@@ -44,6 +47,35 @@ def detection_row(record: dict, answer: str, question: Optional[str] = None) -> 
     }
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_scoring_input(gt_box: Any, width: Any, height: Any, where: str) -> None:
+    """Refuse a ground truth that cannot be scored: the box must be 4 finite, non-negative numbers
+    with x1 <= x2 and y1 <= y2 (a NaN box would score any IoU); width and height positive integers.
+
+    Raises:
+        ValueError: naming ``where`` (file and line) and the problem.
+    """
+    if not isinstance(gt_box, (list, tuple)) or len(gt_box) != 4 or not all(_is_number(v) for v in gt_box):
+        raise ValueError(f"{where}: gt_box must be 4 numbers, got {gt_box!r}")
+    if not all(math.isfinite(v) for v in gt_box):
+        raise ValueError(f"{where}: gt_box has a NaN or infinite value: {gt_box!r}")
+    if any(v < 0 for v in gt_box):
+        raise ValueError(f"{where}: gt_box has a negative value: {gt_box!r}")
+    if gt_box[2] < gt_box[0] or gt_box[3] < gt_box[1]:
+        raise ValueError(f"{where}: gt_box corners are reversed (x2 < x1 or y2 < y1): {gt_box!r}")
+    for name, value in (("width", width), ("height", height)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
+
+
+def grid_ceiling_iou(gt_box: Sequence[float], width: int, height: int) -> float:
+    """IoU of the ground truth's own grid answer (what a perfect model writes) against it."""
+    return score_answer(box_answer(gt_box, width, height), gt_box, width, height)[1]
+
+
 def rescore_rows(rows: Sequence[dict], source: str = "predictions") -> list[dict]:
     """Re-score saved prediction rows from their raw ``answer`` (no model needed).
 
@@ -59,25 +91,24 @@ def rescore_rows(rows: Sequence[dict], source: str = "predictions") -> list[dict
         absent = [k for k in RESCORE_KEYS if k not in row]
         if absent:
             raise ValueError(f"{source}: line {number} lacks {absent} (re-scoring needs {list(RESCORE_KEYS)})")
-        gt_box, width, height = row["gt_box"], row["width"], row["height"]
-        if not isinstance(gt_box, (list, tuple)) or len(gt_box) != 4:
-            raise ValueError(f"{source}: line {number}: gt_box must be 4 numbers, got {gt_box!r}")
-        if not (isinstance(width, (int, float)) and isinstance(height, (int, float)) and width > 0 and height > 0):
-            raise ValueError(f"{source}: line {number}: width/height must be positive numbers, got {width!r}x{height!r}")
-        record = {**row, "bbox": gt_box}
+        check_scoring_input(row["gt_box"], row["width"], row["height"], f"{source}: line {number}")
+        record = {**row, "bbox": row["gt_box"]}
         rescored = detection_row(record, row["answer"], row.get("question"))
         out.append({**row, **{k: rescored[k] for k in ("parsed", "pred_box", "gt_box", "iou")}})
     return out
 
 
 def summarize(rows: Sequence[dict]) -> dict[str, Any]:
-    """``{n, n_parsed, mean_iou, mean_iou_parsed, parse_rate, acc_at_0.5}`` over rows.
+    """``{n, n_parsed, mean_iou, mean_iou_parsed, parse_rate, acc_at_0.5, grid_ceiling}`` over rows.
 
-    ``mean_iou`` counts unparseable answers as 0; ``acc_at_0.5`` is the fraction of all rows with
-    IoU >= 0.5. Means over nothing are None.
+    ``mean_iou`` counts bad answers as 0; ``mean_iou_parsed`` averages parsed answers only (the
+    release's and the paper's number); ``acc_at_0.5`` is the fraction of all rows with IoU >= 0.5;
+    ``grid_ceiling`` the mean IoU of the ground truths' own grid answers. Means over nothing are None.
     """
     ious = np.asarray([float(r["iou"]) for r in rows], dtype=float)
     parsed = np.asarray([bool(r["parsed"]) for r in rows], dtype=bool)
+    scorable = all(r.get("gt_box") is not None and r.get("width") and r.get("height") for r in rows)
+    ceiling = [grid_ceiling_iou(r["gt_box"], int(r["width"]), int(r["height"])) for r in rows] if scorable else []
     n, n_parsed = int(ious.size), int(parsed.sum())
     return {
         "n": n,
@@ -86,6 +117,7 @@ def summarize(rows: Sequence[dict]) -> dict[str, Any]:
         "mean_iou_parsed": float(ious[parsed].mean()) if n_parsed else None,
         "parse_rate": n_parsed / n if n else None,
         "acc_at_0.5": float((ious >= 0.5).mean()) if n else None,
+        "grid_ceiling": float(np.mean(ceiling)) if ceiling else None,
     }
 
 

@@ -6,7 +6,9 @@ display needed). Every file is written atomically.
 
 from __future__ import annotations
 
+import math
 import os
+from fractions import Fraction
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -16,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from minigpt4.boxes import GRID, parse_box
 from minigpt4.io import atomic_path
 
 GT_COLOUR, PRED_COLOUR = "lime", "red"
@@ -66,39 +69,63 @@ def detection_examples(rows: Sequence[dict], path: str | os.PathLike, n: int = 1
     return _save(fig, path)
 
 
+def _grid_cells(row: dict, key: str, grid: int) -> Optional[tuple[int, int, int, int]]:
+    """The box of ``row[key]`` in cells of a ``grid``×``grid`` normalised image, in exact integer
+    arithmetic (``29 / 100 * 100`` is 28.999…, which floors one cell low).
+
+    A prediction is taken from the answer's grid values (what the model wrote, parsed with the
+    scoring rule) when the row has its answer; else, and for the ground truth, from the pixel box
+    as an exact fraction of the image side. Cells are clipped to the image.
+    """
+    box = row.get(key)
+    if box is None:
+        return None
+    width, height = int(row["width"]), int(row["height"])
+    written = parse_box(row.get("answer")) if key == "pred_box" else None
+    if written is not None:
+        fractions = [Fraction(v, GRID) for v in written]
+    else:
+        # limit_denominator recovers g * side / 100 from its float (148.48 = 29 * 512 / 100)
+        fractions = [Fraction(v).limit_denominator(10**6) / side for v, side in zip(box, (width, height, width, height))]
+    return tuple(min(grid, max(0, math.floor(f * grid))) for f in fractions)  # type: ignore[return-value]
+
+
 def box_heatmap(rows: Sequence[dict], key: str, grid: int = 100) -> np.ndarray:
     """How often each cell of a ``grid``×``grid`` normalised image is covered by a box.
 
     Args:
-        rows: prediction rows (``gt_box``/``pred_box`` in pixels, ``width``, ``height``).
+        rows: prediction rows (``gt_box``/``pred_box`` in pixels, ``width``, ``height``; the raw
+            ``answer`` when present gives the predicted grid values exactly).
         key: ``gt_box`` or ``pred_box`` (rows without that box are skipped).
     Returns:
         (grid, grid) float array of coverage counts (row = y, column = x).
     """
     heat = np.zeros((grid, grid), dtype=float)
     for row in rows:
-        box = row.get(key)
-        if box is None:
+        cells = _grid_cells(row, key, grid)
+        if cells is None:
             continue
-        w, h = float(row["width"]), float(row["height"])
-        x1, x2 = (int(np.clip(np.floor(v / w * grid), 0, grid)) for v in (box[0], box[2]))
-        y1, y2 = (int(np.clip(np.floor(v / h * grid), 0, grid)) for v in (box[1], box[3]))
+        x1, y1, x2, y2 = cells
         heat[y1 : max(y2, y1 + 1), x1 : max(x2, x1 + 1)] += 1  # at least one cell per box
     return heat
 
 
 def box_heatmaps(rows: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
-    """Ground-truth vs predicted box heatmaps over the normalised image (paper Fig 3)."""
+    """Ground-truth vs predicted box heatmaps over the normalised image (paper Fig 3), on one
+    colour scale so that the two panels compare."""
+    heats = {key: box_heatmap(rows, key) for key in ("gt_box", "pred_box")}
+    top = max(1.0, *(float(h.max()) for h in heats.values()))
     fig = Figure(figsize=(9, 4), layout="constrained")
+    axes = []
     for i, (key, name) in enumerate((("gt_box", "ground truth"), ("pred_box", "prediction"))):
         ax = fig.add_subplot(1, 2, i + 1)
-        heat = box_heatmap(rows, key)
-        shown = ax.imshow(heat, cmap="hot", extent=(0, 1, 1, 0), vmin=0)
+        shown = ax.imshow(heats[key], cmap="hot", extent=(0, 1, 1, 0), vmin=0, vmax=top)
         count = sum(r.get(key) is not None for r in rows)
         ax.set_title(f"{name} (n = {count})", fontsize=9)
         ax.set_xlabel("x / width")
         ax.set_ylabel("y / height")
-        fig.colorbar(shown, ax=ax, fraction=0.046)
+        axes.append(ax)
+    fig.colorbar(shown, ax=axes, fraction=0.046, label="boxes covering the cell")
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -35,7 +35,8 @@ from minigpt4.evaluation.common import (
 )
 from minigpt4.evaluation.detection import detection_metrics, predict_detection, primary_score
 from minigpt4.evaluation.detection import rescore_rows as rescore_detection
-from minigpt4.io import read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from minigpt4.evaluation.leakage import check_evaluation
+from minigpt4.io import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from minigpt4.prompts import CLASSIFICATION_QUESTIONS, DETECTION_TEMPLATES
 
 CLASSIFICATION = "tumor_classification"
@@ -90,9 +91,27 @@ def load_task_records(cfg: Config, task: str, split: str, q_ids: Optional[Sequen
         source = f"datasets.{name} ({ds.root}, {task}, split {split})"
         check_records(recs, task, source=source)
         records.extend(recs)
-        summary[name] = {"root": ds.root, "task": task, "threshold": ds.threshold, "n": len(recs)}
+        summary[name] = {"root": ds.root, "task": task, "threshold": effective_threshold(ds.root, ds.threshold), "n": len(recs)}
     records = subsample(select_ids(records, q_ids, source=f"{task} {split} records"), max_samples)
     return records, summary
+
+
+def effective_threshold(root: str, threshold: Optional[float]) -> Optional[float]:
+    """The selection threshold of a dataset: the config's, else the one its folder was prepared
+    with (``manifest.json``); None when neither is known (e.g. a TC folder)."""
+    if threshold is not None:
+        return float(threshold)
+    try:
+        value = read_json(Path(root) / "manifest.json").get("parameters", {}).get("threshold")
+    except (OSError, ValueError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def common_threshold(datasets: dict) -> Optional[float]:
+    """The threshold shared by every evaluated dataset, None when they differ or one is unknown."""
+    values = {d.get("threshold") for d in datasets.values()}
+    return values.pop() if len(values) == 1 else None
 
 
 def checkpoint_label(cfg: Config) -> str:
@@ -148,6 +167,58 @@ def run_identity(cfg: Config, args: argparse.Namespace, model: Any, split: str, 
     }
 
 
+def tc_variant(root: str, records: Sequence[dict]) -> Optional[str]:
+    """``paper`` or ``msd-only`` for a TC folder: its manifest's ``variant`` (``tc``), else read off
+    the records (``tc-import``): ``paper`` when no source holds both classes."""
+    try:
+        variant = read_json(Path(root) / "manifest.json").get("parameters", {}).get("variant")
+    except (OSError, ValueError):
+        variant = None
+    if variant:
+        return str(variant)
+    classes = {}
+    for r in records:
+        classes.setdefault(r["dataset"], set()).add(r["answer"])
+    if not classes:
+        return None
+    if all(len(c) == 1 for c in classes.values()):
+        return "paper"
+    return "msd-only" if set(classes) == {"MSD"} else None
+
+
+def _in_folder(record: dict, root: str) -> bool:
+    return Path(record["image"]).resolve().is_relative_to(Path(root).resolve())
+
+
+def classification_context(cfg: Config, records: Sequence[dict], rows: Sequence[dict], seed: int) -> dict:
+    """Table 2's context: the crop-size + histogram baseline fitted on the train split of the same
+    folders and scored on ``records`` (``baseline``), each folder's variant (``tc_variant``), and,
+    when the config holds several TC folders (e.g. the paper's set and the ``msd-only`` variant),
+    the model's and the baseline's metrics per folder (``per_folder``)."""
+    from minigpt4.evaluation.baselines import BASELINE_NAME, histogram_baseline_metrics
+    from minigpt4.evaluation.classification import summarize
+
+    names = [n for n, d in cfg.datasets.items() if d.task == CLASSIFICATION]
+    roots = {n: cfg.datasets[n].root for n in names}
+    variants = {n: tc_variant(roots[n], [r for r in records if _in_folder(r, roots[n])]) for n in names}
+    try:
+        train, _ = load_task_records(cfg, CLASSIFICATION, "train")
+    except (FileNotFoundError, ValueError) as err:
+        skipped = {"name": BASELINE_NAME, "skipped": f"no usable train split ({err})"}
+        return {"baseline": skipped, "tc_variant": variants}
+    context: dict[str, Any] = {"baseline": histogram_baseline_metrics(train, records, n_boot=0, seed=seed),
+                               "tc_variant": variants}
+    if len(names) > 1:
+        per_folder = {}
+        for n in names:
+            picked = [i for i, r in enumerate(records) if _in_folder(r, roots[n])]
+            folder_train = [r for r in train if _in_folder(r, roots[n])]
+            per_folder[n] = {"root": roots[n], "variant": variants[n], **summarize([rows[i] for i in picked]),
+                             "baseline": histogram_baseline_metrics(folder_train, [records[i] for i in picked], seed=seed)}
+        context["per_folder"] = per_folder
+    return context
+
+
 # ----------------------------------------------------------------------------- outputs
 def write_detection_outputs(out: Path, rows: list[dict], metrics: dict, label: str, make_figures: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -189,6 +260,8 @@ def infer_detection_task(rows: Sequence[dict], cfg_tasks: Sequence[str]) -> str:
     """Task of a predictions file: from its targets, else the config's single detection task."""
     targets = {r.get("target") for r in rows}
     if None not in targets and targets:
+        if {r.get("dataset") for r in rows} == {"ABD"} and targets <= set(ORGANS):
+            return "organ_detection"  # an ABD file of pancreas rows only is still Table 4
         if targets == {"tumor"}:
             return "tumor_detection"
         if targets == {"pancreas"}:
@@ -213,6 +286,8 @@ def _rescore(args: argparse.Namespace, cfg: Config, kind: str) -> dict:
         cfg_tasks = [d.task for d in cfg.datasets.values() if d.task in DETECTION_TASKS]
         task = args.task or infer_detection_task(rows, list(dict.fromkeys(cfg_tasks)))
         metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
+        metrics["threshold"] = common_threshold({n: {"threshold": effective_threshold(d.root, d.threshold)}
+                                                 for n, d in cfg.datasets.items() if d.task == task})
         metrics["run"] = identity
         write_detection_outputs(out, rows, metrics, f"re-scored {path.name}", not args.no_figures)
     else:
@@ -243,6 +318,7 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
     if missing:
         raise FileNotFoundError(f"--checkpoints: no model.safetensors in {missing[:5]}")
     splits = {s: load_task_records(cfg, task, s, args.q_ids, args.max_samples) for s in ("val", "test")}
+    check_evaluation(cfg, [n for n, d in cfg.datasets.items() if d.task == task], "test", str(found[0][1]))
     # the model is built without model.ckpt: every epoch's weights are loaded over it in turn
     base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ckpt=None))
     model = _build_model(base)
@@ -267,12 +343,17 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
             best, best_rows = entry, test_rows
     assert best is not None
     best_metrics = detection_metrics(best_rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
+    best_metrics["threshold"] = common_threshold(splits["test"][1])
+    # a subset is not the test set: its key and label say so
+    subset = args.max_samples is not None or args.q_ids is not None
+    test_key = "best_test_subset" if subset else "best_test"
     summary = {
         "task": task,
         "selection": "highest weighted mean IoU on the val split (earliest on ties)",
         "best_epoch": best["epoch"],
         "best_checkpoint": best["checkpoint"],
-        "best_test": best_metrics,
+        test_key: best_metrics,
+        "subset": {"max_samples": args.max_samples, "q_ids": args.q_ids} if subset else None,
         "epochs": [{"epoch": e["epoch"], "checkpoint": e["checkpoint"]["path"],
                     "val": {k: e["val"][k] for k in ("per_dataset", "weighted")},
                     "test": {k: e["test"][k] for k in ("per_dataset", "weighted")}} for e in epochs],
@@ -283,7 +364,9 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
     }
     write_json_atomic(out / "metrics.json", summary)
     label = f"epoch {best['epoch']} (best on val)"
-    write_text_atomic(out / "tables.md", tables.epochs_table(epochs, best["epoch"]) + "\n" + tables.detection_table(best_metrics, label))
+    if subset:
+        label += f", subset of {len(best_rows)} test slices (--max-samples/--q-ids), not the test set"
+    write_text_atomic(out / "tables.md", tables.epochs_table(epochs, best["epoch"], best_metrics["threshold"]) + "\n" + tables.detection_table(best_metrics, label))
     write_jsonl_atomic(out / "predictions.jsonl", best_rows)
     if not args.no_figures and best_rows:
         figures.detection_examples(best_rows, out / "examples.png")
@@ -307,6 +390,9 @@ def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
         return _evaluate_checkpoints(args, cfg, tasks[0])
     split = args.split or cfg.run.eval_split
     loaded = {t: load_task_records(cfg, t, split, args.q_ids, args.max_samples) for t in tasks}  # before the model
+    for task in tasks:  # no volume the weights (or this config) trained on may be evaluated
+        check_evaluation(cfg, [n for n, d in cfg.datasets.items() if d.task == task], split,
+                         cfg.model.ckpt or cfg.model.init_from)
     model = _build_model(cfg)
     root = Path(cfg.run.output_dir)
     results = {}
@@ -317,10 +403,12 @@ def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
         if task == CLASSIFICATION:
             rows = predict_classification(model, records, batch, num_workers=cfg.run.num_workers, progress=_progress(task))
             metrics = classification_metrics(rows, n_boot=args.bootstrap, seed=cfg.run.seed)
+            metrics.update(classification_context(cfg, records, rows, cfg.run.seed))
         else:
             rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers, progress=_progress(task),
                                      instruction=cfg.run.eval_instruction)
             metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
+            metrics["threshold"] = common_threshold(datasets)
         metrics["run"] = run_identity(cfg, args, model, split, datasets, batch, time.perf_counter() - start, len(rows))
         writer = write_classification_outputs if task == CLASSIFICATION else write_detection_outputs
         writer(out, rows, metrics, checkpoint_label(cfg), not args.no_figures)

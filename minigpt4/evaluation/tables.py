@@ -63,38 +63,87 @@ def _ds(metrics: dict, name: str, key: str = "mean_iou") -> Optional[float]:
 def _parse_note(metrics: dict) -> str:
     w = metrics["weighted"]
     return (
-        f"Unparseable answers score 0 (parse rate {fmt(w['parse_rate'])}, n = {w['n']}); "
-        f"mean IoU over parsed answers only (the release's number): {fmt(w['mean_iou_parsed'])}; "
-        f"IoU ≥ 0.5 on {fmt(w['acc_at_0.5'])} of the slices."
+        f"Bad answers (not exactly four numbers: the release's rule) score 0 (parse rate {fmt(w['parse_rate'])}, "
+        f"n = {w['n']}); mean IoU over parsed answers only (the release's number, as the paper's tables "
+        f"report it): {fmt(w['mean_iou_parsed'])}; IoU ≥ 0.5 on {fmt(w['acc_at_0.5'])} of the slices. "
+        f"Grid ceiling (the ground truth's own 0–100 grid answer scored like a prediction): "
+        f"{fmt(w.get('grid_ceiling'))}."
     )
 
 
+def _percent(threshold: float) -> str:
+    return f"{round(threshold * 100):g} %"
+
+
+def threshold_title(threshold: Optional[float]) -> str:
+    """Which slices were evaluated, for a table title."""
+    if threshold is None:
+        return "selection threshold not recorded"
+    return f"slices with pancreas box ratio > {_percent(threshold)}"
+
+
+def paper_pancreas_rows(threshold: Optional[float], n_extra: int) -> tuple[list[list[Any]], str]:
+    """The paper's rows that match the evaluated threshold, and a note saying which they are.
+
+    At 60 % (or unknown): Table 1 (50 epochs) plus the appendix Table 2 row; at another threshold
+    of the appendix study (10 epochs): only its row; otherwise none.
+    """
+    pad = [None] * n_extra
+    rows: list[list[Any]] = []
+    at_60 = threshold is None or abs(threshold - 0.6) < 1e-9
+    if at_60:
+        rows.append(["MiniGPT-v2, paper (Table 1)", *PAPER_TABLE1_BASELINE[:2], *pad, PAPER_TABLE1_BASELINE[2], None, None, None])
+        for epoch, (nih, msd, avg) in PAPER_TABLE1.items():
+            rows.append([f"Epoch {epoch}, paper (Table 1, 60 %)", nih, msd, *pad, avg, None, None, None])
+    paper_t = None if threshold is None else next((t for t in PAPER_THRESHOLDS if abs(t - threshold) < 1e-9), None)
+    if paper_t is not None:
+        nih, msd, avg = PAPER_THRESHOLDS[paper_t]
+        rows.append([f"Threshold {_percent(paper_t)}, paper (appendix Table 2, 10 epochs)", nih, msd, *pad, avg, None, None, None])
+    if threshold is None:
+        note = "The evaluated threshold is not recorded: the paper's rows are those at 60 %."
+    elif paper_t is None:
+        note = f"The paper has no row for threshold {_percent(threshold)} (its study used 0 %, 10 %, …, 90 %)."
+    elif at_60:
+        note = "Paper rows at the same threshold: Table 1 (50 epochs) and appendix Table 2 (10 epochs)."
+    else:
+        note = "Paper row at the same threshold: appendix Table 2 (10 epochs); Table 1 is at 60 % and is not comparable."
+    return rows, note
+
+
 def pancreas_table(metrics: dict, label: str) -> str:
-    """Table 1 layout: NIH, MSD and the count-weighted Average; our row below the paper's."""
+    """Table 1 layout: NIH, MSD and the count-weighted Average; the paper's rows at the evaluated
+    threshold (``metrics['threshold']``) above ours, and the grid ceiling below."""
     extra = [d for d in metrics["per_dataset"] if d not in ("NIH", "MSD")]
-    header = ["Model", "NIH", "MSD", *extra, "Average", "Average (parsed only)", "Parse rate"]
-    rows: list[list[Any]] = [["MiniGPT-v2, paper", *PAPER_TABLE1_BASELINE[:2], *[None] * len(extra), PAPER_TABLE1_BASELINE[2], None, None]]
-    for epoch, (nih, msd, avg) in PAPER_TABLE1.items():
-        rows.append([f"Epoch {epoch}, paper", nih, msd, *[None] * len(extra), avg, None, None])
+    header = ["Model", "NIH", "MSD", *extra, "Average", "Average (parsed only)", "Parse rate", "IoU ≥ 0.5"]
+    threshold = metrics.get("threshold")
+    rows, note = paper_pancreas_rows(threshold, len(extra))
     w = metrics["weighted"]
     rows.append([f"**{label}**", _ds(metrics, "NIH"), _ds(metrics, "MSD"), *[_ds(metrics, d) for d in extra],
-                 w["mean_iou"], w["mean_iou_parsed"], w["parse_rate"]])
-    return "\n".join([
-        "### Table 1 — pancreas detection (IoU)", "",
+                 w["mean_iou"], w["mean_iou_parsed"], w["parse_rate"], w["acc_at_0.5"]])
+    rows.append(["Grid ceiling (ground truth's own grid answer)", _ds(metrics, "NIH", "grid_ceiling"),
+                 _ds(metrics, "MSD", "grid_ceiling"), *[_ds(metrics, d, "grid_ceiling") for d in extra],
+                 w.get("grid_ceiling"), None, None, None])
+    lines = [
+        f"### Table 1 — pancreas detection (IoU), {threshold_title(threshold)}", "",
         _table(header, rows), "",
         _parse_note(metrics),
-        "Paper's epoch 21 row prints Average 0.574; its NIH/MSD values weighted by test counts give 0.569.",
-    ])
+        note,
+        "The paper averages parsed answers only: compare its rows with the “parsed only” column.",
+    ]
+    if threshold is None or abs(threshold - 0.6) < 1e-9:
+        lines.append("Paper's epoch 21 row prints Average 0.574; its NIH/MSD values weighted by test counts give 0.569.")
+    return "\n".join(lines)
 
 
 def tumor_table(metrics: dict, label: str) -> str:
     """Table 3 layout: tumor detection IoU on MSD for each cascade stage."""
-    rows: list[list[Any]] = [[f"{name}, paper", iou, None, None] for name, iou in PAPER_TABLE3]
+    rows: list[list[Any]] = [[f"{name}, paper", iou, None, None, None] for name, iou in PAPER_TABLE3]
     w = metrics["weighted"]
-    rows.append([f"**{label}**", w["mean_iou"], w["mean_iou_parsed"], w["parse_rate"]])
+    rows.append([f"**{label}**", w["mean_iou"], w["mean_iou_parsed"], w["parse_rate"], w["acc_at_0.5"]])
+    rows.append(["Grid ceiling (ground truth's own grid answer)", w.get("grid_ceiling"), None, None, None])
     return "\n".join([
         "### Table 3 — pancreatic tumor detection (IoU, MSD)", "",
-        _table(["Model", "IoU", "IoU (parsed only)", "Parse rate"], rows), "",
+        _table(["Model", "IoU", "IoU (parsed only)", "Parse rate", "IoU ≥ 0.5"], rows), "",
         _parse_note(metrics),
         "Scored against the tumor box (the release scored tumor answers against the pancreas box).",
     ])
@@ -109,6 +158,8 @@ def organ_table(metrics: dict, label: str) -> str:
         [f"**{label}**", *[per_organ.get(o, {}).get("mean_iou") for o, _ in ORGAN_COLUMNS], metrics.get("organ_average_iou")],
         [f"{label} (parsed only)", *[per_organ.get(o, {}).get("mean_iou_parsed") for o, _ in ORGAN_COLUMNS], None],
         [f"{label} (parse rate)", *[per_organ.get(o, {}).get("parse_rate") for o, _ in ORGAN_COLUMNS], None],
+        ["Grid ceiling (ground truth's own grid answer)",
+         *[per_organ.get(o, {}).get("grid_ceiling") for o, _ in ORGAN_COLUMNS], None],
     ]
     return "\n".join([
         "### Table 4 — AbdomenCT-1K organ detection (IoU)", "",
@@ -127,46 +178,92 @@ def detection_table(metrics: dict, label: str) -> str:
         main = tumor_table(metrics, label)
     else:
         main = pancreas_table(metrics, label)
-    detail_rows = [[name, s["n"], s["mean_iou"], s["mean_iou_parsed"], s["parse_rate"], s["acc_at_0.5"]]
+    detail_rows = [[name, s["n"], s["mean_iou"], s["mean_iou_parsed"], s["parse_rate"], s["acc_at_0.5"], s.get("grid_ceiling")]
                    for name, s in [*metrics["per_dataset"].items(), ("weighted", metrics["weighted"])]]
-    detail = _table(["Dataset", "n", "mean IoU", "mean IoU (parsed)", "parse rate", "IoU ≥ 0.5"], detail_rows)
+    detail = _table(["Dataset", "n", "mean IoU", "mean IoU (parsed)", "parse rate", "IoU ≥ 0.5", "grid ceiling"], detail_rows)
     ci = metrics.get("ci95", {}).get("weighted", {}).get("mean_iou")
     ci_line = f"\n\n95 % CI of the weighted mean IoU (volumes resampled): [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""
     return f"{main}\n\n#### Detail\n\n{detail}{ci_line}\n"
 
 
+_VARIANT_NOTES = {
+    "paper": "TC folder variant `paper`: every `yes` crop comes from MSD and every `no` crop from NIH "
+             "(different scanners and phases), so the source alone predicts the class.",
+    "msd-only": "TC folder variant `msd-only`: both classes come from MSD (tumor vs tumor-free slices), "
+                "no source confound.",
+}
+
+
+def _source_cell(summary: dict, interval: Optional[Sequence[float]]) -> str:
+    value = fmt(summary.get("accuracy"))
+    return f"{value} [{fmt(interval[0])}, {fmt(interval[1])}]" if interval else value
+
+
 def classification_table(metrics: dict, label: str) -> str:
-    """Table 2 layout (accuracy, precision, recall, F1) plus AUC, invalid answers, CIs and the
-    per-source-dataset breakdown that exposes the NIH-vs-MSD confound."""
+    """Table 2 layout (accuracy, precision, recall, F1) plus AUC and invalid answers, the model-free
+    crop-size + histogram baseline on the same rows (``metrics['baseline']``), CIs, and the
+    per-source breakdown (NIH = specificity, MSD = sensitivity in the paper's set) that exposes the
+    NIH-vs-MSD confound."""
     rows: list[list[Any]] = [[f"{name}, paper", *values, None, None] for name, values in PAPER_TABLE2]
     rows.append([f"**{label}**", metrics["accuracy"], metrics["precision"], metrics["recall"], metrics["f1"],
                  metrics["auc"], str(metrics["invalid"])])
+    baseline = metrics.get("baseline") or {}
+    if "accuracy" in baseline:
+        rows.append([f"{baseline['name']}, same rows", baseline["accuracy"], baseline["precision"], baseline["recall"],
+                     baseline["f1"], baseline["auc"], str(baseline["invalid"])])
     parts = [
         "### Table 2 — pancreatic tumor classification", "",
         _table(["Model", "Accuracy", "Precision", "Recall", "F1", "AUC", "Invalid"], rows), "",
-        "`yes` (tumor) is the positive class; answers that are neither yes nor no are counted wrong.",
+        "`yes` (tumor) is the positive class; answers that are neither yes nor no (or hedge, `Yes/No`) are counted wrong.",
     ]
+    if "accuracy" in baseline:
+        parts.append(f"The baseline sees no model: fitted on the same folder's train split ({baseline['n_train']} crops), "
+                     "scored on the rows above. A model is only interesting where it beats it.")
+    elif baseline:
+        parts.append(f"Crop-size + histogram baseline not computed: {baseline['skipped']}.")
+    variants = sorted(set((metrics.get("tc_variant") or {}).values()))
+    parts += [_VARIANT_NOTES[v] for v in variants if v in _VARIANT_NOTES]
     ci = metrics.get("ci95", {}).get("overall", {})
     if ci:
         cells = [f"{name} [{fmt(v[0])}, {fmt(v[1])}]" for name, v in ci.items() if v is not None]
         parts += ["", "95 % CI (volumes resampled within each dataset): " + ", ".join(cells)]
+    folders = metrics.get("per_folder") or {}
+    if folders:
+        folder_rows = []
+        for name, f in folders.items():
+            base = f.get("baseline") or {}
+            folder_rows.append([name, f.get("variant") or "?", str(f["n"]), f.get("accuracy"), f.get("auc"),
+                                base.get("accuracy"), base.get("auc")])
+        parts += ["", "#### Per TC folder (the `msd-only` variant has both classes from MSD: no source confound)", "",
+                  _table(["Folder", "Variant", "n", "Model accuracy", "Model AUC", "Baseline accuracy", "Baseline AUC"],
+                         folder_rows)]
     cm = metrics["confusion_matrix"]
     parts += ["", "#### Confusion matrix (rows: truth, columns: answer)", "",
               _table(["truth \\ answer", *cm["columns"]], [[r, *map(str, c)] for r, c in zip(cm["rows"], cm["counts"])])]
     per = metrics.get("per_dataset", {})
     if per:
-        parts += ["", "#### Per source dataset (the classes come from different datasets)", "",
-                  _table(["Dataset", "n", "yes", "no", "Accuracy", "Invalid"],
-                         [[d, str(s["n"]), str(s["n_yes"]), str(s["n_no"]), s["accuracy"], str(s["invalid"])] for d, s in per.items()])]
+        source_ci = metrics.get("ci95", {}).get("per_dataset", {})
+        base_per = baseline.get("per_dataset", {})
+        source_rows = []
+        for d, s in per.items():
+            measures = s.get("measures", "accuracy")
+            base = base_per.get(d)
+            source_rows.append([d, str(s["n"]), str(s["n_yes"]), str(s["n_no"]), measures,
+                                _source_cell(s, source_ci.get(d, {}).get("accuracy")),
+                                base.get("accuracy") if base else None, str(s["invalid"])])
+        parts += ["", "#### Per source dataset (accuracy within a single-class source is its specificity or sensitivity)", "",
+                  _table(["Dataset", "n", "yes", "no", "Measures", "Model [95 % CI]", "Baseline", "Invalid"], source_rows)]
     return "\n".join(parts) + "\n"
 
 
-def epochs_table(epochs: Sequence[dict], best_epoch: Optional[int]) -> str:
+def epochs_table(epochs: Sequence[dict], best_epoch: Optional[int], threshold: Optional[float] = None) -> str:
     """Table 1 by epoch: validation Average (used for selection) and test NIH / MSD / Average.
 
     Args:
         epochs: ``[{"epoch": N, "val": metrics or None, "test": metrics}, ...]``.
         best_epoch: the epoch chosen on validation (marked in bold).
+        threshold: the evaluated selection threshold; the paper's by-epoch rows (60 %) are shown
+            only at 60 % or when it is unknown.
     """
     names = sorted({d for e in epochs for d in e["test"]["per_dataset"]}, key=lambda d: (d not in ("NIH", "MSD"), d))
     header = ["Epoch", "val Average", *[f"test {d}" for d in names], "test Average", "test parse rate"]
@@ -176,11 +273,12 @@ def epochs_table(epochs: Sequence[dict], best_epoch: Optional[int]) -> str:
         val = e["val"]["weighted"]["mean_iou"] if e.get("val") else None
         rows.append([label, val, *[_ds(e["test"], d) for d in names], e["test"]["weighted"]["mean_iou"],
                      e["test"]["weighted"]["parse_rate"]])
+    at_60 = threshold is None or abs(threshold - 0.6) < 1e-9
     paper_rows = [[f"{epoch}, paper" + (" (best)" if epoch == PAPER_TABLE1_BEST_EPOCH else ""), None,
                    *[{"NIH": nih, "MSD": msd}.get(d) for d in names], avg, None]
-                  for epoch, (nih, msd, avg) in PAPER_TABLE1.items()]
+                  for epoch, (nih, msd, avg) in PAPER_TABLE1.items()] if at_60 else []
     return "\n".join([
-        "### Table 1 — detection IoU by epoch (checkpoint chosen on the validation split)", "",
+        f"### Table 1 — detection IoU by epoch (checkpoint chosen on the validation split), {threshold_title(threshold)}", "",
         _table(header, rows + paper_rows), "",
         "Epochs are the trainer's 0-based indices (checkpoint_epoch_<N>). The paper chose its epoch on the "
         "test split; here the best epoch is the highest validation Average, so its test row is unbiased.",

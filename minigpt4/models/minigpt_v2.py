@@ -668,12 +668,18 @@ class MiniGPTPancreas(nn.Module):
 
     @torch.no_grad()
     def yes_probability(self, images: torch.Tensor, questions: Sequence[str]) -> torch.Tensor:
-        """P(yes) / (P(yes) + P(no)) from the logits of the first answer token, shape (B,).
+        """P(yes) / (P(yes) + P(no)) at the first answer token, shape (B,).
 
-        ``yes``/``no`` are the first pieces of the training answers (``encode('yes')[0]``).
+        P(yes) sums the probabilities of every casing variant of the word that is one piece
+        (``yes Yes YES``, with and without the leading-space piece; :func:`casing_piece_ids`), and
+        likewise P(no): an untuned model answering ``Yes`` puts its mass on ``▁Yes``, not ``▁yes``.
         """
+        from minigpt4.tokenizer import casing_piece_ids
+
         assert self.tokenizer is not None
-        yes_id, no_id = self.tokenizer.encode("yes")[0], self.tokenizer.encode("no")[0]
+        yes_ids, no_ids = casing_piece_ids(self.tokenizer, "yes"), casing_piece_ids(self.tokenizer, "no")
+        if not yes_ids or not no_ids:
+            raise ValueError(f"{self.tokenizer}: no single piece spells yes or no; P(yes) is undefined")
         batch = self.tokenize(questions, padding_side="left")
         embeds = self._prepare(images, batch)
         out = self.llama_model(
@@ -683,8 +689,11 @@ class MiniGPTPancreas(nn.Module):
             use_cache=False,
             logits_to_keep=1,
         )
-        pair = out.logits[:, -1, [yes_id, no_id]].float()
-        return pair.softmax(dim=-1)[:, 0]
+        logits = out.logits[:, -1].float()
+        # log of summed probabilities; the softmax normaliser cancels in the ratio
+        log_yes = torch.logsumexp(logits[:, yes_ids], dim=-1)
+        log_no = torch.logsumexp(logits[:, no_ids], dim=-1)
+        return torch.sigmoid(log_yes - log_no)
 
 
 # ---------------------------------------------------------------------- building
