@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from minigpt4.config import VisionConfig
-from minigpt4.evaluation.common import file_sha256
+from minigpt4.io import file_sha256
 from minigpt4.models.checkpoints import load_weights, save_checkpoint
 from minigpt4.models.eva_vit import EvaViT, interpolate_pos_embed, load_eva_weights
 from minigpt4.models.minigpt_v2 import build_model

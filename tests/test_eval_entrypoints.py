@@ -17,7 +17,7 @@ import eval_classification
 import eval_detection
 import train as train_entry
 from minigpt4.config import ConfigError
-from minigpt4.evaluation.common import file_sha256
+from minigpt4.io import file_sha256
 from minigpt4.io import read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

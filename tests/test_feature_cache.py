@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from minigpt4.data.datasets import TaskDataset, collate_samples
-from minigpt4.data.feature_cache import VisualFeatureCache, file_sha256
+from minigpt4.data.feature_cache import VisualFeatureCache
+from minigpt4.io import file_sha256
 from tests.tiny import build_tiny_model
 
 torch.set_num_threads(1)

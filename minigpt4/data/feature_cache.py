@@ -33,22 +33,19 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-__all__ = ["VisualFeatureCache", "CachedTowerTokens", "file_sha256", "tower_fingerprint"]
+from minigpt4.io import file_sha256
+
+__all__ = ["VisualFeatureCache", "CachedTowerTokens", "image_key", "tower_fingerprint"]
 
 _TENSOR = "tower"
-_CHUNK = 1 << 20
 
 
-def file_sha256(path: Union[str, os.PathLike]) -> str:
-    """SHA-256 hex digest of a file's bytes (the content key of an image)."""
-    digest = hashlib.sha256()
+def image_key(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 of an image file's bytes: its content key in the cache."""
     try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(_CHUNK), b""):
-                digest.update(chunk)
+        return file_sha256(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
-    return digest.hexdigest()
 
 
 def tower_fingerprint(model, storage_dtype: torch.dtype) -> str:
@@ -150,7 +147,7 @@ class VisualFeatureCache:
         Returns:
             :class:`CachedTowerTokens` aligned with ``image_paths``.
         """
-        keys = [file_sha256(path) for path in image_paths]
+        keys = [image_key(path) for path in image_paths]
         lookup = CachedTowerTokens(self.folder, keys)
         first_path: dict[str, str] = {}
         for key, path in zip(keys, image_paths):

@@ -8,7 +8,6 @@ evaluation sees exactly the transform and the fixed instruction that training us
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import platform
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from minigpt4.config import DETECTION_TASKS
+from minigpt4.io import file_sha256
 
 # Keys evaluation needs on top of what TaskDataset checks (identity of every prediction row).
 _EVAL_KEYS = ("q_id", "dataset", "volume_name", "slice_index")
@@ -121,14 +121,6 @@ def eval_mode(model: Any) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_identity(path: Optional[str]) -> Optional[dict]:

@@ -29,14 +29,13 @@ from minigpt4.evaluation.common import (
     check_records,
     checkpoint_identity,
     environment_identity,
-    file_sha256,
     select_ids,
     subsample,
 )
 from minigpt4.evaluation.detection import detection_metrics, predict_detection, primary_score
 from minigpt4.evaluation.detection import rescore_rows as rescore_detection
 from minigpt4.evaluation.leakage import check_evaluation
-from minigpt4.io import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from minigpt4.io import file_sha256, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from minigpt4.prompts import CLASSIFICATION_QUESTIONS, DETECTION_TEMPLATES
 
 CLASSIFICATION = "tumor_classification"

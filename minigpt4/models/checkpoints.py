@@ -47,7 +47,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minigpt4.evaluation.common import file_sha256
+from minigpt4.io import file_sha256
 from minigpt4.io import atomic_path, read_json, write_text_atomic
 from minigpt4.models.minigpt_v2 import LORA_KEY_PREFIX, MiniGPTPancreas, split_lora_tensors, stable_name
 
