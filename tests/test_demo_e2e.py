@@ -225,75 +225,63 @@ def test_bad_uploads_get_messages_and_the_server_survives(server):
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="headless browser test needs Debian's chromium at /usr/bin/chromium")
 def test_browser_upload_and_locate_the_pancreas(server):
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(exist_ok=True)
     files = server["files"]
-    with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
-        context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1100},
+    with browser_page(server["url"]) as page:
+        notice = page.locator("#research-notice")
+        notice.wait_for(timeout=30_000)
+        assert "not a medical device" in notice.inner_text()
+        assert "checkpoint_best" in page.locator("#model-description").inner_text()
+        assert page.locator("#model-warning").count() == 0
+
+        # a bad upload first: a message in the chat, no crash
+        page.locator("#upload input[type=file]").set_input_files(str(files["colour"]))
+        page.get_by_text("this looks like a colour picture").wait_for(timeout=30_000)
+
+        page.locator("#upload button[aria-label='Clear']").first.click()
+        page.locator("#upload input[type=file]").set_input_files(str(files["slice"]))
+        page.get_by_text("Loaded slice phantom_slice.png").wait_for(timeout=30_000)
+        page.locator("#viewer img").wait_for(timeout=30_000)
+        page.locator("#quick-pancreas").click()
+        page.locator("#chat").get_by_text(PANCREAS_Q).wait_for(timeout=30_000)
+        page.locator("#chat").get_by_text("[51, 64, 77, 90]").wait_for(timeout=30_000)
+        viewer = page.locator("#viewer img")
+        assert viewer.count() == 1
+        # the viewer shows the slice zoomed ×3 (384 px) with the red box
+        page.wait_for_function(
+            "() => { const img = document.querySelector('#viewer img');"
+            " return img && img.complete && img.naturalWidth === 384; }",
+            timeout=30_000,
         )
-        try:
-            page = context.new_page()
-            page.goto(server["url"])
-            notice = page.locator("#research-notice")
-            notice.wait_for(timeout=30_000)
-            assert "not a medical device" in notice.inner_text()
-            assert "checkpoint_best" in page.locator("#model-description").inner_text()
-            assert page.locator("#model-warning").count() == 0
+        import io
 
-            # a bad upload first: a message in the chat, no crash
-            page.locator("#upload input[type=file]").set_input_files(str(files["colour"]))
-            page.get_by_text("this looks like a colour picture").wait_for(timeout=30_000)
+        shown = np.asarray(Image.open(io.BytesIO(viewer.screenshot())).convert("RGB")).astype(int)
+        reddish = (shown[..., 0] > 200) & (shown[..., 1] < 60) & (shown[..., 2] < 60)
+        assert reddish.sum() > 100, "no red box visible in the viewer"
+        page.screenshot(path=str(ARTIFACTS / "demo_e2e.png"), full_page=True)
 
-            page.locator("#upload button[aria-label='Clear']").first.click()
-            page.locator("#upload input[type=file]").set_input_files(str(files["slice"]))
-            page.get_by_text("Loaded slice phantom_slice.png").wait_for(timeout=30_000)
-            page.locator("#viewer img").wait_for(timeout=30_000)
-            page.locator("#quick-pancreas").click()
-            page.locator("#chat").get_by_text(PANCREAS_Q).wait_for(timeout=30_000)
-            page.locator("#chat").get_by_text("[51, 64, 77, 90]").wait_for(timeout=30_000)
-            viewer = page.locator("#viewer img")
-            assert viewer.count() == 1
-            # the viewer shows the slice zoomed ×3 (384 px) with the red box
-            page.wait_for_function(
-                "() => { const img = document.querySelector('#viewer img');"
-                " return img && img.complete && img.naturalWidth === 384; }",
-                timeout=30_000,
-            )
-            import io
-
-            shown = np.asarray(Image.open(io.BytesIO(viewer.screenshot())).convert("RGB")).astype(int)
-            reddish = (shown[..., 0] > 200) & (shown[..., 1] < 60) & (shown[..., 2] < 60)
-            assert reddish.sum() > 100, "no red box visible in the viewer"
-            page.screenshot(path=str(ARTIFACTS / "demo_e2e.png"), full_page=True)
-
-            # a whole volume: slider, scan with the P(tumor) plot and the per-slice table
-            page.locator("#reset").click()
-            page.locator("#upload input[type=file]").set_input_files(str(files["volume"]))
-            page.get_by_text("Loaded volume phantom.nii.gz: 5 axial slices of 64×64").wait_for(timeout=30_000)
-            page.locator("#slice-slider").wait_for(state="visible", timeout=30_000)
-            page.locator("#scan-volume").click()
-            page.get_by_text("Scanned 5 slices. Most suspicious: slice").wait_for(timeout=60_000)
-            page.wait_for_function(
-                "() => { const t = document.querySelector('#scan-table');"
-                " return t && (t.innerText.match(/pancreas crop|whole slice/g) || []).length === 5; }",
-                timeout=30_000,
-            )
-            page.locator("#scan-plot img").wait_for(timeout=30_000)
-            # moving the slider shows another slice
-            before = viewer.get_attribute("src")
-            number = page.locator("#slice-slider input[type=number]")
-            number.fill("3")
-            number.press("Enter")
-            page.wait_for_function(
-                "(old) => { const img = document.querySelector('#viewer img'); return img && img.src !== old && img.complete; }",
-                arg=before, timeout=30_000,
-            )
-            page.screenshot(path=str(ARTIFACTS / "demo_e2e_scan.png"), full_page=True)
-        finally:
-            context.close()
+        # a whole volume: slider, scan with the P(tumor) plot and the per-slice table
+        page.locator("#reset").click()
+        page.locator("#upload input[type=file]").set_input_files(str(files["volume"]))
+        page.get_by_text("Loaded volume phantom.nii.gz: 5 axial slices of 64×64").wait_for(timeout=30_000)
+        page.locator("#slice-slider").wait_for(state="visible", timeout=30_000)
+        page.locator("#scan-volume").click()
+        page.get_by_text("Scanned 5 slices. Most suspicious: slice").wait_for(timeout=60_000)
+        page.wait_for_function(
+            "() => { const t = document.querySelector('#scan-table');"
+            " return t && (t.innerText.match(/pancreas crop|whole slice/g) || []).length === 5; }",
+            timeout=30_000,
+        )
+        page.locator("#scan-plot img").wait_for(timeout=30_000)
+        # moving the slider shows another slice
+        before = viewer.get_attribute("src")
+        number = page.locator("#slice-slider input[type=number]")
+        number.fill("3")
+        number.press("Enter")
+        page.wait_for_function(
+            "(old) => { const img = document.querySelector('#viewer img'); return img && img.src !== old && img.complete; }",
+            arg=before, timeout=30_000,
+        )
+        page.screenshot(path=str(ARTIFACTS / "demo_e2e_scan.png"), full_page=True)
     assert (ARTIFACTS / "demo_e2e.png").stat().st_size > 10_000
 
 
