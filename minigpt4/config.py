@@ -260,12 +260,14 @@ class RunConfig:
     """Keep each transformed training image in memory after its first use (150 KB per image at
     112 px, 2.4 MB at 448 px): for small datasets on CPU with ``num_workers: 0``."""
     cache_visual_features: bool = False
-    """Encode each training image with the frozen ViT (+ ``ln_vision``) once, store the tower
-    output on disk and reuse it every epoch (``minigpt4/data/feature_cache.py``): saves the ViT
-    forward (≈ 20 % of a full-size step) after the first pass. The loss is unchanged. Needs a
-    frozen tower (``model.vision.trainable: false``). Disk: (1 + N) × width values per image in
-    the autocast dtype (fp32 without autocast): 1025 × 1408 × 2 bytes ≈ 2.75 MiB per 448-px image
-    in bf16."""
+    """Encode each training and validation image with the frozen ViT (+ ``ln_vision``) once, store
+    the tower output on disk and reuse it every epoch (``minigpt4/data/feature_cache.py``): saves
+    the ViT forward (≈ 20 % of a full-size step) after the first pass. The loss and the
+    validation answers are unchanged. In evaluation configs: ``eval_detection.py --checkpoints``
+    encodes the images once for all epochs when they share the frozen EVA. Needs a frozen tower
+    (``model.vision.trainable: false``). Disk: (1 + N) × width values per image in the autocast
+    dtype (validation/evaluation: the ``llama_proj`` dtype): 1025 × 1408 × 2 bytes ≈ 2.75 MiB per
+    448-px image in bf16."""
     feature_cache_dir: Optional[str] = None
     """Where ``cache_visual_features`` keeps its files; None = ``<output_dir>/feature_cache``.
     Entries are keyed by image content + ViT weights + image size, so one folder can be shared

@@ -127,6 +127,33 @@ def test_checkpoints_mode_picks_best_on_val(synthetic, trained, tmp_path):
     assert "subset of 4 test slices (--max-samples/--q-ids), not the test set" in tables_md
 
 
+def test_checkpoints_mode_encodes_the_images_once_for_every_epoch(synthetic, tmp_path):
+    """run.cache_visual_features in --checkpoints mode: epochs of a frozen-EVA run share one cache
+    folder (val + test images, each once) and score exactly as without it."""
+    train_out = tmp_path / "train"
+    assert train_entry.main([
+        "--cfg-path", str(ROOT / "train_configs" / "quickstart_cpu.yaml"), "--options",
+        f"datasets.synthetic.root={synthetic}", f"run.output_dir={train_out}", "run.max_epoch=2",
+        "run.iters_per_epoch=1", "run.batch_size=4", "run.validate=false", "model.vision.trainable=false"]) == 0
+
+    def checkpoints(out: Path, *options: str) -> dict:
+        return eval_detection.main(["--cfg-path", str(QUICKSTART_EVAL), "--options", f"datasets.synthetic.root={synthetic}",
+                                    f"run.output_dir={out}", "model.max_new_tokens=6", "model.vision.trainable=false",
+                                    *options, "--checkpoints", str(train_out), "--max-samples", "4", "--bootstrap", "0",
+                                    "--no-figures"])
+
+    live = checkpoints(tmp_path / "live")
+    cache = tmp_path / "features"
+    cached = checkpoints(tmp_path / "cached", "run.cache_visual_features=true", f"run.feature_cache_dir={cache}")
+    assert [e["epoch"] for e in cached["epochs"]] == [0, 1]
+    assert cached["epochs"] == live["epochs"]  # every epoch's val and test metrics
+    folders = list(cache.iterdir())
+    assert len(folders) == 1  # both epochs: the same frozen EVA, one folder
+    images = {r["image"] for split in ("val", "test")
+              for r in read_jsonl(tmp_path / "cached" / "epoch_0" / split / "predictions.jsonl")}
+    assert len(list(folders[0].glob("*/*.safetensors"))) == len(images) == 8
+
+
 class _NoModel(Exception):
     pass
 

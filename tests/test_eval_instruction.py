@@ -27,7 +27,10 @@ class RecordingModel(torch.nn.Module):
         self.image_transform = ImageTransform(28)
         self.asked: list[str] = []
 
-    def generate(self, images, instructions, max_new_tokens=None):
+    def encode_tower(self, images):
+        return images
+
+    def generate(self, images, instructions, max_new_tokens=None, tower_tokens=None):
         self.asked.extend(instructions)
         return ["{<10><10><50><50>}"] * len(instructions)
 

@@ -107,3 +107,52 @@ def test_ranks_split_the_missing_images_by_key_whatever_the_timing(model, tmp_pa
     assert written() == {k for k in lookup.keys if int(k[:8], 16) % 2 == 1} and 0 < len(written()) < 6
     cache.fill(paths, batch_size=4, rank=0, world_size=2)
     assert written() == set(lookup.keys)
+
+
+class CountingTower:
+    """Counts the images that go through ``model.encode_tower`` while active."""
+
+    def __init__(self, model) -> None:
+        self.model, self.images = model, 0
+
+    def __enter__(self):
+        original = type(self.model).encode_tower
+
+        def counted(images):
+            self.images += images.shape[0]
+            return original(self.model, images)
+
+        self.model.encode_tower = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.model.encode_tower
+
+
+def test_validation_and_evaluation_encode_each_image_once_and_answer_the_same(model, tmp_path):
+    """Evaluation reads the tower tokens from the cache from the second call on; answers and P(yes) unchanged."""
+    from minigpt4.evaluation import predict_classification, predict_detection, validation_score
+
+    paths = write_pngs(tmp_path, 5)
+    det = [{"image": p, "target": "pancreas", "bbox": [1, 2, 10, 20], "width": 48, "height": 40, "dataset": "MSD",
+            "volume_name": f"v{i}.nii.gz", "slice_index": i, "q_id": i} for i, p in enumerate(paths)]
+    tc = [{**r, "answer": "yes" if i % 2 else "no"} for i, r in enumerate(det)]
+    with CountingTower(model) as live_count:
+        live_score, live_metrics = validation_score(model, det, "pancreas_detection", batch_size=2)
+        live_tc = predict_classification(model, tc, batch_size=2, with_probability=True)
+    # generate and yes_probability share one tower pass per batch
+    assert live_count.images == 5 + 5
+
+    cache = VisualFeatureCache(tmp_path / "cache", model)  # no autocast, like validation
+    with CountingTower(model) as first:
+        score, metrics = validation_score(model, det, "pancreas_detection", batch_size=2, feature_cache=cache)
+    assert first.images == 5  # encoded while filling the cache
+    with CountingTower(model) as again:
+        score_again, _ = validation_score(model, det, "pancreas_detection", batch_size=2, feature_cache=cache)
+        cached_tc = predict_classification(model, tc, batch_size=3, with_probability=True, feature_cache=cache)
+        cached_det = predict_detection(model, det[::-1], "pancreas_detection", batch_size=4, feature_cache=cache)
+    assert again.images == 0  # the same files: nothing goes through the tower
+    assert score == score_again == live_score and metrics == live_metrics
+    assert [r["answer"] for r in cached_tc] == [r["answer"] for r in live_tc]
+    assert [r["p_yes"] for r in cached_tc] == pytest.approx([r["p_yes"] for r in live_tc], rel=1e-5)
+    assert [r["answer"] for r in cached_det[::-1]] == [r["answer"] for r in predict_detection(model, det, "pancreas_detection", 5)]

@@ -289,3 +289,27 @@ def test_feature_cache_gives_the_same_losses_and_encodes_each_image_once(data, t
     run_train(data, tmp_path / "again", *common, "run.cache_visual_features=true", f"run.feature_cache_dir={cache}")
     assert {f: f.stat().st_mtime_ns for f in sorted(folder.glob("*/*.safetensors"))} == stamps  # nothing re-encoded
     assert step_losses(tmp_path / "again") == cached
+
+
+def test_feature_cache_covers_validation_with_the_same_scores(data, tmp_path):
+    """run.cache_visual_features with run.validate: validation images are cached too, scores unchanged."""
+    common = ("model.vision.trainable=false", "run.iters_per_epoch=1", "run.max_epoch=2", "run.validate=true")
+    cache = tmp_path / "features"
+    run_train(data, tmp_path / "live", *common)
+    run_train(data, tmp_path / "cached", *common, "run.cache_visual_features=true", f"run.feature_cache_dir={cache}")
+
+    def validations(out: Path) -> list[dict]:
+        return [json.loads(line) for line in (out / "val_metrics.jsonl").read_text().splitlines()]
+
+    live, cached = validations(tmp_path / "live"), validations(tmp_path / "cached")
+    assert [v["epoch"] for v in cached] == [0, 1]
+    assert [v["tasks"] for v in cached] == [v["tasks"] for v in live]
+    # one folder (no autocast on CPU: training and validation store float32): train + val images
+    folders = list(cache.iterdir())
+    assert len(folders) == 1 and folders[0].name.endswith("_112px_float32")
+    records = {split: json.loads((data / "annotations" / f"MSD_{split}.json").read_text()) for split in ("train", "val")}
+    from minigpt4.evaluation.common import subsample
+
+    val_images = {r["image"] for r in subsample(records["val"], 4)}  # run.val_max_samples=4
+    expected = len({r["image"] for r in records["train"]} | val_images)
+    assert len(list(folders[0].glob("*/*.safetensors"))) == expected

@@ -15,10 +15,16 @@ The fingerprint hashes the ViT + ``ln_vision`` weights, the image size (the tran
 storage dtype, so a folder can be shared by every run and stage that uses the same frozen EVA;
 other weights or sizes land in another folder. Files are written to a temporary name and renamed.
 
-Storage dtype = the autocast dtype when training under autocast (else the tower's output dtype):
-``llama_proj`` would cast its input to exactly that dtype anyway, so cached and live features
-give bit-identical losses. Disk per image: (1 + N) × C values, at 448 px 1025 × 1408 × 2 bytes ≈
-2.75 MiB in bf16 (5.5 MiB in fp32), e.g. ≈ 27 GiB for 10,000 training slices.
+Storage dtype = the autocast dtype when training under autocast, else the ``llama_proj`` weight
+dtype (validation and evaluation run without autocast): ``llama_proj`` would cast its input to
+exactly that dtype anyway, so cached and live features give bit-identical losses and answers.
+Training and evaluation thus keep separate folders when their dtypes differ. Disk per image:
+(1 + N) × C values, at 448 px 1025 × 1408 × 2 bytes ≈ 2.75 MiB in bf16 (5.5 MiB in fp32), e.g.
+≈ 27 GiB for 10,000 training slices.
+
+Users: the trainer (training images, and validation images at every epoch's validation), and
+evaluation (:func:`minigpt4.evaluation.common.iter_batches`: ``eval_detection.py --checkpoints``
+scores every epoch on the same images, reused when the checkpoints share the frozen EVA).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from minigpt4.io import file_sha256
 
-__all__ = ["VisualFeatureCache", "CachedTowerTokens", "image_key", "tower_fingerprint"]
+__all__ = ["VisualFeatureCache", "CachedTowerTokens", "image_key", "tower_fingerprint", "configured_feature_cache"]
 
 _TENSOR = "tower"
 
@@ -116,8 +122,8 @@ class VisualFeatureCache:
     Args:
         root: the cache folder (``run.feature_cache_dir`` or ``<output_dir>/feature_cache``).
         model: a MiniGPTPancreas with a frozen tower.
-        autocast_dtype: the training autocast dtype (None = no autocast); the tower runs under
-            the same autocast here as it would in the training step.
+        autocast_dtype: the autocast dtype of the steps that will read the cache (None = no
+            autocast, as in validation and evaluation); the tower runs under the same autocast here.
 
     Raises:
         ValueError: the model's tower is trainable (its output changes every step).
@@ -128,7 +134,8 @@ class VisualFeatureCache:
             raise ValueError("the feature cache needs a frozen vision tower, but model.vision.trainable is true")
         self.model = model
         self.autocast_dtype = autocast_dtype
-        self.storage_dtype = autocast_dtype if autocast_dtype is not None else model.ln_vision.weight.dtype
+        # the dtype llama_proj computes in: cast to it here or there, the projection sees the same values
+        self.storage_dtype = autocast_dtype if autocast_dtype is not None else model.llama_proj.weight.dtype
         self.fingerprint = tower_fingerprint(model, self.storage_dtype)
         self.folder = Path(root) / self.fingerprint
 
@@ -202,3 +209,11 @@ class VisualFeatureCache:
         tmp = info.with_name(f".info.json.{os.getpid()}.tmp")
         tmp.write_text(text + "\n")
         os.replace(tmp, info)
+
+
+def configured_feature_cache(cfg, model, autocast_dtype: Optional[torch.dtype] = None) -> VisualFeatureCache:
+    """The cache ``run.cache_visual_features`` asks for: in ``run.feature_cache_dir``, default
+    ``<run.output_dir>/feature_cache``. Build it after the weights are loaded (the folder is
+    named by them)."""
+    root = Path(cfg.run.feature_cache_dir) if cfg.run.feature_cache_dir else Path(cfg.run.output_dir) / "feature_cache"
+    return VisualFeatureCache(root, model, autocast_dtype=autocast_dtype)

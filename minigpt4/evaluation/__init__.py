@@ -51,6 +51,7 @@ def validation_score(
     task: str,
     batch_size: int,
     max_samples: Optional[int] = None,
+    feature_cache: Any = None,
 ) -> tuple[float, dict]:
     """Score a model on validation records (used by the trainer to pick ``checkpoint_best``).
 
@@ -61,6 +62,8 @@ def validation_score(
             ``tumor_classification``.
         batch_size: generation batch size (does not change the result).
         max_samples: evaluate a deterministic, evenly spaced subset of this many records.
+        feature_cache: a :class:`~minigpt4.data.feature_cache.VisualFeatureCache` without
+            autocast: each image goes through the frozen tower at the first validation only.
 
     Returns:
         ``(score, metrics)``: detection → weighted mean IoU over datasets (unparseable = 0) and
@@ -73,9 +76,9 @@ def validation_score(
     if not selected:
         raise ValueError(f"validation_score: no records for task {task!r}")
     if task in DETECTION_TASKS:
-        rows = predict_detection(model, selected, task, batch_size)
+        rows = predict_detection(model, selected, task, batch_size, feature_cache=feature_cache)
         metrics = detection_metrics(rows, task, n_boot=0)
         return primary_score(metrics), metrics
-    rows = predict_classification(model, selected, batch_size, with_probability=False)
+    rows = predict_classification(model, selected, batch_size, with_probability=False, feature_cache=feature_cache)
     metrics = classification_metrics(rows, n_boot=0)
     return float(metrics["accuracy"]), metrics

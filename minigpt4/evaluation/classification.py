@@ -175,22 +175,26 @@ def predict_classification(
     max_new_tokens: Optional[int] = None,
     num_workers: int = 0,
     progress: Any = None,
+    feature_cache: Any = None,
 ) -> list[dict]:
     """Greedy answers (and P(yes) when ``with_probability``) for TC records, one row each, in order.
 
     Args:
-        model: a MiniGPTPancreas (``generate``, ``yes_probability``, ``image_transform``).
+        model: a MiniGPTPancreas (``encode_tower``, ``generate``, ``yes_probability``, ``image_transform``).
         records: TC selected records (``answer`` = ground truth).
-        with_probability: also run ``model.yes_probability`` (one extra forward pass) for the AUC.
+        with_probability: also run ``model.yes_probability`` (one extra LLaMA forward pass, the
+            same ViT tokens) for the AUC.
+        feature_cache: see :func:`minigpt4.evaluation.detection.predict_detection`.
     """
     rows: list[dict] = []
     with eval_mode(model):
-        for batch_records, images, questions in iter_batches(model, records, "tumor_classification", batch_size, num_workers):
-            answers = model.generate(images, questions, max_new_tokens=max_new_tokens)
+        batches = iter_batches(model, records, "tumor_classification", batch_size, num_workers, feature_cache=feature_cache)
+        for batch_records, tower_tokens, questions in batches:
+            answers = model.generate(None, questions, max_new_tokens=max_new_tokens, tower_tokens=tower_tokens)
             if len(answers) != len(batch_records):
                 raise RuntimeError(f"model.generate returned {len(answers)} answers for {len(batch_records)} images")
             if with_probability:
-                p_yes = model.yes_probability(images, questions).float().cpu().tolist()
+                p_yes = model.yes_probability(None, questions, tower_tokens=tower_tokens).float().cpu().tolist()
             else:
                 p_yes = [None] * len(answers)
             rows.extend(classification_row(r, a, p, q) for r, a, p, q in zip(batch_records, answers, p_yes, questions))

@@ -91,9 +91,16 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def iter_batches(
     model: Any, records: Sequence[dict], task: str, batch_size: int, num_workers: int = 0,
-    instruction: Optional[str] = None,
+    instruction: Optional[str] = None, feature_cache: Any = None,
 ) -> Iterator[tuple[list[dict], torch.Tensor, list[str]]]:
-    """Yield ``(records, images (B,3,S,S) on the model's device, instructions)`` in record order.
+    """Yield ``(records, tower_tokens (B, 1 + N, C) on the model's device, instructions)`` in record order.
+
+    The images go through the tower (``model.encode_tower``) once per batch, so the answer and
+    P(yes) of a slice share one ViT pass; pass the tokens as ``tower_tokens=`` to
+    ``generate`` / ``yes_probability``. With ``feature_cache`` (a
+    :class:`~minigpt4.data.feature_cache.VisualFeatureCache` without autocast) images encoded by
+    an earlier call (last epoch's validation, another checkpoint with the same frozen EVA) are
+    read from disk instead; the answers are the same.
 
     ``instruction``: detection instruction template (``run.eval_instruction``), None = the default.
     """
@@ -103,12 +110,18 @@ def iter_batches(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     # records were checked by the caller (check_records) or come from the trainer's datasets
     dataset = TaskDataset(list(records), task, model.image_transform, train=False, check=False, eval_instruction=instruction)
+    if feature_cache is not None:
+        dataset.tower_features = feature_cache.fill([r["image"] for r in records], batch_size, num_workers=num_workers)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_samples
     )
     device = model_device(model)
     for batch in loader:
-        yield list(batch["records"]), batch["images"].to(device), list(batch["instructions"])
+        if "tower_tokens" in batch:
+            tower_tokens = batch["tower_tokens"].to(device)
+        else:
+            tower_tokens = model.encode_tower(batch["images"].to(device))
+        yield list(batch["records"]), tower_tokens, list(batch["instructions"])
 
 
 @contextlib.contextmanager

@@ -194,6 +194,7 @@ def predict_detection(
     num_workers: int = 0,
     progress: Any = None,
     instruction: Optional[str] = None,
+    feature_cache: Any = None,
 ) -> list[dict]:
     """Greedy batched generation over ``records`` and one scored row per record (same order).
 
@@ -201,20 +202,23 @@ def predict_detection(
     scored one by one.
 
     Args:
-        model: a MiniGPTPancreas (``generate(images, instructions, max_new_tokens)``,
-            ``image_transform``).
+        model: a MiniGPTPancreas (``encode_tower``, ``generate(None, instructions,
+            max_new_tokens, tower_tokens=...)``, ``image_transform``).
         records: selected records (see :func:`minigpt4.evaluation.common.check_records`).
         task: a detection task.
         progress: optional callable ``progress(done, total)``.
         instruction: instruction template with ``{}`` for the target (``run.eval_instruction``);
             None = the paper's first instruction.
+        feature_cache: a :class:`~minigpt4.data.feature_cache.VisualFeatureCache` (no autocast)
+            to read and keep the tower tokens of the images (``run.cache_visual_features``).
     """
     if task not in DETECTION_TASKS:
         raise ValueError(f"not a detection task: {task!r}")
     rows: list[dict] = []
     with eval_mode(model):
-        for batch_records, images, instructions in iter_batches(model, records, task, batch_size, num_workers, instruction):
-            answers = model.generate(images, instructions, max_new_tokens=max_new_tokens)
+        batches = iter_batches(model, records, task, batch_size, num_workers, instruction, feature_cache)
+        for batch_records, tower_tokens, instructions in batches:
+            answers = model.generate(None, instructions, max_new_tokens=max_new_tokens, tower_tokens=tower_tokens)
             if len(answers) != len(batch_records):
                 raise RuntimeError(f"model.generate returned {len(answers)} answers for {len(batch_records)} images")
             rows.extend(detection_row(r, a, q) for r, a, q in zip(batch_records, answers, instructions))

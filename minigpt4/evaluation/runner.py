@@ -246,6 +246,15 @@ def _progress(task: str):
     return progress_callback(task, unit="sample")
 
 
+def _feature_cache(cfg: Config, model: Any):
+    """``run.cache_visual_features``: the cache of the loaded tower (no autocast, like evaluation), else None."""
+    if not cfg.run.cache_visual_features:
+        return None
+    from minigpt4.data.feature_cache import configured_feature_cache
+
+    return configured_feature_cache(cfg, model, autocast_dtype=None)
+
+
 def _build_model(cfg: Config):
     from minigpt4.models.minigpt_v2 import build_model
     from minigpt4.training.trainer import check_weight_files
@@ -326,11 +335,14 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
     batch = cfg.run.eval_batch_size
     for epoch, folder in found:
         load_weights(model, folder)
+        # named by this epoch's tower weights: shared by every epoch when the EVA is frozen
+        feature_cache = _feature_cache(cfg, model)
         entry: dict[str, Any] = {"epoch": epoch, "checkpoint": checkpoint_identity(str(folder))}
         test_rows: list[dict] = []
         for split, (records, _) in splits.items():
             rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers,
-                                     progress=_progress(f"epoch {epoch} {split}"), instruction=cfg.run.eval_instruction)
+                                     progress=_progress(f"epoch {epoch} {split}"), instruction=cfg.run.eval_instruction,
+                                     feature_cache=feature_cache)
             metrics = detection_metrics(rows, task, n_boot=0)
             write_jsonl_atomic(out / f"epoch_{epoch}" / split / "predictions.jsonl", rows)
             write_json_atomic(out / f"epoch_{epoch}" / split / "metrics.json", metrics)
@@ -393,6 +405,7 @@ def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
         check_evaluation(cfg, [n for n, d in cfg.datasets.items() if d.task == task], split,
                          cfg.model.ckpt or cfg.model.init_from)
     model = _build_model(cfg)
+    feature_cache = _feature_cache(cfg, model)
     root = Path(cfg.run.output_dir)
     results = {}
     for task, (records, datasets) in loaded.items():
@@ -400,12 +413,13 @@ def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
         batch = cfg.run.eval_batch_size
         start = time.perf_counter()
         if task == CLASSIFICATION:
-            rows = predict_classification(model, records, batch, num_workers=cfg.run.num_workers, progress=_progress(task))
+            rows = predict_classification(model, records, batch, num_workers=cfg.run.num_workers, progress=_progress(task),
+                                          feature_cache=feature_cache)
             metrics = classification_metrics(rows, n_boot=args.bootstrap, seed=cfg.run.seed)
             metrics.update(classification_context(cfg, records, rows, cfg.run.seed))
         else:
             rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers, progress=_progress(task),
-                                     instruction=cfg.run.eval_instruction)
+                                     instruction=cfg.run.eval_instruction, feature_cache=feature_cache)
             metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
             metrics["threshold"] = common_threshold(datasets)
         metrics["run"] = run_identity(cfg, args, model, split, datasets, batch, time.perf_counter() - start, len(rows))

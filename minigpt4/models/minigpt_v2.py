@@ -618,21 +618,24 @@ class MiniGPTPancreas(nn.Module):
     @torch.no_grad()
     def generate_ids(
         self,
-        images: torch.Tensor,
+        images: Optional[torch.Tensor],
         instructions: Sequence[str],
         max_new_tokens: Optional[int] = None,
         decoding: Optional[DecodingConfig] = None,
+        tower_tokens: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """HF ``generate(inputs_embeds=..., attention_mask=...)`` on the peft model, as MiniGPT-v2.
 
         Prompts are left-padded; HF derives the position ids from the attention mask, so every
         prompt starts at position 0 and a batch gives the answers of one-by-one generation.
+        ``tower_tokens`` (B, 1 + N, C) (``encode_tower`` output, e.g. from the feature cache)
+        replace ``images``, as in :meth:`forward`.
 
         Returns:
             (B, T) new token ids only (no prompt), ``pad_id`` after a row's ``</s>``.
         """
         batch = self.tokenize(instructions, padding_side="left")
-        embeds = self._prepare(images, batch)
+        embeds = self._prepare(images, batch, tower_tokens)
         with warnings.catch_warnings():
             # a repetition penalty sees the new tokens only (no prompt ids): so in MiniGPT-v2 too
             warnings.filterwarnings("ignore", message=".*repetition_penalty.*inputs_embeds")
@@ -644,21 +647,23 @@ class MiniGPTPancreas(nn.Module):
 
     def generate(
         self,
-        images: torch.Tensor,
+        images: Optional[torch.Tensor],
         instructions: Sequence[str],
         max_new_tokens: Optional[int] = None,
         decoding: Optional[DecodingConfig] = None,
+        tower_tokens: Optional[torch.Tensor] = None,
     ) -> list[str]:
         """Answers, batched with left padding (greedy by default: equal to one-by-one generation).
 
         Args:
-            images: (B, 3, S, S); instructions: B strings.
+            images: (B, 3, S, S), or None with ``tower_tokens``; instructions: B strings.
             max_new_tokens: default ``decoding.max_new_tokens`` (20, SPEC §3).
             decoding: greedy / beams / sampling settings; default ``cfg.generation``.
+            tower_tokens: (B, 1 + N, C) ``encode_tower`` output instead of ``images``.
         Returns:
             B answers, decoded up to the first ``</s>``, stripped.
         """
-        ids = self.generate_ids(images, instructions, max_new_tokens, decoding)
+        ids = self.generate_ids(images, instructions, max_new_tokens, decoding, tower_tokens)
         answers = []
         for row in ids.tolist():
             if self.tokenizer.eos_id in row:
@@ -667,8 +672,12 @@ class MiniGPTPancreas(nn.Module):
         return answers
 
     @torch.no_grad()
-    def yes_probability(self, images: torch.Tensor, questions: Sequence[str]) -> torch.Tensor:
+    def yes_probability(
+        self, images: Optional[torch.Tensor], questions: Sequence[str], tower_tokens: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """P(yes) / (P(yes) + P(no)) at the first answer token, shape (B,).
+
+        ``images`` (B, 3, S, S), or None with ``tower_tokens`` (B, 1 + N, C) as in :meth:`generate`.
 
         P(yes) sums the probabilities of every casing variant of the word that is one piece
         (``yes Yes YES``, with and without the leading-space piece; :func:`casing_piece_ids`), and
@@ -681,7 +690,7 @@ class MiniGPTPancreas(nn.Module):
         if not yes_ids or not no_ids:
             raise ValueError(f"{self.tokenizer}: no single piece spells yes or no; P(yes) is undefined")
         batch = self.tokenize(questions, padding_side="left")
-        embeds = self._prepare(images, batch)
+        embeds = self._prepare(images, batch, tower_tokens)
         out = self.llama_model(
             inputs_embeds=embeds,
             attention_mask=batch["attention_mask"],

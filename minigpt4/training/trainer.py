@@ -8,7 +8,8 @@ What it does, in order:
 2. builds the model (``build_model``: EVA, LLaMA, ``init_from``), the datasets and the mixing plan
    (:mod:`minigpt4.training.sampler`), AdamW (weight decay on ≥2-D tensors only) and the per-step
    warm-up + cosine schedule (:mod:`minigpt4.training.schedule`); with ``run.cache_visual_features``
-   encodes every training image once with the frozen tower (:mod:`minigpt4.data.feature_cache`),
+   encodes every training image once with the frozen tower (:mod:`minigpt4.data.feature_cache`;
+   validation images at their first validation),
    with ``run.compile`` compiles each decoder layer / EVA block (``model.compile_regions``);
 3. restores a run exactly when resuming (``run.resume``: a checkpoint folder or ``auto`` = the
    folder named in ``<output_dir>/checkpoint_latest``): trainable weights, optimizer, schedule,
@@ -372,11 +373,10 @@ def attach_feature_cache(model, datasets: list, cfg: Config, amp_dtype: Optional
     ``<output_dir>/feature_cache``) are not encoded again: a resumed run or a later stage with the
     same frozen EVA reuses them. Returns the folder of this tower's entries.
     """
-    from minigpt4.data.feature_cache import VisualFeatureCache
+    from minigpt4.data.feature_cache import configured_feature_cache
 
     check_feature_cache(cfg)
-    root = Path(cfg.run.feature_cache_dir) if cfg.run.feature_cache_dir else Path(cfg.run.output_dir) / "feature_cache"
-    cache = VisualFeatureCache(root, model, autocast_dtype=amp_dtype)
+    cache = configured_feature_cache(cfg, model, autocast_dtype=amp_dtype)
     for dataset in datasets:
         paths = [record["image"] for record in dataset.records]
         dataset.tower_features = cache.fill(
@@ -386,8 +386,12 @@ def attach_feature_cache(model, datasets: list, cfg: Config, amp_dtype: Optional
     return cache.folder
 
 
-def _validate(model: torch.nn.Module, val_sets: list, cfg: Config) -> tuple[float, dict]:
-    """Score on every dataset's ``val`` records; tasks are averaged weighted by record count."""
+def _validate(model: torch.nn.Module, val_sets: list, cfg: Config, feature_cache=None) -> tuple[float, dict]:
+    """Score on every dataset's ``val`` records; tasks are averaged weighted by record count.
+
+    ``feature_cache`` (``run.cache_visual_features``, no autocast: validation runs without it)
+    keeps the validation images' tower tokens from the first epoch's validation to the next.
+    """
     from minigpt4.evaluation import validation_score
 
     by_task: dict[str, list[dict]] = {}
@@ -396,7 +400,8 @@ def _validate(model: torch.nn.Module, val_sets: list, cfg: Config) -> tuple[floa
     results, total, weighted = {}, 0, 0.0
     for task, records in by_task.items():
         with model.eager_layers():  # run.compile: no recompiles for decoding shapes
-            score, metrics = validation_score(model, records, task, cfg.run.eval_batch_size, max_samples=cfg.run.val_max_samples)
+            score, metrics = validation_score(model, records, task, cfg.run.eval_batch_size,
+                                              max_samples=cfg.run.val_max_samples, feature_cache=feature_cache)
         n = len(records) if cfg.run.val_max_samples is None else min(len(records), cfg.run.val_max_samples)
         results[task] = {"score": float(score), "n": n, "metrics": metrics}
         total += n
@@ -441,9 +446,13 @@ def train(cfg: Config) -> TrainResult:
                         cache=run.cache_images)
             for _, task, _, records in train_sets
         ]
-        feature_folder = None
+        feature_folder, val_feature_cache = None, None
         if run.cache_visual_features:
             feature_folder = attach_feature_cache(model, datasets, cfg, amp_dtype, dist_info.rank, dist_info.world_size)
+            if run.validate and main:  # validation runs on rank 0, without autocast
+                from minigpt4.data.feature_cache import configured_feature_cache
+
+                val_feature_cache = configured_feature_cache(cfg, model, autocast_dtype=None)
         if run.compile:
             model.compile_regions(pad_to_multiple_of=run.compile_pad_to_multiple_of)
         plan = MixPlan(
@@ -599,7 +608,7 @@ def train(cfg: Config) -> TrainResult:
             # ---- end of epoch: validate (rank 0), checkpoint, best
             score, per_task, is_best = None, None, False
             if run.validate and main:
-                score, per_task = _validate(model, val_sets, cfg)
+                score, per_task = _validate(model, val_sets, cfg, val_feature_cache)
                 is_best = best_score is None or score > best_score
                 if is_best:
                     best_score, best_epoch = score, epoch
