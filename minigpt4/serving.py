@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from minigpt4.boxes import EMPTY_BOX, box_problem, grid_to_pixel, parse_box, parse_yes_no
+from minigpt4.boxes import EMPTY_BOX, box_problem, grid_to_pixel, grid_to_pixel_inclusive, parse_box, parse_yes_no
 from minigpt4.config import DecodingConfig
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
 
@@ -615,13 +615,19 @@ def _non_empty_pixel_box(answer: str, width: int, height: int) -> Optional[tuple
     return box if box[2] > box[0] and box[3] > box[1] else None
 
 
-def crop_to_box(image: np.ndarray, box: Sequence[float]) -> np.ndarray:
-    """Crop (H, W) to the pixels a continuous box covers: rows floor(y1)..ceil(y2), same for x,
-    at least 2 pixels per side."""
+def pancreas_crop(image: np.ndarray, answer: str, margin: int = 0) -> Optional[np.ndarray]:
+    """The crop the tumor classifier trained on, cut where a pancreas answer points.
+
+    As ``python -m preprocessing tc`` cuts (and the cascade, :func:`minigpt4.evaluation.cascade.cut_crop`):
+    the answer's grid box as inclusive pixels, plus ``margin``, clipped. None when the answer holds
+    no box with an area.
+    """
+    from minigpt4.evaluation.cascade import cut_crop
+
     height, width = image.shape[:2]
-    x1, y1 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
-    x2, y2 = min(width, max(x1 + 2, math.ceil(box[2]))), min(height, max(y1 + 2, math.ceil(box[3])))
-    return image[y1:y2, x1:x2]
+    if _non_empty_pixel_box(answer, width, height) is None:
+        return None
+    return cut_crop(image, grid_to_pixel_inclusive(parse_box(answer), width, height), margin)[0]
 
 
 class DemoService:
@@ -641,8 +647,9 @@ class DemoService:
             cascade's stages on one base (``model`` is its model); each instruction goes to its
             stage (:func:`stage_for`) and "Scan volume" runs the cascade of
             :func:`minigpt4.evaluation.cascade.run_cascade`.
-        cascade: three-stage mode: ``threshold``, ``aggregation`` (max | top_k_mean), ``top_k``,
-            ``crop_margin`` of the volume scan.
+        cascade: ``crop_margin`` of the volume scan's pancreas crops (both modes; the TC folder's
+            ``--margin``) and, in three-stage mode, ``threshold``, ``aggregation`` (max |
+            top_k_mean), ``top_k``.
     """
 
     def __init__(
@@ -787,7 +794,8 @@ class DemoService:
             pancreas_answers = self._generate(batch, [pancreas_q] * len(batch), self.max_new_tokens)
             tumor_answers = self._generate(batch, [tumor_q] * len(batch), self.max_new_tokens)
             pancreas_boxes = [_non_empty_pixel_box(a, width, height) for a in pancreas_answers]
-            crops = [s if b is None else crop_to_box(s, b) for s, b in zip(batch, pancreas_boxes)]
+            cut = [pancreas_crop(s, a, self.cascade["crop_margin"]) for s, a in zip(batch, pancreas_answers)]
+            crops = [s if c is None else c for s, c in zip(batch, cut)]
             p_tumor = self._p_yes(crops, [yes_q] * len(batch))
             for offset, image in enumerate(batch):
                 rows.append(
@@ -946,4 +954,5 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
         limits=limits,
         warning=warning,
         description=description,
+        cascade={"crop_margin": cfg.cascade.crop_margin} if hasattr(cfg, "cascade") else None,
     )

@@ -25,7 +25,6 @@ from minigpt4.serving import (
     InputError,
     Limits,
     annotate,
-    crop_to_box,
     display_scale,
     load_slice,
     load_volume,
@@ -182,11 +181,21 @@ def test_annotate_zoom_scales_image_and_box():
     assert display_scale(128, 128) == 3 and display_scale(512, 512) == 1 and display_scale(100, 200) == 2
 
 
-def test_crop_to_box_covers_the_continuous_box():
-    image = np.arange(100 * 100).reshape(100, 100)
-    assert crop_to_box(image, (10.5, 20.0, 30.2, 40.0)).shape == (20, 21)  # rows 20..39, cols 10..30
-    assert np.array_equal(crop_to_box(image, (10.5, 20.0, 30.2, 40.0))[0, 0], image[20, 10])
-    assert crop_to_box(image, (50, 50, 50, 50)).shape == (2, 2)  # never empty
+def test_pancreas_crop_is_the_crop_preprocessing_tc_cuts():
+    from minigpt4.boxes import grid_to_pixel_inclusive
+    from minigpt4.serving import pancreas_crop
+    from preprocessing.tc import crop_box
+
+    image = np.arange(50 * 50).reshape(50, 50)
+    # grid 10..31 of 50 px: inclusive pixels x 5..15, y 10..20 (hand-computed), margin 2 → 3..17, 8..22
+    assert grid_to_pixel_inclusive((10, 20, 31, 40), 50, 50) == (5, 10, 15, 20)
+    assert np.array_equal(pancreas_crop(image, "{<10><20><31><40>}"), image[10:21, 5:16])
+    assert np.array_equal(pancreas_crop(image, "{<10><20><31><40>}", margin=2), image[8:23, 3:18])
+    x1, y1, x2, y2 = crop_box((5, 10, 15, 20), 50, 50, margin=2)
+    assert (x1, y1, x2, y2) == (3, 8, 17, 22)
+    assert np.array_equal(pancreas_crop(image, "{<0><0><100><100>}", margin=3), image)  # clipped to the slice
+    for no_box in ("{<0><0><0><0>}", "{<40><40><40><90>}", "no idea"):
+        assert pancreas_crop(image, no_box) is None, no_box
 
 
 # ------------------------------------------------------------------------------------------------
@@ -449,9 +458,10 @@ def test_scan_volume_finds_the_most_suspicious_slice_on_pancreas_crops():
     assert result.rows[3].pancreas_box == (16.0, 16.0, 48.0, 48.0)
     assert result.rows[3].tumor_box == (25.6, 25.6, 38.4, 38.4)
     assert seen == [0.0, 0.4, 0.8, 1.0]
-    # the classifier saw the crop to the pancreas box (rows/cols 16..47), not the whole slice
+    # the classifier saw the crop preprocessing tc cuts for grid 25..75 of 64 px (inclusive pixels
+    # 16..48), not the whole slice
     crops = torch.cat([c[1] for c in model.calls if c[0] == "yes_probability"])
-    expected = model.image_transform(Image.fromarray(scan_volume_array()[3, 16:48, 16:48]))
+    expected = model.image_transform(Image.fromarray(scan_volume_array()[3, 16:49, 16:49]))
     assert torch.allclose(crops[3], expected)
     assert [c[2] for c in model.calls if c[0] == "generate"][:2] == [[PANCREAS_Q] * 2, [TUMOR_Q] * 2]
     assert result.rows[3].as_dict() == {
@@ -662,6 +672,8 @@ def test_missing_checkpoint_full_size_is_an_error_tiny_is_a_warning(tmp_path, mo
     assert "random weights" in service.warning and "checkpoint_best" in service.warning
     answer = service.ask(gray_slice(), PANCREAS_Q)  # the random tiny model still answers
     assert isinstance(answer.text, str) and answer.task == "detection"
+    cpu = load_config(REPO / "eval_configs" / "demo_cpu.yaml", ["cascade.crop_margin=3"])
+    assert load_service(cpu).cascade["crop_margin"] == 3  # the volume scan crops like the TC folder
 
 
 def test_main_reports_a_missing_checkpoint_cleanly(tmp_path, monkeypatch, capsys):
