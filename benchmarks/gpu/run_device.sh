@@ -36,8 +36,18 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-python3 -c "import omegaconf, nibabel" 2>/dev/null || {
-    echo "error: omegaconf or nibabel missing: run benchmarks/gpu/fetch_wheels.sh and carry $WHEELS" >&2; exit 2; }
+# every module the steps import, checked before any step runs: a missing one is named here, not
+# met as a traceback halfway through the device time (pylibjpeg: compressed DICOM only, not used)
+python3 - "$WHEELS" <<'PY' || exit 2
+import importlib.util, sys
+modules = ["torch", "torchvision", "transformers", "peft", "sentencepiece", "safetensors", "numpy", "scipy",
+           "PIL", "sklearn", "matplotlib", "tqdm", "yaml", "omegaconf", "nibabel", "pydicom"]
+missing = [m for m in modules if importlib.util.find_spec(m) is None]
+if missing:
+    carried = {"omegaconf", "nibabel", "pydicom"}
+    hint = f"run benchmarks/gpu/fetch_wheels.sh and carry {sys.argv[1]}" if carried & set(missing) else "carry their wheels"
+    sys.exit(f"error: missing Python modules: {', '.join(missing)}: {hint}")
+PY
 
 STEPS=()  # JSON fragments for device_run.json
 LOG="$OUT/run_device.log"
