@@ -96,8 +96,13 @@ def run_model(checkpoint: Path, test: list, batch_size: int) -> dict:
     metrics = classification_metrics(rows, n_boot=0)
     y = _labels(test)
     p = np.array([r["p_yes"] for r in rows], dtype=float)
+    m = cfg.model
+    label = (f"MiniGPT checkpoint: ViT {m.vision.depth}×{m.vision.width} at {m.vision.image_size} px, LLaMA "
+             f"{m.text.num_layers}×{m.text.hidden_size}, LoRA r {m.lora.r} on {','.join(m.lora.target_modules)}; "
+             f"trained {cfg.run.max_epoch} epochs, best by val accuracy")
     return {"accuracy": float(metrics["accuracy"]), "auc": _metrics(y, p)["auc"],
-            "accuracy_at_p0.5": _metrics(y, p)["accuracy"], "n": len(rows), "seconds": time.perf_counter() - t0}
+            "accuracy_at_p0.5": _metrics(y, p)["accuracy"], "n": len(rows), "seconds": time.perf_counter() - t0,
+            "label": label}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
