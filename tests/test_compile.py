@@ -6,7 +6,6 @@ generation); the inductor test generates C++ kernels and takes about a minute on
 
 from __future__ import annotations
 
-import functools
 import shutil
 
 import pytest

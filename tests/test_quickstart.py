@@ -43,7 +43,6 @@ def test_printed_demo_command_installs_gradio_when_it_is_missing(monkeypatch, tm
     """After ./quickstart.sh (which installs only '.') the printed demo command must work as printed."""
     import importlib.util
     import shutil
-    import sys
     import tomllib
 
     from minigpt4 import quickstart
