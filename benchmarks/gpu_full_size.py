@@ -138,8 +138,8 @@ def run_case(model, case: Case, steps: int, warmup: int, instruction: str, answe
     def step():
         for _ in range(case.grad_accum):
             with autocast:
-                out = model(None if tower is not None else images, instructions, answers, tower_tokens=tower)
-            (out.loss / case.grad_accum).backward()
+                loss = model(None if tower is not None else images, instructions, answers, tower_tokens=tower).loss
+            (loss / case.grad_accum).backward()  # as the trainer: the logits are not held through backward
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

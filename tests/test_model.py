@@ -399,3 +399,27 @@ def test_cached_tower_tokens_give_the_same_loss_as_images(model):
         model(images, INSTRUCTIONS, ANSWERS, tower_tokens=tower)
     with pytest.raises(ValueError, match=r"tower tokens must be \(B, 65, 64\)"):
         model(None, INSTRUCTIONS, ANSWERS, tower_tokens=tower[:, 1:])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_only_the_loss_is_kept_through_backward(model, autocast):
+    """The trainer keeps ``model(...).loss`` only: then nothing holds the (T, vocab) logits during
+    backward (the loss's graph keeps the log-softmax, not the logits)."""
+    import gc
+    import weakref
+
+    seen: list = []
+    hook = model.llama.lm_head.register_forward_hook(lambda module, args, output: seen.append(weakref.ref(output)))
+    try:
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(tiny_images(2), INSTRUCTIONS[:2], ["{<12><34><56><78>}", "yes"]).loss
+        gc.collect()
+        assert len(seen) == 1 and seen[0]() is None  # freed before backward
+        loss.backward()
+        held = model(tiny_images(2), INSTRUCTIONS[:2], ["{<12><34><56><78>}", "yes"])
+        assert seen[1]() is held.logits  # the check can fail: an output that is kept is seen alive
+    finally:
+        hook.remove()
+        model.zero_grad(set_to_none=True)
+        model.eval()

@@ -571,8 +571,9 @@ def train(cfg: Config) -> TrainResult:
                     with context:
                         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                             images, tower_tokens = _visual_inputs(batch, device)
-                            out = train_model(images, batch["instructions"], batch["answers"], tower_tokens=tower_tokens)
-                        loss = out.loss / run.grad_accum_steps
+                            # only the loss is kept: the answer logits are not held through backward
+                            loss = train_model(images, batch["instructions"], batch["answers"], tower_tokens=tower_tokens).loss
+                        loss = loss / run.grad_accum_steps
                         (scaler.scale(loss) if scaler is not None else loss).backward()
                     step_loss += loss.detach()
                 if scaler is not None:
