@@ -151,6 +151,16 @@ def browser_page(url: str):
             context.close()
 
 
+def wait_for_scan_table(page, row_pattern: str, rows: int) -> None:
+    """Wait until the scan table shows ``rows`` rows matching ``row_pattern`` (a JS regex) and the P(tumor) plot."""
+    page.wait_for_function(
+        "([pattern, rows]) => { const t = document.querySelector('#scan-table');"
+        " return t && (t.innerText.match(new RegExp(pattern, 'g')) || []).length === rows; }",
+        arg=[row_pattern, rows], timeout=30_000,
+    )
+    page.locator("#scan-plot img").wait_for(timeout=30_000)
+
+
 @pytest.fixture(scope="module")
 def server():
     """``python demo.py`` on 127.0.0.1:<free port> serving a saved tiny checkpoint."""
@@ -266,12 +276,7 @@ def test_browser_upload_and_locate_the_pancreas(server):
         page.locator("#slice-slider").wait_for(state="visible", timeout=30_000)
         page.locator("#scan-volume").click()
         page.get_by_text("Scanned 5 slices. Most suspicious: slice").wait_for(timeout=60_000)
-        page.wait_for_function(
-            "() => { const t = document.querySelector('#scan-table');"
-            " return t && (t.innerText.match(/pancreas crop|whole slice/g) || []).length === 5; }",
-            timeout=30_000,
-        )
-        page.locator("#scan-plot img").wait_for(timeout=30_000)
+        wait_for_scan_table(page, r"pancreas crop|whole slice", 5)
         # moving the slider shows another slice (the scan has jumped to the most suspicious one:
         # pick a slice that is not that one)
         before = viewer.get_attribute("src")
@@ -337,11 +342,6 @@ def test_browser_three_stage_demo_scans_a_volume(cascade_server):
         page.locator("#chat").get_by_text("Answered by stage 1 (pancreas detection)").wait_for(timeout=30_000)
         page.locator("#scan-volume").click()
         page.get_by_text("Patient-level answer:").wait_for(timeout=60_000)
-        page.wait_for_function(
-            "() => { const t = document.querySelector('#scan-table');"
-            " return t && (t.innerText.match(/pancreas crop \\(predicted box\\)|no pancreas box/g) || []).length === 5; }",
-            timeout=30_000,
-        )
-        page.locator("#scan-plot img").wait_for(timeout=30_000)
+        wait_for_scan_table(page, r"pancreas crop \(predicted box\)|no pancreas box", 5)
         page.screenshot(path=str(ARTIFACTS / "demo_e2e_cascade.png"), full_page=True)
     assert (ARTIFACTS / "demo_e2e_cascade.png").stat().st_size > 10_000
