@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minigpt4.boxes import (
+    best_grid_answer,
     box_answer,
     box_iou,
     box_problem,
@@ -189,3 +191,55 @@ def test_box_iou_is_symmetric_and_in_unit_interval(a, b):
     iou = box_iou(a, b)
     assert 0.0 <= iou <= 1.0 and not math.isnan(iou)
     assert iou == pytest.approx(box_iou(b, a))
+
+
+# --- the grid ceiling: the best IoU any 0-100 grid answer can score ----------------------------
+
+
+def brute_force_best_grid_iou(gt, width, height):
+    """Every grid box with positive area (5,050 x-intervals x 5,050 y-intervals), scored like
+    box_iou: continuous areas, no +1, pixels = g * size / 100."""
+    g1, g2 = np.triu_indices(101, k=1)
+    x1, x2, y1, y2 = g1 * width / 100, g2 * width / 100, g1 * height / 100, g2 * height / 100
+    ix = np.clip(np.minimum(x2, gt[2]) - np.maximum(x1, gt[0]), 0, None)
+    iy = np.clip(np.minimum(y2, gt[3]) - np.maximum(y1, gt[1]), 0, None)
+    gt_area, best = (gt[2] - gt[0]) * (gt[3] - gt[1]), 0.0
+    for start in range(0, len(iy), 500):  # 500 y-intervals at a time against every x-interval
+        inter = iy[start:start + 500, None] * ix[None, :]
+        union = (y2 - y1)[start:start + 500, None] * (x2 - x1)[None, :] + gt_area - inter
+        best = max(best, float((inter / union).max()))
+    return best
+
+
+@pytest.mark.parametrize("gt, size, answer, iou", [
+    # 512-px slice: the ground truth's own answer {<25><50><74><99>} = (128,256,378.88,506.88) scores 0.968;
+    # {<25><50><75><100>} = pixels (128,256,384,512): 255*255 / 256*256 = 0.992
+    ([128, 256, 383, 511], (512, 512), "{<25><50><75><100>}", 65025 / 65536),
+    # the paper's Fig. 2 tumor: its own answer scores 0.495; {<43><46><46><50>} = pixels
+    # (220.16, 235.52, 235.52, 256): 15.36*17 / (15.36*20.48 + 17*17 - 15.36*17) = 0.762
+    ([220, 238, 237, 255], (512, 512), "{<43><46><46><50>}", 261.12 / (314.5728 + 289 - 261.12)),
+    # non-square image: {<10><10><30><49>} = (20,10,60,49): 39*39 / 40*39
+    ([20, 10, 59, 49], (200, 100), "{<10><10><30><49>}", 1521 / 1560),
+])
+def test_best_grid_answer_is_the_grid_ceiling_checked_against_every_grid_box(gt, size, answer, iou):
+    grid, best = best_grid_answer(gt, *size)
+    assert best == pytest.approx(iou, abs=1e-12)
+    assert format_box(grid) == answer and score_answer(answer, gt, *size)[1] == pytest.approx(iou, abs=1e-12)
+    assert best == pytest.approx(brute_force_best_grid_iou(gt, *size), abs=1e-12)
+    assert best > score_answer(box_answer(gt, *size), gt, *size)[1]  # the own answer is not the ceiling
+
+
+@pytest.mark.parametrize("gt, size", [
+    ([300, 100, 301, 180], (512, 512)),  # 1 px wide: thinner than a grid cell, IoU not separable
+    ([10, 10, 12, 13], (512, 512)),      # smaller than a cell in both directions
+    ([0, 0, 511, 511], (512, 512)),      # the whole slice
+    ([37, 5, 90, 61], (97, 333)),        # cells of a fractional number of pixels
+])
+def test_best_grid_answer_matches_brute_force_on_hard_boxes(gt, size):
+    grid, best = best_grid_answer(gt, *size)
+    assert best == pytest.approx(brute_force_best_grid_iou(gt, *size), abs=1e-12)
+    assert score_answer(format_box(grid), gt, *size)[1] == best
+
+
+def test_best_grid_answer_of_a_zero_area_ground_truth_is_zero():
+    assert best_grid_answer([5, 5, 5, 40], 100, 100) == (None, 0.0)

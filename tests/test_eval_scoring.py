@@ -16,6 +16,7 @@ from minigpt4.evaluation import (
 from minigpt4.evaluation.common import select_ids, subsample
 from minigpt4.evaluation.stats import auc_score, binary_metrics_from_counts, cluster_bootstrap
 from minigpt4.io import read_jsonl, write_jsonl_atomic
+from tests._markdown import markdown_tables
 
 # ---------------------------------------------------------------------------------------------
 # Detection: four answers with IoUs computed by hand
@@ -25,10 +26,11 @@ from minigpt4.io import read_jsonl, write_jsonl_atomic
 #   D MSD 100x100, gt [0,0,50,50], corners reversed "{<50><50><0><0>}" -> parsed as written
 #     (the release's rule), area max(0, 0-50)*... = 0 -> IoU 0
 IOU_A, IOU_B, IOU_D = 1521 / 1600, 1 / 7, 0.0
-# Grid ceilings (the ground truth's own grid answer): A gt [20,10,59,49] on 200x100 -> grid
-# (10,10,29,49) -> pixels (20,10,58,49): 38*39 / 39*39; C gt [5,5,40,40] -> grid (2,5,20,40) ->
-# pixels (4,5,40,40): 35*35 / 36*35; B, D gt [0,0,50,50] on 100x100 -> exact, 1.
-CEIL_A, CEIL_C = 1482 / 1521, 1225 / 1260
+# Grid ceilings (the best grid answer; tests/test_boxes.py checks them against every grid box):
+# A gt [20,10,59,49] on 200x100 -> {<10><10><30><49>} = pixels (20,10,60,49): 39*39 / 40*39 (the
+# ground truth's own answer (10,10,29,49) scores only 38*39 / 39*39); C gt [5,5,40,40] -> (2,5,20,40)
+# = pixels (4,5,40,40): 35*35 / 36*35; B, D gt [0,0,50,50] on 100x100 -> exact, 1.
+CEIL_A, CEIL_C = 1521 / 1560, 1225 / 1260
 
 DETECTION_LINES = [
     {"q_id": 0, "dataset": "NIH", "volume_name": "n1", "target": "pancreas", "answer": "{<10><10><30><50>}",
@@ -92,6 +94,7 @@ def test_organ_metrics_per_organ_and_unweighted_organ_average():
     assert m["per_organ"]["kidney"]["mean_iou"] == pytest.approx(1 / 7)
     assert m["per_organ"]["spleen"]["parse_rate"] == 0.0 and m["per_organ"]["spleen"]["mean_iou_parsed"] is None
     assert m["organ_average_iou"] == pytest.approx((1 + 1 / 7 + 0) / 3)
+    assert m["organ_average_iou_parsed"] == pytest.approx((1 + 1 / 7) / 2)  # spleen has no parsed answer
     assert m["weighted"]["mean_iou"] == pytest.approx((2 + 1 / 7) / 4)
 
 
@@ -312,17 +315,18 @@ def test_grid_ceiling_and_threshold_rows_in_table1():
     text = detection_table(m, "ours")
     assert "### Table 1 — pancreas detection (IoU), slices with pancreas box ratio > 30 %" in text
     # appendix Table 2 at 30 %, not Table 1's 60 % rows
-    assert "| Threshold 30 %, paper (appendix Table 2, 10 epochs) | 0.503 | 0.474 | 0.486 |" in text
+    assert "| Threshold 30 %, paper (appendix Table 2, 10 epochs) | 0.503 | 0.503 | 0.474 | 0.474 | 0.486 | 0.486 |" in text
     assert "0.574" not in text and "Epoch 21" not in text
-    ceiling = f"{(CEIL_A + CEIL_C) / 2:.3f} | 1.000 | {(CEIL_A + CEIL_C + 2) / 4:.3f}"
-    assert f"| Grid ceiling (ground truth's own grid answer) | {ceiling} |" in text
+    ceiling = f"{(CEIL_A + CEIL_C) / 2:.3f} | — | 1.000 | — | {(CEIL_A + CEIL_C + 2) / 4:.3f}"
+    assert f"| Grid ceiling (best IoU any 0–100 grid answer can score) | {ceiling} |" in text
     m["threshold"] = 0.6
     text = detection_table(m, "ours")
-    assert "| Epoch 21, paper (Table 1, 60 %) | 0.595 | 0.550 | 0.574 |" in text
-    assert "| Threshold 60 %, paper (appendix Table 2, 10 epochs) | 0.587 | 0.541 | 0.560 |" in text
+    assert "| Epoch 21, paper (Table 1, 60 %) | 0.595 | 0.595 | 0.550 | 0.550 | 0.574 | 0.574 |" in text
+    assert "| Threshold 60 %, paper (appendix Table 2, 10 epochs) | 0.587 | 0.587 | 0.541 | 0.541 | 0.560 | 0.560 |" in text
     m["threshold"] = 0.25
     assert "The paper has no row for threshold 25 %" in detection_table(m, "ours")
-    assert "the release's number, as the paper's tables report it" in text
+    m["threshold"] = None
+    assert "### Table 1 — pancreas detection (IoU), selection threshold unknown" in detection_table(m, "ours")
 
 
 def test_an_abd_file_of_pancreas_rows_is_table4():
@@ -341,3 +345,76 @@ def test_epochs_table_shows_table1_rows_only_at_60_percent():
     assert "| 21, paper (best) |" in epochs_table(epochs, 0, 0.6)
     text = epochs_table(epochs, 0, 0.3)
     assert "paper" not in text.split("\n\n")[1] and "slices with pancreas box ratio > 30 %" in text
+
+
+def _organ_metrics():
+    lines = [{"dataset": "ABD", "volume_name": "a1", "target": organ, "answer": answer, "gt_box": [0, 0, 50, 50],
+              "width": 100, "height": 100}
+             for organ, answer in (("liver", "{<0><0><50><50>}"), ("kidney", "{<25><25><75><75>}"), ("spleen", "?"))]
+    return detection_metrics(rescore_detection(lines), "organ_detection", n_boot=0)
+
+
+def test_every_iou_table_has_all_rows_and_parsed_only_columns_with_the_paper_under_both():
+    from minigpt4.evaluation.tables import detection_table, epochs_table
+
+    def f(x):
+        return f"{x:.3f}"
+
+    def check(table, label, columns, ours, paper_label, paper):
+        for column, value in zip(columns, ours):  # ours: all rows, then parsed only
+            assert table.cell(label, column) == value, (column, table.row(label))
+        for column in columns[:2]:  # the paper's one number under both definitions
+            assert table.cell(paper_label, column) == paper
+
+    def divisor_note(text):  # says what each release version divides by, and that it is not known
+        assert "latest `eval_scripts/evaluate_predictions.py` divides by the parsed count" in text
+        assert "August-2025 versions by all rows" in text and "is not known" in text
+
+    pancreas = detection_metrics(rescore_detection(DETECTION_LINES), "pancreas_detection", n_boot=0)
+    pancreas["threshold"] = 0.6
+    text = detection_table(pancreas, "ours")
+    table1 = markdown_tables(text)[0]
+    check(table1, "**ours**", ["NIH", "NIH (parsed only)"], [f(IOU_A / 2), f(IOU_A)], "Epoch 21, paper (Table 1, 60 %)", "0.595")
+    check(table1, "**ours**", ["MSD", "MSD (parsed only)"], [f((IOU_B + IOU_D) / 2)] * 2, "Epoch 21, paper (Table 1, 60 %)", "0.550")
+    check(table1, "**ours**", ["Average", "Average (parsed only)"], [f((IOU_A + IOU_B + IOU_D) / 4), f((IOU_A + IOU_B + IOU_D) / 3)],
+          "Epoch 21, paper (Table 1, 60 %)", "0.574")
+    divisor_note(text)
+
+    tumor = detection_metrics(rescore_detection([dict(line, target="tumor") for line in DETECTION_LINES]), "tumor_detection", n_boot=0)
+    text = detection_table(tumor, "ours")
+    check(markdown_tables(text)[0], "**ours**", ["IoU", "IoU (parsed only)"],
+          [f((IOU_A + IOU_B + IOU_D) / 4), f((IOU_A + IOU_B + IOU_D) / 3)], "+ tumor detection, paper", "0.168")
+    divisor_note(text)
+
+    text = detection_table(_organ_metrics(), "ours")
+    table4, detail = markdown_tables(text)
+    check(table4, "**ours**", ["Liver", "Liver (parsed only)"], ["1.000", "1.000"], "MiniGPT-Pancreas, paper", "0.839")
+    check(table4, "**ours**", ["Spleen", "Spleen (parsed only)"], ["0.000", "—"], "MiniGPT-Pancreas, paper", "0.705")
+    check(table4, "**ours**", ["Average", "Average (parsed only)"], [f((1 + 1 / 7) / 3), f((1 + 1 / 7) / 2)],
+          "MiniGPT-Pancreas, paper", "0.691")
+    assert detail.cell("spleen (organ)", "parse rate") == "0.000"  # the parse rates per organ
+    divisor_note(text)
+
+    text = epochs_table([{"epoch": 0, "val": pancreas, "test": pancreas}], 0, 0.6)
+    check(markdown_tables(text)[0], "**0** (best on val)", ["test NIH", "test NIH (parsed only)"], [f(IOU_A / 2), f(IOU_A)],
+          "21, paper (best)", "0.595")
+    check(markdown_tables(text)[0], "**0** (best on val)", ["test Average", "test Average (parsed only)"],
+          [f((IOU_A + IOU_B + IOU_D) / 4), f((IOU_A + IOU_B + IOU_D) / 3)], "21, paper (best)", "0.574")
+    divisor_note(text)
+
+
+def test_every_table_the_evaluation_writes_has_a_header_row():
+    from minigpt4.evaluation.tables import classification_table, detection_table, epochs_table
+
+    pancreas = detection_metrics(rescore_detection(DETECTION_LINES), "pancreas_detection", n_boot=50, seed=0)
+    tumor = detection_metrics(rescore_detection([dict(line, target="tumor") for line in DETECTION_LINES]), "tumor_detection", n_boot=0)
+    classification = classification_metrics(rescore_classification(CLASSIFICATION_LINES), n_boot=0)
+    texts = {
+        "Table 1": detection_table(pancreas, "ours"),
+        "Table 3": detection_table(tumor, "ours"),
+        "Table 4": detection_table(_organ_metrics(), "ours"),
+        "Table 2": classification_table(classification, "ours"),
+        "by epoch": epochs_table([{"epoch": 0, "val": None, "test": pancreas}], 0, None),
+    }
+    counts = {name: len(markdown_tables(text)) for name, text in texts.items()}  # each table checked
+    assert counts == {"Table 1": 2, "Table 3": 2, "Table 4": 2, "Table 2": 3, "by epoch": 1}

@@ -4,9 +4,12 @@ Scoring rules (all in :mod:`minigpt4.boxes`, the release's rule): an answer with
 of digits is the box as written, anything else a bad answer; the 0–100 grid box goes back to
 pixels as ``x * width / 100``, ``y * height / 100``; IoU is continuous, without ``+1``. A bad
 answer scores IoU 0 in ``mean_iou`` and counts against ``parse_rate``; ``mean_iou_parsed`` is the
-mean over parsed answers only, the number the paper's tables report. ``grid_ceiling`` is the mean
-IoU of the ground truth's own grid answer (``box_answer(gt)`` scored like a prediction): no answer
-on the 0–100 grid can do better on average.
+mean over parsed answers only. The paper prints one number per cell, and which of the two it is
+is not known (the release's latest ``evaluate_predictions.py`` divides by the parsed count, its
+August-2025 versions by all rows), so the tables show both. ``grid_ceiling`` is the mean over rows
+of the best IoU any 0–100 grid answer can score against the row's ground truth
+(:func:`minigpt4.boxes.best_grid_answer`, an exact search): no model answering on the grid can do
+better on average.
 
 A *prediction row* (one line of ``predictions.jsonl``)::
 
@@ -21,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from minigpt4.boxes import box_answer, score_answer
+from minigpt4.boxes import best_grid_answer, score_answer
 from minigpt4.config import DETECTION_TASKS, ORGANS
 from minigpt4.evaluation.common import eval_mode, iter_batches, record_identity
 from minigpt4.evaluation.stats import cluster_bootstrap
@@ -72,8 +75,8 @@ def check_scoring_input(gt_box: Any, width: Any, height: Any, where: str) -> Non
 
 
 def grid_ceiling_iou(gt_box: Sequence[float], width: int, height: int) -> float:
-    """IoU of the ground truth's own grid answer (what a perfect model writes) against it."""
-    return score_answer(box_answer(gt_box, width, height), gt_box, width, height)[1]
+    """The best IoU any 0–100 grid answer scores against ``gt_box`` (a perfect model's score)."""
+    return best_grid_answer(gt_box, width, height)[1]
 
 
 def rescore_rows(rows: Sequence[dict], source: str = "predictions") -> list[dict]:
@@ -101,9 +104,10 @@ def rescore_rows(rows: Sequence[dict], source: str = "predictions") -> list[dict
 def summarize(rows: Sequence[dict]) -> dict[str, Any]:
     """``{n, n_parsed, mean_iou, mean_iou_parsed, parse_rate, acc_at_0.5, grid_ceiling}`` over rows.
 
-    ``mean_iou`` counts bad answers as 0; ``mean_iou_parsed`` averages parsed answers only (the
-    release's and the paper's number); ``acc_at_0.5`` is the fraction of all rows with IoU >= 0.5;
-    ``grid_ceiling`` the mean IoU of the ground truths' own grid answers. Means over nothing are None.
+    ``mean_iou`` counts bad answers as 0 (divides by all rows, as the release's August-2025
+    ``evaluate_predictions.py``); ``mean_iou_parsed`` averages parsed answers only (divides by the
+    parsed count, as its latest version); ``acc_at_0.5`` is the fraction of all rows with IoU >= 0.5;
+    ``grid_ceiling`` the mean of the best IoU a grid answer can score per row. Means over nothing are None.
     """
     ious = np.asarray([float(r["iou"]) for r in rows], dtype=float)
     parsed = np.asarray([bool(r["parsed"]) for r in rows], dtype=bool)
@@ -166,8 +170,9 @@ def detection_metrics(rows: Sequence[dict], task: Optional[str] = None, n_boot: 
         per_organ = {o: summarize([r for r in rows if r["target"] == o]) for o in organs}
         metrics["per_organ"] = per_organ
         # Table 4's "Average" is the unweighted mean over organs (the set is organ-balanced)
-        means = [s["mean_iou"] for s in per_organ.values() if s["mean_iou"] is not None]
-        metrics["organ_average_iou"] = float(np.mean(means)) if means else None
+        for key, mean_key in (("organ_average_iou", "mean_iou"), ("organ_average_iou_parsed", "mean_iou_parsed")):
+            means = [s[mean_key] for s in per_organ.values() if s[mean_key] is not None]
+            metrics[key] = float(np.mean(means)) if means else None
     if n_boot > 0:
         metrics["ci95"] = {
             "weighted": _iou_intervals(rows, n_boot, seed),

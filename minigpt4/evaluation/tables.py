@@ -60,14 +60,35 @@ def _ds(metrics: dict, name: str, key: str = "mean_iou") -> Optional[float]:
     return metrics.get("per_dataset", {}).get(name, {}).get(key)
 
 
+PARSED = "(parsed only)"
+CEILING_ROW = "Grid ceiling (best IoU any 0–100 grid answer can score)"
+DIVISOR_NOTE = (
+    f"Two means, each in its own column: the plain column divides by all rows (`mean_iou`: a bad answer, i.e. "
+    f"not exactly four numbers under the release's rule, scores 0), “{PARSED}” divides by the parsed answers "
+    "only (`mean_iou_parsed`). The release's latest `eval_scripts/evaluate_predictions.py` divides by the parsed "
+    "count, its August-2025 versions by all rows; which one produced the paper's numbers is not known, so each "
+    "paper value is shown under both."
+)
+
+
+def _both(value: Any) -> list[Any]:
+    """A paper value under both definitions (which one the paper used is not known)."""
+    return [value, value]
+
+
+def _means(summary: Optional[dict]) -> list[Optional[float]]:
+    """``[mean_iou, mean_iou_parsed]`` of a summary (None where absent)."""
+    summary = summary or {}
+    return [summary.get("mean_iou"), summary.get("mean_iou_parsed")]
+
+
 def _parse_note(metrics: dict) -> str:
     w = metrics["weighted"]
     return (
-        f"Bad answers (not exactly four numbers: the release's rule) score 0 (parse rate {fmt(w['parse_rate'])}, "
-        f"n = {w['n']}); mean IoU over parsed answers only (the release's number, as the paper's tables "
-        f"report it): {fmt(w['mean_iou_parsed'])}; IoU ≥ 0.5 on {fmt(w['acc_at_0.5'])} of the slices. "
-        f"Grid ceiling (the ground truth's own 0–100 grid answer scored like a prediction): "
-        f"{fmt(w.get('grid_ceiling'))}."
+        f"Parse rate {fmt(w['parse_rate'])} (n = {w['n']}); IoU ≥ 0.5 on {fmt(w['acc_at_0.5'])} of the slices. "
+        f"Grid ceiling: the best IoU any 0–100 grid answer can score against each ground truth (exact search "
+        f"under the scoring rule), averaged: {fmt(w.get('grid_ceiling'))}; no model answering on the grid can "
+        "score more."
     )
 
 
@@ -78,29 +99,28 @@ def _percent(threshold: float) -> str:
 def threshold_title(threshold: Optional[float]) -> str:
     """Which slices were evaluated, for a table title."""
     if threshold is None:
-        return "selection threshold not recorded"
+        return "selection threshold unknown"
     return f"slices with pancreas box ratio > {_percent(threshold)}"
 
 
-def paper_pancreas_rows(threshold: Optional[float], n_extra: int) -> tuple[list[list[Any]], str]:
-    """The paper's rows that match the evaluated threshold, and a note saying which they are.
+def paper_pancreas_rows(threshold: Optional[float]) -> tuple[list[tuple[str, float, float, float]], str]:
+    """The paper's ``(name, NIH, MSD, Average)`` rows that match the evaluated threshold, and a note
+    saying which they are.
 
     At 60 % (or unknown): Table 1 (50 epochs) plus the appendix Table 2 row; at another threshold
     of the appendix study (10 epochs): only its row; otherwise none.
     """
-    pad = [None] * n_extra
-    rows: list[list[Any]] = []
+    rows: list[tuple[str, float, float, float]] = []
     at_60 = threshold is None or abs(threshold - 0.6) < 1e-9
     if at_60:
-        rows.append(["MiniGPT-v2, paper (Table 1)", *PAPER_TABLE1_BASELINE[:2], *pad, PAPER_TABLE1_BASELINE[2], None, None, None])
-        for epoch, (nih, msd, avg) in PAPER_TABLE1.items():
-            rows.append([f"Epoch {epoch}, paper (Table 1, 60 %)", nih, msd, *pad, avg, None, None, None])
+        rows.append(("MiniGPT-v2, paper (Table 1)", *PAPER_TABLE1_BASELINE))
+        for epoch, values in PAPER_TABLE1.items():
+            rows.append((f"Epoch {epoch}, paper (Table 1, 60 %)", *values))
     paper_t = None if threshold is None else next((t for t in PAPER_THRESHOLDS if abs(t - threshold) < 1e-9), None)
     if paper_t is not None:
-        nih, msd, avg = PAPER_THRESHOLDS[paper_t]
-        rows.append([f"Threshold {_percent(paper_t)}, paper (appendix Table 2, 10 epochs)", nih, msd, *pad, avg, None, None, None])
+        rows.append((f"Threshold {_percent(paper_t)}, paper (appendix Table 2, 10 epochs)", *PAPER_THRESHOLDS[paper_t]))
     if threshold is None:
-        note = "The evaluated threshold is not recorded: the paper's rows are those at 60 %."
+        note = "The evaluated selection threshold is unknown (not recorded): the paper's rows are those at 60 %."
     elif paper_t is None:
         note = f"The paper has no row for threshold {_percent(threshold)} (its study used 0 %, 10 %, …, 90 %)."
     elif at_60:
@@ -110,25 +130,35 @@ def paper_pancreas_rows(threshold: Optional[float], n_extra: int) -> tuple[list[
     return rows, note
 
 
+def _pancreas_datasets(names: Sequence[str]) -> list[str]:
+    """NIH and MSD first (the paper's columns), then any other dataset."""
+    return ["NIH", "MSD", *sorted(d for d in names if d not in ("NIH", "MSD"))]
+
+
 def pancreas_table(metrics: dict, label: str) -> str:
-    """Table 1 layout: NIH, MSD and the count-weighted Average; the paper's rows at the evaluated
-    threshold (``metrics['threshold']``) above ours, and the grid ceiling below."""
-    extra = [d for d in metrics["per_dataset"] if d not in ("NIH", "MSD")]
-    header = ["Model", "NIH", "MSD", *extra, "Average", "Average (parsed only)", "Parse rate", "IoU ≥ 0.5"]
+    """Table 1 layout: NIH, MSD and the count-weighted Average, each as the mean over all rows and
+    over parsed answers only; the paper's rows at the evaluated threshold (``metrics['threshold']``)
+    above ours, and the grid ceiling below."""
+    names = _pancreas_datasets(metrics["per_dataset"])
+    header = ["Model", *[c for d in names for c in (d, f"{d} {PARSED}")], "Average", f"Average {PARSED}",
+              "Parse rate", "IoU ≥ 0.5"]
     threshold = metrics.get("threshold")
-    rows, note = paper_pancreas_rows(threshold, len(extra))
+    paper, note = paper_pancreas_rows(threshold)
+    rows: list[list[Any]] = []
+    for name, nih, msd, avg in paper:
+        values = {"NIH": nih, "MSD": msd}
+        rows.append([name, *[v for d in names for v in _both(values.get(d))], *_both(avg), None, None])
     w = metrics["weighted"]
-    rows.append([f"**{label}**", _ds(metrics, "NIH"), _ds(metrics, "MSD"), *[_ds(metrics, d) for d in extra],
-                 w["mean_iou"], w["mean_iou_parsed"], w["parse_rate"], w["acc_at_0.5"]])
-    rows.append(["Grid ceiling (ground truth's own grid answer)", _ds(metrics, "NIH", "grid_ceiling"),
-                 _ds(metrics, "MSD", "grid_ceiling"), *[_ds(metrics, d, "grid_ceiling") for d in extra],
+    rows.append([f"**{label}**", *[v for d in names for v in _means(metrics["per_dataset"].get(d))], *_means(w),
+                 w["parse_rate"], w["acc_at_0.5"]])
+    rows.append([CEILING_ROW, *[v for d in names for v in (_ds(metrics, d, "grid_ceiling"), None)],
                  w.get("grid_ceiling"), None, None, None])
     lines = [
         f"### Table 1 — pancreas detection (IoU), {threshold_title(threshold)}", "",
         _table(header, rows), "",
+        DIVISOR_NOTE,
         _parse_note(metrics),
         note,
-        "The paper averages parsed answers only: compare its rows with the “parsed only” column.",
     ]
     if threshold is None or abs(threshold - 0.6) < 1e-9:
         lines.append("Paper's epoch 21 row prints Average 0.574; its NIH/MSD values weighted by test counts give 0.569.")
@@ -136,41 +166,45 @@ def pancreas_table(metrics: dict, label: str) -> str:
 
 
 def tumor_table(metrics: dict, label: str) -> str:
-    """Table 3 layout: tumor detection IoU on MSD for each cascade stage."""
-    rows: list[list[Any]] = [[f"{name}, paper", iou, None, None, None] for name, iou in PAPER_TABLE3]
+    """Table 3 layout: tumor detection IoU on MSD for each cascade stage (all rows and parsed only)."""
+    rows: list[list[Any]] = [[f"{name}, paper", *_both(iou), None, None] for name, iou in PAPER_TABLE3]
     w = metrics["weighted"]
-    rows.append([f"**{label}**", w["mean_iou"], w["mean_iou_parsed"], w["parse_rate"], w["acc_at_0.5"]])
-    rows.append(["Grid ceiling (ground truth's own grid answer)", w.get("grid_ceiling"), None, None, None])
+    rows.append([f"**{label}**", *_means(w), w["parse_rate"], w["acc_at_0.5"]])
+    rows.append([CEILING_ROW, w.get("grid_ceiling"), None, None, None])
     return "\n".join([
         "### Table 3 — pancreatic tumor detection (IoU, MSD)", "",
-        _table(["Model", "IoU", "IoU (parsed only)", "Parse rate", "IoU ≥ 0.5"], rows), "",
+        _table(["Model", "IoU", f"IoU {PARSED}", "Parse rate", "IoU ≥ 0.5"], rows), "",
+        DIVISOR_NOTE,
         _parse_note(metrics),
         "Scored against the tumor box (the release scored tumor answers against the pancreas box).",
     ])
 
 
 def organ_table(metrics: dict, label: str) -> str:
-    """Table 4 layout: IoU per organ on AbdomenCT-1K and their unweighted average."""
+    """Table 4 layout: IoU per organ on AbdomenCT-1K and their unweighted average, each over all
+    rows and over parsed answers only (parse rates per organ: the detail table)."""
     per_organ = metrics.get("per_organ", {})
-    header = ["Model", *[title for _, title in ORGAN_COLUMNS], "Average"]
+    header = ["Model", *[c for _, title in ORGAN_COLUMNS for c in (title, f"{title} {PARSED}")],
+              "Average", f"Average {PARSED}"]
     rows = [
-        ["MiniGPT-Pancreas, paper", *[PAPER_TABLE4[o] for o, _ in ORGAN_COLUMNS], PAPER_TABLE4["average"]],
-        [f"**{label}**", *[per_organ.get(o, {}).get("mean_iou") for o, _ in ORGAN_COLUMNS], metrics.get("organ_average_iou")],
-        [f"{label} (parsed only)", *[per_organ.get(o, {}).get("mean_iou_parsed") for o, _ in ORGAN_COLUMNS], None],
-        [f"{label} (parse rate)", *[per_organ.get(o, {}).get("parse_rate") for o, _ in ORGAN_COLUMNS], None],
-        ["Grid ceiling (ground truth's own grid answer)",
-         *[per_organ.get(o, {}).get("grid_ceiling") for o, _ in ORGAN_COLUMNS], None],
+        ["MiniGPT-Pancreas, paper", *[v for o, _ in ORGAN_COLUMNS for v in _both(PAPER_TABLE4[o])],
+         *_both(PAPER_TABLE4["average"])],
+        [f"**{label}**", *[v for o, _ in ORGAN_COLUMNS for v in _means(per_organ.get(o))],
+         metrics.get("organ_average_iou"), metrics.get("organ_average_iou_parsed")],
+        [CEILING_ROW, *[v for o, _ in ORGAN_COLUMNS for v in (per_organ.get(o, {}).get("grid_ceiling"), None)],
+         None, None],
     ]
     return "\n".join([
         "### Table 4 — AbdomenCT-1K organ detection (IoU)", "",
         _table(header, rows), "",
+        DIVISOR_NOTE,
         _parse_note(metrics),
         "Average = unweighted mean over organs (the paper's 0.691 is the mean of its four organ values).",
     ])
 
 
 def detection_table(metrics: dict, label: str) -> str:
-    """The paper table for ``metrics['task']`` plus a per-dataset detail table."""
+    """The paper table for ``metrics['task']`` plus a per-dataset (and per-organ) detail table."""
     task = metrics.get("task")
     if task == "organ_detection":
         main = organ_table(metrics, label)
@@ -178,9 +212,11 @@ def detection_table(metrics: dict, label: str) -> str:
         main = tumor_table(metrics, label)
     else:
         main = pancreas_table(metrics, label)
+    groups = [*metrics["per_dataset"].items(), *[(f"{o} (organ)", s) for o, s in metrics.get("per_organ", {}).items()],
+              ("weighted", metrics["weighted"])]
     detail_rows = [[name, s["n"], s["mean_iou"], s["mean_iou_parsed"], s["parse_rate"], s["acc_at_0.5"], s.get("grid_ceiling")]
-                   for name, s in [*metrics["per_dataset"].items(), ("weighted", metrics["weighted"])]]
-    detail = _table(["Dataset", "n", "mean IoU", "mean IoU (parsed)", "parse rate", "IoU ≥ 0.5", "grid ceiling"], detail_rows)
+                   for name, s in groups]
+    detail = _table(["Dataset", "n", "mean IoU", f"mean IoU {PARSED}", "parse rate", "IoU ≥ 0.5", "grid ceiling"], detail_rows)
     ci = metrics.get("ci95", {}).get("weighted", {}).get("mean_iou")
     ci_line = f"\n\n95 % CI of the weighted mean IoU (volumes resampled): [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""
     return f"{main}\n\n#### Detail\n\n{detail}{ci_line}\n"
@@ -257,7 +293,8 @@ def classification_table(metrics: dict, label: str) -> str:
 
 
 def epochs_table(epochs: Sequence[dict], best_epoch: Optional[int], threshold: Optional[float] = None) -> str:
-    """Table 1 by epoch: validation Average (used for selection) and test NIH / MSD / Average.
+    """Table 1 by epoch: validation Average (used for selection) and test NIH / MSD / Average, each
+    test value over all rows and over parsed answers only.
 
     Args:
         epochs: ``[{"epoch": N, "val": metrics or None, "test": metrics}, ...]``.
@@ -265,21 +302,24 @@ def epochs_table(epochs: Sequence[dict], best_epoch: Optional[int], threshold: O
         threshold: the evaluated selection threshold; the paper's by-epoch rows (60 %) are shown
             only at 60 % or when it is unknown.
     """
-    names = sorted({d for e in epochs for d in e["test"]["per_dataset"]}, key=lambda d: (d not in ("NIH", "MSD"), d))
-    header = ["Epoch", "val Average", *[f"test {d}" for d in names], "test Average", "test parse rate"]
+    names = _pancreas_datasets({d for e in epochs for d in e["test"]["per_dataset"]})
+    header = ["Epoch", "val Average", *[c for d in names for c in (f"test {d}", f"test {d} {PARSED}")],
+              "test Average", f"test Average {PARSED}", "test parse rate"]
     rows = []
     for e in epochs:
         label = f"**{e['epoch']}** (best on val)" if e["epoch"] == best_epoch else str(e["epoch"])
         val = e["val"]["weighted"]["mean_iou"] if e.get("val") else None
-        rows.append([label, val, *[_ds(e["test"], d) for d in names], e["test"]["weighted"]["mean_iou"],
-                     e["test"]["weighted"]["parse_rate"]])
+        test = e["test"]
+        rows.append([label, val, *[v for d in names for v in _means(test["per_dataset"].get(d))],
+                     *_means(test["weighted"]), test["weighted"]["parse_rate"]])
     at_60 = threshold is None or abs(threshold - 0.6) < 1e-9
     paper_rows = [[f"{epoch}, paper" + (" (best)" if epoch == PAPER_TABLE1_BEST_EPOCH else ""), None,
-                   *[{"NIH": nih, "MSD": msd}.get(d) for d in names], avg, None]
+                   *[v for d in names for v in _both({"NIH": nih, "MSD": msd}.get(d))], *_both(avg), None]
                   for epoch, (nih, msd, avg) in PAPER_TABLE1.items()] if at_60 else []
     return "\n".join([
         f"### Table 1 — detection IoU by epoch (checkpoint chosen on the validation split), {threshold_title(threshold)}", "",
         _table(header, rows + paper_rows), "",
         "Epochs are the trainer's 0-based indices (checkpoint_epoch_<N>). The paper chose its epoch on the "
-        "test split; here the best epoch is the highest validation Average, so its test row is unbiased.",
+        "test split; here the best epoch is the highest validation Average (over all rows), so its test row is unbiased.",
+        DIVISOR_NOTE,
     ]) + "\n"
