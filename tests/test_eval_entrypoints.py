@@ -96,6 +96,9 @@ def test_detection_writes_documented_outputs(synthetic, trained, tmp_path):
     assert again["per_dataset"] == saved["per_dataset"] and again["weighted"] == saved["weighted"]
     assert again["ci95"] == saved["ci95"]
     assert again["run"]["mode"] == "rescore"
+    # every row records how its slice was selected, and re-scoring reads it from the file
+    assert {r["selection_threshold"] for r in rows} == {saved["threshold"]} and saved["threshold"] is not None
+    assert again["threshold"] == saved["threshold"]
 
 
 def test_batch_size_does_not_change_predictions(synthetic, trained, tmp_path):
@@ -191,6 +194,30 @@ def test_unknown_ids_and_missing_checkpoint_fail_before_the_model(synthetic, tra
         eval_classification.main(["--cfg-path", str(QUICKSTART_EVAL), "--options", f"run.output_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="no checkpoint_epoch"):
         detect(synthetic, trained / "checkpoint_best", tmp_path, "--checkpoints", str(tmp_path))
+
+
+@pytest.mark.parametrize("recorded, title", [
+    (0.3, "slices with pancreas box ratio > 30 %"),
+    (None, "selection threshold unknown"),  # a file written before rows recorded it
+])
+def test_rescoring_predictions_takes_the_threshold_from_the_file_not_the_config(tmp_path, recorded, title):
+    from tests._markdown import markdown_tables
+
+    line = {"dataset": "NIH", "volume_name": "n1", "target": "pancreas", "answer": "{<10><10><30><50>}",
+            "gt_box": [20, 10, 59, 49], "width": 200, "height": 100}
+    if recorded is not None:
+        line["selection_threshold"] = recorded
+    path = tmp_path / "preds.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    # the config's folder says 60 %: the title must not take it from there
+    m = eval_detection.main(["--cfg-path", str(QUICKSTART_EVAL), "--options", f"run.output_dir={tmp_path / 'out'}",
+                             "datasets.synthetic.threshold=0.6", "--predictions", str(path), "--bootstrap", "0", "--no-figures"])
+    assert m["threshold"] == recorded
+    text = (tmp_path / "out" / "tables.md").read_text()
+    assert f"### Table 1 — pancreas detection (IoU), {title}" in text
+    assert "60 %" not in text.splitlines()[0]
+    assert read_jsonl(tmp_path / "out" / "predictions.jsonl")[0].get("selection_threshold") == recorded
+    assert len(markdown_tables(text)) == 2  # Table 1 and the detail table, each with its header row
 
 
 def test_rescoring_a_hand_made_organ_file_writes_table4(tmp_path):

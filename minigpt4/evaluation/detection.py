@@ -14,7 +14,10 @@ better on average.
 A *prediction row* (one line of ``predictions.jsonl``)::
 
     {"q_id", "dataset", "volume_name", "slice_index", "image", "target", "question", "answer",
-     "parsed", "pred_box", "gt_box", "width", "height", "iou"}
+     "parsed", "pred_box", "gt_box", "width", "height", "iou", "selection_threshold"}
+
+``selection_threshold`` is the box-ratio threshold the row's slice was selected with (None when not
+known, e.g. in training validation); ``--predictions`` re-scoring reads it from the file itself.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def detection_row(record: dict, answer: str, question: Optional[str] = None) -> 
         "width": int(record["width"]),
         "height": int(record["height"]),
         "iou": iou,
+        "selection_threshold": record.get("selection_threshold"),
     }
 
 
@@ -99,6 +103,14 @@ def rescore_rows(rows: Sequence[dict], source: str = "predictions") -> list[dict
         rescored = detection_row(record, row["answer"], row.get("question"))
         out.append({**row, **{k: rescored[k] for k in ("parsed", "pred_box", "gt_box", "iou")}})
     return out
+
+
+def recorded_threshold(rows: Sequence[dict]) -> Optional[float]:
+    """The selection threshold a predictions file records: the ``selection_threshold`` its rows
+    share; None (unknown) when a row lacks it (files written before it was recorded) or rows differ."""
+    values = {row.get("selection_threshold") for row in rows}
+    value = values.pop() if len(values) == 1 else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def summarize(rows: Sequence[dict]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from minigpt4.evaluation.common import (
     select_ids,
     subsample,
 )
-from minigpt4.evaluation.detection import detection_metrics, predict_detection, primary_score
+from minigpt4.evaluation.detection import detection_metrics, predict_detection, primary_score, recorded_threshold
 from minigpt4.evaluation.detection import rescore_rows as rescore_detection
 from minigpt4.evaluation.leakage import check_evaluation
 from minigpt4.io import file_sha256, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
@@ -89,8 +89,11 @@ def load_task_records(cfg: Config, task: str, split: str, q_ids: Optional[Sequen
         ds = cfg.datasets[name]
         source = f"datasets.{name} ({ds.root}, {task}, split {split})"
         check_records(recs, task, source=source)
+        threshold = effective_threshold(ds.root, ds.threshold)
+        if task != CLASSIFICATION:  # every prediction row says how its slice was selected
+            recs = [{**r, "selection_threshold": threshold} for r in recs]
         records.extend(recs)
-        summary[name] = {"root": ds.root, "task": task, "threshold": effective_threshold(ds.root, ds.threshold), "n": len(recs)}
+        summary[name] = {"root": ds.root, "task": task, "threshold": threshold, "n": len(recs)}
     records = subsample(select_ids(records, q_ids, source=f"{task} {split} records"), max_samples)
     return records, summary
 
@@ -294,8 +297,8 @@ def _rescore(args: argparse.Namespace, cfg: Config, kind: str) -> dict:
         cfg_tasks = [d.task for d in cfg.datasets.values() if d.task in DETECTION_TASKS]
         task = args.task or infer_detection_task(rows, list(dict.fromkeys(cfg_tasks)))
         metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
-        metrics["threshold"] = common_threshold({n: {"threshold": effective_threshold(d.root, d.threshold)}
-                                                 for n, d in cfg.datasets.items() if d.task == task})
+        # the file's own record, never the config's folders: those may have been re-prepared since
+        metrics["threshold"] = recorded_threshold(rows)
         metrics["run"] = identity
         write_detection_outputs(out, rows, metrics, f"re-scored {path.name}", not args.no_figures)
     else:
