@@ -153,6 +153,24 @@ class GenerationConfig(DecodingConfig):
     release's demo (temperature 0.6, top-p 0.9, repetition penalty 1.05)."""
 
 
+PROMPT_WORDINGS = ("paper", "release")
+
+
+@dataclass
+class PromptsConfig:
+    """How prompts are worded and laid out in tokens (``minigpt4/prompts.py``)."""
+
+    wording: str = "paper"
+    """paper: the paper's instructions in MiniGPT-v2's training stream, in training and at
+    inference. release: the MiniGPT-Pancreas release's evaluation wording and inference stream
+    (two BOS, one space before ``[/INST]``), for the zero-shot MiniGPT-v2 baseline only (training
+    refuses it)."""
+
+    def __post_init__(self) -> None:
+        if self.wording not in PROMPT_WORDINGS:
+            raise ConfigError(f"model.prompts.wording must be one of {', '.join(PROMPT_WORDINGS)}, got {self.wording!r}")
+
+
 @dataclass
 class ModelConfig:
     """Composite config: vision tower + projection + language model + LoRA."""
@@ -172,6 +190,7 @@ class ModelConfig:
     ckpt: Optional[str] = None
     """Weights to evaluate/serve, loaded after ``init_from`` (same formats)."""
     max_txt_len: int = 160
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     max_new_tokens: Optional[int] = None
     """Old spelling of ``generation.max_new_tokens`` (old configs, ``--options

@@ -1,8 +1,17 @@
 """The one prompt builder shared by training, evaluation and the demo (SPEC §3).
 
-A sequence is::
+A sequence is MiniGPT-v2's training stream, token for token::
 
-    <s> [INST] <Img> [256 image embeddings] </Img> {instruction} [/INST] {answer}</s>
+    <s> [INST] <Img> [256 image embeddings] </Img> {instruction}  [/INST] {answer}</s>
+
+MiniGPT-v2 trains on its template ``[INST] {} [/INST]`` around its datasets' instruction
+``<Img><ImageHere></Img> {} `` (with a trailing space), so two spaces stand before ``[/INST]``;
+the text is tokenised in two pieces split at the image, each with SentencePiece's dummy-prefix
+space and no BOS, and one BOS is put in front. LLaMA-2's SentencePiece keeps both spaces: an extra
+``▁`` (id 29871) before ``▁[/INST]``. Training and inference use this one stream, so they cannot
+drift. ``model.prompts.wording: release`` instead gives the MiniGPT-Pancreas release's evaluation
+wording and inference stream (its conversation template: a literal ``<s>`` after the tokenizer's
+own BOS, i.e. two BOS, and one space before ``[/INST]``), for the zero-shot MiniGPT-v2 baseline.
 
 Only the answer tokens and its ``</s>`` carry loss. Image embeddings occupy placeholder
 positions marked by ``image_mask``; the model writes the projected visual tokens there (the
@@ -42,9 +51,11 @@ CLASSIFICATION_QUESTIONS = (
 )
 
 # The MiniGPT-Pancreas release evaluated detection with this lowercase wording (its eval datasets,
-# ``f"[refer] give me the location of the {sent}"``); the zero-shot MiniGPT-v2 baseline is
-# sensitive to wording, so eval_configs/minigptv2_baseline.yaml uses it (run.eval_instruction).
+# ``f"[refer] give me the location of the {sent}"``) and tumor classification with this question
+# (its TC eval dataset); the zero-shot MiniGPT-v2 baseline is sensitive to wording, so
+# eval_configs/minigptv2_baseline.yaml asks with them (model.prompts.wording: release).
 RELEASE_EVAL_TEMPLATE = "[refer] give me the location of the {}"
+RELEASE_EVAL_QUESTION = "[vqa] Based on the image, respond to this question with a short answer: does the pancreas contain a tumor?"
 
 # target names as they appear in instructions, per task / organ
 TARGET_NAMES = {
@@ -55,8 +66,46 @@ TARGET_NAMES = {
     "spleen": "spleen",
 }
 
-PROMPT_BEFORE_IMAGE = "[INST] <Img>"
-PROMPT_AFTER_IMAGE = "</Img> {} [/INST]"
+IMAGE_PLACEHOLDER = "<ImageHere>"
+# MiniGPT-v2's training text: "[INST] {} [/INST]" around "<Img><ImageHere></Img> {} " (two spaces)
+TRAINING_PROMPT = "[INST] <Img><ImageHere></Img> {}  [/INST]"
+# the release's inference text: its conversation roles "<s>[INST] " and " [/INST]" around
+# "<Img><ImageHere></Img> {}" (one space); the "<s>" is a second BOS (PromptWording.bos_count)
+RELEASE_INFERENCE_PROMPT = "[INST] <Img><ImageHere></Img> {} [/INST]"
+PROMPT_BEFORE_IMAGE, PROMPT_AFTER_IMAGE = TRAINING_PROMPT.split(IMAGE_PLACEHOLDER)
+
+
+@dataclass(frozen=True)
+class PromptWording:
+    """What evaluation asks and how every prompt is laid out in tokens (``model.prompts.wording``).
+
+    Attributes:
+        name: ``paper`` (default) or ``release``.
+        prompt: the text around the image, ``<ImageHere>`` = the image, ``{}`` = the instruction.
+        bos_count: BOS ids in front of the prompt.
+        detection_template: the evaluation's detection instruction (``{}`` = the target);
+            ``run.eval_instruction`` overrides it.
+        classification_question: the evaluation's yes/no question.
+    """
+
+    name: str
+    prompt: str
+    bos_count: int
+    detection_template: str
+    classification_question: str
+
+
+WORDINGS = {
+    "paper": PromptWording("paper", TRAINING_PROMPT, 1, DETECTION_TEMPLATES[0], CLASSIFICATION_QUESTIONS[0]),
+    "release": PromptWording("release", RELEASE_INFERENCE_PROMPT, 2, RELEASE_EVAL_TEMPLATE, RELEASE_EVAL_QUESTION),
+}
+
+
+def prompt_wording(name: str) -> PromptWording:
+    """The :class:`PromptWording` called ``name`` (``model.prompts.wording``)."""
+    if name not in WORDINGS:
+        raise ValueError(f"prompt wording must be one of {', '.join(WORDINGS)}, got {name!r}")
+    return WORDINGS[name]
 
 
 def detection_instruction(target: str, rng: Optional[random.Random] = None, template: Optional[str] = None) -> str:
@@ -76,9 +125,10 @@ def classification_question(rng: Optional[random.Random] = None) -> str:
     return rng.choice(CLASSIFICATION_QUESTIONS) if rng is not None else CLASSIFICATION_QUESTIONS[0]
 
 
-def prompt_text(instruction: str) -> str:
+def prompt_text(instruction: str, wording: str = "paper") -> str:
     """Human-readable form of the prompt (logs, demo); the image is shown as ``<ImageHere>``."""
-    return PROMPT_BEFORE_IMAGE + "<ImageHere>" + PROMPT_AFTER_IMAGE.format(instruction)
+    before, after = prompt_wording(wording).prompt.split(IMAGE_PLACEHOLDER)
+    return before + IMAGE_PLACEHOLDER + after.format(instruction)
 
 
 class TextTokenizer(Protocol):
@@ -106,13 +156,19 @@ def build_prompt_tokens(
     num_image_tokens: int,
     answer: Optional[str] = None,
     max_answer_tokens: Optional[int] = None,
+    wording: str = "paper",
 ) -> PromptTokens:
     """Tokenise one prompt (and answer, for training).
 
-    Without ``answer`` the sequence ends after ``[/INST]`` (generation input).
+    The text before and after the image is encoded separately (each piece with SentencePiece's
+    dummy-prefix space, as MiniGPT-v2 does), BOS ids in front; the answer is encoded on its own and
+    followed by ``</s>``. Without ``answer`` the sequence ends after ``[/INST]`` (generation input).
+    ``wording``: ``paper`` (MiniGPT-v2's training stream) or ``release`` (see :data:`WORDINGS`).
     """
-    before = [tokenizer.bos_id] + tokenizer.encode(PROMPT_BEFORE_IMAGE)
-    after = tokenizer.encode(PROMPT_AFTER_IMAGE.format(instruction))
+    layout = prompt_wording(wording)
+    before_text, after_text = layout.prompt.split(IMAGE_PLACEHOLDER)
+    before = [tokenizer.bos_id] * layout.bos_count + tokenizer.encode(before_text)
+    after = tokenizer.encode(after_text.format(instruction))
     ids = before + [tokenizer.pad_id] * num_image_tokens + after
     image_mask = [False] * len(before) + [True] * num_image_tokens + [False] * len(after)
     labels = [IGNORE_INDEX] * len(ids)

@@ -82,7 +82,7 @@ def test_detection_writes_documented_outputs(synthetic, trained, tmp_path):
     assert run["checkpoint"]["sha256"] == file_sha256(ckpt / "model.safetensors")
     assert run["batch_size"] == 8 and run["split"] == "test"
     assert run["decoding"] == {"strategy": "greedy", "num_beams": 1, "max_new_tokens": 6, "padding_side": "left",
-                               "instruction": "[refer] Give me the location of the {}"}
+                               "instruction": "[refer] Give me the location of the {}", "prompt_wording": "paper"}
     assert run["model"]["dtype"] == "torch.float32"
     assert metrics["weighted"] == saved["weighted"]
     tables_md = (tmp_path / "tables.md").read_text()

@@ -14,7 +14,7 @@ from minigpt4.config import ConfigError, load_config
 from minigpt4.data.datasets import TaskDataset
 from minigpt4.data.transforms import ImageTransform
 from minigpt4.evaluation.detection import predict_detection
-from minigpt4.prompts import DETECTION_TEMPLATES, RELEASE_EVAL_TEMPLATE
+from minigpt4.prompts import CLASSIFICATION_QUESTIONS, DETECTION_TEMPLATES, RELEASE_EVAL_QUESTION, RELEASE_EVAL_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,12 +44,38 @@ def _records(tmp_path: Path) -> list[dict]:
 
 
 def test_baseline_config_uses_the_release_wording_the_others_the_paper():
+    from minigpt4.evaluation.runner import eval_prompts
+
     baseline = load_config(ROOT / "eval_configs" / "minigptv2_baseline.yaml")
-    assert baseline.run.eval_instruction == RELEASE_EVAL_TEMPLATE == "[refer] give me the location of the {}"
-    for name in ("stage1_pancreas_detection", "stage3_tumor_detection", "abd_organ_detection"):
-        assert load_config(ROOT / "eval_configs" / f"{name}.yaml").run.eval_instruction is None, name
+    assert baseline.model.prompts.wording == "release" and baseline.run.eval_instruction is None
+    assert eval_prompts(baseline) == (RELEASE_EVAL_TEMPLATE, RELEASE_EVAL_QUESTION)
+    assert RELEASE_EVAL_TEMPLATE == "[refer] give me the location of the {}"
+    for name in ("stage1_pancreas_detection", "stage2_tumor_classification", "stage3_tumor_detection", "abd_organ_detection"):
+        cfg = load_config(ROOT / "eval_configs" / f"{name}.yaml")
+        assert cfg.run.eval_instruction is None and cfg.model.prompts.wording == "paper", name
+        assert eval_prompts(cfg) == (DETECTION_TEMPLATES[0], CLASSIFICATION_QUESTIONS[0]), name
+    # run.eval_instruction still overrides the wording's detection instruction
+    override = load_config(ROOT / "eval_configs" / "minigptv2_baseline.yaml", ["run.eval_instruction=where is the {}?"])
+    assert eval_prompts(override) == ("where is the {}?", RELEASE_EVAL_QUESTION)
     with pytest.raises(ConfigError, match="exactly one"):
         load_config(ROOT / "eval_configs" / "minigptv2_baseline.yaml", ["run.eval_instruction=where is the pancreas"])
+    with pytest.raises(ConfigError, match="model.prompts.wording must be one of paper, release"):
+        load_config(ROOT / "eval_configs" / "minigptv2_baseline.yaml", ["model.prompts.wording=chat"])
+
+
+def test_classification_asks_the_configured_question(tmp_path):
+    from minigpt4.evaluation.classification import predict_classification
+
+    image = tmp_path / "crop.png"
+    Image.fromarray(np.full((30, 20), 90, dtype=np.uint8)).save(image)
+    records = [{"dataset": "MSD", "volume_name": "pancreas_001", "slice_index": 3, "q_id": 0, "image": str(image),
+                "answer": "yes", "width": 20, "height": 30}]
+    model = RecordingModel()
+    rows = predict_classification(model, records, batch_size=1, with_probability=False, question=RELEASE_EVAL_QUESTION)
+    assert model.asked == [RELEASE_EVAL_QUESTION] and rows[0]["question"] == RELEASE_EVAL_QUESTION
+    model.asked.clear()
+    predict_classification(model, records, batch_size=1, with_probability=False)
+    assert model.asked == [CLASSIFICATION_QUESTIONS[0]]
 
 
 def test_evaluation_asks_with_the_configured_template(tmp_path):

@@ -14,6 +14,7 @@ from minigpt4.prompts import (
     detection_instruction,
     pad_prompt_batch,
     prompt_text,
+    prompt_wording,
 )
 
 
@@ -40,7 +41,9 @@ def test_paper_instruction_lists():
     rng = random.Random(0)
     drawn = {detection_instruction("liver", rng) for _ in range(200)}
     assert drawn == {t.format("liver") for t in DETECTION_TEMPLATES}
-    assert prompt_text("[vqa] Q?") == "[INST] <Img><ImageHere></Img> [vqa] Q? [/INST]"
+    # MiniGPT-v2's training text: two spaces before [/INST]; the release's inference text: one
+    assert prompt_text("[vqa] Q?") == "[INST] <Img><ImageHere></Img> [vqa] Q?  [/INST]"
+    assert prompt_text("[vqa] Q?", "release") == "[INST] <Img><ImageHere></Img> [vqa] Q? [/INST]"
 
 
 def test_training_sequence_layout_and_loss_mask():
@@ -101,3 +104,17 @@ def test_pad_to_multiple_of_rounds_the_length_up_with_masked_unlabelled_padding(
     assert exact["input_ids"].shape == (1, m)
     with pytest.raises(ValueError, match="pad_to_multiple_of must be positive"):
         pad_prompt_batch([short], tok.pad_id, "right", pad_to_multiple_of=0)
+
+
+def test_release_wording_puts_two_bos_in_front_and_asks_the_releases_questions():
+    tok = WordTokenizer()
+    paper = build_prompt_tokens(tok, "[vqa] tumor?", num_image_tokens=2)
+    release = build_prompt_tokens(tok, "[vqa] tumor?", num_image_tokens=2, wording="release")
+    assert release.input_ids.tolist() == [tok.bos_id] + paper.input_ids.tolist()  # words: spaces do not count
+    assert release.image_mask.tolist() == [False] + paper.image_mask.tolist()
+    assert prompt_wording("release").detection_template.format("pancreas") == "[refer] give me the location of the pancreas"
+    assert prompt_wording("release").classification_question == (
+        "[vqa] Based on the image, respond to this question with a short answer: does the pancreas contain a tumor?")
+    assert prompt_wording("paper").classification_question == CLASSIFICATION_QUESTIONS[0]
+    with pytest.raises(ValueError, match="paper, release"):
+        build_prompt_tokens(tok, "x", 1, wording="chat")

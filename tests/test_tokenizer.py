@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from minigpt4.boxes import format_box, parse_box
-from minigpt4.prompts import DETECTION_TEMPLATES, IGNORE_INDEX, build_prompt_tokens, classification_question
+from minigpt4.prompts import (
+    DETECTION_TEMPLATES,
+    IGNORE_INDEX,
+    RELEASE_EVAL_QUESTION,
+    RELEASE_EVAL_TEMPLATE,
+    build_prompt_tokens,
+    classification_question,
+)
 from minigpt4.tokenizer import TINY_VOCAB_SIZE, Tokenizer, load_tokenizer, tiny_tokenizer_path, train_tiny_tokenizer_bytes
 
 LLAMA2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizer" / "llama2" / "tokenizer.model"
@@ -77,3 +84,71 @@ def test_missing_tokenizer_names_the_file(tmp_path):
     (tmp_path / "bad.model").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="bad.model: not a SentencePiece model"):
         Tokenizer(tmp_path / "bad.model")
+
+
+# --- the stream MiniGPT-v2 trained on, token for token -----------------------------------------
+# Upstream (Vision-CAIR/MiniGPT-4), restated as text: MiniGPTv2's prompt_template "[INST] {} [/INST]"
+# (chat_template: True in its fine-tuning configs) wraps its datasets' instruction
+# "<Img><ImageHere></Img> {} " (trailing space included); prompt_wrap splits the text at
+# "<ImageHere>" and tokenises each piece with add_special_tokens=False, forward() puts one BOS in
+# front, and the answer is tokenised as answer + end_sym "</s>" (a special token: the EOS id). Its
+# transformers 4.30 slow LlamaTokenizer encodes each piece between special tokens with
+# SentencePiece as is (dummy-prefix space included), so the raw SentencePiece processor is used here.
+UPSTREAM_TEMPLATE = "[INST] {} [/INST]"
+UPSTREAM_INSTRUCTION = "<Img><ImageHere></Img> {} "
+# The release's evaluation: conversation roles "<s>[INST] " / " [/INST]" around "<Img><ImageHere></Img> {}",
+# the first piece tokenised with add_special_tokens=True (the tokenizer's BOS, then "<s>" = BOS again).
+RELEASE_ROLES = ("<s>[INST] ", " [/INST]")
+N_IMAGE = 256
+
+
+def _upstream_pieces(sp, text: str, bos: int) -> list[list[int]]:
+    """Each piece of ``text`` split at the image, encoded the upstream way ("<s>" → BOS)."""
+    pieces = []
+    for piece in text.split("<ImageHere>"):
+        ids = []
+        for k, chunk in enumerate(piece.split("<s>")):
+            ids += ([bos] if k else []) + (sp.encode(chunk) if chunk else [])
+        pieces.append(ids)
+    return pieces
+
+
+def upstream_training_ids(sp, instruction: str, answer: str, pad: int) -> list[int]:
+    before, after = _upstream_pieces(sp, UPSTREAM_TEMPLATE.format(UPSTREAM_INSTRUCTION.format(instruction)), sp.bos_id())
+    return [sp.bos_id()] + before + [pad] * N_IMAGE + after + sp.encode(answer) + [sp.eos_id()]
+
+
+def release_inference_ids(sp, question: str, pad: int) -> list[int]:
+    text = RELEASE_ROLES[0] + "<Img><ImageHere></Img> {}".format(question) + RELEASE_ROLES[1]
+    before, after = _upstream_pieces(sp, text, sp.bos_id())
+    return [sp.bos_id()] + before + [pad] * N_IMAGE + after
+
+
+@pytest.mark.parametrize("instruction, answer", [
+    (DETECTION_TEMPLATES[0].format("pancreas"), BOX),
+    (classification_question(), "yes"),
+])
+def test_training_and_inference_streams_are_minigpt_v2s_training_stream(llama2, instruction, answer):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(LLAMA2))
+    expected = upstream_training_ids(sp, instruction, answer, llama2.pad_id)
+    tokens = build_prompt_tokens(llama2, instruction, N_IMAGE, answer=answer)
+    assert tokens.input_ids.tolist() == expected
+    # the piece our stream lacked: '▁' (29871) right before '▁[', '/', 'INST', ']'
+    end = tokens.input_ids.tolist().index(llama2.eos_id) - len(llama2.encode(answer))
+    assert tokens.input_ids.tolist()[end - 5:end] == [29871, 518, 29914, 25580, 29962]
+    assert int(tokens.image_mask.sum()) == N_IMAGE and tokens.image_mask.tolist().index(True) == 7
+    # inference: the same stream up to [/INST], nothing else
+    prompt = build_prompt_tokens(llama2, instruction, N_IMAGE)
+    assert prompt.input_ids.tolist() == expected[:end]
+
+
+@pytest.mark.parametrize("question", [RELEASE_EVAL_TEMPLATE.format("pancreas"), RELEASE_EVAL_QUESTION])
+def test_release_wording_is_the_releases_inference_stream_with_its_second_bos(llama2, question):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(LLAMA2))
+    ids = build_prompt_tokens(llama2, question, N_IMAGE, wording="release").input_ids.tolist()
+    assert ids == release_inference_ids(sp, question, llama2.pad_id)
+    assert ids[:2] == [1, 1] and ids[-5:] != [29871, 518, 29914, 25580, 29962] and ids[-4:] == [518, 29914, 25580, 29962]

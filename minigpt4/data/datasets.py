@@ -77,6 +77,8 @@ class TaskDataset(Dataset):
         check: validate records and image files at construction (default).
         eval_instruction: detection instruction template when ``train=False`` (``run.eval_instruction``;
             None = the first paper instruction).
+        eval_question: the yes/no question when ``train=False`` (None = the first paper question;
+            the zero-shot baseline asks the release's, ``model.prompts.wording: release``).
         cache: keep every transformed image in memory after its first use (``run.cache_images``:
             3·S²·4 bytes each, 150 KB at 112 px). Decoding and resizing are most of the data
             time of a tiny CPU model; the transform is deterministic, so results do not change.
@@ -98,6 +100,7 @@ class TaskDataset(Dataset):
         check: bool = True,
         cache: bool = False,
         eval_instruction: Optional[str] = None,
+        eval_question: Optional[str] = None,
     ) -> None:
         if check:
             check_records(records, task)
@@ -108,6 +111,7 @@ class TaskDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.eval_instruction = eval_instruction
+        self.eval_question = eval_question
         self._cache: Optional[dict[int, torch.Tensor]] = {} if cache else None
         # run.cache_visual_features: index → cached (1+N, C) tower tokens (feature_cache.CachedTowerTokens);
         # when set, samples carry "tower_tokens" instead of "image"
@@ -129,7 +133,7 @@ class TaskDataset(Dataset):
             rng = random.Random(f"{self.seed}:{key}")
         record = self.records[index]
         if self.task == "tumor_classification":
-            return classification_question(rng)
+            return classification_question(rng) if rng is not None or self.eval_question is None else self.eval_question
         return detection_instruction(TARGET_NAMES[record["target"]], rng, self.eval_instruction)
 
     def answer(self, index: int) -> str:

@@ -176,6 +176,7 @@ def predict_classification(
     num_workers: int = 0,
     progress: Any = None,
     feature_cache: Any = None,
+    question: Optional[str] = None,
 ) -> list[dict]:
     """Greedy answers (and P(yes) when ``with_probability``) for TC records, one row each, in order.
 
@@ -185,10 +186,12 @@ def predict_classification(
         with_probability: also run ``model.yes_probability`` (one extra LLaMA forward pass, the
             same ViT tokens) for the AUC.
         feature_cache: see :func:`minigpt4.evaluation.detection.predict_detection`.
+        question: the yes/no question asked (None = the paper's first question).
     """
     rows: list[dict] = []
     with eval_mode(model):
-        batches = iter_batches(model, records, "tumor_classification", batch_size, num_workers, feature_cache=feature_cache)
+        batches = iter_batches(model, records, "tumor_classification", batch_size, num_workers, feature_cache=feature_cache,
+                               question=question)
         for batch_records, tower_tokens, questions in batches:
             answers = model.generate(None, questions, max_new_tokens=max_new_tokens, tower_tokens=tower_tokens)
             if len(answers) != len(batch_records):

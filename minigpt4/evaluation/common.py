@@ -91,7 +91,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def iter_batches(
     model: Any, records: Sequence[dict], task: str, batch_size: int, num_workers: int = 0,
-    instruction: Optional[str] = None, feature_cache: Any = None,
+    instruction: Optional[str] = None, feature_cache: Any = None, question: Optional[str] = None,
 ) -> Iterator[tuple[list[dict], torch.Tensor, list[str]]]:
     """Yield ``(records, tower_tokens (B, 1 + N, C) on the model's device, instructions)`` in record order.
 
@@ -102,14 +102,16 @@ def iter_batches(
     an earlier call (last epoch's validation, another checkpoint with the same frozen EVA) are
     read from disk instead; the answers are the same.
 
-    ``instruction``: detection instruction template (``run.eval_instruction``), None = the default.
+    ``instruction``: detection instruction template (``run.eval_instruction``), None = the default;
+    ``question``: the yes/no question of classification, None = the default.
     """
     from minigpt4.data.datasets import TaskDataset, collate_samples  # training engineer's module
 
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     # records were checked by the caller (check_records) or come from the trainer's datasets
-    dataset = TaskDataset(list(records), task, model.image_transform, train=False, check=False, eval_instruction=instruction)
+    dataset = TaskDataset(list(records), task, model.image_transform, train=False, check=False, eval_instruction=instruction,
+                          eval_question=question)
     if feature_cache is not None:
         dataset.tower_features = feature_cache.fill([r["image"] for r in records], batch_size, num_workers=num_workers)
     loader = torch.utils.data.DataLoader(

@@ -36,7 +36,7 @@ from minigpt4.evaluation.detection import detection_metrics, predict_detection, 
 from minigpt4.evaluation.detection import rescore_rows as rescore_detection
 from minigpt4.evaluation.leakage import check_evaluation
 from minigpt4.io import file_sha256, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from minigpt4.prompts import CLASSIFICATION_QUESTIONS, DETECTION_TEMPLATES
+from minigpt4.prompts import prompt_wording
 
 CLASSIFICATION = "tumor_classification"
 _EPOCH_RE = re.compile(r"^checkpoint_epoch_(\d+)$")
@@ -125,6 +125,14 @@ def checkpoint_label(cfg: Config) -> str:
     return f"this evaluation ({p.parent.name}/{p.name})" if p.parent.name else f"this evaluation ({p.name})"
 
 
+def eval_prompts(cfg: Config) -> tuple[str, str]:
+    """``(detection instruction template, yes/no question)`` evaluation asks: ``run.eval_instruction``
+    else the configured wording's (``model.prompts.wording``: the paper's first instruction and
+    question, or the release's for the zero-shot baseline)."""
+    wording = prompt_wording(cfg.model.prompts.wording)
+    return cfg.run.eval_instruction or wording.detection_template, wording.classification_question
+
+
 def decoding_identity(generation: DecodingConfig) -> dict:
     """How answers were decoded: strategy, beams, length, and the sampling values when sampling."""
     identity = {"strategy": generation.strategy, "num_beams": generation.num_beams, "max_new_tokens": generation.max_new_tokens}
@@ -159,8 +167,8 @@ def run_identity(cfg: Config, args: argparse.Namespace, model: Any, split: str, 
         "decoding": {
             **decoding_identity(cfg.model.generation),
             "padding_side": "left",
-            "instruction": (CLASSIFICATION_QUESTIONS[0] if CLASSIFICATION in task_list
-                            else cfg.run.eval_instruction or DETECTION_TEMPLATES[0]),
+            "instruction": eval_prompts(cfg)[1] if CLASSIFICATION in task_list else eval_prompts(cfg)[0],
+            "prompt_wording": cfg.model.prompts.wording,
         },
         "batch_size": batch_size,
         "seconds": round(seconds, 3),
@@ -344,7 +352,7 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
         test_rows: list[dict] = []
         for split, (records, _) in splits.items():
             rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers,
-                                     progress=_progress(f"epoch {epoch} {split}"), instruction=cfg.run.eval_instruction,
+                                     progress=_progress(f"epoch {epoch} {split}"), instruction=eval_prompts(cfg)[0],
                                      feature_cache=feature_cache)
             metrics = detection_metrics(rows, task, n_boot=0)
             write_jsonl_atomic(out / f"epoch_{epoch}" / split / "predictions.jsonl", rows)
@@ -417,12 +425,12 @@ def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
         start = time.perf_counter()
         if task == CLASSIFICATION:
             rows = predict_classification(model, records, batch, num_workers=cfg.run.num_workers, progress=_progress(task),
-                                          feature_cache=feature_cache)
+                                          feature_cache=feature_cache, question=eval_prompts(cfg)[1])
             metrics = classification_metrics(rows, n_boot=args.bootstrap, seed=cfg.run.seed)
             metrics.update(classification_context(cfg, records, rows, cfg.run.seed))
         else:
             rows = predict_detection(model, records, task, batch, num_workers=cfg.run.num_workers, progress=_progress(task),
-                                     instruction=cfg.run.eval_instruction, feature_cache=feature_cache)
+                                     instruction=eval_prompts(cfg)[0], feature_cache=feature_cache)
             metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
             metrics["threshold"] = common_threshold(datasets)
         metrics["run"] = run_identity(cfg, args, model, split, datasets, batch, time.perf_counter() - start, len(rows))

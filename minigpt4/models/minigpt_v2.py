@@ -526,6 +526,7 @@ class MiniGPTPancreas(nn.Module):
                 self.num_visual_tokens,
                 answer=None if answers is None else answers[i],
                 max_answer_tokens=self.cfg.max_txt_len,
+                wording=self.cfg.prompts.wording,
             )
             for i, instruction in enumerate(instructions)
         ]

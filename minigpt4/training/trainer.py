@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -62,7 +63,9 @@ from minigpt4.io import read_jsonl, write_jsonl_atomic, write_text_atomic
 from minigpt4.training import distributed as D
 from minigpt4.training.sampler import MixPlan
 from minigpt4.training.schedule import WarmupCosineSchedule
-from minigpt4.utils import rng_state, seed_everything, set_rng_state
+from minigpt4.utils import dtype_name, resolve_dtype, rng_state, seed_everything, set_rng_state
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TrainResult",
@@ -293,6 +296,27 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     )
 
 
+def precision_mismatch(weights: torch.dtype, autocast: Optional[torch.dtype]) -> Optional[str]:
+    """Why frozen ``weights`` of one half precision under ``autocast`` to the other are a problem
+    (``model.dtype`` vs ``run.amp``), None when they agree (fp32 weights or no autocast included)."""
+    halves = (torch.float16, torch.bfloat16)
+    if weights not in halves or autocast not in halves or weights == autocast:
+        return None
+    return (f"model.dtype gives {dtype_name(weights)} weights but run.amp autocasts to {dtype_name(autocast)}: "
+            "every matmul re-rounds the frozen weights to the other half precision (fp16 → bf16 loses 3 mantissa "
+            "bits; bf16 → fp16 can overflow past 65504); set both to the same precision (or both to auto)")
+
+
+def check_prompt_wording(cfg: Config) -> None:
+    """Training uses MiniGPT-v2's training stream: ``model.prompts.wording: release`` (the release's
+    inference stream and evaluation wording) is for the zero-shot baseline only."""
+    if cfg.model.prompts.wording != "paper":
+        raise ConfigError(
+            f"model.prompts.wording={cfg.model.prompts.wording} is the release's inference stream for the zero-shot "
+            "MiniGPT-v2 baseline; training uses MiniGPT-v2's training stream (model.prompts.wording=paper)"
+        )
+
+
 def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """``run.amp`` → autocast dtype or None (fp32)."""
     if amp == "auto":
@@ -420,6 +444,10 @@ def train(cfg: Config) -> TrainResult:
     output_dir = Path(run.output_dir)
     try:
         # ---- checks first: nothing heavy happens before these pass
+        check_prompt_wording(cfg)
+        mismatch = precision_mismatch(resolve_dtype(cfg.model.dtype, device), _amp_dtype(run.amp, device))
+        if mismatch and main:
+            log.warning(mismatch)
         check_weight_files(cfg)
         train_sets = load_split_records(cfg, "train")
         val_sets = load_split_records(cfg, "val") if run.validate else []
