@@ -211,3 +211,21 @@ def test_demo_samples_free_text_only(tmp_path):
         ("What organ is in the middle?", None, sampling),
     ]
     assert sampling.max_new_tokens == 500 and sampling.strategy == "sample"
+
+
+def test_model_prompts_follow_the_configured_wording():
+    """``model.prompts.wording`` reaches the model's one tokenisation path (training batches and
+    generation): the release's stream has a second BOS, the rest is the paper's."""
+    paper = build_tiny_model(**{"lora.dropout": 0.0})
+    release = build_tiny_model(**{"lora.dropout": 0.0, "prompts.wording": "release"})
+    question = "[vqa] Is a pancreatic tumor visible in the image?"
+    ids_paper = paper.tokenize([question], padding_side="left")["input_ids"][0].tolist()
+    ids_release = release.tokenize([question], padding_side="left")["input_ids"][0].tolist()
+    bos = paper.tokenizer.bos_id
+    assert ids_release == [bos] + ids_paper and ids_paper.count(bos) == 1
+    train_batch = release.tokenize([question], ["yes"])
+    assert train_batch["input_ids"][0, :2].tolist() == [bos, bos]
+    # the extra BOS changes what the model sees: not the same logits for the answer
+    images = tiny_images(1)
+    with torch.no_grad():
+        assert not torch.allclose(paper(images, [question], ["yes"]).logits, release(images, [question], ["yes"]).logits)
