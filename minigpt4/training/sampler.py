@@ -40,8 +40,8 @@ class MixPlan:
         accum: gradient-accumulation steps.
         world: number of processes.
         seed: run seed.
-        iters_per_epoch: steps per epoch (positive: ``run.iters_per_epoch`` is checked at load); None = ``ceil(sum(sizes) / global_batch)`` (a full
-            pass's worth of samples).
+        iters_per_epoch: steps per epoch (positive: ``run.iters_per_epoch`` is checked at load);
+            None = ``ceil(sum(sizes) / global_batch)`` (a full pass's worth of samples).
     """
 
     def __init__(
