@@ -309,7 +309,8 @@ class RunConfig(Checked):
     batch_size: int = checked(16, POSITIVE)
     """Per-process micro-batch."""
     grad_accum_steps: int = checked(1, POSITIVE)
-    init_lr: float = checked(1e-5, POSITIVE)
+    init_lr: float = checked(1e-5, NON_NEGATIVE)
+    """Peak learning rate (0 is allowed: a run that checks loading and saving without changing weights)."""
     min_lr: float = checked(1e-6, NON_NEGATIVE)
     warmup_lr: float = checked(1e-6, NON_NEGATIVE)
     warmup_steps: int = checked(1000, NON_NEGATIVE)
