@@ -16,7 +16,6 @@ the copy carried to the GPU machine in ``benchmarks/gpu/wheels``). No weight fil
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minigpt4.config import ModelConfig, load_config  # noqa: E402
+from minigpt4.io import to_json  # noqa: E402
 from minigpt4.evaluation import predict_detection  # noqa: E402
 from minigpt4.models.minigpt_v2 import build_model  # noqa: E402
 from minigpt4.tokenizer import load_tokenizer  # noqa: E402
@@ -110,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results.append({"batch": batch, "samples": n, "seconds": seconds, "samples_per_s": n / seconds,
                             "mean_answer_tokens": float(np.mean(tokens)),
                             "same_answers_as_first": float(np.mean([a == b for a, b in zip(answers, reference)]))})
-            print(json.dumps(results[-1]), flush=True)
+            print(to_json(results[-1]), flush=True)
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {args.threads} threads"
     base = results[0]["samples_per_s"]

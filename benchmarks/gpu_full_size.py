@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.full_size import DRY_RUN_SIZES, full_size_config, llama2_tokenizer_path, load_full_size_tokenizer  # noqa: E402
 from benchmarks.run_all import render_gpu_table  # noqa: E402
 from minigpt4.config import ModelConfig  # noqa: E402
+from minigpt4.io import to_json  # noqa: E402
 from minigpt4.memory import Plan, predict_memory  # noqa: E402
 from minigpt4.models.minigpt_v2 import build_model  # noqa: E402
 from minigpt4.prompts import DETECTION_TEMPLATES, build_prompt_tokens  # noqa: E402
@@ -227,7 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "samples_per_s" in row:
             row["mfu"] = row["samples_per_s"] * flops[case.feature_cache] / peak if peak else None
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(to_json(row), flush=True)
 
     result = {"gpu": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "seq_len": seq_len,
               "answer_tokens": n_answer, "flops_per_sample": flops[False], "flops_per_sample_cached": flops[True],

@@ -2,8 +2,11 @@
 
 YAML files (``train_configs/``, ``eval_configs/``) are merged through omegaconf into the typed
 dataclasses below, then ``--options key=value`` overrides are applied on top. Unknown keys are
-errors (omegaconf struct mode), values are type-checked, and each dataclass validates itself in
-``__post_init__``. The same :class:`Config` shape (``model`` / ``datasets`` / ``run``) serves
+errors (omegaconf struct mode), values are type-checked, and every numeric or enumerated field
+declares its constraint beside its declaration (``checked(default, POSITIVE)``); the constraints
+are checked when a config is loaded, with the full key in the message (``datasets.msd.sample_ratio
+must be positive, got inf``), and again in ``__post_init__`` when a dataclass is built in code.
+``__post_init__`` keeps only the checks that relate several fields. The same :class:`Config` shape (``model`` / ``datasets`` / ``run``) serves
 training, evaluation and the demo, so one file can be passed to any of them.
 
 Relative paths in a config are relative to the current working directory (the repository root
@@ -13,12 +16,16 @@ dataset folder, so prepared data can be moved freely.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from omegaconf import MISSING, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 TASKS = ("pancreas_detection", "tumor_detection", "organ_detection", "tumor_classification")
@@ -30,19 +37,103 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
 
 
+# --------------------------------------------------------------------------- value constraints
+
+
+@dataclass(frozen=True)
+class Check:
+    """A constraint on one config value: ``accepts(value)`` and the words for what is expected."""
+
+    accepts: Callable[[Any], bool]
+    expected: str
+    numeric: bool = True
+    """Numbers only: a float must also be finite (NaN and infinity are never a valid setting)."""
+
+    def verify(self, key: str, value: Any) -> None:
+        """Raise a ConfigError naming ``key`` unless ``value`` satisfies the constraint (None = not set)."""
+        if value is None or value == MISSING:
+            return
+        if self.numeric and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        if not self.accepts(value):
+            raise ConfigError(f"{key} must be {self.expected}, got {value!r}")
+
+
+POSITIVE = Check(lambda v: v > 0, "positive")
+NON_NEGATIVE = Check(lambda v: v >= 0, "non-negative (>= 0)")
+SEED = Check(lambda v: 0 <= v < 2**32, "in [0, 2**32) (the range NumPy and torch seeds take)")
+
+
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Check:
+    """``low <= v <= high``, either end excluded when ``*_open``."""
+    words = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    return Check(lambda v: (v > low if low_open else v >= low) and (v < high if high_open else v <= high), words)
+
+
+def one_of(*choices: str) -> Check:
+    return Check(lambda v: v in choices, "one of " + ", ".join(choices), numeric=False)
+
+
+def checked(default: Any = MISSING, check: Optional[Check] = None, *,
+            default_factory: Optional[Callable[[], Any]] = None) -> Any:
+    """A dataclass field with its constraint: ``batch_size: int = checked(16, POSITIVE)``."""
+    metadata = {"check": check} if check is not None else {}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class Checked:
+    """Base of the config dataclasses: ``__post_init__`` verifies each field's declared check.
+
+    Subclasses with cross-field checks call ``super().__post_init__()`` first, so those never see
+    a value that breaks its own constraint (e.g. ``patch_size = 0`` before ``image_size % patch_size``).
+    """
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            check = f.metadata.get("check")
+            if check is not None:
+                check.verify(f.name, getattr(self, f.name))
+
+
+def check_values(node: DictConfig, prefix: str = "") -> None:
+    """Verify every declared check in a merged config tree, naming the full key (``run.seed``).
+
+    Runs before omegaconf builds the dataclasses, so an error names ``datasets.<name>.…`` and
+    no cross-field check sees an invalid value.
+    """
+    kind = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(kind):
+        for f in dataclasses.fields(kind):
+            if OmegaConf.is_missing(node, f.name):
+                continue
+            value = node[f.name]
+            if isinstance(value, DictConfig):
+                check_values(value, f"{prefix}{f.name}.")
+            elif "check" in f.metadata:
+                if isinstance(value, ListConfig):
+                    value = OmegaConf.to_container(value)
+                f.metadata["check"].verify(prefix + f.name, value)
+    else:  # Dict[str, <dataclass>] (datasets)
+        for name in node:
+            if isinstance(node[name], DictConfig):
+                check_values(node[name], f"{prefix}{name}.")
+
+
 @dataclass
-class VisionConfig:
+class VisionConfig(Checked):
     """EVA ViT-g/14 as used by BLIP-2 / MiniGPT-v2 (defaults = full size)."""
 
-    image_size: int = 448
+    image_size: int = checked(448, POSITIVE)
     """Input side in pixels; the patch grid is image_size // patch_size."""
-    patch_size: int = 14
-    width: int = 1408
-    depth: int = 39
+    patch_size: int = checked(14, POSITIVE)
+    width: int = checked(1408, POSITIVE)
+    depth: int = checked(39, POSITIVE)
     """Blocks used. EVA-CLIP-g has 40; BLIP-2 drops the last one."""
-    num_heads: int = 16
-    mlp_hidden: int = 6144
-    layer_norm_eps: float = 1e-6
+    num_heads: int = checked(16, POSITIVE)
+    mlp_hidden: int = checked(6144, POSITIVE)
+    layer_norm_eps: float = checked(1e-6, POSITIVE)
     weights: Optional[str] = None
     """Path to ``eva_vit_g.pth``; None = random init (tests, tiny models, benchmarks)."""
     trainable: bool = False
@@ -51,6 +142,7 @@ class VisionConfig:
     tests), whose *random* frozen ViT would be a handicap the pretrained EVA does not have."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.vision.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
@@ -68,7 +160,7 @@ class VisionConfig:
 
 
 @dataclass
-class TextConfig:
+class TextConfig(Checked):
     """LLaMA-2 decoder (defaults = LLaMA-2-7B sizes)."""
 
     path: Optional[str] = None
@@ -76,65 +168,46 @@ class TextConfig:
     tokenizer: Optional[str] = None
     """SentencePiece ``tokenizer.model``; None = ``<path>/tokenizer.model``, or the project's tiny
     tokenizer (built offline, cached) when ``path`` is None too."""
-    hidden_size: int = 4096
-    num_layers: int = 32
-    num_heads: int = 32
-    intermediate_size: int = 11008
-    vocab_size: int = 32000
-    max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-5
-    quantization: str = "none"
+    hidden_size: int = checked(4096, POSITIVE)
+    num_layers: int = checked(32, POSITIVE)
+    num_heads: int = checked(32, POSITIVE)
+    intermediate_size: int = checked(11008, POSITIVE)
+    vocab_size: int = checked(32000, POSITIVE)
+    max_position_embeddings: int = checked(4096, POSITIVE)
+    rms_norm_eps: float = checked(1e-5, POSITIVE)
+    quantization: str = checked("none", one_of("none", "8bit", "4bit"))
     """none | 8bit | 4bit (bitsandbytes, inference only)."""
 
-    def __post_init__(self) -> None:
-        if self.quantization not in ("none", "8bit", "4bit"):
-            raise ConfigError(f"model.text.quantization must be none, 8bit or 4bit, got {self.quantization!r}")
-
 
 @dataclass
-class LoraConfig:
+class LoraConfig(Checked):
     """LoRA adapters on the LLaMA attention projections (paper §3.8)."""
 
-    r: int = 64
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj"])
+    r: int = checked(64, POSITIVE)
+    alpha: int = checked(16, POSITIVE)
+    """The update is scaled by alpha / r; 0 would switch the adapter off."""
+    dropout: float = checked(0.05, between(0, 1, high_open=True))
+    target_modules: List[str] = checked(check=Check(len, "a non-empty list", numeric=False),
+                                        default_factory=lambda: ["q_proj", "k_proj"])
     """Paper: q,k. The release trained q,v: set ``[q_proj, v_proj]`` to reproduce it."""
-
-    def __post_init__(self) -> None:
-        if self.r <= 0:
-            raise ConfigError(f"model.lora.r must be positive, got {self.r}")
-        if not self.target_modules:
-            raise ConfigError("model.lora.target_modules is empty")
 
 
 @dataclass
-class DecodingConfig:
+class DecodingConfig(Checked):
     """How :meth:`MiniGPTPancreas.generate` decodes (HF ``generate``). Defaults: greedy, one beam,
     20 new tokens, the evaluation setting of SPEC §3. The first new token is never ``</s>``
     (MiniGPT-v2's ``min_length=1``), so an answer is never empty."""
 
-    max_new_tokens: int = 20
-    num_beams: int = 1
+    max_new_tokens: int = checked(20, POSITIVE)
+    num_beams: int = checked(1, POSITIVE)
     do_sample: bool = False
     """Sample instead of greedy/beam search (the release's demo: temperature 0.6, top-p 0.9)."""
-    temperature: float = 1.0
+    temperature: float = checked(1.0, POSITIVE)
     """Sampling only."""
-    top_p: float = 1.0
+    top_p: float = checked(1.0, between(0, 1, low_open=True))
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (sampling only)."""
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = checked(1.0, POSITIVE)
     """> 1 makes repeated tokens less likely (the release's demo: 1.05); 1 = off."""
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens <= 0 or self.num_beams <= 0:
-            raise ConfigError(
-                f"generation max_new_tokens and num_beams must be positive, got {self.max_new_tokens}, {self.num_beams}"
-            )
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
-            raise ConfigError(
-                "generation needs temperature > 0, 0 < top_p <= 1 and repetition_penalty > 0, got "
-                f"{self.temperature}, {self.top_p}, {self.repetition_penalty}"
-            )
 
     @property
     def strategy(self) -> str:
@@ -157,30 +230,26 @@ PROMPT_WORDINGS = ("paper", "release")
 
 
 @dataclass
-class PromptsConfig:
+class PromptsConfig(Checked):
     """How prompts are worded and laid out in tokens (``minigpt4/prompts.py``)."""
 
-    wording: str = "paper"
+    wording: str = checked("paper", one_of(*PROMPT_WORDINGS))
     """paper: the paper's instructions in MiniGPT-v2's training stream, in training and at
     inference. release: the MiniGPT-Pancreas release's evaluation wording and inference stream
     (two BOS, one space before ``[/INST]``), for the zero-shot MiniGPT-v2 baseline only (training
     refuses it)."""
 
-    def __post_init__(self) -> None:
-        if self.wording not in PROMPT_WORDINGS:
-            raise ConfigError(f"model.prompts.wording must be one of {', '.join(PROMPT_WORDINGS)}, got {self.wording!r}")
-
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     """Composite config: vision tower + projection + language model + LoRA."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    merge_tokens: int = 4
+    merge_tokens: int = checked(4, POSITIVE)
     """Consecutive visual tokens concatenated before ``llama_proj`` (1×4 row-major strips)."""
-    dtype: str = "auto"
+    dtype: str = checked("auto", one_of("auto", "bf16", "fp16", "fp32"))
     """auto (bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32."""
     init_from: Optional[str] = None
     """Weights to start from: a MiniGPT-v2 stage-3 / release ``.pth``, a project checkpoint
@@ -189,27 +258,24 @@ class ModelConfig:
     frozen adapter (the base weights are never modified)."""
     ckpt: Optional[str] = None
     """Weights to evaluate/serve, loaded after ``init_from`` (same formats)."""
-    max_txt_len: int = 160
+    max_txt_len: int = checked(160, POSITIVE)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    max_new_tokens: Optional[int] = None
+    max_new_tokens: Optional[int] = checked(None, POSITIVE)
     """Old spelling of ``generation.max_new_tokens`` (old configs, ``--options
     model.max_new_tokens=N``): when set it replaces ``generation.max_new_tokens`` and is reset
     to None, so read ``generation.max_new_tokens``."""
     gradient_checkpointing: bool = False
     """Recompute LLaMA decoder layers in the backward pass instead of keeping their activations."""
-    checkpoint_every: int = 1
+    checkpoint_every: int = checked(1, POSITIVE)
     """With ``gradient_checkpointing``: checkpoint decoder layers 0, n, 2n, … only (1 = every layer).
     Partial checkpointing trades recomputation for memory; ``python -m minigpt4.inspect --memory``
     predicts the peak of each choice (``minigpt4/memory.py``)."""
-    seed: int = 0
+    seed: int = checked(0, SEED)
     """Seed of the random initialisation (tiny models, llama_proj when nothing is loaded)."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise ConfigError(f"model.dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
-        if self.checkpoint_every <= 0:
-            raise ConfigError(f"model.checkpoint_every must be positive, got {self.checkpoint_every}")
+        super().__post_init__()
         if self.vision.num_patches % self.merge_tokens:
             raise ConfigError(
                 f"{self.vision.num_patches} patches are not divisible by model.merge_tokens={self.merge_tokens}"
@@ -224,57 +290,51 @@ class ModelConfig:
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(Checked):
     """One prepared folder (output of ``python -m preprocessing``) used for one task."""
 
     root: str = MISSING
-    task: str = MISSING
+    task: str = checked(MISSING, Check(lambda v: v in TASKS, "one of " + ", ".join(TASKS), numeric=False))
     """pancreas_detection | tumor_detection | organ_detection | tumor_classification."""
-    sample_ratio: float = 1.0
+    sample_ratio: float = checked(1.0, POSITIVE)
     """Relative weight when several datasets are mixed (a whole batch comes from one dataset)."""
-    threshold: Optional[float] = None
+    threshold: Optional[float] = checked(None, between(0, 1))
     """None = use the prepared split files as they are; a number = reselect slices with
     ``<target>_bbox_ratio > threshold`` from ``*_slices_info.json`` (the threshold study)."""
-    organs: List[str] = field(default_factory=lambda: list(ORGANS))
+    organs: List[str] = checked(check=Check(lambda v: set(v) <= set(ORGANS), f"a subset of {list(ORGANS)}", numeric=False),
+                                default_factory=lambda: list(ORGANS))
     """organ_detection only: organs to keep."""
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS and self.task != MISSING:
-            raise ConfigError(f"unknown dataset task {self.task!r}; expected one of {', '.join(TASKS)}")
-        if self.sample_ratio <= 0:
-            raise ConfigError(f"sample_ratio must be positive, got {self.sample_ratio}")
-        unknown = sorted(set(self.organs) - set(ORGANS))
-        if unknown:
-            raise ConfigError(f"unknown organs {unknown}; expected a subset of {list(ORGANS)}")
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Checked):
     """Everything about one run that is not the model or the data."""
 
     output_dir: str = "output/run"
-    seed: int = 42
-    device: str = "auto"
+    seed: int = checked(42, SEED)
+    device: str = checked("auto", Check(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+                                         "auto, cpu, cuda or cuda:N", numeric=False))
     """auto | cpu | cuda | cuda:N."""
     # --- optimisation (paper §3.8; release batch 16) ---
-    max_epoch: int = 50
-    iters_per_epoch: Optional[int] = None
+    max_epoch: int = checked(50, POSITIVE)
+    iters_per_epoch: Optional[int] = checked(None, POSITIVE)
     """None = an epoch is one full pass over the mixed data; the release used 1000 iterations."""
-    max_steps: Optional[int] = None
+    max_steps: Optional[int] = checked(None, POSITIVE)
     """Stop after this many optimizer steps in total (smoke tests, interrupted-run tests)."""
-    batch_size: int = 16
+    batch_size: int = checked(16, POSITIVE)
     """Per-process micro-batch."""
-    grad_accum_steps: int = 1
-    init_lr: float = 1e-5
-    min_lr: float = 1e-6
-    warmup_lr: float = 1e-6
-    warmup_steps: int = 1000
-    weight_decay: float = 0.05
-    beta1: float = 0.9
-    beta2: float = 0.999
-    amp: str = "auto"
+    grad_accum_steps: int = checked(1, POSITIVE)
+    init_lr: float = checked(1e-5, NON_NEGATIVE)
+    """Peak learning rate (0 is allowed: a run that checks loading and saving without changing weights)."""
+    min_lr: float = checked(1e-6, NON_NEGATIVE)
+    warmup_lr: float = checked(1e-6, NON_NEGATIVE)
+    warmup_steps: int = checked(1000, NON_NEGATIVE)
+    weight_decay: float = checked(0.05, NON_NEGATIVE)
+    beta1: float = checked(0.9, between(0, 1, high_open=True))
+    beta2: float = checked(0.999, between(0, 1, high_open=True))
+    amp: str = checked("auto", one_of("auto", "bf16", "fp16", "none"))
     """auto (bf16 autocast on GPU, none on CPU) | bf16 | fp16 (with GradScaler) | none."""
-    num_workers: int = 2
+    num_workers: int = checked(2, NON_NEGATIVE)
     cache_images: bool = False
     """Keep each transformed training image in memory after its first use (150 KB per image at
     112 px, 2.4 MB at 448 px): for small datasets on CPU with ``num_workers: 0``."""
@@ -296,36 +356,25 @@ class RunConfig:
     compilation) and pad training sequences to a multiple of ``compile_pad_to_multiple_of`` so
     that recompiles stay bounded. Needs a working inductor backend (a C++ compiler on CPU, Triton
     on GPU)."""
-    compile_pad_to_multiple_of: int = 64
+    compile_pad_to_multiple_of: int = checked(64, POSITIVE)
     """With ``compile``: training prompts are padded to a multiple of this length (padding is
     masked: the loss is unchanged). 64 keeps two shapes at full size (320, 384) but pads a
     322-token batch by 19 %; a smaller multiple pads less and relies on dynamic shapes."""
-    log_interval: int = 10
+    log_interval: int = checked(10, POSITIVE)
+    """Write a step row to ``log.jsonl`` every this many optimizer steps."""
     resume: Optional[str] = None
     """None | auto (latest checkpoint in output_dir) | path of a checkpoint folder."""
     validate: bool = True
     """Evaluate on the ``val`` split at the end of every epoch and keep the best checkpoint."""
-    val_max_samples: Optional[int] = None
+    val_max_samples: Optional[int] = checked(None, POSITIVE)
+    """Validate on at most this many evenly spaced ``val`` slices per dataset; None = all."""
     # --- evaluation ---
-    eval_split: str = "test"
-    eval_batch_size: int = 16
-    eval_instruction: Optional[str] = None
+    eval_split: str = checked("test", one_of("train", "val", "test"))
+    eval_batch_size: int = checked(16, POSITIVE)
+    eval_instruction: Optional[str] = checked(None, Check(lambda v: v.count("{}") == 1, "a text with exactly one {} for the target", numeric=False))
     """Detection instruction of evaluation, ``{}`` = the target (``pancreas``, ``pancreatic
     tumor``, ...). None = the paper's first instruction ``[refer] Give me the location of the {}``
     (also used in training). The zero-shot MiniGPT-v2 baseline uses the release's wording."""
-
-    def __post_init__(self) -> None:
-        if self.amp not in ("auto", "bf16", "fp16", "none"):
-            raise ConfigError(f"run.amp must be auto, bf16, fp16 or none, got {self.amp!r}")
-        if self.eval_instruction is not None and self.eval_instruction.count("{}") != 1:
-            raise ConfigError(
-                f"run.eval_instruction needs exactly one {{}} for the target, got {self.eval_instruction!r}"
-            )
-        if self.eval_split not in ("train", "val", "test"):
-            raise ConfigError(f"run.eval_split must be train, val or test, got {self.eval_split!r}")
-        for name in ("batch_size", "grad_accum_steps", "eval_batch_size", "max_epoch", "compile_pad_to_multiple_of"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"run.{name} must be positive, got {getattr(self, name)}")
 
 
 CASCADE_STAGES = ("pancreas_detection", "tumor_classification", "tumor_detection")
@@ -353,39 +402,25 @@ class CascadeStagesConfig:
 
 
 @dataclass
-class CascadeConfig:
+class CascadeConfig(Checked):
     """``eval_cascade.py`` and the demo's three-stage mode (``cascade.stages`` set)."""
 
     stages: CascadeStagesConfig = field(default_factory=CascadeStagesConfig)
-    threshold: Optional[float] = None
+    threshold: Optional[float] = checked(None, between(0, 1))
     """P(tumor) at or above which stage 3 is asked for a box and a volume is called tumor;
     None = chosen on the ``val`` volumes (Youden's J of the patient scores), never on test."""
-    aggregation: str = "auto"
+    aggregation: str = checked("auto", one_of(*AGGREGATIONS))
     """Patient score from the slices' P(tumor): ``max``, ``top_k_mean`` (mean of the ``top_k``
     largest) or ``auto`` (the one with the higher patient AUC on ``val``)."""
-    top_k: int = 3
-    crop_margin: int = 0
+    top_k: int = checked(3, POSITIVE)
+    crop_margin: int = checked(0, NON_NEGATIVE)
     """Pixels added around the predicted pancreas box: the ``--margin`` of the TC folder stage 2
     was trained on (``preprocessing tc``'s default is 0)."""
-    bootstrap: int = 1000
+    bootstrap: int = checked(1000, NON_NEGATIVE)
     """Bootstrap replicates (over volumes) of the patient-level CIs; 0 = none."""
-    max_volumes: Optional[int] = None
+    max_volumes: Optional[int] = checked(None, POSITIVE)
     """Scan at most this many volumes per folder and split (evenly spaced by name; quick runs such
     as the quickstart); None = all."""
-
-    def __post_init__(self) -> None:
-        if self.max_volumes is not None and self.max_volumes <= 0:
-            raise ConfigError(f"cascade.max_volumes must be positive or null, got {self.max_volumes}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ConfigError(f"cascade.aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"cascade.threshold must be in [0, 1] or null, got {self.threshold}")
-        if self.top_k <= 0:
-            raise ConfigError(f"cascade.top_k must be positive, got {self.top_k}")
-        if self.crop_margin < 0:
-            raise ConfigError(f"cascade.crop_margin must be >= 0, got {self.crop_margin}")
-        if self.bootstrap < 0:
-            raise ConfigError(f"cascade.bootstrap must be >= 0, got {self.bootstrap}")
 
 
 @dataclass
@@ -417,25 +452,25 @@ def load_config(path: Optional[str | os.PathLike] = None, options: Sequence[str]
 
     Raises:
         FileNotFoundError: the YAML file does not exist.
-        ConfigError: unknown key, wrong type, missing required value or invalid value; the
-            message names the file and the key.
+        ConfigError: YAML syntax (with file, line and column), an ``--options`` item that is not
+            ``key=value`` YAML, unknown key, wrong type, missing required value or a value that
+            breaks its field's declared check; the message names the file or option and the key.
     """
-    schema = OmegaConf.structured(Config)
+    # parse first: these errors name their own place (file:line:column, the option's text)
+    layers = []
     source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        source = str(path)
+        layers.append(read_yaml_mapping(path))
+    if options:
+        source += " + --options " + " ".join(options)
+        layers.extend(parse_option(option) for option in options)
     try:
-        merged = schema
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"config file not found: {path}")
-            source = str(path)
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        if options:
-            source += " + --options " + " ".join(options)
-            bad = [o for o in options if "=" not in o]
-            if bad:
-                raise ConfigError(f"--options expects key=value, got {bad}")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(options)))
+        merged = OmegaConf.merge(OmegaConf.structured(Config), *layers)
+        check_values(merged)
         cfg = OmegaConf.to_object(merged)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
@@ -447,6 +482,62 @@ def load_config(path: Optional[str | os.PathLike] = None, options: Sequence[str]
         raise ConfigError(f"{source}: {first}{where}") from None
     assert isinstance(cfg, Config)
     return cfg
+
+
+def _yaml_problem(err: yaml.YAMLError, line_text: Optional[str] = None) -> tuple[str, Optional[Any]]:
+    """``(problem, mark)`` of a YAML error; the mark has 0-based ``line`` and ``column``."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if mark is not None and line_text is not None and line_text[mark.column:mark.column + 1] == "\t":
+        problem += " (a tab: YAML indents with spaces)"
+    if "python/" in problem:
+        problem += " (tags that build Python objects are refused)"
+    return problem, mark
+
+
+def read_yaml_mapping(path: Path) -> DictConfig:
+    """A config file as a DictConfig; YAML errors name the file, line and column (1-based).
+
+    Raises:
+        ConfigError: not UTF-8, not valid YAML (syntax, tab indentation, duplicate key, a
+            ``!!python/...`` tag: omegaconf's loader is a safe loader) or not a mapping at the top.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.start})") from None
+    try:
+        node = OmegaConf.create(text)
+    except yaml.YAMLError as err:
+        lines = text.splitlines()
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        line_text = lines[mark.line] if mark is not None and mark.line < len(lines) else None
+        problem, mark = _yaml_problem(err, line_text)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, datasets:, run:, "
+                          f"cascade:), got a {type(OmegaConf.to_container(node)).__name__}")
+    return node
+
+
+def parse_option(option: str) -> DictConfig:
+    """One ``--options`` item ``key=value`` (the value is YAML) as a DictConfig.
+
+    Raises:
+        ConfigError: no ``=`` or no key, or the value is not valid YAML (the column counts from
+            the start of the option).
+    """
+    key, sep, value = option.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--options expects key=value, got {option!r}")
+    try:
+        return OmegaConf.from_dotlist([option])
+    except yaml.YAMLError as err:
+        problem, mark = _yaml_problem(err, value)
+        at_end = mark is None or mark.line > 0 or mark.column >= len(value)
+        column = " at its end" if at_end else f" at column {len(key) + 2 + mark.column}"
+        raise ConfigError(f"--options {option!r}: the value is not valid YAML{column}: {problem}") from None
 
 
 def config_to_yaml(cfg: Config) -> str:

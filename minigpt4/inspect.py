@@ -14,11 +14,11 @@ LoRA 33,554,432; 256 visual tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Optional, Sequence
 
 from minigpt4.config import Config, ModelConfig, add_config_arguments, load_config
+from minigpt4.io import to_json
 
 
 def model_report(cfg: ModelConfig) -> dict:
@@ -84,8 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = model_report(cfg.model)
     if args.memory:
         report.update(memory_report(cfg, report))
-    json.dump(report, sys.stdout, indent=1)
-    sys.stdout.write("\n")
+    sys.stdout.write(to_json(report, indent=1, where="report") + "\n")
     return 0
 
 

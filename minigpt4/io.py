@@ -1,18 +1,21 @@
 """Small, torch-free file helpers shared by every part: atomic writes and JSON/JSONL.
 
 Every output file is written to a temporary name in the same folder and renamed into place, so
-an interrupted run never leaves a half-written file under the final name.
+an interrupted run never leaves a half-written file under the final name. All JSON the project
+writes goes through :func:`to_json`: strict JSON (``allow_nan=False``), so a NaN or infinity
+stops the command with the file and the key instead of leaving ``NaN`` that strict readers reject.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 
 @contextmanager
@@ -40,8 +43,46 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def _non_finite(obj: Any, where: str = "") -> Optional[tuple[str, float]]:
+    """``(key path, value)`` of the first NaN or infinity in nested dicts/lists, e.g. ``("tasks.tc.auc", nan)``."""
+    if isinstance(obj, dict):
+        items: Iterable = ((f"{where}.{key}" if where else str(key), value) for key, value in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{where}[{index}]", value) for index, value in enumerate(obj))
+    else:
+        try:
+            value = float(obj)
+        except (TypeError, ValueError):
+            return None
+        return None if math.isfinite(value) or isinstance(obj, (str, bytes)) else (where or "the value", value)
+    for key, value in items:
+        found = _non_finite(value, key)
+        if found:
+            return found
+    return None
+
+
+def to_json(obj: Any, *, indent: int | None = None, default: Optional[Callable[[Any], Any]] = None,
+            sort_keys: bool = False, where: str = "") -> str:
+    """``json.dumps`` that refuses NaN and infinity (``allow_nan=False``), naming the key.
+
+    Raises:
+        ValueError: ``<where>: <key path> is nan: JSON has no NaN or infinity (...)``.
+    """
+    try:
+        return json.dumps(obj, indent=indent, default=default, sort_keys=sort_keys, allow_nan=False)
+    except ValueError as err:
+        if "JSON compliant" not in str(err):  # e.g. a circular reference: not ours to reword
+            raise
+        key, value = _non_finite(obj) or ("a value", float("nan"))
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{key} is {value}: JSON has no NaN or infinity, so it was not written "
+                         "(a computation upstream gave a non-finite number)") from None
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+    """Strict JSON (no NaN/infinity), written atomically."""
+    write_text_atomic(path, to_json(obj, indent=indent, where=os.fspath(path)) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -56,7 +97,9 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    """One strict JSON object per line (no NaN/infinity), written atomically."""
+    lines = (to_json(row, where=f"{os.fspath(path)}: row {number}") + "\n" for number, row in enumerate(rows, 1))
+    write_text_atomic(path, "".join(lines))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

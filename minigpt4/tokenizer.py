@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import sentencepiece as spm
 
-from minigpt4.io import write_bytes_atomic
+from minigpt4.io import to_json, write_bytes_atomic
 from minigpt4.utils import cache_dir
 
 TINY_VOCAB_SIZE = 512
@@ -123,7 +122,7 @@ def tiny_training_text() -> list[str]:
 
 
 def _tiny_key(lines: Sequence[str]) -> str:
-    payload = json.dumps({"text": list(lines), "args": _TINY_TRAINER_ARGS, "spm": spm.__version__}, sort_keys=True)
+    payload = to_json({"text": list(lines), "args": _TINY_TRAINER_ARGS, "spm": spm.__version__}, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 

@@ -52,7 +52,7 @@ def test_bad_overrides_are_clear_errors(options, message):
 
 
 def test_unknown_task_and_missing_root_are_errors(tmp_path):
-    with pytest.raises(ConfigError, match="unknown dataset task 'segmentation'"):
+    with pytest.raises(ConfigError, match="datasets.x.task must be one of .*, got 'segmentation'"):
         load_config(write(tmp_path, "datasets:\n  x: {root: d, task: segmentation}\n"))
     with pytest.raises(ConfigError, match="root"):
         load_config(write(tmp_path, "datasets:\n  x: {task: tumor_detection}\n"))

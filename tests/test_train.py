@@ -313,3 +313,29 @@ def test_feature_cache_covers_validation_with_the_same_scores(data, tmp_path):
     val_images = {r["image"] for r in subsample(records["val"], 4)}  # run.val_max_samples=4
     expected = len({r["image"] for r in records["train"]} | val_images)
     assert len(list(folders[0].glob("*/*.safetensors"))) == expected
+
+
+def test_a_nan_loss_stops_training_naming_the_step_before_the_update(data, tmp_path, monkeypatch, capsys):
+    from minigpt4.cli import run_main
+    from minigpt4.models.minigpt_v2 import MiniGPTPancreas
+
+    original, calls = MiniGPTPancreas.forward, []
+
+    def forward(self, *args, **kwargs):  # the loss of the 2nd optimizer step (grad_accum 1) becomes NaN
+        out = original(self, *args, **kwargs)
+        calls.append(len(calls) + 1)
+        if len(calls) == 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MiniGPTPancreas, "forward", forward)
+    out = tmp_path / "run"
+    argv = ["--cfg-path", str(QUICKSTART), "--options", f"datasets.synthetic.root={data}", f"run.output_dir={out}",
+            "run.batch_size=4", "run.log_interval=1", "run.iters_per_epoch=3", "run.max_steps=3"]
+    assert run_main(train_entry.main, argv, prog="train.py") == 2
+    assert capsys.readouterr().err.splitlines()[-1:] == [  # after the progress line of step 1
+        f"train.py: error: {out}: training loss is nan at step 2 (epoch 0); stopped before that update, the "
+        "checkpoints already written are unchanged (lower run.init_lr, try run.amp=bf16 or none, or check the data)"]
+    assert calls == [1, 2]  # no third step
+    assert list(step_losses(out)) == [1]  # step 1 logged, nothing after it
+    assert not any(p.name.startswith("checkpoint") for p in out.iterdir())

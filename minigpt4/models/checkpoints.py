@@ -48,7 +48,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minigpt4.io import file_sha256
-from minigpt4.io import atomic_path, read_json, write_text_atomic
+from minigpt4.io import atomic_path, read_json, to_json, write_text_atomic
 from minigpt4.models.minigpt_v2 import LORA_KEY_PREFIX, MiniGPTPancreas, split_lora_tensors, stable_name
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,8 @@ def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], con
     metadata = {
         "format": FORMAT,
         "lora_alpha": str(trainable["alpha"]),
-        "lora_targets": json.dumps(trainable["targets"]),
-        "adapter_stack": json.dumps(stack),
+        "lora_targets": to_json(trainable["targets"], where="checkpoint metadata lora_targets"),
+        "adapter_stack": to_json(stack, where="checkpoint metadata adapter_stack"),
     }
     path = folder / WEIGHTS_NAME
     with atomic_path(path) as tmp:

@@ -40,8 +40,8 @@ class MixPlan:
         accum: gradient-accumulation steps.
         world: number of processes.
         seed: run seed.
-        iters_per_epoch: steps per epoch; None = ``ceil(sum(sizes) / global_batch)`` (a full
-            pass's worth of samples).
+        iters_per_epoch: steps per epoch (positive: ``run.iters_per_epoch`` is checked at load);
+            None = ``ceil(sum(sizes) / global_batch)`` (a full pass's worth of samples).
     """
 
     def __init__(
@@ -63,8 +63,6 @@ class MixPlan:
         self.micro_batch, self.accum, self.world = int(micro_batch), int(accum), int(world)
         self.seed = int(seed)
         self.global_batch = self.micro_batch * self.accum * self.world
-        if iters_per_epoch is not None and iters_per_epoch <= 0:
-            raise ValueError(f"iters_per_epoch must be positive, got {iters_per_epoch}")
         self.steps_per_epoch = (
             int(iters_per_epoch) if iters_per_epoch is not None else math.ceil(sum(self.sizes) / self.global_batch)
         )

@@ -42,7 +42,6 @@ Output folder (``run.output_dir``; only rank 0 writes; every file is written ato
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -59,7 +58,7 @@ from torch.utils.data import DataLoader
 
 from minigpt4.config import ORGANS, Config, ConfigError, check_feature_cache, save_config
 from minigpt4.data.datasets import MixedDataset, TaskDataset, check_records, collate_samples
-from minigpt4.io import read_jsonl, write_jsonl_atomic, write_text_atomic
+from minigpt4.io import read_jsonl, to_json, write_jsonl_atomic, write_text_atomic
 from minigpt4.training import distributed as D
 from minigpt4.training.sampler import MixPlan
 from minigpt4.training.schedule import WarmupCosineSchedule
@@ -344,7 +343,7 @@ def _append_jsonl(path: Path, row: dict) -> None:
     # Append is enough for logs: a crash loses at most the line being written, and a resumed
     # run first rewrites the file (atomically) without the rows after its checkpoint.
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row, default=_jsonable) + "\n")
+        handle.write(to_json(row, default=_jsonable, where=str(path)) + "\n")
 
 
 def _truncate_jsonl(path: Path, keep) -> None:
@@ -604,6 +603,9 @@ def train(cfg: Config) -> TrainResult:
                         loss = loss / run.grad_accum_steps
                         (scaler.scale(loss) if scaler is not None else loss).backward()
                     step_loss += loss.detach()
+                # every rank sees the same mean, so all stop together, before the update
+                loss_value = float(D.all_reduce_mean(step_loss))
+                _check_loss(loss_value, step + 1, epoch, output_dir)
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -612,9 +614,6 @@ def train(cfg: Config) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
                 schedule.advance()
                 step += 1
-                loss_value = float(D.all_reduce_mean(step_loss))
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {step} (epoch {epoch})")
                 elapsed = time.perf_counter() - t0
                 samples_per_s = plan.global_batch / elapsed
                 epoch_losses.append(loss_value)
@@ -663,6 +662,19 @@ def train(cfg: Config) -> TrainResult:
         return result
     finally:
         D.cleanup()
+
+
+def _check_loss(loss: float, step: int, epoch: int, output_dir: Path) -> None:
+    """Stop at the first non-finite training loss, naming the step, before it updates the weights.
+
+    Raises:
+        FloatingPointError: the loss of optimizer step ``step`` (1-based, as in ``log.jsonl``) is NaN or infinite.
+    """
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"{output_dir}: training loss is {loss} at step {step} (epoch {epoch}); stopped before that update, "
+            "the checkpoints already written are unchanged (lower run.init_lr, try run.amp=bf16 or none, "
+            "or check the data)")
 
 
 def _visual_inputs(batch: dict, device: torch.device) -> tuple:
