@@ -152,11 +152,12 @@ def stored(array: np.ndarray, spacing, orient: str) -> tuple[np.ndarray, np.ndar
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    """Atomic ``.nii.gz`` write (gzip level 1: the phantoms are regenerated, not archived)."""
+    """Atomic ``.nii.gz`` write (gzip level 1: the phantoms are regenerated, not archived; gzip
+    header time 0, so the same array gives the same bytes)."""
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    write_bytes_atomic(path, gzip.compress(img.to_bytes(), compresslevel=1))
+    write_bytes_atomic(path, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
 
 
 def write_dicom_series(folder: Path, hu: np.ndarray, spacing, patient: str, seed: int) -> None:

@@ -284,7 +284,7 @@ def _dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def read_dicom_headers(folder: str | os.PathLike) -> tuple[list[tuple[Path, "pydicom.Dataset"]], np.ndarray]:
+def read_dicom_headers(folder: str | os.PathLike) -> tuple[list[tuple[Path, pydicom.Dataset]], np.ndarray]:
     """The headers (no pixel data) of one DICOM series, in the order :func:`read_dicom_series`
     stacks its slices, and the series' affine.
 
