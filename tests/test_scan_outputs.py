@@ -326,6 +326,22 @@ def test_dicom_seg_marks_the_pixels_the_model_saw_in_the_box(tmp_path, row_direc
     source, = [ds for ds in map(pydicom.dcmread, (tmp_path / "ct").iterdir()) if ds.SOPInstanceUID == uid]
     assert np.array_equal(seg.pixel_array.astype(bool), source.pixel_array == 2000)
 
+    # boxes.nii.gz over the same series: its voxels sit where the DICOM header puts the bright
+    # pixels (position + column/row steps along ImageOrientationPatient, LPS), not via the reader
+    write_box_nifti(tmp_path / BOXES_FILE, geometry, [SliceResult(int(ks[0]), 0.5, box)])
+    boxes = nib.load(str(tmp_path / BOXES_FILE))
+    ijk = np.argwhere(np.asarray(boxes.dataobj) == 1)
+    ras = (boxes.affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
+    rows_, cols_ = np.nonzero(source.pixel_array == 2000)
+    iop = np.array([float(v) for v in source.ImageOrientationPatient])
+    dy, dx = (float(v) for v in source.PixelSpacing)
+    lps = (np.array([float(v) for v in source.ImagePositionPatient])
+           + np.outer(cols_ * dx, iop[:3]) + np.outer(rows_ * dy, iop[3:]))
+    def as_set(points):
+        return sorted(map(tuple, np.round(points, 3)))
+
+    assert len(ijk) == 5 * 6 and as_set(ras * [-1, -1, 1]) == as_set(lps)
+
 
 def test_dicom_seg_written_for_the_projects_synthetic_series(tmp_path):
     """The series preprocessing.synthetic writes (files numbered from the top, no study date)
