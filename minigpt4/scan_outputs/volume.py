@@ -231,6 +231,7 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
     Args:
         source_headers: the series' headers as :func:`read_dicom_source` returns them
             (header ``k`` = stored slice ``k``).
+        software_version: recorded in the SEG; the installed minigpt-pancreas version when empty.
 
     Returns:
         The path, or None (nothing written) when no slice has a box.
@@ -246,6 +247,13 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
     from minigpt4.io import atomic_path
 
     check_results_geometry_only(geometry, results)
+    if not software_version:
+        from importlib import metadata
+
+        try:
+            software_version = metadata.version("minigpt-pancreas")
+        except metadata.PackageNotFoundError:  # a source checkout that is not installed
+            software_version = "unknown"
     first = source_headers[0]
     slices, masks = seg_frames(geometry, results, len(source_headers), int(first.Rows), int(first.Columns))
     if not slices:
@@ -264,7 +272,7 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
     content = json.dumps([str(first.SeriesInstanceUID), [c.sha256 for c in checkpoints], slices,
                           hashlib.sha256(masks.tobytes()).hexdigest()])
     algorithm = hd.AlgorithmIdentificationSequence(
-        name="MiniGPT-Pancreas cascade", version=software_version or "unknown",
+        name="MiniGPT-Pancreas cascade", version=software_version,
         family=codes.cid7162.ArtificialIntelligence,
         parameters={c.stage: c.sha256[:16] for c in checkpoints} or None)
     descriptions = [
@@ -290,7 +298,7 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
         instance_number=1,
         manufacturer="MiniGPT-Pancreas",
         manufacturer_model_name="MiniGPT-Pancreas cascade",
-        software_versions=software_version or "unknown",
+        software_versions=software_version,
         device_serial_number="none",
         series_description="MiniGPT-Pancreas boxes",
         content_description="Model boxes: pancreas, suspected tumor (not a diagnosis)",
