@@ -152,11 +152,12 @@ def stored(array: np.ndarray, spacing, orient: str) -> tuple[np.ndarray, np.ndar
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    """Atomic ``.nii.gz`` write (gzip level 1: the phantoms are regenerated, not archived)."""
+    """Atomic ``.nii.gz`` write (gzip level 1: the phantoms are regenerated, not archived; gzip
+    header time 0, so the same array gives the same bytes)."""
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    write_bytes_atomic(path, gzip.compress(img.to_bytes(), compresslevel=1))
+    write_bytes_atomic(path, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
 
 
 def write_dicom_series(folder: Path, hu: np.ndarray, spacing, patient: str, seed: int) -> None:
@@ -174,6 +175,7 @@ def write_dicom_series(folder: Path, hu: np.ndarray, spacing, patient: str, seed
     aff = display_affine(hu.shape, spacing)
     study = generate_uid(entropy_srcs=[patient, str(seed), "study"])
     series = generate_uid(entropy_srcs=[patient, str(seed), "series"])
+    frame_of_reference = generate_uid(entropy_srcs=[patient, str(seed), "frame"])  # a DICOM SEG refers to it
     stored_px = np.clip(hu.astype(np.int32) + 1024, 0, 65535).astype(np.uint16)
     series_dir = folder / "study" / "series"
     for k in range(s):
@@ -187,7 +189,8 @@ def write_dicom_series(folder: Path, hu: np.ndarray, spacing, patient: str, seed
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.PatientID = patient
+        ds.PatientID, ds.PatientName = patient, f"Synthetic^{patient}"
+        ds.FrameOfReferenceUID = frame_of_reference
         ds.Modality = "CT"
         ds.InstanceNumber = s - k
         ds.ImagePositionPatient = [f"{-ras[0]:.4f}", f"{-ras[1]:.4f}", f"{ras[2]:.4f}"]

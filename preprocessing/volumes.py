@@ -26,11 +26,15 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 import nibabel as nib
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+if TYPE_CHECKING:
+    import pydicom
 
 
 class VolumeError(ValueError):
@@ -280,18 +284,21 @@ def _dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> Volume:
-    """Read one DICOM series (nested folders allowed) into a stored-frame HU volume.
+def read_dicom_headers(folder: str | os.PathLike) -> tuple[list[tuple[Path, pydicom.Dataset]], np.ndarray]:
+    """The headers (no pixel data) of one DICOM series, in the order :func:`read_dicom_series`
+    stacks its slices, and the series' affine.
 
     Slices are ordered by ImagePositionPatient projected on the slice normal (never by file
-    name or InstanceNumber), RescaleSlope/Intercept are applied per slice, and the affine is
-    built from ImageOrientationPatient/PixelSpacing/positions and converted from DICOM LPS to
-    RAS. The array is indexed ``[column, row, slice]`` like a NIfTI volume converted by
-    dcm2niix without reorientation.
+    name or InstanceNumber); the affine is built from ImageOrientationPatient/PixelSpacing/
+    positions and converted from DICOM LPS to RAS.
+
+    Returns:
+        ``(headers, affine)``: ``headers[k] = (path, dataset)`` is stored slice ``k``;
+        affine (4, 4) voxel ``[column, row, slice]`` → RAS+ mm.
 
     Raises:
         VolumeError: no DICOM files, several series, inconsistent or oblique orientation,
-            missing or duplicated slices, unequal slice sizes, unreadable pixel data.
+            missing or duplicated slices.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -365,8 +372,30 @@ def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> Volume:
             raise VolumeError(folder, "slice positions do not lie on a straight line along the normal (sheared series)")
     else:
         step = float(getattr(headers[0][1], "SliceThickness", 1.0) or 1.0)
-    rows, cols = int(headers[0][1].Rows), int(headers[0][1].Columns)
     spacing = [float(v) for v in headers[0][1].PixelSpacing]  # [between rows, between columns]
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * spacing[1]
+    lps[:3, 1] = col_cos * spacing[0]
+    lps[:3, 2] = normal * step
+    lps[:3, 3] = positions[0]
+    return headers, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS → RAS
+
+
+def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> Volume:
+    """Read one DICOM series (nested folders allowed) into a stored-frame HU volume.
+
+    Slices are ordered and the affine built by :func:`read_dicom_headers`;
+    RescaleSlope/Intercept are applied per slice. The array is indexed ``[column, row, slice]``
+    like a NIfTI volume converted by dcm2niix without reorientation.
+
+    Raises:
+        VolumeError: no DICOM files, several series, inconsistent or oblique orientation,
+            missing or duplicated slices, unequal slice sizes, unreadable pixel data.
+    """
+    import pydicom
+
+    headers, affine = read_dicom_headers(folder)
+    rows, cols = int(headers[0][1].Rows), int(headers[0][1].Columns)
     data = np.empty((cols, rows, len(headers)), dtype=dtype)
     for k, (path, _) in enumerate(headers):
         try:
@@ -379,12 +408,6 @@ def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> Volume:
         slope = float(getattr(ds, "RescaleSlope", 1) or 1)
         inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
         data[:, :, k] = (pixels.astype(np.float32) * slope + inter).T
-    lps = np.eye(4)
-    lps[:3, 0] = row_cos * spacing[1]
-    lps[:3, 1] = col_cos * spacing[0]
-    lps[:3, 2] = normal * step
-    lps[:3, 3] = positions[0]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS → RAS
     return Volume(array=data, affine=affine, path=str(folder))
 
 

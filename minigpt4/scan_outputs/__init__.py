@@ -1,0 +1,68 @@
+"""What ``scan.py`` writes: per volume ``report.json``, ``boxes.nii.gz``, ``seg.dcm`` (DICOM
+input) and ``montage.png``; across volumes ``summary.csv`` and ``scan.json``; plus the
+"already done" check and torchrun sharding. Independent of how the model runs: it takes the
+volume's geometry and the model's per-slice answers.
+
+Modules: :mod:`~minigpt4.scan_outputs.geometry` (the input contract: dataclasses and the
+display-frame ↔ voxel mapping), :mod:`~minigpt4.scan_outputs.volume` (one volume's files),
+:mod:`~minigpt4.scan_outputs.run` (folders, summary, fingerprints, sharding).
+"""
+
+from minigpt4.scan_outputs.geometry import (
+    DECISIONS,
+    CheckpointIdentity,
+    PatientResult,
+    SliceResult,
+    VolumeGeometry,
+    check_results,
+    geometry_from_affine,
+    geometry_from_image,
+    geometry_from_volume,
+)
+from minigpt4.scan_outputs.run import (
+    BOXES_FILE,
+    DONE_FILE,
+    ERROR_FILE,
+    MONTAGE_FILE,
+    REPORT_FILE,
+    SEG_FILE,
+    SUMMARY_COLUMNS,
+    checkpoint_identities,
+    collect_summary,
+    content_sha256,
+    error_row,
+    fingerprint,
+    is_done,
+    mark_done,
+    package_versions,
+    rank_and_world_size,
+    shard,
+    summary_row,
+    write_scan_json,
+    write_summary,
+    write_volume_error,
+    write_volume_outputs,
+)
+from minigpt4.scan_outputs.volume import (
+    box_label_volume,
+    build_report,
+    most_suspicious,
+    read_dicom_source,
+    seg_frames,
+    write_box_nifti,
+    write_dicom_seg,
+    write_montage,
+    write_report,
+    write_strict_json,
+)
+
+__all__ = [
+    "DECISIONS", "CheckpointIdentity", "PatientResult", "SliceResult", "VolumeGeometry", "check_results",
+    "geometry_from_affine", "geometry_from_image", "geometry_from_volume",
+    "BOXES_FILE", "DONE_FILE", "ERROR_FILE", "MONTAGE_FILE", "REPORT_FILE", "SEG_FILE", "SUMMARY_COLUMNS",
+    "checkpoint_identities", "collect_summary", "content_sha256", "error_row", "fingerprint", "is_done",
+    "mark_done", "package_versions", "rank_and_world_size", "shard", "summary_row", "write_scan_json",
+    "write_summary", "write_volume_error", "write_volume_outputs",
+    "box_label_volume", "build_report", "most_suspicious", "read_dicom_source", "seg_frames",
+    "write_box_nifti", "write_dicom_seg", "write_montage", "write_report", "write_strict_json",
+]

@@ -1,0 +1,297 @@
+"""Across volumes: one volume's folder as a unit (written, marked done, skipped when done),
+``summary.csv``, ``scan.json``, content fingerprints and torchrun sharding.
+
+A volume folder ``<out>/<volume>/`` holds either its outputs plus ``done.json`` (the
+fingerprint of what produced them and the files written), or ``error.json`` (why it failed).
+``done.json`` is written last, so a folder interrupted mid-way is never taken as done.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from minigpt4.io import file_sha256, write_text_atomic
+from minigpt4.scan_outputs.geometry import (
+    CheckpointIdentity,
+    PatientResult,
+    SliceResult,
+    VolumeGeometry,
+)
+from minigpt4.scan_outputs.volume import (
+    build_report,
+    write_box_nifti,
+    write_dicom_seg,
+    write_montage,
+    write_report,
+    write_strict_json,
+)
+
+DONE_FILE = "done.json"
+ERROR_FILE = "error.json"
+REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE = "report.json", "boxes.nii.gz", "seg.dcm", "montage.png"
+VOLUME_FILES = (REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE)
+SUMMARY_COLUMNS = ("volume", "decision", "score", "n_slices", "n_boxed", "most_suspicious_slice", "error")
+SCAN_FORMAT = "minigpt-pancreas-scan/1"
+VERSION_PACKAGES = ("minigpt-pancreas", "numpy", "nibabel", "pydicom", "highdicom", "pillow", "torch",
+                    "transformers", "peft")
+
+
+# ----------------------------------------------------------------------------- content hashes
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes; of a folder, of its files' relative paths and SHA-256s (sorted,
+    hidden files skipped), so adding, removing, renaming or changing a file changes it."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not found")
+    files = sorted(p for p in path.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    listing = [[p.relative_to(path).as_posix(), file_sha256(p)] for p in files]
+    return hashlib.sha256(json.dumps(listing).encode("utf-8")).hexdigest()
+
+
+def checkpoint_identities(paths: Mapping[str, str | os.PathLike]) -> list[CheckpointIdentity]:
+    """``{stage: checkpoint path}`` → identities, sorted by stage. A folder holding
+    ``model.safetensors`` (a project checkpoint) is identified by that file, as the evaluation's
+    ``metrics.json`` identifies it; another file or folder by :func:`content_sha256`."""
+    identities = []
+    for stage, path in sorted(paths.items()):
+        target = Path(path)
+        if target.is_dir() and (target / "model.safetensors").is_file():
+            target = target / "model.safetensors"
+        identities.append(CheckpointIdentity(stage=str(stage), path=str(path), sha256=content_sha256(target)))
+    return identities
+
+
+def fingerprint(inputs: Sequence[str | os.PathLike], checkpoints: Sequence[CheckpointIdentity],
+                cfg: Mapping[str, Any]) -> str:
+    """What decides a volume's outputs, as one SHA-256 hex string.
+
+    Args:
+        inputs: the volume's input files or folders (a NIfTI file, a DICOM folder, a zip);
+            their content counts, not their location.
+        checkpoints: the stages' identities (their sha256s count, not their paths).
+        cfg: the config values that change the outputs (threshold, aggregation, normalisation,
+            decoding, ...), JSON-serialisable.
+    """
+    payload = {
+        "inputs": [content_sha256(p) for p in inputs],
+        "checkpoints": sorted([c.stage, c.sha256] for c in checkpoints),
+        "config": cfg,
+    }
+    try:
+        text = json.dumps(payload, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the scan config is not plain JSON data ({err})") from None
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_marker(out_dir: Path) -> Optional[dict]:
+    try:
+        marker = json.loads((out_dir / DONE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def is_done(out_dir: str | os.PathLike, fingerprint: str) -> bool:
+    """True when ``out_dir`` holds a complete output of the same fingerprint: ``done.json`` is
+    readable, its fingerprint equals ``fingerprint`` and every file it lists exists."""
+    out_dir = Path(out_dir)
+    marker = _read_marker(out_dir)
+    if marker is None or marker.get("fingerprint") != fingerprint or not isinstance(marker.get("files"), list):
+        return False
+    return all((out_dir / name).is_file() for name in marker["files"])
+
+
+def mark_done(out_dir: str | os.PathLike, fingerprint: str, files: Sequence[str]) -> Path:
+    """Write ``done.json`` (``{"fingerprint", "files"}``) last, atomically."""
+    path = Path(out_dir) / DONE_FILE
+    write_strict_json(path, {"fingerprint": fingerprint, "files": sorted(files)})
+    return path
+
+
+def _start_volume(out_dir: Path) -> set[str]:
+    """Unmark a volume folder before (re)writing it; returns the names of the output files a
+    previous run may have left (this module's names and those its ``done.json`` lists)."""
+    marker = _read_marker(out_dir) or {}
+    listed = marker.get("files", []) if isinstance(marker.get("files"), list) else []
+    previous = {str(n) for n in listed if isinstance(n, str) and Path(n).name == n and n not in ("", ".", "..")}
+    for name in (DONE_FILE, ERROR_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+    return previous | set(VOLUME_FILES)
+
+
+def write_volume_outputs(out_dir: str | os.PathLike, *, volume: str, source: str, geometry: VolumeGeometry,
+                         patient: PatientResult, results: Sequence[SliceResult],
+                         checkpoints: Sequence[CheckpointIdentity], fingerprint: str,
+                         slices: Any = None, dicom_headers: Optional[Sequence[Any]] = None,
+                         montage_size: int = 8, software_version: str = "",
+                         extra: Optional[dict] = None) -> list[str]:
+    """Write one volume's files into ``out_dir`` and mark it done.
+
+    Writes ``report.json`` and ``boxes.nii.gz`` always; ``seg.dcm`` when ``dicom_headers`` (the
+    source series, :func:`~minigpt4.scan_outputs.read_dicom_source`) are given and a slice has
+    a box; ``montage.png`` when ``slices`` (display slice ``k`` → (H, W) uint8) are given and a
+    slice has a P(tumor). Output files of a previous run that this one does not rewrite are removed;
+    ``done.json`` comes last. A failure leaves the folder unmarked (never half-written files).
+
+    Returns:
+        The names of the files written (without ``done.json``).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = _start_volume(out_dir)
+    report = build_report(volume, source, geometry, patient, results, checkpoints, extra)
+    written = [write_report(out_dir / REPORT_FILE, report).name,
+               write_box_nifti(out_dir / BOXES_FILE, geometry, results).name]
+    if dicom_headers is not None:
+        seg = write_dicom_seg(out_dir / SEG_FILE, geometry, results, dicom_headers, checkpoints, software_version)
+        if seg is not None:
+            written.append(seg.name)
+    if slices is not None:
+        montage = write_montage(out_dir / MONTAGE_FILE, slices, results, n=montage_size)
+        if montage is not None:
+            written.append(montage.name)
+    for name in previous - set(written):
+        (out_dir / name).unlink(missing_ok=True)
+    mark_done(out_dir, fingerprint, written)
+    return written
+
+
+def write_volume_error(out_dir: str | os.PathLike, volume: str, message: str) -> Path:
+    """Record a failed volume (``error.json``: ``{"volume", "error"}``) and unmark its folder;
+    the files of an earlier successful run are removed so they cannot be mistaken for this one's."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in _start_volume(out_dir):
+        (out_dir / name).unlink(missing_ok=True)
+    path = out_dir / ERROR_FILE
+    write_strict_json(path, {"volume": volume, "error": str(message)})
+    return path
+
+
+# ----------------------------------------------------------------------------- summary.csv
+
+
+def summary_row(report: Mapping[str, Any]) -> dict:
+    """A ``summary.csv`` row from a ``report.json`` dict."""
+    patient = report["patient"]
+    return {"volume": report["volume"], "decision": patient["decision"], "score": patient["score"],
+            "n_slices": report["counts"]["n_slices"], "n_boxed": report["counts"]["n_boxed"],
+            "most_suspicious_slice": report["most_suspicious_slice"], "error": None}
+
+
+def error_row(volume: str, message: str) -> dict:
+    return {"volume": volume, "decision": None, "score": None, "n_slices": None, "n_boxed": None,
+            "most_suspicious_slice": None, "error": str(message)}
+
+
+def collect_summary(out_root: str | os.PathLike, volumes: Sequence[str]) -> list[dict]:
+    """Summary rows of ``volumes`` (sorted by name) from their folders under ``out_root``: the
+    ``report.json`` of a folder marked done, else its ``error.json``, else an error saying it
+    has no complete output. What rank 0 calls after the ranks have written their volumes."""
+    rows = []
+    for volume in sorted(volumes):
+        folder = Path(out_root) / volume
+        marker = _read_marker(folder)
+        if marker is not None and REPORT_FILE in marker.get("files", []) and (folder / REPORT_FILE).is_file():
+            rows.append(summary_row(json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))))
+        elif (folder / ERROR_FILE).is_file():
+            rows.append(error_row(volume, json.loads((folder / ERROR_FILE).read_text(encoding="utf-8"))["error"]))
+        else:
+            rows.append(error_row(volume, f"no complete output in {folder}"))
+    return rows
+
+
+def write_summary(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """``summary.csv``: a header of :data:`SUMMARY_COLUMNS` and one row per volume (None → empty
+    cell; scores with full precision). Atomic."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n", extrasaction="raise")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: "" if row.get(key) is None else row[key] for key in SUMMARY_COLUMNS})
+    write_text_atomic(path, buffer.getvalue())
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- scan.json
+
+
+def package_versions() -> dict:
+    """Python and the versions of the packages that shape the outputs (None: not installed)."""
+    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_scan_json(path: str | os.PathLike, config: Mapping[str, Any], checkpoints: Sequence[CheckpointIdentity],
+                    rows: Sequence[Mapping[str, Any]], extra: Optional[dict] = None) -> Path:
+    """``scan.json``: ``{format, config, versions, checkpoints, counts, ...extra}``; counts from
+    the summary rows (volumes, failed, and per decision). Strict JSON, atomic."""
+    decisions: dict[str, int] = {}
+    for row in rows:
+        if not row.get("error"):
+            decisions[str(row["decision"])] = decisions.get(str(row["decision"]), 0) + 1
+    scan = {"format": SCAN_FORMAT, "config": dict(config), "versions": package_versions(),
+            "checkpoints": [c.as_dict() for c in checkpoints],
+            "counts": {"volumes": len(rows), "failed": sum(bool(r.get("error")) for r in rows),
+                       "decisions": dict(sorted(decisions.items()))}}
+    for key, value in (extra or {}).items():
+        if key in scan:
+            raise ValueError(f"extra scan.json key {key!r} would replace a standard one")
+        scan[key] = value
+    write_strict_json(path, scan)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """``(rank, world_size)``: from torch.distributed when a process group is initialised, else
+    from the ``RANK``/``WORLD_SIZE`` environment variables torchrun sets, else ``(0, 1)``."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank()), int(dist.get_world_size())
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
+                         "are not integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    return rank, world
+
+
+def shard(names: Sequence[str], rank: int, world_size: int) -> list[str]:
+    """The volumes of one rank: ``sorted(names)[rank::world_size]`` (round-robin by sorted name,
+    so every volume goes to exactly one rank, whatever order the inputs were listed in)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
+    ordered = sorted(names)
+    duplicated = sorted(name for name, count in Counter(ordered).items() if count > 1)
+    if duplicated:
+        raise ValueError(f"volume names must be unique (they name the output folders): {duplicated}")
+    return ordered[rank::world_size]
