@@ -1,28 +1,17 @@
 """The cascade on the slices of one volume, and the patient answer: one code path for every tool.
 
-Per slice (SPEC §4, issue 13):
-
-1. stage 1 (``pancreas_detection``): ``[refer]`` pancreas box on the whole slice;
-2. the crop is cut exactly as ``python -m preprocessing tc`` cuts TC crops
-   (:func:`preprocessing.tc.crop_box`), but from the **predicted** box
-   (:func:`minigpt4.boxes.grid_to_pixel_inclusive`: the widest pixel box with the answered grid box);
-3. stage 2 (``tumor_classification``): P(tumor) = P(yes) on that crop;
-4. stage 3 (``tumor_detection``): ``[refer]`` tumor box on the whole slice where
-   P(tumor) >= threshold.
-
-Then the slices' P(tumor) are aggregated (``max`` or mean of the ``top_k`` largest) into a patient
-score and a decision: ``tumor`` / ``no tumor`` at the threshold, or ``inconclusive`` when no slice
-got a pancreas box (the model never looked at a pancreas, so "no tumor" would be a claim it did
-not make).
-
+Per slice: stage 1 ``[refer]`` pancreas box → crop from the predicted box, cut exactly as
+``python -m preprocessing tc`` cuts (:func:`cut_crop`, :func:`minigpt4.boxes.grid_to_pixel_inclusive`)
+→ stage 2 P(tumor) = P(yes) on the crop → stage 3 ``[refer]`` tumor box where P(tumor) >= threshold.
 A slice "got a box" when its answer is a box with positive area (:func:`minigpt4.boxes.box_problem`
-is None; the empty box ``{<0><0><0><0>}`` means "absent"). A single checkpoint answering every
-stage (the demo's ``model.ckpt``) runs through the same code: :class:`SingleModel`, with
-``whole_slice_fallback`` (classify the whole slice when no pancreas box) and threshold 0.
+is None; ``{<0><0><0><0>}`` means "absent"). The slices' P(tumor) are aggregated into a patient
+score and decision: ``tumor`` / ``no tumor`` at the threshold, ``inconclusive`` when no slice got a
+pancreas box (the model never looked at a pancreas). One checkpoint for every stage (the demo's
+``model.ckpt``) runs the same code: :class:`SingleModel`, ``whole_slice_fallback``, threshold 0.
 
 Encode once: the stages share the frozen EVA tower (only ``llama_proj`` and the LoRA differ), so a
-slice's tower tokens (:meth:`MiniGPTPancreas.encode_tower`) are computed once for stage 1 and
-reused by stage 3; stage 2 encodes only the crops (2 tower passes per asked slice instead of 3).
+slice's tower tokens (``model.encode_tower``) serve stage 1 and stage 3; stage 2 encodes only the
+crops: 2 tower passes per asked slice instead of 3.
 """
 
 from __future__ import annotations
@@ -46,20 +35,13 @@ PixelBox = tuple[float, float, float, float]
 class CascadeSettings:
     """How the stages run on a volume and how its slices become a patient answer."""
 
-    threshold: Optional[float] = 0.5
-    """Stage 3 is asked where P(tumor) >= threshold, and the patient is ``tumor`` at or above it;
-    None = stages 1–2 only (choosing the threshold on ``val``)."""
-    aggregation: str = "max"
+    threshold: Optional[float] = 0.5  # stage 3 and "tumor" where P(tumor) >= it; None: stages 1–2 only
+    aggregation: str = "max"  # or top_k_mean
     top_k: int = 3
-    crop_margin: int = 0
-    """The TC folder's ``--margin``."""
-    batch_size: int = 8
-    """Images per model call (does not change the answers)."""
-    whole_slice_fallback: bool = False
-    """Classify the whole slice when stage 1 gives no box (one checkpoint for every task; the
-    classifier was trained on crops, so this is outside its training distribution)."""
-    max_new_tokens: Optional[int] = None
-    """Detection answers' budget; None = the model's ``generation.max_new_tokens``."""
+    crop_margin: int = 0  # the TC folder's --margin
+    batch_size: int = 8  # images per model call (does not change the answers)
+    whole_slice_fallback: bool = False  # one checkpoint: classify the whole slice when stage 1 has no box
+    max_new_tokens: Optional[int] = None  # detection budget; None: the model's generation.max_new_tokens
 
 
 class SingleModel:

@@ -1,18 +1,11 @@
-"""Reading a CT for the model: an upload or a file (NIfTI, DICOM folder or zip) → oriented, normalised slices.
+"""Reading a CT for the model: a file (NIfTI, DICOM folder or zip) → oriented, normalised slices.
 
-The first step of the inference pipeline (:mod:`minigpt4.inference`), shared by the demo and every
-tool that scans volumes:
-
-* :func:`load_slice` / :func:`load_volume` read a file and refuse what the model cannot use
-  (wrong type, too large, unreadable, a colour picture instead of a CT slice, an empty volume)
-  with an :class:`InputError` whose message is meant for the user, naming the file.
-* Headers are checked against :class:`Limits` before any voxel is decoded, and zips are
-  extracted under generated names only (:func:`safe_extract_dicom_zip`).
-* Nothing re-implements orientation or normalisation: :func:`preprocessing.volumes.load_nifti`
-  / :func:`preprocessing.volumes.read_dicom_series` read the file,
-  :func:`preprocessing.volumes.to_display` brings it into the display frame of the training PNGs
-  (anterior at the top, the patient's right on the image left, axial order as stored) and
-  :func:`preprocessing.normalize.normalize_slice` applies the training normalisation slice by slice.
+:func:`load_slice` / :func:`load_volume` refuse what the model cannot use (wrong type, too large,
+unreadable, a colour picture, an empty volume) with an :class:`InputError` meant for the user;
+headers are checked against :class:`Limits` before any voxel is decoded. Orientation and
+normalisation are those of the training PNGs, from :mod:`preprocessing` (``load_nifti`` /
+``read_dicom_series``, ``to_display``: anterior up, the patient's right on the image left;
+``normalize_slice`` slice by slice).
 """
 
 from __future__ import annotations
