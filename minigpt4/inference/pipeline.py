@@ -17,6 +17,7 @@ crops: 2 tower passes per asked slice instead of 3.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
@@ -86,15 +87,8 @@ class SliceResult:
         return "no pancreas box" if self.p_tumor is None else "whole slice"
 
     def record(self) -> dict:
-        """The JSON keys of ``eval_cascade.py``'s ``predictions.jsonl`` (boxes as lists)."""
-        def listed(box):
-            return None if box is None else list(box)
-
-        return {"pancreas_answer": self.pancreas_answer, "pancreas_grid": listed(self.pancreas_grid),
-                "pancreas_box": listed(self.pancreas_box), "crop_box": listed(self.crop_box), "p_tumor": self.p_tumor,
-                "p_tumor_gt_crop": self.p_tumor_gt_crop, "tumor_asked": self.tumor_asked,
-                "tumor_answer": self.tumor_answer, "tumor_box": listed(self.tumor_box),
-                "tumor_answer_alone": self.tumor_answer_alone, "tumor_box_alone": listed(self.tumor_box_alone)}
+        """The keys of ``eval_cascade.py``'s ``predictions.jsonl`` (``slice_index`` comes from the slice record)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "slice_index"}
 
     def as_dict(self) -> dict:
         """A short summary (boxes to 0.1 px, P to 4 decimals) for people and APIs."""
