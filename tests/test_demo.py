@@ -553,6 +553,20 @@ def test_volume_upload_slider_and_scan(tmp_path, handlers):
     assert image.size == (64, 64)
 
 
+def test_three_stage_scan_through_the_handlers_gives_the_patient_answer(tmp_path):
+    """Three-stage mode (the scripted model stands in for every stage): the scan's chat message
+    ends with the patient answer, the plot shows the threshold; no pancreas box → inconclusive."""
+    from minigpt4.inference.pipeline import SingleModel
+
+    state = {"kind": "volume", "slices": scan_volume_array(), "index": 0, "name": "vol.nii.gz"}
+    for answer, expected in [("{<25><25><75><75>}", "Patient-level answer: **tumor suspected** (largest slice P(tumor) = "),
+                             ("no idea", "Patient-level answer: **inconclusive** (no slice got a pancreas box")]:
+        model = ScriptedModel({PANCREAS_Q: answer, TUMOR_Q: "{<40><40><60><60>}"})
+        service = DemoService(model, stages=SingleModel(model), cascade={"threshold": 0.5})
+        _, _, slider, plot, table, history = DemoHandlers(service, tmp_path).on_scan([], dict(state))
+        assert expected in history[-1]["content"] and plot is not None and len(table) == 5
+
+
 # ------------------------------------------------------------------------------------------------
 # app construction and safety
 

@@ -89,7 +89,7 @@ def _scan_plot(result: ScanResult, current: Optional[int] = None):
     ax.plot(index, [np.nan if r.p_tumor is None else r.p_tumor for r in result.rows], ".-", color="#b91c1c", lw=1.5,
             ms=4, label="P(tumor)")
     if result.patient is not None:
-        ax.axhline(result.patient["threshold"], color="#6b7280", ls=":", lw=1, label="threshold")
+        ax.axhline(result.patient.threshold, color="#6b7280", ls=":", lw=1, label="threshold")
     with_box = [r.slice_index for r in result.rows if r.tumor_box is not None and r.p_tumor is not None]
     if with_box:
         ax.scatter(with_box, [result.rows[i].p_tumor for i in with_box], s=12, color="black", zorder=3,
