@@ -275,8 +275,9 @@ def test_eval_cascade_refuses_folders_without_all_slices(tmp_path):
 # ----------------------------------------------------------------------------- demo, three stages
 def test_demo_serves_three_stages_routes_tasks_and_scans_with_the_cascade(tmp_path):
     from minigpt4.config import load_config
-    from minigpt4.models.minigpt_v2 import build_model
     from minigpt4.demo.service import load_service
+    from minigpt4.inference.pipeline import model_images
+    from minigpt4.models.minigpt_v2 import build_model
 
     torch.set_num_threads(1)
     cfg = tiny_model_config(max_new_tokens=6, **{"vision.trainable": True})
@@ -291,7 +292,7 @@ def test_demo_serves_three_stages_routes_tasks_and_scans_with_the_cascade(tmp_pa
     assert "stage 2 (tumor classification)" in service.description
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, size=(64, 64), dtype=np.uint8)
-    pixels = service._images([image])
+    pixels = model_images(service.model, [image])
     for instruction, stage in [("[refer] Give me the location of the pancreatic tumor", "tumor_detection"),
                                ("[vqa] Does the pancreas in the image present a tumor?", "tumor_classification"),
                                ("[refer] Give me the location of the pancreas", "pancreas_detection")]:

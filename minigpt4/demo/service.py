@@ -1,22 +1,13 @@
-"""Model-facing logic of the clinician's demo, independent of the web UI (paper §3.9).
+"""The demo's model logic, without the web UI (paper §3.9), so it is tested without a browser.
 
-Everything the Gradio app (:mod:`minigpt4.demo.app`) does with the model goes through this module,
-so it can be tested without a browser or a server. Files are read by
-:mod:`minigpt4.inference.volumes` and volumes scanned by :mod:`minigpt4.inference.pipeline`, as
-every other tool does:
+:class:`DemoService` answers one instruction about one slice (``ask``, ``classify``) and scans a
+volume with the inference pipeline (:func:`minigpt4.inference.pipeline.scan_slices`); files are
+read by :mod:`minigpt4.inference.volumes`; :func:`annotate` draws boxes. Generation is greedy:
+detection answers must be reproducible (the release's sampling only ever served free text).
 
-* :class:`DemoService` asks the model about one slice (:meth:`DemoService.ask`,
-  :meth:`DemoService.classify`) and scans a whole volume (:meth:`DemoService.scan_volume`).
-* :func:`annotate` draws boxes on a slice; box text is parsed and converted with
-  :mod:`minigpt4.boxes` only.
-
-Generation is greedy (the model's ``generate``): detection answers must be reproducible, and the
-release's sampling settings only ever served free-text chat.
-
-Limits: every question is answered on its own about the displayed slice (the model was
-fine-tuned on single-turn prompts, so earlier turns are not fed back), and the tumor classifier
-was trained on crops to the pancreas box, so ``classify`` on a whole slice is outside its
-training distribution (the volume scan crops to the detected pancreas first).
+Limits: each question is answered on its own (the model was fine-tuned on single-turn prompts),
+and ``classify`` on a whole slice is outside the classifier's training distribution (pancreas
+crops; the volume scan crops to the detected pancreas first).
 """
 
 from __future__ import annotations
@@ -37,7 +28,6 @@ from minigpt4.config import DecodingConfig
 from minigpt4.inference.pipeline import CascadeSettings, PatientResult, SingleModel, SliceResult, model_images, scan_slices
 from minigpt4.inference.volumes import InputError, Limits
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
-
 
 RED = (255, 0, 0)
 CYAN = (0, 200, 255)
@@ -256,9 +246,6 @@ class DemoService:
 
     # -- low level ---------------------------------------------------------------------------
 
-    def _images(self, slices: Sequence[np.ndarray]) -> torch.Tensor:
-        return model_images(self.model, slices)
-
     def _model_for(self, stage: Optional[str]) -> Any:
         # call with the lock held: switching stages changes the shared model
         return self.model if self.stages is None or stage is None else self.stages.use(stage)
@@ -274,12 +261,12 @@ class DemoService:
         extra = {} if decoding is None else {"decoding": decoding}
         with self._lock, torch.no_grad():
             model = self._model_for(stage)
-            answers = model.generate(self._images(slices), list(instructions), max_new_tokens=max_new_tokens, **extra)
+            answers = model.generate(model_images(self.model, slices), list(instructions), max_new_tokens=max_new_tokens, **extra)
         return [str(a) for a in answers]
 
     def _p_yes(self, slices: Sequence[np.ndarray], questions: Sequence[str], stage: Optional[str] = None) -> list[float]:
         with self._lock, torch.no_grad():
-            probs = self._model_for(stage).yes_probability(self._images(slices), list(questions))
+            probs = self._model_for(stage).yes_probability(model_images(self.model, slices), list(questions))
         return [float(p) for p in torch.as_tensor(probs).float().cpu().reshape(-1)]
 
     def check_instruction(self, instruction: Optional[str]) -> str:

@@ -165,11 +165,6 @@ def public_message(message: str, upload: Path, private: Sequence[Path] = (), mem
 # uploads
 
 
-def _display_name(path: Path) -> str:
-    # Gradio stores uploads under random folders; the base name is what the user recognises
-    return path.name
-
-
 def upload_kind(path: str | os.PathLike) -> str:
     """``'slice'`` for PNG/JPEG, ``'volume'`` for ``.nii``/``.nii.gz``/``.zip``.
 
@@ -189,13 +184,13 @@ def upload_kind(path: str | os.PathLike) -> str:
 
 def _check_file(path: Path, max_bytes: int) -> None:
     if not path.is_file():
-        raise InputError(f"{_display_name(path)}: file not found (the upload may have expired; upload it again).")
+        raise InputError(f"{path.name}: file not found (the upload may have expired; upload it again).")
     size = path.stat().st_size
     if size == 0:
-        raise InputError(f"{_display_name(path)}: the file is empty.")
+        raise InputError(f"{path.name}: the file is empty.")
     if size > max_bytes:
         raise InputError(
-            f"{_display_name(path)}: {size / 1024**2:.1f} MB is over the demo's limit of {max_bytes / 1024**2:.0f} MB."
+            f"{path.name}: {size / 1024**2:.1f} MB is over the demo's limit of {max_bytes / 1024**2:.0f} MB."
         )
 
 
