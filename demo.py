@@ -41,7 +41,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     setup_logging(args.debug)
-    from minigpt4.serving import Limits, load_service
+    from minigpt4.demo.service import load_service
+    from minigpt4.inference.volumes import Limits
 
     try:
         max_bytes = parse_size(args.max_file_size)

@@ -1,8 +1,13 @@
-"""Evaluation throughput: samples/s of batched greedy detection for batch size 1 vs 16, in one run.
+"""Evaluation throughput: samples/s of batched greedy detection for batch size 1 vs 16, in one run,
+and slices/s of the three-stage cascade encoding each slice per stage vs once (issue 20).
 
 Times :func:`minigpt4.evaluation.predict_detection` end to end (PNG loading, the image transform,
 generation with left padding, decoding, scoring) on generated 512×512 slices, and checks that the
-batched answers equal the one-by-one answers.
+batched answers equal the one-by-one answers. The cascade row times
+:func:`minigpt4.inference.pipeline.run_stages` with every slice through all three stages (threshold
+0, whole-slice fallback: random weights rarely answer a box) with ``encode_once`` off and on, and
+checks the answers are equal. Tiny: three random stage checkpoints on one base (``load_stages``);
+full size: one model for every stage (stage switching is not timed, the compute is the same).
 
     python benchmarks/bench_eval.py                      # tiny model on CPU (tests/tiny.py sizes)
     python benchmarks/bench_eval.py --full-size          # EVA ViT-g + LLaMA-2-7B sizes on one GPU, bf16
@@ -32,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from minigpt4.config import ModelConfig, load_config  # noqa: E402
 from minigpt4.io import to_json  # noqa: E402
 from minigpt4.evaluation import predict_detection  # noqa: E402
+from minigpt4.inference.pipeline import CascadeSettings, SingleModel, run_stages  # noqa: E402
 from minigpt4.models.minigpt_v2 import build_model  # noqa: E402
 from minigpt4.tokenizer import load_tokenizer  # noqa: E402
 
@@ -67,6 +73,40 @@ def time_case(model, records: list[dict], batch: int, repeats: int) -> tuple[flo
     return best, rows
 
 
+def time_cascade(stages, slices: list[np.ndarray], batch: int, repeats: int) -> list[dict]:
+    """Best-of-``repeats`` slices/s of the cascade encoding per stage, then once; answers compared."""
+    settings = CascadeSettings(threshold=0.0, batch_size=batch, whole_slice_fallback=True)
+    run_stages(stages, slices[:batch], settings)  # warm-up
+    rows, reference = [], None
+    for encode_once in (False, True):
+        best = float("inf")
+        for _ in range(repeats):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            results = [r.record() for r in run_stages(stages, slices, settings, encode_once=encode_once)]
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        reference = reference or results
+        rows.append({"encode_once": encode_once, "slices": len(slices), "batch": batch, "seconds": best,
+                     "slices_per_s": len(slices) / best, "tower_passes_per_slice": 2 if encode_once else 3,
+                     "same_answers_as_per_stage": results == reference})
+        print(to_json(rows[-1]), flush=True)
+    return rows
+
+
+def cascade_stages(cfg: ModelConfig, model, folder: Path, full_size: bool):
+    """Three random stage checkpoints on one base (tiny), or the one model for every stage (full size)."""
+    if full_size:
+        return SingleModel(model)
+    from minigpt4.models.stages import load_stages
+    from tests.tiny import random_checkpoints
+
+    return load_stages(cfg, random_checkpoints(folder, cfg, ("pancreas_detection", "tumor_classification",
+                                                             "tumor_detection")))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full-size", action="store_true", help="paper sizes on a CUDA GPU (bf16)")
@@ -75,6 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--cascade-slices", type=int, default=16, help="slices of the cascade row (0: skip it)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -111,6 +152,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             "mean_answer_tokens": float(np.mean(tokens)),
                             "same_answers_as_first": float(np.mean([a == b for a, b in zip(answers, reference)]))})
             print(to_json(results[-1]), flush=True)
+        cascade = []
+        if args.cascade_slices:
+            stages = cascade_stages(cfg, model, Path(tmp), args.full_size)
+            rng = np.random.default_rng(1)
+            slices = [rng.integers(0, 256, (512, 512), dtype=np.uint8) for _ in range(args.cascade_slices)]
+            cascade = time_cascade(stages, slices, max(args.batch_sizes), args.repeats)
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {args.threads} threads"
     base = results[0]["samples_per_s"]
@@ -123,11 +170,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for r in results:
         print(f"| {r['batch']} | {r['samples_per_s']:.2f} | {r['samples_per_s'] / base:.1f}× | "
               f"{r['mean_answer_tokens']:.1f} | {100 * r['same_answers_as_first']:.0f} % |")
+    if cascade:
+        print()
+        print(f"Cascade, {cascade[0]['slices']} slices through all three stages, batch {cascade[0]['batch']}:")
+        print()
+        print("| tower encoding | tower passes per slice | slices/s | speed-up | answers equal to per stage |")
+        print("|---|---:|---:|---:|---:|")
+        for r in cascade:
+            print(f"| {'once (stages 1 and 3 share)' if r['encode_once'] else 'per stage'} | "
+                  f"{r['tower_passes_per_slice']} | {r['slices_per_s']:.2f} | "
+                  f"{r['slices_per_s'] / cascade[0]['slices_per_s']:.2f}× | {'yes' if r['same_answers_as_per_stage'] else 'NO'} |")
     if args.json:
         from minigpt4.io import write_json_atomic
 
         write_json_atomic(args.json, {"device": name, "full_size": args.full_size, "build_s": build_s,
-                                      "max_new_tokens": args.max_new_tokens, "rows": results})
+                                      "max_new_tokens": args.max_new_tokens, "rows": results, "cascade": cascade})
     return 0
 
 

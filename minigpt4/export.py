@@ -45,7 +45,7 @@ from minigpt4.models.checkpoints import (
     VISION_NAME,
     read_checkpoint,
 )
-from minigpt4.models.minigpt_v2 import LORA_KEY_PREFIX, split_lora_tensors
+from minigpt4.models.checkpoints import LORA_KEY_PREFIX, split_lora_tensors
 
 log = logging.getLogger(__name__)
 

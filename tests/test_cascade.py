@@ -16,6 +16,7 @@ from PIL import Image
 
 from minigpt4.config import ConfigError
 from minigpt4.evaluation import cascade
+from minigpt4.inference import pipeline
 from minigpt4.io import read_json, read_jsonl
 from tests.tiny import random_checkpoints, tiny_images, tiny_model_config
 
@@ -121,7 +122,7 @@ def test_crop_from_a_box_equals_preprocessing_tc(prepared):
     for row in tc_rows:
         root, info = infos[(row["dataset"], row["volume_name"], row["slice_index"])]
         pixels = np.asarray(Image.open(root / info["image"]))
-        crop, box = cascade.cut_crop(pixels, info["bbox_pancreas"], margin=2)
+        crop, box = pipeline.cut_crop(pixels, info["bbox_pancreas"], margin=2)
         assert list(box) == row["crop_box"]
         assert np.array_equal(crop, np.asarray(Image.open(prepared["TC"] / row["image"])))
 
@@ -274,8 +275,9 @@ def test_eval_cascade_refuses_folders_without_all_slices(tmp_path):
 # ----------------------------------------------------------------------------- demo, three stages
 def test_demo_serves_three_stages_routes_tasks_and_scans_with_the_cascade(tmp_path):
     from minigpt4.config import load_config
+    from minigpt4.demo.service import load_service
+    from minigpt4.inference.pipeline import model_images
     from minigpt4.models.minigpt_v2 import build_model
-    from minigpt4.serving import load_service
 
     torch.set_num_threads(1)
     cfg = tiny_model_config(max_new_tokens=6, **{"vision.trainable": True})
@@ -290,7 +292,7 @@ def test_demo_serves_three_stages_routes_tasks_and_scans_with_the_cascade(tmp_pa
     assert "stage 2 (tumor classification)" in service.description
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, size=(64, 64), dtype=np.uint8)
-    pixels = service._images([image])
+    pixels = model_images(service.model, [image])
     for instruction, stage in [("[refer] Give me the location of the pancreatic tumor", "tumor_detection"),
                                ("[vqa] Does the pancreas in the image present a tumor?", "tumor_classification"),
                                ("[refer] Give me the location of the pancreas", "pancreas_detection")]:
@@ -301,8 +303,10 @@ def test_demo_serves_three_stages_routes_tasks_and_scans_with_the_cascade(tmp_pa
         assert f"Answered by stage {STAGES.index(stage) + 1}" in answer.message
     volume = rng.integers(0, 255, size=(5, 64, 64), dtype=np.uint8)
     result = service.scan_volume(volume)
-    expected = cascade.run_cascade(service.stages, list(volume), 0.3, 0, 4)
-    assert [r.p_tumor for r in result.rows] == [e["p_tumor"] for e in expected]
-    assert result.patient["score"] == pytest.approx(cascade.aggregate([e["p_tumor"] for e in expected], "top_k_mean", 2))
-    assert result.patient["tumor"] == (result.patient["score"] >= 0.3)
+    expected = pipeline.run_stages(service.stages, list(volume), pipeline.CascadeSettings(threshold=0.3, batch_size=4))
+    assert [r.p_tumor for r in result.rows] == [e.p_tumor for e in expected]
+    assert result.patient.score == pytest.approx(cascade.aggregate([e.p_tumor for e in expected], "top_k_mean", 2))
+    boxed = sum(e.pancreas_box is not None for e in expected)
+    assert result.patient.n_slices_boxed == boxed
+    assert result.patient.decision == ("inconclusive" if boxed == 0 else "tumor" if result.patient.score >= 0.3 else "no tumor")
     assert "Patient-level answer" in result.patient_text()

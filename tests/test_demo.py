@@ -18,19 +18,8 @@ from PIL import Image
 
 from minigpt4.data.transforms import ImageTransform
 from minigpt4.demo.app import DemoHandlers, build_app, parse_size
-from minigpt4.serving import (
-    QUICK_TASKS,
-    RED,
-    DemoService,
-    InputError,
-    Limits,
-    annotate,
-    display_scale,
-    load_slice,
-    load_volume,
-    make_private_workdir,
-    upload_kind,
-)
+from minigpt4.demo.service import QUICK_TASKS, RED, DemoService, annotate, display_scale, make_private_workdir
+from minigpt4.inference.volumes import InputError, Limits, load_slice, load_volume, upload_kind
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +46,13 @@ class ScriptedModel:
         self.image_transform = ImageTransform(image_size)
         self.calls: list[tuple] = []
 
-    def generate(self, images, instructions, max_new_tokens=None):
+    def encode_tower(self, images):
+        """The "tower tokens" of the double are its images (the pipeline encodes once, then generates)."""
+        self.calls.append(("encode_tower", tuple(images.shape)))
+        return images
+
+    def generate(self, images, instructions, max_new_tokens=None, tower_tokens=None):
+        images = tower_tokens if images is None else images
         self.calls.append(("generate", tuple(images.shape), list(instructions), max_new_tokens))
         return [self.answers.get(i, "I do not know") for i in instructions]
 
@@ -183,7 +178,7 @@ def test_annotate_zoom_scales_image_and_box():
 
 def test_pancreas_crop_is_the_crop_preprocessing_tc_cuts():
     from minigpt4.boxes import grid_to_pixel_inclusive
-    from minigpt4.serving import pancreas_crop
+    from minigpt4.inference.pipeline import pancreas_crop
     from preprocessing.tc import crop_box
 
     image = np.arange(50 * 50).reshape(50, 50)
@@ -371,7 +366,7 @@ def nifti_header_only(path: Path, shape: tuple, dtype, affine=None) -> Path:
 def test_volume_headers_are_checked_before_any_voxel_is_decoded(tmp_path, monkeypatch):
     import tracemalloc
 
-    from minigpt4.demo import volumes as volume_io
+    from minigpt4.inference import volumes as volume_io
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("the volume was decoded before its header was checked")
@@ -424,7 +419,7 @@ def test_volume_errors_do_not_reveal_private_paths(tmp_path, monkeypatch):
         load_volume(cut, workdir=tmp_path)
     assert str(truncated.value).startswith("cut.nii: ") and str(tmp_path) not in str(truncated.value)
     # any reader failure naming an extracted file: the zip member's name, not the temp path
-    from minigpt4.demo import volumes as volume_io
+    from minigpt4.inference import volumes as volume_io
     from preprocessing import synthetic
 
     hu, _, spacing = synthetic.phantom(size=64, n_slices=4, seed=1)
@@ -558,6 +553,20 @@ def test_volume_upload_slider_and_scan(tmp_path, handlers):
     assert image.size == (64, 64)
 
 
+def test_three_stage_scan_through_the_handlers_gives_the_patient_answer(tmp_path):
+    """Three-stage mode (the scripted model stands in for every stage): the scan's chat message
+    ends with the patient answer, the plot shows the threshold; no pancreas box → inconclusive."""
+    from minigpt4.inference.pipeline import SingleModel
+
+    state = {"kind": "volume", "slices": scan_volume_array(), "index": 0, "name": "vol.nii.gz"}
+    for answer, expected in [("{<25><25><75><75>}", "Patient-level answer: **tumor suspected** (largest slice P(tumor) = "),
+                             ("no idea", "Patient-level answer: **inconclusive** (no slice got a pancreas box")]:
+        model = ScriptedModel({PANCREAS_Q: answer, TUMOR_Q: "{<40><40><60><60>}"})
+        service = DemoService(model, stages=SingleModel(model), cascade={"threshold": 0.5})
+        _, _, slider, plot, table, history = DemoHandlers(service, tmp_path).on_scan([], dict(state))
+        assert expected in history[-1]["content"] and plot is not None and len(table) == 5
+
+
 # ------------------------------------------------------------------------------------------------
 # app construction and safety
 
@@ -639,7 +648,7 @@ def test_cli_defaults_bind_localhost_without_share():
 
 
 def test_no_public_link_is_hard_coded():
-    sources = [REPO / "demo.py", REPO / "minigpt4" / "serving.py", *(REPO / "minigpt4" / "demo").glob("*.py")]
+    sources = [REPO / "demo.py", *(REPO / "minigpt4" / "demo").glob("*.py"), *(REPO / "minigpt4" / "inference").glob("*.py")]
     for source in sources:
         assert "share=True" not in source.read_text(), source
 
@@ -661,7 +670,7 @@ def test_configs_load_and_point_at_checkpoints():
 
 def test_missing_checkpoint_full_size_is_an_error_tiny_is_a_warning(tmp_path, monkeypatch):
     from minigpt4.config import load_config
-    from minigpt4.serving import load_service
+    from minigpt4.demo.service import load_service
 
     monkeypatch.chdir(tmp_path)  # relative checkpoint paths resolve against an empty folder
     full = load_config(REPO / "eval_configs" / "demo.yaml")

@@ -185,7 +185,7 @@ def test_demo_samples_free_text_only(tmp_path):
     import numpy as np
 
     from minigpt4.data.transforms import ImageTransform
-    from minigpt4.serving import DemoService
+    from minigpt4.demo.service import DemoService
 
     class RecordingModel:
         image_transform = ImageTransform(28)

@@ -25,19 +25,8 @@ from typing import Any, Optional
 import gradio as gr
 import numpy as np
 
-from minigpt4.serving import (
-    NORMALISATIONS,
-    QUICK_TASKS,
-    DemoService,
-    InputError,
-    ScanResult,
-    annotate,
-    display_scale,
-    load_slice,
-    load_volume,
-    make_private_workdir,
-    upload_kind,
-)
+from minigpt4.demo.service import QUICK_TASKS, DemoService, ScanResult, annotate, display_scale, make_private_workdir
+from minigpt4.inference.volumes import NORMALISATIONS, InputError, load_slice, load_volume, upload_kind
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +89,7 @@ def _scan_plot(result: ScanResult, current: Optional[int] = None):
     ax.plot(index, [np.nan if r.p_tumor is None else r.p_tumor for r in result.rows], ".-", color="#b91c1c", lw=1.5,
             ms=4, label="P(tumor)")
     if result.patient is not None:
-        ax.axhline(result.patient["threshold"], color="#6b7280", ls=":", lw=1, label="threshold")
+        ax.axhline(result.patient.threshold, color="#6b7280", ls=":", lw=1, label="threshold")
     with_box = [r.slice_index for r in result.rows if r.tumor_box is not None and r.p_tumor is not None]
     if with_box:
         ax.scatter(with_box, [result.rows[i].p_tumor for i in with_box], s=12, color="black", zorder=3,
@@ -280,7 +269,7 @@ def build_app(service: DemoService, workdir: Optional[str | os.PathLike] = None)
     """Construct the interface (nothing is launched).
 
     Args:
-        service: the model wrapper (:class:`minigpt4.serving.DemoService`).
+        service: the model wrapper (:class:`minigpt4.demo.service.DemoService`).
         workdir: private temp folder for uploads, Gradio's cache and extracted DICOM files; a
             fresh ``tempfile.mkdtemp`` folder (mode 0700, removed at exit) when None.
 

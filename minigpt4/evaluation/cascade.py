@@ -1,26 +1,17 @@
-"""The clinical cascade end to end, measured as a user meets it (``eval_cascade.py``, issue 13).
+"""Scoring the clinical cascade end to end, as a user meets it (``eval_cascade.py``, issue 13).
 
 The paper scores each stage on ground-truth inputs (crops cut with the ground-truth pancreas box,
-slices known to hold a tumor). Here every slice of every volume goes through the three stages:
-
-1. stage 1 (``pancreas_detection``): ``[refer]`` pancreas box on the whole slice;
-2. the crop is cut exactly as ``python -m preprocessing tc`` cuts TC crops
-   (:func:`preprocessing.tc.crop_box`), but from the **predicted** box
-   (:func:`minigpt4.boxes.grid_to_pixel_inclusive`: the widest pixel box with the answered grid box);
-3. stage 2 (``tumor_classification``): P(tumor) = P(yes) on that crop;
-4. stage 3 (``tumor_detection``): ``[refer]`` tumor box on the whole slice where
-   P(tumor) >= threshold.
+slices known to hold a tumor). Here every slice of every volume goes through the three stages of
+the inference pipeline (:func:`minigpt4.inference.pipeline.run_stages`: stage 1 pancreas box →
+crop from the predicted box → stage 2 P(tumor) → stage 3 tumor box where P(tumor) >= threshold),
+and this module scores what it returns.
 
 Per volume, the slices' P(tumor) are aggregated (``max`` and mean of the ``top_k`` largest) into
-a patient score. The threshold and the aggregation are chosen on the ``val`` volumes (stages 1–2
-only), never on ``test``. Outputs in ``run.output_dir``: ``predictions.jsonl`` (one row per
-test slice), ``metrics.json`` (``slice``, ``patient``, ``selection``, ``run``), ``tables.md``,
-``p_tumor_along_z.png`` and ``config.yaml``.
-
-A slice "got a box" when the answer parses (:func:`minigpt4.boxes.parse_box`) to anything but
-the empty box ``{<0><0><0><0>}``. A slice without a box has no crop and no P(tumor); a volume
-with no such slice scores 0. 3-D boxes: x, y continuous as in 2-D scoring (no +1), z covers
-whole slices (slice k spans [k, k + 1)).
+a patient score (0 for a volume where no slice got a box). The threshold and the aggregation are
+chosen on the ``val`` volumes (stages 1–2 only), never on ``test``. Outputs in
+``run.output_dir``: ``predictions.jsonl`` (one row per test slice), ``metrics.json`` (``slice``,
+``patient``, ``selection``, ``run``), ``tables.md``, ``p_tumor_along_z.png`` and ``config.yaml``.
+3-D boxes: x, y continuous as in 2-D scoring (no +1), z covers whole slices (slice k spans [k, k + 1)).
 
 Limits: volumes come from prepared folders written with ``--all-slices`` (the default
 preprocessing writes PNGs of target slices only); the patient-level labels of the paper's data
@@ -37,41 +28,16 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
-from minigpt4.boxes import EMPTY_BOX, box_iou, grid_to_pixel, grid_to_pixel_inclusive, parse_box
+from minigpt4.boxes import box_iou
 from minigpt4.evaluation.stats import auc_score, cluster_bootstrap, safe_ratio
-from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
+from minigpt4.inference.pipeline import AGGREGATIONS, CascadeSettings, aggregate, scan_slices
 
-AGGREGATIONS = ("max", "top_k_mean")
 FALLBACK_THRESHOLD = 0.5
 
 
-# ----------------------------------------------------------------------------- crops and boxes
-def predicted_box(answer: Optional[str]) -> Optional[tuple[int, int, int, int]]:
-    """The grid box of a detection answer, or None when it has none (unparseable or empty box)."""
-    grid = parse_box(answer)
-    return None if grid is None or tuple(grid) == EMPTY_BOX else grid
-
-
-def cut_crop(pixels: np.ndarray, pixel_box: Sequence[int], margin: int = 0) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """The crop ``python -m preprocessing tc`` cuts for an inclusive pixel box.
-
-    Args:
-        pixels: (H, W) uint8 slice.
-        pixel_box: inclusive ``[x1, y1, x2, y2]``.
-        margin: the TC folder's ``--margin``.
-    Returns:
-        ``(crop (h, w), crop_box)`` with the inclusive crop box of :func:`preprocessing.tc.crop_box`.
-    """
-    from preprocessing.tc import crop_box
-
-    height, width = pixels.shape[:2]
-    x1, y1, x2, y2 = crop_box(pixel_box, width, height, margin)
-    return pixels[y1:y2 + 1, x1:x2 + 1], (x1, y1, x2, y2)
-
-
+# ----------------------------------------------------------------------------- 3-D boxes
 def box_3d(slice_boxes: Sequence[tuple[int, Sequence[float]]]) -> Optional[tuple[float, ...]]:
     """Union of ``(slice_index, (x1, y1, x2, y2))`` → ``(x1, y1, z1, x2, y2, z2)``, slice k = [k, k+1)."""
     if not slice_boxes:
@@ -95,106 +61,7 @@ def iou_3d(a: Optional[Sequence[float]], b: Optional[Sequence[float]]) -> float:
     return float(common / union) if union > 0 else 0.0
 
 
-# ----------------------------------------------------------------------------- running the stages
-def _images(model: Any, slices: Sequence[np.ndarray]) -> torch.Tensor:
-    return torch.stack([model.image_transform(s) for s in slices]).to(model.device)
-
-
-def _batched(items: Sequence, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-@torch.inference_mode()
-def run_cascade(stages: Any, slices: Sequence[np.ndarray], threshold: Optional[float], margin: int = 0,
-                batch_size: int = 8, gt_pancreas_boxes: Optional[Sequence[Optional[Sequence[int]]]] = None,
-                gt_tumor_slices: Sequence[bool] = ()) -> list[dict]:
-    """Run the cascade on the slices of one volume.
-
-    Args:
-        stages: a :class:`minigpt4.models.stages.StageModels` (``use(stage) -> model``).
-        slices: Z slices (H, W) uint8, as the prepared PNGs.
-        threshold: stage 3 is asked where P(tumor) >= threshold; None = stages 1–2 only.
-        margin: crop margin (the TC folder's ``--margin``).
-        batch_size: images per model call (does not change the answers).
-        gt_pancreas_boxes: per slice, the ground-truth inclusive pancreas box (None = none): stage 2
-            is also run on the ground-truth crop (``p_tumor_gt_crop``) to price the predicted crop.
-        gt_tumor_slices: per slice, True where a tumor is present: stage 3 is also asked there
-            regardless of P(tumor) (``tumor_answer_alone``, the paper's Table 3 condition).
-
-    Returns:
-        One dict per slice: ``pancreas_answer, pancreas_grid, pancreas_box`` (continuous pixels,
-        scored), ``crop_box``, ``p_tumor``, ``p_tumor_gt_crop``, ``tumor_asked``, ``tumor_answer``,
-        ``tumor_box``, ``tumor_answer_alone``, ``tumor_box_alone``.
-    """
-    n = len(slices)
-    rows: list[dict] = [{} for _ in range(n)]
-    pancreas_q = detection_instruction(TARGET_NAMES["pancreas"])
-    tumor_q = detection_instruction(TARGET_NAMES["tumor"])
-    yes_q = classification_question()
-
-    model = stages.use("pancreas_detection")
-    for idx in _batched(list(range(n)), batch_size):
-        answers = model.generate(_images(model, [slices[i] for i in idx]), [pancreas_q] * len(idx))
-        for i, answer in zip(idx, answers):
-            height, width = slices[i].shape[:2]
-            grid = predicted_box(answer)
-            rows[i].update(pancreas_answer=answer, pancreas_grid=None if grid is None else list(grid),
-                           pancreas_box=None if grid is None else list(grid_to_pixel(grid, width, height)))
-
-    crops: list[tuple[int, str, np.ndarray]] = []
-    for i in range(n):
-        height, width = slices[i].shape[:2]
-        rows[i].update(crop_box=None, p_tumor=None, p_tumor_gt_crop=None)
-        if rows[i]["pancreas_grid"] is not None:
-            crop, box = cut_crop(slices[i], grid_to_pixel_inclusive(rows[i]["pancreas_grid"], width, height), margin)
-            rows[i]["crop_box"] = list(box)
-            crops.append((i, "p_tumor", crop))
-        gt = None if gt_pancreas_boxes is None else gt_pancreas_boxes[i]
-        if gt is not None:
-            crops.append((i, "p_tumor_gt_crop", cut_crop(slices[i], gt, margin)[0]))
-    model = stages.use("tumor_classification")
-    for chunk in _batched(crops, batch_size):
-        probs = model.yes_probability(_images(model, [c for _, _, c in chunk]), [yes_q] * len(chunk))
-        for (i, key, _), p in zip(chunk, probs.float().cpu().tolist()):
-            rows[i][key] = float(p)
-
-    for i in range(n):
-        p = rows[i]["p_tumor"]
-        rows[i].update(tumor_asked=threshold is not None and p is not None and p >= threshold,
-                       tumor_answer=None, tumor_box=None, tumor_answer_alone=None, tumor_box_alone=None)
-    asks = [(i, "tumor") for i in range(n) if rows[i]["tumor_asked"]]
-    asks += [(i, "tumor_alone") for i in range(n) if i < len(gt_tumor_slices) and gt_tumor_slices[i]]
-    if asks:
-        model = stages.use("tumor_detection")
-        for chunk in _batched(asks, batch_size):
-            answers = model.generate(_images(model, [slices[i] for i, _ in chunk]), [tumor_q] * len(chunk))
-            for (i, kind), answer in zip(chunk, answers):
-                height, width = slices[i].shape[:2]
-                grid = predicted_box(answer)
-                suffix = "" if kind == "tumor" else "_alone"
-                rows[i]["tumor_answer" + suffix] = answer
-                rows[i]["tumor_box" + suffix] = None if grid is None else list(grid_to_pixel(grid, width, height))
-    return rows
-
-
 # ----------------------------------------------------------------------------- patient level
-def aggregate(p_tumor: Sequence[Optional[float]], method: str, top_k: int) -> float:
-    """A volume's score from its slices' P(tumor) (None = slice without a crop, ignored).
-
-    ``max``: the largest; ``top_k_mean``: mean of the ``top_k`` largest (all when fewer);
-    0 when no slice has a P(tumor).
-    """
-    values = sorted((float(p) for p in p_tumor if p is not None), reverse=True)
-    if not values:
-        return 0.0
-    if method == "max":
-        return values[0]
-    if method == "top_k_mean":
-        return float(np.mean(values[:top_k]))
-    raise ValueError(f"unknown aggregation {method!r}; expected one of {AGGREGATIONS}")
-
-
 def sensitivity_specificity(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[Optional[float], Optional[float]]:
     """Positive where ``score >= threshold``; None for a class that is absent."""
     labels = np.asarray(labels, dtype=bool)
@@ -405,12 +272,13 @@ def _read_slices(records: Sequence[dict]) -> list[np.ndarray]:
 def predict_split(stages: Any, volumes: dict, split: str, threshold: Optional[float], margin: int, batch_size: int,
                   with_truth_runs: bool, progress: Optional[Callable[[int, int], None]] = None) -> list[dict]:
     """Scored prediction rows of every slice of ``volumes``."""
+    settings = CascadeSettings(threshold=threshold, crop_margin=margin, batch_size=batch_size)
     rows: list[dict] = []
     for done, records in enumerate(volumes.values(), 1):
         gt_boxes = [r["bbox_pancreas"] if with_truth_runs and r.get("pixels_pancreas", 0) > 0 else None for r in records]
         gt_tumor = [with_truth_runs and r.get("pixels_tumor", 0) > 0 for r in records]
-        results = run_cascade(stages, _read_slices(records), threshold, margin, batch_size, gt_boxes, gt_tumor)
-        rows += score_volume(records, results, split)
+        results = scan_slices(stages, _read_slices(records), settings, gt_pancreas_boxes=gt_boxes, gt_tumor_slices=gt_tumor)
+        rows += score_volume(records, [r.record() for r in results.slices], split)
         if progress is not None:
             progress(done, len(volumes))
     return rows

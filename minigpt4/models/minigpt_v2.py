@@ -54,6 +54,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from minigpt4.config import DecodingConfig, ModelConfig, TextConfig
 from minigpt4.data.transforms import ImageTransform
+from minigpt4.models.checkpoints import PEFT_ADAPTER, split_lora_tensors, stable_name
 from minigpt4.models.eva_vit import EvaViT, cast_vision_weights, load_eva_weights
 from minigpt4.prompts import IGNORE_INDEX, build_prompt_tokens, pad_prompt_batch
 from minigpt4.tokenizer import Tokenizer, load_tokenizer
@@ -62,7 +63,6 @@ from minigpt4.utils import resolve_device, resolve_dtype
 log = logging.getLogger(__name__)
 
 LLAMA_SOURCE = "Llama-2-7b-chat-hf from https://huggingface.co/meta-llama/Llama-2-7b-chat-hf (~13.5 GB, license required)"
-_PEFT_ADAPTER = "default"
 
 
 @dataclass
@@ -93,37 +93,8 @@ def merge_visual_tokens(tokens: torch.Tensor, merge: int) -> torch.Tensor:
     return tokens.reshape(B, N // merge, merge * C)
 
 
-def stable_name(name: str, adapter: str = _PEFT_ADAPTER) -> str:
-    """A parameter name without peft's adapter segment (``lora_A.default.weight`` → ``lora_A.weight``).
-
-    This is also the naming of peft 0.2, used by the MiniGPT-v2 and MiniGPT-Pancreas releases.
-    Only the segment after ``lora_A``/``lora_B`` is removed, whatever the adapter is called.
-    """
-    return re.sub(rf"\.(lora_[AB])\.{re.escape(adapter)}\.", r".\1.", name)
-
-
-LORA_KEY_PREFIX = "llama_model.base_model.model."
-"""Prefix of LoRA tensor names in the peft-0.2 layout (``<prefix><module>.lora_{A,B}.weight``)."""
-_LORA_KEY_RE = re.compile(r"^llama_model\.base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _ADAPTER_PARAM_RE = re.compile(r"\.lora_[AB]\.(?P<adapter>[^.]+)\.weight$")
 _ADAPTER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def split_lora_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """``({module path: {"A": A, "B": B}}, other tensors)`` from peft-0.2 names.
-
-    ``llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` goes to
-    ``lora["model.layers.0.self_attn.q_proj"]["A"]``; A is (r, in), B is (out, r).
-    """
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    rest = {}
-    for name, value in state.items():
-        match = _LORA_KEY_RE.match(name)
-        if match:
-            lora.setdefault(match["module"], {})[match["ab"]] = value
-        else:
-            rest[name] = value
-    return lora, rest
 
 
 class MiniGPTPancreas(nn.Module):
@@ -156,7 +127,7 @@ class MiniGPTPancreas(nn.Module):
         self.pad_to_multiple_of: Optional[int] = None
         # name → what adapter_stack() reports; insertion order is the stack order
         self._adapters: dict[str, dict] = {}
-        self._trainable_adapter = _PEFT_ADAPTER
+        self._trainable_adapter = PEFT_ADAPTER
 
         # MiniGPT-v2's precision policy: only Conv/Linear weights in `dtype`, LayerNorms, position
         # embedding and residual stream fp32; a trained tower is all fp32 (AMP casts on the fly)
@@ -182,8 +153,8 @@ class MiniGPTPancreas(nn.Module):
         with warnings.catch_warnings():  # peft calls a deprecated transformers property
             warnings.simplefilter("ignore", FutureWarning)
             self.llama_model = get_peft_model(llama, lora, autocast_adapter_dtype=True)
-        self._adapters[_PEFT_ADAPTER] = {
-            "name": _PEFT_ADAPTER, "targets": sorted(cfg.lora.target_modules), "r": cfg.lora.r,
+        self._adapters[PEFT_ADAPTER] = {
+            "name": PEFT_ADAPTER, "targets": sorted(cfg.lora.target_modules), "r": cfg.lora.r,
             "alpha": float(cfg.lora.alpha), "source": None, "sha256": None, "trainable": True,
         }
         self._refreeze_adapters()

@@ -65,6 +65,13 @@ class StageModels:
     def names(self) -> list[str]:
         return list(self._proj)
 
+    @property
+    def shares_tower(self) -> bool:
+        """True when every stage runs the same ViT (+ ``ln_vision``, never trained): then a slice's
+        tower tokens are the same for every stage and the pipeline encodes each slice once.
+        False when the stages carry their own ViT (checkpoints trained with ``model.vision.trainable``)."""
+        return not self._vit
+
     def add_stage(self, name: str, path: str) -> None:
         """Load ``path`` (checked, :func:`load_weights`) and keep its tensors as stage ``name``.
 

@@ -330,7 +330,7 @@ def write_montage(path: str | os.PathLike, slices: Any, results: Sequence[SliceR
     from PIL import Image, ImageDraw
 
     from minigpt4.io import atomic_path
-    from minigpt4.serving import CYAN, RED, annotate, display_scale
+    from minigpt4.demo.service import CYAN, RED, annotate, display_scale
 
     chosen = sorted((r for r in results if r.p_tumor is not None), key=lambda r: (-float(r.p_tumor), r.index))[:n]
     if not chosen:
