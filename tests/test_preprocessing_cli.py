@@ -245,6 +245,39 @@ def test_tc_import_release_names_csv_and_ratios(tmp_path):
         import_tc(other, tmp_path / "bad2", csv_path=str(csv))
 
 
+def test_tc_import_csv_keys_meet_the_source_volumes(tmp_path):
+    """The paper's JSON naming (``dataset=MSD, volume=pancreas_002.nii.gz``): the key is the record's
+    dataset and the volume stem, so it meets MSD's own ``('MSD', 'pancreas_002')``."""
+    from minigpt4.evaluation.leakage import split_keys
+    from preprocessing.tc import import_tc
+
+    other = tmp_path / "crops"
+    for name, w in (("a.png", 5), ("b.png", 6), ("c.png", 7), ("d.png", 8)):
+        _crop(other / name, w, 9)
+    csv = tmp_path / "paper.csv"
+    csv.write_text("image,dataset,volume,slice_index,answer\n"
+                   "a.png,MSD,pancreas_002.nii.gz,40,yes\nb.png,MSD,pancreas_002.nii.gz,41,yes\n"
+                   "c.png,NIH,PANCREAS_0001.nii,12,no\nd.png,msd,case_7.nii.gz,3,no\n")
+    out = tmp_path / "tc"
+    assert main(["tc-import", "--images", str(other), "--csv", str(csv), "--out", str(out), "--test-ratio", "1"]) == 0
+    expected = {("MSD", "pancreas_002"), ("NIH", "PANCREAS_0001"), ("MSD", "case_7")}
+    assert split_keys(out, "test") == expected
+    records = read_prepared(out, "tumor_classification", "test")
+    assert sorted({(r["dataset"], r["volume_name"]) for r in records}) == sorted(expected)
+    split = json.loads((out / "annotations" / "split.json").read_text())
+    assert split["test"] == ["PANCREAS_0001", "case_7", "pancreas_002"]
+    assert split["volume_datasets"] == {"PANCREAS_0001": "NIH", "case_7": "MSD", "pancreas_002": "MSD"}
+    # a folder written before volume_datasets (names as given): the records' dataset column decides
+    del split["volume_datasets"]
+    split["test"] = ["PANCREAS_0001.nii", "case_7.nii.gz", "pancreas_002.nii.gz"]
+    (out / "annotations" / "split.json").write_text(json.dumps(split))
+    assert split_keys(out, "test") == expected
+    # one volume name under two datasets cannot be split by name
+    csv.write_text("image,dataset,volume,slice_index,answer\na.png,MSD,v1.nii.gz,3,yes\nb.png,NIH,v1,4,no\n")
+    with pytest.raises(ValueError, match="volume 'v1' is listed under two datasets"):
+        import_tc(other, tmp_path / "bad", csv_path=str(csv))
+
+
 def test_abd_and_report(prepared, tmp_path, capsys):
     syn = tmp_path / "syn_abd"
     assert main(["synthetic", "--out", str(syn), "--scheme", "abd", "--n", "3", "--size", "64", "--slices", "16"]) == 0

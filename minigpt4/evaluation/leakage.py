@@ -80,7 +80,8 @@ def split_keys(root: str, split: str) -> set[Key]:
         if name in aliases:
             keys.add(tuple(aliases[name]))
         elif dataset == "TC":
-            keys.add((sources.get(name) or _source_of(volume_stem(name), "TC"), volume_stem(name)))
+            stem = volume_stem(name)
+            keys.add((sources.get(name) or sources.get(stem) or _source_of(stem, "TC"), stem))
         else:
             keys.add((dataset, name))
     return keys
@@ -94,7 +95,7 @@ def _tc_sources(folder: Path, split_doc: dict) -> dict[str, str]:
     for path in sorted((folder / "annotations").glob("TC_*.json")):
         for record in read_json(path):
             if isinstance(record, dict) and record.get("dataset") and record.get("volume_name"):
-                sources.setdefault(str(record["volume_name"]), str(record["dataset"]).strip().upper())
+                sources.setdefault(volume_stem(record["volume_name"]), str(record["dataset"]).strip().upper())
     return sources
 
 
