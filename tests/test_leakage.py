@@ -201,8 +201,8 @@ def test_chain_ancestor_train_volume_is_caught_from_the_record(folders, tmp_path
                                  label="stage tumor_detection")
     assert str(info.value).splitlines()[:2] == [
         f"stage tumor_detection: checkpoint {stage3}: 1 test volume(s) were used for training:",
-        f"  MSD pancreas_002 is in cascade test but trained on by datasets.msd of checkpoint {stage1} "
-        f"(an ancestor of checkpoint {stage3}) ({folders['msd']}, train)"]
+        (f"  MSD pancreas_002 is in cascade test but trained on by datasets.msd of checkpoint {stage1} "
+         f"(an ancestor of checkpoint {stage3}) ({folders['msd']}, train)")]
     assert check_checkpoint_against(stage3, {("NIH", "PANCREAS_0009")}).leaks == []
 
 

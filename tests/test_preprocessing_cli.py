@@ -363,10 +363,75 @@ def test_abd_exclude_overlap_finds_the_same_scan_by_content(prepared, tmp_path):
 
 
 def test_prepared_folder_fingerprints_are_those_of_its_raw_volumes(prepared):
-    from preprocessing.overlap import folder_volumes, volume_fingerprint
+    from preprocessing.overlap import same_scan, volume_fingerprint
+    from preprocessing.pipeline import folder_volumes
 
     dataset, found = folder_volumes(prepared["msd"])
     raw_dataset, raw = folder_volumes(prepared["syn_msd"] / "imagesTr")
     assert dataset == raw_dataset == "MSD" and [n for n, _, _ in found] == [n for n, _, _ in raw]
-    prints = {volume_fingerprint(i, k) for _, i, k in found}
-    assert prints == {volume_fingerprint(i, k) for _, i, k in raw} and len(prints) == len(found)  # distinct scans
+    prints = [volume_fingerprint(i, k) for _, i, k in found]
+    raw_prints = [volume_fingerprint(i, k) for _, i, k in raw]
+    # each volume is the same scan as its raw file and as no other volume (distinct scans)
+    assert [[same_scan(a, b) for b in raw_prints] for a in prints] == np.eye(len(prints), dtype=bool).tolist()
+
+
+def _overlap_variant(variant: str, arr: np.ndarray, affine: np.ndarray, hu: np.ndarray, spacing) -> tuple:
+    """A copy of a stored RAS phantom (``arr``, ``affine``) as another dataset might hold it."""
+    from preprocessing import synthetic
+
+    if variant in ("exact", "renamed"):
+        return arr, affine
+    if variant == "reoriented":  # another axis order and directions, the affine saying so
+        return synthetic.stored(hu, spacing, "SLP")
+    if variant == "noise_0.4HU":
+        return arr.astype(np.float32) + np.random.default_rng(5).normal(0, 0.4, arr.shape).astype(np.float32), affine
+    if variant == "slice_dropped":
+        return np.delete(arr, arr.shape[2] // 2, axis=2), affine
+    if variant == "offset_1HU":
+        return arr + np.int16(1), affine
+    if variant == "mirrored_voxels":  # left-right mirrored data, header unchanged
+        return arr[::-1].copy(), affine
+    if variant == "spacing_6.26":
+        return arr, affine @ np.diag([6.26 / 6.25, 1.0, 1.0, 1.0])
+    raise AssertionError(variant)
+
+
+OVERLAP_VARIANTS = ("renamed", "reoriented", "noise_0.4HU", "slice_dropped", "offset_1HU", "mirrored_voxels",
+                    "spacing_6.26", "exact")
+
+
+@pytest.mark.parametrize("variant", OVERLAP_VARIANTS)
+def test_overlap_finds_a_modified_copy_and_not_another_phantom(variant, tmp_path):
+    """An ABD phantom, a copy of it under an MSD name (``variant``) and a different phantom of the same
+    family in one raw folder: ``find_overlap`` pairs the ABD volume with the copy only."""
+    from preprocessing import synthetic
+    from preprocessing.overlap import find_overlap, raw_folder_volumes
+
+    hu, _, spacing = synthetic.phantom(size=64, n_slices=40, seed=3, scheme="abd")
+    assert spacing == (6.25, 6.25, 6.25)
+    arr, affine = synthetic.stored(hu, spacing, "RAS")
+    synthetic.write_nifti(tmp_path / "abd" / "Case_00003_0000.nii.gz", arr, affine)
+    other_hu, _, _ = synthetic.phantom(size=64, n_slices=40, seed=4, scheme="abd")
+    synthetic.write_nifti(tmp_path / "msd" / "pancreas_001.nii.gz", *synthetic.stored(other_hu, spacing, "RAS"))
+    copy, copy_affine = _overlap_variant(variant, arr, affine, hu, spacing)
+    synthetic.write_nifti(tmp_path / "msd" / "pancreas_007.nii.gz", copy, copy_affine)
+    own = [("Case_00003", str(tmp_path / "abd" / "Case_00003_0000.nii.gz"), "nifti")]
+    found = find_overlap(own, [raw_folder_volumes(tmp_path / "msd")])
+    assert found == {"Case_00003": {"dataset": "MSD", "volume": "pancreas_007",
+                                    "file": str(tmp_path / "msd" / "pancreas_007.nii.gz")}}
+
+
+def test_overlap_never_matches_different_phantoms_of_one_family():
+    """All pairs of 24 distinct ABD phantoms: no match (the README's false-match figure uses 90)."""
+    import itertools
+
+    from preprocessing import synthetic
+    from preprocessing.overlap import fingerprint_array, match_fraction, same_scan
+
+    prints = []
+    for seed in range(24):
+        hu, _, spacing = synthetic.phantom(size=64, n_slices=40, seed=seed, scheme="abd")
+        prints.append(fingerprint_array(*synthetic.stored(hu, spacing, "RAS")))
+    pairs = list(itertools.combinations(prints, 2))
+    assert not any(same_scan(a, b) for a, b in pairs)
+    assert max(match_fraction(a, b) for a, b in pairs) < 0.5  # far below MATCH_FRACTION = 0.9
