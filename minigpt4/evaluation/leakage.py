@@ -317,7 +317,9 @@ def check_split(cfg: Config, names: Sequence[str], split: str, weights: Sequence
         evaluated.update({key: f"datasets.{name} {split}" for key in keys})
     this_config = {"label": label, "datasets": dataset_record(cfg, validated=False, label=label)}
     leaks = _leaks([this_config], {k: v for k, v in evaluated.items()}, "train", None)
-    for path in dict.fromkeys(str(w) for w in weights if w):
+    # a missing file is reported by the weight check with its config key (model.ckpt=...), which
+    # stops the run before anything is trained or evaluated
+    for path in dict.fromkeys(str(w) for w in weights if w and Path(w).exists()):
         leaks += check_checkpoint_against(path, evaluated, allow_unknown, split, raise_on_leak=False).leaks
     _raise_leaks(leaks, split)
 
