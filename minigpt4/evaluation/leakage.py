@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -112,7 +113,7 @@ def dataset_record(cfg: Config, validated: bool, label: str = "config") -> dict:
         except (OSError, ValueError) as err:
             print(f"warning: leakage check skips datasets.{name} of {label} ({err})", file=sys.stderr)
             continue
-        record[name] = {"root": str(ds.root), "task": ds.task, "train": [list(k) for k in train],
+        record[name] = {"root": os.path.abspath(ds.root), "task": ds.task, "train": [list(k) for k in train],
                         "val": [list(k) for k in val]}
     return record
 
@@ -128,7 +129,7 @@ def training_provenance(cfg: Config, allow_unknown: bool = False) -> dict:
     Raises:
         ProvenanceError: an ancestor is an own checkpoint without provenance and not ``allow_unknown``.
     """
-    runs = [{"run": str(cfg.run.output_dir), "datasets": dataset_record(cfg, cfg.run.validate, "this config")}]
+    runs = [{"run": os.path.abspath(cfg.run.output_dir), "datasets": dataset_record(cfg, cfg.run.validate, "this config")}]
     for weights in _weights_of(cfg):
         runs += checkpoint_runs(weights, allow_unknown)
     _log_unknown(runs, "the weights this run starts from")
@@ -164,7 +165,7 @@ def checkpoint_runs(path: Union[str, Path], allow_unknown: bool = False, _seen: 
     """
     from minigpt4.models.checkpoints import PROVENANCE_KEY, read_metadata
 
-    path = str(path)
+    path = os.path.abspath(path)
     seen = set() if _seen is None else _seen
     seen.add(path)
     kind, weights_file, metadata = read_metadata(path)
@@ -191,7 +192,7 @@ def checkpoint_runs(path: Union[str, Path], allow_unknown: bool = False, _seen: 
     runs = [{"checkpoint": path, "run": str(cfg.run.output_dir), "recorded": False,
              "datasets": dataset_record(cfg, cfg.run.validate, f"checkpoint {path}")}]
     for weights in _weights_of(cfg):
-        if weights not in seen:
+        if os.path.abspath(weights) not in seen:
             runs += checkpoint_runs(weights, allow_unknown, seen)
     return runs
 
@@ -287,7 +288,7 @@ def check_checkpoint_against(checkpoint_path: Union[str, Path], evaluated_keys: 
         ProvenanceError: own checkpoint without provenance, not ``allow_unknown``.
         FileNotFoundError: no checkpoint at ``checkpoint_path``.
     """
-    checkpoint = str(checkpoint_path)
+    checkpoint = os.path.abspath(checkpoint_path)
     runs = checkpoint_runs(checkpoint, allow_unknown)
     report = ProvenanceReport(checkpoint, runs, _log_unknown(runs, label or f"checkpoint {checkpoint}"))
     if split != "train":

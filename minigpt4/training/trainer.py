@@ -58,7 +58,6 @@ from torch.utils.data import DataLoader
 
 from minigpt4.config import ORGANS, Config, ConfigError, check_feature_cache, save_config
 from minigpt4.data.datasets import MixedDataset, TaskDataset, check_records, collate_samples
-from minigpt4.evaluation.leakage import training_provenance
 from minigpt4.io import read_jsonl, write_jsonl_atomic, write_text_atomic
 from minigpt4.training import distributed as D
 from minigpt4.training.sampler import MixPlan
@@ -430,7 +429,9 @@ def train(cfg: Config, allow_unknown_provenance: bool = False) -> TrainResult:
         check_weight_files(cfg)
         train_sets = load_split_records(cfg, "train")
         val_sets = load_split_records(cfg, "val") if run.validate else []
-        provenance = training_provenance(cfg, allow_unknown_provenance)
+        from minigpt4.evaluation.leakage import training_provenance
+
+        provenance = training_provenance(cfg, allow_unknown_provenance)  # recorded in every checkpoint
         resume_from = resolve_resume(run.resume, output_dir)
         if resume_from is not None:
             check_resume_config(cfg, resume_from)
