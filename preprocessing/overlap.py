@@ -159,7 +159,13 @@ def _mirrorings(slices: np.ndarray, fine: np.ndarray, mean: np.ndarray):
 
 def match_fraction(a: Fingerprint, b: Fingerprint) -> float:
     """Fraction of ``a``'s informative slices that find their slice in ``b`` (best mirroring and
-    offset); 0 when the shapes, spacings or mean signatures already rule a match out."""
+    offset); 0 when the shapes, spacings or mean signatures already rule a match out.
+
+    A slice of ``a`` finds slice ``j`` of ``b`` when both its coarse and its fine signature
+    correlate above their thresholds with ``j``'s; the offset ``j - i`` most such pairs share aligns
+    the volumes, and slice ``i`` counts as found when it has such a ``j`` within ±SEARCH of
+    ``i + offset``. Three probe slices of ``a`` are tried first, so that other scans cost little.
+    """
     if a.shape[:2] != b.shape[:2] or not _close(a.shape[2], b.shape[2]):
         return 0.0
     if not all(_close(x, y) for x, y in zip(a.spacing, b.spacing)):
@@ -171,29 +177,31 @@ def match_fraction(a: Fingerprint, b: Fingerprint) -> float:
         if float((mean * b.mean).sum()) < PRESCREEN:
             continue
         ours = mirrored.reshape(mirrored.shape[0], -1)
-        keep = np.abs(ours).sum(axis=1) > 0
-        if not keep.any():
+        ours_fine = mirrored_fine.reshape(mirrored_fine.shape[0], -1)
+        informative = np.nonzero(np.abs(ours).sum(axis=1) > 0)[0]
+        if informative.size == 0:
             continue
-        corr = ours @ theirs.T  # (slices of a, slices of b)
-        fine = mirrored_fine.reshape(mirrored_fine.shape[0], -1) @ theirs_fine.T
-        n_a, n_b = corr.shape
-        # the best alignment j = i + offset, among offsets that overlap at least half the slices
-        # (a short corner diagonal must not win by one similar slice)
-        overlap = max(1, min(n_a, n_b) // 2)
-        offsets = [d for d in range(-(n_a - 1), n_b) if np.diagonal(corr, d).size >= overlap]
-        offset = max(offsets, key=lambda d: float(np.diagonal(corr, d).mean()))
-        found = np.zeros(n_a, dtype=bool)
-        for i in np.nonzero(keep)[0]:
-            lo, hi = max(0, i + offset - SEARCH), min(n_b, i + offset + SEARCH + 1)
-            same = (corr[i, lo:hi] >= SLICE_CORRELATION) & (fine[i, lo:hi] >= FINE_CORRELATION)
-            found[i] = bool(same.any())
-        best = max(best, float(found[keep].mean()))
+        probes = informative[np.linspace(0, informative.size - 1, min(3, informative.size)).round().astype(int)]
+        if not (ours_fine[probes] @ theirs_fine.T >= FINE_CORRELATION).any():
+            continue  # not even one of three slices has its noise texture in b
+        same = (ours @ theirs.T >= SLICE_CORRELATION) & (ours_fine @ theirs_fine.T >= FINE_CORRELATION)
+        rows, cols = np.nonzero(same[informative])
+        if rows.size == 0:
+            continue
+        n_a, n_b = same.shape
+        offset = int(np.bincount(cols - informative[rows] + n_a).argmax()) - n_a  # j = i + offset
+        found = np.zeros(informative.size, dtype=bool)
+        for step in range(-SEARCH, SEARCH + 1):
+            j = informative + offset + step
+            inside = (j >= 0) & (j < n_b)
+            found[inside] |= same[informative[inside], j[inside]]
+        best = max(best, float(found.mean()))
     return best
 
 
 def same_scan(a: Fingerprint, b: Fingerprint) -> bool:
     """True when ``a`` and ``b`` are one scan (:data:`MATCH_FRACTION` of the slices of each find theirs)."""
-    return min(match_fraction(a, b), match_fraction(b, a)) >= MATCH_FRACTION
+    return match_fraction(a, b) >= MATCH_FRACTION and match_fraction(b, a) >= MATCH_FRACTION
 
 
 def _fingerprint_job(job: tuple[str, str, str]) -> tuple[str, Fingerprint]:
