@@ -169,10 +169,11 @@ def checkpoint_runs(path: Union[str, Path], allow_unknown: bool = False, _seen: 
     seen = set() if _seen is None else _seen
     seen.add(path)
     kind, weights_file, metadata = read_metadata(path)
-    if kind != "project":
-        what = "a PEFT adapter folder" if kind == "peft" else f"a foreign checkpoint ({weights_file.name})"
+    if kind != "project" and PROVENANCE_KEY not in metadata:
+        what = "a PEFT adapter folder without provenance.json" if kind == "peft" else \
+            f"a foreign checkpoint ({weights_file.name})"
         return [{"checkpoint": path, "unknown": what}]
-    if PROVENANCE_KEY in metadata:
+    if PROVENANCE_KEY in metadata:  # our checkpoint, or our PEFT export of one
         try:
             record = json.loads(metadata[PROVENANCE_KEY])
             runs = record["runs"]

@@ -67,6 +67,8 @@ FORMAT = "minigpt-pancreas/2"
 """/2: frozen adapters stacked (``lora_adapters.*`` + ``adapter_stack``); /1 merged them (``merged_lora.*``)."""
 PROVENANCE_KEY = "provenance"
 """Safetensors metadata key of the training provenance (JSON; see :func:`save_checkpoint`)."""
+PROVENANCE_NAME = "provenance.json"
+"""The same record in a PEFT export folder (``python -m minigpt4.export``)."""
 MINIGPT_V2_LORA_ALPHA = 16
 """α of the MiniGPT-v2 stage-3 and MiniGPT-Pancreas release adapters (r = 64 is read from the shapes)."""
 STAGE3_SOURCE = (
@@ -172,16 +174,18 @@ def read_metadata(path: Union[str, os.PathLike]) -> tuple[str, Path, dict[str, s
     """``(kind, tensor file, metadata)`` of a checkpoint, without reading its tensors.
 
     ``kind`` is ``"project"`` (a safetensors file this project wrote: its metadata has
-    ``format`` = ``minigpt-pancreas/...``), ``"peft"`` (a PEFT adapter folder), or ``"foreign"``
+    ``format`` = ``minigpt-pancreas/...``), ``"peft"`` (a PEFT adapter folder; its metadata holds
+    ``provenance`` when the folder has :data:`PROVENANCE_NAME`, as our exports do), or ``"foreign"``
     (anything else: the MiniGPT-v2 stage-3 ``.pth``, a release ``.pth``, another safetensors
-    file); the metadata is empty unless ``kind`` is ``"project"``.
+    file, whose metadata is empty).
 
     Raises:
         FileNotFoundError: nothing there. ValueError: an unreadable safetensors header.
     """
     path = resolve_checkpoint_path(path)
     if path.name == PEFT_WEIGHTS_NAME and (path.parent / PEFT_CONFIG_NAME).is_file():
-        return "peft", path, {}
+        record = path.parent / PROVENANCE_NAME
+        return "peft", path, {PROVENANCE_KEY: record.read_text(encoding="utf-8")} if record.is_file() else {}
     if path.suffix != ".safetensors":
         return "foreign", path, {}
     try:
