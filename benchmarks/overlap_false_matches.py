@@ -29,28 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from preprocessing import overlap, synthetic  # noqa: E402
 
-VARIANTS = ("renamed", "reoriented", "noise_0.4HU", "slice_dropped", "offset_1HU", "mirrored_voxels",
-            "spacing_6.26", "exact")
-
-
-def variant_copy(variant: str, hu: np.ndarray, spacing, rng) -> tuple[np.ndarray, np.ndarray]:
-    """A stored copy (array, affine) of a display-frame phantom, modified as ``variant`` says."""
-    arr, affine = synthetic.stored(hu, spacing, "RAS")
-    if variant == "reoriented":
-        return synthetic.stored(hu, spacing, "SLP")
-    if variant == "noise_0.4HU":
-        return arr.astype(np.float32) + rng.normal(0, 0.4, arr.shape).astype(np.float32), affine
-    if variant == "slice_dropped":
-        return np.delete(arr, arr.shape[2] // 2, axis=2), affine
-    if variant == "offset_1HU":
-        return arr + np.int16(1), affine
-    if variant == "mirrored_voxels":
-        return arr[::-1].copy(), affine
-    if variant == "spacing_6.26":
-        return arr, affine @ np.diag([6.26 / 6.25, 1.0, 1.0, 1.0])
-    return arr, affine  # exact, renamed (a name is not content)
-
-
 def best_slice_correlations(a: overlap.Fingerprint, b: overlap.Fingerprint) -> tuple[float, float]:
     """Largest coarse and fine correlation between any slice of ``a`` (any mirroring) and any of ``b``."""
     theirs = b.slices.astype(np.float32).reshape(b.shape[2], -1)
@@ -85,13 +63,12 @@ def main(argv=None) -> int:
     within = [(i, j) for i, j in pairs if phantoms[i][0] == phantoms[j][0]]
     slice_corr = [best_slice_correlations(prints[i], prints[j]) for i, j in within]
 
-    rng = np.random.default_rng(0)
-    copies = {v: [] for v in VARIANTS}
+    copies = {v: [] for v in synthetic.COPY_VARIANTS}
     for index in range(min(args.copies, len(phantoms))):
         _, _, hu, spacing = phantoms[2 * args.per_scheme + index]  # ABD phantoms
         original = prints[2 * args.per_scheme + index]
-        for variant in VARIANTS:
-            copy = overlap.fingerprint_array(*variant_copy(variant, hu, spacing, rng))
+        for variant in synthetic.COPY_VARIANTS:
+            copy = overlap.fingerprint_array(*synthetic.modified_copy(variant, hu, spacing, seed=index))
             copies[variant].append(min(overlap.match_fraction(original, copy), overlap.match_fraction(copy, original)))
 
     big = np.random.default_rng(1).integers(-1024, 1500, size=(512, 512, 100), dtype=np.int16)

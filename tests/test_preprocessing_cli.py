@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocessing import layout
+from preprocessing import layout, synthetic
 from preprocessing.__main__ import main
 from preprocessing.layout import read_prepared
 
@@ -375,36 +375,10 @@ def test_prepared_folder_fingerprints_are_those_of_its_raw_volumes(prepared):
     assert [[same_scan(a, b) for b in raw_prints] for a in prints] == np.eye(len(prints), dtype=bool).tolist()
 
 
-def _overlap_variant(variant: str, arr: np.ndarray, affine: np.ndarray, hu: np.ndarray, spacing) -> tuple:
-    """A copy of a stored RAS phantom (``arr``, ``affine``) as another dataset might hold it."""
-    from preprocessing import synthetic
-
-    if variant in ("exact", "renamed"):
-        return arr, affine
-    if variant == "reoriented":  # another axis order and directions, the affine saying so
-        return synthetic.stored(hu, spacing, "SLP")
-    if variant == "noise_0.4HU":
-        return arr.astype(np.float32) + np.random.default_rng(5).normal(0, 0.4, arr.shape).astype(np.float32), affine
-    if variant == "slice_dropped":
-        return np.delete(arr, arr.shape[2] // 2, axis=2), affine
-    if variant == "offset_1HU":
-        return arr + np.int16(1), affine
-    if variant == "mirrored_voxels":  # left-right mirrored data, header unchanged
-        return arr[::-1].copy(), affine
-    if variant == "spacing_6.26":
-        return arr, affine @ np.diag([6.26 / 6.25, 1.0, 1.0, 1.0])
-    raise AssertionError(variant)
-
-
-OVERLAP_VARIANTS = ("renamed", "reoriented", "noise_0.4HU", "slice_dropped", "offset_1HU", "mirrored_voxels",
-                    "spacing_6.26", "exact")
-
-
-@pytest.mark.parametrize("variant", OVERLAP_VARIANTS)
+@pytest.mark.parametrize("variant", synthetic.COPY_VARIANTS)
 def test_overlap_finds_a_modified_copy_and_not_another_phantom(variant, tmp_path):
     """An ABD phantom, a copy of it under an MSD name (``variant``) and a different phantom of the same
     family in one raw folder: ``find_overlap`` pairs the ABD volume with the copy only."""
-    from preprocessing import synthetic
     from preprocessing.overlap import find_overlap, raw_folder_volumes
 
     hu, _, spacing = synthetic.phantom(size=64, n_slices=40, seed=3, scheme="abd")
@@ -413,7 +387,7 @@ def test_overlap_finds_a_modified_copy_and_not_another_phantom(variant, tmp_path
     synthetic.write_nifti(tmp_path / "abd" / "Case_00003_0000.nii.gz", arr, affine)
     other_hu, _, _ = synthetic.phantom(size=64, n_slices=40, seed=4, scheme="abd")
     synthetic.write_nifti(tmp_path / "msd" / "pancreas_001.nii.gz", *synthetic.stored(other_hu, spacing, "RAS"))
-    copy, copy_affine = _overlap_variant(variant, arr, affine, hu, spacing)
+    copy, copy_affine = synthetic.modified_copy(variant, hu, spacing)
     synthetic.write_nifti(tmp_path / "msd" / "pancreas_007.nii.gz", copy, copy_affine)
     own = [("Case_00003", str(tmp_path / "abd" / "Case_00003_0000.nii.gz"), "nifti")]
     found = find_overlap(own, [raw_folder_volumes(tmp_path / "msd")])
@@ -425,7 +399,6 @@ def test_overlap_never_matches_different_phantoms_of_one_family():
     """All pairs of 24 distinct ABD phantoms: no match (the README's false-match figure uses 90)."""
     import itertools
 
-    from preprocessing import synthetic
     from preprocessing.overlap import fingerprint_array, match_fraction, same_scan
 
     prints = []
