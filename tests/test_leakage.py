@@ -167,6 +167,12 @@ def test_own_checkpoint_without_provenance_is_refused_unless_allowed(folders, tm
     with pytest.raises(ProvenanceError):
         training_provenance(train_cfg)
     assert training_provenance(train_cfg, allow_unknown=True)["runs"][1]["recorded"] is False
+    # its config.yaml's init_from gone: reported as unknown, the rest still checked
+    gone = _config(tmp_path / "gone_config", {"msd": (folders["msd"], "pancreas_detection")}, init_from=tmp_path / "deleted")
+    orphan = _checkpoint(tmp_path / "orphan", provenance=None, config=gone)
+    assert check_checkpoint_against(orphan, {("NIH", "PANCREAS_0002")}, allow_unknown=True).unknown[1] == (
+        f"provenance unknown: {tmp_path / 'deleted'} (named in {orphan}'s config.yaml, not found); the leakage check "
+        "cannot tell which volumes it was trained on")
     # a checkpoint folder without config.yaml no longer passes silently
     bare = _checkpoint(tmp_path / "bare", provenance=None)
     with pytest.raises(ProvenanceError):

@@ -193,8 +193,12 @@ def checkpoint_runs(path: Union[str, Path], allow_unknown: bool = False, _seen: 
     runs = [{"checkpoint": path, "run": str(cfg.run.output_dir), "recorded": False,
              "datasets": dataset_record(cfg, cfg.run.validate, f"checkpoint {path}")}]
     for weights in _weights_of(cfg):
-        if os.path.abspath(weights) not in seen:
+        if os.path.abspath(weights) in seen:
+            continue
+        if Path(weights).exists():
             runs += checkpoint_runs(weights, allow_unknown, seen)
+        else:  # an ancestor moved or deleted since: what it trained on cannot be read
+            runs.append({"checkpoint": os.path.abspath(weights), "unknown": f"named in {path}'s config.yaml, not found"})
     return runs
 
 
