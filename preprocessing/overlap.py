@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from nibabel.orientations import apply_orientation
 
 from preprocessing import splits, volumes
 from preprocessing.jobs import run_jobs
@@ -107,10 +108,8 @@ def _residuals(chunk: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndar
 
 
 def fingerprint_array(hu: np.ndarray, affine: np.ndarray) -> Fingerprint:
-    """Fingerprint of a stored-frame volume (HU, or anything linear in HU) and its affine."""
+    """Fingerprint of a stored-frame HU volume (X, Y, Z) and its (4, 4) RAS affine."""
     transform = volumes.canonical_transform(affine)
-    from nibabel.orientations import apply_orientation
-
     canonical = apply_orientation(np.asarray(hu), transform)
     spacing = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))[np.argsort(transform[:, 0])]
     rows, cols, count = canonical.shape
@@ -139,7 +138,7 @@ def volume_fingerprint(image: str, kind: str) -> Fingerprint:
     """
     vol = volumes.read_dicom_series(image) if kind == "dicom" else volumes.load_nifti(image)
     array = np.asarray(vol.array)
-    if vol.slope != 1.0 or vol.inter != 0.0:  # clip in HU (slope > 0 for CT; applied per chunk would copy too)
+    if vol.slope != 1.0 or vol.inter != 0.0:  # signatures clip in HU
         array = array.astype(np.float32) * np.float32(vol.slope) + np.float32(vol.inter)
     return fingerprint_array(array, vol.affine)
 
