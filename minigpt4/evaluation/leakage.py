@@ -19,7 +19,7 @@ its ``config.yaml`` chain and today's folders.
 ``train.py`` checks the test splits of its config against the training volumes of its config and
 the recorded volumes of the weights it starts from; the eval scripts check the evaluated split
 against the training volumes of their config and the recorded volumes of the evaluated checkpoint
-(:func:`check_checkpoint_against`, which ``eval_cascade.py`` calls for each stage). Any overlap
+(:func:`check_checkpoint_against`, the check of one checkpoint, for each stage of a cascade). Any overlap
 stops the run with the list. A test volume the weights were *validated* on (checkpoint selection)
 is a leak too; evaluating the val split only excludes training volumes.
 """
