@@ -38,6 +38,14 @@ def add_debug_argument(parser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
 
 
+def add_provenance_argument(parser) -> None:
+    """``--allow-unknown-provenance`` (``train.py``, the eval scripts): accept an own checkpoint
+    saved without recorded provenance (see :mod:`minigpt4.evaluation.leakage`)."""
+    parser.add_argument("--allow-unknown-provenance", action="store_true",
+                        help="accept an own checkpoint that records no training provenance (older format): it is "
+                             "then checked against its config.yaml and today's folders instead of refused")
+
+
 def setup_logging(debug: bool = False) -> None:
     """INFO (``--debug``: DEBUG) records of the package to stderr, e.g. the weight-load reports.
 

@@ -14,7 +14,9 @@ stage-3 or release ``.pth``). ``--out`` receives:
   ``visual_encoder.safetensors`` too when the run trained the ViT (``model.vision.trainable``);
 * ``<name>/adapter_config.json`` + ``<name>/adapter_model.safetensors`` for each frozen stacked
   adapter (e.g. MiniGPT-v2's stage-3 q,v LoRA under a q,k run), which must be active too;
-* ``adapter_stack.json`` (the stack: names, targets, r, alpha, source, sha256) and ``README.md``.
+* ``adapter_stack.json`` (the stack: names, targets, r, alpha, source, sha256) and ``README.md``;
+* ``provenance.json`` when the checkpoint records its training provenance (the volumes it and its
+  ancestors were trained and validated on; the leakage guard reads it from the exported folder too).
 
 The folder goes back into this project as ``model.ckpt=DIR`` or ``model.init_from=DIR``. Every
 file is written to a temporary name and renamed. Limits: LoRA only (plain LoRA, one rank and
@@ -41,9 +43,12 @@ from minigpt4.models.checkpoints import (
     PEFT_KEY_PREFIX,
     PEFT_WEIGHTS_NAME,
     PROJECTION_NAME,
+    PROVENANCE_KEY,
+    PROVENANCE_NAME,
     STACK_NAME,
     VISION_NAME,
     read_checkpoint,
+    read_metadata,
 )
 from minigpt4.models.checkpoints import LORA_KEY_PREFIX, split_lora_tensors
 
@@ -144,6 +149,10 @@ def export_peft(
                       "alpha": frozen["alpha"], "source": frozen["source"], "sha256": frozen["sha256"],
                       "trainable": False, "active": frozen["active"]})
     write_json_atomic(out / STACK_NAME, stack)
+    if contents.format == "project":  # the leakage guard's record travels with the weights
+        _, _, metadata = read_metadata(contents.path)
+        if PROVENANCE_KEY in metadata:
+            write_text_atomic(out / PROVENANCE_NAME, metadata[PROVENANCE_KEY])
     write_text_atomic(out / "README.md", _readme(out, base_model, stack, bool(vision)))
     return out
 

@@ -13,7 +13,6 @@ import io
 import os
 import platform
 import re
-import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from minigpt4.io import atomic_path, read_json, write_json_atomic
-from preprocessing import normalize, slices, splits, volumes
+from preprocessing import normalize, overlap, slices, splits, volumes
+from preprocessing.jobs import run_jobs
 from preprocessing.volumes import VolumeError
 
 DEFAULT_LABELS = {
@@ -208,6 +208,25 @@ def discover(opts: Options) -> tuple[list[Job], list[dict]]:
                         opts.normalization, tuple(opts.window), str(opts.out), opts.balanced, opts.seed,
                         assume_orientation=opts.assume_orientation, all_slices=opts.all_slices))
     return jobs, problems
+
+
+def folder_volumes(folder) -> tuple[str, list[tuple[str, str, str]]]:
+    """``(dataset, [(volume_name, image, kind), ...])`` of a prepared folder (its raw inputs, from
+    the manifest's parameters, paired as :func:`discover` pairs them) or of a raw folder
+    (:func:`preprocessing.overlap.raw_folder_volumes`): the scans ``--exclude-overlap-with`` names."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"--exclude-overlap-with {folder}: not found")
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return overlap.raw_folder_volumes(folder)
+    params = read_json(manifest).get("parameters", {})
+    if not params.get("images") or not params.get("labels"):
+        raise ValueError(f"{manifest}: no raw images recorded (a TC folder?); give a prepared MSD/NIH/ABD folder or a raw one")
+    opts = Options(dataset=params["dataset"], images=params["images"], labels=params["labels"], out=str(folder),
+                   label_map=params.get("label_map"))
+    jobs, _ = discover(opts)
+    return params["dataset"], [(j.volume_name, j.image, j.kind) for j in jobs]
 
 
 # ----------------------------------------------------------------------------- one volume
@@ -446,34 +465,6 @@ def clean_stale(out: Path, owned: set[str], keep: set[str], temporaries: bool = 
     return removed
 
 
-def run_jobs(jobs: Sequence, worker, workers: int, desc: str = "volumes"):
-    """Map ``worker`` over jobs, in-process for one worker, else with a fork/spawn pool.
-
-    Shows progress on stderr (:func:`minigpt4.progress.progress`: a bar on a terminal, a line
-    every 5 % in a log). Results keep the order of ``jobs``.
-    """
-    from minigpt4.progress import progress
-
-    bar = progress(len(jobs), desc, unit="volume")
-    results = []
-    try:
-        if workers <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                results.append(worker(job))
-                bar.update(1)
-            return results
-        import multiprocessing as mp
-
-        method = "fork" if "fork" in mp.get_all_start_methods() and sys.platform != "darwin" else "spawn"
-        with mp.get_context(method).Pool(min(workers, len(jobs))) as pool:
-            for result in pool.imap(worker, jobs, chunksize=1):  # in order, like map, but one at a time
-                results.append(result)
-                bar.update(1)
-        return results
-    finally:
-        bar.close()
-
-
 def _selection_sets(dataset: str) -> list[tuple[str, str]]:
     """(file prefix, target) of the selected sets; the first is the dataset's main task."""
     sets = [(dataset, "organs" if dataset == "ABD" else "pancreas")]
@@ -612,10 +603,9 @@ def prepare(opts: Options, log=print) -> dict:
         raise PreparationError(f"{out}: no volume could be prepared ({len(skipped)} skipped)")
     overlap_found = None
     if opts.exclude_overlap_with:  # the same scans in other datasets: never in this val/test
-        from preprocessing import overlap
-
         own = [(j.volume_name, j.image, j.kind) for j in jobs if j.volume_name in set(done)]
-        overlap_found = overlap.find_overlap(own, opts.exclude_overlap_with, workers)
+        sources = [folder_volumes(folder) for folder in opts.exclude_overlap_with]
+        overlap_found = overlap.find_overlap(own, sources, workers)
         split = overlap.split_keeping_in_train(done, list(overlap_found), opts.test_ratio, opts.val_ratio, opts.seed)
         log(f"{ds}: {len(overlap_found)} volume(s) are scans of {', '.join(map(str, opts.exclude_overlap_with))}: kept in train")
     else:

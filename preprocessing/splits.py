@@ -43,3 +43,13 @@ def split_volumes(volumes: Iterable[str], test_ratio: float = 0.2, val_ratio: fl
 def split_of(split: dict) -> dict[str, str]:
     """``{volume_name: split}`` for a split dict."""
     return {v: s for s in SPLITS for v in split.get(s, [])}
+
+
+def volume_stem(name: str) -> str:
+    """A volume's name without a ``.nii.gz`` / ``.nii`` suffix (``pancreas_002.nii.gz`` → ``pancreas_002``),
+    the form every prepared folder and the leakage check use."""
+    name = str(name).strip()
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name

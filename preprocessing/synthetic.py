@@ -151,6 +151,36 @@ def stored(array: np.ndarray, spacing, orient: str) -> tuple[np.ndarray, np.ndar
     return out, affine
 
 
+COPY_VARIANTS = ("renamed", "reoriented", "noise_0.4HU", "slice_dropped", "offset_1HU", "mirrored_voxels",
+                 "spacing_6.26", "exact")
+"""How another dataset may hold the same scan (what ``abd --exclude-overlap-with`` must still find)."""
+
+
+def modified_copy(variant: str, hu: np.ndarray, spacing, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """A stored copy ``(array, affine)`` of a display-frame phantom as :data:`COPY_VARIANTS` says:
+    the RAS-stored original (``exact``, ``renamed``: a name is not content), stored ``SLP``
+    (``reoriented``: other axis order and directions, the affine saying so), float32 with
+    N(0, 0.4²) HU added, the middle slice deleted, +1 HU, mirrored along the first axis with the
+    affine unchanged, or the first axis' spacing ×6.26/6.25 in the header."""
+    arr, affine = stored(hu, spacing, "RAS")
+    if variant == "reoriented":
+        return stored(hu, spacing, "SLP")
+    if variant == "noise_0.4HU":
+        noise = np.random.default_rng(seed).normal(0, 0.4, arr.shape).astype(np.float32)
+        return arr.astype(np.float32) + noise, affine
+    if variant == "slice_dropped":
+        return np.delete(arr, arr.shape[2] // 2, axis=2), affine
+    if variant == "offset_1HU":
+        return arr + np.int16(1), affine
+    if variant == "mirrored_voxels":
+        return arr[::-1].copy(), affine
+    if variant == "spacing_6.26":
+        return arr, affine @ np.diag([6.26 / 6.25, 1.0, 1.0, 1.0])
+    if variant in ("exact", "renamed"):
+        return arr, affine
+    raise ValueError(f"unknown copy variant {variant!r}; choose one of {COPY_VARIANTS}")
+
+
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     """Atomic ``.nii.gz`` write (gzip level 1: the phantoms are regenerated, not archived; gzip
     header time 0, so the same array gives the same bytes)."""

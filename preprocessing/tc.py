@@ -8,9 +8,12 @@ NIH slices → ``no``; ``msd-only``: MSD slices with tumor → ``yes``, MSD slic
 Every crop keeps the split of its source volume, so no volume crosses splits between stages.
 
 ``import_tc``: a TC folder from existing crops (the release's ``PANCREAS_00XX_slice_K.png`` = NIH/no,
-``pancreas_XXX_slice_K.png`` = MSD/yes, or any crops listed in a CSV), split by volume.
+``pancreas_XXX_slice_K.png`` = MSD/yes, or any crops listed in a CSV), split by volume. A CSV's
+volume is named as its source folder names it (``pancreas_002.nii.gz`` → ``pancreas_002``) and keeps
+the row's dataset, so the leakage check meets the source's ``(dataset, volume)`` key.
 
-Output: ``slices/*.png``, ``annotations/TC_{train,val,test}.json``, ``annotations/split.json``,
+Output: ``slices/*.png``, ``annotations/TC_{train,val,test}.json``, ``annotations/split.json``
+(with ``volume_datasets``: ``{volume_name: source dataset}``),
 ``manifest.json``. A record: ``q_id, image, answer, target ('tumor'), dataset, volume_name,
 slice_index, slice_id, width, height`` (+ ``crop_box`` and ``source`` for built crops).
 """
@@ -164,6 +167,8 @@ def build_tc(msd, nih, out, variant: str = "paper", margin: int = 0, threshold: 
         per_split[s] = rows
         split_doc[s] = sorted({r["volume_name"] for r in rows} | set(
             v for ds in sources for v in sources[ds][2][s]))
+    split_doc["volume_datasets"] = volume_datasets(
+        [{"dataset": ds, "volume_name": v} for ds in sources for s in splits.SPLITS for v in sources[ds][2][s]])
     return _finish(out, params, per_split, split_doc, t0, {}, state)
 
 
@@ -185,9 +190,28 @@ def _read_csv(images: Path, csv_path: Path) -> list[dict]:
                 k = int(row["slice_index"])
             except ValueError:
                 raise ValueError(f"{csv_path}:{line}: slice_index is not an integer: {row['slice_index']!r}") from None
-            rows.append({"file": images / row["image"], "dataset": row["dataset"].strip(),
-                         "volume_name": row["volume"].strip(), "slice_index": k, "answer": answer})
+            dataset, volume = row["dataset"].strip().upper(), splits.volume_stem(row["volume"])
+            if not dataset or not volume:
+                raise ValueError(f"{csv_path}:{line}: empty dataset or volume")
+            # the paper's JSON names volumes as files (pancreas_002.nii.gz): keys use the stem, as the source folder does
+            rows.append({"file": images / row["image"], "dataset": dataset, "volume_name": volume,
+                         "slice_index": k, "answer": answer})
     return rows
+
+
+def volume_datasets(rows) -> dict[str, str]:
+    """``{volume_name: source dataset}`` (``split.json`` ``volume_datasets``: the leakage check's
+    key of each TC volume is ``(dataset, volume_name)``).
+
+    Raises:
+        ValueError: one volume name under two datasets (the split lists names only).
+    """
+    found: dict[str, str] = {}
+    for r in rows:
+        if found.setdefault(r["volume_name"], r["dataset"]) != r["dataset"]:
+            raise ValueError(f"volume {r['volume_name']!r} is listed under two datasets "
+                             f"({found[r['volume_name']]}, {r['dataset']}); volume names must be unique")
+    return dict(sorted(found.items()))
 
 
 def inherited_split(volumes: dict[str, set], split_from) -> dict:
@@ -268,6 +292,7 @@ def import_tc(images, out, csv_path: Optional[str] = None, test_ratio: float = 0
         params["split_from"] = split_doc["inherited_from"]
     else:
         split_doc = splits.split_volumes({r["volume_name"] for r in rows}, test_ratio, val_ratio, seed)
+    split_doc["volume_datasets"] = volume_datasets(rows)
     where = splits.split_of(split_doc)
     names = set()
     for r in rows:

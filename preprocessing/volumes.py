@@ -64,6 +64,13 @@ def display_transform(affine: np.ndarray) -> np.ndarray:
     return ornt_transform(start, axcodes2ornt(("P", "L", axial_code)))
 
 
+def canonical_transform(affine: np.ndarray) -> np.ndarray:
+    """Orientation transform stored → ``('P', 'L', 'S')``: the display frame with the slices always
+    inferior → superior, so that one scan stored in any axis order or direction reads the same
+    (content fingerprints, :mod:`preprocessing.overlap`)."""
+    return ornt_transform(io_orientation(affine), axcodes2ornt(("P", "L", "S")))
+
+
 def to_display(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Stored array (X, Y, Z) → display-frame view (rows, cols, slices); no copy."""
     return apply_orientation(array, display_transform(affine))

@@ -12,6 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
+from minigpt4.evaluation.leakage import PROVENANCE_SCHEMA, LeakageError, check_checkpoint_against
 from minigpt4.export import main as export_main
 from minigpt4.models.checkpoints import load_weights, save_checkpoint
 from minigpt4.models.minigpt_v2 import build_model
@@ -31,7 +32,9 @@ def test_export_round_trip_through_peft_and_back(tmp_path, capsys):
         for name, p in model.trainable_parameters().items():
             if "lora_B" in name:
                 p.normal_(0, 0.2)
-    save_checkpoint(model, tmp_path / "ckpt")
+    provenance = {"schema": PROVENANCE_SCHEMA, "runs": [{"run": "/runs/x", "datasets": {"msd": {
+        "root": "/data/MSD", "task": "pancreas_detection", "train": [["MSD", "pancreas_001"]], "val": []}}}]}
+    save_checkpoint(model, tmp_path / "ckpt", provenance=provenance)
 
     assert export_main(["--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "peft")]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -46,6 +49,11 @@ def test_export_round_trip_through_peft_and_back(tmp_path, capsys):
     assert (stage3["r"], stage3["lora_alpha"], sorted(stage3["target_modules"])) == (8, 16, ["q_proj", "v_proj"])
     projection = load_file(str(out / "llama_proj.safetensors"))
     assert torch.equal(projection["llama_proj.weight"], model.llama_proj.weight)
+    # the training provenance travels with the export, and the leakage guard reads it there
+    assert json.loads((out / "provenance.json").read_text()) == provenance
+    with pytest.raises(LeakageError, match=f"MSD pancreas_001 is in the evaluated test set but trained on by "
+                                           f"datasets.msd of checkpoint {out} "):
+        check_checkpoint_against(out, {("MSD", "pancreas_001")})
     readme = (out / "README.md").read_text()
     assert 'model.load_adapter("DIR/checkpoint_stage3", adapter_name="checkpoint_stage3")' in readme
 
@@ -83,6 +91,10 @@ def test_export_of_a_release_pth_and_errors(tmp_path, capsys):
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["lora_alpha"] == 16
     assert config["base_model_name_or_path"] == "meta-llama/Llama-2-7b-chat-hf"
     assert json.loads((tmp_path / "out" / "adapter_stack.json").read_text())[0]["name"] == "default"
+    # a foreign file records no provenance, so neither does its export: the guard says so
+    assert not (tmp_path / "out" / "provenance.json").exists()
+    assert check_checkpoint_against(tmp_path / "out", set()).unknown[0].startswith(
+        f"provenance unknown: {tmp_path / 'out'} (a PEFT adapter folder without provenance.json)")
     model = build_model(tiny_model_config(ckpt=str(tmp_path / "out"), **{"lora.target_modules": ["q_proj", "v_proj"]}))
     state = release_state(("q_proj", "v_proj"))
     assert all(torch.equal(model.trainable_state_dict()[k], v) for k, v in state.items())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocessing import layout
+from preprocessing import layout, synthetic
 from preprocessing.__main__ import main
 from preprocessing.layout import read_prepared
 
@@ -245,6 +245,39 @@ def test_tc_import_release_names_csv_and_ratios(tmp_path):
         import_tc(other, tmp_path / "bad2", csv_path=str(csv))
 
 
+def test_tc_import_csv_keys_meet_the_source_volumes(tmp_path):
+    """The paper's JSON naming (``dataset=MSD, volume=pancreas_002.nii.gz``): the key is the record's
+    dataset and the volume stem, so it meets MSD's own ``('MSD', 'pancreas_002')``."""
+    from minigpt4.evaluation.leakage import split_keys
+    from preprocessing.tc import import_tc
+
+    other = tmp_path / "crops"
+    for name, w in (("a.png", 5), ("b.png", 6), ("c.png", 7), ("d.png", 8)):
+        _crop(other / name, w, 9)
+    csv = tmp_path / "paper.csv"
+    csv.write_text("image,dataset,volume,slice_index,answer\n"
+                   "a.png,MSD,pancreas_002.nii.gz,40,yes\nb.png,MSD,pancreas_002.nii.gz,41,yes\n"
+                   "c.png,NIH,PANCREAS_0001.nii,12,no\nd.png,msd,case_7.nii.gz,3,no\n")
+    out = tmp_path / "tc"
+    assert main(["tc-import", "--images", str(other), "--csv", str(csv), "--out", str(out), "--test-ratio", "1"]) == 0
+    expected = {("MSD", "pancreas_002"), ("NIH", "PANCREAS_0001"), ("MSD", "case_7")}
+    assert split_keys(out, "test") == expected
+    records = read_prepared(out, "tumor_classification", "test")
+    assert sorted({(r["dataset"], r["volume_name"]) for r in records}) == sorted(expected)
+    split = json.loads((out / "annotations" / "split.json").read_text())
+    assert split["test"] == ["PANCREAS_0001", "case_7", "pancreas_002"]
+    assert split["volume_datasets"] == {"PANCREAS_0001": "NIH", "case_7": "MSD", "pancreas_002": "MSD"}
+    # a folder written before volume_datasets (names as given): the records' dataset column decides
+    del split["volume_datasets"]
+    split["test"] = ["PANCREAS_0001.nii", "case_7.nii.gz", "pancreas_002.nii.gz"]
+    (out / "annotations" / "split.json").write_text(json.dumps(split))
+    assert split_keys(out, "test") == expected
+    # one volume name under two datasets cannot be split by name
+    csv.write_text("image,dataset,volume,slice_index,answer\na.png,MSD,v1.nii.gz,3,yes\nb.png,NIH,v1,4,no\n")
+    with pytest.raises(ValueError, match="volume 'v1' is listed under two datasets"):
+        import_tc(other, tmp_path / "bad", csv_path=str(csv))
+
+
 def test_abd_and_report(prepared, tmp_path, capsys):
     syn = tmp_path / "syn_abd"
     assert main(["synthetic", "--out", str(syn), "--scheme", "abd", "--n", "3", "--size", "64", "--slices", "16"]) == 0
@@ -330,10 +363,48 @@ def test_abd_exclude_overlap_finds_the_same_scan_by_content(prepared, tmp_path):
 
 
 def test_prepared_folder_fingerprints_are_those_of_its_raw_volumes(prepared):
-    from preprocessing.overlap import folder_volumes, volume_fingerprint
+    from preprocessing.overlap import same_scan, volume_fingerprint
+    from preprocessing.pipeline import folder_volumes
 
     dataset, found = folder_volumes(prepared["msd"])
     raw_dataset, raw = folder_volumes(prepared["syn_msd"] / "imagesTr")
     assert dataset == raw_dataset == "MSD" and [n for n, _, _ in found] == [n for n, _, _ in raw]
-    prints = {volume_fingerprint(i, k) for _, i, k in found}
-    assert prints == {volume_fingerprint(i, k) for _, i, k in raw} and len(prints) == len(found)  # distinct scans
+    prints = [volume_fingerprint(i, k) for _, i, k in found]
+    raw_prints = [volume_fingerprint(i, k) for _, i, k in raw]
+    # each volume is the same scan as its raw file and as no other volume (distinct scans)
+    assert [[same_scan(a, b) for b in raw_prints] for a in prints] == np.eye(len(prints), dtype=bool).tolist()
+
+
+@pytest.mark.parametrize("variant", synthetic.COPY_VARIANTS)
+def test_overlap_finds_a_modified_copy_and_not_another_phantom(variant, tmp_path):
+    """An ABD phantom, a copy of it under an MSD name (``variant``) and a different phantom of the same
+    family in one raw folder: ``find_overlap`` pairs the ABD volume with the copy only."""
+    from preprocessing.overlap import find_overlap, raw_folder_volumes
+
+    hu, _, spacing = synthetic.phantom(size=64, n_slices=40, seed=3, scheme="abd")
+    assert spacing == (6.25, 6.25, 6.25)
+    arr, affine = synthetic.stored(hu, spacing, "RAS")
+    synthetic.write_nifti(tmp_path / "abd" / "Case_00003_0000.nii.gz", arr, affine)
+    other_hu, _, _ = synthetic.phantom(size=64, n_slices=40, seed=4, scheme="abd")
+    synthetic.write_nifti(tmp_path / "msd" / "pancreas_001.nii.gz", *synthetic.stored(other_hu, spacing, "RAS"))
+    copy, copy_affine = synthetic.modified_copy(variant, hu, spacing)
+    synthetic.write_nifti(tmp_path / "msd" / "pancreas_007.nii.gz", copy, copy_affine)
+    own = [("Case_00003", str(tmp_path / "abd" / "Case_00003_0000.nii.gz"), "nifti")]
+    found = find_overlap(own, [raw_folder_volumes(tmp_path / "msd")])
+    assert found == {"Case_00003": {"dataset": "MSD", "volume": "pancreas_007",
+                                    "file": str(tmp_path / "msd" / "pancreas_007.nii.gz")}}
+
+
+def test_overlap_never_matches_different_phantoms_of_one_family():
+    """All pairs of 24 distinct ABD phantoms: no match (the README's false-match figure uses 90)."""
+    import itertools
+
+    from preprocessing.overlap import fingerprint_array, match_fraction, same_scan
+
+    prints = []
+    for seed in range(24):
+        hu, _, spacing = synthetic.phantom(size=64, n_slices=40, seed=seed, scheme="abd")
+        prints.append(fingerprint_array(*synthetic.stored(hu, spacing, "RAS")))
+    pairs = list(itertools.combinations(prints, 2))
+    assert not any(same_scan(a, b) for a, b in pairs)
+    assert max(match_fraction(a, b) for a, b in pairs) < 0.5  # far below MATCH_FRACTION = 0.9

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import train as train_entry
 from minigpt4.config import ConfigError, load_config
 from minigpt4.io import write_json_atomic
+from minigpt4.models.checkpoints import PROVENANCE_KEY, read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "train_configs" / "quickstart_cpu.yaml"
@@ -80,6 +81,14 @@ def test_smoke_run_writes_documented_outputs(data, tmp_path):
         out / f"checkpoint_epoch_{best_epoch}" / "model.safetensors").read_bytes()
     # nothing temporary is left behind
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # every checkpoint records the volumes it was trained and validated on (checkpoint_best by its copy)
+    split = json.loads((data / "annotations" / "split.json").read_text())
+    for folder in ("checkpoint_epoch_0", "checkpoint_best"):
+        record = json.loads(read_metadata(out / folder)[2][PROVENANCE_KEY])
+        assert [r["run"] for r in record["runs"]] == [str(out)]
+        synthetic = record["runs"][0]["datasets"]["synthetic"]
+        assert synthetic["train"] == [["MSD", v] for v in split["train"]]
+        assert synthetic["val"] == [["MSD", v] for v in split["val"]] and split["val"]
 
 
 def test_resume_is_exact(data, tmp_path):
@@ -158,12 +167,37 @@ def test_stage_starts_from_previous_best(data, tmp_path):
     w1 = load_file(s1 / "checkpoint_best" / "model.safetensors")
     w2 = load_file(s2 / "checkpoint_epoch_0" / "model.safetensors")
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    # stage 2 records stage 1's provenance as read from stage 1's checkpoint
+    record1 = json.loads(read_metadata(s1 / "checkpoint_best")[2][PROVENANCE_KEY])
+    record2 = json.loads(read_metadata(s2 / "checkpoint_epoch_0")[2][PROVENANCE_KEY])
+    assert record2["runs"][1:] == [{**record1["runs"][0], "checkpoint": str(s1 / "checkpoint_best")}]
     # and from a fresh init the weights differ (the test can fail)
     s2b = tmp_path / "stage2b"
     run_train(data, s2b, "run.iters_per_epoch=1", "run.max_steps=1", "run.validate=false",
               "run.init_lr=0", "run.warmup_lr=0", "run.min_lr=0")
     w3 = load_file(s2b / "checkpoint_epoch_0" / "model.safetensors")
     assert not torch.equal(w1["llama_proj.weight"], w3["llama_proj.weight"])
+
+
+def test_init_from_without_provenance_is_refused_unless_allowed(data, tmp_path):
+    """An own checkpoint of the older format (no provenance) as init_from: refused before training;
+    with --allow-unknown-provenance the run trains and records that ancestor as not recorded."""
+    from minigpt4.evaluation.leakage import ProvenanceError
+    from minigpt4.models.checkpoints import save_checkpoint
+    from minigpt4.models.minigpt_v2 import build_model
+
+    s1 = tmp_path / "stage1"
+    run_train(data, s1, "run.iters_per_epoch=1", "run.max_steps=1", "run.validate=false")
+    old = tmp_path / "old"
+    cfg = load_config(s1 / "checkpoint_best" / "config.yaml")
+    save_checkpoint(build_model(cfg.model), old, cfg)  # no provenance: the format before it was recorded
+    options = ("run.iters_per_epoch=1", "run.max_steps=1", "run.validate=false", f"model.init_from={old}")
+    with pytest.raises(ProvenanceError, match=f"{old / 'model.safetensors'}: checkpoint without recorded provenance"):
+        run_train(data, tmp_path / "refused", *options)
+    assert not (tmp_path / "refused").exists()
+    run_train(data, tmp_path / "allowed", *options, "--allow-unknown-provenance")
+    record = json.loads(read_metadata(tmp_path / "allowed" / "checkpoint_best")[2][PROVENANCE_KEY])
+    assert [(r.get("checkpoint"), r.get("recorded")) for r in record["runs"]] == [(None, None), (str(old), False)]
 
 
 def test_missing_image_fails_before_training(data, tmp_path):

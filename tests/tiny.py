@@ -63,9 +63,11 @@ def tiny_images(batch: int = 2, size: int = 112, seed: int = 0) -> torch.Tensor:
 
 def random_checkpoints(folder, cfg: ModelConfig, names, seed: int = 100) -> dict:
     """``{name: checkpoint folder}``: checkpoints of one base (``cfg``) whose trainable tensors are
-    different random values (N(0, 0.2²), seeded per name), written by ``save_checkpoint``."""
+    different random values (N(0, 0.2²), seeded per name), written by ``save_checkpoint`` with a
+    provenance of no volume (random weights)."""
     from pathlib import Path
 
+    from minigpt4.evaluation.leakage import PROVENANCE_SCHEMA
     from minigpt4.models.checkpoints import save_checkpoint
     from minigpt4.models.minigpt_v2 import build_model
 
@@ -77,5 +79,7 @@ def random_checkpoints(folder, cfg: ModelConfig, names, seed: int = 100) -> dict
             for param in model.parameters():
                 if param.requires_grad:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-        paths[name] = str(save_checkpoint(model, Path(folder) / name).parent)
+        # honest provenance: random weights, trained and validated on no volume
+        provenance = {"schema": PROVENANCE_SCHEMA, "runs": [{"run": f"tests/tiny.py random_checkpoints ({name})", "datasets": {}}]}
+        paths[name] = str(save_checkpoint(model, Path(folder) / name, provenance=provenance).parent)
     return paths

@@ -6,24 +6,43 @@ share scans: a TC crop comes from an MSD or NIH volume, and AbdomenCT-1K holds M
 ``overlap``). A volume is therefore named by its *source*: ``(dataset, volume_name)`` with the
 dataset of the scan's origin (``MSD``, ``NIH``; ``ABD`` only for ABD's own scans).
 
+**Provenance.** Every checkpoint the trainer saves records, in its safetensors header
+(:data:`minigpt4.models.checkpoints.PROVENANCE_KEY`), the keys it was trained and validated on and
+those of its ancestors (``model.init_from`` / ``model.ckpt``, read from *their* recorded
+provenance at training time): :func:`training_provenance`. The guard compares the evaluated
+volumes with these recorded keys, never with what a folder holds today (a folder re-split with
+another seed would otherwise hide a leak). A foreign checkpoint (MiniGPT-v2 stage 3, the release's
+``.pth``) is logged as "provenance unknown"; an own checkpoint without provenance (older format)
+is refused unless ``allow_unknown`` (``--allow-unknown-provenance``), and is then checked against
+its ``config.yaml`` chain and today's folders.
+
 ``train.py`` checks the test splits of its config against the training volumes of its config and
-of the weights it starts from (``model.init_from``); the eval scripts check the evaluated split
-against the training volumes of their config and of the evaluated checkpoint's own training config
-(``config.yaml`` saved in every checkpoint folder), following ``init_from`` back through the
-cascade. Any overlap stops the run with the list.
+the recorded volumes of the weights it starts from; the eval scripts check the evaluated split
+against the training volumes of their config and the recorded volumes of the evaluated checkpoint
+(:func:`check_checkpoint_against`, the check of one checkpoint, for each stage of a cascade). Any overlap
+stops the run with the list. A test volume the weights were *validated* on (checkpoint selection)
+is a leak too; evaluating the val split only excludes training volumes.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from minigpt4.config import Config, ConfigError, load_config
 from minigpt4.io import read_json
+from preprocessing.splits import volume_stem
+
+log = logging.getLogger(__name__)
 
 Key = tuple  # (source dataset, volume_name)
+PROVENANCE_SCHEMA = "minigpt-pancreas-provenance/1"
 _SOURCE_BY_NAME = ((re.compile(r"^PANCREAS_\d+$"), "NIH"), (re.compile(r"^pancreas_\d+$"), "MSD"))
 
 
@@ -38,30 +57,92 @@ def _source_of(name: str, default: str) -> str:
     return default
 
 
+class ProvenanceError(ValueError):
+    """An own checkpoint records no provenance (or an unreadable one) and unknown provenance was not allowed."""
+
+
 def split_keys(root: str, split: str) -> set[Key]:
     """Source keys of the volumes of ``split`` in a prepared folder.
 
-    TC folders name their crops' volumes as the source datasets do (``pancreas_001`` = MSD,
-    ``PANCREAS_0001`` = NIH); an ABD volume found to be an MSD / NIH scan takes that scan's key.
+    A TC folder names each volume's source dataset in ``split.json`` ``volume_datasets`` (or, in
+    folders written before that, in its records' ``dataset`` column; else by the name's pattern:
+    ``pancreas_001`` = MSD, ``PANCREAS_0001`` = NIH); names lose a ``.nii.gz`` / ``.nii`` suffix. An
+    ABD volume found to be an MSD / NIH scan takes that scan's key.
     """
     folder = Path(root)
     manifest = read_json(folder / "manifest.json")
     dataset = str(manifest.get("dataset", "?"))
-    names = read_json(folder / "annotations" / "split.json").get(split, [])
+    split_doc = read_json(folder / "annotations" / "split.json")
+    names = split_doc.get(split, [])
     aliases = {a: (m["dataset"], m["volume"]) for a, m in (manifest.get("overlap") or {}).items()}
+    sources = _tc_sources(folder, split_doc) if dataset == "TC" else {}
     keys = set()
     for name in names:
         if name in aliases:
             keys.add(tuple(aliases[name]))
+        elif dataset == "TC":
+            stem = volume_stem(name)
+            keys.add((sources.get(name) or sources.get(stem) or _source_of(stem, "TC"), stem))
         else:
-            keys.add((_source_of(name, dataset) if dataset == "TC" else dataset, name))
+            keys.add((dataset, name))
     return keys
 
 
-def _checkpoint_config(path: Optional[str]) -> Optional[Config]:
+def _tc_sources(folder: Path, split_doc: dict) -> dict[str, str]:
+    """``{volume_name: source dataset}`` of a TC folder (``split.json`` or the records)."""
+    if isinstance(split_doc.get("volume_datasets"), dict):
+        return {str(k): str(v) for k, v in split_doc["volume_datasets"].items()}
+    sources = {}
+    for path in sorted((folder / "annotations").glob("TC_*.json")):
+        for record in read_json(path):
+            if isinstance(record, dict) and record.get("dataset") and record.get("volume_name"):
+                sources.setdefault(volume_stem(record["volume_name"]), str(record["dataset"]).strip().upper())
+    return sources
+
+
+# ----------------------------------------------------------------------------- provenance records
+def dataset_record(cfg: Config, validated: bool, label: str = "config") -> dict:
+    """``{name: {root, task, train: [[ds, vol], ...], val: [...]}}`` of ``cfg``'s datasets, read from
+    their folders now (``val`` empty unless ``validated``). Unreadable folders are skipped with a
+    warning (the trainer has read them already; a legacy check covers what is readable)."""
+    record = {}
+    for name, ds in cfg.datasets.items():
+        try:
+            train = sorted(split_keys(ds.root, "train"))
+            val = sorted(split_keys(ds.root, "val")) if validated else []
+        except (OSError, ValueError) as err:
+            print(f"warning: leakage check skips datasets.{name} of {label} ({err})", file=sys.stderr)
+            continue
+        record[name] = {"root": os.path.abspath(ds.root), "task": ds.task, "train": [list(k) for k in train],
+                        "val": [list(k) for k in val]}
+    return record
+
+
+def training_provenance(cfg: Config, allow_unknown: bool = False) -> dict:
+    """What a training run with ``cfg`` records in every checkpoint it saves.
+
+    ``{"schema", "runs": [this run, then each ancestor's runs]}``; a run is ``{"run": output_dir,
+    "datasets": dataset_record(...)}`` (``"checkpoint"``: the path it was loaded from, for
+    ancestors), ``{"checkpoint", "unknown": reason}`` for weights of unknown provenance, and
+    ``"recorded": false`` for an older own checkpoint read from today's folders.
+
+    Raises:
+        ProvenanceError: an ancestor is an own checkpoint without provenance and not ``allow_unknown``.
+    """
+    runs = [{"run": os.path.abspath(cfg.run.output_dir), "datasets": dataset_record(cfg, cfg.run.validate, "this config")}]
+    for weights in _weights_of(cfg):
+        runs += checkpoint_runs(weights, allow_unknown)
+    _log_unknown(runs, "the weights this run starts from")
+    return {"schema": PROVENANCE_SCHEMA, "runs": runs}
+
+
+def _weights_of(cfg: Config) -> list[str]:
+    """The weight files a config loads on top of the base (``init_from``, then ``ckpt``)."""
+    return [str(p) for p in dict.fromkeys((cfg.model.init_from, cfg.model.ckpt)) if p]
+
+
+def _checkpoint_config(path: str) -> Optional[Config]:
     """The training config saved beside a checkpoint's weights, None when there is none."""
-    if path is None:
-        return None
     folder = Path(path)
     candidate = folder / "config.yaml" if folder.is_dir() else folder.parent / "config.yaml"
     if not candidate.is_file():
@@ -73,61 +154,191 @@ def _checkpoint_config(path: Optional[str]) -> Optional[Config]:
         return None
 
 
-def training_volumes(cfg: Config, weights: Optional[str], label: str = "config") -> dict[Key, list[str]]:
-    """``{key: [who trained on it, ...]}``: the train splits of ``cfg``'s datasets and of every
-    checkpoint config up the ``weights`` → ``init_from`` chain. Folders that are missing are skipped
-    with a warning (the check then covers what is readable)."""
-    found: dict[Key, list[str]] = {}
-    current: Optional[Config] = cfg
-    seen: set[str] = set()
-    while current is not None:
-        for name, ds in current.datasets.items():
-            try:
-                keys = split_keys(ds.root, "train")
-            except (OSError, ValueError) as err:
-                print(f"warning: leakage check skips datasets.{name} of {label} ({err})", file=sys.stderr)
-                continue
-            for key in keys:
-                found.setdefault(key, []).append(f"datasets.{name} of {label} ({ds.root}, train)")
-        if weights is None or str(weights) in seen:
-            break
-        seen.add(str(weights))
-        current, label = _checkpoint_config(weights), f"checkpoint {weights}"
-        weights = current.model.init_from if current is not None else None
-    return found
-
-
-def check_split(cfg: Config, names: Sequence[str], split: str, weights: Optional[str], label: str) -> None:
-    """Stop when a volume of ``split`` of the datasets ``names`` was used for training.
+def checkpoint_runs(path: Union[str, Path], allow_unknown: bool = False, _seen: Optional[set] = None) -> list[dict]:
+    """The runs behind the weights at ``path`` (see :func:`training_provenance`), first the one
+    that wrote them, then its ancestors.
 
     Raises:
-        LeakageError: listing each leaked volume, where it is evaluated and who trained on it.
+        FileNotFoundError: no checkpoint at ``path``.
+        ProvenanceError: an own checkpoint without provenance and not ``allow_unknown``, or an
+            unreadable provenance record.
     """
-    if split == "train":
-        return
-    trained = training_volumes(cfg, weights, label)
-    leaks = []
-    for name in names:
-        ds = cfg.datasets[name]
+    from minigpt4.models.checkpoints import PROVENANCE_KEY, read_metadata
+
+    path = os.path.abspath(path)
+    seen = set() if _seen is None else _seen
+    seen.add(path)
+    kind, weights_file, metadata = read_metadata(path)
+    if kind != "project" and PROVENANCE_KEY not in metadata:
+        what = "a PEFT adapter folder without provenance.json" if kind == "peft" else \
+            f"a foreign checkpoint ({weights_file.name})"
+        return [{"checkpoint": path, "unknown": what}]
+    if PROVENANCE_KEY in metadata:  # our checkpoint, or our PEFT export of one
         try:
-            keys = split_keys(ds.root, split)
-        except (OSError, ValueError):
-            continue  # the records loader reports a missing folder with its own message
-        for key in sorted(keys & set(trained)):
-            leaks.append(f"{key[0]} {key[1]} is in datasets.{name} {split} but trained on by {', '.join(trained[key])}")
+            record = json.loads(metadata[PROVENANCE_KEY])
+            runs = record["runs"]
+            if record.get("schema") != PROVENANCE_SCHEMA or not runs or not all(isinstance(r, dict) for r in runs):
+                raise ValueError(f"schema {record.get('schema')!r}, {len(runs)} runs")
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ProvenanceError(f"{weights_file}: unreadable provenance record ({err})") from None
+        return [{**runs[0], "checkpoint": path}] + runs[1:]
+    if not allow_unknown:
+        raise ProvenanceError(
+            f"{weights_file}: checkpoint without recorded provenance (saved before provenance was recorded): which "
+            "volumes it was trained on is unknown, so leakage cannot be checked. Retrain it, or pass "
+            "--allow-unknown-provenance to check it against its config.yaml and today's folders instead")
+    cfg = _checkpoint_config(path)
+    if cfg is None:
+        return [{"checkpoint": path, "unknown": "own checkpoint without recorded provenance or config.yaml"}]
+    runs = [{"checkpoint": path, "run": str(cfg.run.output_dir), "recorded": False,
+             "datasets": dataset_record(cfg, cfg.run.validate, f"checkpoint {path}")}]
+    for weights in _weights_of(cfg):
+        if os.path.abspath(weights) in seen:
+            continue
+        if Path(weights).exists():
+            runs += checkpoint_runs(weights, allow_unknown, seen)
+        else:  # an ancestor moved or deleted since: what it trained on cannot be read
+            runs.append({"checkpoint": os.path.abspath(weights), "unknown": f"named in {path}'s config.yaml, not found"})
+    return runs
+
+
+def _log_unknown(runs: Sequence[dict], context: str) -> list[str]:
+    """Log each run of unknown or unrecorded provenance; returns the lines."""
+    lines = []
+    for run in runs:
+        if "unknown" in run:
+            lines.append(f"provenance unknown: {run['checkpoint']} ({run['unknown']}); the leakage check cannot "
+                         "tell which volumes it was trained on")
+        elif run.get("recorded") is False:
+            lines.append(f"provenance not recorded: {run['checkpoint']} is checked against its config.yaml and "
+                         "today's folders (--allow-unknown-provenance)")
+    for line in lines:
+        log.warning("%s: %s", context, line)
+    return lines
+
+
+# ----------------------------------------------------------------------------- checks
+@dataclass
+class ProvenanceReport:
+    """What :func:`check_checkpoint_against` found for one checkpoint."""
+
+    checkpoint: str
+    runs: list[dict] = field(default_factory=list)
+    """This checkpoint's run, then its ancestors' (:func:`training_provenance`)."""
+    unknown: list[str] = field(default_factory=list)
+    """One line per ancestor (or the checkpoint itself) of unknown or unrecorded provenance."""
+    leaks: list[str] = field(default_factory=list)
+    """One line per evaluated volume the chain trained (or, for test, validated) on."""
+
+
+def _run_label(run: dict, index: int, checkpoint: Optional[str]) -> str:
+    if run.get("label"):
+        return run["label"]
+    name = f"checkpoint {run.get('checkpoint') or run.get('run')}"
+    if index and checkpoint:
+        name += f" (an ancestor of checkpoint {checkpoint})"
+    if run.get("recorded") is False:
+        name += " [no recorded provenance: today's folder]"
+    return name
+
+
+def _leaks(runs: Sequence[dict], evaluated: Mapping[Key, str], split: str, checkpoint: Optional[str]) -> list[str]:
+    """Lines ``"<ds> <vol> is in <where> but trained on by datasets.<n> of <who> (<root>, train)"``."""
+    used = ("train", "val") if split == "test" else ("train",)
+    lines = []
+    for index, run in enumerate(runs):
+        for name, entry in (run.get("datasets") or {}).items():
+            for part in used:
+                for key in sorted(set(evaluated) & {tuple(k) for k in entry.get(part, [])}):
+                    verb = "trained on" if part == "train" else "validated on"
+                    lines.append(f"{key[0]} {key[1]} is in {evaluated[key]} but {verb} by datasets.{name} of "
+                                 f"{_run_label(run, index, checkpoint)} ({entry.get('root')}, {part})")
+    return lines
+
+
+def _as_mapping(keys: Union[Mapping[Key, str], Iterable[Key]], split: str) -> dict[Key, str]:
+    if isinstance(keys, Mapping):
+        return {tuple(k): str(v) for k, v in keys.items()}
+    return {tuple(k): f"the evaluated {split} set" for k in keys}
+
+
+def _raise_leaks(leaks: list[str], split: str, context: str = "") -> None:
     if leaks:
-        raise LeakageError(f"{len(leaks)} {split} volume(s) were used for training:\n  " + "\n  ".join(leaks[:50])
+        raise LeakageError(f"{context}{len(leaks)} {split} volume(s) were used for training:\n  " + "\n  ".join(leaks[:50])
                            + ("\n  ..." if len(leaks) > 50 else "")
                            + "\nInherit one split across datasets (tc-import --split-from, abd --exclude-overlap-with).")
 
 
-def check_training_config(cfg: Config) -> None:
-    """``train.py``: no test volume of any configured dataset is trained on by this config or by
-    the weights it starts from."""
-    check_split(cfg, list(cfg.datasets), "test", cfg.model.init_from, "this config")
+def check_checkpoint_against(checkpoint_path: Union[str, Path], evaluated_keys: Union[Mapping[Key, str], Iterable[Key]],
+                             allow_unknown: bool = False, split: str = "test", label: Optional[str] = None,
+                             raise_on_leak: bool = True) -> ProvenanceReport:
+    """Check evaluated volumes against the *recorded* provenance of a checkpoint and its ancestors.
+
+    Args:
+        checkpoint_path: project checkpoint folder / ``.safetensors``, or a foreign ``.pth`` /
+            PEFT folder (logged as "provenance unknown").
+        evaluated_keys: ``(dataset, volume)`` keys evaluated (:func:`split_keys`), or ``{key: where}``
+            (e.g. ``"datasets.tc test"``) to name where each is evaluated.
+        allow_unknown: accept an own checkpoint without provenance (``--allow-unknown-provenance``);
+            it is then checked against its ``config.yaml`` chain and today's folders.
+        split: the evaluated split: ``test`` may hold no volume of the chain's train or val,
+            ``val`` none of its train; ``train`` is not checked.
+        label: who is checked, first in the error (e.g. ``"stage tumor_detection"``).
+        raise_on_leak: raise on a leak (else only ``report.leaks``).
+    Returns:
+        The report (runs read, unknown-provenance lines, leak lines).
+    Raises:
+        LeakageError: ``"<label>: checkpoint <path>: N test volume(s) were used for training:"``
+            and one line per volume, naming the dataset / run that trained on it.
+        ProvenanceError: own checkpoint without provenance, not ``allow_unknown``.
+        FileNotFoundError: no checkpoint at ``checkpoint_path``.
+    """
+    checkpoint = os.path.abspath(checkpoint_path)
+    runs = checkpoint_runs(checkpoint, allow_unknown)
+    report = ProvenanceReport(checkpoint, runs, _log_unknown(runs, label or f"checkpoint {checkpoint}"))
+    if split != "train":
+        report.leaks = _leaks(runs, _as_mapping(evaluated_keys, split), split, checkpoint)
+    if raise_on_leak:
+        _raise_leaks(report.leaks, split, f"{label + ': ' if label else ''}checkpoint {checkpoint}: ")
+    return report
 
 
-def check_evaluation(cfg: Config, names: Sequence[str], split: str, weights: Optional[str]) -> None:
-    """Eval scripts: the evaluated split of ``names`` against this config's and the evaluated
-    checkpoint's training volumes."""
-    check_split(cfg, names, split, weights, "this config")
+def check_split(cfg: Config, names: Sequence[str], split: str, weights: Sequence[str], label: str,
+                allow_unknown: bool = False) -> None:
+    """Stop when a volume of ``split`` of the datasets ``names`` was used for training, by this
+    config (its datasets' train splits now) or by the recorded chain of each of ``weights``.
+
+    Raises:
+        LeakageError: listing each leaked volume, where it is evaluated and who trained on it.
+        ProvenanceError: see :func:`check_checkpoint_against`.
+    """
+    if split == "train":
+        return
+    evaluated: dict[Key, str] = {}
+    for name in names:
+        try:
+            keys = split_keys(cfg.datasets[name].root, split)
+        except (OSError, ValueError):
+            continue  # the records loader reports a missing folder with its own message
+        evaluated.update({key: f"datasets.{name} {split}" for key in keys})
+    this_config = {"label": label, "datasets": dataset_record(cfg, validated=False, label=label)}
+    leaks = _leaks([this_config], {k: v for k, v in evaluated.items()}, "train", None)
+    # a missing file is reported by the weight check with its config key (model.ckpt=...), which
+    # stops the run before anything is trained or evaluated
+    for path in dict.fromkeys(str(w) for w in weights if w and Path(w).exists()):
+        leaks += check_checkpoint_against(path, evaluated, allow_unknown, split, raise_on_leak=False).leaks
+    _raise_leaks(leaks, split)
+
+
+def check_training_config(cfg: Config, allow_unknown: bool = False) -> None:
+    """``train.py``: no test volume of any configured dataset is trained on by this config, or
+    was trained or validated on by the weights it starts from (their recorded provenance)."""
+    check_split(cfg, list(cfg.datasets), "test", _weights_of(cfg), "this config", allow_unknown)
+
+
+def check_evaluation(cfg: Config, names: Sequence[str], split: str, weights: Union[None, str, Sequence[str]],
+                     allow_unknown: bool = False) -> None:
+    """Eval scripts: the evaluated split of ``names`` against this config's training volumes and
+    the recorded provenance of the evaluated weights (a path or several, e.g. init_from and ckpt)."""
+    paths = [weights] if isinstance(weights, (str, Path)) else list(weights or [])
+    check_split(cfg, names, split, paths, "this config", allow_unknown)

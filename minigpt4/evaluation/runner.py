@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from minigpt4.config import DETECTION_TASKS, ORGANS, Config, ConfigError, DecodingConfig, add_config_arguments, load_config, save_config
+from minigpt4.cli import add_provenance_argument
 from minigpt4.evaluation import figures, tables
 from minigpt4.evaluation.classification import classification_metrics, predict_classification
 from minigpt4.evaluation.classification import rescore_rows as rescore_classification
@@ -49,6 +50,7 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
         description=f"Evaluate {kind} on prepared data; results go to run.output_dir.",
     )
     add_config_arguments(parser)
+    add_provenance_argument(parser)
     parser.add_argument("--split", choices=("train", "val", "test"), default=None, help="default: run.eval_split (test)")
     parser.add_argument("--predictions", metavar="FILE.jsonl", help="re-score this predictions file; no model is loaded")
     if kind == "detection":
@@ -337,7 +339,9 @@ def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> d
     if missing:
         raise FileNotFoundError(f"--checkpoints: no model.safetensors in {missing[:5]}")
     splits = {s: load_task_records(cfg, task, s, args.q_ids, args.max_samples) for s in ("val", "test")}
-    check_evaluation(cfg, [n for n, d in cfg.datasets.items() if d.task == task], "test", str(found[0][1]))
+    # every epoch of the run (each records its provenance; reading it needs no tensors)
+    check_evaluation(cfg, [n for n, d in cfg.datasets.items() if d.task == task], "test", [str(p) for _, p in found],
+                     args.allow_unknown_provenance)
     # the model is built without model.ckpt: every epoch's weights are loaded over it in turn
     base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ckpt=None))
     model = _build_model(base)
@@ -414,7 +418,7 @@ def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
     loaded = {t: load_task_records(cfg, t, split, args.q_ids, args.max_samples) for t in tasks}  # before the model
     for task in tasks:  # no volume the weights (or this config) trained on may be evaluated
         check_evaluation(cfg, [n for n, d in cfg.datasets.items() if d.task == task], split,
-                         cfg.model.ckpt or cfg.model.init_from)
+                         [cfg.model.init_from, cfg.model.ckpt], args.allow_unknown_provenance)
     model = _build_model(cfg)
     feature_cache = _feature_cache(cfg, model)
     root = Path(cfg.run.output_dir)

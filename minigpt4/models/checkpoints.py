@@ -102,6 +102,10 @@ PEFT_KEY_PREFIX = "base_model.model."
 """peft's saved key prefix (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``)."""
 FORMAT = "minigpt-pancreas/2"
 """/2: frozen adapters stacked (``lora_adapters.*`` + ``adapter_stack``); /1 merged them (``merged_lora.*``)."""
+PROVENANCE_KEY = "provenance"
+"""Safetensors metadata key of the training provenance (JSON; see :func:`save_checkpoint`)."""
+PROVENANCE_NAME = "provenance.json"
+"""The same record in a PEFT export folder (``python -m minigpt4.export``)."""
 MINIGPT_V2_LORA_ALPHA = 16
 """α of the MiniGPT-v2 stage-3 and MiniGPT-Pancreas release adapters (r = 64 is read from the shapes)."""
 STAGE3_SOURCE = (
@@ -141,20 +145,26 @@ class LoadReport:
 
 
 # ---------------------------------------------------------------------- saving
-def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], config: Any = None) -> Path:
+def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], config: Any = None,
+                    provenance: Optional[dict] = None) -> Path:
     """Write ``folder/model.safetensors`` (trainable tensors + frozen adapters) and ``folder/config.yaml``.
 
     Each file is written to a temporary name and renamed into place; the tensors come last, so
     a folder with ``model.safetensors`` is complete. The safetensors metadata holds ``format``,
     ``lora_alpha``, ``lora_targets`` and ``adapter_stack`` (JSON list of
-    :meth:`MiniGPTPancreas.adapter_stack` entries); each frozen adapter's tensors are stored as
-    ``lora_adapters.<name>.<peft-0.2 name>``.
+    :meth:`MiniGPTPancreas.adapter_stack` entries), and ``provenance`` when given; each frozen
+    adapter's tensors are stored as ``lora_adapters.<name>.<peft-0.2 name>``.
 
     Args:
         model: the model.
         folder: checkpoint folder (created).
         config: the :class:`~minigpt4.config.Config` (or ``ModelConfig``/dict) to store beside;
             default ``model.cfg``.
+        provenance: the volumes the weights were trained and validated on, with those of their
+            ancestors (:func:`minigpt4.evaluation.leakage.training_provenance`). In the tensor
+            file's header, so it travels with the file (``checkpoint_best`` is a copy) and reads
+            back without a model (:func:`read_metadata`). A checkpoint without it has unknown
+            provenance and the leakage guard refuses it unless told otherwise.
     Returns:
         The path of ``model.safetensors``.
     """
@@ -178,6 +188,8 @@ def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], con
         "lora_targets": to_json(trainable["targets"], where="checkpoint metadata lora_targets"),
         "adapter_stack": to_json(stack, where="checkpoint metadata adapter_stack"),
     }
+    if provenance is not None:
+        metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
     path = folder / WEIGHTS_NAME
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -193,6 +205,34 @@ def _read_project(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     except Exception as err:  # safetensors raises its own error types
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
     return tensors, metadata
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> tuple[str, Path, dict[str, str]]:
+    """``(kind, tensor file, metadata)`` of a checkpoint, without reading its tensors.
+
+    ``kind`` is ``"project"`` (a safetensors file this project wrote: its metadata has
+    ``format`` = ``minigpt-pancreas/...``), ``"peft"`` (a PEFT adapter folder; its metadata holds
+    ``provenance`` when the folder has :data:`PROVENANCE_NAME`, as our exports do), or ``"foreign"``
+    (anything else: the MiniGPT-v2 stage-3 ``.pth``, a release ``.pth``, another safetensors
+    file, whose metadata is empty).
+
+    Raises:
+        FileNotFoundError: nothing there. ValueError: an unreadable safetensors header.
+    """
+    path = resolve_checkpoint_path(path)
+    if path.name == PEFT_WEIGHTS_NAME and (path.parent / PEFT_CONFIG_NAME).is_file():
+        record = path.parent / PROVENANCE_NAME
+        return "peft", path, {PROVENANCE_KEY: record.read_text(encoding="utf-8")} if record.is_file() else {}
+    if path.suffix != ".safetensors":
+        return "foreign", path, {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    if not str(metadata.get("format", "")).startswith("minigpt-pancreas/"):
+        return "foreign", path, {}
+    return "project", path, metadata
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:

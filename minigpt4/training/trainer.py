@@ -366,14 +366,15 @@ def _replace_folder(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def _write_checkpoint(model: torch.nn.Module, cfg: Config, output_dir: Path, name: str, state: dict) -> Path:
+def _write_checkpoint(model: torch.nn.Module, cfg: Config, output_dir: Path, name: str, state: dict,
+                      provenance: Optional[dict] = None) -> Path:
     from minigpt4.models.checkpoints import save_checkpoint
 
     final = output_dir / name
     tmp = output_dir / f".{name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_checkpoint(model, tmp, cfg)
+    save_checkpoint(model, tmp, cfg, provenance)
     torch.save(state, tmp / TRAINING_STATE)
     _replace_folder(tmp, final)
     write_text_atomic(output_dir / LATEST_POINTER, name + "\n")
@@ -435,8 +436,13 @@ def _validate(model: torch.nn.Module, val_sets: list, cfg: Config, feature_cache
 # --------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config) -> TrainResult:
-    """Run (or resume) one training run as configured; see the module docstring."""
+def train(cfg: Config, allow_unknown_provenance: bool = False) -> TrainResult:
+    """Run (or resume) one training run as configured; see the module docstring.
+
+    Every checkpoint records the run's provenance (the volumes of its train/val splits and its
+    ancestors', :func:`minigpt4.evaluation.leakage.training_provenance`);
+    ``allow_unknown_provenance`` accepts starting weights of an older own format that record none.
+    """
     run = cfg.run
     dist_info = D.init_distributed(run.device)
     device, main = dist_info.device, dist_info.is_main
@@ -450,6 +456,9 @@ def train(cfg: Config) -> TrainResult:
         check_weight_files(cfg)
         train_sets = load_split_records(cfg, "train")
         val_sets = load_split_records(cfg, "val") if run.validate else []
+        from minigpt4.evaluation.leakage import training_provenance
+
+        provenance = training_provenance(cfg, allow_unknown_provenance)  # recorded in every checkpoint
         resume_from = resolve_resume(run.resume, output_dir)
         if resume_from is not None:
             check_resume_config(cfg, resume_from)
@@ -560,7 +569,7 @@ def train(cfg: Config) -> TrainResult:
                     "rng": rngs,
                     "best": {"score": best_score, "epoch": best_epoch},
                 }
-                folder = _write_checkpoint(model, cfg, output_dir, name, state)
+                folder = _write_checkpoint(model, cfg, output_dir, name, state, provenance)
             D.barrier()
             return folder
 
