@@ -22,6 +22,8 @@ from minigpt4.config import add_config_arguments, load_config
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty run.output_dir that no training run wrote (its files are kept)")
     args = parser.parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
 
@@ -29,7 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from minigpt4.training import train  # after config parsing, so --help and config errors are fast
 
     check_training_config(cfg)  # no test volume of any dataset is trained on (here or by init_from)
-    result = train(cfg)
+    result = train(cfg, overwrite=args.overwrite)
     if result.best_score is not None:
         print(f"done: {result.step} steps, {result.epoch} epochs, best val score {result.best_score:.4f} "
               f"(epoch {result.best_epoch}); outputs in {result.output_dir}")

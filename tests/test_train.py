@@ -57,7 +57,8 @@ def test_smoke_run_writes_documented_outputs(data, tmp_path):
     run_train(data, out, "run.iters_per_epoch=1", "run.max_steps=2")
     names = {p.name for p in out.iterdir()}
     assert names == {"config.yaml", "log.jsonl", "val_metrics.jsonl", "checkpoint_epoch_0", "checkpoint_epoch_1",
-                     "checkpoint_best", "checkpoint_latest"}
+                     "checkpoint_best", "checkpoint_latest", "manifest.json"}
+    assert json.loads((out / "manifest.json").read_text())["command"] == "train"
     for folder in ("checkpoint_epoch_0", "checkpoint_epoch_1", "checkpoint_best"):
         assert {p.name for p in (out / folder).iterdir()} == {"model.safetensors", "config.yaml", "training_state.pt"}
     assert (out / "checkpoint_latest").read_text().strip() == "checkpoint_epoch_1"
