@@ -6,6 +6,7 @@ an interrupted run never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -13,6 +14,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 
 
 @contextmanager
@@ -26,6 +30,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        # a full or read-only disk while writing: name the file being written, never the temp name
+        if err.errno in _WRITE_ERRNOS and err.filename in (None, tmp, str(tmp_path)):
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

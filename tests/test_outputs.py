@@ -230,8 +230,8 @@ def test_a_partial_export_is_never_loadable(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(export_module, "save_file", disk_full_at_the_vit)
     status, err = _export(capsys, "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "new")
-    assert status == 2 and err == ("python -m minigpt4.export: error: no space left on the device: free some space "
-                                   "or choose another output folder")
+    assert status == 2 and err == (f"python -m minigpt4.export: error: {tmp_path / 'new' / 'visual_encoder.safetensors'}: "
+                                   "no space left on the device: free some space or choose another output folder")
     assert not (tmp_path / "new").exists()  # what the failed export created is gone
     # into its own earlier export: the folder stays, marked incomplete, and does not load
     monkeypatch.setattr(export_module, "save_file", real_save)
