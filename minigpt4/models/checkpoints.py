@@ -162,9 +162,9 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path}: {_unsafe_load_reason(err)}; this project reads .pth files only as tensors "
-                         "and plain containers (a MiniGPT-v2 / release checkpoint), or use a .safetensors file "
-                         "or a checkpoint folder") from None
+        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True): {_unsafe_load_reason(err)}; "
+                         "this project reads .pth files only as tensors and plain containers (a MiniGPT-v2 / "
+                         "release checkpoint), or use a .safetensors file or a checkpoint folder") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -178,8 +178,10 @@ def _unsafe_load_reason(err: Exception) -> str:
     text = str(err)
     if match := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
         return f"not a plain tensor checkpoint (it would run Python code: {match[1]})"
+    if match := re.search(r"WeightsUnpickler error:\s*(.+?)\s*(\n|$)", text):
+        return f"not a plain tensor checkpoint, or not a torch file at all ({match[1].strip()[:200]})"
     if "Weights only load failed" in text:
-        return "not a plain tensor checkpoint (it holds Python objects other than tensors)"
+        return "not a plain tensor checkpoint"
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
     return f"not a readable torch file ({type(err).__name__}: {first[:200]})"
 
