@@ -264,8 +264,11 @@ def test_output_dir_errors_are_one_line_with_exit_status_2(data, tmp_path, capsy
             f"run.output_dir={blocker / 'run'}", "run.max_steps=1"]
     assert run_main(train_entry.main, argv, prog="train.py") == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"train.py: error: {blocker / 'run'}: a path component is a file, not a folder: choose another output path"
-    with pytest.raises(NotADirectoryError):
+    assert err.strip() == (f"train.py: error: {blocker / 'run'}: run.output_dir lies under {blocker}, which is a "
+                           "file, not a folder; choose another output path")
+    from minigpt4.outputs import OutputFolderError
+
+    with pytest.raises(OutputFolderError):
         run_main(train_entry.main, [*argv, "--debug"], prog="train.py")
 
 
