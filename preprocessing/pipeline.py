@@ -588,6 +588,8 @@ def check_overlap_sources(opts: Options, jobs: Sequence[Job]) -> None:
     """``--exclude-overlap-with``, checked before any volume is processed: every folder exists,
     holds volumes, is neither this run's ``--out`` nor holds its own input volumes (every volume
     would match itself), and every NIfTI header declares a 3-D volume that fits in memory."""
+    import nibabel as nib
+
     from preprocessing import overlap
 
     out_abs = Path(opts.out).resolve()
@@ -605,8 +607,6 @@ def check_overlap_sources(opts: Options, jobs: Sequence[Job]) -> None:
                                    f"({len(mine)}: {', '.join(mine[:5])}); give the other datasets' folders")
         for _, image, kind in found:
             if kind == "nifti":
-                import nibabel as nib
-
                 try:
                     header_only = nib.load(image)
                 except Exception as err:  # noqa: BLE001 - nibabel raises many types for broken headers
