@@ -127,8 +127,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "synthetic":
         from preprocessing.synthetic import generate
 
-        res = generate(args.out, args.scheme, args.n, args.slices, args.size, args.orient, args.seed, args.nih_format,
-                       overwrite=args.overwrite)
+        with OutputFolder(args.out, "preprocessing synthetic", overwrite=True, owner="python -m preprocessing synthetic",
+                          owns=lambda m: m.get("dataset") == "synthetic"):  # checked by generate; locked here
+            res = generate(args.out, args.scheme, args.n, args.slices, args.size, args.orient, args.seed,
+                           args.nih_format, overwrite=args.overwrite)
         print(f"next: python -m preprocessing {args.scheme} --images {res['images']} --labels {res['labels']} --out OUT")
     elif args.command in ("tc", "tc-import"):
         from preprocessing.pipeline import PREPARED_KINDS
