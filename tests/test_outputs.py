@@ -347,3 +347,27 @@ def test_feature_cache_file_of_the_wrong_shape_and_a_full_disk(tmp_path, monkeyp
     final = cache.folder / "ab" / f"{key}.safetensors"
     assert error_message(caught.value) == f"{final}: no space left on the device: free some space or choose another output folder"
     assert list((cache.folder / "ab").iterdir()) == []
+
+
+def test_run_main_turns_os_errors_into_one_line_and_removes_what_the_command_created(tmp_path, capsys):
+    from minigpt4.outputs import make_folder
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+
+    def failing_main(argv):
+        make_folder(existing / "a" / "b")  # creates a/ and a/b/: a/ is the command's
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(existing / "a" / "b" / "x.bin"))
+
+    assert run_main(failing_main, [], prog="cmd") == 2
+    assert capsys.readouterr().err.strip() == (f"cmd: error: {existing / 'a' / 'b' / 'x.bin'}: no space left on the "
+                                               "device: free some space or choose another output folder")
+    assert existing.is_dir() and os.listdir(existing) == []
+    for code, hint in ((errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied"),
+                       (errno.EPERM, "operation not permitted"), (errno.ENOTDIR, "a path component is a file"),
+                       (errno.EEXIST, "already exists")):
+        def main(argv, code=code):
+            raise OSError(code, os.strerror(code), "/some/out")
+
+        assert run_main(main, [], prog="cmd") == 2
+        assert capsys.readouterr().err.strip().startswith(f"cmd: error: /some/out: {hint}")
