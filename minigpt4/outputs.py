@@ -98,7 +98,13 @@ def make_folder(path: os.PathLike | str) -> Path:
     """``mkdir -p`` that tracks the highest folder it created (see :func:`track_created`)."""
     path = Path(path)
     missing = [p for p in [path, *path.parents] if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # e.g. a read-only folder half-way down: remove the parents made so far
+        for made in missing:
+            if made.is_dir():
+                shutil.rmtree(made, ignore_errors=True)
+        raise
     if missing:
         track_created(missing[-1])
     return path

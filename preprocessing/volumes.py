@@ -187,7 +187,8 @@ def load_nifti(path: str | os.PathLike, scaled: bool = False, assume_orientation
     except VolumeError:
         raise
     except MemoryError:
-        raise VolumeError(path, f"not enough memory to decode {'x'.join(map(str, img.shape))} voxels") from None
+        raise VolumeError(path, "not enough memory to decode the volume; crop or resample it, or use a machine "
+                                "with more memory") from None
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError,
             nib.filebasedimages.ImageFileError) as err:
         raise VolumeError(path, f"corrupt or truncated NIfTI file ({type(err).__name__}: {err})") from None

@@ -223,8 +223,12 @@ class VisualFeatureCache:
             "key": "SHA-256 of the image file bytes",
         }, indent=2)
         tmp = info.with_name(f".info.json.{os.getpid()}.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, info)
+        try:
+            tmp.write_text(text + "\n")
+            os.replace(tmp, info)
+        except OSError as err:  # a full or read-only disk: name the cache file, not the temp name
+            tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, err.strerror, str(info)) from None
 
 
 def configured_feature_cache(cfg, model, autocast_dtype: Optional[torch.dtype] = None) -> VisualFeatureCache:
