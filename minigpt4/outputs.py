@@ -151,8 +151,18 @@ def tracked_files(out: Path) -> list[str]:
     return [name[len(prefix):] for name in listed.stdout.decode("utf-8", "replace").split("\0") if name]
 
 
+_SOURCE_DIRS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "preprocessing")
+
+
 def check_not_tracked(out: Path, option: str = "--out") -> None:
-    """Refuse a folder holding files of a git work tree (the project's own README.md ...)."""
+    """Refuse a folder holding files of a git work tree (the project's own README.md ...), and,
+    with or without git, the project's root and its package folders."""
+    target = out.resolve()
+    root = _SOURCE_DIRS[0].parent
+    if any(target == d or d in target.parents for d in _SOURCE_DIRS) or (
+            target == root and (root / "pyproject.toml").is_file()):
+        raise OutputFolderError(f"{out}: {option} is the project's own source folder; choose another folder "
+                                "(e.g. output/...)")
     tracked = tracked_files(out)
     if tracked:
         shown = ", ".join(tracked[:3]) + (", ..." if len(tracked) > 3 else "")

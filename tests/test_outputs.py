@@ -195,6 +195,10 @@ def test_export_refuses_the_repository_root(tmp_path, release_pth, capsys, monke
     assert sorted(os.listdir(repo)) == [".git", "README.md"]
     # an untracked folder inside the work tree is fine
     assert _export(capsys, "--ckpt", release_pth, "--out", "output/peft")[0] == 0
+    # this project's own root and packages, git or not (checked before anything is written)
+    for folder in (ROOT, ROOT / "minigpt4", ROOT / "preprocessing" / "new"):
+        with pytest.raises(OutputFolderError, match="the project's own source folder"):
+            OutputFolder(folder, "export").__enter__()
 
 
 def test_export_into_a_user_folder_replaces_nothing(tmp_path, release_pth, capsys):
