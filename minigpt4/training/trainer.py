@@ -48,6 +48,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,23 +415,6 @@ def _validate(model: torch.nn.Module, val_sets: list, cfg: Config, feature_cache
 # --------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, overwrite: bool = False) -> TrainResult:
-    """Run (or resume) one training run as configured; see the module docstring.
-
-    ``run.output_dir`` follows :mod:`minigpt4.outputs`: rank 0 locks it for the whole run (a
-    second run into it stops at once), it must be empty, new or a training run's own folder
-    (``overwrite``: write next to foreign files, never replacing them), and a run that fails
-    before its first checkpoint removes what it created.
-    """
-    dist_info = D.init_distributed(cfg.run.device)
-    try:
-        claim = _claim_output_dir(Path(cfg.run.output_dir), overwrite) if dist_info.is_main else contextlib.nullcontext()
-        with claim as out_folder:
-            return _train(cfg, dist_info, out_folder)
-    finally:
-        D.cleanup()
-
-
 TRAIN_OUTPUTS = re.compile(r"(config\.yaml|log\.jsonl|val_metrics\.jsonl|checkpoint_latest|checkpoint_.+|"
                            r"\.checkpoint_.+\.(tmp|old)|feature_cache|manifest\.json)")
 """Top-level names a training run writes in ``run.output_dir``."""
@@ -447,228 +431,248 @@ def _claim_output_dir(output_dir: Path, overwrite: bool):
                         legacy=legacy)
 
 
-def _train(cfg: Config, dist_info, out_folder) -> TrainResult:
-    """:func:`train` with the distributed state set up and ``out_folder`` (rank 0) locked."""
+def train(cfg: Config, overwrite: bool = False) -> TrainResult:
+    """Run (or resume) one training run as configured; see the module docstring.
+
+    ``run.output_dir`` follows :mod:`minigpt4.outputs`: rank 0 locks it for the whole run (a
+    second run into it stops at once), it must be new, empty or a training run's own folder
+    (``overwrite``: write next to foreign files, never replacing them), and a run that fails
+    before its first checkpoint removes what it created.
+    """
     run = cfg.run
+    dist_info = D.init_distributed(run.device)
     device, main = dist_info.device, dist_info.is_main
     output_dir = Path(run.output_dir)
-    # ---- checks first: nothing heavy happens before these pass
-    check_weight_files(cfg)
-    train_sets = load_split_records(cfg, "train")
-    val_sets = load_split_records(cfg, "val") if run.validate else []
-    resume_from = resolve_resume(run.resume, output_dir)
-    if resume_from is not None:
-        check_resume_config(cfg, resume_from)
-    amp_dtype = _amp_dtype(run.amp, device)
+    out_folder = None
+    try:
+        if main:  # checked, created and locked before anything else: a second run stops here
+            out_folder = _claim_output_dir(output_dir, overwrite).__enter__()
+        # ---- checks first: nothing heavy happens before these pass
+        check_weight_files(cfg)
+        train_sets = load_split_records(cfg, "train")
+        val_sets = load_split_records(cfg, "val") if run.validate else []
+        resume_from = resolve_resume(run.resume, output_dir)
+        if resume_from is not None:
+            check_resume_config(cfg, resume_from)
+        amp_dtype = _amp_dtype(run.amp, device)
 
-    if main:
-        out_folder.check_no_foreign([n for n in os.listdir(output_dir) if TRAIN_OUTPUTS.fullmatch(n)])
-        if not out_folder.manifest:
-            out_folder.write_manifest({"written_by": "train.py"})
-        save_config(cfg, output_dir / "config.yaml")
-
-    # ---- model, data, optimisation
-    from minigpt4.models.minigpt_v2 import build_model
-
-    seed_everything(run.seed)
-    model = build_model(cfg.model, device)
-    if resume_from is not None:
-        from minigpt4.models.checkpoints import load_weights
-
-        load_weights(model, resume_from)
-    datasets = [
-        TaskDataset(records, task, model.image_transform, train=True, seed=run.seed, check=False,
-                    cache=run.cache_images)
-        for _, task, _, records in train_sets
-    ]
-    feature_folder, val_feature_cache = None, None
-    if run.cache_visual_features:
-        feature_folder = attach_feature_cache(model, datasets, cfg, amp_dtype, dist_info.rank, dist_info.world_size)
-        if run.validate and main:  # validation runs on rank 0, without autocast
-            from minigpt4.data.feature_cache import configured_feature_cache
-
-            val_feature_cache = configured_feature_cache(cfg, model, autocast_dtype=None)
-    if run.compile:
-        model.compile_regions(pad_to_multiple_of=run.compile_pad_to_multiple_of)
-    plan = MixPlan(
-        [len(d) for d in datasets],
-        [ratio for _, _, ratio, _ in train_sets],
-        micro_batch=run.batch_size,
-        accum=run.grad_accum_steps,
-        world=dist_info.world_size,
-        seed=run.seed,
-        iters_per_epoch=run.iters_per_epoch,
-    )
-    spe = plan.steps_per_epoch
-    optimizer = build_optimizer(model, cfg)
-    schedule = WarmupCosineSchedule(
-        optimizer, run.max_epoch * spe, run.init_lr, run.min_lr, run.warmup_lr, run.warmup_steps
-    )
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-
-    step, best_score, best_epoch = 0, None, None
-    seed_everything(run.seed + dist_info.rank)  # dropout differs per rank, as in LAVIS
-    if resume_from is not None:
-        state = load_training_state(resume_from / TRAINING_STATE)
-        if state.get("steps_per_epoch") != spe:
-            raise ValueError(
-                f"cannot resume from {resume_from}: it has {state.get('steps_per_epoch')} steps per epoch, "
-                f"this config gives {spe} (batch size, world size, iters_per_epoch or data changed)"
-            )
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        best_score, best_epoch = state["best"]["score"], state["best"]["epoch"]
-        rngs = state["rng"]
-        if len(rngs) == dist_info.world_size:
-            set_rng_state(rngs[dist_info.rank])
-        else:  # another world size: per-rank streams cannot be continued, reseed by step
-            seed_everything(run.seed + dist_info.rank + step)
         if main:
-            _truncate_jsonl(output_dir / "log.jsonl", lambda row: row.get("step", 0) <= step)
-            _truncate_jsonl(output_dir / "val_metrics.jsonl", lambda row: row.get("step", 0) <= step)
+            out_folder.check_no_foreign([n for n in os.listdir(output_dir) if TRAIN_OUTPUTS.fullmatch(n)])
+            if not out_folder.manifest:
+                out_folder.write_manifest({"written_by": "train.py"})
+            save_config(cfg, output_dir / "config.yaml")
 
-    train_model: torch.nn.Module = model
-    if dist_info.enabled:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+        # ---- model, data, optimisation
+        from minigpt4.models.minigpt_v2 import build_model
+
+        seed_everything(run.seed)
+        model = build_model(cfg.model, device)
+        if resume_from is not None:
+            from minigpt4.models.checkpoints import load_weights
+
+            load_weights(model, resume_from)
+        datasets = [
+            TaskDataset(records, task, model.image_transform, train=True, seed=run.seed, check=False,
+                        cache=run.cache_images)
+            for _, task, _, records in train_sets
+        ]
+        feature_folder, val_feature_cache = None, None
+        if run.cache_visual_features:
+            feature_folder = attach_feature_cache(model, datasets, cfg, amp_dtype, dist_info.rank, dist_info.world_size)
+            if run.validate and main:  # validation runs on rank 0, without autocast
+                from minigpt4.data.feature_cache import configured_feature_cache
+
+                val_feature_cache = configured_feature_cache(cfg, model, autocast_dtype=None)
+        if run.compile:
+            model.compile_regions(pad_to_multiple_of=run.compile_pad_to_multiple_of)
+        plan = MixPlan(
+            [len(d) for d in datasets],
+            [ratio for _, _, ratio, _ in train_sets],
+            micro_batch=run.batch_size,
+            accum=run.grad_accum_steps,
+            world=dist_info.world_size,
+            seed=run.seed,
+            iters_per_epoch=run.iters_per_epoch,
         )
-    mixed = MixedDataset(datasets)
-    result = TrainResult(output_dir=output_dir, step=step, epoch=step // spe, resumed_from=resume_from,
-                         best_score=best_score, best_epoch=best_epoch)
-    if main:
-        _append_jsonl(output_dir / "log.jsonl", {
-            "kind": "start", "step": step, "epoch": step // spe, "steps_per_epoch": spe,
-            "global_batch": plan.global_batch, "world_size": dist_info.world_size,
-            "train_records": [len(d) for d in datasets], "resumed_from": resume_from, "device": str(device),
-            "feature_cache": feature_folder, "compile": run.compile,
-        })
+        spe = plan.steps_per_epoch
+        optimizer = build_optimizer(model, cfg)
+        schedule = WarmupCosineSchedule(
+            optimizer, run.max_epoch * spe, run.init_lr, run.min_lr, run.warmup_lr, run.warmup_steps
+        )
+        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
-    def save(name: str, epoch: int) -> Optional[Path]:
-        """Gather every rank's RNG, then rank 0 writes the checkpoint."""
-        rngs = [rng_state()]
+        step, best_score, best_epoch = 0, None, None
+        seed_everything(run.seed + dist_info.rank)  # dropout differs per rank, as in LAVIS
+        if resume_from is not None:
+            state = load_training_state(resume_from / TRAINING_STATE)
+            if state.get("steps_per_epoch") != spe:
+                raise ValueError(
+                    f"cannot resume from {resume_from}: it has {state.get('steps_per_epoch')} steps per epoch, "
+                    f"this config gives {spe} (batch size, world size, iters_per_epoch or data changed)"
+                )
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            step = int(state["step"])
+            best_score, best_epoch = state["best"]["score"], state["best"]["epoch"]
+            rngs = state["rng"]
+            if len(rngs) == dist_info.world_size:
+                set_rng_state(rngs[dist_info.rank])
+            else:  # another world size: per-rank streams cannot be continued, reseed by step
+                seed_everything(run.seed + dist_info.rank + step)
+            if main:
+                _truncate_jsonl(output_dir / "log.jsonl", lambda row: row.get("step", 0) <= step)
+                _truncate_jsonl(output_dir / "val_metrics.jsonl", lambda row: row.get("step", 0) <= step)
+
+        train_model: torch.nn.Module = model
         if dist_info.enabled:
-            gathered: list = [None] * dist_info.world_size
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        folder = None
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        mixed = MixedDataset(datasets)
+        result = TrainResult(output_dir=output_dir, step=step, epoch=step // spe, resumed_from=resume_from,
+                             best_score=best_score, best_epoch=best_epoch)
         if main:
-            state = {
-                "format": STATE_FORMAT,
-                "epoch": epoch,
-                "step": step,
-                "steps_per_epoch": spe,
-                "data": {"consumed": plan.consumed_before(step), "global_batch": plan.global_batch,
-                         "world_size": dist_info.world_size, "seed": run.seed},
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {},
-                "rng": rngs,
-                "best": {"score": best_score, "epoch": best_epoch},
-            }
-            folder = _write_checkpoint(model, cfg, output_dir, name, state)
-            out_folder.keep()  # resumable from here: a later failure keeps the folder
-        D.barrier()
-        return folder
-
-    total_steps = run.max_epoch * spe
-    stop_at = total_steps if run.max_steps is None else min(total_steps, run.max_steps)
-    train_model.train()
-    while step < stop_at:
-        epoch = step // spe
-        epoch_end = (epoch + 1) * spe
-        last = min(epoch_end, stop_at)
-        loader = DataLoader(
-            mixed,
-            batch_sampler=plan.batches(step, last, dist_info.rank),
-            collate_fn=collate_samples,
-            num_workers=run.num_workers,
-            pin_memory=device.type == "cuda",
-            # own generator: creating an iterator would otherwise draw from the global torch
-            # RNG and make a resumed run (new loader mid-epoch) diverge from a straight one
-            generator=torch.Generator().manual_seed(run.seed + step),
-        )
-        batches = iter(loader)
-        epoch_losses: list[float] = []
-        epoch_start = time.perf_counter()
-        bar = _progress(last - step, epoch, main)
-        while step < last:
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(run.grad_accum_steps)]
-            t_data = time.perf_counter() - t0
-            lr = schedule.apply()
-            step_loss = torch.zeros((), device=device)
-            for index, batch in enumerate(micro):
-                # DDP: all-reduce gradients only on the last micro-batch
-                sync = index == len(micro) - 1 or not dist_info.enabled
-                context = contextlib.nullcontext() if sync else train_model.no_sync()
-                with context:
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        images, tower_tokens = _visual_inputs(batch, device)
-                        # only the loss is kept: the answer logits are not held through backward
-                        loss = train_model(images, batch["instructions"], batch["answers"], tower_tokens=tower_tokens).loss
-                    loss = loss / run.grad_accum_steps
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                step_loss += loss.detach()
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.advance()
-            step += 1
-            loss_value = float(D.all_reduce_mean(step_loss))
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step} (epoch {epoch})")
-            elapsed = time.perf_counter() - t0
-            samples_per_s = plan.global_batch / elapsed
-            epoch_losses.append(loss_value)
-            result.losses.append((step, loss_value))
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}", refresh=False)
-                bar.update(1)  # after the postfix: a log line shows this step's loss
-            if main and (step % run.log_interval == 0 or step == last):
-                _append_jsonl(output_dir / "log.jsonl", {
-                    "kind": "step", "epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
-                    "samples_per_s": samples_per_s, "data_fraction": t_data / elapsed, "time": time.time(),
-                })
-        if bar is not None:
-            bar.close()
-        del batches, loader
-
-        if step < epoch_end:  # stopped by run.max_steps inside the epoch: resumable checkpoint
-            save(f"checkpoint_step_{step}", epoch)
-            break
-        # ---- end of epoch: validate (rank 0), checkpoint, best
-        score, per_task, is_best = None, None, False
-        if run.validate and main:
-            score, per_task = _validate(model, val_sets, cfg, val_feature_cache)
-            is_best = best_score is None or score > best_score
-            if is_best:
-                best_score, best_epoch = score, epoch
-        D.barrier()
-        best_score, best_epoch = D.broadcast_object((best_score, best_epoch))
-        folder = save(f"checkpoint_epoch_{epoch}", epoch + 1)
-        if main:
-            if is_best or (not run.validate):
-                _copy_as_best(folder, output_dir)  # without validation: the latest epoch
-            if run.validate:
-                _append_jsonl(output_dir / "val_metrics.jsonl", {
-                    "epoch": epoch, "step": step, "score": score, "best": is_best, "tasks": per_task,
-                })
             _append_jsonl(output_dir / "log.jsonl", {
-                "kind": "epoch", "epoch": epoch, "step": step,
-                "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None,
-                "val_score": score, "best_score": best_score, "best_epoch": best_epoch,
-                "epoch_time_s": time.perf_counter() - epoch_start,
+                "kind": "start", "step": step, "epoch": step // spe, "steps_per_epoch": spe,
+                "global_batch": plan.global_batch, "world_size": dist_info.world_size,
+                "train_records": [len(d) for d in datasets], "resumed_from": resume_from, "device": str(device),
+                "feature_cache": feature_folder, "compile": run.compile,
             })
-        D.barrier()
-    result.step, result.epoch = step, step // spe
-    result.best_score, result.best_epoch = best_score, best_epoch
-    return result
+
+        def save(name: str, epoch: int) -> Optional[Path]:
+            """Gather every rank's RNG, then rank 0 writes the checkpoint."""
+            rngs = [rng_state()]
+            if dist_info.enabled:
+                gathered: list = [None] * dist_info.world_size
+                torch.distributed.all_gather_object(gathered, rngs[0])
+                rngs = gathered
+            folder = None
+            if main:
+                state = {
+                    "format": STATE_FORMAT,
+                    "epoch": epoch,
+                    "step": step,
+                    "steps_per_epoch": spe,
+                    "data": {"consumed": plan.consumed_before(step), "global_batch": plan.global_batch,
+                             "world_size": dist_info.world_size, "seed": run.seed},
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "rng": rngs,
+                    "best": {"score": best_score, "epoch": best_epoch},
+                }
+                folder = _write_checkpoint(model, cfg, output_dir, name, state)
+                out_folder.keep()  # resumable from here: a later failure keeps the folder
+            D.barrier()
+            return folder
+
+        total_steps = run.max_epoch * spe
+        stop_at = total_steps if run.max_steps is None else min(total_steps, run.max_steps)
+        train_model.train()
+        while step < stop_at:
+            epoch = step // spe
+            epoch_end = (epoch + 1) * spe
+            last = min(epoch_end, stop_at)
+            loader = DataLoader(
+                mixed,
+                batch_sampler=plan.batches(step, last, dist_info.rank),
+                collate_fn=collate_samples,
+                num_workers=run.num_workers,
+                pin_memory=device.type == "cuda",
+                # own generator: creating an iterator would otherwise draw from the global torch
+                # RNG and make a resumed run (new loader mid-epoch) diverge from a straight one
+                generator=torch.Generator().manual_seed(run.seed + step),
+            )
+            batches = iter(loader)
+            epoch_losses: list[float] = []
+            epoch_start = time.perf_counter()
+            bar = _progress(last - step, epoch, main)
+            while step < last:
+                t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(run.grad_accum_steps)]
+                t_data = time.perf_counter() - t0
+                lr = schedule.apply()
+                step_loss = torch.zeros((), device=device)
+                for index, batch in enumerate(micro):
+                    # DDP: all-reduce gradients only on the last micro-batch
+                    sync = index == len(micro) - 1 or not dist_info.enabled
+                    context = contextlib.nullcontext() if sync else train_model.no_sync()
+                    with context:
+                        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                            images, tower_tokens = _visual_inputs(batch, device)
+                            # only the loss is kept: the answer logits are not held through backward
+                            loss = train_model(images, batch["instructions"], batch["answers"], tower_tokens=tower_tokens).loss
+                        loss = loss / run.grad_accum_steps
+                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                    step_loss += loss.detach()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.advance()
+                step += 1
+                loss_value = float(D.all_reduce_mean(step_loss))
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {step} (epoch {epoch})")
+                elapsed = time.perf_counter() - t0
+                samples_per_s = plan.global_batch / elapsed
+                epoch_losses.append(loss_value)
+                result.losses.append((step, loss_value))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}", refresh=False)
+                    bar.update(1)  # after the postfix: a log line shows this step's loss
+                if main and (step % run.log_interval == 0 or step == last):
+                    _append_jsonl(output_dir / "log.jsonl", {
+                        "kind": "step", "epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
+                        "samples_per_s": samples_per_s, "data_fraction": t_data / elapsed, "time": time.time(),
+                    })
+            if bar is not None:
+                bar.close()
+            del batches, loader
+
+            if step < epoch_end:  # stopped by run.max_steps inside the epoch: resumable checkpoint
+                save(f"checkpoint_step_{step}", epoch)
+                break
+            # ---- end of epoch: validate (rank 0), checkpoint, best
+            score, per_task, is_best = None, None, False
+            if run.validate and main:
+                score, per_task = _validate(model, val_sets, cfg, val_feature_cache)
+                is_best = best_score is None or score > best_score
+                if is_best:
+                    best_score, best_epoch = score, epoch
+            D.barrier()
+            best_score, best_epoch = D.broadcast_object((best_score, best_epoch))
+            folder = save(f"checkpoint_epoch_{epoch}", epoch + 1)
+            if main:
+                if is_best or (not run.validate):
+                    _copy_as_best(folder, output_dir)  # without validation: the latest epoch
+                if run.validate:
+                    _append_jsonl(output_dir / "val_metrics.jsonl", {
+                        "epoch": epoch, "step": step, "score": score, "best": is_best, "tasks": per_task,
+                    })
+                _append_jsonl(output_dir / "log.jsonl", {
+                    "kind": "epoch", "epoch": epoch, "step": step,
+                    "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None,
+                    "val_score": score, "best_score": best_score, "best_epoch": best_epoch,
+                    "epoch_time_s": time.perf_counter() - epoch_start,
+                })
+            D.barrier()
+        result.step, result.epoch = step, step // spe
+        result.best_score, result.best_epoch = best_score, best_epoch
+        return result
+    except BaseException:
+        if out_folder is not None:  # removes what this run created (unless a checkpoint exists)
+            out_folder.__exit__(*sys.exc_info())
+            out_folder = None
+        raise
+    finally:
+        if out_folder is not None:
+            out_folder.__exit__(None, None, None)
+        D.cleanup()
 
 
 def _visual_inputs(batch: dict, device: torch.device) -> tuple:
