@@ -375,3 +375,33 @@ def test_run_main_turns_os_errors_into_one_line_and_removes_what_the_command_cre
 
         assert run_main(main, [], prog="cmd") == 2
         assert capsys.readouterr().err.strip().startswith(f"cmd: error: /some/out: {hint}")
+
+
+def test_evaluation_output_dir_follows_the_rule(tmp_path):
+    import eval_detection
+
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"dataset": "ABD", "volume_name": "c1", "target": "liver", "answer": "{<0><0><50><50>}",
+                                 "gt_box": [0, 0, 100, 100], "width": 200, "height": 200}) + "\n")
+
+    def rescore(out, *extra):
+        return eval_detection.main(["--cfg-path", str(ROOT / "eval_configs" / "quickstart_cpu.yaml"), "--options",
+                                    f"run.output_dir={out}", "--predictions", str(preds), "--bootstrap", "0",
+                                    "--no-figures", *extra])
+
+    rescore(tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "manifest.json").read_text())["command"] == "eval_detection"
+    rescore(tmp_path / "eval")  # its own folder: re-run
+    train_run = tmp_path / "run"
+    train_run.mkdir()
+    (train_run / "manifest.json").write_text(json.dumps({"command": "train"}))
+    with pytest.raises(OutputFolderError, match="not a manifest written by eval_detection.py"):
+        rescore(train_run)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "tables.md").write_text("my table")
+    with pytest.raises(OutputFolderError, match="folder is not empty and has no manifest.json"):
+        rescore(user)
+    with pytest.raises(OutputFolderError, match=r"would replace 1 file\(s\) that eval_detection.py did not write \(tables.md\)"):
+        rescore(user, "--overwrite")
+    assert sorted(os.listdir(user)) == ["tables.md"] and (user / "tables.md").read_text() == "my table"
