@@ -24,6 +24,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     add_provenance_argument(parser)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty run.output_dir that no training run wrote (its files are kept)")
     args = parser.parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
 
@@ -32,7 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # no test volume of any dataset is trained on (here, or by init_from as its checkpoint records)
     check_training_config(cfg, allow_unknown=args.allow_unknown_provenance)
-    result = train(cfg, allow_unknown_provenance=args.allow_unknown_provenance)
+    result = train(cfg, overwrite=args.overwrite, allow_unknown_provenance=args.allow_unknown_provenance)
     if result.best_score is not None:
         print(f"done: {result.step} steps, {result.epoch} epochs, best val score {result.best_score:.4f} "
               f"(epoch {result.best_epoch}); outputs in {result.output_dir}")

@@ -3,11 +3,13 @@
 ``train.py``, ``eval_detection.py``, ``eval_classification.py``, ``demo.py`` and
 ``python -m minigpt4.inspect`` end with ``sys.exit(run_main(main, prog=...))``. Their ``main``
 functions raise (so tests can assert the exception); :func:`run_main` turns the errors a user
-can fix — a bad config, a missing or unreadable file, a folder that cannot be written — into
+can fix — a bad config, a missing or unreadable file, a folder that cannot be written (ENOSPC,
+EROFS, EACCES, EPERM, ENOTDIR, EEXIST: the path and a hint) — into
 
     <prog>: error: <file or key>: <what is wrong and what to do>
 
-on stderr and exit status 2 (argparse's status for a bad command line), without a traceback.
+on stderr and exit status 2 (argparse's status for a bad command line), without a traceback,
+after removing what the failed command created (:mod:`minigpt4.outputs`).
 ``--debug`` shows the traceback instead. Anything else (a bug) keeps its traceback.
 """
 
@@ -30,6 +32,8 @@ _OS_HINTS = {
     errno.EISDIR: "is a folder where a file was expected",
     errno.ENOSPC: "no space left on the device: free some space or choose another output folder",
     errno.EROFS: "read-only file system: choose another output folder",
+    errno.EEXIST: "already exists: remove it or choose another output path",
+    errno.EDQUOT: "disk quota exceeded: free some space or choose another output folder",
 }
 
 
@@ -68,7 +72,16 @@ def error_message(err: BaseException) -> str:
         if err.errno == errno.ENOENT:
             what = "file or folder not found"
         return f"{where}: {what}"
+    if isinstance(err, OSError) and err.errno in _OS_HINTS:  # e.g. a write that hit a full disk
+        return _OS_HINTS[err.errno]
     return str(err).strip() or type(err).__name__
+
+
+def _remove_created() -> None:
+    """Remove what the failed command created (minigpt4.outputs tracks it)."""
+    from minigpt4.outputs import remove_created
+
+    remove_created()
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None,
@@ -91,6 +104,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[S
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as err:
+        _remove_created()
         if debug:
             raise
         print(f"{prog}: error: {error_message(err)}", file=sys.stderr)

@@ -17,9 +17,12 @@ stage-3 or release ``.pth``). ``--out`` receives:
 * ``adapter_stack.json`` (the stack: names, targets, r, alpha, source, sha256) and ``README.md``;
 * ``provenance.json`` when the checkpoint records its training provenance (the volumes it and its
   ancestors were trained and validated on; the leakage guard reads it from the exported folder too).
+* ``manifest.json``: ``{"command": "export", "status": "complete", "files": {path: bytes}}``,
+  written first as ``incomplete`` and last as complete: the loader refuses a partial export.
 
 The folder goes back into this project as ``model.ckpt=DIR`` or ``model.init_from=DIR``. Every
-file is written to a temporary name and renamed. Limits: LoRA only (plain LoRA, one rank and
+file is written to a temporary name and renamed; ``--out`` follows :mod:`minigpt4.outputs` (only
+an export's own folder is replaced; never git-tracked files; one export at a time). Limits: LoRA only (plain LoRA, one rank and
 alpha per adapter); the EVA and LLaMA base weights are not copied.
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import re
 import sys
 from pathlib import Path
@@ -36,6 +40,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from minigpt4.cli import add_debug_argument, run_main
 from minigpt4.io import atomic_path, write_json_atomic, write_text_atomic
 from minigpt4.models.checkpoints import (
     CONFIG_NAME,
@@ -51,6 +56,7 @@ from minigpt4.models.checkpoints import (
     read_metadata,
 )
 from minigpt4.models.checkpoints import LORA_KEY_PREFIX, split_lora_tensors
+from minigpt4.outputs import MANIFEST_NAME, OutputFolder
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +105,60 @@ def _write_adapter(
     return config
 
 
+EXPORT_COMMAND = "export"
+"""``command`` of an export folder's ``manifest.json`` (``files``: {relative path: size in bytes})."""
+
+
+def check_lora_alpha(value: float) -> float:
+    """``--lora-alpha``: a finite positive number (0 would zero the adapter, NaN poisons it)."""
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--lora-alpha must be a finite number > 0, got {value:g}")
+    return value
+
+
 def export_peft(
-    ckpt: str | Path, out: str | Path, base_model: Optional[str] = None, lora_alpha: Optional[float] = None
+    ckpt: str | Path, out: str | Path, base_model: Optional[str] = None, lora_alpha: Optional[float] = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the PEFT folder described in the module docstring; returns ``out``.
 
+    The folder follows :mod:`minigpt4.outputs` (an earlier export's own files are replaced, a
+    foreign folder is refused unless empty or ``overwrite``, never git-tracked files; locked while
+    writing). Its ``manifest.json`` says ``incomplete`` while files are written and lists every
+    file with its size at the end; the loader refuses a folder whose manifest does not match.
+
     Args:
         ckpt: any checkpoint ``model.ckpt`` accepts.
-        out: output folder (created; files in it are replaced).
+        out: output folder.
         base_model: ``base_model_name_or_path`` of the adapter config; default the checkpoint's
             ``model.text.path`` (its ``config.yaml``), else ``meta-llama/Llama-2-7b-chat-hf``.
-        lora_alpha: alpha of a ``.pth`` file's LoRA (default 16, MiniGPT-v2's).
+        lora_alpha: alpha of a ``.pth`` file's LoRA (default 16, MiniGPT-v2's); a checkpoint that
+            records its alpha refuses another value.
+        overwrite: write into a non-empty folder another program wrote (its files are kept).
     Raises:
-        FileNotFoundError, ValueError: unreadable checkpoint, or one without LoRA / ``llama_proj``.
+        FileNotFoundError, ValueError: unreadable checkpoint, or one without LoRA / ``llama_proj``,
+            a refused output folder or ``lora_alpha``.
     """
-    contents = read_checkpoint(ckpt, lora_alpha)
     out = Path(out)
+    if lora_alpha is not None:
+        lora_alpha = check_lora_alpha(lora_alpha)
+    legacy = lambda folder: (folder / STACK_NAME).is_file()  # noqa: E731 - an export written before manifests
+    with OutputFolder(out, EXPORT_COMMAND, overwrite=overwrite, inputs=[ckpt], legacy=legacy,
+                      owner="python -m minigpt4.export") as folder:
+        contents = read_checkpoint(ckpt)
+        if lora_alpha is not None and lora_alpha != contents.lora_alpha:
+            if contents.format != "torch_pickle":
+                raise ValueError(f"{contents.path}: the checkpoint records lora_alpha={contents.lora_alpha:g}; "
+                                 f"--lora-alpha {lora_alpha:g} would change it (only a .pth file, which records "
+                                 "none, takes --lora-alpha)")
+            contents.lora_alpha = lora_alpha
+        _export_into(folder, contents, base_model)
+    return out
+
+
+def _export_into(folder: OutputFolder, contents, base_model: Optional[str]) -> None:
+    out = folder.path
     config_path = contents.path.parent / CONFIG_NAME if contents.format == "project" else None
     model_cfg = OmegaConf.load(config_path) if config_path is not None and config_path.is_file() else None
     if model_cfg is not None and "model" in model_cfg:
@@ -135,6 +179,14 @@ def export_peft(
         log.warning("%s: %d tensors not exported (neither LoRA, llama_proj nor the ViT): %s",
                     contents.path, len(other), other[:5])
 
+    adapter_files = [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
+    planned = adapter_files + [PROJECTION_NAME, STACK_NAME, "README.md", MANIFEST_NAME] + ([VISION_NAME] if vision else [])
+    planned += [f"{frozen['name']}/{name}" for frozen in contents.frozen for name in adapter_files]
+    folder.check_no_foreign(planned + [f["name"] for f in contents.frozen])
+    earlier = dict((folder.manifest or {}).get("files") or {})
+    # first: a folder with this manifest is not loadable until the final one replaces it
+    folder.write_manifest({"status": "incomplete", "files": {**earlier, **{rel: None for rel in planned}}})
+
     main = _write_adapter(out, lora_tensors, contents.lora_alpha, dropout, base_model, num_layers)
     with atomic_path(out / PROJECTION_NAME) as tmp:
         save_file(projection, str(tmp), metadata={"format": "pt"})
@@ -154,7 +206,10 @@ def export_peft(
         if PROVENANCE_KEY in metadata:
             write_text_atomic(out / PROVENANCE_NAME, metadata[PROVENANCE_KEY])
     write_text_atomic(out / "README.md", _readme(out, base_model, stack, bool(vision)))
-    return out
+    for rel in sorted(set(earlier) - set(planned)):  # an earlier export's files this one does not write
+        (out / rel).unlink(missing_ok=True)
+    files = {rel: (out / rel).stat().st_size for rel in planned if rel != MANIFEST_NAME}
+    folder.write_manifest({"status": "complete", "files": files})
 
 
 def _readme(out: Path, base_model: str, stack: list[dict], vision: bool) -> str:
@@ -203,21 +258,25 @@ def _readme(out: Path, base_model: str, stack: list[dict], vision: bool) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minigpt4.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint folder / .safetensors / .pth")
     parser.add_argument("--out", required=True, help="output folder (PEFT adapter layout)")
     parser.add_argument("--base-model", default=None, help="base_model_name_or_path to record")
-    parser.add_argument("--lora-alpha", type=float, default=None, help="alpha of a .pth file's LoRA (default 16)")
+    parser.add_argument("--lora-alpha", type=float, default=None,
+                        help="alpha of a .pth file's LoRA (default 16); checkpoints that record theirs refuse another")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty folder not written by an export (its files are kept)")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        out = export_peft(args.ckpt, args.out, args.base_model, args.lora_alpha)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
+    out = export_peft(args.ckpt, args.out, args.base_model, args.lora_alpha, overwrite=args.overwrite)
     print(f"wrote {out} (load with peft.PeftModel.from_pretrained; see {out / 'README.md'})")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m minigpt4.export``: bad input → ``error: ...`` on stderr, exit status 2."""
+    return run_main(_main, argv, prog="python -m minigpt4.export")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ stops the command with the file and the key instead of leaving ``NaN`` that stri
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -16,6 +17,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 
 
 @contextmanager
@@ -29,6 +33,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        # a full or read-only disk while writing: name the file being written, never the temp name
+        if err.errno in _WRITE_ERRNOS and err.filename in (None, tmp, str(tmp_path)):
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -19,6 +19,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from minigpt4.cli import error_message
+from minigpt4.outputs import OutputFolder, remove_created
 from preprocessing.volumes import VolumeError
 
 
@@ -125,19 +127,26 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "synthetic":
         from preprocessing.synthetic import generate
 
-        res = generate(args.out, args.scheme, args.n, args.slices, args.size, args.orient, args.seed, args.nih_format,
-                       overwrite=args.overwrite)
+        with OutputFolder(args.out, "preprocessing synthetic", overwrite=True, owner="python -m preprocessing synthetic",
+                          owns=lambda m: m.get("dataset") == "synthetic"):  # checked by generate; locked here
+            res = generate(args.out, args.scheme, args.n, args.slices, args.size, args.orient, args.seed,
+                           args.nih_format, overwrite=args.overwrite)
         print(f"next: python -m preprocessing {args.scheme} --images {res['images']} --labels {res['labels']} --out OUT")
-    elif args.command == "tc":
-        from preprocessing.tc import build_tc
+    elif args.command in ("tc", "tc-import"):
+        from preprocessing.pipeline import PREPARED_KINDS
+        from preprocessing.tc import build_tc, import_tc
 
-        build_tc(args.msd, args.nih, args.out, variant=args.variant, margin=args.margin, threshold=args.threshold,
-                 seed=args.seed, workers=args.workers, overwrite=args.overwrite)
-    elif args.command == "tc-import":
-        from preprocessing.tc import import_tc
-
-        import_tc(args.images, args.out, csv_path=args.csv, test_ratio=args.test_ratio, val_ratio=args.val_ratio,
-                  seed=args.seed, overwrite=args.overwrite, split_from=args.split_from)
+        # the tc functions check the folder (pipeline.check_output_folder); this adds the lock and
+        # the removal of what a failed run created
+        with OutputFolder(args.out, "preprocessing", overwrite=True, owner="python -m preprocessing",
+                          owns=lambda m: m.get("dataset") in PREPARED_KINDS):
+            if args.command == "tc":
+                build_tc(args.msd, args.nih, args.out, variant=args.variant, margin=args.margin,
+                         threshold=args.threshold, seed=args.seed, workers=args.workers, overwrite=args.overwrite)
+            else:
+                import_tc(args.images, args.out, csv_path=args.csv, test_ratio=args.test_ratio,
+                          val_ratio=args.val_ratio, seed=args.seed, overwrite=args.overwrite,
+                          split_from=args.split_from)
     elif args.command == "report":
         from preprocessing.report import report
 
@@ -151,8 +160,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (VolumeError, FileNotFoundError, ValueError, argparse.ArgumentTypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (VolumeError, OSError, ValueError, argparse.ArgumentTypeError) as err:
+        remove_created()  # what the failed run created (OutputFolder already did, this catches the rest)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         return 2
 
 

@@ -6,6 +6,10 @@ import sys
 from typing import Sequence
 
 
+class WorkerDied(ValueError):
+    """A pool worker died (killed, out of memory) instead of returning or raising."""
+
+
 def run_jobs(jobs: Sequence, worker, workers: int, desc: str = "volumes"):
     """Map ``worker`` over jobs, in-process for one worker, else with a fork/spawn pool.
 
@@ -23,12 +27,27 @@ def run_jobs(jobs: Sequence, worker, workers: int, desc: str = "volumes"):
                 bar.update(1)
             return results
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
         method = "fork" if "fork" in mp.get_all_start_methods() and sys.platform != "darwin" else "spawn"
-        with mp.get_context(method).Pool(min(workers, len(jobs))) as pool:
-            for result in pool.imap(worker, jobs, chunksize=1):  # in order, like map, but one at a time
-                results.append(result)
-                bar.update(1)
+        # concurrent.futures, not multiprocessing.Pool: a worker that dies (killed, out of memory)
+        # breaks the pool and fails the run, where Pool would wait for its result forever
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context(method)) as pool:
+            futures = [pool.submit(worker, job) for job in jobs]
+            try:
+                for job, future in zip(jobs, futures):
+                    results.append(future.result())
+                    bar.update(1)
+            except BrokenProcessPool:
+                raise WorkerDied(
+                    f"a worker process died while preparing {desc} (killed, e.g. out of memory) at "
+                    f"{getattr(job, 'volume_name', None) or (job[0] if isinstance(job, tuple) else job)}; run again with --workers 1 to see the "
+                    "volume's error, or with fewer workers") from None
+            except BaseException:
+                for pending in futures:
+                    pending.cancel()
+                raise
         return results
     finally:
         bar.close()

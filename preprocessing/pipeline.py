@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from minigpt4 import outputs
 from minigpt4.io import atomic_path, read_json, write_json_atomic
 from preprocessing import normalize, overlap, slices, splits, volumes
 from preprocessing.jobs import run_jobs
@@ -366,14 +367,10 @@ _TEMP = re.compile(r"\..+\.tmp")  # minigpt4.io.atomic_path leftovers of an inte
 
 def check_not_input(out, inputs: Sequence) -> None:
     """Refuse an output folder that equals, contains or lies inside an input (file or folder)."""
-    out_abs = Path(out).resolve()
-    for item in inputs:
-        if not item:
-            continue
-        src = Path(item).resolve()
-        if out_abs == src or out_abs in src.parents or src in out_abs.parents:
-            raise PreparationError(f"{out}: --out must not equal, contain or lie inside the input {item}; "
-                                   "choose a separate output folder")
+    try:
+        outputs.check_not_input(Path(out), inputs)
+    except outputs.OutputFolderError as err:
+        raise PreparationError(str(err)) from None
 
 
 def _owned(out: Path, manifest: dict) -> set[str]:
@@ -399,36 +396,29 @@ def check_output_folder(out: Path, parameters: dict, overwrite: bool, inputs: Se
                         kinds: Sequence[str] = PREPARED_KINDS) -> set[str]:
     """Check that a run may write into ``out``; returns the files there that earlier runs wrote.
 
-    Rules: ``out`` must not equal, contain or lie inside an input; a folder with a manifest of
-    this package (``dataset`` in ``kinds``) made with other parameters is refused unless
-    ``overwrite``; a non-empty folder without a manifest is refused unless ``overwrite``, and
-    even then its files are never deleted or replaced (see :func:`check_no_foreign`).
+    The rules of every output folder (:func:`minigpt4.outputs.check_output_folder`: not a file,
+    not an input, no git-tracked files, a manifest of this package (``dataset`` in ``kinds``) or
+    empty unless ``overwrite``, and even then foreign files are never deleted or replaced, see
+    :func:`check_no_foreign`), plus: a folder made with other parameters is refused unless
+    ``overwrite``.
     """
     out = Path(out)
-    check_not_input(out, inputs)
-    if out.exists() and not out.is_dir():
-        raise PreparationError(f"{out}: --out exists and is not a folder")
-    manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        try:
-            old = read_json(manifest_path)
-        except ValueError:
-            old = None
-        if not isinstance(old, dict) or old.get("dataset") not in kinds or not isinstance(old.get("parameters"), dict):
-            raise PreparationError(f"{manifest_path}: not a manifest written by python -m preprocessing for "
-                                   f"{'/'.join(kinds)}; choose another --out")
-        old_params = {k: v for k, v in old["parameters"].items() if k not in RUN_OPTIONS}
-        new_params = {k: v for k, v in parameters.items() if k not in RUN_OPTIONS}
-        if old_params != new_params and not overwrite:
-            diff = sorted(k for k in set(new_params) | set(old_params) if old_params.get(k) != new_params.get(k))
-            raise PreparationError(f"{out}: folder was prepared with different parameters ({', '.join(diff)}); "
-                                   "use --overwrite to replace it or choose another --out")
-        return _owned(out, old)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise PreparationError(f"{out}: folder is not empty and has no manifest.json (not written by "
-                               "python -m preprocessing); choose an empty or new --out, or add --overwrite to "
-                               "write next to its files (they are kept)")
-    return set()
+    owner = f"python -m preprocessing for {'/'.join(kinds)}"
+    try:
+        old = outputs.check_output_folder(
+            out, "preprocessing", lambda m: m.get("dataset") in kinds and isinstance(m.get("parameters"), dict),
+            overwrite, inputs=inputs, owner=owner)
+    except outputs.OutputFolderError as err:
+        raise PreparationError(str(err)) from None
+    if old is None:
+        return set()
+    old_params = {k: v for k, v in old["parameters"].items() if k not in RUN_OPTIONS}
+    new_params = {k: v for k, v in parameters.items() if k not in RUN_OPTIONS}
+    if old_params != new_params and not overwrite:
+        diff = sorted(k for k in set(new_params) | set(old_params) if old_params.get(k) != new_params.get(k))
+        raise PreparationError(f"{out}: folder was prepared with different parameters ({', '.join(diff)}); "
+                               "use --overwrite to replace it or choose another --out")
+    return _owned(out, old)
 
 
 def check_no_foreign(out: Path, owned: set[str], would_write) -> None:
@@ -561,8 +551,50 @@ def prepare(opts: Options, log=print) -> dict:
     out = Path(opts.out)
     params = opts.parameters()
     jobs, problems = discover(opts)  # first: a missing input folder is the error to report
-    ours = (out / "manifest.json").is_file()
+    if opts.exclude_overlap_with:
+        check_overlap_sources(opts, jobs)
     owned = check_output_folder(out, params, opts.overwrite, inputs=[*opts.images, opts.labels])
+    # checked above; the lock keeps a second run out, a failure removes what this run created
+    with outputs.OutputFolder(out, "preprocessing", overwrite=True, owner="python -m preprocessing",
+                              owns=lambda m: m.get("dataset") in PREPARED_KINDS):
+        return _prepare_into(opts, out, params, jobs, problems, owned, log, t_start)
+
+
+def check_overlap_sources(opts: Options, jobs: Sequence[Job]) -> None:
+    """``--exclude-overlap-with``, checked before any volume is processed: every folder exists,
+    holds volumes, is neither this run's ``--out`` nor holds its own input volumes (every volume
+    would match itself), and every NIfTI header declares a 3-D volume that fits in memory."""
+    import nibabel as nib
+
+    from preprocessing import overlap
+
+    out_abs = Path(opts.out).resolve()
+    own_images = {str(Path(j.image).resolve()): j.volume_name for j in jobs}
+    for folder in opts.exclude_overlap_with:
+        where = Path(folder).resolve()
+        if where == out_abs or out_abs in where.parents or where in out_abs.parents:
+            raise PreparationError(f"--exclude-overlap-with {folder}: is (or overlaps) this run's own --out "
+                                   f"{opts.out}; give the prepared or raw MSD / NIH folders whose scans must "
+                                   f"stay out of {opts.dataset} val/test")
+        _, found = overlap.folder_volumes(folder)
+        mine = sorted(own_images[p] for _, image, _ in found if (p := str(Path(image).resolve())) in own_images)
+        if mine:
+            raise PreparationError(f"--exclude-overlap-with {folder}: holds this run's own input volumes "
+                                   f"({len(mine)}: {', '.join(mine[:5])}); give the other datasets' folders")
+        for _, image, kind in found:
+            if kind == "nifti":
+                try:
+                    header_only = nib.load(image)
+                except Exception as err:  # noqa: BLE001 - nibabel raises many types for broken headers
+                    raise VolumeError(image, f"unreadable NIfTI header ({type(err).__name__}: {err})") from None
+                volumes.check_nifti_shape(image, header_only)
+
+
+def _prepare_into(opts: Options, out: Path, params: dict, jobs: list, problems: list, owned: set,
+                  log, t_start: float) -> dict:
+    """:func:`prepare` once the output folder is checked and locked."""
+    ds = opts.dataset
+    ours = (out / "manifest.json").is_file()
     problems.sort(key=lambda p: p["volume"])
     if problems and opts.on_error == "fail":
         if len(problems) == 1:
@@ -574,8 +606,8 @@ def prepare(opts: Options, log=print) -> dict:
     check_no_foreign(out, owned, lambda rel: rel in planned
                      or bool((m := _OWN_PNG.fullmatch(rel)) and m["volume"] in names))
     ann = out / "annotations"
-    ann.mkdir(parents=True, exist_ok=True)
-    (out / "slices").mkdir(parents=True, exist_ok=True)
+    outputs.make_folder(ann)
+    outputs.make_folder(out / "slices")
     # Marks the folder as in progress (read_prepared refuses it until the final manifest) and
     # records what this run may write, so that a re-run after an interruption may replace it.
     write_json_atomic(out / "manifest.json", {"dataset": ds, "status": "incomplete", "parameters": params,

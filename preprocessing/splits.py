@@ -53,3 +53,22 @@ def volume_stem(name: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def check_split(split, source) -> dict:
+    """A ``split.json`` read from ``source``: an object whose train/val/test are lists of volume
+    names, no volume in two splits. Returns it; raises ValueError naming the file otherwise."""
+    if not isinstance(split, dict):
+        raise ValueError(f"{source}: not a split (expected an object with train/val/test lists, got "
+                         f"{type(split).__name__})")
+    seen: dict[str, str] = {}
+    for name in SPLITS:
+        names = split.get(name, [])
+        if not isinstance(names, list) or not all(isinstance(v, str) for v in names):
+            raise ValueError(f"{source}: '{name}' must be a list of volume names")
+        for volume in names:
+            if volume in seen and seen[volume] != name:
+                raise ValueError(f"{source}: volume {volume} is in both {seen[volume]} and {name}; "
+                                 "a volume belongs to one split (re-run python -m preprocessing on that folder)")
+            seen[volume] = name
+    return split

@@ -256,28 +256,19 @@ def _planned_files(scheme: str, n: int, n_slices: int, nih_format: str) -> list[
 
 
 def _start_output(out: Path, planned: list[str], overwrite: bool) -> set[str]:
-    """Same rules as the prepared folders (``preprocessing.pipeline.check_output_folder``):
+    """The rules of every output folder (:func:`minigpt4.outputs.check_output_folder`):
     returns the files an earlier ``generate`` wrote here (its ``manifest.json`` lists them);
     refuses a non-empty folder without that manifest unless ``overwrite``, and never replaces
     a file it did not write."""
-    from minigpt4.io import read_json
+    from minigpt4 import outputs
     from preprocessing.pipeline import PreparationError
 
-    manifest_path = out / "manifest.json"
-    owned: set[str] = set()
-    if manifest_path.is_file():
-        try:
-            old = read_json(manifest_path)
-        except ValueError:
-            old = None
-        if not isinstance(old, dict) or old.get("dataset") != "synthetic":
-            raise PreparationError(f"{manifest_path}: not a manifest of python -m preprocessing synthetic; "
-                                   "choose another --out")
-        owned = {f for f in old.get("files", []) if (out / f).is_file()}
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise PreparationError(f"{out}: folder is not empty and has no manifest.json of python -m preprocessing "
-                               "synthetic; choose an empty or new --out, or add --overwrite to write next to "
-                               "its files (they are kept)")
+    try:
+        old = outputs.check_output_folder(out, "preprocessing synthetic", lambda m: m.get("dataset") == "synthetic",
+                                          overwrite, owner="python -m preprocessing synthetic")
+    except outputs.OutputFolderError as err:
+        raise PreparationError(str(err)) from None
+    owned = {f for f in (old or {}).get("files", []) if (out / f).is_file()}
     foreign = [f for f in planned if f not in owned and (out / f).exists()]
     if foreign:
         raise PreparationError(f"{out}: would replace {len(foreign)} file(s) it did not write "

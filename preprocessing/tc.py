@@ -235,7 +235,8 @@ def inherited_split(volumes: dict[str, set], split_from) -> dict:
         if ds in sources:
             raise ValueError(f"--split-from: two {ds} folders ({sources[ds]}, {root})")
         sources[ds] = str(root)
-        where[ds] = splits.split_of(read_json(root / "annotations" / "split.json"))
+        split_path = root / "annotations" / "split.json"
+        where[ds] = splits.split_of(splits.check_split(read_json(split_path), split_path))
     doc: dict = {"inherited_from": sources, **{s: [] for s in splits.SPLITS}}
     for ds, names in sorted(volumes.items()):
         if ds not in where:

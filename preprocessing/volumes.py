@@ -45,6 +45,37 @@ class VolumeError(ValueError):
         self.problem = problem
         super().__init__(f"{path}: {problem}")
 
+    def __reduce__(self):
+        # raised in a worker process, it is pickled back to the parent: the default would call
+        # VolumeError(message) without ``problem``, which fails there and hangs a multiprocessing pool
+        return (type(self), (self.path, self.problem))
+
+
+def decode_budget() -> int:
+    """Bytes a volume may take once decoded: this machine's physical memory (1 TiB if unknown)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return 1 << 40
+
+
+def check_nifti_shape(path, image) -> None:
+    """Refuse, from the header alone, a NIfTI that is not 3-D or would not fit in memory decoded.
+
+    ``image``: the ``nibabel.load`` result (the voxels are not read yet). Decoding needs the
+    stored array plus one float copy (≥ 4 bytes a voxel) for scaling/normalising.
+    """
+    shape = tuple(int(v) for v in image.shape)
+    if len(shape) != 3 and not (len(shape) == 4 and shape[3] == 1):
+        raise VolumeError(path, f"expected a 3-D volume, got shape {shape}")
+    voxels = int(np.prod(shape, dtype=np.int64))
+    need = voxels * (np.dtype(image.get_data_dtype()).itemsize + 4)
+    budget = decode_budget()
+    if need > budget:
+        raise VolumeError(path, f"the header declares {'x'.join(map(str, shape))} voxels, about "
+                                f"{need / 1024**3:.1f} GB to decode, more than this machine's memory "
+                                f"({budget / 1024**3:.1f} GB); crop or resample the volume, or check its header")
+
 
 # ----------------------------------------------------------------------------- orientation
 
@@ -153,11 +184,7 @@ def load_nifti(path: str | os.PathLike, scaled: bool = False, assume_orientation
         raise VolumeError(path, "file not found")
     try:
         img = nib.load(str(path))
-        if len(img.shape) != 3:
-            if len(img.shape) == 4 and img.shape[3] == 1:
-                pass
-            else:
-                raise VolumeError(path, f"expected a 3-D volume, got shape {img.shape}")
+        check_nifti_shape(path, img)  # before any voxel is decoded
         proxy = img.dataobj
         if scaled or not hasattr(proxy, "get_unscaled"):
             array = np.asanyarray(proxy)
@@ -170,6 +197,9 @@ def load_nifti(path: str | os.PathLike, scaled: bool = False, assume_orientation
                 slope, inter = 1.0, 0.0
     except VolumeError:
         raise
+    except MemoryError:
+        raise VolumeError(path, "not enough memory to decode the volume; crop or resample it, or use a machine "
+                                "with more memory") from None
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError,
             nib.filebasedimages.ImageFileError) as err:
         raise VolumeError(path, f"corrupt or truncated NIfTI file ({type(err).__name__}: {err})") from None

@@ -110,6 +110,9 @@ def test_export_of_a_release_pth_and_errors(tmp_path, capsys):
     assert export_main(["--ckpt", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x")]) == 2
     assert "error: checkpoint not found" in capsys.readouterr().err
     (tmp_path / "out" / "llama_proj.safetensors").unlink()
+    with pytest.raises(ValueError, match="llama_proj.safetensors: missing from the export"):
+        load_weights(build_model(tiny_model_config()), tmp_path / "out")
+    (tmp_path / "out" / "manifest.json").unlink()  # a PEFT folder without our manifest: still checked
     with pytest.raises(FileNotFoundError, match="llama_proj.safetensors missing"):
         load_weights(build_model(tiny_model_config()), tmp_path / "out")
     assert PREFIX.startswith("llama_model.base_model.model.")

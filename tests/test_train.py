@@ -58,7 +58,8 @@ def test_smoke_run_writes_documented_outputs(data, tmp_path):
     run_train(data, out, "run.iters_per_epoch=1", "run.max_steps=2")
     names = {p.name for p in out.iterdir()}
     assert names == {"config.yaml", "log.jsonl", "val_metrics.jsonl", "checkpoint_epoch_0", "checkpoint_epoch_1",
-                     "checkpoint_best", "checkpoint_latest"}
+                     "checkpoint_best", "checkpoint_latest", "manifest.json"}
+    assert json.loads((out / "manifest.json").read_text())["command"] == "train"
     for folder in ("checkpoint_epoch_0", "checkpoint_epoch_1", "checkpoint_best"):
         assert {p.name for p in (out / folder).iterdir()} == {"model.safetensors", "config.yaml", "training_state.pt"}
     assert (out / "checkpoint_latest").read_text().strip() == "checkpoint_epoch_1"
@@ -297,8 +298,11 @@ def test_output_dir_errors_are_one_line_with_exit_status_2(data, tmp_path, capsy
             f"run.output_dir={blocker / 'run'}", "run.max_steps=1"]
     assert run_main(train_entry.main, argv, prog="train.py") == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"train.py: error: {blocker / 'run'}: a path component is a file, not a folder: choose another output path"
-    with pytest.raises(NotADirectoryError):
+    assert err.strip() == (f"train.py: error: {blocker / 'run'}: run.output_dir lies under {blocker}, which is a "
+                           "file, not a folder; choose another output path")
+    from minigpt4.outputs import OutputFolderError
+
+    with pytest.raises(OutputFolderError):
         run_main(train_entry.main, [*argv, "--debug"], prog="train.py")
 
 

@@ -55,7 +55,8 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6)
     # exactly one set of outputs, written by rank 0: no duplicated rows or temp folders
     assert sorted(p.name for p in ddp.iterdir()) == [
-        "checkpoint_best", "checkpoint_epoch_0", "checkpoint_latest", "config.yaml", "log.jsonl", "val_metrics.jsonl"]
+        "checkpoint_best", "checkpoint_epoch_0", "checkpoint_latest", "config.yaml", "log.jsonl", "manifest.json",
+        "val_metrics.jsonl"]
     assert len((ddp / "val_metrics.jsonl").read_text().splitlines()) == 1
     assert sum(1 for line in (ddp / "log.jsonl").read_text().splitlines() if '"kind": "step"' in line) == 3
     state = torch.load(ddp / "checkpoint_epoch_0" / "training_state.pt", weights_only=True)

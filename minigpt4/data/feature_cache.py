@@ -37,7 +37,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from minigpt4.io import file_sha256
 
@@ -77,9 +77,11 @@ class CachedTowerTokens:
     Small and picklable (a folder and a list of keys), so DataLoader workers read the files.
     """
 
-    def __init__(self, folder: Path, keys: Sequence[str]) -> None:
+    def __init__(self, folder: Path, keys: Sequence[str], shape: Optional[tuple[int, int]] = None) -> None:
         self.folder = Path(folder)
         self.keys = list(keys)
+        self.shape = tuple(shape) if shape is not None else None
+        """(1 + N, C) every entry must have (None: not checked)."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -91,11 +93,16 @@ class CachedTowerTokens:
     def __getitem__(self, index: int) -> torch.Tensor:
         path = self.path(index)
         try:
-            return load_file(str(path))[_TENSOR]
+            tokens = load_file(str(path))[_TENSOR]
         except FileNotFoundError:
             raise FileNotFoundError(f"feature cache file missing: {path} (was the cache folder cleaned during the run?)") from None
         except Exception as err:  # safetensors raises its own error types for damaged files
             raise OSError(f"feature cache file {path} is unreadable ({err}); delete it to re-encode the image") from None
+        if self.shape is not None and tuple(tokens.shape) != self.shape:
+            # a replaced file would otherwise fail later in torch.stack, naming no file
+            raise ValueError(f"feature cache file {path} holds a tensor of shape {tuple(tokens.shape)}, expected "
+                             f"{self.shape} (replaced, or written for another model); delete it to re-encode the image")
+        return tokens
 
 
 class _Images(torch.utils.data.Dataset):
@@ -155,7 +162,8 @@ class VisualFeatureCache:
             :class:`CachedTowerTokens` aligned with ``image_paths``.
         """
         keys = [image_key(path) for path in image_paths]
-        lookup = CachedTowerTokens(self.folder, keys)
+        vision = self.model.cfg.vision
+        lookup = CachedTowerTokens(self.folder, keys, shape=(1 + vision.num_patches, vision.width))
         first_path: dict[str, str] = {}
         for key, path in zip(keys, image_paths):
             first_path.setdefault(key, str(path))
@@ -188,8 +196,16 @@ class VisualFeatureCache:
         final = self.folder / key[:2] / f"{key}.safetensors"
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        save_file({_TENSOR: tokens.contiguous()}, str(tmp))
-        os.replace(tmp, final)
+        # serialised in memory and written with open(): a full disk then raises OSError(ENOSPC)
+        # naming the file (safetensors' save_file raises its own SafetensorError)
+        data = save({_TENSOR: tokens.contiguous()})
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, final)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, err.strerror, str(err.filename or final)) from None
 
     def _write_info(self) -> None:
         info = self.folder / "info.json"
@@ -207,8 +223,12 @@ class VisualFeatureCache:
             "key": "SHA-256 of the image file bytes",
         }, indent=2)
         tmp = info.with_name(f".info.json.{os.getpid()}.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, info)
+        try:
+            tmp.write_text(text + "\n")
+            os.replace(tmp, info)
+        except OSError as err:  # a full or read-only disk: name the cache file, not the temp name
+            tmp.unlink(missing_ok=True)
+            raise OSError(err.errno, err.strerror, str(info)) from None
 
 
 def configured_feature_cache(cfg, model, autocast_dtype: Optional[torch.dtype] = None) -> VisualFeatureCache:

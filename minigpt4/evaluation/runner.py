@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 import time
@@ -60,7 +61,23 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-samples", type=int, help="evenly spaced subset of this many records per task")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap replicates for the 95%% CIs (0: none)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty run.output_dir no evaluation wrote (its files are kept)")
     return parser
+
+
+EVAL_OUTPUTS = re.compile(r"(predictions\.jsonl|metrics\.json|tables\.md|config\.yaml|manifest\.json|feature_cache|"
+                          r"epoch_\d+|\w+_(detection|classification)|\w+\.png)")
+"""Top-level names an evaluation writes in ``run.output_dir``."""
+
+
+def _claim_output_dir(cfg: Config, kind: str, overwrite: bool):
+    """``run.output_dir`` under :mod:`minigpt4.outputs`: new, empty or an evaluation's own
+    (``manifest.json``), locked while this evaluation writes; a failure removes what it created."""
+    from minigpt4.outputs import OutputFolder
+
+    return OutputFolder(Path(cfg.run.output_dir), f"eval_{kind}", option="run.output_dir",
+                        owner=f"eval_{kind}.py", overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- records
@@ -407,6 +424,15 @@ def main(kind: str, argv: Optional[Sequence[str]] = None) -> dict:
     """Run one evaluation; returns the metrics written (per task when several)."""
     args = build_parser(kind).parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
+    with _claim_output_dir(cfg, kind, args.overwrite) as folder:
+        folder.check_no_foreign([n for n in os.listdir(folder.path) if EVAL_OUTPUTS.fullmatch(n)])
+        if not folder.manifest:
+            folder.write_manifest({"written_by": f"eval_{kind}.py"})
+        return _run(args, cfg, kind)
+
+
+def _run(args: argparse.Namespace, cfg: Config, kind: str) -> dict:
+    """:func:`main` once ``run.output_dir`` is checked and locked."""
     if args.predictions:
         return _rescore(args, cfg, kind)
     tasks = configured_tasks(cfg, kind, getattr(args, "task", None))

@@ -239,15 +239,28 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(
-            f"{path}: cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); only tensors and plain containers are accepted"
-        ) from None
+        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True): {_unsafe_load_reason(err)}; "
+                         "this project reads .pth files only as tensors and plain containers (a MiniGPT-v2 / "
+                         "release checkpoint), or use a .safetensors file or a checkpoint folder") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: expected a dict of tensors (or {{'model': dict of tensors}})")
     return obj
+
+
+def _unsafe_load_reason(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in our words: torch's own message
+    advises retrying with ``weights_only=False``, which must never be done with a foreign file."""
+    text = str(err)
+    if match := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
+        return f"not a plain tensor checkpoint (it would run Python code: {match[1]})"
+    if match := re.search(r"WeightsUnpickler error:\s*(.+?)\s*(\n|$)", text):
+        return f"not a plain tensor checkpoint, or not a torch file at all ({match[1].strip()[:200]})"
+    if "Weights only load failed" in text:
+        return "not a plain tensor checkpoint"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    return f"not a readable torch file ({type(err).__name__}: {first[:200]})"
 
 
 def _normalise(name: str) -> str:
@@ -392,8 +405,36 @@ def read_checkpoint(path: Union[str, os.PathLike], lora_alpha: Optional[float] =
     return contents
 
 
+def check_export_manifest(folder: Path) -> None:
+    """A folder :mod:`minigpt4.export` wrote must match its ``manifest.json``: status complete and
+    every listed file present with its size (a disk-full or killed export is never loadable).
+    Folders without a manifest (peft's own ``save_pretrained``, older exports) pass.
+
+    Raises:
+        ValueError: naming the folder or file and what differs.
+    """
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("command") != "export":
+        return
+    files = manifest.get("files")
+    if manifest.get("status") != "complete" or not isinstance(files, dict):
+        raise ValueError(f"{folder}: an incomplete export (interrupted, or the disk filled up while writing); "
+                         "export the checkpoint again")
+    for rel, size in sorted(files.items()):
+        file = folder / rel
+        if not file.is_file():
+            raise ValueError(f"{file}: missing from the export (its manifest lists it); export the checkpoint again")
+        if file.stat().st_size != size:
+            raise ValueError(f"{file}: {file.stat().st_size} bytes, the export manifest says {size} "
+                             "(truncated or replaced); export the checkpoint again")
+
+
 def _read_peft_folder(folder: Path, lora_alpha: Optional[float]) -> CheckpointContents:
     """A folder written by :mod:`minigpt4.export` (or any PEFT LoRA folder + ``llama_proj.safetensors``)."""
+    check_export_manifest(folder)
     config, state = _read_peft_adapter(folder)
     alpha = float(lora_alpha if lora_alpha is not None else config["lora_alpha"])
     projection = folder / PROJECTION_NAME

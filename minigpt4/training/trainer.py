@@ -46,7 +46,9 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,7 +264,8 @@ def load_training_state(path: Path) -> dict:
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as err:
+        # a truncated zip can surface as OSError(EINVAL) from a seek, without the file's name
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(
             f"{path}: truncated or unreadable training state ({first}); resume from another checkpoint "
@@ -436,8 +439,29 @@ def _validate(model: torch.nn.Module, val_sets: list, cfg: Config, feature_cache
 # --------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, allow_unknown_provenance: bool = False) -> TrainResult:
+TRAIN_OUTPUTS = re.compile(r"(config\.yaml|log\.jsonl|val_metrics\.jsonl|checkpoint_latest|checkpoint_.+|"
+                           r"\.checkpoint_.+\.(tmp|old)|feature_cache|manifest\.json)")
+"""Top-level names a training run writes in ``run.output_dir``."""
+
+
+def _claim_output_dir(output_dir: Path, overwrite: bool):
+    """The :class:`minigpt4.outputs.OutputFolder` of a training run (see :func:`train`)."""
+    from minigpt4.outputs import OutputFolder
+
+    def legacy(folder: Path) -> bool:  # a run of a version before manifests: resumable, so ours
+        return (folder / LATEST_POINTER).is_file() and (folder / "config.yaml").is_file()
+
+    return OutputFolder(output_dir, "train", option="run.output_dir", owner="train.py", overwrite=overwrite,
+                        legacy=legacy)
+
+
+def train(cfg: Config, overwrite: bool = False, allow_unknown_provenance: bool = False) -> TrainResult:
     """Run (or resume) one training run as configured; see the module docstring.
+
+    ``run.output_dir`` follows :mod:`minigpt4.outputs`: rank 0 locks it for the whole run (a
+    second run into it stops at once), it must be new, empty or a training run's own folder
+    (``overwrite``: write next to foreign files, never replacing them), and a run that fails
+    before its first checkpoint removes what it created.
 
     Every checkpoint records the run's provenance (the volumes of its train/val splits and its
     ancestors', :func:`minigpt4.evaluation.leakage.training_provenance`);
@@ -447,7 +471,10 @@ def train(cfg: Config, allow_unknown_provenance: bool = False) -> TrainResult:
     dist_info = D.init_distributed(run.device)
     device, main = dist_info.device, dist_info.is_main
     output_dir = Path(run.output_dir)
+    out_folder = None
     try:
+        if main:  # checked, created and locked before anything else: a second run stops here
+            out_folder = _claim_output_dir(output_dir, overwrite).__enter__()
         # ---- checks first: nothing heavy happens before these pass
         check_prompt_wording(cfg)
         mismatch = precision_mismatch(resolve_dtype(cfg.model.dtype, device), _amp_dtype(run.amp, device))
@@ -465,7 +492,9 @@ def train(cfg: Config, allow_unknown_provenance: bool = False) -> TrainResult:
         amp_dtype = _amp_dtype(run.amp, device)
 
         if main:
-            output_dir.mkdir(parents=True, exist_ok=True)
+            out_folder.check_no_foreign([n for n in os.listdir(output_dir) if TRAIN_OUTPUTS.fullmatch(n)])
+            if not out_folder.manifest:
+                out_folder.write_manifest({"written_by": "train.py"})
             save_config(cfg, output_dir / "config.yaml")
 
         # ---- model, data, optimisation
@@ -570,6 +599,7 @@ def train(cfg: Config, allow_unknown_provenance: bool = False) -> TrainResult:
                     "best": {"score": best_score, "epoch": best_epoch},
                 }
                 folder = _write_checkpoint(model, cfg, output_dir, name, state, provenance)
+                out_folder.keep()  # resumable from here: a later failure keeps the folder
             D.barrier()
             return folder
 
@@ -669,7 +699,14 @@ def train(cfg: Config, allow_unknown_provenance: bool = False) -> TrainResult:
         result.step, result.epoch = step, step // spe
         result.best_score, result.best_epoch = best_score, best_epoch
         return result
+    except BaseException:
+        if out_folder is not None:  # removes what this run created (unless a checkpoint exists)
+            out_folder.__exit__(*sys.exc_info())
+            out_folder = None
+        raise
     finally:
+        if out_folder is not None:
+            out_folder.__exit__(None, None, None)
         D.cleanup()
 
 
