@@ -95,9 +95,13 @@ PARTIAL_EVERY = 3
 PAD_TO = 64
 CASE_MIN_S = 15.0
 """Seconds a case needs left before the deadline to start (build of its optimizer, warm-up, steps)."""
+CASE_MIN_S_DRY_RUN = 2.0
+"""The same in ``--dry-run`` (a tiny CPU case takes about a second)."""
 COMPILE_MIN_S = 90.0
 """Seconds a case that compiles or recompiles needs left (one inductor compile ≈ 25–60 s)."""
 CASCADE_GOAL_S = 10.0
+CASCADE_MIN_S, CASCADE_MIN_S_DRY_RUN = 45.0, 5.0
+"""Seconds the cascade needs left to start (build, three checkpoints, load, warm-up, scan)."""
 CASCADE_SLICES = {"gpu": 100, "dry_run": 24}
 """Slices of the scanned volume: 100 on the GPU; 24 in the CPU dry run (only the code path is checked)."""
 
@@ -376,7 +380,8 @@ def training_matrix(args, device: str, until: Optional[float]) -> dict:
         compile_error: Optional[str] = None
         for case in cases((False,) if args.no_compile else (False, True), dry_run=args.dry_run):
             current = case
-            need = COMPILE_MIN_S if case.compile and case.graph_key not in compiled_keys else CASE_MIN_S
+            need = COMPILE_MIN_S if case.compile and case.graph_key not in compiled_keys else (
+                CASE_MIN_S_DRY_RUN if args.dry_run else CASE_MIN_S)
             left = seconds_left(until)
             if case.compile and compile_error:
                 row = _skip(case, f"compile failed earlier ({compile_error[:200]})")
@@ -472,7 +477,8 @@ def cascade_wait(args, device: str, until: Optional[float]) -> dict:
               "goal_s": CASCADE_GOAL_S, "peak_flops": peak_flops(name) if device == "cuda" else None}
     _write(args.json, result)
     try:
-        if seconds_left(until) < COMPILE_MIN_S / 2:
+        need = CASCADE_MIN_S_DRY_RUN if args.dry_run else CASCADE_MIN_S
+        if seconds_left(until) < need:
             result["skipped"] = f"deadline: {max(seconds_left(until), 0):.0f} s left"
             return result
         tokenizer_path = llama2_tokenizer_path()
@@ -576,9 +582,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _stop)
-    result = cascade_wait(args, device, until) if args.cascade else training_matrix(args, device, until)
+    previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        result = cascade_wait(args, device, until) if args.cascade else training_matrix(args, device, until)
+    finally:  # callers in the same process (tests) get their handlers back
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     print()
     print(render_cascade(result) if args.cascade else render_gpu_table(result))
     return 0 if result["complete"] else 1

@@ -443,7 +443,8 @@ def render_device_run(r: dict) -> str:
              f"({r.get('date', 'date unknown')}; deadline {r.get('deadline_s', 'n/a')} s):", "",
              "| step | exit status | seconds | note |", "|---|---:|---:|---|"]
     for step in r.get("steps", []):
-        lines.append(f"| {step['step']} | {step.get('returncode', '')} | {step.get('seconds', '')} | {step.get('note', '')} |")
+        rc = step.get("returncode")
+        lines.append(f"| {step['step']} | {'–' if rc is None else rc} | {step.get('seconds', '')} | {step.get('note', '')} |")
     return "\n".join(lines)
 
 

@@ -149,22 +149,25 @@ if [ $DRY = 1 ]; then
     SIZES=$(python3 -c "from benchmarks.full_size import DRY_RUN_SIZES; print(' '.join(DRY_RUN_SIZES))")
     GPU_ARGS=(--dry-run); IMAGE_PX=128; EVAL_ARGS=(--samples 4 --repeats 1 --batch-sizes 1 4 --max-new-tokens 4)
     TRAIN_EXTRA="run.device=cpu run.num_workers=0 run.batch_size=2"
+    # minimum seconds a step needs to start: a tiny dry-run step needs far less than a full-size one
+    MIN_MATRIX=5; MIN_PHANTOMS=5; MIN_TRAIN=20; MIN_EVAL=10; MIN_CASCADE=15
 else
     SIZES=""; GPU_ARGS=(); IMAGE_PX=448; EVAL_ARGS=(--full-size --samples 32 --repeats 1)
     TRAIN_EXTRA="run.num_workers=8"
+    MIN_MATRIX=60; MIN_PHANTOMS=10; MIN_TRAIN=40; MIN_EVAL=30; MIN_CASCADE=45
 fi
 
 # 1. the training-step matrix
-step gpu_full_size 190 60 python3 benchmarks/gpu_full_size.py "${GPU_ARGS[@]}" --json "$OUT/gpu_full_size.json"
+step gpu_full_size 190 $MIN_MATRIX python3 benchmarks/gpu_full_size.py "${GPU_ARGS[@]}" --json "$OUT/gpu_full_size.json"
 
 # 2. 30 steps of the real train.py on synthetic phantoms
-step phantoms 30 10 bash -c "python3 -m preprocessing synthetic --out '$WORK/raw' --scheme msd --n 6 --slices 24 \
+step phantoms 30 $MIN_PHANTOMS bash -c "python3 -m preprocessing synthetic --out '$WORK/raw' --scheme msd --n 6 --slices 24 \
     --size $IMAGE_PX && python3 -m preprocessing msd --images '$WORK/raw/imagesTr' --labels '$WORK/raw/labelsTr' \
     --out '$WORK/MSD' --threshold 0.0"
 TOKENIZER=$(python3 -c "from benchmarks.full_size import llama2_tokenizer_path as p; t = p(); print(t or '')")
 if [ -n "$TOKENIZER" ]; then VOCAB="model.text.tokenizer=$TOKENIZER"; else VOCAB="model.text.vocab_size=512"; fi
 # shellcheck disable=SC2086
-step train_30_steps 110 40 python3 train.py --cfg-path train_configs/stage1_pancreas_detection.yaml --options \
+step train_30_steps 110 $MIN_TRAIN python3 train.py --cfg-path train_configs/stage1_pancreas_detection.yaml --options \
     model.vision.weights=null model.text.path=null model.init_from=null $VOCAB $SIZES \
     datasets.msd_pancreas.root="$WORK/MSD" datasets.msd_pancreas.threshold=null \
     datasets.nih_pancreas.root="$WORK/MSD" datasets.nih_pancreas.threshold=null \
@@ -206,11 +209,11 @@ record train_loss_falls null 0 "no training log: train_30_steps did not run"
 fi
 
 # 3. batched evaluation, batch 16 vs 1: a differing answer fails the step
-step eval_full_size 80 30 python3 benchmarks/bench_eval.py "${EVAL_ARGS[@]}" --fail-on-difference \
+step eval_full_size 80 $MIN_EVAL python3 benchmarks/bench_eval.py "${EVAL_ARGS[@]}" --fail-on-difference \
     --json "$OUT/eval_full_size.json"
 
 # 4. the clinician's wait: the three-stage cascade at full size on one volume
-step cascade_full_size 120 45 python3 benchmarks/gpu_full_size.py --cascade "${GPU_ARGS[@]}" \
+step cascade_full_size 120 $MIN_CASCADE python3 benchmarks/gpu_full_size.py --cascade "${GPU_ARGS[@]}" \
     --json "$OUT/cascade_full_size.json"
 
 [ $DEADLINE_HIT = 1 ] && STOPPED="deadline ($DEADLINE_S s)"
