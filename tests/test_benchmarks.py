@@ -370,6 +370,7 @@ def _run_device(tmp_path, *args, wait=True):
     return out, subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_run_device_deadline_leaves_a_partial_json(tmp_path):
     """--deadline-s 25: the matrix stops after the cases that fit, every later step is skipped, and
     both JSON files say complete: false while holding what finished (≈ 25 s)."""
@@ -384,13 +385,14 @@ def test_run_device_deadline_leaves_a_partial_json(tmp_path):
     assert matrix["complete"] is False and matrix["stopped"].startswith("deadline:")
     finished = [r for r in matrix["rows"] if r["status"] == "ok"]
     assert finished and finished[0]["batch"] == 1 and finished[0]["grad_accum"] == 2  # the default came first
-    assert all(r["samples_per_s"] > 0 and len(r["losses"]) == 2 for r in finished)
+    assert all(r["samples_per_s"] > 0 and len(r["losses"]) == r["grad_accum"] for r in finished)  # 1 step each
     # the compiled default needs 90 s for its compile: skipped, said why
     compiled = next(r for r in matrix["rows"] if r["compile"])
     assert compiled["status"] == "skipped" and "a compile or recompile needs 90 s" in compiled["skipped"]
     assert not (out / "cascade_full_size.json").exists()
 
 
+@pytest.mark.slow
 def test_run_device_sigterm_flushes_what_is_done(tmp_path):
     """SIGTERM once the first case is in gpu_full_size.json: both JSON files keep it, complete: false."""
     import signal
