@@ -46,6 +46,7 @@ cascade's generated tokens are recorded); the tokenizer is found by ``benchmarks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -281,7 +282,7 @@ def run_case(model, case: Case, steps: int, warmup: int, instruction: str, answe
     images = torch.randn(case.batch, 3, size, size, device=device)
     instructions, answers = [instruction] * case.batch, [answer] * case.batch
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
-    stance = model.eager_layers() if (model.compiled and not case.compile) else _null()
+    stance = model.eager_layers() if (model.compiled and not case.compile) else contextlib.nullcontext()
     losses: list[torch.Tensor] = []
     row = dataclasses.asdict(case) | {"checkpointing": case.checkpointing}
     tower = None
@@ -329,14 +330,6 @@ def run_case(model, case: Case, steps: int, warmup: int, instruction: str, answe
     else:
         row["status"] = "ok"
     return row
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _skip(case: Case, why: str) -> dict:
