@@ -416,10 +416,12 @@ def render_gpu(r: dict) -> str:
 
 def render_device_train(r: dict) -> str:
     """``train_30_steps.json`` (``benchmarks/gpu/run_device.sh``): does the full-size loss fall?"""
-    return (_partial(r) + f"{r['steps']} optimizer steps of real `train.py` at full size (random weights, synthetic phantoms at "
-            f"{r['image_size']} px, batch {r['batch_size']} × accumulation {r['grad_accum_steps']}): loss "
-            f"{r['first_loss']:.3f} (mean of the first 5 steps) → {r['last_loss']:.3f} (last 5): "
-            f"**{'falls' if r['loss_falls'] else 'does not fall'}**; median {r['samples_per_s']:.1f} samples/s.")
+    head = (_partial(r) + f"{r['steps']} optimizer steps of real `train.py` at full size (random weights, synthetic "
+            f"phantoms at {r['image_size']} px, batch {r['batch_size']} × accumulation {r['grad_accum_steps']}): ")
+    if r.get("first_loss") is None:
+        return head + f"**a loss was not finite** ({', '.join(map(str, r.get('losses', [])[:8]))} …)."
+    return head + (f"loss {r['first_loss']:.3f} (mean of the first 5 steps) → {r['last_loss']:.3f} (last 5): "
+                   f"**{'falls' if r['loss_falls'] else 'does not fall'}**; median {r['samples_per_s']:.1f} samples/s.")
 
 
 def render_cascade(r: dict) -> str:
@@ -659,6 +661,8 @@ def import_device(folder: Path, results: Path) -> list[str]:
     for name, data in found.items():
         if not isinstance(data, dict):
             raise ValueError(f"{folder / f'{name}.json'}: expected a JSON object")
+        if data.get("dry_run"):
+            raise ValueError(f"{folder / f'{name}.json'}: output of --dry-run (CPU, tiny widths), not GPU figures")
     for name in DEVICE_FILES:
         if name in found:
             write_json_atomic(results / f"{name}.json", found[name])

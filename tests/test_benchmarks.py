@@ -150,6 +150,9 @@ def test_report_keeps_gpu_figures_and_names_the_card(tmp_path):
     assert "Partial" not in gpu
     assert ("30 optimizer steps of real `train.py` at full size (random weights, synthetic phantoms at 448 px, batch "
             "8 × accumulation 2): loss 10.500 (mean of the first 5 steps) → 4.250 (last 5): **falls**") in gpu
+    broken = {**TRAIN_30, "first_loss": None, "last_loss": None, "loss_falls": False, "losses": [9.5, "nan"],
+              "complete": False, "stopped": None}
+    assert run_all.render_device_train(broken).endswith("batch 8 × accumulation 2): **a loss was not finite** (9.5, nan …).")
 
 
 def test_failed_skipped_and_unrun_benchmarks_do_not_show_stale_figures(tmp_path):
@@ -454,6 +457,10 @@ def test_import_device_copies_partial_results_and_checks_memory(tmp_path, capsys
     assert run_all.main(["--import-device", str(device), "--results", str(results), "--out", str(md)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert run_all.main(["--import-device", str(tmp_path / "empty_nowhere"), "--results", str(results)]) == 2
+    (device / "gpu_full_size.json").write_text(json.dumps({**partial, "dry_run": True}))  # a CPU rehearsal
+    assert run_all.main(["--import-device", str(device), "--results", str(results), "--out", str(md)]) == 2
+    assert "output of --dry-run (CPU, tiny widths), not GPU figures" in capsys.readouterr().err
+    assert json.loads((results / "gpu_full_size.json").read_text()) == partial  # the earlier import stays
 
 
 @pytest.mark.slow
