@@ -189,3 +189,30 @@ def test_checkpoint_every_from_the_config_and_its_validation():
     assert not any(layer.gradient_checkpointing for layer in model.llama.model.layers)
     with pytest.raises(Exception, match="checkpoint_every must be positive"):
         load_config(None, ["model.checkpoint_every=0"])
+
+
+def test_a_stacked_frozen_adapter_saves_its_bf16_copies_and_nothing_per_token():
+    """The memory model's stacked_adapters term: under bf16 autocast a frozen q,v LoRA adds exactly
+    its parameters × 2 B to what autograd saves (the weight casts) and no per-token tensor."""
+    from benchmarks.gpu_full_size import stack_random_adapter
+
+    def saved_bytes(stack: bool) -> tuple[int, int]:
+        model = build_tiny_model(**{"lora.dropout": 0.0})
+        params = stack_random_adapter(model, 4)["params"] if stack else 0
+        model.train()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(tensor):
+            if tensor.untyped_storage().data_ptr() not in weights:
+                seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(tiny_images(), INSTRUCTIONS, ANSWERS)
+        return sum(seen.values()), params
+
+    bare, _ = saved_bytes(False)
+    stacked, params = saved_bytes(True)
+    assert params == 2 * 2 * 4 * (64 + 64)  # 2 layers × q,v × r 4 × (in + out)
+    assert stacked - bare == params * 2
