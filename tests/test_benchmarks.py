@@ -501,3 +501,17 @@ def test_run_device_dry_run_builds_and_runs_everything_on_cpu(tmp_path):
     text = run_all.render_gpu(matrix) + run_all.render_device_train(train) + run_all.render_cascade(cascade)
     assert "| 2 × 1 | every 3 | off | on |" in text and "30 optimizer steps of real `train.py`" in text
     assert "One 24-slice 512² volume, every slice through all three stages" in text
+
+
+def test_eval_fails_when_a_batched_answer_differs_and_writes_both(tmp_path, monkeypatch):
+    bench = _load_script("bench_eval")
+    answers = {1: ["{<1><2><3><4>}", "{<5><6><7><8>}"], 2: ["{<1><2><3><4>}", "{<5><6><7><9>}"]}
+    monkeypatch.setattr(bench, "predict_detection", lambda *a, **k: [])  # the warm-up
+    monkeypatch.setattr(bench, "time_case", lambda model, records, batch, repeats: (1.0, [{"answer": a} for a in answers[batch]]))
+    out = tmp_path / "eval.json"
+    args = ["--samples", "2", "--batch-sizes", "1", "2", "--json", str(out)]
+    assert bench.main(args) == 0  # recorded, not failed, without the flag
+    assert bench.main([*args, "--fail-on-difference"]) == 1
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["differences"] == [] and rows[1]["same_answers_as_first"] == 0.5
+    assert rows[1]["differences"] == [{"sample": 1, "first": "{<5><6><7><8>}", "this": "{<5><6><7><9>}"}]
