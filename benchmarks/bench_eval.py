@@ -116,6 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--cascade-slices", type=int, default=16, help="slices of the cascade row (0: skip it)")
+    parser.add_argument("--fail-on-difference", action="store_true",
+                        help="exit 1 when a batch's answers differ from the first batch size's (both are in the JSON)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -150,7 +152,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tokens = [len(model.tokenizer.encode(a)) for a in answers]
             results.append({"batch": batch, "samples": n, "seconds": seconds, "samples_per_s": n / seconds,
                             "mean_answer_tokens": float(np.mean(tokens)),
-                            "same_answers_as_first": float(np.mean([a == b for a, b in zip(answers, reference)]))})
+                            "same_answers_as_first": float(np.mean([a == b for a, b in zip(answers, reference)])),
+                            "differences": [{"sample": i, "first": b, "this": a}
+                                            for i, (a, b) in enumerate(zip(answers, reference)) if a != b]})
             print(to_json(results[-1]), flush=True)
         cascade = []
         if args.cascade_slices:
@@ -185,6 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         write_json_atomic(args.json, {"device": name, "full_size": args.full_size, "build_s": build_s,
                                       "max_new_tokens": args.max_new_tokens, "rows": results, "cascade": cascade})
+    differ = [r["batch"] for r in results if r["differences"]]
+    if differ and args.fail_on_difference:
+        print(f"error: answers at batch {differ} differ from batch {results[0]['batch']} (see 'differences')", file=sys.stderr)
+        return 1
     return 0
 
 

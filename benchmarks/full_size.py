@@ -11,6 +11,7 @@ ids differ; the sequence lengths are set by the benchmarks, not by the tokenizer
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,6 +24,9 @@ TOKENIZER_PLACES = (
 """Where a LLaMA-2 ``tokenizer.model`` is looked for (``$MINIGPT_TOKENIZER`` first)."""
 RANDOM_WEIGHTS = ("model.vision.weights=null", "model.text.path=null", "model.text.tokenizer=null",
                   "model.init_from=null", "model.ckpt=null")
+
+DEADLINE_ENV = "MINIGPT_DEADLINE"
+"""Absolute deadline (Unix epoch seconds) that ``benchmarks/gpu/run_device.sh`` passes to every step."""
 
 DRY_RUN_SIZES = ("model.vision.image_size=112", "model.vision.width=64", "model.vision.depth=2",
                  "model.vision.num_heads=4", "model.vision.mlp_hidden=128", "model.text.hidden_size=64",
@@ -58,3 +62,26 @@ def load_full_size_tokenizer(path: Optional[Path]):
     from minigpt4.tokenizer import load_tokenizer
 
     return load_tokenizer(str(path)) if path is not None else load_tokenizer()
+
+
+def deadline(relative_s: Optional[float] = None, started: Optional[float] = None) -> Optional[float]:
+    """The absolute deadline (epoch seconds): ``$MINIGPT_DEADLINE`` when set (run_device.sh's one
+    overall deadline), else ``started`` (default now) + ``relative_s``, else None (none).
+
+    Raises:
+        ValueError: ``$MINIGPT_DEADLINE`` is not a number.
+    """
+    named = os.environ.get(DEADLINE_ENV)
+    if named:
+        try:
+            return float(named)
+        except ValueError:
+            raise ValueError(f"${DEADLINE_ENV}={named!r} is not a Unix time in seconds") from None
+    if relative_s is None:
+        return None
+    return (time.time() if started is None else started) + relative_s
+
+
+def seconds_left(until: Optional[float]) -> float:
+    """Seconds until the absolute deadline ``until`` (infinite when None)."""
+    return float("inf") if until is None else until - time.time()

@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --quick          # smaller sizes, about 2 minutes
     python benchmarks/run_all.py --only eval --extra eval "--samples 64"
     python benchmarks/run_all.py --report-only    # rewrite BENCHMARKS.md from benchmarks/results/
+    python benchmarks/run_all.py --import-device DIR   # a GPU run's $OUT → benchmarks/results/ + BENCHMARKS.md
 
 Each benchmark script runs as its own subprocess (so one crash or hang does not take the others
 with it, and each starts with a cold interpreter) and writes its figures with ``--json`` into
@@ -50,6 +51,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 TC_CROPS = ROOT.parent / "shared" / "data" / "tc_crops"
 GPU_COMMAND = "python benchmarks/gpu_full_size.py --json benchmarks/results/gpu_full_size.json"
 PACKAGES = ("torch", "transformers", "peft", "numpy")
+DEVICE_FILES = ("device_run", "gpu_full_size", "train_30_steps", "eval_full_size", "cascade_full_size")
+"""The JSON files ``benchmarks/gpu/run_device.sh`` writes into its $OUT (``--import-device``)."""
+GPU_FILES = (*DEVICE_FILES, "train_full_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,53 +308,146 @@ def render_tc(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _partial(r: dict) -> str:
+    """A bold line when a device JSON was left incomplete (deadline, SIGTERM, a killed step)."""
+    if r.get("complete", True):
+        return ""
+    return (f"**Partial**: this run stopped before the end ({r.get('stopped') or 'killed or out of time'}); "
+            "the figures below are the cases that finished.\n\n")
+
+
 def render_gpu_table(r: dict) -> str:
     """Markdown table of ``gpu_full_size.json``'s rows (also printed by ``benchmarks/gpu_full_size.py``)."""
-    lines = ["| batch × accum | checkpointing | compile | feature cache | samples/s | step (s) | peak memory (GiB) "
-             "| predicted (GiB) | MFU |", "|---|---|:---:|:---:|---:|---:|---:|---:|---:|"]
+    lines = ["| batch × accum | checkpointing | compile | feature cache | tokens | samples/s | step (s) | allocated peak "
+             "(GiB) | predicted | reserved peak (GiB) | predicted | MFU |",
+             "|---|---|:---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
         head = (f"| {row['batch']} × {row['grad_accum']} | {row['checkpointing']} | {'on' if row['compile'] else 'off'} "
-                f"| {'on' if row['feature_cache'] else 'off'} |")
+                f"| {'on' if row['feature_cache'] else 'off'} | {row.get('seq_len', '')} |")
         predicted = f"{row['predicted_gib']:.1f}" if row.get("predicted_gib") is not None else ""
+        predicted_reserved = f"{row['predicted_reserved_gib']:.1f}" if row.get("predicted_reserved_gib") is not None else ""
         if row.get("oom"):
-            lines.append(f"{head} OOM | | | {predicted} | |")
-        elif "samples_per_s" not in row:
+            lines.append(f"{head} OOM | | | {predicted} | | {predicted_reserved} | |")
+        elif "samples_per_s" not in row or row.get("status") == "failed":
             why = row.get("skipped") or row.get("error", "not run")
-            lines.append(f"{head} {'skipped' if row.get('skipped') else 'failed'}: {why.splitlines()[0][:120]} | | | "
-                         f"{predicted} | |")
+            label = "skipped" if row.get("skipped") and row.get("status") != "interrupted" else (
+                "interrupted" if row.get("status") == "interrupted" else "failed")
+            lines.append(f"{head} {label}: {why.splitlines()[0][:120]} | | | {predicted} | | {predicted_reserved} | |")
         else:
             mfu = f"{100 * row['mfu']:.1f} %" if row.get("mfu") is not None else "n/a"
             peak = f"{row['peak_gib']:.1f}" if row.get("peak_gib") is not None else "n/a"
-            lines.append(f"{head} {row['samples_per_s']:.2f} | {row['step_s']:.3f} | {peak} | {predicted} | {mfu} |")
+            reserved = f"{row['reserved_gib']:.1f}" if row.get("reserved_gib") is not None else "n/a"
+            lines.append(f"{head} {row['samples_per_s']:.2f} | {row['step_s']:.3f} | {peak} | {predicted} | {reserved} "
+                         f"| {predicted_reserved} | {mfu} |")
+    return "\n".join(lines)
+
+
+def memory_check(r: dict) -> list[dict]:
+    """Measured ÷ predicted memory for every measured case of ``gpu_full_size.json``, against the
+    memory model's stated expected error (:data:`minigpt4.memory.EXPECTED_ERROR`)."""
+    from minigpt4.memory import EXPECTED_ERROR
+
+    out = []
+    for row in r.get("rows", []):
+        if row.get("peak_gib") is None or not row.get("predicted_gib"):
+            continue
+        check = {"case": f"{row['batch']} × {row['grad_accum']}, checkpointing {row['checkpointing']}, compile "
+                         f"{'on' if row['compile'] else 'off'}, cache {'on' if row['feature_cache'] else 'off'}"}
+        for measured, predicted, key in (("peak_gib", "predicted_gib", "peak"), ("reserved_gib", "predicted_reserved_gib", "reserved")):
+            if row.get(measured) is not None and row.get(predicted):
+                ratio = row[measured] / row[predicted]
+                check[key] = {"measured": row[measured], "predicted": row[predicted], "ratio": ratio,
+                              "within_expected_error": abs(ratio - 1) <= EXPECTED_ERROR[key]}
+        out.append(check)
+    return out
+
+
+def render_memory_check(r: dict) -> str:
+    checks = memory_check(r)
+    if not checks:
+        return ""
+    from minigpt4.memory import EXPECTED_ERROR
+
+    lines = [f"Memory model check (`minigpt4/memory.py`; expected error ±{100 * EXPECTED_ERROR['peak']:.0f} % on the "
+             f"allocated peak, ±{100 * EXPECTED_ERROR['reserved']:.0f} % on the reserved peak; compiled cases: the "
+             "prediction is an upper bound):", "",
+             "| case | allocated measured ÷ predicted | within | reserved measured ÷ predicted | within |",
+             "|---|---:|:---:|---:|:---:|"]
+    for c in checks:
+        cells = []
+        for key in ("peak", "reserved"):
+            part = c.get(key)
+            cells += [f"{part['ratio']:.3f}", "yes" if part["within_expected_error"] else "**no**"] if part else ["n/a", ""]
+        lines.append(f"| {c['case']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def render_gpu(r: dict) -> str:
     """``gpu_full_size.json`` → card line, the case table, and which default plan fits a 40 GiB card."""
-    peak = f"; dense bf16 peak {r['peak_flops'] / 1e12:.0f} TFLOP/s" if r.get("peak_flops") else ""
-    lines = [f"Card: **{r['gpu']}**" + (f"; torch {r['torch']}" if r.get("torch") else "")
-             + (f"; measured {r['date']}" if r.get("date") else "")
-             + f"; sequence {r['seq_len']} tokens; model FLOPs/sample {r['flops_per_sample'] / 1e12:.2f} TFLOP"
-             + (f" ({r['flops_per_sample_cached'] / 1e12:.2f} with cached ViT features)" if r.get("flops_per_sample_cached")
-                else "") + peak + ".", "", render_gpu_table(r), ""]
+    if r.get("peak_flops"):
+        peak = f"; dense bf16 peak {r['peak_flops'] / 1e12:.0f} TFLOP/s"
+    else:
+        peak = "; card not in the peak table: MFU not computed"
+    flops = ""
+    if r.get("flops_per_sample"):
+        flops = (f"; sequence {r['seq_len']} tokens ({r.get('seq_len_compiled', r['seq_len'])} compiled); model "
+                 f"FLOPs/sample {r['flops_per_sample'] / 1e12:.2f} TFLOP"
+                 + (f" ({r['flops_per_sample_cached'] / 1e12:.2f} with cached ViT features)"
+                    if r.get("flops_per_sample_cached") else ""))
+    lines = [_partial(r) + f"Card: **{r['gpu']}**" + (f"; torch {r['torch']}" if r.get("torch") else "")
+             + (f"; measured {r['date']}" if r.get("date") else "") + flops + peak + ".", "", render_gpu_table(r), ""]
     default = r.get("default_plan", {"batch": 8, "grad_accum": 2})
     for row in r["rows"]:
         if (row["batch"], row["grad_accum"], row["checkpointing"]) == (default["batch"], default["grad_accum"], "off") \
-                and not row["compile"] and not row["feature_cache"] and "peak_gib" in row:
-            # 40 GiB card minus 2 GiB for the CUDA context and fragmentation (minigpt4.memory.BUDGET_GIB)
-            fits = "yes" if row["peak_gib"] <= 38 else "no"
+                and not row["compile"] and not row["feature_cache"] and row.get("peak_gib") is not None:
+            # what the card must hold: the reserved peak + the CUDA context (minigpt4.memory.BUDGET_GIB)
+            from minigpt4.memory import BUDGET_GIB, CUDA_CONTEXT_GIB
+
+            held = (row.get("reserved_gib") or row["peak_gib"]) + CUDA_CONTEXT_GIB
+            fits = "yes" if held <= BUDGET_GIB else "no"
             lines.append(f"Default training config (batch {default['batch']} × accumulation {default['grad_accum']}, "
-                         f"no checkpointing): peak {row['peak_gib']:.1f} GiB (predicted {row['predicted_gib']:.1f}); "
+                         f"no checkpointing): allocated peak {row['peak_gib']:.1f} GiB (predicted {row['predicted_gib']:.1f}); "
                          f"fits an A100-40GB: {fits}.")
+    check = render_memory_check(r)
+    if check:
+        lines += ["", check]
     return "\n".join(lines).rstrip()
 
 
 def render_device_train(r: dict) -> str:
     """``train_30_steps.json`` (``benchmarks/gpu/run_device.sh``): does the full-size loss fall?"""
-    return (f"{r['steps']} optimizer steps of real `train.py` at full size (random weights, synthetic phantoms at "
-            f"{r['image_size']} px, batch {r['batch_size']} × accumulation {r['grad_accum_steps']}): loss "
-            f"{r['first_loss']:.3f} (mean of the first 5 steps) → {r['last_loss']:.3f} (last 5): "
-            f"**{'falls' if r['loss_falls'] else 'does not fall'}**; median {r['samples_per_s']:.1f} samples/s.")
+    head = (_partial(r) + f"{r['steps']} optimizer steps of real `train.py` at full size (random weights, synthetic "
+            f"phantoms at {r['image_size']} px, batch {r['batch_size']} × accumulation {r['grad_accum_steps']}): ")
+    if r.get("first_loss") is None:
+        return head + f"**a loss was not finite** ({', '.join(map(str, r.get('losses', [])[:8]))} …)."
+    return head + (f"loss {r['first_loss']:.3f} (mean of the first 5 steps) → {r['last_loss']:.3f} (last 5): "
+                   f"**{'falls' if r['loss_falls'] else 'does not fall'}**; median {r['samples_per_s']:.1f} samples/s.")
+
+
+def render_cascade(r: dict) -> str:
+    """``cascade_full_size.json``: the clinician's wait for one volume."""
+    head = _partial(r) + f"Card: **{r['gpu']}**" + (f"; torch {r['torch']}" if r.get("torch") else "") + "."
+    if r.get("skipped") or "seconds" not in r:
+        return head + f" Not measured: {r.get('skipped') or r.get('stopped') or 'no figures'}."
+    goal = "" if r.get("meets_goal") is None else (
+        f" Goal ≤ {r['goal_s']:.0f} s: **{'met' if r['meets_goal'] else 'not met'}**.")
+    mfu = f", {100 * r['mfu']:.1f} % of the card's dense bf16 peak" if r.get("mfu") is not None else ""
+    return (head + f" One {r['slices']}-slice {r['size']}² volume, every slice through all three stages (stage 1 on "
+            f"{r['stage1_slices']} slices, stage 2 on {r['stage2_crops']} crops, stage 3 on {r['stage3_slices']} slices; "
+            f"batch {r['batch_size']}, at most {r['max_new_tokens']} new tokens): **{r['seconds']:.2f} s** "
+            f"({r['slices_per_s']:.1f} slices/s), {r['tflop']:.3g} TFLOP run ({r['achieved_tflops']:.3g} TFLOP/s{mfu})."
+            f"{goal} Loading the base + three stages: {r['load_stages_s']:.1f} s; warm-up scan {r['warmup_s']:.1f} s.")
+
+
+def render_device_run(r: dict) -> str:
+    """``device_run.json``: the steps of one ``run_device.sh`` call."""
+    lines = [_partial(r) + f"`benchmarks/gpu/run_device.sh` on {r.get('nvidia_smi', 'unknown card')} "
+             f"({r.get('date', 'date unknown')}; deadline {r.get('deadline_s', 'n/a')} s):", "",
+             "| step | exit status | seconds | note |", "|---|---:|---:|---|"]
+    for step in r.get("steps", []):
+        rc = step.get("returncode")
+        lines.append(f"| {step['step']} | {'–' if rc is None else rc} | {step.get('seconds', '')} | {step.get('note', '')} |")
+    return "\n".join(lines)
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {"preprocess": render_preprocess, "train": render_train,
@@ -402,18 +499,24 @@ NOTES_AFTER = {
 }
 GPU_TEXT = (
     "`benchmarks/gpu_full_size.py` builds the paper's stage-1 model (EVA ViT-g 39 blocks, frozen; LLaMA-2-7B sizes; "
-    "LoRA r 64 on q,k) with random weights in bf16 on one GPU and times optimizer steps (forward + backward + fused "
-    "AdamW on LoRA + `llama_proj`, bf16 autocast) with 448×448 images, the paper's detection prompt and 40 answer "
-    "tokens (322-token sequences with the LLaMA-2 tokenizer): batch 16 with activation checkpointing off / every "
-    "3rd layer / every layer and the default configs' batch 8 × accumulation 2, each with the frozen-ViT feature "
-    "cache off and on, eager and with regional compilation (`run.compile`). It reports samples/s, peak memory next "
-    "to the memory model's prediction (`python -m minigpt4.inspect --memory`, `minigpt4/memory.py`) and model FLOP "
-    "utilisation (≈ 10.9 TFLOP of model FLOPs per sample, frozen-base backward counted as activation gradients "
-    "only; dense bf16 peaks: A100 312, H100 PCIe 756, H100 NVL 835, H100 SXM and H200 989 TFLOP/s). "
-    "`benchmarks/gpu/run_device.sh` runs it together with a 30-step full-size `train.py` run and full-size "
-    "evaluation at batch 16 vs 1 in one call of the GPU machine (under 8 minutes; `--dry-run` checks it on a CPU, "
-    "and passed in a Python 3.12 venv with the GPU image's torch 2.11.0, transformers 5.17.0 and peft 0.21.2 and "
-    "only the carried wheels for omegaconf, nibabel and pydicom).")
+    "LoRA r 64 on q,k; MiniGPT-v2's stage-3 q,v LoRA stacked frozen, as `model.init_from` stacks it) with random "
+    "weights in bf16 on one GPU and times optimizer steps (forward + backward + fused AdamW on LoRA + `llama_proj`, "
+    "bf16 autocast) with 448×448 images, the paper's detection prompt and 40 answer tokens (322 tokens with the "
+    "LLaMA-2 tokenizer; 384 when compiled, padded to a multiple of 64). Cases in order of value: the default "
+    "of `train_configs/stage1_pancreas_detection.yaml` (batch 8 × accumulation 2, eager), the same compiled, then "
+    "batch 16 with activation checkpointing every 3rd layer / off / every layer and the frozen-ViT feature cache, "
+    "eager and compiled. Each case records its losses (a non-finite one fails the case), the allocated and reserved "
+    "peaks next to the memory model's predictions (`python -m minigpt4.inspect --memory`, `minigpt4/memory.py`) "
+    "and model FLOP utilisation of the tokens actually run (≈ 10.9 TFLOP per sample at 322 tokens: frozen EVA "
+    "forward, LLaMA forward + activation gradients, attention backward 2× its forward, LoRA terms, `lm_head` at "
+    "the answer positions; dense bf16 peaks by exact card name: A100 312, H100 PCIe 756, H100 NVL and H200 NVL 835, "
+    "H100 SXM and H200 SXM 989 TFLOP/s; any other card: no MFU). `--cascade` times the clinician's wait: the "
+    "three-stage cascade (one base + three random stage checkpoints, `load_stages`) scanning a 100-slice 512² "
+    "volume with every slice through all three stages, with its TFLOP count (goal ≤ 10 s on one H200). "
+    "`benchmarks/gpu/run_device.sh` runs the matrix, a 30-step full-size `train.py` run, full-size evaluation at "
+    "batch 16 vs 1 (a differing answer fails the step) and the cascade in one call of the GPU machine under one "
+    "deadline (`--deadline-s`, default 520 s); every step and case rewrites its JSON as soon as it finishes "
+    "(`\"complete\": false` until the end, also on SIGTERM). `--dry-run` checks it all on a CPU at tiny widths.")
 
 
 def render_report(run: dict, results: dict[str, Optional[dict]], gpu: dict[str, Optional[dict]]) -> str:
@@ -423,7 +526,7 @@ def render_report(run: dict, results: dict[str, Optional[dict]], gpu: dict[str, 
         run: ``run_all.json``: ``date``, ``mode``, ``machine``, ``versions``, ``commit``, ``seconds`` and
             ``benches`` (name → status record from :func:`run_bench`; absent = not run).
         results: name → the benchmark's JSON (``None`` when it has none).
-        gpu: ``gpu_full_size`` / ``eval_full_size`` / ``train_full_size`` / ``train_30_steps`` → JSON or ``None``.
+        gpu: :data:`GPU_FILES` names → JSON or ``None``.
     """
     m, v = run["machine"], run["versions"]
     ram = f"{m['ram_gib']:.1f} GiB RAM" if m.get("ram_gib") else "RAM unknown"
@@ -475,6 +578,8 @@ def render_report(run: dict, results: dict[str, Optional[dict]], gpu: dict[str, 
             out += ["", NOTES_AFTER[bench.name]]
 
     out += ["", "## GPU (full size)", "", GPU_TEXT, ""]
+    if gpu.get("device_run"):
+        out += [render_device_run(gpu["device_run"]), ""]
     if gpu.get("gpu_full_size"):
         out += ["Training step, from `benchmarks/results/gpu_full_size.json` (written by the GPU script, not by "
                 "run_all; the card below gave these figures):", "", render_gpu(gpu["gpu_full_size"])]
@@ -482,11 +587,15 @@ def render_report(run: dict, results: dict[str, Optional[dict]], gpu: dict[str, 
         out += ["**Not yet measured**: the script is ready and has not been run (no "
                 "`benchmarks/results/gpu_full_size.json`; the sessions so far had no GPU). On one GPU run:", "",
                 "```", GPU_COMMAND, "python benchmarks/run_all.py --report-only   # puts the figures here", "```", "",
-                "or everything in one call (`OUT=<folder> bash benchmarks/gpu/run_device.sh`, then copy its JSON "
-                "files into `benchmarks/results/`)."]
+                "or everything in one call: `OUT=<folder> bash benchmarks/gpu/run_device.sh`, then "
+                "`python benchmarks/run_all.py --import-device <folder>` (copies its JSON here and rewrites this "
+                "section)."]
+    if gpu.get("cascade_full_size"):
+        out += ["", "The clinician's wait: the three-stage cascade at full size (`benchmarks/results/cascade_full_size.json`):",
+                "", render_cascade(gpu["cascade_full_size"])]
     if gpu.get("eval_full_size"):
         out += ["", "Evaluation at full size (`benchmarks/results/eval_full_size.json`):", "",
-                render_eval(gpu["eval_full_size"])]
+                _partial(gpu["eval_full_size"]) + render_eval(gpu["eval_full_size"])]
     if gpu.get("train_full_size"):
         out += ["", "Training loop at full size (`benchmarks/results/train_full_size.json`):", "",
                 render_train(gpu["train_full_size"])]
@@ -529,8 +638,37 @@ def load_results(results: Path) -> tuple[dict, dict]:
     cpu = {b.name: read_json(results / f"{b.name}.json") if (results / f"{b.name}.json").is_file() else None
            for b in BENCHES}
     gpu = {k: read_json(results / f"{k}.json") if (results / f"{k}.json").is_file() else None
-           for k in ("gpu_full_size", "eval_full_size", "train_full_size", "train_30_steps")}
+           for k in GPU_FILES}
     return cpu, gpu
+
+
+def import_device(folder: Path, results: Path) -> list[str]:
+    """Copy the :data:`DEVICE_FILES` JSON of a ``run_device.sh`` output folder into ``results``.
+
+    Each file is read as strict JSON and rewritten atomically; device files of an earlier run
+    that this folder lacks are removed, so no figure of another run is shown as this one's.
+
+    Returns:
+        The names imported.
+    Raises:
+        ValueError: ``folder`` holds none of the files, or one is not valid JSON.
+    """
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder")
+    found = {name: read_json(folder / f"{name}.json") for name in DEVICE_FILES if (folder / f"{name}.json").is_file()}
+    if not found:
+        raise ValueError(f"{folder}: none of {', '.join(f'{n}.json' for n in DEVICE_FILES)} found")
+    for name, data in found.items():
+        if not isinstance(data, dict):
+            raise ValueError(f"{folder / f'{name}.json'}: expected a JSON object")
+        if data.get("dry_run"):
+            raise ValueError(f"{folder / f'{name}.json'}: output of --dry-run (CPU, tiny widths), not GPU figures")
+    for name in DEVICE_FILES:
+        if name in found:
+            write_json_atomic(results / f"{name}.json", found[name])
+        else:
+            (results / f"{name}.json").unlink(missing_ok=True)
+    return list(found)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -548,6 +686,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--results", default=str(RESULTS), help="folder for the JSON figures and logs")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="report path")
     parser.add_argument("--report-only", action="store_true", help="run nothing; rewrite the report from --results")
+    parser.add_argument("--import-device", metavar="DIR", help="copy the JSON files of a benchmarks/gpu/run_device.sh "
+                        "output folder into --results, check the memory model against them, rewrite the report")
     args = parser.parse_args(argv)
     for name, _ in args.extra:
         if name not in BY_NAME:
@@ -557,6 +697,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_path = results / "run_all.json"
     previous = read_json(run_path) if run_path.is_file() else {"benches": {}}
 
+    if args.import_device:
+        try:
+            imported = import_device(Path(args.import_device), results)
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        for name in imported:
+            print(f"imported {name}.json{'' if read_json(results / f'{name}.json').get('complete', True) else ' (partial)'}")
+        gpu_result = read_json(results / "gpu_full_size.json") if "gpu_full_size" in imported else {}
+        for check in memory_check(gpu_result):
+            print("memory model: " + check["case"] + ": " + "; ".join(
+                f"{k} measured {v['measured']:.2f} GiB / predicted {v['predicted']:.2f} = {v['ratio']:.3f} "
+                f"({'within' if v['within_expected_error'] else 'OUTSIDE'} the expected error)"
+                for k, v in check.items() if k != "case"))
+        args.report_only = True
     if args.report_only:
         if "machine" not in previous:
             print(f"{run_path}: no earlier run to report; run without --report-only first", file=sys.stderr)

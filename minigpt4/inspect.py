@@ -3,10 +3,13 @@
 Builds the configured model on the meta device (no memory, no weight file, a few seconds even
 at full size) and prints one JSON object: parameter counts per part, trainable and total
 counts, the number of visual tokens, the LoRA targets and the bf16 memory of the weights.
-``--memory`` adds ``memory_gib`` (predicted peak GPU memory of a training step for the config's
-batch size, sequence length and checkpointing), ``memory_parts_gib``, ``memory_assumptions`` and
-``memory_preferred_plan`` (the plan of effective batch ``batch_size × grad_accum_steps`` that fits
-38 GiB with the least recomputation); the arithmetic is in ``minigpt4/memory.py``.
+``--memory`` adds ``memory_gib`` (predicted ``max_memory_allocated`` of a training step for the
+config's batch size, sequence length and checkpointing), ``memory_reserved_gib`` (+ the allocator's
+reserve), ``memory_device_gib`` (+ the CUDA context), ``memory_parts_gib`` (every term),
+``memory_assumptions`` (tokens, bytes per token per layer, dropout semantics, stacked adapter,
+budget, expected error) and ``memory_preferred_plan`` (the plan of effective batch
+``batch_size × grad_accum_steps`` whose device figure fits 39.5 GiB with the least recomputation);
+the arithmetic is in ``minigpt4/memory.py``.
 Full-size defaults: vision 986,975,872; LLM 6,738,415,616; projection 23,072,768;
 LoRA 33,554,432; 256 visual tokens.
 """
@@ -64,13 +67,16 @@ def memory_report(cfg: Config, counts: dict) -> dict:
     predicted = predict_memory(cfg, counts)
     try:
         plan = preferred_plan(cfg, counts, effective_batch=cfg.run.batch_size * cfg.run.grad_accum_steps)
-        preferred = {**dataclasses.asdict(plan), "memory_gib": predict_memory(cfg, counts, plan)["peak"]}
+        figures = predict_memory(cfg, counts, plan)
+        preferred = {**dataclasses.asdict(plan), "memory_gib": figures["peak"], "memory_device_gib": figures["device"]}
     except ValueError:  # nothing of this effective batch fits the budget
         preferred = None
     return {
         "memory_gib": predicted["peak"],
+        "memory_reserved_gib": predicted["reserved"],
+        "memory_device_gib": predicted["device"],
         "memory_parts_gib": predicted["parts"],
-        "memory_assumptions": {k: v for k, v in predicted.items() if k not in ("peak", "parts")},
+        "memory_assumptions": {k: v for k, v in predicted.items() if k not in ("peak", "reserved", "device", "parts")},
         "memory_preferred_plan": preferred,
     }
 

@@ -47,18 +47,20 @@ EVAL = {"device": "CPU, 2 threads", "full_size": False, "build_s": 1.0, "max_new
 TC = {"data": "/tmp/tc", "n_train": 1600, "n_test": 400, "test_yes_fraction": 0.6,
       "results": {"hist_gbm": {"accuracy": 0.84, "auc": 0.9, "n": 400, "seconds": 2.0},
                   "cnn_3layer": {"accuracy": 0.78, "auc": 0.85, "n": 400, "seconds": 60.0}}}
-GPU = {"gpu": "NVIDIA H200", "torch": "2.14.1", "date": "2025-01-01", "seq_len": 322, "flops_per_sample": 10.9e12,
-       "flops_per_sample_cached": 9.0e12, "peak_flops": 989e12, "default_plan": {"batch": 8, "grad_accum": 2},
+GPU = {"gpu": "NVIDIA H200", "torch": "2.14.1", "date": "2025-01-01", "seq_len": 322, "seq_len_compiled": 384,
+       "flops_per_sample": 10.9e12, "flops_per_sample_cached": 9.0e12, "peak_flops": 989e12, "complete": True,
+       "default_plan": {"batch": 8, "grad_accum": 2},
        "rows": [{"batch": 16, "grad_accum": 1, "checkpoint_every": 0, "checkpointing": "off", "compile": False,
-                 "feature_cache": False, "step_s": 1.6, "samples_per_s": 10.0, "peak_gib": 45.0, "predicted_gib": 44.9,
-                 "mfu": 0.11},
+                 "feature_cache": False, "seq_len": 322, "step_s": 1.6, "samples_per_s": 10.0, "peak_gib": 45.0,
+                 "reserved_gib": 47.0, "predicted_gib": 44.9, "predicted_reserved_gib": 47.1, "mfu": 0.11, "status": "ok"},
                 {"batch": 8, "grad_accum": 2, "checkpoint_every": 0, "checkpointing": "off", "compile": False,
-                 "feature_cache": False, "step_s": 2.0, "samples_per_s": 8.0, "peak_gib": 30.0, "predicted_gib": 30.1,
-                 "mfu": 0.09},
+                 "feature_cache": False, "seq_len": 322, "step_s": 2.0, "samples_per_s": 8.0, "peak_gib": 30.0,
+                 "reserved_gib": 33.0, "predicted_gib": 30.1, "predicted_reserved_gib": 31.6, "mfu": 0.09, "status": "ok"},
                 {"batch": 16, "grad_accum": 1, "checkpoint_every": 3, "checkpointing": "every 3", "compile": True,
-                 "feature_cache": True, "oom": True, "predicted_gib": 36.0},
+                 "feature_cache": True, "seq_len": 384, "oom": True, "predicted_gib": 36.0, "predicted_reserved_gib": 37.8, "status": "oom"},
                 {"batch": 16, "grad_accum": 1, "checkpoint_every": 1, "checkpointing": "all layers", "compile": True,
-                 "feature_cache": False, "skipped": "time budget 300 s", "predicted_gib": 20.0}]}
+                 "feature_cache": False, "seq_len": 384, "skipped": "deadline: 40 s left, a compile or recompile needs 90 s",
+                 "predicted_gib": 20.0, "predicted_reserved_gib": 21.0, "status": "skipped"}]}
 TRAIN_30 = {"steps": 30, "image_size": 448, "batch_size": 8, "grad_accum_steps": 2, "first_loss": 10.5,
             "last_loss": 4.25, "loss_falls": True, "samples_per_s": 9.5}
 
@@ -132,17 +134,25 @@ def test_report_keeps_gpu_figures_and_names_the_card(tmp_path):
     text = _report(tmp_path, {name: dict(STATUS) for name in ("preprocess", "train", "eval", "tc")}, gpu=True)
     gpu = text.split("## GPU (full size)")[1]
     assert "Not yet measured" not in gpu
-    assert ("Card: **NVIDIA H200**; torch 2.14.1; measured 2025-01-01; sequence 322 tokens; model FLOPs/sample "
-            "10.90 TFLOP (9.00 with cached ViT features); dense bf16 peak 989 TFLOP/s.") in gpu
-    assert "| 16 × 1 | off | off | off | 10.00 | 1.600 | 45.0 | 44.9 | 11.0 % |" in gpu
-    assert "| 8 × 2 | off | off | off | 8.00 | 2.000 | 30.0 | 30.1 | 9.0 % |" in gpu
-    assert "| 16 × 1 | every 3 | on | on | OOM | | | 36.0 | |" in gpu
-    assert "| 16 × 1 | all layers | on | off | skipped: time budget 300 s | | | 20.0 | |" in gpu
-    # the default plan (8 × 2, eager, no cache) at 30 GiB fits the 38 GiB budget of a 40 GiB card
-    assert ("Default training config (batch 8 × accumulation 2, no checkpointing): peak 30.0 GiB (predicted 30.1); "
-            "fits an A100-40GB: yes.") in gpu
+    assert ("Card: **NVIDIA H200**; torch 2.14.1; measured 2025-01-01; sequence 322 tokens (384 compiled); model "
+            "FLOPs/sample 10.90 TFLOP (9.00 with cached ViT features); dense bf16 peak 989 TFLOP/s.") in gpu
+    assert "| 16 × 1 | off | off | off | 322 | 10.00 | 1.600 | 45.0 | 44.9 | 47.0 | 47.1 | 11.0 % |" in gpu
+    assert "| 8 × 2 | off | off | off | 322 | 8.00 | 2.000 | 30.0 | 30.1 | 33.0 | 31.6 | 9.0 % |" in gpu
+    assert "| 16 × 1 | every 3 | on | on | 384 | OOM | | | 36.0 | | 37.8 | |" in gpu
+    assert ("| 16 × 1 | all layers | on | off | 384 | skipped: deadline: 40 s left, a compile or recompile needs 90 s "
+            "| | | 20.0 | | 21.0 | |") in gpu
+    # the default plan (8 × 2, eager, no cache): reserved 33.0 + 0.5 GiB context fits the 39.5 GiB of an A100-40GB
+    assert ("Default training config (batch 8 × accumulation 2, no checkpointing): allocated peak 30.0 GiB (predicted "
+            "30.1); fits an A100-40GB: yes.") in gpu
+    # memory model check: 45.0 / 44.9 = 1.002 (within 8 %), 33.0 / 31.6 = 1.044 (within 15 %)
+    assert "| 16 × 1, checkpointing off, compile off, cache off | 1.002 | yes | 0.998 | yes |" in gpu
+    assert "| 8 × 2, checkpointing off, compile off, cache off | 0.997 | yes | 1.044 | yes |" in gpu
+    assert "Partial" not in gpu
     assert ("30 optimizer steps of real `train.py` at full size (random weights, synthetic phantoms at 448 px, batch "
             "8 × accumulation 2): loss 10.500 (mean of the first 5 steps) → 4.250 (last 5): **falls**") in gpu
+    broken = {**TRAIN_30, "first_loss": None, "last_loss": None, "loss_falls": False, "losses": [9.5, "nan"],
+              "complete": False, "stopped": None}
+    assert run_all.render_device_train(broken).endswith("batch 8 × accumulation 2): **a loss was not finite** (9.5, nan …).")
 
 
 def test_failed_skipped_and_unrun_benchmarks_do_not_show_stale_figures(tmp_path):
@@ -232,58 +242,276 @@ def _load_script(name: str):
     return module
 
 
-def test_gpu_benchmark_matrix_peaks_and_flops():
-    gpu = _load_script("gpu_full_size")
-    cases = gpu.cases()
-    assert len(cases) == 16 and [c.compile for c in cases] == [False] * 8 + [True] * 8  # eager first
-    assert {(c.batch, c.grad_accum, c.checkpointing) for c in cases} == {
-        (16, 1, "off"), (16, 1, "every 3"), (16, 1, "all layers"), (8, 2, "off")}
-    assert gpu.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and gpu.peak_flops("NVIDIA H100 NVL") == 835e12
-    assert gpu.peak_flops("NVIDIA H100 PCIe") == 756e12 and gpu.peak_flops("NVIDIA H200") == 989e12
-    assert gpu.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12 and gpu.peak_flops("Tesla T4") is None
-    from minigpt4.config import ModelConfig
+gpu = _load_script("gpu_full_size")
 
-    n_train = 23_072_768 + 33_554_432
-    flops = gpu.model_flops_per_sample(ModelConfig(), 322, n_train)
-    assert flops == pytest.approx(10.9e12, rel=0.01)
-    vit_only = flops - gpu.model_flops_per_sample(ModelConfig(), 322, n_train, with_vit=False)
-    assert vit_only == pytest.approx(2 * 39 * (4 * 1408**2 + 2 * 1408 * 6144) * 1025 + 4 * 39 * 1025**2 * 1408)
+
+def test_gpu_cases_in_order_of_value_and_exact_card_peaks():
+    cases = gpu.cases()
+    assert len(cases) == 16
+    # the default of train_configs/stage1_pancreas_detection.yaml first, eager then compiled
+    assert cases[:2] == [gpu.Case(8, 2, 0, False, False), gpu.Case(8, 2, 0, True, False)]
+    # then the same with the feature cache, then batch 16 with partial checkpointing
+    assert cases[2:5] == [gpu.Case(8, 2, 0, False, True), gpu.Case(8, 2, 0, True, True), gpu.Case(16, 1, 3, False, False)]
+    assert {(c.batch, c.grad_accum, c.checkpointing, c.compile, c.feature_cache) for c in cases} == {
+        (b, a, ck, comp, cache) for b, a, ck in ((16, 1, "off"), (16, 1, "every 3"), (16, 1, "all layers"), (8, 2, "off"))
+        for comp in (False, True) for cache in (False, True)}
+    dry = gpu.cases(dry_run=True)
+    assert dry[:2] == [gpu.Case(1, 2, 0, False, False), gpu.Case(1, 2, 0, True, False)]
+    assert [c.compile for c in dry].count(True) == 1 and len(dry) == 9
+    assert gpu.cases((False,))[0] == gpu.Case(8, 2, 0, False, False)
+    for name, peak in (("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-40GB", 312e12)):
+        assert gpu.peak_flops(name) == peak, name
+    for unknown in ("NVIDIA H100", "NVIDIA H200 Super", "Tesla T4", "NVIDIA GH200 480GB", ""):
+        assert gpu.peak_flops(unknown) is None, unknown  # never a guess
     for script in ("run_device.sh", "fetch_wheels.sh"):  # shell syntax
         assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu" / script)]).returncode == 0
 
 
+def test_full_size_training_flops_by_hand():
+    from minigpt4.config import ModelConfig
+
+    qv = {"targets": ["q_proj", "v_proj"], "r": 64}
+    terms = gpu.train_flops(ModelConfig(), 322, 40, qv)
+    eva_tokens = 1025
+    assert terms["eva_forward"] == 39 * (2 * (4 * 1408**2 + 2 * 1408 * 6144) * eva_tokens + 4 * eva_tokens**2 * 1408) \
+        + 2 * 3 * 14**2 * 1408 * 1024  # 39 blocks (BLIP-2 drops EVA-CLIP-g's 40th) + patch embedding
+    assert terms["llama_linear_forward_and_input_grad"] == 2 * 2 * 32 * (4 * 4096**2 + 3 * 4096 * 11008) * 322
+    assert terms["attention_forward_and_backward"] == 3 * 4 * 32 * 322**2 * 4096  # backward 2× the forward
+    assert terms["lm_head_answer_positions"] == 2 * 2 * 4096 * 32000 * 40  # the 40 answer positions only
+    assert terms["lora_trained"] == 3 * 2 * 64 * 8192 * 2 * 32 * 322  # q,k r 64: forward + 2× backward
+    assert terms["lora_frozen_stacked"] == 2 * 2 * 64 * 8192 * 2 * 32 * 322  # q,v: forward + activation grads
+    assert terms["projection_forward_and_weight_grad"] == 2 * 2 * 5632 * 4096 * 256
+    assert terms["total"] == pytest.approx(10.92e12, rel=0.005)
+    padded = gpu.train_flops(ModelConfig(), 384, 40, qv)  # compiled: the padded tokens run too
+    assert padded["llama_linear_forward_and_input_grad"] == terms["llama_linear_forward_and_input_grad"] / 322 * 384
+    assert padded["eva_forward"] == terms["eva_forward"] and padded["total"] / terms["total"] == pytest.approx(1.155, abs=0.002)
+    assert gpu.train_flops(ModelConfig(), 322, 40, qv, with_vit=False)["total"] == terms["total"] - terms["eva_forward"]
+
+
+def test_flops_equal_a_flop_counter_on_a_tiny_model():
+    """train_flops / generation_flops against torch's FlopCounterMode on a tiny model with a stacked
+    frozen q,v adapter: equal except the attention terms (SDPA on CPU is not counted), computed here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minigpt4.prompts import build_prompt_tokens
+    from tests.tiny import build_tiny_model
+
+    torch = pytest.importorskip("torch")
+    model = build_tiny_model(**{"lora.dropout": 0.0})
+    stacked = gpu.stack_random_adapter(model, 4)
+    assert stacked == {"targets": ["q_proj", "v_proj"], "r": 4, "params": 2 * 2 * 2 * 4 * 64}
+    cfg, instruction, answer = model.cfg, "[refer] where is the pancreas?", "{<10><20><30><40>}"
+    eva_attention = 4 * cfg.vision.depth * (1 + cfg.vision.num_patches) ** 2 * cfg.vision.width
+    sample = build_prompt_tokens(model.tokenizer, instruction, model.num_visual_tokens, answer=answer)
+    length, answers = len(sample.input_ids), int((sample.labels != -100).sum())
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, 3, 112, 112), [instruction] * 2, [answer] * 2).loss.backward()
+    llama_attention = 3 * 4 * cfg.text.num_layers * length**2 * cfg.text.hidden_size
+    expected = gpu.train_flops(cfg, length, answers, stacked)["total"] - eva_attention - llama_attention
+    assert counter.get_total_flops() / 2 == expected
+
+    model.eval()
+    prompt = len(build_prompt_tokens(model.tokenizer, instruction, model.num_visual_tokens).input_ids)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        new = model.generate_ids(torch.randn(1, 3, 112, 112), [instruction], max_new_tokens=6).shape[1]
+    attention = 4 * cfg.text.num_layers * cfg.text.hidden_size * (prompt**2 + sum(prompt + j for j in range(1, new)))
+    assert counter.get_total_flops() == gpu.generation_flops(cfg, prompt, new, stacked) - eva_attention - attention
+
+
+def test_a_non_finite_loss_fails_the_case(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tests.tiny import build_tiny_model
+
+    model = build_tiny_model()
+    case = gpu.Case(1, 2, 0, False, False)
+    row = gpu.run_case(model, case, 1, 0, "[refer] where is the pancreas?", "{<1><2><3><4>}", "cpu")
+    assert row["status"] == "ok" and len(row["losses"]) == 2 and row["samples_per_s"] > 0
+    with torch.no_grad():
+        model.llama_proj.weight.fill_(float("nan"))
+    row = gpu.run_case(model, case, 1, 0, "[refer] where is the pancreas?", "{<1><2><3><4>}", "cpu")
+    assert row["status"] == "failed" and row["error"].startswith("non-finite loss")
+    assert row["losses"] == ["nan", "nan"]  # strict JSON: the name, not a bare NaN
+
+
+def test_a_compile_error_skips_the_remaining_compiled_cases(tmp_path, monkeypatch):
+    """Each finished case is in the JSON at once; after a compile error no compiled case runs again."""
+    order = [gpu.Case(1, 2, 0, False, False), gpu.Case(1, 2, 0, True, False), gpu.Case(2, 1, 0, True, False),
+             gpu.Case(2, 1, 0, False, False)]
+    out = tmp_path / "g.json"
+    seen = []
+
+    def fake_case(model, case, steps, warmup, instruction, answer, device):
+        seen.append((case, json.loads(out.read_text())["rows"]))  # the JSON holds the cases before this one
+        if case.compile:
+            raise RuntimeError("BackendCompilerFailed: inductor boom")
+        return {**gpu.dataclasses.asdict(case), "checkpointing": case.checkpointing, "status": "ok", "losses": [1.0],
+                "step_s": 1.0, "samples_per_s": 2.0, "peak_gib": None, "reserved_gib": None}
+
+    monkeypatch.setattr(gpu, "cases", lambda *a, **k: order)
+    monkeypatch.setattr(gpu, "run_case", fake_case)
+    monkeypatch.delenv("MINIGPT_DEADLINE", raising=False)
+    assert gpu.main(["--dry-run", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [c for c, _ in seen] == order[:2] + order[3:]  # the second compiled case never ran
+    assert [len(rows) for _, rows in seen] == [0, 1, 3]
+    assert [r["status"] for r in result["rows"]] == ["ok", "failed", "skipped", "ok"]
+    assert "inductor boom" in result["rows"][1]["error"]
+    assert result["rows"][2]["skipped"].startswith("compile failed earlier (RuntimeError: BackendCompilerFailed")
+    assert result["complete"] is True and result["stopped"] is None
+
+
+def _run_device(tmp_path, *args, wait=True):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    env.pop("MINIGPT_DEADLINE", None)
+    cmd = ["bash", str(ROOT / "benchmarks" / "gpu" / "run_device.sh"), "--dry-run", *args]
+    if not wait:
+        return out, subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+    return out, subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_run_device_deadline_leaves_a_partial_json(tmp_path):
+    """--deadline-s 25: the matrix stops after the cases that fit, every later step is skipped, and
+    both JSON files say complete: false while holding what finished (≈ 25 s)."""
+    out, done = _run_device(tmp_path, "--deadline-s", "25")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    status = json.loads((out / "device_run.json").read_text())
+    assert status["complete"] is False and status["stopped"] == "deadline (25 s)" and status["deadline_s"] == 25
+    steps = {s["step"]: s for s in status["steps"]}
+    assert steps["gpu_full_size"]["returncode"] == 1  # ran, ended at its deadline with cases left
+    assert steps["cascade_full_size"]["note"].startswith("skipped: deadline")
+    matrix = json.loads((out / "gpu_full_size.json").read_text())
+    assert matrix["complete"] is False and matrix["stopped"].startswith("deadline:")
+    finished = [r for r in matrix["rows"] if r["status"] == "ok"]
+    assert finished and finished[0]["batch"] == 1 and finished[0]["grad_accum"] == 2  # the default came first
+    assert all(r["samples_per_s"] > 0 and len(r["losses"]) == r["grad_accum"] for r in finished)  # 1 step each
+    # the compiled default needs 90 s for its compile: skipped, said why
+    compiled = next(r for r in matrix["rows"] if r["compile"])
+    assert compiled["status"] == "skipped" and "a compile or recompile needs 90 s" in compiled["skipped"]
+    assert not (out / "cascade_full_size.json").exists()
+
+
+@pytest.mark.slow
+def test_run_device_sigterm_flushes_what_is_done(tmp_path):
+    """SIGTERM once the first case is in gpu_full_size.json: both JSON files keep it, complete: false."""
+    import signal
+    import time
+
+    out, proc = _run_device(tmp_path, wait=False)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            path = out / "gpu_full_size.json"
+            if path.is_file() and json.loads(path.read_text())["rows"]:
+                break
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, output[-3000:]
+    status = json.loads((out / "device_run.json").read_text())
+    assert status["complete"] is False and status["stopped"] == "SIGTERM"
+    assert status["steps"][-1] == {**status["steps"][-1], "step": "gpu_full_size", "returncode": None,
+                                   "note": "interrupted by SIGTERM"}
+    matrix = json.loads((out / "gpu_full_size.json").read_text())
+    assert matrix["complete"] is False and matrix["stopped"].startswith("SIGTERM after")
+    assert matrix["rows"][0]["status"] == "ok" and matrix["rows"][0]["batch"] == 1
+
+
+def test_import_device_copies_partial_results_and_checks_memory(tmp_path, capsys):
+    """A fabricated, partial device folder (made here in tmp, never a committed result)."""
+    results = tmp_path / "results"
+    _write_results(results, {name: dict(STATUS) for name in ("preprocess", "train", "eval", "tc")})
+    (results / "cascade_full_size.json").write_text('{"stale": true}')  # an earlier device run's file
+    device = tmp_path / "device_out"
+    device.mkdir()
+    partial = {**GPU, "complete": False, "stopped": "SIGTERM after 2 cases", "rows": GPU["rows"][:2]}
+    (device / "gpu_full_size.json").write_text(json.dumps(partial))
+    (device / "device_run.json").write_text(json.dumps({
+        "date": "2025-01-01 10:00", "nvidia_smi": "NVIDIA H200, 143771 MiB, 570.1", "deadline_s": 520,
+        "complete": False, "stopped": "SIGTERM",
+        "steps": [{"step": "gpu_full_size", "returncode": None, "seconds": 200, "note": "interrupted by SIGTERM"}]}))
+    (device / "run_device.log").write_text("log\n")
+    md = tmp_path / "BENCHMARKS.md"
+    assert run_all.main(["--import-device", str(device), "--results", str(results), "--out", str(md)]) == 0
+    printed = capsys.readouterr().out
+    assert "imported device_run.json (partial)" in printed and "imported gpu_full_size.json (partial)" in printed
+    assert ("memory model: 8 × 2, checkpointing off, compile off, cache off: peak measured 30.00 GiB / predicted "
+            "30.10 = 0.997 (within the expected error)") in printed
+    assert json.loads((results / "gpu_full_size.json").read_text()) == partial
+    assert not (results / "cascade_full_size.json").exists()  # not this run's
+    gpu_text = md.read_text().split("## GPU (full size)")[1]
+    assert "**Partial**: this run stopped before the end (SIGTERM after 2 cases)" in gpu_text
+    assert "| gpu_full_size | – | 200 | interrupted by SIGTERM |" in gpu_text
+    assert "| 8 × 2 | off | off | off | 322 | 8.00 | 2.000 | 30.0 | 30.1 | 33.0 | 31.6 | 9.0 % |" in gpu_text
+    assert "Not yet measured" not in gpu_text
+    # bad input: one clear error line, exit 2, nothing written
+    (device / "gpu_full_size.json").write_text("{not json")
+    assert run_all.main(["--import-device", str(device), "--results", str(results), "--out", str(md)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert run_all.main(["--import-device", str(tmp_path / "empty_nowhere"), "--results", str(results)]) == 2
+    (device / "gpu_full_size.json").write_text(json.dumps({**partial, "dry_run": True}))  # a CPU rehearsal
+    assert run_all.main(["--import-device", str(device), "--results", str(results), "--out", str(md)]) == 2
+    assert "output of --dry-run (CPU, tiny widths), not GPU figures" in capsys.readouterr().err
+    assert json.loads((results / "gpu_full_size.json").read_text()) == partial  # the earlier import stays
+
+
 @pytest.mark.slow
 def test_run_device_dry_run_builds_and_runs_everything_on_cpu(tmp_path):
-    """benchmarks/gpu/run_device.sh --dry-run: the GPU call's every step at tiny widths on CPU (≈ 45 s CPU).
+    """benchmarks/gpu/run_device.sh --dry-run: the GPU call's every step at tiny widths on CPU (≈ 60 s CPU).
 
     Checks the files it leaves in $OUT (the device tool returns at most 8), that each step passed,
     that the benchmark matrix has every eager case and one compiled case, that train.py ran 30
-    steps with the default batch 8 × 2 layout (here 2 × 2), and that run_all renders the figures.
+    steps with the default batch 8 × 2 layout (here 2 × 2), that the cascade sent every slice
+    through its three stages, and that run_all renders the figures.
     """
     if shutil.which("bash") is None:
         pytest.skip("bash not available")
-    out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run_device.sh"), "--dry-run"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
+    out, done = _run_device(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["device_run.json", "eval_full_size.json", "gpu_full_size.json", "run_device.log",
-                     "train_30_steps.json"]
+    assert files == ["cascade_full_size.json", "device_run.json", "eval_full_size.json", "gpu_full_size.json",
+                     "run_device.log", "train_30_steps.json"]
     status = json.loads((out / "device_run.json").read_text())
-    assert status["dry_run"] and [s["step"] for s in status["steps"]] == [
-        "gpu_full_size", "phantoms", "train_30_steps", "train_loss_falls", "eval_full_size"]
+    assert status["dry_run"] and status["complete"] and [s["step"] for s in status["steps"]] == [
+        "gpu_full_size", "phantoms", "train_30_steps", "train_loss_falls", "eval_full_size", "cascade_full_size"]
     assert all(s["returncode"] == 0 for s in status["steps"])
-    gpu = json.loads((out / "gpu_full_size.json").read_text())
-    eager = [r for r in gpu["rows"] if not r["compile"]]
-    assert len(eager) == 8 and all("samples_per_s" in r for r in eager)
-    assert {(r["checkpointing"], r["feature_cache"]) for r in eager} == {
+    matrix = json.loads((out / "gpu_full_size.json").read_text())
+    assert matrix["complete"] and all(r["status"] == "ok" for r in matrix["rows"])
+    assert {(r["checkpointing"], r["feature_cache"]) for r in matrix["rows"] if not r["compile"]} == {
         (c, f) for c in ("off", "every 3", "all layers") for f in (False, True)}
-    assert [r["compile"] for r in gpu["rows"]].count(True) == 1
+    assert [r["compile"] for r in matrix["rows"]] == [False, True] + [False] * 7
+    assert matrix["rows"][1]["seq_len"] == 128 and matrix["rows"][0]["seq_len"] == matrix["seq_len"]  # padded to 64
     train = json.loads((out / "train_30_steps.json").read_text())
-    assert train["steps"] == 30 and len(train["losses"]) == 30 and train["grad_accum_steps"] == 2
+    assert train["steps"] == 30 and len(train["losses"]) == 30 and train["grad_accum_steps"] == 2 and train["complete"]
     evaluation = json.loads((out / "eval_full_size.json").read_text())
     assert [r["batch"] for r in evaluation["rows"]] == [1, 4]
-    assert all(r["same_answers_as_first"] == 1.0 for r in evaluation["rows"])
-    text = run_all.render_gpu(gpu) + run_all.render_device_train(train)
+    assert all(r["same_answers_as_first"] == 1.0 and r["differences"] == [] for r in evaluation["rows"])
+    cascade = json.loads((out / "cascade_full_size.json").read_text())
+    assert cascade["complete"] and cascade["slices"] == 24
+    assert cascade["stage1_slices"] == cascade["stage3_slices"] == 24 and cascade["stage2_crops"] >= 24
+    assert cascade["adapters"]["tumor_detection"] == ["tumor_detection", "stage3"]  # its LoRA + the frozen q,v one
+    text = run_all.render_gpu(matrix) + run_all.render_device_train(train) + run_all.render_cascade(cascade)
     assert "| 2 × 1 | every 3 | off | on |" in text and "30 optimizer steps of real `train.py`" in text
+    assert "One 24-slice 512² volume, every slice through all three stages" in text
+
+
+def test_eval_fails_when_a_batched_answer_differs_and_writes_both(tmp_path, monkeypatch):
+    bench = _load_script("bench_eval")
+    answers = {1: ["{<1><2><3><4>}", "{<5><6><7><8>}"], 2: ["{<1><2><3><4>}", "{<5><6><7><9>}"]}
+    monkeypatch.setattr(bench, "predict_detection", lambda *a, **k: [])  # the warm-up
+    monkeypatch.setattr(bench, "time_case", lambda model, records, batch, repeats: (1.0, [{"answer": a} for a in answers[batch]]))
+    out = tmp_path / "eval.json"
+    args = ["--samples", "2", "--batch-sizes", "1", "2", "--json", str(out)]
+    assert bench.main(args) == 0  # recorded, not failed, without the flag
+    assert bench.main([*args, "--fail-on-difference"]) == 1
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["differences"] == [] and rows[1]["same_answers_as_first"] == 0.5
+    assert rows[1]["differences"] == [{"sample": 1, "first": "{<5><6><7><8>}", "this": "{<5><6><7><9>}"}]

@@ -1,30 +1,54 @@
 #!/usr/bin/env bash
-# Everything issue 11 measures at full size, in one call of the GPU machine (< 8 minutes), JSON into $OUT.
+# Everything measured at full size, in one call of the GPU machine, under one deadline, JSON into $OUT.
 #
-#   1. benchmarks/gpu_full_size.py: training-step matrix (checkpointing off/partial/on and the default
-#      batch 8 × 2, × compile, × feature cache): samples/s, MFU, peak vs predicted memory
-#      → $OUT/gpu_full_size.json
-#   2. a 30-step full-size run of the real train.py (stage-1 config, random weights, synthetic phantoms
-#      at 448 px from `python -m preprocessing synthetic`): the loss must fall → $OUT/train_30_steps.json
-#   3. benchmarks/bench_eval.py --full-size: batched evaluation at batch 16 vs 1 (identical answers,
-#      speed ratio) → $OUT/eval_full_size.json
-#   + $OUT/device_run.json: exit status and seconds of each step, the card (nvidia-smi); every
-#     step's output in $OUT/run_device.log (five files: the device tool returns at most eight).
+# Steps, in order of value (each rewrites its JSON atomically as soon as it has something, with
+# "complete": false until it ends; $OUT/device_run.json is rewritten after every step):
+#   1. benchmarks/gpu_full_size.py: the training-step matrix, the default config (batch 8 × 2,
+#      eager) first, then compiled, then the batch-16 / cache / checkpointing variants; losses,
+#      allocated and reserved peaks vs the memory model, MFU → $OUT/gpu_full_size.json
+#   2. a 30-step full-size run of the real train.py (stage-1 config, random weights, synthetic
+#      phantoms at 448 px from `python -m preprocessing synthetic`): finite losses that fall
+#      → $OUT/train_30_steps.json
+#   3. benchmarks/bench_eval.py --full-size: batched evaluation at batch 16 vs 1; a differing
+#      answer fails the step (both answers are in the JSON) → $OUT/eval_full_size.json
+#   4. benchmarks/gpu_full_size.py --cascade: the clinician's wait, the three-stage cascade at
+#      full size on a 100-slice 512² volume, with its TFLOP count → $OUT/cascade_full_size.json
+#   + $OUT/device_run.json (exit status, seconds and note of each step, the card) and every
+#     step's output in $OUT/run_device.log (six files: the device tool returns at most eight).
+#
+# Deadline: --deadline-s N (default 520) seconds from the start of this script, passed to every
+# step as the absolute Unix time $MINIGPT_DEADLINE (the Python scripts start no case that cannot
+# finish before it; a step gets at most the time left and is skipped below its minimum).
+# SIGTERM/SIGINT: the running step is stopped (its script writes what it has) and
+# device_run.json is written with "complete": false.
 #
 # The machine has torch 2.11, transformers 5.17, peft, ... but not omegaconf, nibabel or pydicom, and
 # no network: run benchmarks/gpu/fetch_wheels.sh here first and carry benchmarks/gpu/wheels; this
 # script installs them with pip --no-index --no-deps into a --target folder on PYTHONPATH. Never
 # `pip install -e .` there (pip would try to replace torch): the code runs from the tree (PYTHONPATH=.).
 #
-#   device tool:  command "bash benchmarks/gpu/run_device.sh", carry ["benchmarks/gpu/wheels"], timeout_s 540
-#   CPU check:    OUT=/tmp/device bash benchmarks/gpu/run_device.sh --dry-run   (tiny widths, minutes)
+#   device tool:  command "bash benchmarks/gpu/run_device.sh", carry ["benchmarks/gpu/wheels"], timeout_s 560
+#   CPU check:    OUT=/tmp/device bash benchmarks/gpu/run_device.sh --dry-run   (tiny widths, ≈ 1 minute)
 #
-# Afterwards: copy $OUT/*.json into benchmarks/results/ and run `python benchmarks/run_all.py --report-only`.
+# Afterwards, here: python benchmarks/run_all.py --import-device <the returned $OUT folder>
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 DRY=0
-if [ "${1:-}" = "--dry-run" ]; then DRY=1; elif [ -n "${1:-}" ]; then echo "usage: $0 [--dry-run]" >&2; exit 2; fi
+DEADLINE_S=520
+while [ $# -gt 0 ]; do
+    case $1 in
+        --dry-run) DRY=1; shift ;;
+        --deadline-s)
+            if ! [[ "${2:-}" =~ ^[0-9]+$ ]] || [ "$2" -le 0 ]; then
+                echo "error: --deadline-s needs a positive number of seconds, got '${2:-}'" >&2; exit 2
+            fi
+            DEADLINE_S=$2; shift 2 ;;
+        *) echo "usage: $0 [--dry-run] [--deadline-s SECONDS]" >&2; exit 2 ;;
+    esac
+done
 if [ -z "${OUT:-}" ]; then echo "error: set OUT to the folder for the JSON files" >&2; exit 2; fi
+RUN_DEADLINE=$(( $(date +%s) + DEADLINE_S ))
+export MINIGPT_DEADLINE=$RUN_DEADLINE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/minigpt_device.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -49,81 +73,150 @@ if missing:
     sys.exit(f"error: missing Python modules: {', '.join(missing)}: {hint}")
 PY
 
-STEPS=()  # JSON fragments for device_run.json
+GPU_INFO="none (dry run)"
+[ $DRY = 1 ] || GPU_INFO=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 1)
+STEPS=()  # JSON objects of device_run.json's "steps"
+STOPPED=""
 LOG="$OUT/run_device.log"
 : > "$LOG"
-step() {  # step NAME TIMEOUT_S COMMAND...: run, append the output to $LOG, record status and seconds
-    local name=$1 limit=$2; shift 2
-    local start=$SECONDS rc
-    echo "=== $name (limit ${limit} s): $*" | tee -a "$LOG"
-    timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 40
-    rc=${PIPESTATUS[0]}
-    echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$LOG"
-    STEPS+=("{\"step\": \"$name\", \"returncode\": $rc, \"seconds\": $((SECONDS - start))}")
+
+write_status() {  # write_status COMPLETE(true|false): device_run.json, atomically (temp + rename)
+    python3 - "$OUT/device_run.json" "$1" "$DRY" "$GPU_INFO" "$DEADLINE_S" "$RUN_DEADLINE" "$STOPPED" "${STEPS[@]}" <<'PY'
+import json, os, sys, time
+path, complete, dry, card, deadline_s, deadline, stopped, *steps = sys.argv[1:]
+steps = [json.loads(s) for s in steps]
+status = {"date": time.strftime("%Y-%m-%d %H:%M"), "dry_run": dry == "1", "nvidia_smi": card,
+          "deadline_s": int(deadline_s), "deadline": int(deadline), "complete": complete == "true",
+          "stopped": stopped or None, "steps": steps, "seconds": sum(s["seconds"] for s in steps)}
+tmp = f"{path}.tmp{os.getpid()}"
+with open(tmp, "w") as f:
+    json.dump(status, f, indent=1)
+    f.write("\n")
+os.replace(tmp, path)
+PY
 }
 
-GPU_INFO="none (dry run)"
+record() {  # record NAME RC SECONDS NOTE
+    local note=${4//\\/\\\\}
+    note=${note//\"/\\\"}
+    STEPS+=("{\"step\": \"$1\", \"returncode\": $2, \"seconds\": $3, \"note\": \"$note\"}")
+    write_status false
+}
+
+CHILD=""; CURRENT=""; CURRENT_START=0; DEADLINE_HIT=0
+on_signal() {  # stop the running step (its script flushes its JSON), record it, write the status
+    trap - TERM INT
+    STOPPED="SIG$1"
+    if [ -n "$CHILD" ]; then
+        kill -TERM "$CHILD" 2>/dev/null
+        wait "$CHILD" 2>/dev/null
+        record "$CURRENT" null $((SECONDS - CURRENT_START)) "interrupted by SIG$1"
+    fi
+    write_status false
+    echo "=== stopped by SIG$1" | tee -a "$LOG"
+    exit $([ "$1" = INT ] && echo 130 || echo 143)
+}
+trap 'on_signal TERM' TERM
+trap 'on_signal INT' INT
+write_status false
+
+step() {  # step NAME LIMIT_S MIN_S COMMAND...: run under min(limit, time left); skip below MIN_S
+    local name=$1 limit=$2 need=$3; shift 3
+    local left=$(( RUN_DEADLINE - $(date +%s) )) rc lines
+    if [ "$left" -lt "$need" ]; then
+        echo "=== $name: skipped, deadline: $left s left, needs $need s" | tee -a "$LOG"
+        DEADLINE_HIT=1
+        record "$name" null 0 "skipped: deadline ($left s left, needs $need s)"
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+    lines=$(wc -l < "$LOG")
+    echo "=== $name (limit ${limit} s): $*" >> "$LOG"
+    CURRENT=$name; CURRENT_START=$SECONDS
+    # the step's own deadline: its scripts start no case they cannot finish within its limit
+    MINIGPT_DEADLINE=$(( $(date +%s) + limit - 5 )) timeout -k 10 "$limit" "$@" >> "$LOG" 2>&1 &
+    CHILD=$!
+    wait "$CHILD"; rc=$?
+    CHILD=""
+    echo "=== $name: exit $rc after $((SECONDS - CURRENT_START)) s" >> "$LOG"
+    tail -n +"$((lines + 1))" "$LOG" | tail -n 40
+    local note=""
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then DEADLINE_HIT=1; note="stopped at its limit of $limit s"; fi
+    record "$name" "$rc" $((SECONDS - CURRENT_START)) "$note"
+}
+
 if [ $DRY = 1 ]; then
     SIZES=$(python3 -c "from benchmarks.full_size import DRY_RUN_SIZES; print(' '.join(DRY_RUN_SIZES))")
     GPU_ARGS=(--dry-run); IMAGE_PX=128; EVAL_ARGS=(--samples 4 --repeats 1 --batch-sizes 1 4 --max-new-tokens 4)
     TRAIN_EXTRA="run.device=cpu run.num_workers=0 run.batch_size=2"
+    # minimum seconds a step needs to start: a tiny dry-run step needs far less than a full-size one
+    MIN_MATRIX=5; MIN_PHANTOMS=5; MIN_TRAIN=20; MIN_EVAL=10; MIN_CASCADE=15
 else
-    GPU_INFO=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 1)
-    SIZES=""; GPU_ARGS=(--time-budget 140); IMAGE_PX=448; EVAL_ARGS=(--full-size --samples 32 --repeats 1)
+    SIZES=""; GPU_ARGS=(); IMAGE_PX=448; EVAL_ARGS=(--full-size --samples 32 --repeats 1)
     TRAIN_EXTRA="run.num_workers=8"
+    MIN_MATRIX=60; MIN_PHANTOMS=10; MIN_TRAIN=40; MIN_EVAL=30; MIN_CASCADE=45
 fi
 
 # 1. the training-step matrix
-step gpu_full_size 190 python3 benchmarks/gpu_full_size.py "${GPU_ARGS[@]}" --json "$OUT/gpu_full_size.json"
+step gpu_full_size 190 $MIN_MATRIX python3 benchmarks/gpu_full_size.py "${GPU_ARGS[@]}" --json "$OUT/gpu_full_size.json"
 
 # 2. 30 steps of the real train.py on synthetic phantoms
-step phantoms 60 bash -c "python3 -m preprocessing synthetic --out '$WORK/raw' --scheme msd --n 6 --slices 24 \
+step phantoms 30 $MIN_PHANTOMS bash -c "python3 -m preprocessing synthetic --out '$WORK/raw' --scheme msd --n 6 --slices 24 \
     --size $IMAGE_PX && python3 -m preprocessing msd --images '$WORK/raw/imagesTr' --labels '$WORK/raw/labelsTr' \
     --out '$WORK/MSD' --threshold 0.0"
 TOKENIZER=$(python3 -c "from benchmarks.full_size import llama2_tokenizer_path as p; t = p(); print(t or '')")
 if [ -n "$TOKENIZER" ]; then VOCAB="model.text.tokenizer=$TOKENIZER"; else VOCAB="model.text.vocab_size=512"; fi
 # shellcheck disable=SC2086
-step train_30_steps 130 python3 train.py --cfg-path train_configs/stage1_pancreas_detection.yaml --options \
+step train_30_steps 110 $MIN_TRAIN python3 train.py --cfg-path train_configs/stage1_pancreas_detection.yaml --options \
     model.vision.weights=null model.text.path=null model.init_from=null $VOCAB $SIZES \
     datasets.msd_pancreas.root="$WORK/MSD" datasets.msd_pancreas.threshold=null \
     datasets.nih_pancreas.root="$WORK/MSD" datasets.nih_pancreas.threshold=null \
     run.output_dir="$WORK/run" run.max_epoch=1 run.iters_per_epoch=30 run.max_steps=30 run.validate=false \
     run.log_interval=1 run.resume=null run.init_lr=2e-4 run.warmup_steps=5 run.warmup_lr=1e-5 $TRAIN_EXTRA
+# the summary of what ran, also when train.py was stopped at its limit (then "complete": false)
+start=$SECONDS
+if [ -f "$WORK/run/log.jsonl" ]; then
 python3 - "$WORK/run/log.jsonl" "$OUT/train_30_steps.json" "$IMAGE_PX" "$DRY" <<'PY'
-import json, statistics, sys
+import json, math, statistics, sys
 from pathlib import Path
 log, out, px = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-if not log.is_file():
-    sys.exit(f"no training log at {log}: see train_30_steps.log")
-rows = [json.loads(line) for line in log.read_text().splitlines()]
+rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 steps = [r for r in rows if r.get("kind") == "step"]
-if len(steps) < 10:
-    sys.exit(f"only {len(steps)} training steps logged in {log}")
+if not steps:
+    sys.exit(f"no training step logged in {log}: see run_device.log")
 from minigpt4.config import load_config
+from minigpt4.io import write_json_atomic
 run = load_config(log.parent / "config.yaml").run
 losses = [r["loss"] for r in steps]
+finite = all(math.isfinite(x) for x in losses)
 first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
-summary = {"steps": len(steps), "image_size": px, "batch_size": run.batch_size, "grad_accum_steps": run.grad_accum_steps,
-           "first_loss": first, "last_loss": last, "loss_falls": last < first - 0.05, "losses": losses,
-           "samples_per_s": statistics.median(r["samples_per_s"] for r in steps[3:])}
-from minigpt4.io import write_json_atomic
+summary = {"steps": len(steps), "complete": len(steps) >= 30, "image_size": px, "batch_size": run.batch_size,
+           "grad_accum_steps": run.grad_accum_steps, "first_loss": first if finite else None,
+           "last_loss": last if finite else None, "losses_finite": finite,
+           "loss_falls": finite and len(steps) >= 10 and last < first - 0.05,
+           "losses": [x if math.isfinite(x) else str(x) for x in losses],
+           "samples_per_s": statistics.median(r["samples_per_s"] for r in steps[3:] or steps)}
 write_json_atomic(out, summary)
 print(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
+if not finite:
+    sys.exit("a full-size training loss is not finite")
 # the tiny dry-run model need not learn in 30 steps; the full-size run must
 sys.exit(0 if summary["loss_falls"] or sys.argv[4] == "1" else "the full-size training loss did not fall in 30 steps")
 PY
-rc=$?
-STEPS+=("{\"step\": \"train_loss_falls\", \"returncode\": $rc, \"seconds\": 0}")
+record train_loss_falls $? $((SECONDS - start)) ""
+else
+record train_loss_falls null 0 "no training log: train_30_steps did not run"
+fi
 
-# 3. batched evaluation, batch 16 vs 1
-step eval_full_size 90 python3 benchmarks/bench_eval.py "${EVAL_ARGS[@]}" --json "$OUT/eval_full_size.json"
+# 3. batched evaluation, batch 16 vs 1: a differing answer fails the step
+step eval_full_size 80 $MIN_EVAL python3 benchmarks/bench_eval.py "${EVAL_ARGS[@]}" --fail-on-difference \
+    --json "$OUT/eval_full_size.json"
 
-python3 - "$OUT/device_run.json" "$DRY" "$GPU_INFO" "${STEPS[@]}" <<'PY'
-import json, sys, time
-from minigpt4.io import write_json_atomic
-steps = [json.loads(s) for s in sys.argv[4:]]
-write_json_atomic(sys.argv[1], {"date": time.strftime("%Y-%m-%d %H:%M"), "dry_run": sys.argv[2] == "1",
-                                "nvidia_smi": sys.argv[3], "steps": steps, "seconds": sum(s["seconds"] for s in steps)})
-print(json.dumps(steps))
-PY
+# 4. the clinician's wait: the three-stage cascade at full size on one volume
+step cascade_full_size 120 $MIN_CASCADE python3 benchmarks/gpu_full_size.py --cascade "${GPU_ARGS[@]}" \
+    --json "$OUT/cascade_full_size.json"
+
+[ $DEADLINE_HIT = 1 ] && STOPPED="deadline ($DEADLINE_S s)"
+write_status "$([ $DEADLINE_HIT = 0 ] && echo true || echo false)"
+python3 -c "import json, sys; [print(json.dumps(s)) for s in json.load(open(sys.argv[1]))['steps']]" "$OUT/device_run.json"
 for s in "${STEPS[@]}"; do case $s in *'"returncode": 0,'*) ;; *) exit 1 ;; esac; done
