@@ -2,6 +2,7 @@
 
     python benchmarks/full_size_load.py /tmp/fullsize            # ≈ 16 GB of disk, needs ≈ 16 GiB of free memory
     python benchmarks/full_size_load.py /tmp/fs_tiny --tiny      # the same code path at tests/tiny.py widths (tests)
+    python benchmarks/full_size_load.py benchmarks/results/full_size_load.json --markdown   # BENCHMARKS.md's section
 
 1. Writes into DIR, with random values at the real shapes and dtypes:
 
@@ -626,6 +627,76 @@ def report(summary: dict) -> None:
                   f"frozen stage-3 q,v adapter active: {r['frozen_qv_adapter_active']}")
 
 
+SECTION_INTRO = (
+    "`benchmarks/full_size_load.py DIR` writes the three weight files at their real shapes and dtypes with (cheap, "
+    "tiled) random values — `Llama-2-7b-chat-hf/` (the release's `config.json` and `generation_config.json` fields, "
+    "fp16 safetensors shards + `model.safetensors.index.json` with the 32 `rotary_emb.inv_freq` buffers the release "
+    "holds, the real LLaMA-2 `tokenizer.model`), `eva_vit_g.pth` (LAVIS layout, 40 blocks, 16×16 position grid, fp16) "
+    "and a MiniGPT-v2 stage-3 `checkpoint_stage3.pth` (`{\"model\": …}`, peft-0.2 q,v LoRA r 64, `llama_proj`, 32 "
+    "`inv_freq` buffers) — then loads them in a fresh process per entry point exactly as `train.py --cfg-path "
+    "train_configs/stage1_pancreas_detection.yaml` (`check_weight_files` + `build_model`, `init_from` = the stage-3 "
+    "file) and `demo.py --cfg-path eval_configs/demo.yaml` (`load_service`, `model.ckpt` = the stage-3 file) do, "
+    "with `model.dtype=bf16` (what `auto` gives on a GPU) on the CPU. Memory is sampled every 20 ms from "
+    "`/proc/self/status`: RssAnon (anonymous: what must fit), RssFile (pages mapped from the weight files and "
+    "libraries, which the kernel can drop) and `ru_maxrss` (their sum at its peak)."
+)
+
+
+def _load_row(label: str, r: dict) -> str:
+    return (f"| {label} | {r['load_s']:.1f} s | {r['peak_rss_anon_gib']:.2f} GiB | {r['ratio']:.2f} | "
+            f"{r['peak_rss_file_gib']:.2f} GiB | {r['ru_maxrss_gib']:.2f} GiB |")
+
+
+def markdown_section(summary: dict, notes: str = "") -> str:
+    """BENCHMARKS.md's section from the ``--json`` output (``notes``: hand-written paragraphs after the table;
+    ``summary["earlier_runs"]`` rows are added when present)."""
+    files, train, step = summary["files"], summary["train"], summary["step"]
+    weights = train["bf16_weights_gib"]
+    lines = ["## Full-size loading from real-format files (CPU)", "", SECTION_INTRO + (
+        f" Files: LLaMA {files['llama_bytes'] / 1e9:.2f} GB in {files['llama_shards']} shards, EVA "
+        f"{files['eva_bytes'] / 1e9:.2f} GB, stage-3 {files['stage3_bytes'] / 1e6:.0f} MB. Reference: the bf16 size "
+        f"of the LLaMA and EVA weights, {weights:.2f} GiB; target ≤ {TARGET_RATIO} × = {TARGET_RATIO * weights:.2f} GiB."),
+        "", "| load | wall time | peak RssAnon | × bf16 weights | peak RssFile | ru_maxrss |",
+        "|---|---:|---:|---:|---:|---:|", _load_row("`train.py`", train), _load_row("`demo.py`", summary["demo"])]
+    earlier = summary.get("earlier_runs", {})
+    if "train_before_change" in earlier:
+        lines.append(_load_row("`train.py`, before the meta-device ViT (commit fe2453b)", earlier["train_before_change"]))
+    if "train_repeat" in earlier:
+        lines.append(_load_row("`train.py`, same files and load as the row above, after the change", earlier["train_repeat"]))
+    keys = train["keys"]
+    llama, eva, s3 = keys["llama"], keys["eva"], keys["stage3"]
+    differing = len(llama["different"]) + len(eva["different"]) + len(s3["different"])
+    lines += ["", notes.strip(), "", (
+        f"Every key is accounted for in both loads (all matched or reported: {keys['all_matched_or_reported']} / "
+        f"{summary['demo']['keys']['all_matched_or_reported']}): LLaMA {llama['equal']} tensors equal to the file "
+        f"(after fp16 → bf16) + {llama['inv_freq_reported']} `inv_freq` buffers reported (equal to the buffer "
+        f"transformers recomputes); EVA {eva['equal']} tensors equal + `pos_embed` interpolated (equal to the bicubic "
+        f"resize) + {eva['ignored']} tensors of block(s) {eva['ignored_blocks']} ignored (BLIP-2 uses "
+        f"{eva['ignored_blocks'][0] if eva['ignored_blocks'] else '?'} blocks); stage-3 {s3['equal']} tensors equal "
+        f"(`llama_proj` + the frozen q,v adapter `{(s3['adapter'] or {}).get('name')}`, active) + "
+        f"{s3['inv_freq_reported']} `inv_freq` reported; {differing} differing, "
+        f"{len(llama['not_in_file']) + len(eva['not_in_file'])} model tensors missing from the files."),
+        "", (
+        f"Training step of the full-width, reduced-depth model (LLaMA {step['llama']}, from the same shards through a "
+        f"2-layer config and index; EVA {step['eva']} from the same `eva_vit_g.pth`; a 2-layer stage-3 file with the "
+        f"full file's tensors) in fp32 on the CPU through `train.py`'s `main` (batch 1, phantom CT slice): loss "
+        f"**{step['losses'][0]:.3f}** (finite: {step['loss_finite']}; ln 32000 = 10.37 for a uniform guess), "
+        f"{step['step_s']:.1f} s including the load, peak RssAnon {step['peak_rss_anon_gib']:.2f} GiB; gradients on "
+        f"exactly the {len(step['grads'])} trainable tensors (q,k LoRA A/B of the fresh adapter + `llama_proj` weight "
+        f"and bias): {step['grads_exact']}, all finite: {step['grads_finite']}; active adapters "
+        f"{', '.join(f'`{a}`' for a in step['active_adapters'])} (frozen stage-3 q,v adapter active: "
+        f"{step['frozen_qv_adapter_active']})."),
+    ]
+    measured = summary.get("measured")
+    if measured:
+        versions = ", ".join(f"{k} {v}" for k, v in measured["versions"].items())
+        lines += ["", f"Measured {measured['date']} at commit {measured['commit']} ({versions}); figures in "
+                      f"`benchmarks/results/full_size_load.json`. Command: `{measured['command']}` (≈ 16 GB of disk, "
+                      "≈ 8 minutes; a watchdog kills a load whose RssAnon passes `--abort-gib`, default 21; delete the "
+                      "folder afterwards). `tests/test_full_size_load.py` runs the same script with `--tiny`."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", help="folder for the weight files (created; ≈ 16 GB at full size)")
@@ -636,9 +707,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="run the phases in this process (tests: no per-phase memory figures, no watchdog)")
     parser.add_argument("--abort-gib", type=float, default=21.0, help="kill a phase whose RssAnon passes this (GiB)")
     parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print BENCHMARKS.md's section from DIR = a --json file (benchmarks/results/full_size_load.json)")
     parser.add_argument("--phase", choices=["train", "demo", "step"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.markdown:
+        summary = json.loads(Path(args.dir).read_text())
+        print(markdown_section(summary, summary.get("notes", "")), end="")
+        return 0
     folder, sizes = Path(args.dir).resolve(), TINY if args.tiny else FULL
     torch.set_num_threads(min(torch.get_num_threads(), 2))
 

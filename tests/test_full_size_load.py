@@ -98,3 +98,17 @@ def test_watchdog_stops_a_phase_over_the_memory_limit(run):
     _, _, files = run
     result = fsl.run_phase("train", files, tiny=True, abort_gib=0.05)
     assert result["aborted"] == "RssAnon passed 0.05 GiB (watchdog)" and result["watchdog_peak_gib"] > 0.05
+
+
+def test_markdown_section_renders_the_json(run, tmp_path, capsys):
+    _, summary, _ = run
+    path = tmp_path / "full_size_load.json"
+    path.write_text(json.dumps(dict(summary, notes="A hand-written note.")))
+    assert fsl.main([str(path), "--markdown"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("## Full-size loading from real-format files (CPU)\n")
+    train = summary["train"]
+    assert (f"| `train.py` | {train['load_s']:.1f} s | {train['peak_rss_anon_gib']:.2f} GiB | {train['ratio']:.2f} |"
+            in text)
+    assert "A hand-written note." in text and "all matched or reported: True / True" in text
+    assert f"loss **{summary['step']['losses'][0]:.3f}**" in text and "before the meta-device ViT" not in text
