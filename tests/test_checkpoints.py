@@ -333,3 +333,16 @@ def test_build_model_loads_eva_from_config(tmp_path):
     torch.save(eva_state(cfg.vision, grid=8, blocks=2, seed=5), tmp_path / "eva_vit_g.pth")
     model = build_model(tiny_model_config(**{"vision.weights": str(tmp_path / "eva_vit_g.pth")}))
     assert torch.equal(model.visual_encoder.cls_token, eva_state(cfg.vision, 8, 2, seed=5)["cls_token"])
+
+
+def test_eva_weights_do_not_stay_backed_by_the_mapped_file(tmp_path):
+    """Tensors already in the parameter's dtype are copied: rewriting the file cannot change the model."""
+    cfg = tiny_model_config().vision
+    state = eva_state(cfg, grid=8, blocks=2)
+    torch.save(state, tmp_path / "eva_vit_g.pth")
+    vit = EvaViT(cfg)  # fp32 tower, fp32 file
+    load_eva_weights(vit, tmp_path / "eva_vit_g.pth")
+    # its own storage, not a window into the mapped file's
+    assert vit.blocks[0].attn.qkv.weight.untyped_storage().nbytes() == vit.blocks[0].attn.qkv.weight.numel() * 4
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, tmp_path / "eva_vit_g.pth")
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])

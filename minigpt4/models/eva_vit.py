@@ -245,8 +245,9 @@ def load_eva_weights(model: EvaViT, path: Union[str, os.PathLike], device: Union
     if device is None:
         current = next(model.parameters()).device
         device = torch.device("cpu") if current.type == "meta" else current
-    # the precision policy of cast_vision_weights is already on the (possibly meta) parameters
-    used = {k: v.to(device=device, dtype=expected[k].dtype) for k, v in used.items()}
+    # the precision policy of cast_vision_weights is already on the (possibly meta) parameters;
+    # copy=True: a tensor already in its dtype must not stay backed by the mapped file
+    used = {k: v.to(device=device, dtype=expected[k].dtype, copy=True) for k, v in used.items()}
     model.load_state_dict(used, strict=True, assign=True)
     ignored_blocks = sorted({int(k.split(".")[1]) for k in ignored})
     if ignored_blocks:
