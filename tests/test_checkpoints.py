@@ -258,6 +258,39 @@ def test_eva_weights_load_with_pos_embed_interpolation_and_40th_block_ignored(tm
     assert torch.allclose(vit.pos_embed[:, 1:], expected, atol=1e-6)
 
 
+def test_eva_weights_fill_a_tower_built_on_the_meta_device(tmp_path):
+    """build_model's low-memory path: an empty (meta) tower gets the file's tensors by assignment,
+    each converted once to the precision policy's dtype (Linear/Conv bf16, the rest fp32)."""
+    from minigpt4.models.eva_vit import cast_vision_weights
+
+    cfg = tiny_model_config().vision
+    state = eva_state(cfg, grid=4, blocks=3)
+    torch.save({k: v.half() for k, v in state.items()}, tmp_path / "eva_vit_g.pth")  # the release is fp16
+    with torch.device("meta"):
+        vit = cast_vision_weights(EvaViT(cfg), torch.bfloat16)
+    load_eva_weights(vit, tmp_path / "eva_vit_g.pth")
+    assert not any(p.is_meta for p in vit.parameters())
+    assert vit.blocks[1].attn.qkv.weight.dtype == torch.bfloat16 and vit.blocks[1].norm1.weight.dtype == torch.float32
+    assert torch.equal(vit.blocks[1].attn.qkv.weight, state["blocks.1.attn.qkv.weight"].half().bfloat16())
+    assert torch.equal(vit.blocks[0].attn.v_bias, state["blocks.0.attn.v_bias"].half().float())
+    assert vit.pos_embed.dtype == torch.float32 and vit.pos_embed.shape == (1, 65, 64)
+    assert isinstance(vit.blocks[0].mlp.fc1.weight, torch.nn.Parameter)
+
+
+def test_build_model_never_initialises_a_tower_whose_weights_it_loads(tmp_path, monkeypatch):
+    cfg = tiny_model_config()
+    torch.save(eva_state(cfg.vision, grid=8, blocks=2, seed=5), tmp_path / "eva_vit_g.pth")
+    built_on_meta = []
+    original = EvaViT._init_weights
+    monkeypatch.setattr(EvaViT, "_init_weights", lambda self: (built_on_meta.append(self.pos_embed.is_meta), original(self)))
+    model = build_model(tiny_model_config(**{"vision.weights": str(tmp_path / "eva_vit_g.pth")}))
+    assert built_on_meta == [True]
+    assert torch.equal(model.visual_encoder.blocks[1].mlp.fc2.weight, eva_state(cfg.vision, 8, 2, seed=5)["blocks.1.mlp.fc2.weight"])
+    assert not any(p.requires_grad for p in model.visual_encoder.parameters())
+    build_model(tiny_model_config())  # no weights file: a random tower, initialised
+    assert built_on_meta == [True, False]
+
+
 def test_eva_attention_matches_a_hand_written_reference():
     torch.manual_seed(0)
     cfg = tiny_model_config().vision
@@ -300,3 +333,16 @@ def test_build_model_loads_eva_from_config(tmp_path):
     torch.save(eva_state(cfg.vision, grid=8, blocks=2, seed=5), tmp_path / "eva_vit_g.pth")
     model = build_model(tiny_model_config(**{"vision.weights": str(tmp_path / "eva_vit_g.pth")}))
     assert torch.equal(model.visual_encoder.cls_token, eva_state(cfg.vision, 8, 2, seed=5)["cls_token"])
+
+
+def test_eva_weights_do_not_stay_backed_by_the_mapped_file(tmp_path):
+    """Tensors already in the parameter's dtype are copied: rewriting the file cannot change the model."""
+    cfg = tiny_model_config().vision
+    state = eva_state(cfg, grid=8, blocks=2)
+    torch.save(state, tmp_path / "eva_vit_g.pth")
+    vit = EvaViT(cfg)  # fp32 tower, fp32 file
+    load_eva_weights(vit, tmp_path / "eva_vit_g.pth")
+    # its own storage, not a window into the mapped file's
+    assert vit.blocks[0].attn.qkv.weight.untyped_storage().nbytes() == vit.blocks[0].attn.qkv.weight.numel() * 4
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, tmp_path / "eva_vit_g.pth")
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])

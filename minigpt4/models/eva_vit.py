@@ -189,12 +189,17 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Te
     return torch.cat((cls, grid), dim=1)
 
 
-def load_eva_weights(model: EvaViT, path: Union[str, os.PathLike]) -> dict:
+def load_eva_weights(model: EvaViT, path: Union[str, os.PathLike], device: Union[str, torch.device, None] = None) -> dict:
     """Load ``eva_vit_g.pth`` into ``model``, checked.
 
     Accepts a plain state dict or one under a ``"model"`` / ``"state_dict"`` key. Blocks with
     an index ≥ ``depth`` (EVA-CLIP-g's 40th block) are ignored and reported; every key of the
     used blocks must be present with the right shape.
+
+    The file is memory-mapped and each tensor is converted once, straight to the dtype of the
+    parameter it replaces (``assign``: no second copy of the tower), so ``model`` may have been
+    built on the meta device (``MiniGPTPancreas(..., empty_vision=True)``: no 1 B-parameter random
+    init). ``device``: where the weights go; default the model's device (CPU for a meta model).
 
     Returns:
         ``{"ignored": [...], "unexpected": [...], "pos_embed": "16x16->32x32"}``.
@@ -206,7 +211,10 @@ def load_eva_weights(model: EvaViT, path: Union[str, os.PathLike]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"EVA weights not found: {path}; get {EVA_SOURCE}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # mmap: the file's pages stay file-backed (droppable) until each tensor is converted
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (pre-zip) torch.save file cannot be mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -234,7 +242,13 @@ def load_eva_weights(model: EvaViT, path: Union[str, os.PathLike]) -> dict:
     wrong = [f"{k}: {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in used.items() if v.shape != expected[k].shape]
     if wrong:
         raise ValueError(f"{path}: EVA shape mismatch (is model.vision the right size?): {wrong[:5]}")
-    model.load_state_dict(used, strict=True)
+    if device is None:
+        current = next(model.parameters()).device
+        device = torch.device("cpu") if current.type == "meta" else current
+    # the precision policy of cast_vision_weights is already on the (possibly meta) parameters;
+    # copy=True: a tensor already in its dtype must not stay backed by the mapped file
+    used = {k: v.to(device=device, dtype=expected[k].dtype, copy=True) for k, v in used.items()}
+    model.load_state_dict(used, strict=True, assign=True)
     ignored_blocks = sorted({int(k.split(".")[1]) for k in ignored})
     if ignored_blocks:
         log.info("%s: ignored EVA blocks %s (the model uses %d blocks)", path, ignored_blocks, depth)

@@ -107,6 +107,8 @@ class MiniGPTPancreas(nn.Module):
         llama: the bare ``LlamaForCausalLM`` (random or pretrained); LoRA is attached here.
         tokenizer: the matching tokenizer (None only for parameter counting on the meta device).
         dtype: dtype of the frozen parts (ViT, LLaMA base); trainable tensors stay fp32.
+        empty_vision: build the ViT on the meta device (no memory, no random init) because its
+            weights are loaded next (:func:`~minigpt4.models.eva_vit.load_eva_weights` assigns them).
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class MiniGPTPancreas(nn.Module):
         llama: LlamaForCausalLM,
         tokenizer: Optional[Tokenizer],
         dtype: torch.dtype = torch.float32,
+        empty_vision: bool = False,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -131,7 +134,9 @@ class MiniGPTPancreas(nn.Module):
 
         # MiniGPT-v2's precision policy: only Conv/Linear weights in `dtype`, LayerNorms, position
         # embedding and residual stream fp32; a trained tower is all fp32 (AMP casts on the fly)
-        self.visual_encoder = cast_vision_weights(EvaViT(cfg.vision), torch.float32 if cfg.vision.trainable else dtype)
+        with torch.device("meta") if empty_vision else contextlib.nullcontext():
+            tower = EvaViT(cfg.vision)
+        self.visual_encoder = cast_vision_weights(tower, torch.float32 if cfg.vision.trainable else dtype)
         # BLIP-2's ln_vision is never trained nor stored anywhere: identity affine (SPEC §2), fp32
         self.ln_vision = nn.LayerNorm(cfg.vision.width)
         hidden = llama.config.hidden_size
@@ -767,17 +772,20 @@ def build_model(
             f"{tokenizer.vocab_size} pieces; set model.text.vocab_size={tokenizer.vocab_size}"
         )
 
+    # a ViT whose weights are loaded below is built empty (meta) and filled by assignment: at full
+    # size this saves 4 GB of fp32 random init next to the loaded LLaMA (peak host memory)
+    empty_vision = load_weights and cfg.vision.weights is not None
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
         if load_weights and cfg.text.path is not None:
             llama = load_llama(cfg.text, dtype, device)
             with torch.device(device):
-                model = MiniGPTPancreas(cfg, llama, tokenizer, dtype)
+                model = MiniGPTPancreas(cfg, llama, tokenizer, dtype, empty_vision=empty_vision)
         else:
             with torch.device(device):
                 llama = LlamaForCausalLM(llama_config(cfg.text, tokenizer)).to(dtype)
-                model = MiniGPTPancreas(cfg, llama, tokenizer, dtype)
+                model = MiniGPTPancreas(cfg, llama, tokenizer, dtype, empty_vision=empty_vision)
     if tokenizer is not None and tokenizer.vocab_size > model.llama.config.vocab_size:
         raise ValueError(
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, more than the LLaMA vocabulary "
@@ -785,7 +793,7 @@ def build_model(
         )
     if load_weights:
         if cfg.vision.weights is not None:
-            load_eva_weights(model.visual_encoder, cfg.vision.weights)
+            load_eva_weights(model.visual_encoder, cfg.vision.weights, device=device)
         from minigpt4.models.checkpoints import load_weights as load_checkpoint_weights
 
         for path in (cfg.init_from, cfg.ckpt):
