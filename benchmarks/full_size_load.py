@@ -63,6 +63,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from minigpt4.io import to_json  # noqa: E402
+
 STAGE1 = ROOT / "train_configs" / "stage1_pancreas_detection.yaml"
 DEMO = ROOT / "eval_configs" / "demo.yaml"
 LLAMA_DIR = "Llama-2-7b-chat-hf"
@@ -183,7 +185,7 @@ GENERATION_CONFIG = {"bos_token_id": 1, "do_sample": True, "eos_token_id": 2, "m
 def _write_json(path: Path, obj: dict) -> None:
     from minigpt4.io import write_text_atomic
 
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    write_text_atomic(path, to_json(obj, indent=2) + "\n")
 
 
 def tokenizer_source(tiny: bool) -> tuple[Path, str]:
@@ -462,7 +464,7 @@ def phase_load(entry: str, folder: Path, s: Sizes) -> dict:
             seed_everything(cfg.run.seed)
             model = build_model(cfg.model, torch.device("cpu"))
         else:
-            from minigpt4.serving import load_service
+            from minigpt4.demo.service import load_service
 
             cfg = load_config(DEMO, [*options, f"model.ckpt={folder / STAGE3_FILE}"])
             model = load_service(cfg, device="cpu").model
@@ -724,7 +726,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         result = phase_step(folder, sizes) if args.phase == "step" else phase_load(args.phase, folder, sizes)
-        Path(args.result).write_text(json.dumps(result, indent=2, default=str))
+        Path(args.result).write_text(to_json(result, indent=2, default=str))
         return 0
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -733,7 +735,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         files = json.loads(summary_file.read_text())
     else:
         files = write_files(folder, sizes, args.tiny)
-        summary_file.write_text(json.dumps(files))
+        summary_file.write_text(to_json(files))
     summary = {"tiny": args.tiny, "sizes": asdict(sizes), "files": files}
     for phase in ("train", "demo") + (() if args.no_step else ("step",)):
         if args.in_process:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minigpt4.io import to_json  # noqa: E402
 from preprocessing import overlap, synthetic  # noqa: E402
+
 
 def best_slice_correlations(a: overlap.Fingerprint, b: overlap.Fingerprint) -> tuple[float, float]:
     """Largest coarse and fine correlation between any slice of ``a`` (any mirroring) and any of ``b``."""
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
         print(f"copy {variant:16s} smallest match fraction over {len(values)} phantoms: {min(values):.3f}")
     print(f"{per_pair * 1e3:.2f} ms per pair compared; {seconds_512:.2f} s per 512×512×100 fingerprint (reading excluded)")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.json).write_text(to_json(result, indent=2) + "\n")
     return 0 if not false and all(min(v) >= overlap.MATCH_FRACTION for v in copies.values()) else 1
 
 

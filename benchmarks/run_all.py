@@ -605,6 +605,27 @@ def render_report(run: dict, results: dict[str, Optional[dict]], gpu: dict[str, 
     return "\n".join(out).rstrip() + "\n"
 
 
+MANUAL_SECTIONS = ("## Full-size loading from real-format files (CPU)",)
+"""Sections measured by hand-run scripts (``benchmarks/full_size_load.py``, ≈ 16 GB of disk), not by
+run_all: a regenerated report keeps them as they stand in the previous file."""
+
+
+def keep_manual_sections(report: str, previous: Path) -> str:
+    """``report`` with the :data:`MANUAL_SECTIONS` of ``previous`` put back before the GPU section."""
+    old = previous.read_text(encoding="utf-8") if previous.is_file() else ""
+    kept = []
+    for title in MANUAL_SECTIONS:
+        start = old.find(title + "\n")
+        if start >= 0 and title not in report:
+            end = old.find("\n## ", start + len(title))
+            kept.append(old[start:] if end < 0 else old[start:end + 1])
+    if not kept:
+        return report
+    gpu = report.find("## GPU (full size)")
+    at = gpu if gpu >= 0 else len(report)
+    return report[:at] + "".join(k.rstrip("\n") + "\n\n" for k in kept) + report[at:]
+
+
 def _summary_preprocess(r: dict) -> str:
     return (f"| Preprocessing | pipeline, 1 worker: {r['one_worker']['cpu_s']:.2f} s CPU "
             f"({r['one_worker']['slices_per_s']:.1f} slices/s) | I/O floor: {r['floor']['cpu_s']:.2f} s CPU "
@@ -739,7 +760,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_json_atomic(run_path, run)
 
     cpu, gpu = load_results(results)
-    write_text_atomic(args.out, render_report(run, cpu, gpu))
+    write_text_atomic(args.out, keep_manual_sections(render_report(run, cpu, gpu), Path(args.out)))
     print(f"\nwrote {args.out}")
     failed = [k for k, s in run["benches"].items() if s.get("error")]
     if failed:

@@ -566,8 +566,6 @@ def check_overlap_sources(opts: Options, jobs: Sequence[Job]) -> None:
     would match itself), and every NIfTI header declares a 3-D volume that fits in memory."""
     import nibabel as nib
 
-    from preprocessing import overlap
-
     out_abs = Path(opts.out).resolve()
     own_images = {str(Path(j.image).resolve()): j.volume_name for j in jobs}
     for folder in opts.exclude_overlap_with:
@@ -576,7 +574,7 @@ def check_overlap_sources(opts: Options, jobs: Sequence[Job]) -> None:
             raise PreparationError(f"--exclude-overlap-with {folder}: is (or overlaps) this run's own --out "
                                    f"{opts.out}; give the prepared or raw MSD / NIH folders whose scans must "
                                    f"stay out of {opts.dataset} val/test")
-        _, found = overlap.folder_volumes(folder)
+        _, found = folder_volumes(folder)
         mine = sorted(own_images[p] for _, image, _ in found if (p := str(Path(image).resolve())) in own_images)
         if mine:
             raise PreparationError(f"--exclude-overlap-with {folder}: holds this run's own input volumes "

@@ -515,3 +515,16 @@ def test_eval_fails_when_a_batched_answer_differs_and_writes_both(tmp_path, monk
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["differences"] == [] and rows[1]["same_answers_as_first"] == 0.5
     assert rows[1]["differences"] == [{"sample": 1, "first": "{<5><6><7><8>}", "this": "{<5><6><7><9>}"}]
+
+
+def test_regenerated_report_keeps_the_hand_measured_full_size_load_section(tmp_path):
+    """``run_all`` does not run ``full_size_load.py`` (16 GB of disk): its section survives a rewrite."""
+    from benchmarks.run_all import keep_manual_sections
+
+    previous = tmp_path / "BENCHMARKS.md"
+    section = "## Full-size loading from real-format files (CPU)\n\npeak 15.43 GiB\n"
+    previous.write_text("# Benchmarks\n\n## Eval\n\nold\n\n" + section + "\n## GPU (full size)\n\nold gpu\n")
+    report = "# Benchmarks\n\n## Eval\n\nnew\n\n## GPU (full size)\n\nnew gpu\n"
+    assert keep_manual_sections(report, previous) == (
+        "# Benchmarks\n\n## Eval\n\nnew\n\n" + section + "\n## GPU (full size)\n\nnew gpu\n")
+    assert keep_manual_sections(report, tmp_path / "absent.md") == report

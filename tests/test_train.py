@@ -375,5 +375,4 @@ def test_a_nan_loss_stops_training_naming_the_step_before_the_update(data, tmp_p
         f"train.py: error: {out}: training loss is nan at step 2 (epoch 0); stopped before that update, the "
         "checkpoints already written are unchanged (lower run.init_lr, try run.amp=bf16 or none, or check the data)"]
     assert calls == [1, 2]  # no third step
-    assert list(step_losses(out)) == [1]  # step 1 logged, nothing after it
-    assert not any(p.name.startswith("checkpoint") for p in out.iterdir())
+    assert not out.exists()  # no checkpoint was written: the failed run removes the folder it created

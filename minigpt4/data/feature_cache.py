@@ -30,7 +30,6 @@ scores every epoch on the same images, reused when the checkpoints share the fro
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -39,7 +38,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save
 
-from minigpt4.io import file_sha256
+from minigpt4.io import file_sha256, to_json
 
 __all__ = ["VisualFeatureCache", "CachedTowerTokens", "image_key", "tower_fingerprint", "configured_feature_cache"]
 
@@ -213,7 +212,7 @@ class VisualFeatureCache:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         vision = self.model.cfg.vision
-        text = json.dumps({
+        text = to_json({
             "fingerprint": self.fingerprint,
             "image_size": vision.image_size,
             "tokens": 1 + vision.num_patches,

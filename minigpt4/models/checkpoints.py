@@ -189,7 +189,7 @@ def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], con
         "adapter_stack": to_json(stack, where="checkpoint metadata adapter_stack"),
     }
     if provenance is not None:
-        metadata[PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
+        metadata[PROVENANCE_KEY] = to_json(provenance, sort_keys=True)
     path = folder / WEIGHTS_NAME
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

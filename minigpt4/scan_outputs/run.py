@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from minigpt4.io import file_sha256, write_text_atomic
+from minigpt4.io import file_sha256, to_json, write_text_atomic
 from minigpt4.scan_outputs.geometry import (
     CheckpointIdentity,
     PatientResult,
@@ -59,7 +59,7 @@ def content_sha256(path: str | os.PathLike) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     listing = [[p.relative_to(path).as_posix(), file_sha256(p)] for p in files]
-    return hashlib.sha256(json.dumps(listing).encode("utf-8")).hexdigest()
+    return hashlib.sha256(to_json(listing).encode("utf-8")).hexdigest()
 
 
 def checkpoint_identities(paths: Mapping[str, str | os.PathLike]) -> list[CheckpointIdentity]:
@@ -92,7 +92,7 @@ def fingerprint(inputs: Sequence[str | os.PathLike], checkpoints: Sequence[Check
         "config": cfg,
     }
     try:
-        text = json.dumps(payload, sort_keys=True, allow_nan=False)
+        text = to_json(payload, sort_keys=True)
     except (TypeError, ValueError) as err:
         raise ValueError(f"the scan config is not plain JSON data ({err})") from None
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -10,14 +10,13 @@ reaches half a voxel further). RAS values are rounded to 1e-4 mm.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from minigpt4.io import write_text_atomic
+from minigpt4.io import to_json, write_text_atomic
 from minigpt4.scan_outputs.geometry import (
     CheckpointIdentity,
     PatientResult,
@@ -34,7 +33,7 @@ SEGMENTS = ((PANCREAS_LABEL, "pancreas box"), (TUMOR_LABEL, "tumor box"))
 
 def write_strict_json(path: str | os.PathLike, obj: Any) -> None:
     """JSON without NaN/Infinity (``allow_nan=False``: a ValueError instead of an invalid file), atomic."""
-    write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
+    write_text_atomic(path, to_json(obj, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------- report.json
@@ -269,7 +268,7 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
     if not str(getattr(first, "FrameOfReferenceUID", "") or ""):
         raise ValueError(f"DICOM series {getattr(first, 'SeriesInstanceUID', '?')} has no FrameOfReferenceUID, "
                          "so a DICOM SEG cannot be placed over it")
-    content = json.dumps([str(first.SeriesInstanceUID), [c.sha256 for c in checkpoints], slices,
+    content = to_json([str(first.SeriesInstanceUID), [c.sha256 for c in checkpoints], slices,
                           hashlib.sha256(masks.tobytes()).hexdigest()])
     algorithm = hd.AlgorithmIdentificationSequence(
         name="MiniGPT-Pancreas cascade", version=software_version,
