@@ -129,6 +129,35 @@ def test_every_handler_hides_private_paths_from_broken_uploads(demo_workdir):
     assert model.calls == []  # no broken file reached the model
 
 
+def test_broken_uploads_through_a_live_server_show_no_temp_path(demo_workdir, tmp_path, monkeypatch):
+    """The issue's report, through Gradio itself: the upload is copied into Gradio's temp dir
+    (``<workdir>/gradio/<hash>/notimage.png``), and the answer names only the file."""
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    from minigpt4.demo.app import build_app, launch
+
+    workdir, _ = demo_workdir
+    files = broken_files(tmp_path)
+    app = build_app(DemoService(ScriptedModel({})), workdir=workdir)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch(app, port=port, block=False, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        text, image = client.predict(handle_file(str(files["random bytes"])), PANCREAS_Q, api_name="/ask")
+        assert text == ("⚠️ notimage.png: cannot be read as an image (UnidentifiedImageError: cannot identify image "
+                        "file 'notimage.png').") and image is None
+        summary, rows, image = client.predict(handle_file(str(files["truncated nii"])), "paper", api_name="/scan_volume")
+        assert summary.startswith("⚠️ cut.nii: corrupt or truncated NIfTI file (OSError: Expected ") and rows == []
+        assert "/tmp/" not in summary and workdir.name not in summary
+        assert list((workdir / "gradio").rglob("notimage.png"))  # the upload really was in the private folder
+    finally:
+        app.close()
+
+
 def test_model_failures_show_a_generic_line_and_log_the_traceback(demo_workdir, caplog):
     workdir, uploads = demo_workdir
     model = ScriptedModel({})
