@@ -312,6 +312,24 @@ def test_boxes_with_low_p_tumor_are_no_tumor_found_with_what_was_assessed(tmp_pa
         "computed on 2 (2 on the pancreas crop); tumor box asked on 2 slices, found on 2.")
 
 
+def test_inconclusive_with_too_few_boxed_slices_says_how_many(tmp_path):
+    """A pipeline that requires more boxed slices than it got (decision "inconclusive" with one
+    boxed slice) is reported as such: neither "no pancreas found on any slice" nor "no tumor"."""
+    from minigpt4.demo.service import ScanResult
+    from minigpt4.inference.pipeline import PatientResult, SliceResult
+
+    rows = [SliceResult(0, "{<0><0><0><0>}"),
+            SliceResult(1, "{<25><25><75><75>}", (25, 25, 75, 75), (16.0, 16.0, 48.0, 48.0), (16, 16, 48, 48), 0.2),
+            SliceResult(2, "{<0><0><0><0>}")]
+    patient = PatientResult(score=0.2, aggregation="max", top_k=3, threshold=0.5, decision="inconclusive",
+                            n_slices_boxed=1)
+    assert ScanResult(rows, patient).patient_text() == (
+        "Patient-level answer: **inconclusive: a pancreas box on only 1 of 3 slices** — this is not a negative "
+        "result: too little of the pancreas was looked at, so the threshold 0.500 (aggregation `max`) was not "
+        "applied. Assessed: 1 of 3 slices got a pancreas box; P(tumor) computed on 1 (1 on the pancreas crop); "
+        "tumor box asked on 0 slices, found on 0.")
+
+
 def test_single_checkpoint_scan_without_any_box_is_inconclusive(tmp_path):
     model = ScriptedStage()
     service = DemoService(model)  # one checkpoint: whole slices are classified when no box is found

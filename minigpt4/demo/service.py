@@ -194,10 +194,15 @@ class ScanResult:
         (three-stage mode) and what was assessed. When no slice got a pancreas box it is
         "inconclusive: no pancreas found on any slice", never "no tumor found", in both modes."""
         p = self.patient
-        inconclusive = ("**inconclusive: no pancreas found on any slice** — this is not a negative result: the model "
-                        "never looked at a pancreas")
+        boxed = sum(r.pancreas_box is not None for r in self.rows)
+        if boxed == 0:
+            inconclusive = ("**inconclusive: no pancreas found on any slice** — this is not a negative result: the "
+                            "model never looked at a pancreas")
+        else:  # the pipeline may require more boxed slices than this
+            inconclusive = (f"**inconclusive: a pancreas box on only {boxed} of {len(self.rows)} slices** — this is "
+                            "not a negative result: too little of the pancreas was looked at")
         if p is None:  # one checkpoint: no patient-level answer (its P(tumor) may come from whole slices)
-            if any(r.pancreas_box is not None for r in self.rows):
+            if boxed:
                 return self.assessed_text()
             return (inconclusive + "; P(tumor) came from whole slices only, outside the classifier's training "
                     "distribution. " + self.assessed_text())
