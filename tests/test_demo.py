@@ -560,7 +560,7 @@ def test_three_stage_scan_through_the_handlers_gives_the_patient_answer(tmp_path
 
     state = {"kind": "volume", "slices": scan_volume_array(), "index": 0, "name": "vol.nii.gz"}
     for answer, expected in [("{<25><25><75><75>}", "Patient-level answer: **tumor suspected** (largest slice P(tumor) = "),
-                             ("no idea", "Patient-level answer: **inconclusive** (no slice got a pancreas box")]:
+                             ("no idea", "Patient-level answer: **inconclusive: no pancreas found on any slice** — this is not a negative")]:
         model = ScriptedModel({PANCREAS_Q: answer, TUMOR_Q: "{<40><40><60><60>}"})
         service = DemoService(model, stages=SingleModel(model), cascade={"threshold": 0.5})
         _, _, slider, plot, table, history = DemoHandlers(service, tmp_path).on_scan([], dict(state))

@@ -6,8 +6,12 @@ drawn; on the right the chat with the task buttons; below, the volume scan (plot
 slice and a table of boxes).
 
 Every handler turns bad input and model failures into a chat message (:class:`InputError`
-messages verbatim, anything else as "the model failed ..."), so the app never crashes on an
-upload. Scripted endpoints (``gradio_client``) are stateless: ``/ask``, ``/classify``,
+messages verbatim, anything else as "the model could not process ..." with the traceback logged
+server-side; a guard around every handler catches what its own checks miss), so the app never
+crashes on an upload and no traceback reaches the user. Every text a handler shows passes through
+:func:`minigpt4.inference.volumes.public_message`, which strips the server's private paths (the
+upload's temp path, the private workdir, Gradio's temp dir, the temp dir, caches, the home
+folder). Scripted endpoints (``gradio_client``) are stateless: ``/ask``, ``/classify``,
 ``/scan_volume``. The UI's own events are ``api_visibility="private"``: hidden from the API page
 and refused by ``gradio_client``, but reachable over HTTP by their ``fn_index`` as the browser
 calls them, so they check their input like the public endpoints. See docs/DEMO.md.
@@ -16,6 +20,7 @@ calls them, so they check their input like the public endpoints. See docs/DEMO.m
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import shutil
@@ -26,7 +31,7 @@ import gradio as gr
 import numpy as np
 
 from minigpt4.demo.service import QUICK_TASKS, DemoService, ScanResult, annotate, display_scale, make_private_workdir
-from minigpt4.inference.volumes import NORMALISATIONS, InputError, load_slice, load_volume, upload_kind
+from minigpt4.inference.volumes import NORMALISATIONS, InputError, load_slice, load_volume, public_message, upload_kind
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +59,38 @@ def _empty_state() -> dict:
 
 
 def _error_text(err: BaseException) -> str:
+    """The user's text for a failed request (before :func:`public_message`): an :class:`InputError`
+    as is; anything else generic, with its type and the first line of its message (the traceback
+    goes to the server's log only)."""
     if isinstance(err, InputError):
         return f"⚠️ {err}"
-    logger.exception("demo: model or reader failure")
-    return (
-        f"⚠️ The model could not process this request ({type(err).__name__}: {err}). "
-        "The app is still running: try another image or question."
-    )
+    logger.error("demo: model or reader failure", exc_info=err)
+    lines = str(err).strip().splitlines()
+    detail = type(err).__name__ + (f": {lines[0][:200]}" if lines else "")
+    return (f"⚠️ The model could not process this request ({detail}). "
+            "The app is still running: try another image or question.")
+
+
+def _guarded(fallback):
+    """Wrap a handler so nothing it raises reaches Gradio (whose error toast would show the raw
+    exception): the failure becomes ``fallback(handlers, message, *args)``, the handler's outputs
+    with the (path-free) message, and is logged with its traceback."""
+
+    def wrap(method):
+        @functools.wraps(method)  # keeps the signature: Gradio finds the gr.Progress parameter
+        def guarded(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - the app must keep serving
+                return fallback(self, self.error_text(err), *args)
+
+        return guarded
+
+    return wrap
+
+
+def _chat(history, message: str) -> list:
+    return [*(history or []), {"role": "assistant", "content": message}]
 
 
 def _current(state: dict) -> Optional[np.ndarray]:
@@ -95,7 +125,8 @@ def _scan_plot(result: ScanResult, current: Optional[int] = None):
         ax.scatter(with_box, [result.rows[i].p_tumor for i in with_box], s=12, color="black", zorder=3,
                    label="tumor box answered")
     best = result.most_suspicious
-    ax.axvline(best, color="#2563eb", ls="--", lw=1, label=f"most suspicious: slice {best}")
+    if result.rows[best].p_tumor is not None:  # nothing classified: no slice is most suspicious
+        ax.axvline(best, color="#2563eb", ls="--", lw=1, label=f"most suspicious: slice {best}")
     ax.set_ylim(0, 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("slice")
@@ -113,13 +144,6 @@ def _scan_table(result: ScanResult) -> list[list]:
              fmt(r.tumor_box)] for r in result.rows]
 
 
-def _suspicious_text(result: ScanResult, best: int) -> str:
-    row = result.rows[best]
-    if row.p_tumor is None:
-        return "no slice got a pancreas box, so no slice was classified"
-    return f"P(tumor) = {row.p_tumor:.3f} (classified on the {row.classified_on})"
-
-
 class DemoHandlers:
     """The app's event handlers, plain methods so tests can call them without a server.
 
@@ -132,7 +156,17 @@ class DemoHandlers:
         self.workdir = Path(workdir)
         self.limits = service.limits
 
+    # -- the one way out for text --------------------------------------------------------------
+    def public(self, text: str, upload=None) -> str:
+        """``text`` as the user may see it: without private paths (:func:`public_message`)."""
+        return public_message(text, upload, [self.workdir, self.workdir / "gradio"])
+
+    def error_text(self, err: BaseException, upload=None) -> str:
+        return self.public(_error_text(err), upload)
+
     # -- UI events (stateful) ------------------------------------------------------------------
+    @_guarded(lambda self, message, path=None, normalisation=None, history=None, *rest: (
+        _empty_state(), None, gr.update(visible=False, value=0, maximum=1), _chat(history, message), None, None))
     def on_upload(self, path, normalisation, history, state):
         history = list(history or [])
         state = _empty_state()
@@ -148,7 +182,7 @@ class DemoHandlers:
                 slices = load_volume(path, normalisation, self.limits, self.workdir).slices
                 kind = "volume"
         except Exception as err:  # noqa: BLE001 - every failure becomes a chat message
-            history.append({"role": "assistant", "content": _error_text(err)})
+            history.append({"role": "assistant", "content": self.error_text(err, path)})
             return state, None, hidden_slider, history, None, None
         count, height, width = slices.shape
         state.update(name=name, kind=kind, slices=slices, index=count // 2, path=str(path), normalisation=normalisation)
@@ -163,9 +197,10 @@ class DemoHandlers:
                 "**Scan volume** checks every slice."
             )
             slider = gr.update(visible=True, minimum=0, maximum=count - 1, step=1, value=count // 2)
-        history.append({"role": "assistant", "content": text})
+        history.append({"role": "assistant", "content": self.public(text, path)})
         return state, _render(state), slider, history, None, None
 
+    @_guarded(lambda self, message, index=None, state=None, *rest: (state, gr.update()))
     def on_slider(self, index, state):
         if not state or state.get("slices") is None:
             return state, None
@@ -173,6 +208,8 @@ class DemoHandlers:
         state["index"] = int(min(max(int(index or 0), 0), count - 1))
         return state, _render(state)
 
+    @_guarded(lambda self, message, instruction=None, history=None, *rest: (_chat(history, message), gr.update(),
+                                                                          instruction or ""))
     def on_ask(self, instruction, history, state):
         history = list(history or [])
         image = _current(state)
@@ -181,44 +218,38 @@ class DemoHandlers:
             where = f" (slice {state['index']})" if state and state.get("kind") == "volume" else ""
             history.append({"role": "user", "content": instruction + where})
         if image is None:
-            history.append({"role": "assistant", "content": "⚠️ Upload a CT slice or volume first."})
+            history.append({"role": "assistant", "content": self.public("⚠️ Upload a CT slice or volume first.")})
             return history, None, ""
         try:
             answer = self.service.ask(image, instruction)
         except Exception as err:  # noqa: BLE001
-            history.append({"role": "assistant", "content": _error_text(err)})
+            history.append({"role": "assistant", "content": self.error_text(err, state.get("path"))})
             return history, _render(state), instruction
         if answer.task == "detection":
             # keep the scan's boxes off this slice: the red box is the answer just given
             box = self.service.answer_boxes(answer)
             state["boxes"][state["index"]] = box
-        history.append({"role": "assistant", "content": answer.message})
+        history.append({"role": "assistant", "content": self.public(answer.message, state.get("path"))})
         return history, _render(state), ""
 
+    @_guarded(lambda self, message, history=None, state=None, *rest: (
+        state, gr.update(), gr.update(), None, None, _chat(history, message)))
     def on_scan(self, history, state, progress=gr.Progress()):
         history = list(history or [])
         if not state or state.get("kind") != "volume":
-            history.append({"role": "assistant", "content": "⚠️ Scan needs a CT volume (.nii, .nii.gz or a DICOM .zip)."})
+            message = "⚠️ Scan needs a CT volume (.nii, .nii.gz or a DICOM .zip)."
+            history.append({"role": "assistant", "content": self.public(message)})
             return state, _render(state), gr.update(), None, None, history
         try:
             result = self.service.scan_volume(state["slices"], progress=lambda f, d: progress(f, desc=d))
         except Exception as err:  # noqa: BLE001
-            history.append({"role": "assistant", "content": _error_text(err)})
+            history.append({"role": "assistant", "content": self.error_text(err, state.get("path"))})
             return state, _render(state), gr.update(), None, None, history
         state["scan"] = result
         state["boxes"] = {r.slice_index: result.boxes_for(r.slice_index) for r in result.rows}
         best = result.most_suspicious
         state["index"] = best
-        stages = " Three stages: pancreas box (stage 1) → P(tumor) on its crop (stage 2) → tumor box (stage 3)." \
-            if result.patient is not None else ""
-        history.append({
-            "role": "assistant",
-            "content": (
-                f"Scanned {len(result.rows)} slices.{stages} Most suspicious: **slice {best}**, "
-                f"{_suspicious_text(result, best)}. Boxes: tumor in red, "
-                "pancreas in cyan. The viewer now shows that slice. " + result.patient_text()
-            ).strip(),
-        })
+        history.append({"role": "assistant", "content": self.public(result.chat_text(), state.get("path"))})
         return state, _render(state), gr.update(value=best), _scan_plot(result), _scan_table(result), history
 
     @staticmethod
@@ -226,6 +257,7 @@ class DemoHandlers:
         return _empty_state(), None, gr.update(visible=False, value=0, maximum=1), [], None, None, None, ""
 
     # -- scripted endpoints (stateless) -----------------------------------------------------------
+    @_guarded(lambda self, message, *args: (message, None))
     def api_ask(self, path, instruction):
         """(slice file, instruction) → (answer text, annotated slice or None)."""
         try:
@@ -234,9 +266,10 @@ class DemoHandlers:
             image = load_slice(path, self.limits)
             answer = self.service.ask(image, instruction)
         except Exception as err:  # noqa: BLE001
-            return _error_text(err), None
-        return answer.message, self.service.annotated(image, answer)
+            return self.error_text(err, path), None
+        return self.public(answer.message, path), self.service.annotated(image, answer)
 
+    @_guarded(lambda self, message, *args: (message, None))
     def api_classify(self, path):
         """(slice file) → (answer text, P(yes) or None)."""
         try:
@@ -244,9 +277,10 @@ class DemoHandlers:
                 raise InputError("no image file given.")
             answer = self.service.classify(load_slice(path, self.limits))
         except Exception as err:  # noqa: BLE001
-            return _error_text(err), None
-        return answer.message, answer.p_yes
+            return self.error_text(err, path), None
+        return self.public(answer.message, path), answer.p_yes
 
+    @_guarded(lambda self, message, *args: (message, [], None))
     def api_scan(self, path, normalisation, progress=gr.Progress()):
         """(volume file, normalisation) → (summary, per-slice rows, annotated most suspicious slice)."""
         try:
@@ -255,13 +289,9 @@ class DemoHandlers:
             volume = load_volume(path, normalisation or "paper", self.limits, self.workdir)
             result = self.service.scan_volume(volume.slices, progress=lambda f, d: progress(f, desc=d))
         except Exception as err:  # noqa: BLE001
-            return _error_text(err), [], None
+            return self.error_text(err, path), [], None
         best = result.most_suspicious
-        p_best = result.rows[best].p_tumor
-        summary = (
-            f"{volume.name}: {volume.num_slices} slices scanned; most suspicious slice {best} "
-            f"(P(tumor) = {'n/a' if p_best is None else f'{p_best:.3f}'}). " + result.patient_text().replace("**", "")
-        ).strip()
+        summary = self.public(result.summary_text(volume.name), path)
         return summary, [r.as_dict() for r in result.rows], annotate(volume.slices[best], result.boxes_for(best))
 
 

@@ -173,18 +173,66 @@ class ScanResult:
         best = max(self.rows, key=lambda r: (-1.0 if r.p_tumor is None else r.p_tumor, -r.slice_index))
         return best.slice_index
 
+    def assessed_text(self) -> str:
+        """What the scan looked at: slices boxed, classified (on a crop or the whole slice), asked
+        for a tumor box."""
+        rows = self.rows
+        boxed = sum(r.pancreas_box is not None for r in rows)
+        on_crop = sum(r.crop_box is not None for r in rows)
+        whole = sum(r.crop_box is None and r.p_tumor is not None for r in rows)
+        asked = sum(r.tumor_asked for r in rows)
+        found = sum(r.tumor_box is not None for r in rows)
+        text = f"Assessed: {boxed} of {len(rows)} slices got a pancreas box"
+        if on_crop + whole == 0:
+            return text + ", so no slice was classified and none was asked for a tumor box."
+        classified = [f"{on_crop} on the pancreas crop"] + ([f"{whole} on the whole slice"] if whole else [])
+        return (text + f"; P(tumor) computed on {on_crop + whole} ({', '.join(classified)}); tumor box asked on "
+                f"{asked} slice{'' if asked == 1 else 's'}, found on {found}.")
+
     def patient_text(self) -> str:
-        """The patient-level answer in words (three-stage mode), '' otherwise."""
-        if self.patient is None:
-            return ""
+        """The scan's conclusion in words: the patient-level answer with its operating point
+        (three-stage mode) and what was assessed. When no slice got a pancreas box it is
+        "inconclusive: no pancreas found on any slice", never "no tumor found", in both modes."""
         p = self.patient
+        boxed = sum(r.pancreas_box is not None for r in self.rows)
+        if boxed == 0:
+            inconclusive = ("**inconclusive: no pancreas found on any slice** — this is not a negative result: the "
+                            "model never looked at a pancreas")
+        else:  # the pipeline may require more boxed slices than this
+            inconclusive = (f"**inconclusive: a pancreas box on only {boxed} of {len(self.rows)} slices** — this is "
+                            "not a negative result: too little of the pancreas was looked at")
+        if p is None:  # one checkpoint: no patient-level answer (its P(tumor) may come from whole slices)
+            if boxed:
+                return self.assessed_text()
+            return (inconclusive + "; P(tumor) came from whole slices only, outside the classifier's training "
+                    "distribution. " + self.assessed_text())
+        aggregation = f"aggregation `{p.aggregation}`" + (f", top {p.top_k}" if p.aggregation == "top_k_mean" else "")
         if p.decision == "inconclusive":
-            return ("Patient-level answer: **inconclusive** (no slice got a pancreas box, so no slice was "
-                    "classified; this is not a negative result).")
+            return (f"Patient-level answer: {inconclusive}, so the threshold {p.threshold:.3f} ({aggregation}) was not "
+                    "applied. " + self.assessed_text())
         how = "largest slice P(tumor)" if p.aggregation == "max" else f"mean of the {p.top_k} largest slice P(tumor)"
-        verdict = "tumor suspected" if p.tumor else "no tumor found"
-        return (f"Patient-level answer: **{verdict}** ({how} = {p.score:.3f}, threshold {p.threshold:.3f}, "
-                f"aggregation `{p.aggregation}`).")
+        verdict, side = ("tumor suspected", "at or above") if p.tumor else ("no tumor found", "below")
+        return (f"Patient-level answer: **{verdict}** ({how} = {p.score:.3f}, {side} the threshold "
+                f"{p.threshold:.3f}; {aggregation}). " + self.assessed_text())
+
+    def chat_text(self) -> str:
+        """The chat message after "Scan volume" (Markdown)."""
+        stages = (" Three stages: pancreas box (stage 1) → P(tumor) on its crop (stage 2) → tumor box (stage 3)."
+                  if self.patient is not None else "")
+        row = self.rows[self.most_suspicious]
+        if row.p_tumor is None:
+            look = " No slice was classified, so none is most suspicious."
+        else:
+            look = (f" Most suspicious: **slice {row.slice_index}**, P(tumor) = {row.p_tumor:.3f} (classified on the "
+                    f"{row.classified_on}). Boxes: tumor in red, pancreas in cyan. The viewer now shows that slice.")
+        return f"Scanned {len(self.rows)} slices.{stages}{look} {self.patient_text()}".strip()
+
+    def summary_text(self, name: str) -> str:
+        """The ``/scan_volume`` endpoint's summary (plain text)."""
+        row = self.rows[self.most_suspicious]
+        look = ("no slice was classified" if row.p_tumor is None
+                else f"most suspicious slice {row.slice_index} (P(tumor) = {row.p_tumor:.3f})")
+        return f"{name}: {len(self.rows)} slices scanned; {look}. {self.patient_text().replace('**', '')}".strip()
 
     def boxes_for(self, slice_index: int) -> list[tuple[tuple[float, ...], tuple[int, int, int]]]:
         row = self.rows[slice_index]

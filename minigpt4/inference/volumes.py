@@ -11,6 +11,7 @@ normalisation are those of the training PNGs, from :mod:`preprocessing` (``load_
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -147,17 +148,67 @@ def check_dicom_headers(folder: Path, name: str, limits: Limits) -> None:
     _check_volume_geometry(name, n_slices, height, width, voxels, 4, limits)
 
 
-def public_message(message: str, upload: Path, private: Sequence[Path] = (), members: Optional[dict] = None) -> str:
-    """``message`` without the server's private paths: the upload's temp path becomes its file
-    name, an extracted DICOM file ``<dir>/000003.dcm`` becomes ``<zip>:<member name>``, and any
-    other private folder is dropped."""
+def private_folders(extra: Sequence[str | os.PathLike] = ()) -> list[str]:
+    """The server's folders no user message may show: ``extra`` (e.g. the demo's private workdir),
+    Gradio's temp dir (``GRADIO_TEMP_DIR``), the temp dir, the caches (``HF_HOME``,
+    ``XDG_CACHE_HOME``) and the home folder, each also as its resolved path; longest first, so a
+    folder is replaced before its parents. ``/`` and relative paths are never listed."""
+    candidates = [*extra, os.environ.get("GRADIO_TEMP_DIR"), tempfile.gettempdir(), os.environ.get("HF_HOME"),
+                  os.environ.get("XDG_CACHE_HOME"), os.path.expanduser("~")]
+    folders = set()
+    for folder in candidates:
+        if not folder:
+            continue
+        for text in (os.path.normpath(os.fspath(folder)), os.path.realpath(folder)):
+            if os.path.isabs(text) and len(Path(text).parts) > 1:
+                folders.add(text)
+    return sorted(folders, key=len, reverse=True)
+
+
+# a path runs until whitespace, a quote, a bracket or a separator that ends it in a sentence
+_PATH_TAIL = r"(?:[/\\][^\s'\"`()\[\]{}<>,;:]*)?"
+_PATH_END = r"(?![^\s'\"`()\[\]{}<>,;:/\\])"
+
+
+def public_message(
+    message: str,
+    upload: Optional[str | os.PathLike] = None,
+    private: Sequence[str | os.PathLike] = (),
+    members: Optional[dict] = None,
+) -> str:
+    """``message`` without the server's private paths: the one filter of every text the demo shows.
+
+    The upload's temp path becomes its file name; an extracted DICOM file ``<dir>/000003.dcm``
+    becomes ``<zip>:<member name>``; any other path inside a private folder (``private``, the
+    upload's folder and :func:`private_folders`: Gradio's temp dir, the temp dir, caches, the home
+    folder) becomes its last component, or ``(private folder)`` when that is itself one of the
+    private folders (e.g. the workdir's random name).
+
+    Args:
+        message: text meant for the user.
+        upload: the uploaded file's (temp) path, if any.
+        private: more private folders (the demo's workdir, an extraction folder).
+        members: ``{generated file name: zip member name}`` of an extracted DICOM zip.
+    """
+    message = str(message)
+    upload = Path(upload) if upload is not None else None
+    extra = [*private, *([upload.parent] if upload is not None else [])]
     for generated, member in (members or {}).items():
         for folder in private:
-            message = message.replace(str(Path(folder) / generated), f"{upload.name}:{member}")
-    message = message.replace(str(upload), upload.name)
-    folders = {str(Path(f)) for f in (*private, upload.parent) if Path(f).is_absolute() and len(Path(f).parts) > 1}
-    for folder in sorted(folders, key=len, reverse=True):  # a folder before its parents
-        message = message.replace(folder + os.sep, "").replace(folder, "(upload folder)")
+            message = message.replace(str(Path(folder) / generated), f"{upload.name if upload else ''}:{member}")
+    if upload is not None:
+        for text in {str(upload), os.path.realpath(upload)}:
+            message = message.replace(text, upload.name)
+    folders = private_folders(extra)
+    hidden = {part for folder in folders for part in Path(folder).parts}
+
+    def replace(match: re.Match) -> str:
+        tail = match.group(0)[len(match.group(1)):].strip("/\\")
+        last = Path(tail).name if tail else ""
+        return last if last and last not in hidden else "(private folder)"
+
+    for folder in folders:
+        message = re.sub("(" + re.escape(folder) + ")" + _PATH_END + _PATH_TAIL, replace, message)
     return message
 
 
