@@ -276,7 +276,7 @@ def measure_layer_saved_bytes(
     from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
-    from minigpt4.models.minigpt_v2 import llama_config
+    from minigpt4.models.llama import llama_config
 
     text = dataclasses.replace(cfg.text, num_layers=1, vocab_size=128)
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]

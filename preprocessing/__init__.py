@@ -11,8 +11,8 @@ position along the slice normal, inferior → superior for axial series), never 
 NIfTI stored with an inferior-pointing axial axis keeps its own numbering.
 
 Modules: volumes (NIfTI/DICOM reading, orientation, grid checks), slices (boxes, ratios,
-records, THE selection function), normalize, splits, pipeline (msd/nih/abd), tc, synthetic,
-report, layout (THE reader). Nothing here imports torch.
+records, THE selection function), normalize, splits, pipeline (msd/nih/abd), output_folder (which
+files of an output folder a run owns), tc, synthetic, report, layout (THE reader). Nothing here imports torch.
 """
 
 from preprocessing.layout import dataset_name, read_prepared

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import platform
 import re
 import time
 import zlib
@@ -25,6 +24,16 @@ from minigpt4 import outputs
 from minigpt4.io import atomic_path, read_json, write_json_atomic
 from preprocessing import normalize, overlap, slices, splits, volumes
 from preprocessing.jobs import run_jobs
+from preprocessing.output_folder import (
+    OWN_PNG,
+    PREPARED_KINDS,
+    PreparationError,
+    check_no_foreign,
+    check_output_folder,
+    clean_stale,
+    owned_files,
+    versions,
+)
 from preprocessing.volumes import VolumeError
 
 DEFAULT_LABELS = {
@@ -33,10 +42,6 @@ DEFAULT_LABELS = {
     "ABD": {"liver": 1, "kidney": 2, "spleen": 3, "pancreas": 4},
 }
 PNG_COMPRESS_LEVEL = 6  # PIL's default; the benchmark floor uses the same
-
-
-class PreparationError(ValueError):
-    """A problem with the inputs or the output folder as a whole."""
 
 
 @dataclass
@@ -349,112 +354,6 @@ def process_volume(job: Job) -> dict:
 # ----------------------------------------------------------------------------- whole run
 
 
-def versions() -> dict:
-    import nibabel
-    import PIL
-    import pydicom
-
-    return {"python": platform.python_version(), "numpy": np.__version__, "nibabel": nibabel.__version__,
-            "pydicom": pydicom.__version__, "pillow": PIL.__version__}
-
-
-# Options that say how a run behaves, not what it writes: a re-run may change them freely.
-RUN_OPTIONS = ("on_error", "workers", "overwrite", "progress")
-PREPARED_KINDS = ("MSD", "NIH", "ABD", "TC")
-_OWN_PNG = re.compile(r"slices/(?P<volume>.+)_slice_\d+\.png")
-_TEMP = re.compile(r"\..+\.tmp")  # minigpt4.io.atomic_path leftovers of an interrupted run
-
-
-def check_not_input(out, inputs: Sequence) -> None:
-    """Refuse an output folder that equals, contains or lies inside an input (file or folder)."""
-    try:
-        outputs.check_not_input(Path(out), inputs)
-    except outputs.OutputFolderError as err:
-        raise PreparationError(str(err)) from None
-
-
-def _owned(out: Path, manifest: dict) -> set[str]:
-    """Files (relative paths) of ``out`` that its manifest says a run of this package wrote.
-
-    ``files`` lists a finished run's outputs; an unfinished run also owns the PNGs of
-    ``volumes_in_progress``. Manifests written before ``files`` existed own what that version
-    treated as its own: ``slices/*_slice_<N>.png`` and ``annotations/*.json``.
-    """
-    existing = set()
-    for folder in ("slices", "annotations"):
-        if (out / folder).is_dir():
-            existing.update(f"{folder}/{p.name}" for p in (out / folder).iterdir() if p.is_file())
-    if "files" not in manifest:
-        return {f for f in existing if _OWN_PNG.fullmatch(f) or re.fullmatch(r"annotations/[^/]+\.json", f)}
-    owned = set(manifest["files"]) & existing
-    pending = set(manifest.get("volumes_in_progress") or ())
-    owned.update(f for f in existing if (m := _OWN_PNG.fullmatch(f)) and m["volume"] in pending)
-    return owned
-
-
-def check_output_folder(out: Path, parameters: dict, overwrite: bool, inputs: Sequence = (),
-                        kinds: Sequence[str] = PREPARED_KINDS) -> set[str]:
-    """Check that a run may write into ``out``; returns the files there that earlier runs wrote.
-
-    The rules of every output folder (:func:`minigpt4.outputs.check_output_folder`: not a file,
-    not an input, no git-tracked files, a manifest of this package (``dataset`` in ``kinds``) or
-    empty unless ``overwrite``, and even then foreign files are never deleted or replaced, see
-    :func:`check_no_foreign`), plus: a folder made with other parameters is refused unless
-    ``overwrite``.
-    """
-    out = Path(out)
-    owner = f"python -m preprocessing for {'/'.join(kinds)}"
-    try:
-        old = outputs.check_output_folder(
-            out, "preprocessing", lambda m: m.get("dataset") in kinds and isinstance(m.get("parameters"), dict),
-            overwrite, inputs=inputs, owner=owner)
-    except outputs.OutputFolderError as err:
-        raise PreparationError(str(err)) from None
-    if old is None:
-        return set()
-    old_params = {k: v for k, v in old["parameters"].items() if k not in RUN_OPTIONS}
-    new_params = {k: v for k, v in parameters.items() if k not in RUN_OPTIONS}
-    if old_params != new_params and not overwrite:
-        diff = sorted(k for k in set(new_params) | set(old_params) if old_params.get(k) != new_params.get(k))
-        raise PreparationError(f"{out}: folder was prepared with different parameters ({', '.join(diff)}); "
-                               "use --overwrite to replace it or choose another --out")
-    return _owned(out, old)
-
-
-def check_no_foreign(out: Path, owned: set[str], would_write) -> None:
-    """Refuse to replace a file in ``slices/`` or ``annotations/`` that no run of ours wrote.
-
-    ``would_write(rel)`` says whether this run may write the relative path ``rel``.
-    """
-    foreign = []
-    for folder in ("slices", "annotations"):
-        if (out / folder).is_dir():
-            foreign += sorted(rel for p in (out / folder).iterdir()
-                              if (rel := f"{folder}/{p.name}") not in owned and would_write(rel))
-    if foreign:
-        raise PreparationError(f"{out}: would replace {len(foreign)} file(s) that python -m preprocessing did not "
-                               f"write ({', '.join(foreign[:5])}); move them away or choose another --out")
-
-
-def clean_stale(out: Path, owned: set[str], keep: set[str], temporaries: bool = True) -> int:
-    """Remove the files earlier runs wrote (``owned``) that this run did not write (``keep``),
-    and (``temporaries``: the folder had our manifest) temporary leftovers of an interrupted
-    run; never anything else."""
-    removed = 0
-    for rel in sorted(owned - keep):
-        path = out / rel
-        if path.is_file():
-            path.unlink()
-            removed += 1
-    for folder in (out / "slices", out / "annotations"):
-        if temporaries and folder.is_dir():
-            for p in folder.iterdir():
-                if _TEMP.fullmatch(p.name) and p.is_file():
-                    p.unlink()
-                    removed += 1
-    return removed
-
-
 def _selection_sets(dataset: str) -> list[tuple[str, str]]:
     """(file prefix, target) of the selected sets; the first is the dataset's main task."""
     sets = [(dataset, "organs" if dataset == "ABD" else "pancreas")]
@@ -602,7 +501,7 @@ def _prepare_into(opts: Options, out: Path, params: dict, jobs: list, problems: 
     names = {j.volume_name for j in jobs}
     planned = annotation_files(ds, opts.balanced)
     check_no_foreign(out, owned, lambda rel: rel in planned
-                     or bool((m := _OWN_PNG.fullmatch(rel)) and m["volume"] in names))
+                     or bool((m := OWN_PNG.fullmatch(rel)) and m["volume"] in names))
     ann = out / "annotations"
     outputs.make_folder(ann)
     outputs.make_folder(out / "slices")
@@ -651,7 +550,7 @@ def _prepare_into(opts: Options, out: Path, params: dict, jobs: list, problems: 
         | {f"annotations/{k}.json" for k in counts}
     # Every existing PNG of this run's volumes is ours (check_no_foreign refused foreign ones),
     # including those of a volume that failed half-way.
-    removed = clean_stale(out, owned | _owned(out, {"files": [], "volumes_in_progress": names}), files,
+    removed = clean_stale(out, owned | owned_files(out, {"files": [], "volumes_in_progress": names}), files,
                           temporaries=ours)
     timings["wall_s"] = time.perf_counter() - t_start
     manifest = {

@@ -261,7 +261,7 @@ def _start_output(out: Path, planned: list[str], overwrite: bool) -> set[str]:
     refuses a non-empty folder without that manifest unless ``overwrite``, and never replaces
     a file it did not write."""
     from minigpt4 import outputs
-    from preprocessing.pipeline import PreparationError
+    from preprocessing.output_folder import PreparationError
 
     try:
         old = outputs.check_output_folder(out, "preprocessing synthetic", lambda m: m.get("dataset") == "synthetic",

@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 
 from minigpt4.io import read_json, write_bytes_atomic, write_json_atomic
-from preprocessing import layout, pipeline, slices, splits
+from preprocessing import layout, output_folder, pipeline, slices, splits
 
 _RELEASE_NAME = re.compile(r"^(?P<volume>(?P<prefix>PANCREAS|pancreas)_\d+)_slice_(?P<k>\d+)\.png$")
 
@@ -66,12 +66,12 @@ ANNOTATIONS = {f"annotations/TC_{s}.json" for s in splits.SPLITS} | {"annotation
 
 
 def _start(out: Path, params: dict, overwrite: bool, inputs, planned: set[str]) -> dict:
-    """Check the output folder (see :func:`pipeline.check_output_folder`) and mark it in progress;
+    """Check the output folder (see :func:`output_folder.check_output_folder`) and mark it in progress;
     returns what :func:`_finish` needs to remove only files of earlier runs."""
     ours = (out / "manifest.json").is_file()
-    owned = pipeline.check_output_folder(out, params, overwrite, inputs=inputs)
+    owned = output_folder.check_output_folder(out, params, overwrite, inputs=inputs)
     planned = set(planned) | ANNOTATIONS
-    pipeline.check_no_foreign(out, owned, lambda rel: rel in planned)
+    output_folder.check_no_foreign(out, owned, lambda rel: rel in planned)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     (out / "slices").mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "manifest.json", {"dataset": "TC", "status": "incomplete", "parameters": params,
@@ -92,8 +92,8 @@ def _finish(out: Path, params: dict, per_split: dict, split_doc: dict, t0: float
         counts[f"TC_{s}"] = len(rows)
         counts[f"TC_{s}_yes"] = sum(r["answer"] == "yes" for r in rows)
     write_json_atomic(out / "annotations" / "split.json", split_doc)
-    removed = pipeline.clean_stale(out, state["owned"], written, temporaries=state["ours"])
-    manifest = {"dataset": "TC", "status": "complete", "parameters": params, "versions": pipeline.versions(),
+    removed = output_folder.clean_stale(out, state["owned"], written, temporaries=state["ours"])
+    manifest = {"dataset": "TC", "status": "complete", "parameters": params, "versions": output_folder.versions(),
                 "counts": counts, "stale_files_removed": removed,
                 "timings": {"wall_s": round(time.perf_counter() - t0, 3)}, **extra, "files": sorted(written)}
     write_json_atomic(out / "manifest.json", manifest)

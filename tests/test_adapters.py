@@ -12,7 +12,8 @@ from transformers import LlamaForCausalLM
 
 from minigpt4.config import Config
 from minigpt4.models.checkpoints import load_weights
-from minigpt4.models.minigpt_v2 import MiniGPTPancreas, build_model, llama_config
+from minigpt4.models.llama import llama_config
+from minigpt4.models.minigpt_v2 import MiniGPTPancreas, build_model
 from minigpt4.tokenizer import tiny_tokenizer_path
 from minigpt4.training.trainer import build_optimizer
 from tests.test_checkpoints import ANSWERS, INSTRUCTIONS, PREFIX, base_weights, release_state, save_release_pth

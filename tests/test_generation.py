@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from minigpt4.config import ConfigError, DecodingConfig, load_config
-from minigpt4.models.minigpt_v2 import MiniGPTPancreas, build_model, llama_config
+from minigpt4.models.llama import llama_config
+from minigpt4.models.minigpt_v2 import MiniGPTPancreas, build_model
 from tests.tiny import build_tiny_model, tiny_images, tiny_model_config
 
 torch.set_num_threads(1)

@@ -116,3 +116,10 @@ def test_no_import_circles_in_minigpt4():
     graph = import_graph(ROOT / "minigpt4")
     assert graph["minigpt4.models.minigpt_v2"] >= {"minigpt4.models.checkpoints"}  # the graph sees real imports
     assert cycles(graph) == []
+
+
+def test_no_import_circles_in_preprocessing():
+    graph = import_graph(ROOT / "preprocessing")
+    # pipeline uses overlap and the output-folder rules, never the reverse (issue 20's split)
+    assert graph["preprocessing.pipeline"] >= {"preprocessing.overlap", "preprocessing.output_folder"}
+    assert cycles(graph) == []

@@ -313,7 +313,7 @@ def test_llama_loads_from_a_local_hf_folder_with_its_tokenizer(tmp_path):
 
     from transformers import LlamaForCausalLM
 
-    from minigpt4.models.minigpt_v2 import llama_config
+    from minigpt4.models.llama import llama_config
 
     torch.manual_seed(3)
     source = LlamaForCausalLM(llama_config(tiny_model_config().text, None))

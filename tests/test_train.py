@@ -278,7 +278,7 @@ def test_truncated_training_state_names_the_file(data, tmp_path):
 
 def test_missing_weights_say_where_to_get_them(data, tmp_path):
     from minigpt4.models.eva_vit import EVA_SOURCE
-    from minigpt4.models.minigpt_v2 import LLAMA_SOURCE
+    from minigpt4.models.llama import LLAMA_SOURCE
 
     with pytest.raises(FileNotFoundError) as eva:
         run_train(data, tmp_path / "run", f"model.vision.weights={tmp_path / 'eva_vit_g.pth'}")

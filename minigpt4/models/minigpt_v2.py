@@ -19,12 +19,10 @@ mode* even after ``model.train()``.
 ``model.vision.trainable: true`` (off by default; a deviation for tiny models trained from
 scratch) adds the ViT's weights to the trainable set, kept in fp32.
 
-LoRA adapters form a stack on one never-modified base (peft runs several active adapters): the
-trainable adapter (``default``, ``model.lora``) plus any number of frozen named adapters, e.g.
-MiniGPT-v2's stage-3 q,v LoRA under a q,k configuration (:meth:`MiniGPTPancreas.add_lora_adapter`,
+LoRA adapters form a stack on one never-modified base: the trainable adapter plus frozen named
+adapters (:mod:`minigpt4.models.adapters`: :meth:`~MiniGPTPancreas.add_lora_adapter`,
 :meth:`~MiniGPTPancreas.set_active_adapters`, :meth:`~MiniGPTPancreas.adapter_stack`,
-:meth:`~MiniGPTPancreas.adapters_disabled`; call these rather than peft's own methods, which
-mark adapters trainable).
+:meth:`~MiniGPTPancreas.adapters_disabled`). The LLaMA itself comes from :mod:`minigpt4.models.llama`.
 
 Example::
 
@@ -38,11 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,19 +46,19 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
 from transformers import GenerationConfig as HFGenerationConfig
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from minigpt4.config import DecodingConfig, ModelConfig, TextConfig
+from minigpt4.config import DecodingConfig, ModelConfig
 from minigpt4.data.transforms import ImageTransform
-from minigpt4.models.checkpoints import PEFT_ADAPTER, split_lora_tensors, stable_name
+from minigpt4.models.adapters import LoraAdapterStack
+from minigpt4.models.checkpoints import PEFT_ADAPTER, stable_name
 from minigpt4.models.eva_vit import EvaViT, cast_vision_weights, load_eva_weights
+from minigpt4.models.llama import LLAMA_SOURCE, llama_config, load_llama  # noqa: F401 - LLAMA_SOURCE: trainer.py
 from minigpt4.prompts import IGNORE_INDEX, build_prompt_tokens, pad_prompt_batch
 from minigpt4.tokenizer import Tokenizer, load_tokenizer
 from minigpt4.utils import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
-
-LLAMA_SOURCE = "Llama-2-7b-chat-hf from https://huggingface.co/meta-llama/Llama-2-7b-chat-hf (~13.5 GB, license required)"
 
 
 @dataclass
@@ -93,11 +89,7 @@ def merge_visual_tokens(tokens: torch.Tensor, merge: int) -> torch.Tensor:
     return tokens.reshape(B, N // merge, merge * C)
 
 
-_ADAPTER_PARAM_RE = re.compile(r"\.lora_[AB]\.(?P<adapter>[^.]+)\.weight$")
-_ADAPTER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class MiniGPTPancreas(nn.Module):
+class MiniGPTPancreas(LoraAdapterStack, nn.Module):
     """EVA ViT-g → merge 4 → ``llama_proj`` → LLaMA-2 + LoRA.
 
     Build it with :func:`build_model`; the constructor takes ready parts and loads nothing.
@@ -271,157 +263,6 @@ class MiniGPTPancreas(nn.Module):
         with ``model.vision.trainable`` also every ``visual_encoder.*`` tensor.
         """
         return {name: p.detach() for name, p in self.trainable_parameters().items()}
-
-    # ------------------------------------------------------------------ LoRA adapter stack
-    def adapter_stack(self) -> list[dict]:
-        """The LoRA adapters on the base, in the order they were added (the trainable one first).
-
-        Returns:
-            One dict per adapter: ``name``, ``targets`` (sorted short module names, e.g.
-            ``['q_proj', 'v_proj']``), ``r``, ``alpha``, ``source`` (file it came from, or None),
-            ``sha256`` (of that file, or None), ``trainable`` (bool), ``active`` (bool).
-        """
-        active = set(self.active_adapters())
-        return [dict(entry, active=name in active) for name, entry in self._adapters.items()]
-
-    def active_adapters(self) -> list[str]:
-        """Names of the adapters that take part in the forward pass."""
-        names = self.llama_model.base_model.active_adapter
-        return [names] if isinstance(names, str) else list(names)
-
-    def add_lora_adapter(
-        self,
-        name: str,
-        tensors: dict[str, torch.Tensor],
-        alpha: float,
-        r: Optional[int] = None,
-        targets: Optional[Sequence[str]] = None,
-        trainable: bool = False,
-        source: Optional[str] = None,
-        sha256: Optional[str] = None,
-        active: bool = True,
-    ) -> dict:
-        """Stack a LoRA adapter with the given weights on the (unchanged) base.
-
-        The adapter computes ``W x + B A x · alpha / r`` on each of its modules, with fp32
-        factors, and no dropout when frozen. It is active unless ``active=False``.
-
-        Args:
-            name: a new adapter name (letters, digits, ``_``), e.g. ``'stage3'``.
-            tensors: ``{peft-0.2 name: tensor}``, i.e.
-                ``llama_model.base_model.model.model.layers.{i}.self_attn.v_proj.lora_{A,B}.weight``
-                (A (r, in), B (out, r)); every targeted module needs both factors.
-            alpha: LoRA alpha (MiniGPT-v2's stage 3: 16).
-            r: rank; default read from the shapes (checked against them when given).
-            targets: short module names; default those of ``tensors`` (checked when given).
-            trainable: make this the adapter that is trained (its tensors become
-                :meth:`trainable_state_dict`); the previous trainable adapter is frozen and stays active.
-            source, sha256: provenance recorded in :meth:`adapter_stack` and in checkpoints.
-            active: take part in the forward pass right away.
-        Returns:
-            The new :meth:`adapter_stack` entry.
-        Raises:
-            ValueError: bad name, a module missing in this LLaMA, a missing factor, shapes that
-                do not fit the weight or disagree with ``r``/``targets``.
-        """
-        where = source or "adapter"
-        if not _ADAPTER_NAME_RE.match(name) or name in self._adapters:
-            raise ValueError(f"{where}: adapter name {name!r} is invalid or already used ({sorted(self._adapters)})")
-        lora, rest = split_lora_tensors(tensors)
-        if rest or not lora:
-            got = sorted(rest)[:3] or "nothing"
-            raise ValueError(f"{where}: expected only LoRA factors in peft-0.2 names, got e.g. {got}")
-        ranks = set()
-        for module_path, pair in sorted(lora.items()):
-            if set(pair) != {"A", "B"}:
-                raise ValueError(f"{where}: LoRA of {module_path} has only lora_{''.join(pair)}")
-            try:
-                layer = self.llama.get_submodule(module_path)
-            except AttributeError:
-                raise ValueError(f"{where}: LoRA module {module_path} does not exist in this LLaMA") from None
-            base = getattr(layer, "base_layer", layer)
-            A, B = pair["A"], pair["B"]
-            fits = A.ndim == B.ndim == 2 and B.shape[1] == A.shape[0]
-            if not fits or (B.shape[0], A.shape[1]) != (base.out_features, base.in_features):
-                raise ValueError(
-                    f"{where}: LoRA of {module_path} has A {tuple(A.shape)}, B {tuple(B.shape)} which do not "
-                    f"fit the weight ({base.out_features}, {base.in_features})"
-                )
-            ranks.add(A.shape[0])
-        found = sorted({m.rsplit(".", 1)[-1] for m in lora})
-        if len(ranks) != 1 or (r is not None and ranks != {r}):
-            raise ValueError(f"{where}: LoRA ranks {sorted(ranks)} (expected one rank{'' if r is None else f', {r}'})")
-        if targets is not None and sorted(targets) != found:
-            raise ValueError(f"{where}: LoRA targets {found} in the tensors, but {sorted(targets)} declared")
-        config = PeftLoraConfig(
-            r=ranks.pop(), lora_alpha=float(alpha), lora_dropout=self.cfg.lora.dropout if trainable else 0.0,
-            bias="none", task_type="CAUSAL_LM",
-            target_modules=sorted(lora),  # exact module paths: only the modules the tensors cover
-        )
-        active_before = self.active_adapters()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            self.llama_model.add_adapter(name, config)
-        with torch.no_grad():
-            for module_path, pair in lora.items():
-                layer = self.llama.get_submodule(module_path)
-                for ab, factors in (("A", layer.lora_A), ("B", layer.lora_B)):
-                    # fp32 factors on any base (older peft casts new adapters to a bf16 base's dtype)
-                    factors[name].to(torch.float32)
-                    weight = factors[name].weight
-                    weight.copy_(pair[ab].to(weight.device, weight.dtype))
-        self._adapters[name] = {
-            "name": name, "targets": found, "r": config.r, "alpha": float(alpha),
-            "source": source, "sha256": sha256, "trainable": False,
-        }
-        if trainable:
-            self._adapters[self._trainable_adapter]["trainable"] = False
-            self._adapters[name]["trainable"] = True
-            self._trainable_adapter = name
-        self.set_active_adapters(active_before + [name] if active else active_before)
-        return dict(self._adapters[name], active=active)
-
-    def set_active_adapters(self, names: Sequence[str]) -> None:
-        """Make exactly ``names`` take part in the forward pass (their deltas add up).
-
-        Freezing does not depend on this: only the trainable adapter ever requires grad (peft's
-        ``set_adapter`` marks every active adapter trainable; that is undone here).
-        """
-        names = list(names)
-        unknown = [n for n in names if n not in self._adapters]
-        if unknown or not names:
-            raise ValueError(f"unknown adapters {unknown} (known: {list(self._adapters)})" if unknown else "no adapters")
-        self.llama_model.base_model.set_adapter(names)
-        self._refreeze_adapters()
-        self.train(self.training)
-
-    @contextlib.contextmanager
-    def adapters_disabled(self) -> Iterator[None]:
-        """Run the bare base inside the block (peft's ``disable_adapter``), re-frozen afterwards:
-        peft leaves every active adapter trainable when the block ends."""
-        try:
-            with self.llama_model.disable_adapter():
-                yield
-        finally:
-            self._refreeze_adapters()
-
-    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """``{peft-0.2 name: tensor}`` of adapter ``name`` (detached, same storage)."""
-        if name not in self._adapters:
-            raise ValueError(f"unknown adapter {name!r} (known: {list(self._adapters)})")
-        out = {}
-        for param_name, p in self.llama_model.named_parameters(prefix="llama_model"):
-            match = _ADAPTER_PARAM_RE.search(param_name)
-            if match and match["adapter"] == name:
-                out[stable_name(param_name, name)] = p.detach()
-        return out
-
-    def _refreeze_adapters(self) -> None:
-        # peft's add_adapter / set_adapter / disable_adapter flip requires_grad of adapters;
-        # the rule here is by name only: the trainable adapter's factors, nothing else of the LLaMA
-        for param_name, p in self.llama_model.named_parameters():
-            match = _ADAPTER_PARAM_RE.search(param_name)
-            p.requires_grad_(bool(match) and match["adapter"] == self._trainable_adapter)
 
     # ------------------------------------------------------------------ image → tokens
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -683,58 +524,6 @@ class MiniGPTPancreas(nn.Module):
 
 
 # ---------------------------------------------------------------------- building
-def llama_config(text: TextConfig, tokenizer: Optional[Tokenizer]) -> LlamaConfig:
-    """A ``LlamaConfig`` from the sizes in ``model.text`` (random-init models)."""
-    return LlamaConfig(
-        vocab_size=text.vocab_size,
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_hidden_layers=text.num_layers,
-        num_attention_heads=text.num_heads,
-        num_key_value_heads=text.num_heads,
-        max_position_embeddings=text.max_position_embeddings,
-        rms_norm_eps=text.rms_norm_eps,
-        bos_token_id=1 if tokenizer is None else tokenizer.bos_id,
-        eos_token_id=2 if tokenizer is None else tokenizer.eos_id,
-        pad_token_id=None if tokenizer is None else tokenizer.pad_id,
-        tie_word_embeddings=False,
-        # std 1/sqrt(hidden) (≈0.016 at 4096, the usual 0.02) keeps the logits of tiny random models
-        # O(1), so that tests can overfit through LoRA + llama_proj with a frozen lm_head
-        initializer_range=text.hidden_size**-0.5,
-        attn_implementation="sdpa",
-    )
-
-
-def load_llama(text: TextConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    """LLaMA-2 from a local Hugging Face folder (never downloads)."""
-    path = Path(text.path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"LLaMA-2 folder not found or incomplete (no config.json): {path}; get {LLAMA_SOURCE}")
-    kwargs: dict = {"dtype": dtype, "local_files_only": True, "attn_implementation": "sdpa"}
-    if text.quantization != "none":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ImportError(
-                f"model.text.quantization={text.quantization} needs bitsandbytes (pip install '.[quant]')"
-            ) from None
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=text.quantization == "8bit", load_in_4bit=text.quantization == "4bit", bnb_4bit_compute_dtype=dtype
-        )
-        kwargs["device_map"] = {"": device}
-    llama = LlamaForCausalLM.from_pretrained(str(path), **kwargs)
-    # decoding is set by model.generation alone: LLaMA-2-chat's generation_config.json samples
-    # (temperature 0.6, top-p 0.9), and HF fills every setting a call leaves open from it
-    llama.generation_config = HFGenerationConfig(
-        bos_token_id=llama.config.bos_token_id,
-        eos_token_id=llama.config.eos_token_id,
-        pad_token_id=llama.config.pad_token_id,
-    )
-    return llama if text.quantization != "none" else llama.to(device)
-
-
 def build_model(
     cfg: ModelConfig,
     device: Union[str, torch.device] = "cpu",
