@@ -38,14 +38,6 @@ OWN_PNG = re.compile(r"slices/(?P<volume>.+)_slice_\d+\.png")
 _TEMP = re.compile(r"\..+\.tmp")  # minigpt4.io.atomic_path leftovers of an interrupted run
 
 
-def check_not_input(out, inputs: Sequence) -> None:
-    """Refuse an output folder that equals, contains or lies inside an input (file or folder)."""
-    try:
-        outputs.check_not_input(Path(out), inputs)
-    except outputs.OutputFolderError as err:
-        raise PreparationError(str(err)) from None
-
-
 def owned_files(out: Path, manifest: dict) -> set[str]:
     """Files (relative paths) of ``out`` that its manifest says a run of this package wrote.
 

@@ -53,7 +53,7 @@ from minigpt4.data.transforms import ImageTransform
 from minigpt4.models.adapters import LoraAdapterStack
 from minigpt4.models.checkpoints import PEFT_ADAPTER, stable_name
 from minigpt4.models.eva_vit import EvaViT, cast_vision_weights, load_eva_weights
-from minigpt4.models.llama import LLAMA_SOURCE, llama_config, load_llama  # noqa: F401 - LLAMA_SOURCE: trainer.py
+from minigpt4.models.llama import llama_config, load_llama
 from minigpt4.prompts import IGNORE_INDEX, build_prompt_tokens, pad_prompt_batch
 from minigpt4.tokenizer import Tokenizer, load_tokenizer
 from minigpt4.utils import resolve_device, resolve_dtype

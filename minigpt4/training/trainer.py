@@ -133,7 +133,7 @@ def _weights_source(key: str) -> str:
     """``"; get <where the README says>"`` for a config key naming downloadable weights, else ``""``."""
     from minigpt4.models.checkpoints import STAGE3_SOURCE
     from minigpt4.models.eva_vit import EVA_SOURCE
-    from minigpt4.models.minigpt_v2 import LLAMA_SOURCE
+    from minigpt4.models.llama import LLAMA_SOURCE
 
     sources = {"model.vision.weights": EVA_SOURCE, "model.text.path": LLAMA_SOURCE,
                "model.text.tokenizer": f"tokenizer.model from {LLAMA_SOURCE}", "model.init_from": STAGE3_SOURCE}
