@@ -203,6 +203,10 @@ def test_slice_threshold_is_chosen_on_val_slices_apart_from_the_patient_threshol
         "n_val_slices_scored": 4, "n_val_tumor_slices_scored": 2, "slice_threshold": 0.4,
         "slice_threshold_rule": "Youden's J of slice P(tumor) on val"}
     assert cascade.choose_slice_threshold(val, 0.7)["slice_threshold"] == 0.7
+    val_patients = {("NIH", "v"): {"dataset": "NIH", "label": False, "scores": {"max": 0.2, "top_k_mean": 0.2}, "n_boxed": 2,
+                                   "inconclusive": False}}
+    assert cascade.select_operating_point(val_patients, "max", None)["threshold_rule"] == \
+        "0.5: the conclusive val volumes hold one class only"  # not called Youden's J
     one_class = cascade.choose_slice_threshold([{"p_tumor": 0.3, "has_tumor": False}], None)
     assert one_class["slice_threshold"] == 0.5 and "one class only" in one_class["slice_threshold_rule"]
 

@@ -171,6 +171,7 @@ def select_operating_point(val_patients: dict, aggregation: str, threshold: Opti
     n_inconclusive = sum(v["inconclusive"] for v in val_patients.values())
     selection: dict[str, Any] = {"n_val_volumes": len(val_patients), "n_val_inconclusive": n_inconclusive,
                                  "val_auc": {}, "thresholds": {}, "notes": []}
+    fallback: set[str] = set()
     for method in AGGREGATIONS:
         _, labels, scores = _patient_arrays(val_patients, method, "inconclusive_excluded")
         selection["n_val_tumor"] = int(labels.sum())
@@ -181,6 +182,7 @@ def select_operating_point(val_patients: dict, aggregation: str, threshold: Opti
         chosen = choose_threshold(labels, scores) if labels.size else None
         if chosen is None:
             chosen = FALLBACK_THRESHOLD
+            fallback.add(method)
             selection["notes"].append(f"{method}: the conclusive val volumes hold one class only: threshold {FALLBACK_THRESHOLD}")
         selection["thresholds"][method] = chosen
     if aggregation == "auto":
@@ -192,7 +194,8 @@ def select_operating_point(val_patients: dict, aggregation: str, threshold: Opti
         selection["aggregation_rule"] = "configured"
     selection["aggregation"] = aggregation
     selection["threshold"] = selection["thresholds"][aggregation]
-    selection["threshold_rule"] = "configured (cascade.threshold)" if threshold is not None else "Youden's J on val"
+    selection["threshold_rule"] = "configured (cascade.threshold)" if threshold is not None else \
+        f"{FALLBACK_THRESHOLD}: the conclusive val volumes hold one class only" if aggregation in fallback else "Youden's J on val"
     return selection
 
 
@@ -533,7 +536,8 @@ def cascade_tables(metrics: dict) -> str:
     for name, point in ops.items():
         if not isinstance(point, dict):
             continue
-        title = "Youden's J" if point["target_specificity"] is None else f"specificity >= {point['target_specificity']:.0%}"
+        title = f"specificity >= {point['target_specificity']:.0%}" if point["target_specificity"] is not None else \
+            "Youden's J" if point["rule"] == "Youden's J on val" else f"patient threshold, {point['rule']}"
         if point["threshold"] is None:
             lines.append(f"| {title} | not chosen: {point['reason']} | — | — | — |")
             continue
