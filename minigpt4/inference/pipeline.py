@@ -303,6 +303,7 @@ def patient_result(slices: Sequence[SliceResult], settings: CascadeSettings) -> 
     got a pancreas box, else ``tumor`` where the aggregated P(tumor) >= threshold, ``no tumor`` below."""
     score = aggregate([s.p_tumor for s in slices], settings.aggregation, settings.top_k)
     boxed = sum(s.pancreas_box is not None for s in slices)
-    decision = "inconclusive" if boxed < max(1, settings.min_boxed_slices) else "tumor" if score >= settings.threshold else "no tumor"
+    decision = "inconclusive" if boxed < max(1, settings.min_boxed_slices) else \
+        "tumor" if score >= settings.threshold else "no tumor"
     return PatientResult(score=score, aggregation=settings.aggregation, top_k=settings.top_k,
                          threshold=settings.threshold, decision=decision, n_slices_boxed=boxed)
