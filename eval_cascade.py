@@ -9,6 +9,11 @@ base (EVA + LLaMA loaded once). Per volume, P(tumor) is aggregated (max, mean of
 a patient answer; threshold and aggregation are chosen on the val volumes. Writes
 ``predictions.jsonl`` (one row per slice), ``metrics.json``, ``tables.md``, ``p_tumor_along_z.png``
 and ``config.yaml`` to ``run.output_dir``. Needs MSD/NIH folders prepared with ``--all-slices``.
+Before the model is loaded: each stage's checkpoint must record its stage's task, the test split must
+hold a volume, and no stage (nor an ancestor its recorded provenance names) may have trained on a
+val/test volume (``--allow-unknown-provenance`` for own checkpoints saved without provenance);
+``run.output_dir`` follows the output-folder rule (``--overwrite``). Inconclusive volumes (stage 1
+boxed fewer than ``cascade.min_boxed_slices`` slices) are reported, never scored as "no tumor".
 Limits: one process, one device.
 """
 

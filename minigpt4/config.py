@@ -407,8 +407,15 @@ class CascadeConfig(Checked):
 
     stages: CascadeStagesConfig = field(default_factory=CascadeStagesConfig)
     threshold: Optional[float] = checked(None, between(0, 1))
-    """P(tumor) at or above which stage 3 is asked for a box and a volume is called tumor;
-    None = chosen on the ``val`` volumes (Youden's J of the patient scores), never on test."""
+    """Patient score at or above which a volume is called tumor (the demo also gates stage 3 with
+    it); None = chosen on the ``val`` volumes (Youden's J of the patient scores), never on test."""
+    slice_threshold: Optional[float] = checked(None, between(0, 1))
+    """Slice P(tumor) at or above which stage 3 is asked for a tumor box (and a TC slice is called
+    "yes" in the slice accuracy); None = chosen on the ``val`` slices (Youden's J of slice P(tumor)
+    against the slice's tumor label), separate from the patient ``threshold``."""
+    min_boxed_slices: int = checked(1, POSITIVE)
+    """A volume in which stage 1 gives a pancreas box on fewer slices is ``inconclusive`` (the model
+    did not look at a pancreas): never scored as "no tumor"."""
     aggregation: str = checked("auto", one_of(*AGGREGATIONS))
     """Patient score from the slices' P(tumor): ``max``, ``top_k_mean`` (mean of the ``top_k``
     largest) or ``auto`` (the one with the higher patient AUC on ``val``)."""

@@ -88,11 +88,14 @@ def test_stages_refuse_an_unknown_stage(tmp_path):
 # ----------------------------------------------------------------------------- phantoms
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> dict[str, Path]:
+    return prepare_phantoms(tmp_path_factory.mktemp("cascade_data"))
+
+
+def prepare_phantoms(folder: Path) -> dict[str, Path]:
     """MSD and NIH phantoms prepared with --all-slices, and a TC folder from them (≈2 s)."""
     from preprocessing import pipeline, synthetic
     from preprocessing.tc import build_tc
 
-    folder = tmp_path_factory.mktemp("cascade_data")
     out = {}
     for scheme, n in (("msd", 8), ("nih", 6)):
         raw = synthetic.generate(folder / "raw" / scheme, scheme, n, 8, 64, "RAS", 0, "nifti", log=lambda *a: None)
@@ -168,11 +171,13 @@ def test_patient_level_on_a_small_synthetic_case():
     """Two tumor volumes, one healthy; three slices each."""
 
     def rows(volume, p, tumor):
-        return [{"dataset": "MSD", "volume_name": volume, "p_tumor": v, "has_tumor": t} for v, t in zip(p, tumor)]
+        return [{"dataset": "MSD", "volume_name": volume, "p_tumor": v, "has_tumor": t, "pancreas_box": (1, 1, 5, 5)}
+                for v, t in zip(p, tumor)]
 
     val = rows("a", [0.9, 0.1, 0.1], [1, 0, 0]) + rows("b", [0.6, 0.5, 0.4], [0, 1, 1]) + rows("c", [0.7, 0.0, 0.0], [0, 0, 0])
     patients = cascade.patient_scores(val, top_k=2)
-    assert patients[("MSD", "a")] == {"dataset": "MSD", "label": True, "scores": {"max": 0.9, "top_k_mean": pytest.approx(0.5)}}
+    assert patients[("MSD", "a")] == {"dataset": "MSD", "label": True, "scores": {"max": 0.9, "top_k_mean": pytest.approx(0.5)},
+                                      "n_boxed": 3, "inconclusive": False}
     assert patients[("MSD", "b")]["scores"] == {"max": 0.6, "top_k_mean": pytest.approx(0.55)}
     assert patients[("MSD", "c")]["scores"] == {"max": 0.7, "top_k_mean": pytest.approx(0.35)}
     selection = cascade.select_operating_point(patients, "auto", None)
@@ -181,7 +186,7 @@ def test_patient_level_on_a_small_synthetic_case():
     assert selection["aggregation"] == "top_k_mean"
     assert selection["threshold"] == pytest.approx(0.5)  # lowest tumor score: sens 1, spec 1
     assert selection["thresholds"]["max"] == 0.9  # J: t=0.9 → 0.5, t=0.7 → −0.5, t=0.6 → 0
-    metrics = cascade.patient_metrics(patients, selection["thresholds"], n_boot=0, seed=0)
+    metrics = cascade.patient_metrics(patients, selection["thresholds"], n_boot=0, seed=0)["inconclusive_excluded"]
     assert metrics["top_k_mean"]["auc"] == 1.0
     assert (metrics["top_k_mean"]["sensitivity"], metrics["top_k_mean"]["specificity"]) == (1.0, 1.0)
     assert (metrics["max"]["sensitivity"], metrics["max"]["specificity"]) == (0.5, 1.0)
@@ -204,12 +209,13 @@ def test_3d_boxes_by_hand():
 
 
 # ----------------------------------------------------------------------------- end to end
-def _cascade_config(tmp_path: Path, prepared: dict, paths: dict, cfg, threshold=None) -> Path:
+def _cascade_config(tmp_path: Path, prepared: dict, paths: dict, cfg, threshold=None, slice_threshold=None) -> Path:
     doc = {
         "model": OmegaConf.to_container(OmegaConf.structured(cfg)),
         "datasets": {"msd": {"root": str(prepared["MSD"]), "task": "pancreas_detection"},
                      "nih": {"root": str(prepared["NIH"]), "task": "pancreas_detection"}},
-        "cascade": {"stages": paths, "threshold": threshold, "top_k": 2, "bootstrap": 20, "crop_margin": 2},
+        "cascade": {"stages": paths, "threshold": threshold, "slice_threshold": slice_threshold, "top_k": 2,
+                    "bootstrap": 20, "crop_margin": 2},
         "run": {"output_dir": str(tmp_path / "out"), "device": "cpu", "eval_batch_size": 16},
     }
     path = tmp_path / "cascade.yaml"
@@ -224,7 +230,7 @@ def test_eval_cascade_end_to_end(tmp_path, prepared):
     torch.set_num_threads(1)
     cfg = tiny_model_config(max_new_tokens=6, **{"vision.trainable": True})
     paths = random_stage_checkpoints(tmp_path / "ckpt", cfg)
-    config = _cascade_config(tmp_path, prepared, paths, cfg, threshold=0.0)  # 0: stage 3 on every boxed slice
+    config = _cascade_config(tmp_path, prepared, paths, cfg, threshold=0.0, slice_threshold=0.0)  # stage 3 on every boxed slice
     metrics = eval_cascade.main(["--cfg-path", str(config)])
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} >= {"predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "config.yaml"}
@@ -234,11 +240,20 @@ def test_eval_cascade_end_to_end(tmp_path, prepared):
     assert any(not r["has_pancreas"] for r in rows)
     assert set(metrics["slice"]) == {
         "n_slices", "pancreas_iou", "n_pancreas_slices", "pancreas_box_rate", "false_box_rate",
-        "n_slices_without_pancreas", "tc_auc_predicted_crops", "tc_auc_gt_crops", "n_tc_slices", "n_tc_tumor_slices",
+        "n_slices_without_pancreas", "slice_threshold", "tc_accuracy_predicted_crops", "tc_accuracy_gt_crops",
+        "tc_auc_predicted_crops", "n_tc_slices", "n_tc_tumor_slices", "tc_auc_predicted_crops_boxed", "n_tc_slices_boxed",
+        "n_tc_tumor_slices_boxed", "tc_auc_gt_crops", "n_tc_slices_gt_crop",
         "tumor_iou", "tumor_iou_stage3_alone", "n_tumor_slices", "tumor_asked_rate"}
-    assert set(metrics["patient"]) == {"n_volumes", "n_tumor", "max", "top_k_mean", "pancreas_iou_3d",
-                                       "n_pancreas_volumes", "tumor_iou_3d", "n_tumor_volumes"}
-    assert set(metrics["patient"]["max"]) == {"threshold", "auc", "sensitivity", "specificity", "ci95"}
+    assert set(metrics["patient"]) == {"n_volumes", "n_tumor", "n_inconclusive", "n_inconclusive_tumor",
+                                       "inconclusive_as_positive", "inconclusive_excluded", "operating_points",
+                                       "pancreas_iou_3d", "n_pancreas_volumes", "tumor_iou_3d", "n_tumor_volumes"}
+    for mode in ("inconclusive_as_positive", "inconclusive_excluded"):
+        assert set(metrics["patient"][mode]) == {"n_volumes", "n_tumor", "max", "top_k_mean"}
+        assert set(metrics["patient"][mode]["max"]) == {"threshold", "auc", "sensitivity", "specificity", "ci95"}
+    assert set(metrics["patient"]["operating_points"]) == {"aggregation", "n_val_negative", "youden", "specificity_95",
+                                                           "specificity_99"}
+    assert set(metrics["inconclusive"]) == {"val", "test", "rule"}
+    assert (out / "manifest.json").is_file() and read_json(out / "manifest.json")["command"] == "eval_cascade"
     assert metrics["selection"]["threshold_rule"] == "configured (cascade.threshold)"
     # threshold 0: stage 3 is asked on every slice that got a pancreas box, and only there
     assert all(r["tumor_asked"] == (r["pancreas_box"] is not None) for r in rows)

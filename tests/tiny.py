@@ -64,9 +64,10 @@ def tiny_images(batch: int = 2, size: int = 112, seed: int = 0) -> torch.Tensor:
 def random_checkpoints(folder, cfg: ModelConfig, names, seed: int = 100) -> dict:
     """``{name: checkpoint folder}``: checkpoints of one base (``cfg``) whose trainable tensors are
     different random values (N(0, 0.2²), seeded per name), written by ``save_checkpoint`` with a
-    provenance of no volume (random weights)."""
+    provenance of no volume (random weights); a name that is a task is recorded as its task."""
     from pathlib import Path
 
+    from minigpt4.config import TASKS
     from minigpt4.evaluation.leakage import PROVENANCE_SCHEMA
     from minigpt4.models.checkpoints import save_checkpoint
     from minigpt4.models.minigpt_v2 import build_model
@@ -81,5 +82,7 @@ def random_checkpoints(folder, cfg: ModelConfig, names, seed: int = 100) -> dict
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
         # honest provenance: random weights, trained and validated on no volume
         provenance = {"schema": PROVENANCE_SCHEMA, "runs": [{"run": f"tests/tiny.py random_checkpoints ({name})", "datasets": {}}]}
-        paths[name] = str(save_checkpoint(model, Path(folder) / name, provenance=provenance).parent)
+        # a stage's fixture records its stage's task, as the trainer does (stages.check_stage_tasks)
+        tasks = [name] if name in TASKS else None
+        paths[name] = str(save_checkpoint(model, Path(folder) / name, provenance=provenance, tasks=tasks).parent)
     return paths

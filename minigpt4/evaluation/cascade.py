@@ -3,14 +3,21 @@
 The paper scores each stage on ground-truth inputs (crops cut with the ground-truth pancreas box,
 slices known to hold a tumor). Here every slice of every volume goes through the three stages of
 the inference pipeline (:func:`minigpt4.inference.pipeline.run_stages`: stage 1 pancreas box →
-crop from the predicted box → stage 2 P(tumor) → stage 3 tumor box where P(tumor) >= threshold),
-and this module scores what it returns.
+crop from the predicted box → stage 2 P(tumor) → stage 3 tumor box where the slice's P(tumor) >= the
+slice threshold), and this module scores what it returns.
 
 Per volume, the slices' P(tumor) are aggregated (``max`` and mean of the ``top_k`` largest) into
-a patient score (0 for a volume where no slice got a box). The threshold and the aggregation are
-chosen on the ``val`` volumes (stages 1–2 only), never on ``test``. Outputs in
-``run.output_dir``: ``predictions.jsonl`` (one row per test slice), ``metrics.json`` (``slice``,
-``patient``, ``selection``, ``run``), ``tables.md``, ``p_tumor_along_z.png`` and ``config.yaml``.
+a patient score; a volume where fewer than ``cascade.min_boxed_slices`` slices got a pancreas box
+is **inconclusive** (never scored as negative: patient metrics are given with inconclusive volumes
+counted as positive-for-follow-up and with them excluded). Chosen on the ``val`` volumes (stages
+1–2 only), never on ``test``: the aggregation, the patient threshold (Youden's J), the screening
+thresholds (specificity >= 95 % / 99 %, only where val has enough negatives: :func:`negatives_needed`)
+and, separately, stage 3's slice gate (Youden's J of slice P(tumor)). Outputs in
+``run.output_dir`` (:class:`minigpt4.outputs.OutputFolder`): ``predictions.jsonl`` (one row per
+test slice), ``metrics.json`` (``slice``, ``patient``, ``selection``, ``inconclusive``,
+``volumes``, ``run``), ``tables.md``, ``p_tumor_along_z.png``, ``config.yaml``, ``manifest.json``.
+Before the model is loaded: each stage's recorded task, the data, a non-empty test split and
+the leakage guard for every stage and its recorded ancestors (:func:`check_cascade_leakage`).
 3-D boxes: x, y continuous as in 2-D scoring (no +1), z covers whole slices (slice k spans [k, k + 1)).
 
 Limits: volumes come from prepared folders written with ``--all-slices`` (the default
@@ -62,6 +69,15 @@ def iou_3d(a: Optional[Sequence[float]], b: Optional[Sequence[float]]) -> float:
 
 
 # ----------------------------------------------------------------------------- patient level
+SCREENING_SPECIFICITIES = (0.95, 0.99)
+"""Screening operating points: thresholds chosen on val for specificity >= each target."""
+INCONCLUSIVE_MODES = {
+    "inconclusive_as_positive": "inconclusive volumes counted as positive (sent to follow-up)",
+    "inconclusive_excluded": "inconclusive volumes left out",
+}
+"""The two ways patient metrics are reported; an inconclusive volume is never scored as negative."""
+
+
 def sensitivity_specificity(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[Optional[float], Optional[float]]:
     """Positive where ``score >= threshold``; None for a class that is absent."""
     labels = np.asarray(labels, dtype=bool)
@@ -87,6 +103,28 @@ def choose_threshold(labels: Sequence[bool], scores: Sequence[float]) -> Optiona
     return float(best)
 
 
+def negatives_needed(specificity: float) -> int:
+    """Negatives val must hold to verify ``specificity``: enough that one false positive is allowed
+    (20 for 95 %, 100 for 99 %). With fewer, "specificity >= target on val" only means no false
+    positive at all, which says nothing about the target."""
+    return int(math.ceil(round(1.0 / (1.0 - specificity), 9)))
+
+
+def screening_threshold(labels: Sequence[bool], scores: Sequence[float], specificity: float) -> Optional[float]:
+    """The lowest threshold (most sensitive) whose specificity on ``labels``/``scores`` is >=
+    ``specificity`` (positive where ``score >= threshold``); candidates are the scores and just
+    above the largest (nothing called positive). None without negatives."""
+    labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=float)
+    if labels.all() or not labels.size:
+        return None
+    candidates = sorted(set(scores.tolist())) + [float(np.nextafter(scores.max(), np.inf))]
+    for t in candidates:
+        if sensitivity_specificity(labels, scores, t)[1] >= specificity - 1e-12:
+            return float(t)
+    return candidates[-1]  # unreachable: above the largest score every negative is called negative
+
+
 def volume_truth(records: Sequence[dict]) -> dict:
     """Ground truth of one volume from its slice records: tumor yes/no and 3-D boxes."""
     pancreas = [(r["slice_index"], r["bbox_pancreas"]) for r in records if r.get("pixels_pancreas", 0) > 0]
@@ -94,31 +132,49 @@ def volume_truth(records: Sequence[dict]) -> dict:
     return {"tumor": bool(tumor), "pancreas_3d": box_3d(pancreas), "tumor_3d": box_3d(tumor)}
 
 
-def patient_scores(rows: Sequence[dict], top_k: int) -> dict[tuple[str, str], dict]:
-    """``{(dataset, volume): {label, scores: {aggregation: score}, dataset}}`` from slice rows."""
+def patient_scores(rows: Sequence[dict], top_k: int, min_boxed_slices: int = 1) -> dict[tuple[str, str], dict]:
+    """``{(dataset, volume): {dataset, label, scores: {aggregation: score}, n_boxed, inconclusive}}``
+    from slice rows; ``inconclusive``: fewer than ``min_boxed_slices`` slices got a pancreas box."""
     by_volume: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         by_volume.setdefault((row["dataset"], row["volume_name"]), []).append(row)
     out = {}
     for key, vrows in by_volume.items():
         ps = [r["p_tumor"] for r in vrows]
+        boxed = sum(r.get("pancreas_box") is not None for r in vrows)
         out[key] = {"dataset": key[0], "label": any(r["has_tumor"] for r in vrows),
-                    "scores": {m: aggregate(ps, m, top_k) for m in AGGREGATIONS}}
+                    "scores": {m: aggregate(ps, m, top_k) for m in AGGREGATIONS},
+                    "n_boxed": boxed, "inconclusive": boxed < max(1, min_boxed_slices)}
     return out
 
 
+def _patient_arrays(patients: dict, method: str, mode: str) -> tuple[list, np.ndarray, np.ndarray]:
+    """``(keys, labels, scores)`` of the volumes a mode scores: ``inconclusive_as_positive`` gives an
+    inconclusive volume the score +inf (called positive at every threshold, ranked above all in
+    the AUC); ``inconclusive_excluded`` leaves it out."""
+    if mode not in INCONCLUSIVE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {list(INCONCLUSIVE_MODES)}")
+    keys = [k for k, v in patients.items() if mode == "inconclusive_as_positive" or not v["inconclusive"]]
+    labels = np.asarray([patients[k]["label"] for k in keys], dtype=bool)
+    scores = np.asarray([math.inf if patients[k]["inconclusive"] else patients[k]["scores"][method] for k in keys],
+                        dtype=float)
+    return keys, labels, scores
+
+
 def select_operating_point(val_patients: dict, aggregation: str, threshold: Optional[float]) -> dict:
-    """Aggregation and threshold from the validation volumes.
+    """Aggregation and patient threshold from the conclusive validation volumes.
 
     ``aggregation='auto'``: the one with the higher val AUC (``max`` on ties or when undefined).
     Per aggregation the threshold is ``threshold`` when given, else Youden's J on val (0.5 when
-    val lacks a class, said in ``notes``).
+    val lacks a class, said in ``notes``). Inconclusive val volumes have no score to choose on.
     """
-    labels = np.asarray([v["label"] for v in val_patients.values()], dtype=bool)
-    selection: dict[str, Any] = {"n_val_volumes": int(labels.size), "n_val_tumor": int(labels.sum()),
+    n_inconclusive = sum(v["inconclusive"] for v in val_patients.values())
+    selection: dict[str, Any] = {"n_val_volumes": len(val_patients), "n_val_inconclusive": n_inconclusive,
                                  "val_auc": {}, "thresholds": {}, "notes": []}
+    fallback: set[str] = set()
     for method in AGGREGATIONS:
-        scores = np.asarray([v["scores"][method] for v in val_patients.values()], dtype=float)
+        _, labels, scores = _patient_arrays(val_patients, method, "inconclusive_excluded")
+        selection["n_val_tumor"] = int(labels.sum())
         selection["val_auc"][method] = auc_score(labels, scores) if labels.size else None
         if threshold is not None:
             selection["thresholds"][method] = float(threshold)
@@ -126,7 +182,8 @@ def select_operating_point(val_patients: dict, aggregation: str, threshold: Opti
         chosen = choose_threshold(labels, scores) if labels.size else None
         if chosen is None:
             chosen = FALLBACK_THRESHOLD
-            selection["notes"].append(f"{method}: val volumes hold one class only: threshold {FALLBACK_THRESHOLD}")
+            fallback.add(method)
+            selection["notes"].append(f"{method}: the conclusive val volumes hold one class only: threshold {FALLBACK_THRESHOLD}")
         selection["thresholds"][method] = chosen
     if aggregation == "auto":
         aucs = selection["val_auc"]
@@ -137,28 +194,86 @@ def select_operating_point(val_patients: dict, aggregation: str, threshold: Opti
         selection["aggregation_rule"] = "configured"
     selection["aggregation"] = aggregation
     selection["threshold"] = selection["thresholds"][aggregation]
-    selection["threshold_rule"] = "configured (cascade.threshold)" if threshold is not None else "Youden's J on val"
+    selection["threshold_rule"] = "configured (cascade.threshold)" if threshold is not None else \
+        f"{FALLBACK_THRESHOLD}: the conclusive val volumes hold one class only" if aggregation in fallback else "Youden's J on val"
     return selection
 
 
+def choose_slice_threshold(val_rows: Sequence[dict], configured: Optional[float]) -> dict:
+    """Stage 3's slice gate: ``configured`` (``cascade.slice_threshold``) or Youden's J of slice
+    P(tumor) against the slice's tumor label on the val slices that have a P(tumor) (those the
+    gate decides on); 0.5 when they hold one class. Separate from the patient threshold."""
+    scored = [r for r in val_rows if r["p_tumor"] is not None]
+    labels = [r["has_tumor"] for r in scored]
+    out: dict[str, Any] = {"n_val_slices_scored": len(scored), "n_val_tumor_slices_scored": int(sum(labels))}
+    if configured is not None:
+        return {**out, "slice_threshold": float(configured), "slice_threshold_rule": "configured (cascade.slice_threshold)"}
+    chosen = choose_threshold(labels, [r["p_tumor"] for r in scored]) if scored else None
+    if chosen is None:
+        return {**out, "slice_threshold": FALLBACK_THRESHOLD,
+                "slice_threshold_rule": f"val slices with a P(tumor) hold one class only: {FALLBACK_THRESHOLD}"}
+    return {**out, "slice_threshold": chosen, "slice_threshold_rule": "Youden's J of slice P(tumor) on val"}
+
+
+def _rates_with_ci(patients: dict, method: str, mode: str, threshold: float, n_boot: int, seed: int,
+                   with_auc: bool = False) -> dict:
+    """Sensitivity and specificity (and AUC) at ``threshold`` in one mode, with volume bootstrap CIs."""
+    keys, labels, scores = _patient_arrays(patients, method, mode)
+
+    def stat(idx: np.ndarray) -> dict:
+        sens, spec = sensitivity_specificity(labels[idx], scores[idx], threshold)
+        return {**({"auc": auc_score(labels[idx], scores[idx])} if with_auc else {}), "sensitivity": sens, "specificity": spec}
+
+    point = stat(np.arange(len(keys)))
+    ci = cluster_bootstrap(keys, stat, n_boot=n_boot, seed=seed, strata=[patients[k]["dataset"] for k in keys])
+    return {"threshold": threshold, **point, "ci95": ci}
+
+
 def patient_metrics(patients: dict, thresholds: dict, n_boot: int, seed: int) -> dict:
-    """Per aggregation: AUC, sensitivity, specificity at its threshold, with volume bootstrap CIs."""
-    keys = list(patients)
-    labels = np.asarray([patients[k]["label"] for k in keys], dtype=bool)
-    strata = [patients[k]["dataset"] for k in keys]
-    out: dict[str, Any] = {"n_volumes": len(keys), "n_tumor": int(labels.sum())}
-    for method in AGGREGATIONS:
-        scores = np.asarray([patients[k]["scores"][method] for k in keys], dtype=float)
-        t = thresholds[method]
-
-        def stat(idx: np.ndarray, scores=scores, t=t) -> dict:
-            sens, spec = sensitivity_specificity(labels[idx], scores[idx], t)
-            return {"auc": auc_score(labels[idx], scores[idx]), "sensitivity": sens, "specificity": spec}
-
-        point = stat(np.arange(len(keys)))
-        ci = cluster_bootstrap(keys, stat, n_boot=n_boot, seed=seed, strata=strata)
-        out[method] = {"threshold": t, **point, "ci95": ci}
+    """Counts, then per mode (:data:`INCONCLUSIVE_MODES`) and aggregation: AUC, sensitivity and
+    specificity at its threshold, with volume bootstrap CIs."""
+    out: dict[str, Any] = {"n_volumes": len(patients), "n_tumor": sum(v["label"] for v in patients.values()),
+                           "n_inconclusive": sum(v["inconclusive"] for v in patients.values()),
+                           "n_inconclusive_tumor": sum(v["inconclusive"] and v["label"] for v in patients.values())}
+    for mode in INCONCLUSIVE_MODES:
+        _, labels, _ = _patient_arrays(patients, "max", mode)
+        out[mode] = {"n_volumes": int(labels.size), "n_tumor": int(labels.sum())}
+        for method in AGGREGATIONS:
+            out[mode][method] = _rates_with_ci(patients, method, mode, thresholds[method], n_boot, seed, with_auc=True)
     return out
+
+
+def operating_points(val_patients: dict, patients: dict, selection: dict, n_boot: int, seed: int) -> dict:
+    """Youden's J and the screening points (specificity >= 95 %, >= 99 %), chosen on the conclusive
+    val volumes for the selected aggregation; test sensitivity / specificity with CIs in both modes.
+
+    A specificity target is chosen only when val holds :func:`negatives_needed` negatives
+    (20 for 95 %, 100 for 99 %); otherwise the point says why instead of giving a number.
+    """
+    method = selection["aggregation"]
+    _, labels, scores = _patient_arrays(val_patients, method, "inconclusive_excluded")
+    n_neg = int((~labels).sum())
+    points: dict[str, Any] = {"aggregation": method, "n_val_negative": n_neg}
+    wanted = [("youden", None)] + [(f"specificity_{round(s * 100)}", s) for s in SCREENING_SPECIFICITIES]
+    for name, target in wanted:
+        point: dict[str, Any] = {"target_specificity": target}
+        if target is None:
+            point.update(rule=selection["threshold_rule"], threshold=selection["threshold"])
+        elif n_neg < negatives_needed(target):
+            point.update(rule=f"lowest val threshold with specificity >= {target:.0%}", threshold=None,
+                         reason=f"val has {n_neg} negative volume(s); verifying specificity >= {target:.0%} needs at "
+                                f"least {negatives_needed(target)} (one false positive in {negatives_needed(target)})")
+            points[name] = point
+            continue
+        else:
+            point.update(rule=f"lowest val threshold with specificity >= {target:.0%}",
+                         threshold=screening_threshold(labels, scores, target))
+        point["val_sensitivity"], point["val_specificity"] = sensitivity_specificity(labels, scores, point["threshold"]) \
+            if labels.size else (None, None)
+        point["test"] = {mode: _rates_with_ci(patients, method, mode, point["threshold"], n_boot, seed)
+                         for mode in INCONCLUSIVE_MODES}
+        points[name] = point
+    return points
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -166,14 +281,49 @@ def _mean(values: Sequence[float]) -> Optional[float]:
     return float(np.mean(values)) if len(values) else None
 
 
-def slice_metrics(rows: Sequence[dict]) -> dict:
-    """``pancreas_iou``, ``false_box_rate``, ``tc_auc_predicted_crops``, ``tc_auc_gt_crops``,
-    ``tumor_iou`` (+ ``tumor_iou_stage3_alone``) over the test slices, with their counts."""
+def tc_label(record: dict) -> Optional[bool]:
+    """The slice's answer in the paper's tumor-classification task, None where that task has no crop.
+
+    As ``python -m preprocessing tc`` (``--variant paper``, threshold 0) selects: an MSD slice with
+    tumor pixels and a pancreas box of positive area → yes; an NIH slice with such a box → no. MSD
+    slices without tumor are not TC slices (the paper's negatives are all NIH). Unlike the TC folder,
+    classes are not down-sampled to balance: every test slice of the task counts.
+    """
+    if record.get("pancreas_bbox_ratio", 0) <= 0:
+        return None
+    if record.get("dataset") == "MSD":
+        return True if record.get("pixels_tumor", 0) > 0 else None
+    return False if record.get("dataset") == "NIH" else None
+
+
+def slice_metrics(rows: Sequence[dict], slice_threshold: Optional[float] = None) -> dict:
+    """Slice-level numbers over the test slices, with their counts.
+
+    ``pancreas_iou``, ``false_box_rate``; on the TC slices (:func:`tc_label`):
+    ``tc_auc_predicted_crops`` (all TC slices, P = 0 where stage 1 gave no box: the cascade's
+    answer), ``tc_auc_predicted_crops_boxed`` (only those with a box), ``tc_auc_gt_crops``, and the
+    accuracies at ``slice_threshold`` (predicted crops, no box = "no"; ground-truth crops);
+    ``tumor_iou`` (+ ``tumor_iou_stage3_alone``) on tumor slices.
+    """
     pancreas = [r for r in rows if r["has_pancreas"]]
     empty = [r for r in rows if not r["has_pancreas"]]
     tumor = [r for r in rows if r["has_tumor"]]
-    both = [r for r in pancreas if r["p_tumor"] is not None and r["p_tumor_gt_crop"] is not None]
-    labels = np.asarray([r["has_tumor"] for r in both], dtype=bool)
+    tc = [r for r in rows if r.get("tc_label") is not None]
+    boxed = [r for r in tc if r["p_tumor"] is not None]
+    gt = [r for r in tc if r["p_tumor_gt_crop"] is not None]
+
+    def labels(subset):
+        return np.asarray([r["tc_label"] for r in subset], dtype=bool)
+
+    def auc(subset, key):
+        return auc_score(labels(subset), [r[key] or 0.0 for r in subset]) if subset else None
+
+    def accuracy(subset, key):
+        if not subset or slice_threshold is None:
+            return None
+        called = np.asarray([(r[key] or 0.0) >= slice_threshold for r in subset])
+        return float((called == labels(subset)).mean())
+
     return {
         "n_slices": len(rows),
         "pancreas_iou": _mean([r["pancreas_iou"] for r in pancreas]),
@@ -181,10 +331,17 @@ def slice_metrics(rows: Sequence[dict]) -> dict:
         "pancreas_box_rate": safe_ratio(sum(r["pancreas_box"] is not None for r in pancreas), len(pancreas)),
         "false_box_rate": safe_ratio(sum(r["pancreas_box"] is not None for r in empty), len(empty)),
         "n_slices_without_pancreas": len(empty),
-        "tc_auc_predicted_crops": auc_score(labels, [r["p_tumor"] for r in both]) if both else None,
-        "tc_auc_gt_crops": auc_score(labels, [r["p_tumor_gt_crop"] for r in both]) if both else None,
-        "n_tc_slices": len(both),
-        "n_tc_tumor_slices": int(labels.sum()),
+        "slice_threshold": slice_threshold,
+        "tc_accuracy_predicted_crops": accuracy(tc, "p_tumor"),
+        "tc_accuracy_gt_crops": accuracy(gt, "p_tumor_gt_crop"),
+        "tc_auc_predicted_crops": auc(tc, "p_tumor"),
+        "n_tc_slices": len(tc),
+        "n_tc_tumor_slices": int(labels(tc).sum()),
+        "tc_auc_predicted_crops_boxed": auc(boxed, "p_tumor"),
+        "n_tc_slices_boxed": len(boxed),
+        "n_tc_tumor_slices_boxed": int(labels(boxed).sum()),
+        "tc_auc_gt_crops": auc(gt, "p_tumor_gt_crop"),
+        "n_tc_slices_gt_crop": len(gt),
         "tumor_iou": _mean([r["tumor_iou"] for r in tumor]),
         "tumor_iou_stage3_alone": _mean([r["tumor_iou_alone"] for r in tumor]),
         "n_tumor_slices": len(tumor),
@@ -200,7 +357,7 @@ def score_volume(records: Sequence[dict], results: Sequence[dict], split: str) -
         has_tumor = rec.get("pixels_tumor", 0) > 0
         row = {"dataset": rec["dataset"], "volume_name": rec["volume_name"], "slice_index": rec["slice_index"],
                "split": split, "image": rec["image"], "width": rec["width"], "height": rec["height"],
-               "has_pancreas": has_pancreas, "has_tumor": has_tumor,
+               "has_pancreas": has_pancreas, "has_tumor": has_tumor, "tc_label": tc_label(rec),
                "gt_pancreas_box": list(rec["bbox_pancreas"]) if has_pancreas else None,
                "gt_tumor_box": list(rec["bbox_tumor"]) if has_tumor else None, **res}
         row["pancreas_iou"] = (box_iou(res["pancreas_box"], rec["bbox_pancreas"]) if res["pancreas_box"] else 0.0) \
@@ -271,50 +428,125 @@ def _read_slices(records: Sequence[dict]) -> list[np.ndarray]:
 
 def predict_split(stages: Any, volumes: dict, split: str, threshold: Optional[float], margin: int, batch_size: int,
                   with_truth_runs: bool, progress: Optional[Callable[[int, int], None]] = None) -> list[dict]:
-    """Scored prediction rows of every slice of ``volumes``."""
+    """Scored prediction rows of every slice of ``volumes``; ``threshold`` gates stage 3 per slice.
+
+    Raises:
+        FloatingPointError: stage 2 gave a non-finite P(yes), naming the volume and its first such slice.
+    """
     settings = CascadeSettings(threshold=threshold, crop_margin=margin, batch_size=batch_size)
     rows: list[dict] = []
-    for done, records in enumerate(volumes.values(), 1):
+    for done, ((dataset, name), records) in enumerate(volumes.items(), 1):
         gt_boxes = [r["bbox_pancreas"] if with_truth_runs and r.get("pixels_pancreas", 0) > 0 else None for r in records]
         gt_tumor = [with_truth_runs and r.get("pixels_tumor", 0) > 0 for r in records]
         results = scan_slices(stages, _read_slices(records), settings, gt_pancreas_boxes=gt_boxes, gt_tumor_slices=gt_tumor)
+        check_finite(results.slices, records, f"{split} volume {dataset}/{name}",
+                     getattr(stages, "sources", {}).get("tumor_classification"))
         rows += score_volume(records, [r.record() for r in results.slices], split)
         if progress is not None:
             progress(done, len(volumes))
     return rows
 
 
+def check_finite(results: Sequence[Any], records: Sequence[dict], where: str, checkpoint: Optional[str] = None) -> None:
+    """Stop at the first slice whose stage-2 P(yes) is not a finite number (NaN/inf would become a
+    threshold of NaN, an AUC of nan and invalid JSON further on).
+
+    Raises:
+        FloatingPointError: naming ``where``, the slice index and the crop.
+    """
+    for result, record in zip(results, records):
+        for key, crop in (("p_tumor", "the predicted crop"), ("p_tumor_gt_crop", "the ground-truth crop")):
+            value = getattr(result, key)
+            if value is not None and not math.isfinite(value):
+                raise FloatingPointError(
+                    f"{where}, slice {record['slice_index']}: stage 2 (tumor_classification"
+                    f"{', ' + str(checkpoint) if checkpoint else ''}) gave P(yes) = {value} on {crop}, the first "
+                    "non-finite answer of this volume; nothing was written. Check the stage-2 checkpoint (a diverged "
+                    "run?) and model.dtype")
+
+
 # ----------------------------------------------------------------------------- outputs
+PAPER_TC_ACCURACY = 0.876
+"""Table 2 of the paper: tumor classification accuracy on ground-truth crops (MSD tumor vs NIH)."""
+PANDA_NOTE = ("For context only (other data, other model): PANDA (Cao et al., Nature Medicine 2023) reported "
+              "sensitivity 92.9 % at specificity 99.9 % on 20,530 consecutive patients.")
+
+
+def _cell(m: dict, name: str) -> str:
+    from minigpt4.evaluation.tables import fmt
+
+    ci = (m.get("ci95") or {}).get(name)
+    return fmt(m[name]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
+
+
+def _too_few(min_boxed_slices: int) -> str:
+    if min_boxed_slices <= 1:
+        return "no slice with a pancreas box"
+    return f"a pancreas box on fewer than {min_boxed_slices} slices (cascade.min_boxed_slices)"
+
+
 def cascade_tables(metrics: dict) -> str:
     from minigpt4.evaluation.tables import fmt
 
     s, p, sel = metrics["slice"], metrics["patient"], metrics["selection"]
+    t = fmt(s["slice_threshold"])
     lines = [
         "## Cascade on every slice of the test volumes (predicted inputs)", "",
         "| metric | value | n | the paper's per-stage number (ground-truth inputs) |", "|---|---|---|---|",
         f"| pancreas IoU (slices with pancreas) | {fmt(s['pancreas_iou'])} | {s['n_pancreas_slices']} | 0.574 (Table 1, slices with ratio > 0.6 only) |",
         f"| false box rate (slices without pancreas given a box) | {fmt(s['false_box_rate'])} | {s['n_slices_without_pancreas']} | not measured |",
-        f"| tumor AUC, crops from the predicted box | {fmt(s['tc_auc_predicted_crops'])} | {s['n_tc_slices']} ({s['n_tc_tumor_slices']} tumor) | accuracy 0.876 (Table 2, GT crops, MSD vs NIH) |",
-        f"| tumor AUC, crops from the ground-truth box | {fmt(s['tc_auc_gt_crops'])} | {s['n_tc_slices']} | same slices, same model |",
+        f"| tumor classification accuracy on TC slices at slice threshold {t}, crops from the predicted box (no box = no) "
+        f"| {fmt(s['tc_accuracy_predicted_crops'])} | {s['n_tc_slices']} ({s['n_tc_tumor_slices']} tumor) | {PAPER_TC_ACCURACY} (Table 2, accuracy, GT crops, MSD tumor vs NIH) |",
+        f"| tumor classification accuracy on TC slices at slice threshold {t}, crops from the ground-truth box "
+        f"| {fmt(s['tc_accuracy_gt_crops'])} | {s['n_tc_slices_gt_crop']} | {PAPER_TC_ACCURACY} (same task and inputs as Table 2) |",
+        f"| tumor AUC on TC slices, crops from the predicted box (no box: P = 0) | {fmt(s['tc_auc_predicted_crops'])} | {s['n_tc_slices']} ({s['n_tc_tumor_slices']} tumor) | not reported |",
+        f"| tumor AUC on TC slices with a predicted box | {fmt(s['tc_auc_predicted_crops_boxed'])} | {s['n_tc_slices_boxed']} ({s['n_tc_tumor_slices_boxed']} tumor) | not reported |",
+        f"| tumor AUC on TC slices, crops from the ground-truth box | {fmt(s['tc_auc_gt_crops'])} | {s['n_tc_slices_gt_crop']} | not reported |",
         f"| tumor IoU through the cascade (slices with tumor) | {fmt(s['tumor_iou'])} | {s['n_tumor_slices']} | 0.168 (Table 3, tumor slices only) |",
         f"| tumor IoU, stage 3 alone on the same slices | {fmt(s['tumor_iou_stage3_alone'])} | {s['n_tumor_slices']} | |",
+        "",
+        f"TC slices: the test slices the paper's tumor-classification task crops (`preprocessing tc --variant paper`, "
+        f"threshold 0): MSD slices with tumor (yes) and NIH slices (no), each with a pancreas box of positive area; not "
+        f"down-sampled to balance. Stage 3 is asked where the slice P(tumor) >= {t} ({sel['slice_threshold_rule']}), "
+        f"a slice-level threshold separate from the patient threshold.",
         "", "## Patient level (test volumes)", "",
-        f"Threshold and aggregation chosen on {sel['n_val_volumes']} val volumes ({sel['n_val_tumor']} with tumor): "
+        f"Threshold and aggregation chosen on {sel['n_val_volumes'] - sel['n_val_inconclusive']} conclusive val volumes "
+        f"({sel['n_val_tumor']} with tumor; {sel['n_val_inconclusive']} inconclusive): "
         f"**{sel['aggregation']}** (top_k = {metrics['top_k']}), threshold {fmt(sel['threshold'])} ({sel['threshold_rule']}).", "",
-        "| aggregation | threshold | AUC [95% CI] | sensitivity [95% CI] | specificity [95% CI] |", "|---|---|---|---|---|",
+        f"Inconclusive: {p['n_inconclusive']} of {p['n_volumes']} test volumes ({p['n_inconclusive_tumor']} with tumor) had "
+        f"{_too_few(metrics['min_boxed_slices'])}: the model did not look at a pancreas. They are "
+        "never scored as \"no tumor\": *as positive* counts them as positive-for-follow-up, *excluded* leaves them out.", "",
+        "| aggregation | inconclusive volumes | volumes (tumor) | threshold | AUC [95% CI] | sensitivity [95% CI] | specificity [95% CI] |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for method in AGGREGATIONS:
-        m = p[method]
-
-        def cell(name, m=m):
-            ci = m["ci95"].get(name)
-            return fmt(m[name]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
-
-        mark = " (selected)" if method == sel["aggregation"] else ""
-        lines.append(f"| {method}{mark} | {fmt(m['threshold'])} | {cell('auc')} | {cell('sensitivity')} | {cell('specificity')} |")
+    for mode, label in (("inconclusive_as_positive", "as positive"), ("inconclusive_excluded", "excluded")):
+        for method in AGGREGATIONS:
+            m = p[mode][method]
+            mark = " (selected)" if method == sel["aggregation"] else ""
+            lines.append(f"| {method}{mark} | {label} | {p[mode]['n_volumes']} ({p[mode]['n_tumor']}) | {fmt(m['threshold'])} "
+                         f"| {_cell(m, 'auc')} | {_cell(m, 'sensitivity')} | {_cell(m, 'specificity')} |")
+    ops = p["operating_points"]
     lines += ["", f"{p['n_volumes']} test volumes, {p['n_tumor']} with tumor. "
               f"3-D IoU of the slice-box unions: pancreas {fmt(p['pancreas_iou_3d'])} ({p['n_pancreas_volumes']} volumes), "
-              f"tumor {fmt(p['tumor_iou_3d'])} ({p['n_tumor_volumes']} volumes).", ""]
+              f"tumor {fmt(p['tumor_iou_3d'])} ({p['n_tumor_volumes']} volumes).", "",
+              f"## Screening operating points (patient level, {ops['aggregation']}, chosen on {ops['n_val_negative']} "
+              "negative conclusive val volumes)", "",
+              "| operating point | val threshold (val sensitivity, specificity) | inconclusive volumes | test sensitivity [95% CI] "
+              "| test specificity [95% CI] |", "|---|---|---|---|---|"]
+    for name, point in ops.items():
+        if not isinstance(point, dict):
+            continue
+        title = f"specificity >= {point['target_specificity']:.0%}" if point["target_specificity"] is not None else \
+            "Youden's J" if point["rule"] == "Youden's J on val" else f"patient threshold, {point['rule']}"
+        if point["threshold"] is None:
+            lines.append(f"| {title} | not chosen: {point['reason']} | — | — | — |")
+            continue
+        chosen = f"{fmt(point['threshold'])} ({fmt(point['val_sensitivity'])}, {fmt(point['val_specificity'])})"
+        for mode, label in (("inconclusive_as_positive", "as positive"), ("inconclusive_excluded", "excluded")):
+            m = point["test"][mode]
+            lines.append(f"| {title} | {chosen} | {label} | {_cell(m, 'sensitivity')} | {_cell(m, 'specificity')} |")
+    lines += ["", f"Specificity targets need enough negative val volumes to be verified: one false positive must be "
+              f"allowed (>= 20 negatives for 95 %, >= 100 for 99 %); otherwise no threshold is given. {PANDA_NOTE}", ""]
     for note in sel["notes"]:
         lines.append(f"Note: {note}.")
     return "\n".join(lines) + "\n"
@@ -355,12 +587,20 @@ def p_tumor_figure(rows: Sequence[dict], threshold: float, path: Path, columns: 
 
 
 # ----------------------------------------------------------------------------- main
+CASCADE_OUTPUTS = ("predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "config.yaml")
+"""What ``eval_cascade.py`` writes in ``run.output_dir`` (besides its ``manifest.json``)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from minigpt4.cli import add_provenance_argument
     from minigpt4.config import add_config_arguments
 
     parser = argparse.ArgumentParser(prog="eval_cascade.py", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
+    add_provenance_argument(parser)
     parser.add_argument("--no-figures", action="store_true", help="skip the P(tumor) figure")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty run.output_dir no evaluation wrote (its files are kept)")
     return parser
 
 
@@ -370,31 +610,70 @@ def _progress(label: str):
     return progress_callback(label, unit="volume")
 
 
-def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[dict] = None) -> dict:
-    """Choose the operating point on ``val``, run the cascade on ``test``, write every output."""
+def check_cascade_leakage(cfg: Any, allow_unknown: bool = False) -> list:
+    """No stage, nor any ancestor its recorded provenance names (``init_from`` chains), trained on
+    a val or test volume of the cascade's folders (or validated on a test volume).
+
+    Reads checkpoint headers and split files only. Returns the per-stage reports.
+
+    Raises:
+        LeakageError: every stage, checkpoint and volume that leaks, one block per stage and split.
+        ProvenanceError: an own checkpoint without provenance, unless ``allow_unknown``.
+    """
+    from minigpt4.evaluation.leakage import LeakageError, check_checkpoint_against, split_keys
+
+    errors, reports = [], []
+    for split in ("val", "test"):
+        evaluated: dict[tuple, str] = {}
+        for name, ds in cfg.datasets.items():
+            for key in sorted(split_keys(ds.root, split)):
+                evaluated.setdefault(key, f"the cascade's {split} split (datasets.{name})")
+        for stage, path in cfg.cascade.stages.configured().items():
+            try:
+                reports.append(check_checkpoint_against(path, evaluated, allow_unknown, split, label=f"stage {stage}"))
+            except LeakageError as err:
+                errors.append(str(err))
+    if errors:
+        raise LeakageError("\n".join(errors))
+    return reports
+
+
+def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[dict] = None,
+             volumes: Optional[tuple[dict, dict]] = None) -> dict:
+    """Choose the operating points on ``val``, run the cascade on ``test``, write every output.
+
+    Args:
+        volumes: ``(val, test)`` from :func:`load_volumes` when already read.
+    """
     from minigpt4.config import save_config
     from minigpt4.evaluation.common import checkpoint_identity, environment_identity
     from minigpt4.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
     casc = cfg.cascade
-    val_volumes = load_volumes(cfg, "val")  # both splits are checked before any model work
-    test_volumes = load_volumes(cfg, "test")
+    val_volumes, test_volumes = volumes or (load_volumes(cfg, "val"), load_volumes(cfg, "test"))
     if not test_volumes:
         raise ValueError("no test volume in the configured folders")
     batch = cfg.run.eval_batch_size
     start = time.perf_counter()
     val_rows = predict_split(stages, val_volumes, "val", None, casc.crop_margin, batch, False, _progress("val (stages 1-2)"))
-    selection = select_operating_point(patient_scores(val_rows, casc.top_k), casc.aggregation, casc.threshold)
-    rows = predict_split(stages, test_volumes, "test", selection["threshold"], casc.crop_margin, batch, True,
+    val_patients = patient_scores(val_rows, casc.top_k, casc.min_boxed_slices)
+    selection = select_operating_point(val_patients, casc.aggregation, casc.threshold)
+    selection.update(choose_slice_threshold(val_rows, casc.slice_threshold))
+    rows = predict_split(stages, test_volumes, "test", selection["slice_threshold"], casc.crop_margin, batch, True,
                          _progress("test (stages 1-3)"))
-    patients = patient_scores(rows, casc.top_k)
+    patients = patient_scores(rows, casc.top_k, casc.min_boxed_slices)
+    patient = patient_metrics(patients, selection["thresholds"], casc.bootstrap, cfg.run.seed)
+    patient["operating_points"] = operating_points(val_patients, patients, selection, casc.bootstrap, cfg.run.seed)
     metrics = {
-        "slice": slice_metrics(rows),
-        "patient": {**patient_metrics(patients, selection["thresholds"], casc.bootstrap, cfg.run.seed),
-                    **volume_3d_metrics(test_volumes, rows)},
+        "slice": slice_metrics(rows, selection["slice_threshold"]),
+        "patient": {**patient, **volume_3d_metrics(test_volumes, rows)},
         "selection": selection,
         "top_k": casc.top_k,
-        "volumes": {f"{d}/{v}": {"tumor": p["label"], **{m: round(s, 6) for m, s in p["scores"].items()}}
+        "min_boxed_slices": casc.min_boxed_slices,
+        "inconclusive": {"val": selection["n_val_inconclusive"], "test": patient["n_inconclusive"],
+                         "rule": _too_few(casc.min_boxed_slices)},
+        "volumes": {f"{d}/{v}": {"tumor": p["label"], "n_slices_boxed": p["n_boxed"], "inconclusive": p["inconclusive"],
+                                 **{m: round(s, 6) for m, s in p["scores"].items()}}
                     for (d, v), p in patients.items()},
         "run": {"stages": {s: checkpoint_identity(p) for s, p in stages.sources.items()},
                 "datasets": sorted({str(ds.root) for ds in cfg.datasets.values()}),
@@ -407,15 +686,22 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
     write_json_atomic(out / "metrics.json", metrics)
     write_text_atomic(out / "tables.md", cascade_tables(metrics))
     if make_figures:
-        p_tumor_figure(rows, selection["threshold"], out / "p_tumor_along_z.png")
+        p_tumor_figure(rows, selection["slice_threshold"], out / "p_tumor_along_z.png")
     save_config(cfg, out / "config.yaml")
     return metrics
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """``eval_cascade.py --cfg-path eval_configs/cascade.yaml``; returns the metrics written."""
+    """``eval_cascade.py --cfg-path eval_configs/cascade.yaml``; returns the metrics written.
+
+    Everything that can be checked without the model is checked first (seconds): the stages are
+    configured and exist, every val/test slice has a PNG, the test split is not empty, each
+    checkpoint records its stage's task (a warning where it records none), no stage (or its ancestors) trained on a val/test volume,
+    and ``run.output_dir`` may be written (:class:`minigpt4.outputs.OutputFolder`).
+    """
     from minigpt4.config import ConfigError, load_config
-    from minigpt4.models.stages import load_stages
+    from minigpt4.models.stages import check_stage_tasks, load_stages
+    from minigpt4.outputs import OutputFolder
 
     args = build_parser().parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
@@ -426,8 +712,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for stage, path in cfg.cascade.stages.configured().items():
         if not Path(path).exists():
             raise FileNotFoundError(f"cascade.stages.{stage}: checkpoint not found: {path}")
-    load_volumes(cfg, "val"), load_volumes(cfg, "test")  # fail on data before loading the model
-    stages = load_stages(cfg.model, cfg.cascade.stages.configured(), device=cfg.run.device)
-    metrics = evaluate(cfg, stages, not args.no_figures, {"config": str(args.cfg_path), "options": list(args.options)})
+    volumes = load_volumes(cfg, "val"), load_volumes(cfg, "test")  # fail on data before loading the model
+    if not volumes[1]:
+        roots = ", ".join(dict.fromkeys(str(ds.root) for ds in cfg.datasets.values()))
+        raise ValueError(f"{roots}: the test split holds no volume (annotations/split.json); nothing to evaluate")
+    check_stage_tasks(cfg.cascade.stages.configured())  # checkpoint headers only
+    check_cascade_leakage(cfg, args.allow_unknown_provenance)
+    with OutputFolder(Path(cfg.run.output_dir), "eval_cascade", option="run.output_dir", owner="eval_cascade.py",
+                      overwrite=args.overwrite) as folder:
+        folder.check_no_foreign(CASCADE_OUTPUTS)
+        if not folder.manifest:
+            folder.write_manifest({"written_by": "eval_cascade.py"})
+        stages = load_stages(cfg.model, cfg.cascade.stages.configured(), device=cfg.run.device, check_tasks=False)
+        metrics = evaluate(cfg, stages, not args.no_figures, {"config": str(args.cfg_path), "options": list(args.options)},
+                           volumes)
     print(cascade_tables(metrics), file=sys.stderr)
     return metrics

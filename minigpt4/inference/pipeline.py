@@ -43,6 +43,7 @@ class CascadeSettings:
     batch_size: int = 8  # images per model call (does not change the answers)
     whole_slice_fallback: bool = False  # one checkpoint: classify the whole slice when stage 1 has no box
     max_new_tokens: Optional[int] = None  # detection budget; None: the model's generation.max_new_tokens
+    min_boxed_slices: int = 1  # fewer slices with a pancreas box: the patient answer is "inconclusive"
 
 
 class SingleModel:
@@ -298,10 +299,11 @@ def aggregate(p_tumor: Sequence[Optional[float]], method: str, top_k: int) -> fl
 
 
 def patient_result(slices: Sequence[SliceResult], settings: CascadeSettings) -> PatientResult:
-    """The patient answer: ``inconclusive`` when no slice got a pancreas box, else ``tumor`` where
-    the aggregated P(tumor) >= threshold, ``no tumor`` below."""
+    """The patient answer: ``inconclusive`` when fewer than ``min_boxed_slices`` (default 1) slices
+    got a pancreas box, else ``tumor`` where the aggregated P(tumor) >= threshold, ``no tumor`` below."""
     score = aggregate([s.p_tumor for s in slices], settings.aggregation, settings.top_k)
     boxed = sum(s.pancreas_box is not None for s in slices)
-    decision = "inconclusive" if boxed == 0 else "tumor" if score >= settings.threshold else "no tumor"
+    decision = "inconclusive" if boxed < max(1, settings.min_boxed_slices) else \
+        "tumor" if score >= settings.threshold else "no tumor"
     return PatientResult(score=score, aggregation=settings.aggregation, top_k=settings.top_k,
                          threshold=settings.threshold, decision=decision, n_slices_boxed=boxed)

@@ -40,7 +40,7 @@ import os
 import re
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from omegaconf import OmegaConf
@@ -104,6 +104,9 @@ FORMAT = "minigpt-pancreas/2"
 """/2: frozen adapters stacked (``lora_adapters.*`` + ``adapter_stack``); /1 merged them (``merged_lora.*``)."""
 PROVENANCE_KEY = "provenance"
 """Safetensors metadata key of the training provenance (JSON; see :func:`save_checkpoint`)."""
+TASKS_KEY = "tasks"
+"""Safetensors metadata key of the tasks a checkpoint was trained for (JSON list, e.g.
+``["pancreas_detection"]``; see :func:`checkpoint_tasks`)."""
 PROVENANCE_NAME = "provenance.json"
 """The same record in a PEFT export folder (``python -m minigpt4.export``)."""
 MINIGPT_V2_LORA_ALPHA = 16
@@ -146,7 +149,7 @@ class LoadReport:
 
 # ---------------------------------------------------------------------- saving
 def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], config: Any = None,
-                    provenance: Optional[dict] = None) -> Path:
+                    provenance: Optional[dict] = None, tasks: Optional[Sequence[str]] = None) -> Path:
     """Write ``folder/model.safetensors`` (trainable tensors + frozen adapters) and ``folder/config.yaml``.
 
     Each file is written to a temporary name and renamed into place; the tensors come last, so
@@ -190,6 +193,8 @@ def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], con
     }
     if provenance is not None:
         metadata[PROVENANCE_KEY] = to_json(provenance, sort_keys=True)
+    if tasks is not None:
+        metadata[TASKS_KEY] = to_json(sorted(set(tasks)), where="checkpoint metadata tasks")
     path = folder / WEIGHTS_NAME
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -233,6 +238,34 @@ def read_metadata(path: Union[str, os.PathLike]) -> tuple[str, Path, dict[str, s
     if not str(metadata.get("format", "")).startswith("minigpt-pancreas/"):
         return "foreign", path, {}
     return "project", path, metadata
+
+
+def checkpoint_tasks(path: Union[str, os.PathLike]) -> Optional[list[str]]:
+    """The tasks a checkpoint was trained for, from its header only (no tensors read).
+
+    :data:`TASKS_KEY` when the trainer wrote it; for checkpoints saved before it, the tasks of the
+    datasets its recorded provenance names for the run that wrote it. None when nothing is
+    recorded (a foreign checkpoint, an older own one, weights trained on no dataset).
+
+    Raises:
+        FileNotFoundError: nothing there. ValueError: an unreadable header or tasks record.
+    """
+    kind, weights_file, metadata = read_metadata(path)
+    if TASKS_KEY in metadata:
+        try:
+            tasks = json.loads(metadata[TASKS_KEY])
+            if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+                raise ValueError(f"not a list of task names: {metadata[TASKS_KEY][:80]!r}")
+        except ValueError as err:
+            raise ValueError(f"{weights_file}: unreadable '{TASKS_KEY}' record ({err})") from None
+        return sorted(tasks)
+    try:
+        runs = json.loads(metadata.get(PROVENANCE_KEY) or "{}").get("runs") or []
+        datasets = (runs[0].get("datasets") or {}).values() if isinstance(runs[0], dict) else []
+        tasks = sorted({str(d["task"]) for d in datasets if isinstance(d, dict) and d.get("task")})
+    except (ValueError, AttributeError, IndexError, TypeError):
+        tasks = []
+    return tasks or None
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:

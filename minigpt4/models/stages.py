@@ -153,8 +153,45 @@ class StageModels:
         return self.model
 
 
-def load_stages(cfg: ModelConfig, checkpoints: Mapping[str, str], device: Union[str, torch.device] = "cpu") -> StageModels:
+class StageTaskError(ValueError):
+    """A checkpoint given for a cascade stage was trained for another task."""
+
+
+def check_stage_tasks(checkpoints: Mapping[str, str]) -> list[str]:
+    """Each stage's checkpoint must record its stage's task (read from the header only, no model).
+
+    A checkpoint records the tasks it was trained for (:func:`minigpt4.models.checkpoints.checkpoint_tasks`);
+    one recording none (a foreign checkpoint, an older own one) gets a warning, not a refusal.
+
+    Returns:
+        The warning lines (also logged).
+    Raises:
+        StageTaskError: naming every stage whose checkpoint was trained for another task, with both tasks.
+        FileNotFoundError: a checkpoint is missing.
+    """
+    from minigpt4.models.checkpoints import checkpoint_tasks
+
+    wrong, warnings = [], []
+    for stage, path in checkpoints.items():
+        tasks = checkpoint_tasks(path)
+        if tasks is None:
+            warnings.append(f"cascade.stages.{stage}: {path} records no task (a foreign or older checkpoint): "
+                            f"cannot check that it is a {stage} model")
+        elif stage not in tasks:
+            wrong.append(f"cascade.stages.{stage}: {path} was trained for {' + '.join(tasks)}, not {stage}")
+    for line in warnings:
+        log.warning("%s", line)
+    if wrong:
+        raise StageTaskError("checkpoint of the wrong task for its cascade stage: " + "; ".join(wrong))
+    return warnings
+
+
+def load_stages(cfg: ModelConfig, checkpoints: Mapping[str, str], device: Union[str, torch.device] = "cpu",
+                check_tasks: bool = True) -> StageModels:
     """Build the base described by ``cfg`` (ignoring ``cfg.ckpt``/``init_from``) and add each stage.
+
+    First, before any model is built, each checkpoint's recorded task must be its stage's
+    (:func:`check_stage_tasks`; ``check_tasks=False`` when the caller has just checked).
 
     Args:
         cfg: ``config.model`` (sizes, ``vision.weights``, ``text.path``, LoRA shape of the stages).
@@ -164,6 +201,7 @@ def load_stages(cfg: ModelConfig, checkpoints: Mapping[str, str], device: Union[
 
     Raises:
         ValueError: unknown stage name, no stage, or stages that cannot share one base.
+        StageTaskError: a checkpoint trained for another task than its stage.
         FileNotFoundError: a checkpoint is missing.
     """
     import dataclasses
@@ -173,6 +211,8 @@ def load_stages(cfg: ModelConfig, checkpoints: Mapping[str, str], device: Union[
         raise ValueError(f"unknown cascade stage(s) {unknown}; expected {list(CASCADE_STAGES)}")
     if not checkpoints:
         raise ValueError("no stage checkpoint configured (cascade.stages)")
+    if check_tasks:
+        check_stage_tasks(checkpoints)
     base_cfg = dataclasses.replace(cfg, ckpt=None, init_from=None)
     model = build_model(base_cfg, device=device)
     model.eval()

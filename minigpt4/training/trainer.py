@@ -377,7 +377,8 @@ def _write_checkpoint(model: torch.nn.Module, cfg: Config, output_dir: Path, nam
     tmp = output_dir / f".{name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_checkpoint(model, tmp, cfg, provenance)
+    # the tasks it learned, so a cascade can refuse it for another stage (models/stages.py)
+    save_checkpoint(model, tmp, cfg, provenance, tasks=[ds.task for ds in cfg.datasets.values()])
     torch.save(state, tmp / TRAINING_STATE)
     _replace_folder(tmp, final)
     write_text_atomic(output_dir / LATEST_POINTER, name + "\n")
