@@ -556,13 +556,13 @@ def test_volume_upload_slider_and_scan(tmp_path, handlers):
 def test_three_stage_scan_through_the_handlers_gives_the_patient_answer(tmp_path):
     """Three-stage mode (the scripted model stands in for every stage): the scan's chat message
     ends with the patient answer, the plot shows the threshold; no pancreas box → inconclusive."""
-    from minigpt4.inference.pipeline import SingleModel
+    from minigpt4.inference.pipeline import CascadeSettings, SingleModel
 
     state = {"kind": "volume", "slices": scan_volume_array(), "index": 0, "name": "vol.nii.gz"}
     for answer, expected in [("{<25><25><75><75>}", "Patient-level answer: **tumor suspected** (largest slice P(tumor) = "),
                              ("no idea", "Patient-level answer: **inconclusive: no pancreas found on any slice** — this is not a negative")]:
         model = ScriptedModel({PANCREAS_Q: answer, TUMOR_Q: "{<40><40><60><60>}"})
-        service = DemoService(model, stages=SingleModel(model), cascade={"threshold": 0.5})
+        service = DemoService(model, stages=SingleModel(model), cascade=CascadeSettings(threshold=0.5))
         _, _, slider, plot, table, history = DemoHandlers(service, tmp_path).on_scan([], dict(state))
         assert expected in history[-1]["content"] and plot is not None and len(table) == 5
 
@@ -682,7 +682,7 @@ def test_missing_checkpoint_full_size_is_an_error_tiny_is_a_warning(tmp_path, mo
     answer = service.ask(gray_slice(), PANCREAS_Q)  # the random tiny model still answers
     assert isinstance(answer.text, str) and answer.task == "detection"
     cpu = load_config(REPO / "eval_configs" / "demo_cpu.yaml", ["cascade.crop_margin=3"])
-    assert load_service(cpu).cascade["crop_margin"] == 3  # the volume scan crops like the TC folder
+    assert load_service(cpu).cascade.crop_margin == 3  # the volume scan crops like the TC folder
 
 
 def test_main_reports_a_missing_checkpoint_cleanly(tmp_path, monkeypatch, capsys):

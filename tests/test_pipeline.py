@@ -118,3 +118,28 @@ def test_chunks_keep_slice_indices_and_answers():
     assert [r.slice_index for r in chunked.slices] == list(range(7))
     assert [r.record() for r in chunked.slices] == [r.record() for r in whole.slices]
     assert seen == [0.0, 4 / 7, 1.0] and chunked.patient == whole.patient
+
+
+def test_stage3_gate_is_the_slice_threshold_not_the_patient_threshold():
+    """``slice_threshold`` (chosen on val slices) gates stage 3; the patient threshold (chosen on
+    aggregated volume scores) only decides tumor / no tumor (issue 18 item 7)."""
+    stages = SingleModel(BrightnessModel())
+    base = scan_slices(stages, volume([10, 250, 200]), CascadeSettings(threshold=0.5))
+    p = [r.p_tumor for r in base.slices]
+    gate = (p[1] + p[2]) / 2  # between the two boxed slices' P(tumor)
+    split = scan_slices(stages, volume([10, 250, 200]), CascadeSettings(threshold=0.999, slice_threshold=gate))
+    assert [r.tumor_asked for r in split.slices] == [False, True, False]
+    assert split.patient.decision == "no tumor" and split.patient.threshold == 0.999  # the patient threshold decides
+
+
+def test_settings_from_the_cascade_config():
+    from minigpt4.config import CascadeConfig
+
+    settings = CascadeSettings.from_config(CascadeConfig(threshold=0.3, slice_threshold=0.2, aggregation="top_k_mean",
+                                                         top_k=2, crop_margin=4, min_boxed_slices=3), batch_size=5)
+    assert (settings.threshold, settings.stage3_gate, settings.aggregation, settings.top_k, settings.crop_margin,
+            settings.min_boxed_slices, settings.batch_size) == (0.3, 0.2, "top_k_mean", 2, 4, 3, 5)
+    default = CascadeSettings.from_config(CascadeConfig())
+    assert (default.threshold, default.stage3_gate, default.aggregation) == (0.5, 0.5, "max")
+    assert settings.describe() == ("patient threshold 0.3 on the top_k_mean of slice P(tumor) (top 2), stage 3 asked "
+                                   "where slice P(tumor) >= 0.2; inconclusive when fewer than 3 slice(s) get a pancreas box")

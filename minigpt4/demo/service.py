@@ -12,6 +12,8 @@ crops; the volume scan crops to the detected pancreas first).
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import tempfile
 import threading
@@ -261,9 +263,8 @@ class DemoService:
             cascade's stages on one base (``model`` is its model); each instruction goes to its
             stage (:func:`stage_for`). "Scan volume" runs :func:`minigpt4.inference.pipeline.scan_slices`
             in both modes (one checkpoint: the same model for every stage).
-        cascade: ``crop_margin`` of the volume scan's pancreas crops (both modes; the TC folder's
-            ``--margin``) and, in three-stage mode, ``threshold``, ``aggregation`` (max |
-            top_k_mean), ``top_k``.
+        cascade: the volume scan's :class:`CascadeSettings` (``CascadeSettings.from_config``): its
+            ``crop_margin`` in both modes, the whole operating point in three-stage mode.
     """
 
     def __init__(
@@ -278,11 +279,11 @@ class DemoService:
         description: str = "",
         scan_batch_size: int = 4,
         stages: Any = None,
-        cascade: Optional[dict] = None,
+        cascade: Optional[CascadeSettings] = None,
     ) -> None:
         self.model = model
         self.stages = stages
-        self.cascade = {"threshold": 0.5, "aggregation": "max", "top_k": 3, "crop_margin": 0, **(cascade or {})}
+        self.cascade = cascade or CascadeSettings()
         self.max_new_tokens = max_new_tokens
         self.text_max_new_tokens = text_max_new_tokens
         self.text_decoding = text_decoding
@@ -392,10 +393,9 @@ class DemoService:
         if slices.ndim != 3 or slices.shape[0] == 0:
             raise InputError("the volume has no slices to scan.")
         single = self.stages is None
-        settings = CascadeSettings(
-            threshold=0.0 if single else self.cascade["threshold"], aggregation=self.cascade["aggregation"],
-            top_k=self.cascade["top_k"], crop_margin=self.cascade["crop_margin"], batch_size=self.scan_batch_size,
-            whole_slice_fallback=single, max_new_tokens=self.max_new_tokens)
+        run = dict(batch_size=self.scan_batch_size, whole_slice_fallback=single, max_new_tokens=self.max_new_tokens)
+        settings = (CascadeSettings(threshold=0.0, crop_margin=self.cascade.crop_margin, **run) if single
+                    else dataclasses.replace(self.cascade, **run))
         stages = SingleModel(self.model) if single else self.stages
         result = scan_slices(stages, slices, settings, progress, lock=self._lock, chunk=self.scan_batch_size)
         return ScanResult(result.slices, None if single else result.patient)
@@ -431,18 +431,16 @@ def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limi
         raise FileNotFoundError(f"cascade.stages.{stage} {path} not found (cwd {Path.cwd()}); train the cascade first")
     resolved = resolve_device(device or cfg.run.device)
     stages = load_stages(cfg.model, stage_paths, device=resolved)
-    casc = cfg.cascade
-    threshold = 0.5 if casc.threshold is None else casc.threshold
-    aggregation = "max" if casc.aggregation == "auto" else casc.aggregation
+    settings = CascadeSettings.from_config(cfg.cascade)
     listed = "; ".join(f"{STAGE_LABELS[s]} `{p}`" for s, p in stage_paths.items())
     description = (f"three stages on one base — {listed} (image {cfg.model.vision.image_size}px, LLaMA "
                    f"{cfg.model.text.num_layers}×{cfg.model.text.hidden_size}) on {resolved}; greedy decoding; "
-                   f"volume scan: threshold {threshold:g}{' (cascade.threshold unset: 0.5)' if casc.threshold is None else ''}, "
-                   f"aggregation {aggregation}.")
+                   f"volume scan: {settings.describe()}"
+                   f"{' (cascade.threshold unset: 0.5)' if cfg.cascade.threshold is None else ''}; set these to "
+                   "the values eval_cascade.py chose on the validation volumes (metrics.json selection).")
     return DemoService(
         stages.model, max_new_tokens=cfg.model.generation.max_new_tokens, text_decoding=cfg.model.generation.free_text,
-        limits=limits, description=description, stages=stages,
-        cascade={"threshold": threshold, "aggregation": aggregation, "top_k": casc.top_k, "crop_margin": casc.crop_margin},
+        limits=limits, description=description, stages=stages, cascade=settings,
     )
 
 
@@ -504,5 +502,5 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
         limits=limits,
         warning=warning,
         description=description,
-        cascade={"crop_margin": cfg.cascade.crop_margin} if hasattr(cfg, "cascade") else None,
+        cascade=CascadeSettings(crop_margin=cfg.cascade.crop_margin) if hasattr(cfg, "cascade") else None,
     )

@@ -36,7 +36,7 @@ PixelBox = tuple[float, float, float, float]
 class CascadeSettings:
     """How the stages run on a volume and how its slices become a patient answer."""
 
-    threshold: Optional[float] = 0.5  # stage 3 and "tumor" where P(tumor) >= it; None: stages 1–2 only
+    threshold: Optional[float] = 0.5  # patient: "tumor" where the aggregated P(tumor) >= it; None: stages 1–2 only
     aggregation: str = "max"  # or top_k_mean
     top_k: int = 3
     crop_margin: int = 0  # the TC folder's --margin
@@ -44,6 +44,30 @@ class CascadeSettings:
     whole_slice_fallback: bool = False  # one checkpoint: classify the whole slice when stage 1 has no box
     max_new_tokens: Optional[int] = None  # detection budget; None: the model's generation.max_new_tokens
     min_boxed_slices: int = 1  # fewer slices with a pancreas box: the patient answer is "inconclusive"
+    slice_threshold: Optional[float] = None  # stage 3 asked where a slice's P(tumor) >= it; None: ``threshold``
+
+    @property
+    def stage3_gate(self) -> Optional[float]:
+        """Stage 3's slice gate: chosen on val slices (``cascade.slice_threshold``), separate from
+        the patient threshold, which is chosen on aggregated volume scores."""
+        return self.threshold if self.slice_threshold is None else self.slice_threshold
+
+    @classmethod
+    def from_config(cls, cascade: Any, **run) -> "CascadeSettings":
+        """The operating point of a :class:`minigpt4.config.CascadeConfig` (unset threshold: 0.5,
+        ``auto`` aggregation: max); ``run``: batch_size, whole_slice_fallback, max_new_tokens."""
+        threshold = 0.5 if cascade.threshold is None else cascade.threshold
+        return cls(threshold=threshold, slice_threshold=cascade.slice_threshold,
+                   aggregation="max" if cascade.aggregation == "auto" else cascade.aggregation,
+                   top_k=cascade.top_k, crop_margin=cascade.crop_margin,
+                   min_boxed_slices=cascade.min_boxed_slices, **run)
+
+    def describe(self) -> str:
+        """The operating point in words (demo, scan reports)."""
+        gate = "" if self.slice_threshold is None else f", stage 3 asked where slice P(tumor) >= {self.slice_threshold:g}"
+        return (f"patient threshold {self.threshold:g} on the {self.aggregation} of slice P(tumor)"
+                f"{f' (top {self.top_k})' if self.aggregation == 'top_k_mean' else ''}{gate}; inconclusive when "
+                f"fewer than {max(1, self.min_boxed_slices)} slice(s) get a pancreas box")
 
 
 class SingleModel:
@@ -233,7 +257,7 @@ def run_stages(stages: Any, slices: Sequence[np.ndarray], settings: CascadeSetti
         for (k, key, _), p in zip(chunk, torch.as_tensor(probs).float().cpu().reshape(-1).tolist()):
             setattr(rows[k], key, float(p))
 
-    threshold = settings.threshold
+    threshold = settings.stage3_gate
     for row in rows:
         row.tumor_asked = threshold is not None and row.p_tumor is not None and row.p_tumor >= threshold
     asks = [(k, "tumor") for k, row in enumerate(rows) if row.tumor_asked]
