@@ -22,6 +22,7 @@ import torch
 
 from minigpt4.demo.app import DemoHandlers
 from minigpt4.demo.service import DemoService, make_private_workdir
+from minigpt4.inference.pipeline import CascadeSettings
 from minigpt4.inference.volumes import public_message
 from tests.test_demo import PANCREAS_Q, ScriptedModel, gray_slice, import_demo_entry_point, save, write_nifti
 
@@ -275,7 +276,7 @@ def scan_through_handlers(service: DemoService, values, tmp_path: Path):
 
 def three_stage_service(**cascade) -> tuple[DemoService, ScriptedStages]:
     stages = ScriptedStages()
-    return DemoService(stages.model, stages=stages, cascade=cascade), stages
+    return DemoService(stages.model, stages=stages, cascade=CascadeSettings(**cascade)), stages
 
 
 def test_no_pancreas_box_anywhere_is_inconclusive_never_no_tumor(tmp_path):
