@@ -227,3 +227,36 @@ def test_on_error_skip_records_a_broken_volume_and_stop_exits_2(tmp_path, stage_
     assert status == 2 and err[-1].startswith("scan.py: error: broken.nii.gz: ") and "Traceback" not in "\n".join(err)
     assert (stopped / "a_nifti" / DONE_FILE).is_file() and (stopped / "b_series" / DONE_FILE).is_file()
     assert not (stopped / "c_zip").exists()  # stopped before it
+
+
+def _run(args: list[str]) -> str:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_what_one_process_writes(tmp_path, stage_paths):
+    """``torchrun --nproc-per-node 2 scan.py`` (gloo on CPU): each rank writes its own volumes,
+    rank 0 the summary; byte-identical report.json files and summary.csv as one process."""
+    root = Path(__file__).resolve().parents[1]
+    inputs = make_inputs(tmp_path / "in")
+    config = scan_config(tmp_path, stage_paths)
+    args = ["--cfg-path", str(config), "--inputs", str(inputs)]
+    log = _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(root / "scan.py"), *args,
+                "--out", str(tmp_path / "two")])
+    # shard by sorted name: rank 0 a_nifti and c_zip, rank 1 b_series
+    assert "volumes (rank 0): 2/2" in log and "volumes (rank 1): 1/1" in log, log[-2000:]
+    _run([str(root / "scan.py"), *args, "--out", str(tmp_path / "one")])
+    for name in ("a_nifti", "b_series", "c_zip"):
+        for file in (REPORT_FILE, BOXES_FILE):
+            assert (tmp_path / "two" / name / file).read_bytes() == (tmp_path / "one" / name / file).read_bytes()
+    assert (tmp_path / "two" / "summary.csv").read_bytes() == (tmp_path / "one" / "summary.csv").read_bytes()
+    assert strict_json(tmp_path / "two" / "scan.json")["counts"] == strict_json(tmp_path / "one" / "scan.json")["counts"]
+    assert not list((tmp_path / "two").glob(".minigpt4.lock*"))  # the lock is released
