@@ -9,7 +9,8 @@ base (EVA + LLaMA loaded once). Per volume, P(tumor) is aggregated (max, mean of
 a patient answer; threshold and aggregation are chosen on the val volumes. Writes
 ``predictions.jsonl`` (one row per slice), ``metrics.json``, ``tables.md``, ``p_tumor_along_z.png``
 and ``config.yaml`` to ``run.output_dir``. Needs MSD/NIH folders prepared with ``--all-slices``.
-Limits: one process, one device.
+Several GPUs: ``torchrun --nproc-per-node N eval_cascade.py ...`` shards the volumes across ranks
+(by name, as ``scan.py``); rank 0 gathers the rows, scores and writes.
 """
 
 from __future__ import annotations

@@ -260,3 +260,32 @@ def test_torchrun_two_processes_write_what_one_process_writes(tmp_path, stage_pa
     assert (tmp_path / "two" / "summary.csv").read_bytes() == (tmp_path / "one" / "summary.csv").read_bytes()
     assert strict_json(tmp_path / "two" / "scan.json")["counts"] == strict_json(tmp_path / "one" / "scan.json")["counts"]
     assert not list((tmp_path / "two").glob(".minigpt4.lock*"))  # the lock is released
+
+
+@pytest.mark.slow
+def test_eval_cascade_under_torchrun_predicts_what_one_process_predicts(tmp_path, stage_paths):
+    """``eval_cascade.py`` shards its volumes the same way: 2 gloo ranks write the predictions of one process."""
+    from preprocessing import pipeline
+
+    root = Path(__file__).resolve().parents[1]
+    roots = {}
+    for scheme, n in (("msd", 4), ("nih", 4)):
+        raw = synthetic.generate(tmp_path / "raw" / scheme, scheme, n, 6, 48, "RAS", 0, "nifti", log=lambda *a: None)
+        roots[scheme] = tmp_path / scheme.upper()
+        pipeline.prepare(pipeline.Options(dataset=scheme.upper(), images=[raw["images"]], labels=raw["labels"],
+                                          out=str(roots[scheme]), all_slices=True, workers=1), log=lambda *a: None)
+    paths, cfg = stage_paths
+    doc = {"model": OmegaConf.to_container(OmegaConf.structured(cfg)),
+           "datasets": {k: {"root": str(v), "task": "pancreas_detection"} for k, v in roots.items()},
+           "cascade": {"stages": paths, "threshold": 0.0, "top_k": 2, "bootstrap": 5},
+           "run": {"device": "cpu", "eval_batch_size": 8}}
+    config = tmp_path / "cascade.yaml"
+    config.write_text(OmegaConf.to_yaml(OmegaConf.create(doc)))
+    args = [str(root / "eval_cascade.py"), "--cfg-path", str(config), "--no-figures", "--options"]
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args,
+          f"run.output_dir={tmp_path / 'two'}"])
+    _run([*args, f"run.output_dir={tmp_path / 'one'}"])
+    two, one = (tmp_path / name / "predictions.jsonl" for name in ("two", "one"))
+    assert len(one.read_text().splitlines()) > 0 and two.read_bytes() == one.read_bytes()
+    m2, m1 = (strict_json(tmp_path / name / "metrics.json") for name in ("two", "one"))
+    assert m2["patient"] == m1["patient"] and m2["slice"] == m1["slice"]

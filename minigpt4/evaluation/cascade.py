@@ -271,16 +271,31 @@ def _read_slices(records: Sequence[dict]) -> list[np.ndarray]:
 
 def predict_split(stages: Any, volumes: dict, split: str, threshold: Optional[float], margin: int, batch_size: int,
                   with_truth_runs: bool, progress: Optional[Callable[[int, int], None]] = None) -> list[dict]:
-    """Scored prediction rows of every slice of ``volumes``."""
+    """Scored prediction rows of every slice of ``volumes``. Under torchrun each rank scans its
+    share of the volumes (:func:`minigpt4.scan_outputs.shard` by ``dataset/volume``) and every
+    rank gets all rows, in the order of one process."""
+    from minigpt4.scan_outputs import rank_and_world_size, shard
+    from minigpt4.training.distributed import all_gather_objects
+
     settings = CascadeSettings(threshold=threshold, crop_margin=margin, batch_size=batch_size)
+    rank, world = rank_and_world_size()
+    mine = set(shard([f"{d}/{v}" for d, v in volumes], rank, world))
     rows: list[dict] = []
-    for done, records in enumerate(volumes.values(), 1):
+    done = 0
+    for (dataset, name), records in volumes.items():
+        if f"{dataset}/{name}" not in mine:
+            continue
+        done += 1
         gt_boxes = [r["bbox_pancreas"] if with_truth_runs and r.get("pixels_pancreas", 0) > 0 else None for r in records]
         gt_tumor = [with_truth_runs and r.get("pixels_tumor", 0) > 0 for r in records]
         results = scan_slices(stages, _read_slices(records), settings, gt_pancreas_boxes=gt_boxes, gt_tumor_slices=gt_tumor)
         rows += score_volume(records, [r.record() for r in results.slices], split)
         if progress is not None:
-            progress(done, len(volumes))
+            progress(done, len(mine))
+    if world > 1:
+        order = {key: number for number, key in enumerate(volumes)}
+        rows = sorted((row for part in all_gather_objects(rows) for row in part),
+                      key=lambda row: order[(row["dataset"], row["volume_name"])])  # stable: slices keep their order
     return rows
 
 
@@ -401,6 +416,10 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
                 "crop_margin": casc.crop_margin, "batch_size": batch, "seconds": round(time.perf_counter() - start, 3),
                 "decoding": "greedy, 1 beam, left padding", "environment": environment_identity(), **(source or {})},
     }
+    from minigpt4.scan_outputs import rank_and_world_size
+
+    if rank_and_world_size()[0] != 0:
+        return metrics  # torchrun: rank 0 writes
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(out / "predictions.jsonl", rows)
@@ -427,7 +446,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if not Path(path).exists():
             raise FileNotFoundError(f"cascade.stages.{stage}: checkpoint not found: {path}")
     load_volumes(cfg, "val"), load_volumes(cfg, "test")  # fail on data before loading the model
-    stages = load_stages(cfg.model, cfg.cascade.stages.configured(), device=cfg.run.device)
-    metrics = evaluate(cfg, stages, not args.no_figures, {"config": str(args.cfg_path), "options": list(args.options)})
-    print(cascade_tables(metrics), file=sys.stderr)
+    from minigpt4.training.distributed import cleanup, init_distributed
+
+    info = init_distributed(cfg.run.device)  # torchrun: the volumes are sharded across ranks
+    try:
+        stages = load_stages(cfg.model, cfg.cascade.stages.configured(), device=info.device)
+        metrics = evaluate(cfg, stages, not args.no_figures, {"config": str(args.cfg_path), "options": list(args.options)})
+    finally:
+        cleanup()
+    if info.is_main:
+        print(cascade_tables(metrics), file=sys.stderr)
     return metrics
