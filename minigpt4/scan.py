@@ -37,7 +37,8 @@ class ScanInput:
     path: Path
 
 
-def _volume_name(path: Path) -> str:
+def volume_name(path: Path) -> str:
+    """The output folder name of an input: without ``.nii.gz`` / ``.nii`` / ``.zip``."""
     lower = path.name.lower()
     for suffix in (".nii.gz", ".nii", ZIP_SUFFIX):
         if lower.endswith(suffix):
@@ -78,11 +79,11 @@ def discover(paths: Sequence[str | Path]) -> list[ScanInput]:
         if path.is_file():
             if not _is_volume_file(path):
                 raise ValueError(f"{path}: not a CT volume (expected .nii, .nii.gz, a DICOM .zip or a folder)")
-            found.append(ScanInput(_volume_name(path), path))
+            found.append(ScanInput(volume_name(path), path))
         elif is_series_folder(path):
             found.append(ScanInput(path.name, path))
         else:
-            inside = [ScanInput(_volume_name(p), p) for p in sorted(path.iterdir()) if not p.name.startswith(".")
+            inside = [ScanInput(volume_name(p), p) for p in sorted(path.iterdir()) if not p.name.startswith(".")
                       and (_is_volume_file(p) or is_series_folder(p))]
             if not inside:
                 raise ValueError(f"{path}: no NIfTI file, DICOM zip or DICOM series folder in it")
