@@ -158,13 +158,13 @@ def scan_volume(entry: ScanInput, out: Path, stages: Any, settings: Any, normali
     from minigpt4.scan_outputs import fingerprint, is_done, write_volume_outputs
 
     folder = out / entry.name
-    print_ = fingerprint([entry.path], checkpoints, scan_config)
-    if is_done(folder, print_):
+    volume_fingerprint = fingerprint([entry.path], checkpoints, scan_config)
+    if is_done(folder, volume_fingerprint):
         return "skipped"
     volume = load_volume(entry.path, normalisation)
     result = scan_slices(stages, volume.slices, settings, _slice_progress(entry.name, volume.num_slices))
     write_volume_outputs(folder, volume=entry.name, source=str(entry.path), geometry=volume.geometry, result=result,
-                         checkpoints=checkpoints, fingerprint=print_, slices=volume.slices,
+                         checkpoints=checkpoints, fingerprint=volume_fingerprint, slices=volume.slices,
                          dicom_headers=volume.dicom_headers, extra={"config": scan_config})
     return "done"
 
