@@ -587,6 +587,7 @@ def test_three_stage_scan_through_the_handlers_gives_the_patient_answer(tmp_path
 def test_scan_of_a_dicom_upload_offers_report_boxes_and_seg(tmp_path):
     """Three-stage mode on a zipped DICOM series: the download holds report.json (patient
     answer), boxes.nii.gz over the series and a DICOM SEG referencing the uploaded images."""
+    import hashlib
     import json
 
     import nibabel as nib
@@ -599,7 +600,10 @@ def test_scan_of_a_dicom_upload_offers_report_boxes_and_seg(tmp_path):
     hu, _, spacing = synthetic.phantom(size=64, n_slices=4, seed=1)
     archive = zipped_dicom_series(tmp_path / "series.zip", hu, spacing)
     model = ScriptedModel({PANCREAS_Q: "{<25><25><75><75>}", TUMOR_Q: "{<40><40><60><60>}"})
-    service = DemoService(model, stages=SingleModel(model), cascade={"threshold": 0.0})
+    weights = tmp_path / "stage.safetensors"
+    weights.write_bytes(b"weights")
+    service = DemoService(model, stages=SingleModel(model), cascade={"threshold": 0.0},
+                          checkpoints={"tumor_detection": str(weights)})
     workdir = tmp_path / "work"
     workdir.mkdir()
     h = DemoHandlers(service, workdir)
@@ -608,6 +612,8 @@ def test_scan_of_a_dicom_upload_offers_report_boxes_and_seg(tmp_path):
     assert [Path(f).name for f in files] == ["report.json", "boxes.nii.gz", "seg.dcm"], history[-1]
     report = json.loads(Path(files[0]).read_text(), parse_constant=lambda name: pytest.fail(name))
     assert report["patient"]["decision"] == "tumor" and report["source"] == "series.zip"
+    assert report["checkpoints"] == [{"stage": "tumor_detection", "path": str(weights),
+                                      "sha256": hashlib.sha256(b"weights").hexdigest()}]
     geometry, headers = read_dicom_source(tmp_path / "series.dcm.d")
     boxes = nib.load(files[1])
     assert boxes.shape == geometry.shape and np.allclose(boxes.affine, geometry.affine)

@@ -131,6 +131,7 @@ class DemoHandlers:
         self.service = service
         self.workdir = Path(workdir)
         self.limits = service.limits
+        self._checkpoints: Optional[list] = None  # the served checkpoints' identities, hashed at the first scan
 
     # -- UI events (stateful) ------------------------------------------------------------------
     def on_upload(self, path, normalisation, history, state):
@@ -236,13 +237,15 @@ class DemoHandlers:
 
         from minigpt4.inference.pipeline import VolumeResult
         from minigpt4.scan import volume_name
-        from minigpt4.scan_outputs import fingerprint, write_volume_outputs
+        from minigpt4.scan_outputs import checkpoint_identities, fingerprint, write_volume_outputs
 
         if state.get("geometry") is None:
             return None
+        if self._checkpoints is None:
+            self._checkpoints = checkpoint_identities(self.service.checkpoints)
         name = volume_name(Path(state["name"]))
         folder = Path(tempfile.mkdtemp(prefix="scan_", dir=self.workdir)) / name
-        checkpoints = self.service.checkpoints
+        checkpoints = self._checkpoints
         settings = {"normalisation": state.get("normalisation"), **self.service.cascade}
         written = write_volume_outputs(
             folder, volume=name, source=state["name"], geometry=state["geometry"],

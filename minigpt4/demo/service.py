@@ -216,8 +216,8 @@ class DemoService:
         cascade: ``crop_margin`` of the volume scan's pancreas crops (both modes; the TC folder's
             ``--margin``) and, in three-stage mode, ``threshold``, ``aggregation`` (max |
             top_k_mean), ``top_k``.
-        checkpoints: :class:`minigpt4.scan_outputs.CheckpointIdentity` of the served weights,
-            recorded in the scan's ``report.json``.
+        checkpoints: ``{stage: checkpoint path}`` of the served weights (their sha256s go into
+            the scan's ``report.json``).
     """
 
     def __init__(
@@ -233,7 +233,7 @@ class DemoService:
         scan_batch_size: int = 4,
         stages: Any = None,
         cascade: Optional[dict] = None,
-        checkpoints: Sequence[Any] = (),
+        checkpoints: Optional[dict] = None,
     ) -> None:
         self.model = model
         self.stages = stages
@@ -245,7 +245,7 @@ class DemoService:
         self.warning = warning
         self.description = description
         self.scan_batch_size = scan_batch_size
-        self.checkpoints = list(checkpoints)
+        self.checkpoints = dict(checkpoints or {})
         self._lock = threading.Lock()
 
     # -- low level ---------------------------------------------------------------------------
@@ -373,7 +373,6 @@ def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limi
     model lacks a stage checkpoint (the caller then serves random weights with a warning)."""
     from minigpt4.config import CASCADE_STAGES
     from minigpt4.models.stages import load_stages
-    from minigpt4.scan_outputs import checkpoint_identities
     from minigpt4.utils import resolve_device
 
     missing = [s for s in CASCADE_STAGES if s not in stage_paths]
@@ -400,7 +399,7 @@ def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limi
         stages.model, max_new_tokens=cfg.model.generation.max_new_tokens, text_decoding=cfg.model.generation.free_text,
         limits=limits, description=description, stages=stages,
         cascade={"threshold": threshold, "aggregation": aggregation, "top_k": casc.top_k, "crop_margin": casc.crop_margin},
-        checkpoints=checkpoint_identities(stage_paths),
+        checkpoints=dict(stage_paths),
     )
 
 
@@ -422,7 +421,6 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
         FileNotFoundError: the checkpoint (full-size model) or a configured weight file is missing.
     """
     from minigpt4.models.minigpt_v2 import build_model
-    from minigpt4.scan_outputs import checkpoint_identities
     from minigpt4.utils import resolve_device
 
     model_cfg = cfg.model
@@ -464,5 +462,5 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
         warning=warning,
         description=description,
         cascade={"crop_margin": cfg.cascade.crop_margin} if hasattr(cfg, "cascade") else None,
-        checkpoints=checkpoint_identities({"model": model_cfg.ckpt}) if model_cfg.ckpt is not None else (),
+        checkpoints={"model": model_cfg.ckpt} if model_cfg.ckpt is not None else None,
     )
