@@ -172,7 +172,7 @@ def scan_volume(entry: ScanInput, out: Path, stages: Any, settings: Any, normali
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Scan every input volume; returns the ``summary.csv`` rows (rank 0; other ranks: [])."""
     from minigpt4.config import load_config
-    from minigpt4.outputs import OutputFolder
+    from minigpt4.outputs import OutputFolder, check_output_folder
     from minigpt4.scan_outputs import checkpoint_identities, collect_summary, shard, write_scan_json, write_summary
     from minigpt4.scan_outputs.run import SCAN_FORMAT
     from minigpt4.training.distributed import barrier, cleanup, init_distributed
@@ -194,6 +194,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                    "crop_margin": settings.crop_margin, "normalisation": args.normalisation,
                    "max_new_tokens": cfg.model.generation.max_new_tokens}
 
+    # every rank checks --out before any rank writes: a refused folder stops them all, none waits
+    check_output_folder(out, COMMAND, lambda manifest: manifest.get("command") == COMMAND, args.overwrite,
+                        [e.path for e in inputs])
     info = init_distributed(cfg.run.device)
     try:
         mine = set(shard([entry.name for entry in inputs], info.rank, info.world_size))
@@ -214,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                                 extra={"inputs": {e.name: str(e.path) for e in inputs}})
                 failed = [row for row in rows if row["error"]]
                 folder.write_manifest({"format": SCAN_FORMAT, "status": "failed" if failed else "complete"})
-                print(f"scan.py: {len(rows) - len(failed)} volume(s) written, {len(failed)} failed; "
+                print(f"scan.py: {len(rows) - len(failed)} volume(s) with complete outputs, {len(failed)} failed; "
                       f"outputs in {out}", file=sys.stderr)
                 if failed and args.on_error == "stop" and failure is None:
                     failure = ValueError(f"{failed[0]['volume']}: {failed[0]['error']}")
@@ -244,8 +247,8 @@ def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan
                 if args.on_error == "stop":
                     return err
                 status = "failed"
-            bar.update(1)
             bar.set_postfix(last=f"{entry.name} {status}")
+            bar.update(1)
     finally:
         bar.close()
     return None

@@ -289,3 +289,28 @@ def test_eval_cascade_under_torchrun_predicts_what_one_process_predicts(tmp_path
     assert len(one.read_text().splitlines()) > 0 and two.read_bytes() == one.read_bytes()
     m2, m1 = (strict_json(tmp_path / name / "metrics.json") for name in ("two", "one"))
     assert m2["patient"] == m1["patient"] and m2["slice"] == m1["slice"]
+
+
+def test_out_folder_rule_and_config_checks(tmp_path, stage_paths, capsys):
+    """--out follows the output-folder rule (a foreign non-empty folder is refused before any
+    model work); a config without the val operating point is refused with the key named."""
+    import scan
+    from minigpt4.cli import run_main
+
+    inputs = make_inputs(tmp_path / "in")
+    config = scan_config(tmp_path, stage_paths)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert run_main(scan.main, ["--cfg-path", str(config), "--inputs", str(inputs), "--out", str(foreign)],
+                    prog="scan.py") == 2
+    err = capsys.readouterr().err
+    assert "scan.py: error: " in err and "folder is not empty and has no manifest.json" in err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    for option, message in (("cascade.threshold=null", "cascade.threshold is not set"),
+                            ("cascade.aggregation=auto", "cascade.aggregation is 'auto'")):
+        assert run_main(scan.main, ["--cfg-path", str(config), "--inputs", str(inputs), "--out", str(tmp_path / "o"),
+                                    "--options", option], prog="scan.py") == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
