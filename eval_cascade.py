@@ -14,7 +14,8 @@ hold a volume, and no stage (nor an ancestor its recorded provenance names) may 
 val/test volume (``--allow-unknown-provenance`` for own checkpoints saved without provenance);
 ``run.output_dir`` follows the output-folder rule (``--overwrite``). Inconclusive volumes (stage 1
 boxed fewer than ``cascade.min_boxed_slices`` slices) are reported, never scored as "no tumor".
-Limits: one process, one device.
+Several GPUs: ``torchrun --nproc-per-node N eval_cascade.py ...`` shards the volumes across ranks
+(by name, as ``scan.py``); rank 0 gathers the rows, scores and writes.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@
    volumes: the paper-style tables are printed and written with the figures; then the clinical
    cascade (``eval_cascade.py``, ``eval_configs/cascade_cpu.yaml``): the three stages on one base
    over every slice of the test volumes, with per-patient results;
-5. the final checkpoint and the ``python demo.py ...`` line that serves it.
+5. ``scan.py`` (``eval_configs/scan_cpu.yaml``) on one new synthetic volume, written as a NIfTI
+   and as a DICOM series, at the operating point the cascade evaluation chose on val: per volume
+   ``report.json``, ``boxes.nii.gz``, ``seg.dcm`` (DICOM), ``montage.png``; ``summary.csv``;
+6. the final checkpoint and the ``python demo.py ...`` line that serves it.
 
 Each stage's config is ``train_configs/quickstart_cpu.yaml`` with that stage's datasets and
 ``init_from``; the resolved configs are written to ``<out>/configs/``. The numbers come from a
@@ -34,6 +37,7 @@ from minigpt4.config import DatasetConfig, load_config, save_config
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "train_configs" / "quickstart_cpu.yaml"
 CASCADE_CONFIG = REPO / "eval_configs" / "cascade_cpu.yaml"
+SCAN_CONFIG = REPO / "eval_configs" / "scan_cpu.yaml"
 
 # (scheme, phantoms) of each synthetic dataset: (full run, --smoke). Hundreds of volumes, because
 # a model that sees a few dozen memorises their boxes instead of learning to read the image.
@@ -109,6 +113,20 @@ def cascade_options(data: dict[str, Path], best: dict[str, Path], out: Path, smo
             *(f"cascade.stages.{stage}={best[run]}" for stage, run in stages.items()),
             # a subset of the 100 + 60 test volumes keeps the scan of every slice to about a minute
             "cascade.max_volumes=20", *(["cascade.bootstrap=0"] if smoke else [])]
+
+
+def scan_inputs(folder: Path, smoke: bool) -> Path:
+    """One new synthetic volume (a seed no training phantom used) as ``phantom.nii.gz`` and as
+    the DICOM series ``phantom_dicom/``: what a user hands ``scan.py``."""
+    from preprocessing import synthetic
+
+    slices, size = PHANTOM_SHAPE[1] if smoke else PHANTOM_SHAPE[0]
+    hu, _, spacing = synthetic.phantom(size=size, n_slices=slices, seed=10_007)
+    stored, affine = synthetic.stored(hu, spacing, "LPS")
+    folder.mkdir(parents=True, exist_ok=True)
+    synthetic.write_nifti(folder / "phantom.nii.gz", stored, affine)
+    synthetic.write_dicom_series(folder / "phantom_dicom", hu, spacing, "SCAN", 10_007)
+    return folder
 
 
 def image_blind_baseline(datasets: dict[str, DatasetConfig]) -> tuple[str, float]:
@@ -192,6 +210,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cascade_dir = out / "eval" / "cascade"
     _run_cli(lambda argv: 0 if cascade_main(argv) is not None else 1, [
         "--cfg-path", str(CASCADE_CONFIG), "--options", *cascade_options(data, best, cascade_dir, args.smoke)])
+    # scan.py on a new volume (NIfTI and DICOM) at the operating point the cascade chose on val
+    from minigpt4.scan import main as scan_main
+
+    selection = json.loads((cascade_dir / "metrics.json").read_text())["selection"]
+    scan_dir = out / "scan"
+    stage_options = [o for o in cascade_options(data, best, cascade_dir, False) if o.startswith("cascade.stages.")]
+    _run_cli(lambda argv: 0 if scan_main(argv) is not None else 1, [
+        "--cfg-path", str(SCAN_CONFIG), "--inputs", str(scan_inputs(out / "scan_input", args.smoke)),
+        "--out", str(scan_dir), "--options", *stage_options, f"cascade.threshold={selection['threshold']}",
+        f"cascade.aggregation={selection['aggregation']}"])
 
     _say("4/4  results — a TINY model on SYNTHETIC phantoms: these numbers test the machinery, "
          "they are not the paper's results")
@@ -207,6 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"tiny model {shown} vs image-blind baseline, {what} {value:.3f}")
     print("\n## the clinical cascade: stage 1 → crop from the predicted box → stage 2 → stage 3, every test slice\n")
     print((cascade_dir / "tables.md").read_text())
+    print("## scan.py on a new volume (as a NIfTI and as a DICOM series)\n")
+    print((scan_dir / "summary.csv").read_text())
+    print(f"scan outputs (report.json, boxes.nii.gz over the CT, seg.dcm for DICOM, montage.png): {scan_dir}")
     final = best["stage3_tumor_detection"]
     demo_config = REPO / "eval_configs" / "demo_cpu.yaml"
     print(f"\nfinal checkpoint (stage 3, tumor detection): {final}")

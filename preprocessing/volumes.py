@@ -26,7 +26,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -418,10 +418,11 @@ def read_dicom_headers(folder: str | os.PathLike) -> tuple[list[tuple[Path, pydi
     return headers, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS → RAS
 
 
-def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> Volume:
+def read_dicom_series(folder: str | os.PathLike, dtype=np.float32, headers: Optional[tuple] = None) -> Volume:
     """Read one DICOM series (nested folders allowed) into a stored-frame HU volume.
 
-    Slices are ordered and the affine built by :func:`read_dicom_headers`;
+    Slices are ordered and the affine built by :func:`read_dicom_headers` (or given as
+    ``headers``, what it returned for this folder, so a caller that needs them reads them once);
     RescaleSlope/Intercept are applied per slice. The array is indexed ``[column, row, slice]``
     like a NIfTI volume converted by dcm2niix without reorientation.
 
@@ -431,7 +432,7 @@ def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> Volume:
     """
     import pydicom
 
-    headers, affine = read_dicom_headers(folder)
+    headers, affine = read_dicom_headers(folder) if headers is None else headers
     rows, cols = int(headers[0][1].Rows), int(headers[0][1].Columns)
     data = np.empty((cols, rows, len(headers)), dtype=dtype)
     for k, (path, _) in enumerate(headers):

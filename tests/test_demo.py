@@ -509,7 +509,8 @@ def test_bad_uploads_become_chat_messages(tmp_path, handlers):
     assert history[-1]["content"].startswith("⚠️ scan.txt: unsupported file type")
     history, viewer, _ = h.on_ask(PANCREAS_Q, history, state)
     assert history[-1]["content"] == "⚠️ Upload a CT slice or volume first."
-    _, _, _, _, _, history = h.on_scan(history, state)
+    _, _, _, _, _, history, files = h.on_scan(history, state)
+    assert files is None
     assert history[-1]["content"].startswith("⚠️ Scan needs a CT volume")
 
 
@@ -540,7 +541,7 @@ def test_volume_upload_slider_and_scan(tmp_path, handlers):
     state, viewer = h.on_slider(3, state)
     assert viewer.size == (384, 384)  # 64 px zoomed ×6
     assert state["index"] == 3 and np.asarray(viewer)[32 * 6, 32 * 6, 0] == 255  # the bright block
-    state, viewer, slider, plot, table, history = h.on_scan(history, state)
+    state, viewer, slider, plot, table, history, files = h.on_scan(history, state)
     assert slider["value"] == 3 and state["index"] == 3
     assert "Most suspicious: **slice 3**" in history[-1]["content"]
     assert len(table) == 5 and table[3][:3] == [3, table[3][1], "pancreas crop"]
@@ -548,6 +549,22 @@ def test_volume_upload_slider_and_scan(tmp_path, handlers):
     assert plot is not None
     # the scan's tumor box is drawn in red on the displayed slice
     assert tuple(np.asarray(viewer)[30 * 6, 154]) == RED  # x1 = 25.6 px → 153.6 in the ×6 view
+    # the scan's files, as scan.py writes them, in the upload's own geometry (single checkpoint:
+    # no patient answer)
+    import json
+
+    import nibabel as nib
+
+    assert [Path(f).name for f in files] == ["report.json", "boxes.nii.gz"]
+    assert all(Path(f).is_relative_to(tmp_path) for f in files)  # the private workdir
+    report = json.loads(Path(files[0]).read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert report["volume"] == "vol" and report["patient"] is None and len(report["slices"]) == 5
+    # grid 40..60 of 64 px as inclusive pixels: ceil(40·0.64) = 26 .. ceil(61·0.64) − 1 = 39
+    assert report["slices"][3]["tumor_box"]["pixels"] == [26, 26, 39, 39]
+    boxes, source = nib.load(files[1]), nib.load(str(path))
+    assert boxes.shape == source.shape and np.allclose(boxes.affine, source.affine)
+    label = np.asarray(boxes.dataobj)
+    assert int((label == 2).sum()) == 5 * 14 * 14  # the tumor box on every slice (threshold 0 with one checkpoint)
     summary, rows, image = h.api_scan(str(path), "window")
     assert "5 slices scanned; most suspicious slice 3" in summary and rows[3]["slice"] == 3
     assert image.size == (64, 64)
@@ -563,8 +580,48 @@ def test_three_stage_scan_through_the_handlers_gives_the_patient_answer(tmp_path
                              ("no idea", "Patient-level answer: **inconclusive: no pancreas found on any slice** — this is not a negative")]:
         model = ScriptedModel({PANCREAS_Q: answer, TUMOR_Q: "{<40><40><60><60>}"})
         service = DemoService(model, stages=SingleModel(model), cascade=CascadeSettings(threshold=0.5))
-        _, _, slider, plot, table, history = DemoHandlers(service, tmp_path).on_scan([], dict(state))
+        _, _, slider, plot, table, history, _ = DemoHandlers(service, tmp_path).on_scan([], dict(state))
         assert expected in history[-1]["content"] and plot is not None and len(table) == 5
+
+
+def test_scan_of_a_dicom_upload_offers_report_boxes_and_seg(tmp_path):
+    """Three-stage mode on a zipped DICOM series: the download holds report.json (patient
+    answer), boxes.nii.gz over the series and a DICOM SEG referencing the uploaded images."""
+    import hashlib
+    import json
+
+    import nibabel as nib
+    import pydicom
+
+    from minigpt4.inference.pipeline import SingleModel
+    from minigpt4.scan_outputs import read_dicom_source
+    from preprocessing import synthetic
+
+    hu, _, spacing = synthetic.phantom(size=64, n_slices=4, seed=1)
+    archive = zipped_dicom_series(tmp_path / "series.zip", hu, spacing)
+    model = ScriptedModel({PANCREAS_Q: "{<25><25><75><75>}", TUMOR_Q: "{<40><40><60><60>}"})
+    weights = tmp_path / "stage.safetensors"
+    weights.write_bytes(b"weights")
+    service = DemoService(model, stages=SingleModel(model), cascade={"threshold": 0.0},
+                          checkpoints={"tumor_detection": str(weights)})
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    h = DemoHandlers(service, workdir)
+    state, *_ = h.on_upload(str(archive), "paper", [], None)
+    *_, history, files = h.on_scan([], state)
+    assert [Path(f).name for f in files] == ["report.json", "boxes.nii.gz", "seg.dcm"], history[-1]
+    report = json.loads(Path(files[0]).read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert report["patient"]["decision"] == "tumor" and report["source"] == "series.zip"
+    assert report["checkpoints"] == [{"stage": "tumor_detection", "path": str(weights),
+                                      "sha256": hashlib.sha256(b"weights").hexdigest()}]
+    geometry, headers = read_dicom_source(tmp_path / "series.dcm.d")
+    boxes = nib.load(files[1])
+    assert boxes.shape == geometry.shape and np.allclose(boxes.affine, geometry.affine)
+    seg = pydicom.dcmread(files[2])
+    assert int(seg.NumberOfFrames) == 4 * 2  # every slice: pancreas box and tumor box
+    referenced = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                  for f in seg.PerFrameFunctionalGroupsSequence}
+    assert referenced == {h.SOPInstanceUID for h in headers}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -193,7 +193,7 @@ def test_handler_bugs_never_reach_gradio(demo_workdir):
     assert state is broken and viewer == {"__type__": "update"}
     history, viewer, kept = h.on_ask(PANCREAS_Q, [], broken)
     assert history[-1]["content"].startswith("⚠️ The model could not process this request (") and kept == PANCREAS_Q
-    *_, history = h.on_scan([], broken)
+    *_, history, _ = h.on_scan([], broken)
     assert history[-1]["content"].startswith("⚠️ The model could not process this request (")
     assert_private_paths_hidden(shown_texts(history), workdir, "on_scan")
 
@@ -270,7 +270,7 @@ def constant_volume(values) -> np.ndarray:
 def scan_through_handlers(service: DemoService, values, tmp_path: Path):
     """"Scan volume" on a volume of constant slices: (chat text, table, plot)."""
     state = {"kind": "volume", "slices": constant_volume(values), "index": 0, "boxes": {}, "name": "vol.nii.gz"}
-    _, _, _, plot, table, history = DemoHandlers(service, tmp_path).on_scan([], state)
+    _, _, _, plot, table, history, _ = DemoHandlers(service, tmp_path).on_scan([], state)
     return history[-1]["content"], table, plot
 
 

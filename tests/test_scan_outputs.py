@@ -22,8 +22,6 @@ from minigpt4.scan_outputs import (
     SEG_FILE,
     SUMMARY_COLUMNS,
     CheckpointIdentity,
-    PatientResult,
-    SliceResult,
     build_report,
     checkpoint_identities,
     collect_summary,
@@ -43,14 +41,42 @@ from minigpt4.scan_outputs import (
     write_volume_error,
     write_volume_outputs,
 )
+from minigpt4.boxes import format_box, grid_to_pixel, grid_to_pixel_inclusive, pixel_to_grid
+from minigpt4.inference.pipeline import PatientResult, SliceResult, VolumeResult
 from preprocessing import synthetic
 from preprocessing.volumes import to_display
 from tests._phantoms import SHARED_DATA, small_volume
 
 CHECKPOINTS = [CheckpointIdentity("pancreas_detection", "ckpt/stage1", "a" * 64),
                CheckpointIdentity("tumor_classification", "ckpt/stage2", "b" * 64)]
-TUMOR = PatientResult("tumor", 0.8, 0.5, "max")
+TUMOR = PatientResult(score=0.8, aggregation="max", top_k=3, threshold=0.5, decision="tumor", n_slices_boxed=1)
 SPACING = (0.8, 0.7, 2.5)  # rows, columns, slices (mm)
+
+
+def patient(decision: str, score: float, aggregation: str = "max", boxed: int = 1) -> PatientResult:
+    return PatientResult(score=score, aggregation=aggregation, top_k=3, threshold=0.5, decision=decision,
+                         n_slices_boxed=boxed)
+
+
+def results_on(width: int, height: int):
+    """A maker of the pipeline's slice results on (height, width) slices whose inclusive pixel
+    boxes (``SliceResult.inclusive_boxes``) are the boxes given: the answers are their grid boxes,
+    as the model would give them."""
+    def make(index: int, p_tumor=None, pancreas_box=None, tumor_box=None) -> SliceResult:
+        row = SliceResult(index, "{<0><0><0><0>}", p_tumor=p_tumor)
+        if pancreas_box is not None:
+            row.pancreas_grid = pixel_to_grid(pancreas_box, width, height)
+            row.pancreas_answer = format_box(row.pancreas_grid)
+            row.pancreas_box = grid_to_pixel(row.pancreas_grid, width, height)
+            row.crop_box = tuple(pancreas_box)  # the crop stage 2 saw (margin 0)
+        if tumor_box is not None:
+            grid = pixel_to_grid(tumor_box, width, height)
+            row.tumor_asked, row.tumor_answer, row.tumor_box = True, format_box(grid), grid_to_pixel(grid, width, height)
+        wanted = tuple(None if b is None else tuple(b) for b in (pancreas_box, tumor_box))
+        assert row.inclusive_boxes(width, height) == wanted, "a box the grid cannot express"
+        return row
+
+    return make
 
 
 def strict_json(path: Path):
@@ -114,6 +140,7 @@ def test_boxes_nifti_maps_back_to_the_pixel_box_through_the_affine(tmp_path, ori
     ct = tmp_path / "ct.nii.gz"
     synthetic.write_nifti(ct, stored, affine)
     geometry = geometry_from_image(nib.load(str(ct)))
+    SliceResult = results_on(14, 12)
     results = [SliceResult(1, 0.3, pancreas_box=(2, 3, 9, 7)),
                SliceResult(3, 0.9, pancreas_box=(1, 1, 12, 10), tumor_box=(4, 5, 6, 8)),
                SliceResult(4, None)]
@@ -140,11 +167,22 @@ def test_boxes_nifti_maps_back_to_the_pixel_box_through_the_affine(tmp_path, ori
     assert bbox(found[(1, 3)]) == (1, 1, 12, 10) and len(found[(1, 3)]) == 12 * 10 - 3 * 4
 
 
-def test_box_outside_the_slice_is_refused(tmp_path):
-    geometry = geometry_from_affine(np.eye(4), (10, 8, 3))  # display: 8 rows x 10 columns
-    with pytest.raises(ValueError, match=r"slice 1: pancreas_box \[0, 0, 10, 5\]"):
-        write_box_nifti(tmp_path / BOXES_FILE, geometry, [SliceResult(1, 0.5, (0, 0, 10, 5))])
+def test_slice_outside_the_stack_is_refused(tmp_path):
+    geometry = geometry_from_affine(np.eye(4), (10, 8, 3))  # display: 8 rows x 10 columns x 3 slices
+    with pytest.raises(ValueError, match=r"slice 3: outside the stack of 3 slices"):
+        write_box_nifti(tmp_path / BOXES_FILE, geometry, [results_on(10, 8)(3, 0.5, (0, 0, 9, 5))])
     assert not (tmp_path / BOXES_FILE).exists()
+
+
+def test_pipeline_boxes_become_the_inclusive_pixels_of_the_grid_answer():
+    """A 512-pixel slice: the answer {<39><48><58><62>} marks pixels 200..302 x 246..322 (the
+    crop's box, grid_to_pixel_inclusive), not the continuous box 199.68..296.96 x 245.76..317.44."""
+    row = SliceResult(0, "{<39><48><58><62>}", pancreas_grid=(39, 48, 58, 62),
+                      pancreas_box=grid_to_pixel((39, 48, 58, 62), 512, 512), p_tumor=0.9, tumor_asked=True,
+                      tumor_answer="{<50><50><51><52>}", tumor_box=grid_to_pixel((50, 50, 51, 52), 512, 512))
+    assert row.inclusive_boxes(512, 512) == ((200, 246, 302, 322), (256, 256, 266, 271))  # last pixel of cell 51: ceil(52 * 5.12) - 1
+    row.tumor_answer, row.tumor_box = "{<0><0><0><0>}", None  # "absent": no box
+    assert row.inclusive_boxes(512, 512) == ((200, 246, 302, 322), None)
 
 
 # ----------------------------------------------------------------------------- report.json
@@ -156,6 +194,7 @@ def test_report_coordinates_hand_computed():
     affine = np.array([[-2.0, 0, 0, 100.0], [0, -2.0, 0, 50.0], [0, 0, 3.0, -20.0], [0, 0, 0, 1]])
     geometry = geometry_from_affine(affine, (10, 8, 4))
     assert geometry.display_shape == (8, 10, 4)
+    SliceResult = results_on(10, 8)
     report = build_report("case", "case.nii.gz", geometry, TUMOR,
                           [SliceResult(1, 0.8, pancreas_box=(2, 3, 5, 6))], CHECKPOINTS)
     box = report["slices"][0]["pancreas_box"]
@@ -177,32 +216,40 @@ def test_report_coordinates_hand_computed():
 
 def test_report_json_is_strict_and_complete(tmp_path):
     geometry = geometry_from_affine(np.diag([0.7, 0.8, 2.5, 1.0]), (14, 12, 5))
+    SliceResult = results_on(14, 12)
     results = [SliceResult(4, 0.25), SliceResult(0, None), SliceResult(2, 0.75, (1, 1, 5, 5), (2, 2, 3, 3))]
     written = write_volume_outputs(tmp_path / "case", volume="case", source="in/case.nii.gz", geometry=geometry,
-                                   patient=PatientResult("tumor", 0.75, 0.5, "max"), results=results,
+                                   result=VolumeResult(results, patient("tumor", 0.75)),
                                    checkpoints=CHECKPOINTS, fingerprint="f" * 64)
     assert written == [REPORT_FILE, BOXES_FILE]
     report = strict_json(tmp_path / "case" / REPORT_FILE)
-    assert report["patient"] == {"decision": "tumor", "score": 0.75, "threshold": 0.5, "aggregation": "max", "top_k": None}
+    assert report["patient"] == {"decision": "tumor", "score": 0.75, "threshold": 0.5, "aggregation": "max",
+                                 "top_k": None, "n_slices_boxed": 1}
     assert [s["slice"] for s in report["slices"]] == [0, 2, 4]
     assert [s["p_tumor"] for s in report["slices"]] == [None, 0.75, 0.25]
     assert report["most_suspicious_slice"] == 2
     assert report["counts"] == {"n_slices": 5, "n_results": 3, "n_classified": 2, "n_boxed": 1}
     assert report["checkpoints"] == [c.as_dict() for c in CHECKPOINTS]
     assert report["slices"][1]["tumor_box"]["pixels"] == [2, 2, 3, 3]
+    assert report["slices"][1]["pancreas_answer"] == "{<7><8><35><41>}"  # the model's own answer (1·100/14, 1·100/12, ...), kept
+    assert [s["classified_on"] for s in report["slices"]] == ["no pancreas box", "pancreas crop", "whole slice"]
 
 
 def test_report_refuses_nan_and_unfounded_decisions():
     geometry = geometry_from_affine(np.eye(4), (10, 8, 3))
+    SliceResult = results_on(10, 8)
     with pytest.raises(ValueError, match="slice 0: p_tumor must be finite"):
         build_report("v", "v", geometry, TUMOR, [SliceResult(0, float("nan"))], CHECKPOINTS)
     with pytest.raises(ValueError, match="did not look"):
-        build_report("v", "v", geometry, PatientResult("no tumor", 0.0, 0.5, "max"), [SliceResult(0, None)], CHECKPOINTS)
+        build_report("v", "v", geometry, patient("no tumor", 0.0), [SliceResult(0, 0.2)], CHECKPOINTS)
     with pytest.raises(ValueError, match="decision 'maybe'"):
-        build_report("v", "v", geometry, PatientResult("maybe", 0.1, 0.5, "max"), [SliceResult(0, 0.1)], CHECKPOINTS)
-    inconclusive = build_report("v", "v", geometry, PatientResult("inconclusive", None, 0.5, "max"),
+        build_report("v", "v", geometry, patient("maybe", 0.1), [SliceResult(0, 0.1, (0, 0, 3, 3))], CHECKPOINTS)
+    inconclusive = build_report("v", "v", geometry, patient("inconclusive", 0.0, boxed=0),
                                 [SliceResult(0, None)], CHECKPOINTS)
     assert inconclusive["patient"]["decision"] == "inconclusive" and inconclusive["most_suspicious_slice"] is None
+    assert inconclusive["patient"]["score"] is None  # no score where the model did not look
+    single = build_report("v", "v", geometry, None, [SliceResult(0, 0.3)], CHECKPOINTS)  # one checkpoint
+    assert single["patient"] is None and single["slices"][0]["p_tumor"] == 0.3
 
 
 # ----------------------------------------------------------------------------- DICOM SEG
@@ -269,6 +316,7 @@ def test_dicom_seg_frames_reference_their_source_images(tmp_path, row_direction)
     uids = write_ct_series(tmp_path / "ct", hu, row_direction=row_direction)
     geometry, headers = read_dicom_source(tmp_path / "ct")
     assert geometry.display_shape == (12, 14, 5)
+    SliceResult = results_on(14, 12)
     results = [SliceResult(0, None), SliceResult(1, 0.2, pancreas_box=(2, 3, 9, 7)),
                SliceResult(3, 0.9, pancreas_box=(1, 1, 12, 10), tumor_box=(4, 5, 6, 8))]
     path = write_dicom_seg(tmp_path / SEG_FILE, geometry, results, headers, CHECKPOINTS, "0.1.0")
@@ -319,6 +367,7 @@ def test_dicom_seg_marks_the_pixels_the_model_saw_in_the_box(tmp_path, row_direc
     assert len(set(ks)) == 1
     box = (int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max()))
     geometry, headers = read_dicom_source(tmp_path / "ct")
+    SliceResult = results_on(14, 12)
     write_dicom_seg(tmp_path / SEG_FILE, geometry, [SliceResult(int(ks[0]), 0.5, box)], headers, CHECKPOINTS)
     seg = pydicom.dcmread(str(tmp_path / SEG_FILE))
     assert int(seg.NumberOfFrames) == 1
@@ -351,7 +400,7 @@ def test_dicom_seg_written_for_the_projects_synthetic_series(tmp_path):
     hu, _ = small_volume(h=12, w=14, s=4)
     synthetic.write_dicom_series(tmp_path / "nih", hu, SPACING, "PANCREAS_0001", 0)
     geometry, headers = read_dicom_source(tmp_path / "nih")
-    results = [SliceResult(2, 0.6, pancreas_box=(0, 0, 3, 2))]
+    results = [results_on(14, 12)(2, 0.6, pancreas_box=(0, 0, 3, 2))]
     write_dicom_seg(tmp_path / SEG_FILE, geometry, results, headers, CHECKPOINTS)
     write_box_nifti(tmp_path / BOXES_FILE, geometry, results)
     (uid, position, segment, bbox), = read_seg_frames(tmp_path / SEG_FILE)
@@ -367,6 +416,7 @@ def test_dicom_seg_refuses_headers_of_another_order(tmp_path):
     (tmp_path / "ct").mkdir()
     write_ct_series(tmp_path / "ct", hu)
     geometry, headers = read_dicom_source(tmp_path / "ct")
+    SliceResult = results_on(14, 12)
     with pytest.raises(ValueError, match="not at stored slice 1"):
         write_dicom_seg(tmp_path / SEG_FILE, geometry, [SliceResult(1, 0.5, (0, 0, 2, 2))], headers[::-1], CHECKPOINTS)
     assert write_dicom_seg(tmp_path / SEG_FILE, geometry, [SliceResult(1, 0.5)], headers, CHECKPOINTS) is None
@@ -381,12 +431,12 @@ def test_dicom_seg_on_the_real_series(tmp_path):
     folder = SHARED_DATA / "ct" / "totalseg_dicom" / "dicom"
     geometry, headers = read_dicom_source(folder)
     assert geometry.display_shape == (512, 512, 20)
-    results = [SliceResult(5, 0.4, pancreas_box=(200, 250, 300, 320)),
-               SliceResult(12, 0.7, pancreas_box=(210, 240, 310, 330), tumor_box=(250, 270, 270, 290))]
+    SliceResult = results_on(512, 512)
+    a, b, c = (grid_to_pixel_inclusive(g, 512, 512) for g in ((39, 48, 58, 62), (41, 47, 60, 64), (49, 53, 52, 56)))
+    results = [SliceResult(5, 0.4, pancreas_box=a), SliceResult(12, 0.7, pancreas_box=b, tumor_box=c)]
     write_dicom_seg(tmp_path / SEG_FILE, geometry, results, headers, CHECKPOINTS)
     frames = read_seg_frames(tmp_path / SEG_FILE)
-    expected = [(headers[5], 1, (200, 250, 300, 320)), (headers[12], 1, (210, 240, 310, 330)),
-                (headers[12], 2, (250, 270, 270, 290))]
+    expected = [(headers[5], 1, a), (headers[12], 1, b), (headers[12], 2, c)]
     # this anonymised series has empty SOPInstanceUIDs in its data sets: the file meta holds them
     assert all(h.SOPInstanceUID == "" for h in headers)
     assert [(uid, segment, bbox) for uid, _, segment, bbox in frames] == [
@@ -403,6 +453,7 @@ def test_dicom_seg_on_the_real_series(tmp_path):
 
 def test_montage_shows_the_most_suspicious_slices_with_their_boxes(tmp_path):
     slices = np.full((5, 40, 50), 60, dtype=np.uint8)
+    SliceResult = results_on(50, 40)
     results = [SliceResult(0, 0.1), SliceResult(1, 0.9, (5, 6, 20, 30), (10, 12, 14, 18)),
                SliceResult(2, None, None), SliceResult(3, 0.5, (30, 5, 45, 25)), SliceResult(4, 0.9)]
     path = write_montage(tmp_path / MONTAGE_FILE, slices, results, n=3, columns=2, min_side=100)
@@ -426,13 +477,14 @@ def test_montage_shows_the_most_suspicious_slices_with_their_boxes(tmp_path):
 
 def test_summary_and_scan_json_parse_strictly(tmp_path):
     geometry = geometry_from_affine(np.eye(4), (10, 8, 3))
+    SliceResult = results_on(10, 8)
     write_volume_outputs(tmp_path / "b_case", volume="b_case", source="b.nii.gz", geometry=geometry,
-                         patient=PatientResult("no tumor", 0.125, 0.5, "top_k_mean", top_k=3),
-                         results=[SliceResult(0, 0.125, (1, 1, 4, 4)), SliceResult(1, 0.0625)],
+                         result=VolumeResult([SliceResult(0, 0.125, (1, 1, 4, 4)), SliceResult(1, 0.0625)],
+                                             patient("no tumor", 0.125, "top_k_mean")),
                          checkpoints=CHECKPOINTS, fingerprint="1" * 64)
     write_volume_outputs(tmp_path / "c_case", volume="c_case", source="c.nii.gz", geometry=geometry,
-                         patient=PatientResult("inconclusive", None, 0.5, "max"),
-                         results=[SliceResult(k, None) for k in range(3)], checkpoints=CHECKPOINTS, fingerprint="2" * 64)
+                         result=VolumeResult([SliceResult(k, None) for k in range(3)], patient("inconclusive", 0.0, boxed=0)),
+                         checkpoints=CHECKPOINTS, fingerprint="2" * 64)
     write_volume_error(tmp_path / "a_case", "a_case", 'a_case.nii.gz: corrupt, "truncated"\nfile')
     rows = collect_summary(tmp_path, ["c_case", "a_case", "b_case", "d_missing"])
     write_summary(tmp_path / "summary.csv", rows)
@@ -488,8 +540,9 @@ def test_fingerprint_and_is_done(tmp_path):
 
     out = tmp_path / "out" / "ct"
     geometry = geometry_from_affine(np.eye(4), (10, 8, 3))
-    kwargs = dict(volume="ct", source=str(ct), geometry=geometry, patient=PatientResult("tumor", 0.9, 0.5, "max"),
-                  results=[SliceResult(1, 0.9, (0, 0, 3, 3))], checkpoints=checkpoints)
+    kwargs = dict(volume="ct", source=str(ct), geometry=geometry,
+                  result=VolumeResult([results_on(10, 8)(1, 0.9, (0, 0, 3, 3))], patient("tumor", 0.9)),
+                  checkpoints=checkpoints)
     assert not is_done(out, base)                                        # nothing written yet
     write_volume_outputs(out, fingerprint=base, slices=np.zeros((3, 8, 10), np.uint8), **kwargs)
     assert is_done(out, base)
@@ -513,8 +566,9 @@ def test_failed_write_leaves_the_folder_unmarked(tmp_path, monkeypatch):
     from minigpt4.scan_outputs import run
 
     geometry = geometry_from_affine(np.eye(4), (10, 8, 3))
-    kwargs = dict(volume="v", source="v", geometry=geometry, patient=PatientResult("tumor", 0.9, 0.5, "max"),
-                  results=[SliceResult(1, 0.9, (0, 0, 3, 3))], checkpoints=CHECKPOINTS, fingerprint="f" * 64)
+    rows = [results_on(10, 8)(1, 0.9, (0, 0, 3, 3))]
+    kwargs = dict(volume="v", source="v", geometry=geometry, result=VolumeResult(rows, patient("tumor", 0.9)),
+                  checkpoints=CHECKPOINTS, fingerprint="f" * 64)
     write_volume_outputs(tmp_path, **kwargs)
     before = (tmp_path / REPORT_FILE).read_bytes()
 
@@ -523,7 +577,7 @@ def test_failed_write_leaves_the_folder_unmarked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run, "write_box_nifti", fail)
     with pytest.raises(OSError, match="disk full"):
-        write_volume_outputs(tmp_path, **{**kwargs, "patient": PatientResult("tumor", 0.95, 0.5, "max")})
+        write_volume_outputs(tmp_path, **{**kwargs, "result": VolumeResult(rows, patient("tumor", 0.95))})
     assert not is_done(tmp_path, "f" * 64)
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     assert (tmp_path / REPORT_FILE).read_bytes() != before  # rewritten, but the folder is not marked done
@@ -562,8 +616,9 @@ def test_rank_and_world_size_from_torchrun_environment(monkeypatch):
 def test_output_files_do_not_depend_on_where_they_are_written(tmp_path):
     """Two ranks writing the same volume give byte-identical report.json and boxes.nii.gz."""
     geometry = geometry_from_affine(np.diag([0.7, 0.8, 2.5, 1.0]), (14, 12, 5))
-    kwargs = dict(volume="v", source="in/v.nii.gz", geometry=geometry, patient=TUMOR,
-                  results=[SliceResult(2, 0.8, (1, 1, 5, 5))], checkpoints=CHECKPOINTS, fingerprint="f" * 64)
+    kwargs = dict(volume="v", source="in/v.nii.gz", geometry=geometry,
+                  result=VolumeResult([results_on(14, 12)(2, 0.8, (1, 1, 5, 5))], TUMOR),
+                  checkpoints=CHECKPOINTS, fingerprint="f" * 64)
     write_volume_outputs(tmp_path / "rank0" / "v", **kwargs)
     write_volume_outputs(tmp_path / "rank1" / "v", **kwargs)
     for name in (REPORT_FILE, BOXES_FILE):

@@ -20,6 +20,7 @@ calls them, so they check their input like the public endpoints. See docs/DEMO.m
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import logging
 import os
@@ -155,6 +156,7 @@ class DemoHandlers:
         self.service = service
         self.workdir = Path(workdir)
         self.limits = service.limits
+        self._checkpoints: Optional[list] = None  # the served checkpoints' identities, hashed at the first scan
 
     # -- the one way out for text --------------------------------------------------------------
     def public(self, text: str, upload=None) -> str:
@@ -179,13 +181,15 @@ class DemoHandlers:
                 slices = load_slice(path, self.limits)[None]
                 kind = "slice"
             else:
-                slices = load_volume(path, normalisation, self.limits, self.workdir).slices
-                kind = "volume"
+                volume = load_volume(path, normalisation, self.limits, self.workdir)
+                slices, kind = volume.slices, "volume"
         except Exception as err:  # noqa: BLE001 - every failure becomes a chat message
             history.append({"role": "assistant", "content": self.error_text(err, path)})
             return state, None, hidden_slider, history, None, None
         count, height, width = slices.shape
         state.update(name=name, kind=kind, slices=slices, index=count // 2, path=str(path), normalisation=normalisation)
+        if kind == "volume":  # the scan's files are written in the upload's own geometry
+            state.update(geometry=volume.geometry, dicom_headers=volume.dicom_headers)
         if kind == "slice":
             text = f"Loaded slice **{name}** ({width}×{height}). Ask a question or press a task button."
             slider = hidden_slider
@@ -233,28 +237,58 @@ class DemoHandlers:
         return history, _render(state), ""
 
     @_guarded(lambda self, message, history=None, state=None, *rest: (
-        state, gr.update(), gr.update(), None, None, _chat(history, message)))
+        state, gr.update(), gr.update(), None, None, _chat(history, message), None))
     def on_scan(self, history, state, progress=gr.Progress()):
         history = list(history or [])
         if not state or state.get("kind") != "volume":
             message = "⚠️ Scan needs a CT volume (.nii, .nii.gz or a DICOM .zip)."
             history.append({"role": "assistant", "content": self.public(message)})
-            return state, _render(state), gr.update(), None, None, history
+            return state, _render(state), gr.update(), None, None, history, None
         try:
             result = self.service.scan_volume(state["slices"], progress=lambda f, d: progress(f, desc=d))
         except Exception as err:  # noqa: BLE001
             history.append({"role": "assistant", "content": self.error_text(err, state.get("path"))})
-            return state, _render(state), gr.update(), None, None, history
+            return state, _render(state), gr.update(), None, None, history, None
         state["scan"] = result
         state["boxes"] = {r.slice_index: result.boxes_for(r.slice_index) for r in result.rows}
         best = result.most_suspicious
         state["index"] = best
         history.append({"role": "assistant", "content": self.public(result.chat_text(), state.get("path"))})
-        return state, _render(state), gr.update(value=best), _scan_plot(result), _scan_table(result), history
+        try:
+            files = self.scan_files(state, result)
+        except Exception as err:  # noqa: BLE001 - the scan on screen stays; only the files failed
+            files = None
+            history.append({"role": "assistant", "content": self.error_text(err, state.get("path"))})
+        return state, _render(state), gr.update(value=best), _scan_plot(result), _scan_table(result), history, files
+
+    def scan_files(self, state: dict, result: ScanResult) -> Optional[list[str]]:
+        """The scan's ``report.json``, ``boxes.nii.gz`` (and ``seg.dcm`` for a DICOM upload with a
+        box), written as ``scan.py`` writes them (:func:`minigpt4.scan_outputs.write_volume_outputs`)
+        into a fresh folder of the private workdir; None without the upload's geometry."""
+        import tempfile
+
+        from minigpt4.inference.pipeline import VolumeResult
+        from minigpt4.scan import volume_name
+        from minigpt4.scan_outputs import checkpoint_identities, fingerprint, write_volume_outputs
+
+        if state.get("geometry") is None:
+            return None
+        if self._checkpoints is None:
+            self._checkpoints = checkpoint_identities(self.service.checkpoints)
+        name = volume_name(Path(state["name"]))
+        folder = Path(tempfile.mkdtemp(prefix="scan_", dir=self.workdir)) / name
+        checkpoints = self._checkpoints
+        settings = {"normalisation": state.get("normalisation"), **dataclasses.asdict(self.service.cascade)}
+        written = write_volume_outputs(
+            folder, volume=name, source=state["name"], geometry=state["geometry"],
+            result=VolumeResult(result.rows, result.patient), checkpoints=checkpoints,
+            fingerprint=fingerprint([state["path"]], checkpoints, settings), dicom_headers=state.get("dicom_headers"),
+            extra={"config": settings})
+        return [str(folder / file) for file in written]
 
     @staticmethod
     def on_reset():
-        return _empty_state(), None, gr.update(visible=False, value=0, maximum=1), [], None, None, None, ""
+        return _empty_state(), None, gr.update(visible=False, value=0, maximum=1), [], None, None, None, "", None
 
     # -- scripted endpoints (stateless) -----------------------------------------------------------
     @_guarded(lambda self, message, *args: (message, None))
@@ -356,10 +390,14 @@ def build_app(service: DemoService, workdir: Optional[str | os.PathLike] = None)
             scan_plot = gr.Plot(label="P(tumor) per slice", elem_id="scan-plot")
             scan_table = gr.Dataframe(headers=SCAN_HEADERS, label="Per-slice results", interactive=False, elem_id="scan-table",
                                       max_height=300)
+        scan_files = gr.File(label="Scan files: report.json, boxes.nii.gz (opens over the CT in 3D Slicer / ITK-SNAP), "
+                                   "seg.dcm for DICOM uploads", file_count="multiple", interactive=False,
+                             elem_id="scan-files")
 
         private: dict = {"api_visibility": "private"}
         upload_outputs = [state, viewer, slider, chatbot, scan_plot, scan_table]
         upload.change(h.on_upload, [upload, normalisation, chatbot, state], upload_outputs, **private)
+        upload.change(lambda: None, None, scan_files, **private)  # a new upload: the old scan's files go
         normalisation.change(h.on_upload, [upload, normalisation, chatbot, state], upload_outputs, **private)
         # user moves only (.input): programmatic updates (upload, scan) already render the slice
         slider.input(h.on_slider, [slider, state], [state, viewer], trigger_mode="always_last", **private)
@@ -369,8 +407,10 @@ def build_app(service: DemoService, workdir: Optional[str | os.PathLike] = None)
         for key, button in quick.items():
             fixed = gr.State(QUICK_TASKS[key][1])
             button.click(h.on_ask, [fixed, chatbot, state], ask_outputs, **private)
-        scan_button.click(h.on_scan, [chatbot, state], [state, viewer, slider, scan_plot, scan_table, chatbot], **private)
-        reset.click(h.on_reset, None, [state, viewer, slider, chatbot, scan_plot, scan_table, upload, instruction], **private)
+        scan_button.click(h.on_scan, [chatbot, state], [state, viewer, slider, scan_plot, scan_table, chatbot, scan_files],
+                          **private)
+        reset.click(h.on_reset, None, [state, viewer, slider, chatbot, scan_plot, scan_table, upload, instruction, scan_files],
+                    **private)
 
         # Scripted endpoints: hidden components, so clients see typed inputs/outputs.
         with gr.Group(visible=False):

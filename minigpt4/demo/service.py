@@ -265,6 +265,8 @@ class DemoService:
             in both modes (one checkpoint: the same model for every stage).
         cascade: the volume scan's :class:`CascadeSettings` (``CascadeSettings.from_config``): its
             ``crop_margin`` in both modes, the whole operating point in three-stage mode.
+        checkpoints: ``{stage: checkpoint path}`` of the served weights (their sha256s go into
+            the scan's ``report.json``).
     """
 
     def __init__(
@@ -280,6 +282,7 @@ class DemoService:
         scan_batch_size: int = 4,
         stages: Any = None,
         cascade: Optional[CascadeSettings] = None,
+        checkpoints: Optional[dict] = None,
     ) -> None:
         self.model = model
         self.stages = stages
@@ -291,6 +294,7 @@ class DemoService:
         self.warning = warning
         self.description = description
         self.scan_batch_size = scan_batch_size
+        self.checkpoints = dict(checkpoints or {})
         self._lock = threading.Lock()
 
     # -- low level ---------------------------------------------------------------------------
@@ -441,6 +445,7 @@ def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limi
     return DemoService(
         stages.model, max_new_tokens=cfg.model.generation.max_new_tokens, text_decoding=cfg.model.generation.free_text,
         limits=limits, description=description, stages=stages, cascade=settings,
+        checkpoints=dict(stage_paths),
     )
 
 
@@ -503,4 +508,5 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
         warning=warning,
         description=description,
         cascade=CascadeSettings(crop_margin=cfg.cascade.crop_margin) if hasattr(cfg, "cascade") else None,
+        checkpoints={"model": model_cfg.ckpt} if model_cfg.ckpt is not None else None,
     )

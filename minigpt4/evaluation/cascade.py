@@ -28,6 +28,7 @@ are confounded with the source dataset (MSD volumes nearly all hold a tumor, NIH
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -429,13 +430,24 @@ def _read_slices(records: Sequence[dict]) -> list[np.ndarray]:
 def predict_split(stages: Any, volumes: dict, split: str, threshold: Optional[float], margin: int, batch_size: int,
                   with_truth_runs: bool, progress: Optional[Callable[[int, int], None]] = None) -> list[dict]:
     """Scored prediction rows of every slice of ``volumes``; ``threshold`` gates stage 3 per slice.
+    Under torchrun each rank scans its share of the volumes (:func:`minigpt4.scan_outputs.shard` by
+    ``dataset/volume``) and every rank gets all rows, in the order of one process.
 
     Raises:
         FloatingPointError: stage 2 gave a non-finite P(yes), naming the volume and its first such slice.
     """
+    from minigpt4.scan_outputs import rank_and_world_size, shard
+    from minigpt4.training.distributed import all_gather_objects
+
     settings = CascadeSettings(threshold=threshold, crop_margin=margin, batch_size=batch_size)
+    rank, world = rank_and_world_size()
+    mine = set(shard([f"{d}/{v}" for d, v in volumes], rank, world))
     rows: list[dict] = []
-    for done, ((dataset, name), records) in enumerate(volumes.items(), 1):
+    done = 0
+    for (dataset, name), records in volumes.items():
+        if f"{dataset}/{name}" not in mine:
+            continue
+        done += 1
         gt_boxes = [r["bbox_pancreas"] if with_truth_runs and r.get("pixels_pancreas", 0) > 0 else None for r in records]
         gt_tumor = [with_truth_runs and r.get("pixels_tumor", 0) > 0 for r in records]
         results = scan_slices(stages, _read_slices(records), settings, gt_pancreas_boxes=gt_boxes, gt_tumor_slices=gt_tumor)
@@ -443,7 +455,11 @@ def predict_split(stages: Any, volumes: dict, split: str, threshold: Optional[fl
                      getattr(stages, "sources", {}).get("tumor_classification"))
         rows += score_volume(records, [r.record() for r in results.slices], split)
         if progress is not None:
-            progress(done, len(volumes))
+            progress(done, len(mine))
+    if world > 1:
+        order = {key: number for number, key in enumerate(volumes)}
+        rows = sorted((row for part in all_gather_objects(rows) for row in part),
+                      key=lambda row: order[(row["dataset"], row["volume_name"])])  # stable: slices keep their order
     return rows
 
 
@@ -680,6 +696,10 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
                 "crop_margin": casc.crop_margin, "batch_size": batch, "seconds": round(time.perf_counter() - start, 3),
                 "decoding": "greedy, 1 beam, left padding", "environment": environment_identity(), **(source or {})},
     }
+    from minigpt4.scan_outputs import rank_and_world_size
+
+    if rank_and_world_size()[0] != 0:
+        return metrics  # torchrun: rank 0 writes
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(out / "predictions.jsonl", rows)
@@ -701,7 +721,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """
     from minigpt4.config import ConfigError, load_config
     from minigpt4.models.stages import check_stage_tasks, load_stages
-    from minigpt4.outputs import OutputFolder
+    from minigpt4.outputs import OutputFolder, check_output_folder
+    from minigpt4.training.distributed import cleanup, init_distributed
 
     args = build_parser().parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
@@ -718,13 +739,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise ValueError(f"{roots}: the test split holds no volume (annotations/split.json); nothing to evaluate")
     check_stage_tasks(cfg.cascade.stages.configured())  # checkpoint headers only
     check_cascade_leakage(cfg, args.allow_unknown_provenance)
-    with OutputFolder(Path(cfg.run.output_dir), "eval_cascade", option="run.output_dir", owner="eval_cascade.py",
-                      overwrite=args.overwrite) as folder:
-        folder.check_no_foreign(CASCADE_OUTPUTS)
-        if not folder.manifest:
-            folder.write_manifest({"written_by": "eval_cascade.py"})
-        stages = load_stages(cfg.model, cfg.cascade.stages.configured(), device=cfg.run.device, check_tasks=False)
-        metrics = evaluate(cfg, stages, not args.no_figures, {"config": str(args.cfg_path), "options": list(args.options)},
-                           volumes)
-    print(cascade_tables(metrics), file=sys.stderr)
+    out = Path(cfg.run.output_dir)
+    # every rank checks the folder before any rank starts: a refused folder stops them all, none waits
+    check_output_folder(out, "eval_cascade", lambda manifest: manifest.get("command") == "eval_cascade",
+                        args.overwrite, option="run.output_dir", owner="eval_cascade.py")
+    info = init_distributed(cfg.run.device)  # torchrun: the volumes are sharded across ranks
+    try:
+        folder = OutputFolder(out, "eval_cascade", option="run.output_dir", owner="eval_cascade.py",
+                              overwrite=args.overwrite)
+        with folder if info.is_main else contextlib.nullcontext():  # rank 0 locks and writes
+            if info.is_main:
+                folder.check_no_foreign(CASCADE_OUTPUTS)
+                if not folder.manifest:
+                    folder.write_manifest({"written_by": "eval_cascade.py"})
+            stages = load_stages(cfg.model, cfg.cascade.stages.configured(), device=info.device, check_tasks=False)
+            metrics = evaluate(cfg, stages, not args.no_figures,
+                               {"config": str(args.cfg_path), "options": list(args.options)}, volumes)
+    finally:
+        cleanup()
+    if info.is_main:
+        print(cascade_tables(metrics), file=sys.stderr)
     return metrics

@@ -30,6 +30,7 @@ from minigpt4.prompts import TARGET_NAMES, classification_question, detection_in
 AGGREGATIONS = ("max", "top_k_mean")
 DECISIONS = ("tumor", "no tumor", "inconclusive")
 PixelBox = tuple[float, float, float, float]
+IntBox = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,14 @@ class SliceResult:
         if self.crop_box is not None:
             return "pancreas crop"
         return "no pancreas box" if self.p_tumor is None else "whole slice"
+
+    def inclusive_boxes(self, width: int, height: int) -> tuple[Optional[IntBox], Optional[IntBox]]:
+        """``(pancreas, tumor)`` as inclusive integer pixel boxes of this (height, width) slice,
+        :func:`minigpt4.boxes.grid_to_pixel_inclusive` of the answers' grid boxes (the pixels the
+        scan's files mark; the pancreas one is the box the crop was cut from). None: no box."""
+        tumor = answer_box(self.tumor_answer, width, height) if self.tumor_box is not None else None
+        return (None if self.pancreas_grid is None else grid_to_pixel_inclusive(self.pancreas_grid, width, height),
+                None if tumor is None else grid_to_pixel_inclusive(tumor[0], width, height))
 
     def record(self) -> dict:
         """The keys of ``eval_cascade.py``'s ``predictions.jsonl`` (``slice_index`` comes from the slice record)."""

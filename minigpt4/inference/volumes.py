@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -329,6 +329,12 @@ class Volume:
     normalisation: str
     spacing: Optional[tuple[float, ...]] = None
     """Voxel sizes (mm) of the stored axes, for information."""
+    geometry: Any = None
+    """:class:`minigpt4.scan_outputs.VolumeGeometry` of the input (stored shape, affine, display →
+    voxel map): outputs are written in the input's own geometry from it."""
+    dicom_headers: Optional[list] = None
+    """DICOM input: the series' headers (pydicom Datasets without pixel data), header ``k`` =
+    stored slice ``k`` (:func:`preprocessing.volumes.read_dicom_headers`' order), for a DICOM SEG."""
 
     @property
     def num_slices(self) -> int:
@@ -370,7 +376,7 @@ def safe_extract_dicom_zip(path: Path, dest: Path, limits: Limits, members_by_fi
     return dest
 
 
-def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> tuple[np.ndarray, tuple[float, ...]]:
+def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> tuple[np.ndarray, tuple[float, ...], Any, Optional[list]]:
     """A NIfTI file or a folder holding one DICOM series → HU slices in the display frame.
 
     Args:
@@ -378,18 +384,28 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> 
         name: the file name to show in messages (the upload's, not the temp path).
 
     Returns:
-        ``(hu, spacing)``: hu (Z, H, W) float32, slice k = display-frame slice k (row = PNG row);
-        spacing = voxel sizes (mm) of the stored axes.
+        ``(hu, spacing, geometry, headers)``: hu (Z, H, W) float32, slice k = display-frame slice k
+        (row = PNG row); spacing = voxel sizes (mm) of the stored axes; the input's
+        :class:`~minigpt4.scan_outputs.VolumeGeometry`; the DICOM headers in stored slice order
+        (None for NIfTI), read once with the pixels.
 
     Raises:
         InputError: the preprocessing reader refused the file (the message says why).
     """
-    from preprocessing.volumes import VolumeError, check_intensities, load_nifti, read_dicom_series, to_display
+    from minigpt4.scan_outputs.geometry import geometry_from_volume
+    from preprocessing.volumes import (VolumeError, check_intensities, load_nifti, read_dicom_headers,
+                                       read_dicom_series, to_display)
 
     path = Path(path)
     name = name or path.name
+    headers = None
     try:
-        volume = read_dicom_series(path) if path.is_dir() else load_nifti(path, scaled=True)
+        if path.is_dir():
+            found = read_dicom_headers(path)
+            volume = read_dicom_series(path, headers=found)
+            headers = [ds for _, ds in found[0]]
+        else:
+            volume = load_nifti(path, scaled=True)
         check_intensities(volume)  # NaN/Inf or non-HU values: refused like the preprocessing CLI does
     except VolumeError as err:
         raise InputError(f"{name}: {err.problem}.") from None
@@ -400,7 +416,7 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> 
     if volume.slope != 1.0 or volume.inter != 0.0:
         hu = hu * np.float32(volume.slope) + np.float32(volume.inter)
     spacing = tuple(float(v) for v in np.sqrt((volume.affine[:3, :3] ** 2).sum(axis=0)))
-    return hu, spacing
+    return hu, spacing, geometry_from_volume(volume), headers
 
 
 def normalise_volume(hu: np.ndarray, method: str) -> np.ndarray:
@@ -419,7 +435,7 @@ def load_volume(
     limits: Limits = Limits(),
     workdir: Optional[str | os.PathLike] = None,
 ) -> Volume:
-    """Read an uploaded CT volume (NIfTI, or a zip of one DICOM series) for display and scanning.
+    """Read a CT volume (NIfTI, a DICOM series folder, or a zip of one) for display and scanning.
 
     Orientation and normalisation come from :mod:`preprocessing` (the same functions that wrote
     the training PNGs): slices are reoriented from the affine to radiological display (anterior
@@ -427,7 +443,7 @@ def load_volume(
     2–98 % clip + histogram equalisation; ``window``: HU window [-150, 250]).
 
     Args:
-        path: ``.nii``, ``.nii.gz`` or ``.zip``.
+        path: ``.nii``, ``.nii.gz``, ``.zip`` or a folder holding one DICOM series.
         normalisation: ``paper`` or ``window``.
         workdir: private folder for the extracted DICOM files (a fresh temp folder when None).
 
@@ -437,9 +453,10 @@ def load_volume(
     path = Path(path)
     if normalisation not in NORMALISATIONS:
         raise InputError(f"unknown normalisation {normalisation!r}; choose one of {', '.join(NORMALISATIONS)}.")
-    if upload_kind(path) != "volume":
-        raise InputError(f"{path.name}: this is a slice image, not a volume.")
-    _check_file(path, limits.max_volume_bytes)
+    if not path.is_dir():
+        if upload_kind(path) != "volume":
+            raise InputError(f"{path.name}: this is a slice image, not a volume.")
+        _check_file(path, limits.max_volume_bytes)
 
     # headers are checked against the limits before any voxel is decoded, and no message may
     # show the server's private temp paths (Gradio's upload folder, the extraction folder)
@@ -452,12 +469,15 @@ def load_volume(
             try:
                 safe_extract_dicom_zip(path, extract_dir, limits, members)
                 check_dicom_headers(extract_dir, path.name, limits)
-                hu, spacing = read_display_volume(extract_dir, path.name)
+                hu, spacing, geometry, headers = read_display_volume(extract_dir, path.name)
             finally:
                 shutil.rmtree(extract_dir, ignore_errors=True)
+        elif path.is_dir():
+            check_dicom_headers(path, path.name, limits)
+            hu, spacing, geometry, headers = read_display_volume(path, path.name)
         else:
             check_nifti_header(path, path.name, limits)
-            hu, spacing = read_display_volume(path, path.name)
+            hu, spacing, geometry, headers = read_display_volume(path, path.name)
     except InputError as err:
         raise InputError(public_message(str(err), path, private, members)) from None
     except MemoryError:
@@ -480,4 +500,5 @@ def load_volume(
             f"({limits.min_side}–{limits.max_side} pixels per side)."
         )
     slices = normalise_volume(hu, normalisation)
-    return Volume(name=path.name, slices=slices, normalisation=normalisation, spacing=spacing)
+    return Volume(name=path.name, slices=slices, normalisation=normalisation, spacing=spacing, geometry=geometry,
+                  dicom_headers=headers)

@@ -3,21 +3,23 @@ input) and ``montage.png``; across volumes ``summary.csv`` and ``scan.json``; pl
 "already done" check and torchrun sharding. Independent of how the model runs: it takes the
 volume's geometry and the model's per-slice answers.
 
-Modules: :mod:`~minigpt4.scan_outputs.geometry` (the input contract: dataclasses and the
-display-frame ↔ voxel mapping), :mod:`~minigpt4.scan_outputs.volume` (one volume's files),
+The model's answers come as the inference pipeline's
+:class:`~minigpt4.inference.pipeline.VolumeResult`.
+
+Modules: :mod:`~minigpt4.scan_outputs.geometry` (the input contract: the display-frame ↔ voxel
+mapping and the checks of the results against it), :mod:`~minigpt4.scan_outputs.volume` (one volume's files),
 :mod:`~minigpt4.scan_outputs.run` (folders, summary, fingerprints, sharding).
 """
 
 from minigpt4.scan_outputs.geometry import (
     DECISIONS,
     CheckpointIdentity,
-    PatientResult,
-    SliceResult,
     VolumeGeometry,
     check_results,
     geometry_from_affine,
     geometry_from_image,
     geometry_from_volume,
+    slice_boxes,
 )
 from minigpt4.scan_outputs.run import (
     BOXES_FILE,
@@ -57,7 +59,7 @@ from minigpt4.scan_outputs.volume import (
 )
 
 __all__ = [
-    "DECISIONS", "CheckpointIdentity", "PatientResult", "SliceResult", "VolumeGeometry", "check_results",
+    "DECISIONS", "CheckpointIdentity", "VolumeGeometry", "check_results", "slice_boxes",
     "geometry_from_affine", "geometry_from_image", "geometry_from_volume",
     "BOXES_FILE", "DONE_FILE", "ERROR_FILE", "MONTAGE_FILE", "REPORT_FILE", "SEG_FILE", "SUMMARY_COLUMNS",
     "checkpoint_identities", "collect_summary", "content_sha256", "error_row", "fingerprint", "is_done",

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-DECISIONS = ("tumor", "no tumor", "inconclusive")
+from minigpt4.inference.pipeline import DECISIONS, IntBox as PixelBox, PatientResult, SliceResult
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,49 +127,15 @@ def geometry_from_volume(volume: Any) -> VolumeGeometry:
 
 
 # ----------------------------------------------------------------------------- model results
+# What the model said comes as the inference pipeline's own classes
+# (:class:`minigpt4.inference.pipeline.VolumeResult`: ``SliceResult`` per display slice,
+# ``PatientResult``); files mark the inclusive pixel boxes of ``SliceResult.inclusive_boxes``.
 
 
-PixelBox = tuple[int, int, int, int]
-
-
-@dataclass(frozen=True)
-class SliceResult:
-    """What the model said about one slice of the oriented stack.
-
-    Attributes:
-        index: slice ``k`` of the display frame (0-based, in the stack the model saw).
-        p_tumor: P(tumor) in [0, 1]; None when the slice was not classified (no pancreas box).
-        pancreas_box, tumor_box: inclusive pixel box ``(x1, y1, x2, y2)`` on that slice
-            (x = column, y = row; e.g. :func:`minigpt4.boxes.grid_to_pixel_inclusive` of the
-            answer), or None when the model gave no box.
-    """
-
-    index: int
-    p_tumor: Optional[float] = None
-    pancreas_box: Optional[PixelBox] = None
-    tumor_box: Optional[PixelBox] = None
-
-    @property
-    def boxed(self) -> bool:
-        return self.pancreas_box is not None or self.tumor_box is not None
-
-
-@dataclass(frozen=True)
-class PatientResult:
-    """The volume's answer.
-
-    Attributes:
-        decision: ``tumor``, ``no tumor`` or ``inconclusive`` (no slice was classified).
-        score: the aggregated P(tumor); None when inconclusive.
-        threshold: the operating point (``tumor`` when ``score >= threshold``).
-        aggregation: ``max`` or ``top_k_mean``; ``top_k`` with the latter.
-    """
-
-    decision: str
-    score: Optional[float]
-    threshold: float
-    aggregation: str
-    top_k: Optional[int] = None
+def slice_boxes(geometry: VolumeGeometry, row: SliceResult) -> tuple[Optional[PixelBox], Optional[PixelBox]]:
+    """``(pancreas, tumor)`` inclusive pixel boxes of a slice result on this geometry's slices."""
+    height, width, _ = geometry.display_shape
+    return row.inclusive_boxes(width, height)
 
 
 @dataclass(frozen=True)
@@ -192,38 +158,30 @@ def _finite(value: float, what: str) -> float:
     return value
 
 
-def check_results(geometry: VolumeGeometry, patient: PatientResult, results: Sequence[SliceResult]) -> None:
+def check_results(geometry: VolumeGeometry, patient: Optional[PatientResult], results: Sequence[SliceResult]) -> None:
     """Refuse results that do not fit the geometry or contradict themselves (ValueError naming
-    the slice): boxes outside the slice, a P(tumor) outside [0, 1], a slice twice, and a
-    ``tumor``/``no tumor`` decision without any classified slice (nothing is "found" or
-    "not found" where the model did not look)."""
-    height, width, n_slices = geometry.display_shape
+    the slice): a slice outside the stack, a P(tumor) outside [0, 1], a slice twice, and a
+    ``tumor``/``no tumor`` decision without any pancreas box (nothing is "found" or "not found"
+    where the model did not look). ``patient`` None: no patient answer (one checkpoint)."""
+    n_slices = geometry.n_slices  # boxes are inside their slice by construction (grid_to_pixel_inclusive)
     seen: set[int] = set()
     for row in results:
-        if not 0 <= int(row.index) < n_slices:
-            raise ValueError(f"slice {row.index}: outside the stack of {n_slices} slices")
-        if row.index in seen:
-            raise ValueError(f"slice {row.index}: given twice")
-        seen.add(int(row.index))
-        if row.p_tumor is not None and not 0.0 <= _finite(row.p_tumor, f"slice {row.index}: p_tumor") <= 1.0:
-            raise ValueError(f"slice {row.index}: p_tumor {row.p_tumor} outside [0, 1]")
-        for name, box in (("pancreas_box", row.pancreas_box), ("tumor_box", row.tumor_box)):
-            if box is None:
-                continue
-            if len(box) != 4 or any(int(v) != v for v in box):
-                raise ValueError(f"slice {row.index}: {name} must be 4 integer pixels, got {box!r}")
-            x1, y1, x2, y2 = (int(v) for v in box)
-            if not (0 <= x1 <= x2 < width and 0 <= y1 <= y2 < height):
-                raise ValueError(f"slice {row.index}: {name} {list(box)} is not an inclusive box inside "
-                                 f"the {width}x{height} slice")
+        index = int(row.slice_index)
+        if not 0 <= index < n_slices:
+            raise ValueError(f"slice {index}: outside the stack of {n_slices} slices")
+        if index in seen:
+            raise ValueError(f"slice {index}: given twice")
+        seen.add(index)
+        if row.p_tumor is not None and not 0.0 <= _finite(row.p_tumor, f"slice {index}: p_tumor") <= 1.0:
+            raise ValueError(f"slice {index}: p_tumor {row.p_tumor} outside [0, 1]")
+    if patient is None:
+        return
     if patient.decision not in DECISIONS:
         raise ValueError(f"decision {patient.decision!r}: expected one of {DECISIONS}")
     _finite(patient.threshold, "threshold")
     if patient.decision == "inconclusive":
         return
-    if patient.score is None:
-        raise ValueError(f"decision {patient.decision!r} needs a score")
     _finite(patient.score, "score")
-    if not any(row.p_tumor is not None for row in results):
-        raise ValueError(f"decision {patient.decision!r} but no slice has a P(tumor): the model did not "
+    if not any(row.pancreas_grid is not None for row in results):
+        raise ValueError(f"decision {patient.decision!r} but no slice has a pancreas box: the model did not "
                          "look, so the answer is 'inconclusive'")

@@ -19,13 +19,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from minigpt4.inference.pipeline import VolumeResult
 from minigpt4.io import file_sha256, to_json, write_text_atomic
-from minigpt4.scan_outputs.geometry import (
-    CheckpointIdentity,
-    PatientResult,
-    SliceResult,
-    VolumeGeometry,
-)
+from minigpt4.scan_outputs.geometry import CheckpointIdentity, VolumeGeometry
 from minigpt4.scan_outputs.volume import (
     build_report,
     write_box_nifti,
@@ -135,12 +131,14 @@ def _start_volume(out_dir: Path) -> set[str]:
 
 
 def write_volume_outputs(out_dir: str | os.PathLike, *, volume: str, source: str, geometry: VolumeGeometry,
-                         patient: PatientResult, results: Sequence[SliceResult],
-                         checkpoints: Sequence[CheckpointIdentity], fingerprint: str,
+                         result: VolumeResult, checkpoints: Sequence[CheckpointIdentity], fingerprint: str,
                          slices: Any = None, dicom_headers: Optional[Sequence[Any]] = None,
                          montage_size: int = 8, software_version: str = "",
                          extra: Optional[dict] = None) -> list[str]:
     """Write one volume's files into ``out_dir`` and mark it done.
+
+    ``result`` is what :func:`minigpt4.inference.pipeline.scan_slices` returned (``patient`` None:
+    no patient answer, e.g. one checkpoint for every stage).
 
     Writes ``report.json`` and ``boxes.nii.gz`` always; ``seg.dcm`` when ``dicom_headers`` (the
     source series, :func:`~minigpt4.scan_outputs.read_dicom_source`) are given and a slice has
@@ -154,7 +152,8 @@ def write_volume_outputs(out_dir: str | os.PathLike, *, volume: str, source: str
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _start_volume(out_dir)
-    report = build_report(volume, source, geometry, patient, results, checkpoints, extra)
+    results = result.slices
+    report = build_report(volume, source, geometry, result.patient, results, checkpoints, extra)
     written = [write_report(out_dir / REPORT_FILE, report).name,
                write_box_nifti(out_dir / BOXES_FILE, geometry, results).name]
     if dicom_headers is not None:
@@ -188,7 +187,7 @@ def write_volume_error(out_dir: str | os.PathLike, volume: str, message: str) ->
 
 def summary_row(report: Mapping[str, Any]) -> dict:
     """A ``summary.csv`` row from a ``report.json`` dict."""
-    patient = report["patient"]
+    patient = report["patient"] or {"decision": None, "score": None}
     return {"volume": report["volume"], "decision": patient["decision"], "score": patient["score"],
             "n_slices": report["counts"]["n_slices"], "n_boxed": report["counts"]["n_boxed"],
             "most_suspicious_slice": report["most_suspicious_slice"], "error": None}

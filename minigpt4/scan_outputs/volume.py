@@ -16,14 +16,14 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from minigpt4.inference.pipeline import PatientResult, SliceResult
 from minigpt4.io import to_json, write_text_atomic
 from minigpt4.scan_outputs.geometry import (
     CheckpointIdentity,
-    PatientResult,
-    SliceResult,
     VolumeGeometry,
     check_results,
     geometry_from_affine,
+    slice_boxes,
 )
 
 REPORT_FORMAT = "minigpt-pancreas-scan-report/1"
@@ -55,10 +55,10 @@ def most_suspicious(results: Sequence[SliceResult]) -> Optional[int]:
     scored = [r for r in results if r.p_tumor is not None]
     if not scored:
         return None
-    return min(scored, key=lambda r: (-float(r.p_tumor), r.index)).index
+    return min(scored, key=lambda r: (-float(r.p_tumor), r.slice_index)).slice_index
 
 
-def build_report(volume: str, source: str, geometry: VolumeGeometry, patient: PatientResult,
+def build_report(volume: str, source: str, geometry: VolumeGeometry, patient: Optional[PatientResult],
                  results: Sequence[SliceResult], checkpoints: Sequence[CheckpointIdentity],
                  extra: Optional[dict] = None) -> dict:
     """The content of ``report.json`` (a JSON-ready dict; see the module docstring for the frames).
@@ -66,30 +66,39 @@ def build_report(volume: str, source: str, geometry: VolumeGeometry, patient: Pa
     Args:
         volume: the volume's name (its output folder's name).
         source: where it came from (the input path as given).
-        results: one :class:`SliceResult` per slice the model was run on (any order; written
-            sorted by slice).
+        patient: the volume's answer; None when there is none (one checkpoint for every stage).
+        results: the pipeline's :class:`~minigpt4.inference.pipeline.SliceResult` per slice the
+            model was run on (any order; written sorted by slice).
         extra: more top-level keys (e.g. ``{"config": {...}}``); may not replace the standard ones.
     """
     check_results(geometry, patient, results)
     rows = []
-    for r in sorted(results, key=lambda r: r.index):
+    for r in sorted(results, key=lambda r: r.slice_index):
+        k = int(r.slice_index)
+        pancreas, tumor = slice_boxes(geometry, r)
         rows.append({
-            "slice": int(r.index),
+            "slice": k,
             "p_tumor": None if r.p_tumor is None else float(r.p_tumor),
-            "pancreas_box": None if r.pancreas_box is None else _box_entry(geometry, r.pancreas_box, r.index),
-            "tumor_box": None if r.tumor_box is None else _box_entry(geometry, r.tumor_box, r.index),
+            "classified_on": r.classified_on,
+            "pancreas_answer": r.pancreas_answer,
+            "pancreas_box": None if pancreas is None else _box_entry(geometry, pancreas, k),
+            "tumor_answer": r.tumor_answer,
+            "tumor_box": None if tumor is None else _box_entry(geometry, tumor, k),
         })
+    inconclusive = patient is not None and patient.decision == "inconclusive"
     report = {
         "format": REPORT_FORMAT,
         "volume": volume,
         "source": str(source),
-        "patient": {"decision": patient.decision, "score": None if patient.score is None else float(patient.score),
-                    "threshold": float(patient.threshold), "aggregation": patient.aggregation,
-                    "top_k": patient.top_k},
+        "patient": None if patient is None else {
+            "decision": patient.decision, "score": None if inconclusive else float(patient.score),
+            "threshold": float(patient.threshold), "aggregation": patient.aggregation,
+            "top_k": patient.top_k if patient.aggregation == "top_k_mean" else None,
+            "n_slices_boxed": int(patient.n_slices_boxed)},
         "most_suspicious_slice": most_suspicious(results),
         "counts": {"n_slices": geometry.n_slices, "n_results": len(rows),
                    "n_classified": sum(r.p_tumor is not None for r in results),
-                   "n_boxed": sum(r.boxed for r in results)},
+                   "n_boxed": sum(any(b is not None for b in slice_boxes(geometry, r)) for r in results)},
         "geometry": geometry.as_dict(),
         "checkpoints": [c.as_dict() for c in checkpoints],
         "slices": rows,
@@ -113,11 +122,11 @@ def box_label_volume(geometry: VolumeGeometry, results: Sequence[SliceResult]) -
     """(X, Y, Z) uint8 in the stored frame: 1 inside pancreas boxes, 2 inside tumor boxes (tumor
     wins where both), 0 elsewhere."""
     labels = np.zeros(geometry.shape, dtype=np.uint8)
-    for attribute, value in (("pancreas_box", PANCREAS_LABEL), ("tumor_box", TUMOR_LABEL)):  # tumor last: it wins
+    for which, value in ((0, PANCREAS_LABEL), (1, TUMOR_LABEL)):  # tumor last: it wins
         for r in results:
-            box = getattr(r, attribute)
+            box = slice_boxes(geometry, r)[which]
             if box is not None:
-                lo, hi = geometry.voxel_box(box, r.index)
+                lo, hi = geometry.voxel_box(box, r.slice_index)
                 labels[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = value
     return labels
 
@@ -134,7 +143,7 @@ def write_box_nifti(path: str | os.PathLike, geometry: VolumeGeometry, results: 
 
 def check_results_geometry_only(geometry: VolumeGeometry, results: Sequence[SliceResult]) -> None:
     """:func:`check_results` of the slices alone (any decision is fine here)."""
-    check_results(geometry, PatientResult("inconclusive", None, 0.5, "max"), results)
+    check_results(geometry, None, results)
 
 
 # ----------------------------------------------------------------------------- DICOM SEG
@@ -174,12 +183,12 @@ def seg_frames(geometry: VolumeGeometry, results: Sequence[SliceResult], n_sourc
                          f"({columns} columns x {rows} rows x {n_source} slices)")
     boxes: dict[int, list[tuple[int, tuple, tuple]]] = {}
     for r in results:
-        for segment, box in ((0, r.pancreas_box), (1, r.tumor_box)):
+        for segment, box in enumerate(slice_boxes(geometry, r)):
             if box is None:
                 continue
-            lo, hi = geometry.voxel_box(box, r.index)
+            lo, hi = geometry.voxel_box(box, r.slice_index)
             if lo[2] != hi[2]:
-                raise ValueError(f"slice {r.index}: the display slice is not a stored slice of the series")
+                raise ValueError(f"slice {r.slice_index}: the display slice is not a stored slice of the series")
             boxes.setdefault(lo[2], []).append((segment, lo, hi))
     slices = sorted(boxes)
     masks = np.zeros((len(slices), rows, columns, 2), dtype=np.uint8)
@@ -331,17 +340,18 @@ def write_montage(path: str | os.PathLike, slices: Any, results: Sequence[SliceR
     from minigpt4.io import atomic_path
     from minigpt4.demo.service import CYAN, RED, annotate, display_scale
 
-    chosen = sorted((r for r in results if r.p_tumor is not None), key=lambda r: (-float(r.p_tumor), r.index))[:n]
+    chosen = sorted((r for r in results if r.p_tumor is not None), key=lambda r: (-float(r.p_tumor), r.slice_index))[:n]
     if not chosen:
         return None
     tiles = []
     for r in chosen:
-        image = np.asarray(slices[r.index], dtype=np.uint8)
+        image = np.asarray(slices[r.slice_index], dtype=np.uint8)
+        height, width = image.shape[:2]
         boxes = [((b[0], b[1], b[2] + 1, b[3] + 1), colour)  # inclusive pixels → the extent annotate draws
-                 for b, colour in ((r.pancreas_box, CYAN), (r.tumor_box, RED)) if b is not None]
+                 for b, colour in zip(r.inclusive_boxes(width, height), (CYAN, RED)) if b is not None]
         tile = annotate(image, boxes, scale=display_scale(*image.shape[:2], min_side=min_side))
         caption = Image.new("RGB", (tile.width, 20), (0, 0, 0))
-        ImageDraw.Draw(caption).text((4, 4), f"slice {r.index}  P(tumor) {float(r.p_tumor):.3f}", fill=(255, 255, 255))
+        ImageDraw.Draw(caption).text((4, 4), f"slice {r.slice_index}  P(tumor) {float(r.p_tumor):.3f}", fill=(255, 255, 255))
         framed = Image.new("RGB", (tile.width, tile.height + caption.height))
         framed.paste(tile, (0, 0))
         framed.paste(caption, (0, tile.height))

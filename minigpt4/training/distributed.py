@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from minigpt4 import utils
 
-__all__ = ["DistInfo", "init_distributed", "resolve_device", "barrier", "all_reduce_mean", "broadcast_object", "cleanup"]
+__all__ = ["DistInfo", "init_distributed", "resolve_device", "barrier", "all_reduce_mean", "broadcast_object",
+           "all_gather_objects", "cleanup"]
 
 
 @dataclass
@@ -82,6 +83,15 @@ def broadcast_object(obj, src: int = 0):
         dist.broadcast_object_list(holder, src=src)
         return holder[0]
     return obj
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` without a group)."""
+    if dist.is_available() and dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, obj)
+        return parts
+    return [obj]
 
 
 def cleanup() -> None:

@@ -1,0 +1,254 @@
+"""``scan.py``: the three-stage cascade on unlabelled CTs, results as files a viewer opens.
+
+    python scan.py --cfg-path eval_configs/scan.yaml --inputs CT/ case7.nii.gz --out scans/
+    torchrun --nproc-per-node 4 scan.py --cfg-path eval_configs/scan.yaml --inputs CT/ --out scans/
+
+Inputs (:func:`discover`): NIfTI files, DICOM series folders (:func:`is_series_folder`),
+zips of one series, or folders of those. Each volume is read by the inference reader
+(:func:`minigpt4.inference.volumes.load_volume`), scanned by
+:func:`minigpt4.inference.pipeline.scan_slices` and written by
+:func:`minigpt4.scan_outputs.write_volume_outputs` under ``<out>/<volume>/``; ``summary.csv`` and
+``scan.json`` cover every volume. One volume is in memory at a time. A volume already done with
+the same input content, checkpoints and settings is skipped. Under torchrun the volumes are
+sharded by name (:func:`minigpt4.scan_outputs.shard`); each rank writes its own, rank 0 the
+summary after a barrier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from minigpt4.cli import USER_ERRORS, error_message
+
+COMMAND = "scan"
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ZIP_SUFFIX = ".zip"
+
+
+@dataclass(frozen=True)
+class ScanInput:
+    name: str
+    """The volume's name: its output folder (``case7.nii.gz`` → ``case7``; a folder's name)."""
+    path: Path
+
+
+def volume_name(path: Path) -> str:
+    """The output folder name of an input: without ``.nii.gz`` / ``.nii`` / ``.zip``."""
+    lower = path.name.lower()
+    for suffix in (".nii.gz", ".nii", ZIP_SUFFIX):
+        if lower.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
+
+
+def _is_volume_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith((*NIFTI_SUFFIXES, ZIP_SUFFIX))
+
+
+def is_series_folder(path: Path) -> bool:
+    """One DICOM series: a folder holding ``.dcm`` files, or a chain of single subfolders down to
+    one (the ``patient/study/series/`` layout of TCIA downloads)."""
+    if not path.is_dir():
+        return False
+    children = [p for p in path.iterdir() if not p.name.startswith(".")]
+    if any(p.is_file() and p.name.lower().endswith(".dcm") for p in children):
+        return True
+    folders = [p for p in children if p.is_dir()]
+    return len(folders) == 1 and not any(_is_volume_file(p) for p in children) and is_series_folder(folders[0])
+
+
+def discover(paths: Sequence[str | Path]) -> list[ScanInput]:
+    """The volumes of ``--inputs``, sorted by name: a NIfTI or zip file is one volume, a DICOM
+    series folder is one, any other folder is expanded one level (its NIfTIs, zips and series
+    folders; other files are ignored).
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+        ValueError: an input file of another type, a folder without volumes, two volumes of one name.
+    """
+    found: list[ScanInput] = []
+    for item in paths:
+        path = Path(item)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: --inputs path not found")
+        if path.is_file():
+            if not _is_volume_file(path):
+                raise ValueError(f"{path}: not a CT volume (expected .nii, .nii.gz, a DICOM .zip or a folder)")
+            found.append(ScanInput(volume_name(path), path))
+        elif is_series_folder(path):
+            found.append(ScanInput(path.name, path))
+        else:
+            inside = [ScanInput(volume_name(p), p) for p in sorted(path.iterdir()) if not p.name.startswith(".")
+                      and (_is_volume_file(p) or is_series_folder(p))]
+            if not inside:
+                raise ValueError(f"{path}: no NIfTI file, DICOM zip or DICOM series folder in it")
+            found += inside
+    by_name: dict[str, Path] = {}
+    for entry in found:
+        if entry.name in by_name:
+            raise ValueError(f"{by_name[entry.name]} and {entry.path}: two volumes named {entry.name!r} "
+                             "(the name is the output folder); rename one")
+        by_name[entry.name] = entry.path
+    return sorted(found, key=lambda entry: entry.name)
+
+
+def scan_settings(cfg: Any, cfg_path: str):
+    """:class:`~minigpt4.inference.pipeline.CascadeSettings` from the config's ``cascade``
+    section. Threshold and aggregation must be set: the values ``eval_cascade.py`` chose on the
+    val volumes (its ``metrics.json`` ``selection``), never chosen here."""
+    from minigpt4.config import ConfigError
+    from minigpt4.inference.pipeline import CascadeSettings
+
+    casc = cfg.cascade
+    if casc.threshold is None:
+        raise ConfigError(f"{cfg_path}: cascade.threshold is not set; scan.py needs the patient threshold "
+                          "eval_cascade.py chose on val (metrics.json selection.threshold)")
+    if casc.aggregation == "auto":
+        raise ConfigError(f"{cfg_path}: cascade.aggregation is 'auto'; set the one eval_cascade.py chose on val "
+                          "(metrics.json selection.aggregation: max or top_k_mean)")
+    return CascadeSettings.from_config(casc, batch_size=cfg.run.eval_batch_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from minigpt4.config import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="scan.py", description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser)
+    parser.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
+                        help="NIfTI files, DICOM series folders or zips, or folders of them")
+    parser.add_argument("--out", required=True, help="output folder (one subfolder per volume)")
+    parser.add_argument("--normalisation", choices=("paper", "window"), default="paper",
+                        help="slice normalisation, as the training PNGs were prepared (default paper)")
+    parser.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                        help="a volume that cannot be read: stop (exit 2) or record it (error.json, summary row) "
+                             "and go on")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty folder scan.py did not write (its files are kept)")
+    return parser
+
+
+def _slice_progress(name: str, n_slices: int):
+    from minigpt4.progress import progress
+
+    bar = progress(n_slices, f"{name} slices", unit="slice", leave=False)
+
+    def report(fraction: float, _description: str) -> None:
+        bar.update(round(fraction * n_slices) - bar.n)
+        if fraction >= 1.0:
+            bar.close()
+
+    return report
+
+
+def scan_volume(entry: ScanInput, out: Path, stages: Any, settings: Any, normalisation: str, checkpoints: list,
+                scan_config: dict) -> str:
+    """Read, scan and write one volume unless it is already done; returns ``done``/``skipped``.
+
+    Raises:
+        ValueError, OSError: the volume cannot be read (``InputError``) or written.
+    """
+    from minigpt4.inference.pipeline import scan_slices
+    from minigpt4.inference.volumes import load_volume
+    from minigpt4.scan_outputs import fingerprint, is_done, write_volume_outputs
+
+    folder = out / entry.name
+    volume_fingerprint = fingerprint([entry.path], checkpoints, scan_config)
+    if is_done(folder, volume_fingerprint):
+        return "skipped"
+    volume = load_volume(entry.path, normalisation)
+    result = scan_slices(stages, volume.slices, settings, _slice_progress(entry.name, volume.num_slices))
+    write_volume_outputs(folder, volume=entry.name, source=str(entry.path), geometry=volume.geometry, result=result,
+                         checkpoints=checkpoints, fingerprint=volume_fingerprint, slices=volume.slices,
+                         dicom_headers=volume.dicom_headers, extra={"config": scan_config})
+    return "done"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    """Scan every input volume; returns the ``summary.csv`` rows (rank 0; other ranks: [])."""
+    from minigpt4.config import load_config
+    from minigpt4.outputs import OutputFolder, check_output_folder
+    from minigpt4.scan_outputs import checkpoint_identities, collect_summary, shard, write_scan_json, write_summary
+    from minigpt4.scan_outputs.run import SCAN_FORMAT
+    from minigpt4.training.distributed import barrier, cleanup, init_distributed
+
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.cfg_path, args.options)
+    settings = scan_settings(cfg, args.cfg_path)
+    paths = cfg.cascade.stages.configured()
+    missing = [s for s in ("pancreas_detection", "tumor_classification", "tumor_detection") if s not in paths]
+    if missing:
+        raise ValueError(f"{args.cfg_path}: cascade.stages.{missing[0]} is not set (all three stages are needed)")
+    for stage, path in paths.items():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"cascade.stages.{stage}: checkpoint not found: {path}")
+    inputs = discover(args.inputs)  # every input checked before any model work
+    out = Path(args.out)
+    checkpoints = checkpoint_identities(paths)
+    scan_config = {"threshold": settings.threshold, "slice_threshold": settings.slice_threshold,
+                   "aggregation": settings.aggregation, "top_k": settings.top_k, "crop_margin": settings.crop_margin,
+                   "min_boxed_slices": settings.min_boxed_slices, "normalisation": args.normalisation,
+                   "max_new_tokens": cfg.model.generation.max_new_tokens}
+
+    # every rank checks --out before any rank writes: a refused folder stops them all, none waits
+    check_output_folder(out, COMMAND, lambda manifest: manifest.get("command") == COMMAND, args.overwrite,
+                        [e.path for e in inputs])
+    info = init_distributed(cfg.run.device)
+    try:
+        mine = set(shard([entry.name for entry in inputs], info.rank, info.world_size))
+        folder = OutputFolder(out, COMMAND, overwrite=args.overwrite, inputs=[e.path for e in inputs])
+        with folder if info.is_main else contextlib.nullcontext():
+            if info.is_main:
+                folder.keep()  # finished volumes are marked done: a failure keeps them, a re-run continues
+            barrier()  # the folder exists and is locked before any rank writes into it
+            try:
+                failure = _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info)
+            finally:
+                barrier()  # every rank has written (or recorded) its volumes
+            rows: list[dict] = []
+            if info.is_main:
+                rows = collect_summary(out, [entry.name for entry in inputs])
+                write_summary(out / "summary.csv", rows)
+                write_scan_json(out / "scan.json", scan_config, checkpoints, rows,
+                                extra={"inputs": {e.name: str(e.path) for e in inputs}})
+                failed = [row for row in rows if row["error"]]
+                folder.write_manifest({"format": SCAN_FORMAT, "status": "failed" if failed else "complete"})
+                print(f"scan.py: {len(rows) - len(failed)} volume(s) with complete outputs, {len(failed)} failed; "
+                      f"outputs in {out}", file=sys.stderr)
+                if failed and args.on_error == "stop" and failure is None:
+                    failure = ValueError(f"{failed[0]['volume']}: {failed[0]['error']}")
+            if failure is not None:
+                raise failure
+        return rows
+    finally:
+        cleanup()
+
+
+def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info) -> Optional[BaseException]:
+    """This rank's volumes; returns the error that stopped it (``--on-error stop``) or None."""
+    from minigpt4.models.stages import load_stages
+    from minigpt4.progress import progress
+    from minigpt4.scan_outputs import write_volume_error
+
+    stages = load_stages(cfg.model, paths, device=info.device)
+    bar = progress(len(mine), "volumes" if info.world_size == 1 else f"volumes (rank {info.rank})", unit="volume")
+    try:
+        for entry in inputs:
+            if entry.name not in mine:
+                continue
+            try:
+                status = scan_volume(entry, out, stages, settings, args.normalisation, checkpoints, scan_config)
+            except USER_ERRORS as err:
+                write_volume_error(out / entry.name, entry.name, error_message(err))
+                if args.on_error == "stop":
+                    return err
+                status = "failed"
+            bar.set_postfix(last=f"{entry.name} {status}")
+            bar.update(1)
+    finally:
+        bar.close()
+    return None
