@@ -593,7 +593,7 @@ def test_scan_of_a_dicom_upload_offers_report_boxes_and_seg(tmp_path):
     import nibabel as nib
     import pydicom
 
-    from minigpt4.inference.pipeline import SingleModel
+    from minigpt4.inference.pipeline import CascadeSettings, SingleModel
     from minigpt4.scan_outputs import read_dicom_source
     from preprocessing import synthetic
 
@@ -602,7 +602,7 @@ def test_scan_of_a_dicom_upload_offers_report_boxes_and_seg(tmp_path):
     model = ScriptedModel({PANCREAS_Q: "{<25><25><75><75>}", TUMOR_Q: "{<40><40><60><60>}"})
     weights = tmp_path / "stage.safetensors"
     weights.write_bytes(b"weights")
-    service = DemoService(model, stages=SingleModel(model), cascade={"threshold": 0.0},
+    service = DemoService(model, stages=SingleModel(model), cascade=CascadeSettings(threshold=0.0),
                           checkpoints={"tumor_detection": str(weights)})
     workdir = tmp_path / "work"
     workdir.mkdir()
