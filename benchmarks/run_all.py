@@ -290,6 +290,19 @@ def render_eval(r: dict) -> str:
     same = min(row["same_answers_as_first"] for row in rows)
     lines += ["", "Batching changed no answer." if same == 1.0 else
               f"**Batching changed answers**: as few as {100 * same:.0f} % equal to batch {rows[0]['batch']}."]
+    cascade = r.get("cascade") or []
+    if cascade:
+        first = cascade[0]
+        lines += ["", f"The three-stage cascade on {first['slices']} slices (every slice through all three stages, "
+                  f"batch {first['batch']}): encoding each slice once for stages 1 and 3 (the frozen ViT is shared; "
+                  "stage 2 encodes its crop) against encoding per stage, same run:", "",
+                  "| tower encoding | tower passes per slice | slices/s | speed-up | answers equal to per stage |",
+                  "|---|---:|---:|---:|---:|"]
+        for row in cascade:
+            lines.append(f"| {'once (stages 1 and 3 share)' if row['encode_once'] else 'per stage'} | "
+                         f"{row['tower_passes_per_slice']} | {row['slices_per_s']:.2f} | "
+                         f"{row['slices_per_s'] / first['slices_per_s']:.2f}× | "
+                         f"{'yes' if row['same_answers_as_per_stage'] else '**no**'} |")
     return "\n".join(lines)
 
 
@@ -641,9 +654,15 @@ def _summary_train(r: dict) -> str:
 
 def _summary_eval(r: dict) -> str:
     rows = r["rows"]
-    return (f"| Evaluation (tiny, CPU) | batch {rows[-1]['batch']}: {rows[-1]['samples_per_s']:.2f} samples/s "
+    line = (f"| Evaluation (tiny, CPU) | batch {rows[-1]['batch']}: {rows[-1]['samples_per_s']:.2f} samples/s "
             f"| batch {rows[0]['batch']}: {rows[0]['samples_per_s']:.2f} samples/s "
             f"| {rows[-1]['samples_per_s'] / rows[0]['samples_per_s']:.1f}× |")
+    cascade = {row["encode_once"]: row for row in r.get("cascade") or []}
+    if True in cascade and False in cascade:
+        once, per_stage = cascade[True]["slices_per_s"], cascade[False]["slices_per_s"]
+        line += (f"\n| Cascade (tiny, CPU) | encode once: {once:.2f} slices/s | per stage: {per_stage:.2f} slices/s "
+                 f"| {once / per_stage:.2f}× |")
+    return line
 
 
 def _summary_tc(r: dict) -> str:

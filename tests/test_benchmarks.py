@@ -528,3 +528,20 @@ def test_regenerated_report_keeps_the_hand_measured_full_size_load_section(tmp_p
     assert keep_manual_sections(report, previous) == (
         "# Benchmarks\n\n## Eval\n\nnew\n\n" + section + "\n## GPU (full size)\n\nnew gpu\n")
     assert keep_manual_sections(report, tmp_path / "absent.md") == report
+
+
+def test_eval_report_shows_the_cascade_rows_and_their_ratio():
+    from benchmarks.run_all import _summary_eval, render_eval
+
+    rows = [{"batch": 1, "samples": 8, "samples_per_s": 2.0, "mean_answer_tokens": 9.0, "same_answers_as_first": 1.0},
+            {"batch": 16, "samples": 8, "samples_per_s": 8.0, "mean_answer_tokens": 9.0, "same_answers_as_first": 1.0}]
+    cascade = [{"slices": 16, "batch": 16, "encode_once": False, "tower_passes_per_slice": 3, "slices_per_s": 2.5,
+                "same_answers_as_per_stage": True},
+               {"slices": 16, "batch": 16, "encode_once": True, "tower_passes_per_slice": 2, "slices_per_s": 3.5,
+                "same_answers_as_per_stage": True}]
+    text = render_eval({"device": "CPU", "build_s": 1.0, "rows": rows, "cascade": cascade})
+    assert "| per stage | 3 | 2.50 | 1.00× | yes |" in text
+    assert "| once (stages 1 and 3 share) | 2 | 3.50 | 1.40× | yes |" in text
+    assert _summary_eval({"rows": rows, "cascade": cascade}).splitlines()[1] == (
+        "| Cascade (tiny, CPU) | encode once: 3.50 slices/s | per stage: 2.50 slices/s | 1.40× |")
+    assert "Cascade" not in _summary_eval({"rows": rows})  # older results without the cascade row
