@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -299,11 +300,15 @@ class Payload:
 
 def test_a_foreign_pth_never_echoes_torch_advice(tmp_path, capsys):
     torch.save({"x": Payload()}, tmp_path / "foreign.pth")
-    (tmp_path / "random.pth").write_bytes(os.urandom(4096))
-    for name in ("foreign.pth", "random.pth"):
+    # random bytes: most fail in torch's unpickler, some (≈ 7 %) earlier with IndexError/KeyError/...;
+    # every way must end in our one line (seeded, so a failure reproduces)
+    rng = np.random.default_rng(0)
+    for seed in range(12):
+        (tmp_path / f"random{seed}.pth").write_bytes(rng.bytes(4096))
+    for name in ("foreign.pth", *(f"random{seed}.pth" for seed in range(12))):
         status, err = _export(capsys, "--ckpt", tmp_path / name, "--out", tmp_path / f"out_{name}")
         assert status == 2 and len(err.splitlines()) == 1, err
-        assert f"{tmp_path / name}: cannot be read with torch.load(weights_only=True): not a plain tensor" in err
+        assert f"{tmp_path / name}: cannot be read with torch.load(weights_only=True): not a " in err
         assert "weights_only=False" not in err and "Weights only load failed" not in err
     assert "it would run Python code: " in _export(capsys, "--ckpt", tmp_path / "foreign.pth",
                                                    "--out", tmp_path / "o")[1]
