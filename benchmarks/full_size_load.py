@@ -457,7 +457,7 @@ def phase_load(entry: str, folder: Path, s: Sizes) -> dict:
         t0 = time.perf_counter()
         if entry == "train":
             from minigpt4.models.minigpt_v2 import build_model
-            from minigpt4.training.trainer import check_weight_files
+            from minigpt4.training.checks import check_weight_files
 
             cfg = load_config(STAGE1, [*options, f"model.init_from={folder / STAGE3_FILE}"])
             check_weight_files(cfg)

@@ -122,12 +122,12 @@ def test_checkpoints_record_their_task_and_stages_refuse_the_wrong_one(tmp_path,
     from minigpt4.evaluation.leakage import PROVENANCE_SCHEMA
     from minigpt4.models.checkpoints import TASKS_KEY, checkpoint_tasks, read_metadata
     from minigpt4.models.minigpt_v2 import build_model
-    from minigpt4.training.trainer import _write_checkpoint
+    from minigpt4.training.state import write_checkpoint
     from tests.test_checkpoints import release_state, save_release_pth
 
     # the trainer writes the run's tasks into the checkpoint header
     cfg = Config(datasets={"abd": DatasetConfig(root="x", task="organ_detection")})
-    folder = _write_checkpoint(build_model(tiny_model_config()), cfg, tmp_path / "run", "checkpoint_epoch_0", {})
+    folder = write_checkpoint(build_model(tiny_model_config()), cfg, tmp_path / "run", "checkpoint_epoch_0", {})
     assert json.loads(read_metadata(folder)[2][TASKS_KEY]) == ["organ_detection"]
     sabd = str(folder)
     s1, s2, s3 = (_save(tmp_path / s, tasks=[s]) for s in STAGES)

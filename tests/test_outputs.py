@@ -316,7 +316,7 @@ def test_a_foreign_pth_never_echoes_torch_advice(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- training files
 def test_truncated_training_state_names_the_file(tmp_path):
-    from minigpt4.training.trainer import load_training_state
+    from minigpt4.training.state import load_training_state
 
     model = torch.nn.Linear(40, 40)
     optimizer = torch.optim.AdamW(model.parameters())

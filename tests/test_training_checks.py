@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from minigpt4.config import ConfigError, load_config
-from minigpt4.training.trainer import precision_mismatch, train
+from minigpt4.training.checks import precision_mismatch
+from minigpt4.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "train_configs" / "quickstart_cpu.yaml"

@@ -100,7 +100,7 @@ def load_task_records(cfg: Config, task: str, split: str, q_ids: Optional[Sequen
     Returns:
         ``(records, summary)`` with ``summary[name] = {root, task, threshold, n}``.
     """
-    from minigpt4.training.trainer import load_split_records  # the trainer's reader of datasets
+    from minigpt4.training.checks import load_split_records  # the trainer's reader of datasets
 
     subset = dataclasses.replace(cfg, datasets={n: d for n, d in cfg.datasets.items() if d.task == task})
     records, summary = [], {}
@@ -287,7 +287,7 @@ def _feature_cache(cfg: Config, model: Any):
 
 def _build_model(cfg: Config):
     from minigpt4.models.minigpt_v2 import build_model
-    from minigpt4.training.trainer import check_weight_files
+    from minigpt4.training.checks import check_weight_files
 
     check_weight_files(cfg)
     return build_model(cfg.model, device=cfg.run.device)

@@ -4,7 +4,8 @@ What it does, in order:
 
 1. checks everything that can be checked before a model is built — weight files named in the
    config, every dataset's ``train`` (and, with ``run.validate``, ``val``) records and image files,
-   the checkpoint to resume — so bad input fails in seconds, not after loading 7 B parameters;
+   the checkpoint to resume (:mod:`minigpt4.training.checks`) — so bad input fails in seconds, not
+   after loading 7 B parameters;
 2. builds the model (``build_model``: EVA, LLaMA, ``init_from``), the datasets and the mixing plan
    (:mod:`minigpt4.training.sampler`), AdamW (weight decay on ≥2-D tensors only) and the per-step
    warm-up + cosine schedule (:mod:`minigpt4.training.schedule`); with ``run.cache_visual_features``
@@ -13,7 +14,8 @@ What it does, in order:
    with ``run.compile`` compiles each decoder layer / EVA block (``model.compile_regions``);
 3. restores a run exactly when resuming (``run.resume``: a checkpoint folder or ``auto`` = the
    folder named in ``<output_dir>/checkpoint_latest``): trainable weights, optimizer, schedule,
-   GradScaler, every RNG and the step counter (which is the whole data position);
+   GradScaler, every RNG and the step counter (which is the whole data position;
+   :mod:`minigpt4.training.state` reads and writes checkpoint folders);
 4. trains with gradient accumulation, bf16 autocast on GPU (fp16 + GradScaler on request, fp32
    on CPU) and DDP under torchrun; logs to a progress display (:mod:`minigpt4.progress`: tqdm on
    a terminal, a line every 5 % in a log) and ``log.jsonl``;
@@ -45,9 +47,7 @@ import contextlib
 import logging
 import math
 import os
-import pickle
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -58,32 +58,33 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from minigpt4.config import ORGANS, Config, ConfigError, check_feature_cache, save_config
-from minigpt4.data.datasets import MixedDataset, TaskDataset, check_records, collate_samples
-from minigpt4.io import read_jsonl, to_json, write_jsonl_atomic, write_text_atomic
+from minigpt4.config import Config, check_feature_cache, save_config
+from minigpt4.data.datasets import MixedDataset, TaskDataset, collate_samples
+from minigpt4.io import read_jsonl, to_json, write_jsonl_atomic
 from minigpt4.training import distributed as D
+from minigpt4.training.checks import (
+    check_prompt_wording,
+    check_resume_config,
+    check_weight_files,
+    load_split_records,
+    precision_mismatch,
+)
 from minigpt4.training.sampler import MixPlan
 from minigpt4.training.schedule import WarmupCosineSchedule
-from minigpt4.utils import dtype_name, resolve_dtype, rng_state, seed_everything, set_rng_state
+from minigpt4.training.state import (
+    LATEST_POINTER,
+    STATE_FORMAT,
+    TRAINING_STATE,
+    copy_as_best,
+    load_training_state,
+    resolve_resume,
+    write_checkpoint,
+)
+from minigpt4.utils import resolve_dtype, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "TrainResult",
-    "train",
-    "check_weight_files",
-    "load_split_records",
-    "resolve_resume",
-    "build_optimizer",
-    "TRAINING_STATE",
-    "LATEST_POINTER",
-    "BEST_FOLDER",
-]
-
-TRAINING_STATE = "training_state.pt"
-LATEST_POINTER = "checkpoint_latest"
-BEST_FOLDER = "checkpoint_best"
-STATE_FORMAT = 1
+__all__ = ["TrainResult", "train", "build_optimizer"]
 
 
 @dataclass
@@ -100,180 +101,6 @@ class TrainResult:
     best_score: Optional[float] = None
     best_epoch: Optional[int] = None
     resumed_from: Optional[Path] = None
-
-
-# --------------------------------------------------------------------------- checks before training
-
-
-def check_weight_files(cfg: Config) -> None:
-    """Every weight file the config names must exist before anything is built.
-
-    Raises:
-        FileNotFoundError: naming the config key and the path.
-    """
-    model = cfg.model
-    named = {
-        "model.vision.weights": model.vision.weights,
-        "model.text.path": model.text.path,
-        "model.text.tokenizer": model.text.tokenizer,
-        "model.init_from": model.init_from,
-        "model.ckpt": model.ckpt,
-    }
-    for key, value in named.items():
-        if value and not Path(value).exists():
-            hint = ""
-            if key == "model.init_from" and "checkpoint_best" in str(value):
-                hint = " (a cascade stage starts from the previous stage's checkpoint_best: train that stage first)"
-            elif key != "model.init_from" or "stage3" in Path(value).name:
-                hint = _weights_source(key)
-            raise FileNotFoundError(f"{key}={value}: file or folder not found{hint}")
-
-
-def _weights_source(key: str) -> str:
-    """``"; get <where the README says>"`` for a config key naming downloadable weights, else ``""``."""
-    from minigpt4.models.checkpoints import STAGE3_SOURCE
-    from minigpt4.models.eva_vit import EVA_SOURCE
-    from minigpt4.models.llama import LLAMA_SOURCE
-
-    sources = {"model.vision.weights": EVA_SOURCE, "model.text.path": LLAMA_SOURCE,
-               "model.text.tokenizer": f"tokenizer.model from {LLAMA_SOURCE}", "model.init_from": STAGE3_SOURCE}
-    return f"; get {sources[key]} (README, 'Weights')" if key in sources else ""
-
-
-def load_split_records(cfg: Config, split: str) -> list[tuple[str, str, float, list[dict]]]:
-    """``(name, task, sample_ratio, records)`` for every configured dataset, checked.
-
-    Raises:
-        ConfigError: no dataset configured.
-        FileNotFoundError / ValueError: missing folder or images, empty split (named).
-    """
-    from preprocessing.layout import read_prepared  # the one reader of prepared folders
-
-    if not cfg.datasets:
-        raise ConfigError("no datasets configured: add at least one entry under 'datasets:'")
-    out = []
-    for name, ds in cfg.datasets.items():
-        source = f"datasets.{name} ({ds.root}, {ds.task}, split {split})"
-        # organs only for organ_detection and only when narrowed: any organs= makes the reader reselect
-        narrowed = ds.task == "organ_detection" and sorted(ds.organs) != sorted(ORGANS)
-        records = read_prepared(ds.root, ds.task, split, threshold=ds.threshold, organs=list(ds.organs) if narrowed else None)
-        check_records(records, ds.task, source=source)
-        out.append((name, ds.task, float(ds.sample_ratio), records))
-    return out
-
-
-def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
-    """``run.resume`` → a checkpoint folder or None.
-
-    ``auto`` = the folder named in ``<output_dir>/checkpoint_latest`` (None when the run has no
-    checkpoint yet, so ``resume: auto`` also starts a fresh run); a path must be a checkpoint
-    folder holding ``training_state.pt``.
-    """
-    if resume is None:
-        return None
-    if resume == "auto":
-        pointer = output_dir / LATEST_POINTER
-        if not pointer.is_file():
-            return None
-        folder = output_dir / pointer.read_text().strip()
-    else:
-        folder = Path(resume)
-    if not (folder / TRAINING_STATE).is_file():
-        raise FileNotFoundError(f"run.resume={resume}: {folder / TRAINING_STATE} not found (not a training checkpoint)")
-    return folder
-
-
-RESUME_COMPARED_RUN_KEYS = (
-    "seed", "max_epoch", "iters_per_epoch", "batch_size", "grad_accum_steps", "init_lr", "min_lr",
-    "warmup_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "amp",
-)
-"""``run`` keys that change the trained weights (data order, optimisation, schedule: max_epoch
-sets the cosine length). The other run keys may differ on resume: where and when to stop
-(max_steps, resume), where and how to log or validate (output_dir, log_interval, validate,
-val_max_samples, eval_*), and speed/memory options (device, num_workers, cache_images, ...)."""
-RESUME_IGNORED_MODEL_KEYS = ("model.ckpt", "model.gradient_checkpointing", "model.checkpoint_every")
-"""``model`` keys that do not change training: the weights to *evaluate*, and recomputation
-for memory (the same numbers). Every other model and datasets key must match."""
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out or {prefix.rstrip("."): {}}
-    return {prefix.rstrip("."): tree}
-
-
-def resume_config_differences(cfg: Config, saved: dict) -> dict[str, tuple[Any, Any]]:
-    """``{key: (saved value, this config's value)}`` for the result-changing keys that differ.
-
-    Compared: every ``model`` key except :data:`RESUME_IGNORED_MODEL_KEYS`, every ``datasets``
-    key (a dataset added or removed counts), and :data:`RESUME_COMPARED_RUN_KEYS`. A model or run
-    key missing from the saved file (written by an older version) is not compared.
-    """
-    from omegaconf import OmegaConf
-
-    now = OmegaConf.to_container(OmegaConf.structured(cfg))
-    assert isinstance(now, dict)
-    before, current = _flatten(saved), _flatten(now)
-    keys = {k for k in current if k.startswith("model.")} | {f"run.{k}" for k in RESUME_COMPARED_RUN_KEYS}
-    keys = {k for k in keys if k in before} - set(RESUME_IGNORED_MODEL_KEYS)
-    keys |= {k for k in set(before) | set(current) if k.startswith("datasets")}
-    missing = object()
-    return {k: (before.get(k, "(absent)"), current.get(k, "(absent)")) for k in sorted(keys)
-            if before.get(k, missing) != current.get(k, missing)}
-
-
-def check_resume_config(cfg: Config, checkpoint: Path) -> None:
-    """Refuse to resume ``checkpoint`` with a config that would train something else.
-
-    The checkpoint's ``config.yaml`` (the resolved config of the run that wrote it) is compared
-    with ``cfg`` by :func:`resume_config_differences`.
-
-    Raises:
-        ValueError: naming the saved config file and every differing key, with both values.
-    """
-    from omegaconf import OmegaConf
-
-    saved_path = checkpoint / "config.yaml"
-    if not saved_path.is_file():  # a checkpoint of an older version: nothing to compare
-        return
-    try:
-        saved = OmegaConf.to_container(OmegaConf.load(saved_path))
-    except Exception as err:  # omegaconf/yaml raise many types
-        raise ValueError(f"{saved_path}: unreadable config of the run to resume ({err})") from None
-    if not isinstance(saved, dict) or "model" not in saved:
-        raise ValueError(f"{saved_path}: not a training config (no 'model' section)")
-    diff = resume_config_differences(cfg, saved)
-    if diff:
-        shown = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in list(diff.items())[:10])
-        more = f" (and {len(diff) - 10} more)" if len(diff) > 10 else ""
-        raise ValueError(
-            f"run.resume={cfg.run.resume}: {checkpoint} belongs to a run of another config ({saved_path}); "
-            f"differing keys: {shown}{more}. Use another run.output_dir for the new run, set these keys "
-            f"back to continue the old one, or run.resume=null to start over in this folder"
-        )
-
-
-def load_training_state(path: Path) -> dict:
-    """``torch.load`` of a ``training_state.pt`` (weights only), with an error naming the file.
-
-    Raises:
-        ValueError: truncated, corrupt or not a training state (the message says what to do).
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as err:
-        # a truncated zip can surface as OSError(EINVAL) from a seek, without the file's name
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(
-            f"{path}: truncated or unreadable training state ({first}); resume from another checkpoint "
-            f"(run.resume=<folder>) or delete {path.parent} and its name in {LATEST_POINTER}"
-        ) from None
-    if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
-        raise ValueError(f"{path}: not a training state of this project (no step/optimizer entries)")
-    return state
 
 
 # --------------------------------------------------------------------------- optimisation pieces
@@ -296,27 +123,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
         [g for g in groups if g["params"]], lr=run.init_lr, betas=(run.beta1, run.beta2), weight_decay=run.weight_decay,
         fused=True if on_cuda else None,
     )
-
-
-def precision_mismatch(weights: torch.dtype, autocast: Optional[torch.dtype]) -> Optional[str]:
-    """Why frozen ``weights`` of one half precision under ``autocast`` to the other are a problem
-    (``model.dtype`` vs ``run.amp``), None when they agree (fp32 weights or no autocast included)."""
-    halves = (torch.float16, torch.bfloat16)
-    if weights not in halves or autocast not in halves or weights == autocast:
-        return None
-    return (f"model.dtype gives {dtype_name(weights)} weights but run.amp autocasts to {dtype_name(autocast)}: "
-            "every matmul re-rounds the frozen weights to the other half precision (fp16 → bf16 loses 3 mantissa "
-            "bits; bf16 → fp16 can overflow past 65504); set both to the same precision (or both to auto)")
-
-
-def check_prompt_wording(cfg: Config) -> None:
-    """Training uses MiniGPT-v2's training stream: ``model.prompts.wording: release`` (the release's
-    inference stream and evaluation wording) is for the zero-shot baseline only."""
-    if cfg.model.prompts.wording != "paper":
-        raise ConfigError(
-            f"model.prompts.wording={cfg.model.prompts.wording} is the release's inference stream for the zero-shot "
-            "MiniGPT-v2 baseline; training uses MiniGPT-v2's training stream (model.prompts.wording=paper)"
-        )
 
 
 def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -354,43 +160,7 @@ def _truncate_jsonl(path: Path, keep) -> None:
         write_jsonl_atomic(path, [row for row in read_jsonl(path) if keep(row)])
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _replace_folder(tmp: Path, final: Path) -> None:
-    """Move a finished temp folder onto ``final``; the old one is removed only afterwards."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _write_checkpoint(model: torch.nn.Module, cfg: Config, output_dir: Path, name: str, state: dict,
-                      provenance: Optional[dict] = None) -> Path:
-    from minigpt4.models.checkpoints import save_checkpoint
-
-    final = output_dir / name
-    tmp = output_dir / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    # the tasks it learned, so a cascade can refuse it for another stage (models/stages.py)
-    save_checkpoint(model, tmp, cfg, provenance, tasks=[ds.task for ds in cfg.datasets.values()])
-    torch.save(state, tmp / TRAINING_STATE)
-    _replace_folder(tmp, final)
-    write_text_atomic(output_dir / LATEST_POINTER, name + "\n")
-    return final
-
-
-def _copy_as_best(folder: Path, output_dir: Path) -> None:
-    tmp = output_dir / f".{BEST_FOLDER}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(folder, tmp)
-    _replace_folder(tmp, output_dir / BEST_FOLDER)
+# --------------------------------------------------------------------------- feature cache and validation
 
 
 def attach_feature_cache(model, datasets: list, cfg: Config, amp_dtype: Optional[torch.dtype], rank: int = 0,
@@ -599,7 +369,7 @@ def train(cfg: Config, overwrite: bool = False, allow_unknown_provenance: bool =
                     "rng": rngs,
                     "best": {"score": best_score, "epoch": best_epoch},
                 }
-                folder = _write_checkpoint(model, cfg, output_dir, name, state, provenance)
+                folder = write_checkpoint(model, cfg, output_dir, name, state, provenance)
                 out_folder.keep()  # resumable from here: a later failure keeps the folder
             D.barrier()
             return folder
@@ -685,7 +455,7 @@ def train(cfg: Config, overwrite: bool = False, allow_unknown_provenance: bool =
             folder = save(f"checkpoint_epoch_{epoch}", epoch + 1)
             if main:
                 if is_best or (not run.validate):
-                    _copy_as_best(folder, output_dir)  # without validation: the latest epoch
+                    copy_as_best(folder, output_dir)  # without validation: the latest epoch
                 if run.validate:
                     _append_jsonl(output_dir / "val_metrics.jsonl", {
                         "epoch": epoch, "step": step, "score": score, "best": is_best, "tasks": per_task,
