@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from minigpt4.config import ConfigError
-from minigpt4.evaluation import cascade
+from minigpt4.evaluation import cascade, operating_points
 from minigpt4.inference import pipeline
 from minigpt4.io import read_json, read_jsonl
 from tests.tiny import random_checkpoints, tiny_images, tiny_model_config
@@ -155,16 +155,16 @@ def test_grid_box_to_the_widest_inclusive_pixel_box():
 
 
 def test_aggregation_and_threshold_by_hand():
-    assert cascade.aggregate([0.2, None, 0.9, 0.5, 0.7], "max", 3) == 0.9
-    assert cascade.aggregate([0.2, None, 0.9, 0.5, 0.7], "top_k_mean", 3) == pytest.approx((0.9 + 0.7 + 0.5) / 3)
-    assert cascade.aggregate([0.4, 0.8], "top_k_mean", 3) == pytest.approx(0.6)  # fewer than k: all
-    assert cascade.aggregate([None, None], "max", 3) == 0.0  # no crop anywhere
+    assert pipeline.aggregate([0.2, None, 0.9, 0.5, 0.7], "max", 3) == 0.9
+    assert pipeline.aggregate([0.2, None, 0.9, 0.5, 0.7], "top_k_mean", 3) == pytest.approx((0.9 + 0.7 + 0.5) / 3)
+    assert pipeline.aggregate([0.4, 0.8], "top_k_mean", 3) == pytest.approx(0.6)  # fewer than k: all
+    assert pipeline.aggregate([None, None], "max", 3) == 0.0  # no crop anywhere
     # volumes: tumor scores 0.9, 0.6, 0.3; healthy 0.5, 0.2. Youden's J by threshold:
     # t=0.9: 1/3+1-1 = 0.333; t=0.6: 2/3+1-1 = 0.667; t=0.5: 2/3+1/2-1 = 0.167; t=0.3: 1+1/2-1 = 0.5
     labels, scores = [True, True, True, False, False], [0.9, 0.6, 0.3, 0.5, 0.2]
-    assert cascade.choose_threshold(labels, scores) == 0.6
-    assert cascade.sensitivity_specificity(np.array(labels), np.array(scores), 0.6) == (pytest.approx(2 / 3), 1.0)
-    assert cascade.choose_threshold([True, True], [0.1, 0.2]) is None  # one class: undefined
+    assert operating_points.choose_threshold(labels, scores) == 0.6
+    assert operating_points.sensitivity_specificity(np.array(labels), np.array(scores), 0.6) == (pytest.approx(2 / 3), 1.0)
+    assert operating_points.choose_threshold([True, True], [0.1, 0.2]) is None  # one class: undefined
 
 
 def test_patient_level_on_a_small_synthetic_case():
@@ -175,22 +175,22 @@ def test_patient_level_on_a_small_synthetic_case():
                 for v, t in zip(p, tumor)]
 
     val = rows("a", [0.9, 0.1, 0.1], [1, 0, 0]) + rows("b", [0.6, 0.5, 0.4], [0, 1, 1]) + rows("c", [0.7, 0.0, 0.0], [0, 0, 0])
-    patients = cascade.patient_scores(val, top_k=2)
+    patients = operating_points.patient_scores(val, top_k=2)
     assert patients[("MSD", "a")] == {"dataset": "MSD", "label": True, "scores": {"max": 0.9, "top_k_mean": pytest.approx(0.5)},
                                       "n_boxed": 3, "inconclusive": False}
     assert patients[("MSD", "b")]["scores"] == {"max": 0.6, "top_k_mean": pytest.approx(0.55)}
     assert patients[("MSD", "c")]["scores"] == {"max": 0.7, "top_k_mean": pytest.approx(0.35)}
-    selection = cascade.select_operating_point(patients, "auto", None)
+    selection = operating_points.select_operating_point(patients, "auto", None)
     # max: tumor 0.9, 0.6 vs healthy 0.7 → AUC 1/2; top-2 mean: 0.5, 0.55 vs 0.35 → AUC 1
     assert selection["val_auc"] == {"max": 0.5, "top_k_mean": 1.0}
     assert selection["aggregation"] == "top_k_mean"
     assert selection["threshold"] == pytest.approx(0.5)  # lowest tumor score: sens 1, spec 1
     assert selection["thresholds"]["max"] == 0.9  # J: t=0.9 → 0.5, t=0.7 → −0.5, t=0.6 → 0
-    metrics = cascade.patient_metrics(patients, selection["thresholds"], n_boot=0, seed=0)["inconclusive_excluded"]
+    metrics = operating_points.patient_metrics(patients, selection["thresholds"], n_boot=0, seed=0)["inconclusive_excluded"]
     assert metrics["top_k_mean"]["auc"] == 1.0
     assert (metrics["top_k_mean"]["sensitivity"], metrics["top_k_mean"]["specificity"]) == (1.0, 1.0)
     assert (metrics["max"]["sensitivity"], metrics["max"]["specificity"]) == (0.5, 1.0)
-    fixed = cascade.select_operating_point(patients, "max", 0.65)
+    fixed = operating_points.select_operating_point(patients, "max", 0.65)
     assert (fixed["aggregation"], fixed["threshold"]) == ("max", 0.65)
 
 
@@ -320,7 +320,7 @@ def test_demo_serves_three_stages_routes_tasks_and_scans_with_the_cascade(tmp_pa
     result = service.scan_volume(volume)
     expected = pipeline.run_stages(service.stages, list(volume), pipeline.CascadeSettings(threshold=0.3, batch_size=4))
     assert [r.p_tumor for r in result.rows] == [e.p_tumor for e in expected]
-    assert result.patient.score == pytest.approx(cascade.aggregate([e.p_tumor for e in expected], "top_k_mean", 2))
+    assert result.patient.score == pytest.approx(pipeline.aggregate([e.p_tumor for e in expected], "top_k_mean", 2))
     boxed = sum(e.pancreas_box is not None for e in expected)
     assert result.patient.n_slices_boxed == boxed
     assert result.patient.decision == ("inconclusive" if boxed == 0 else "tumor" if result.patient.score >= 0.3 else "no tumor")

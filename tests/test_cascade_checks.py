@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt4.evaluation import cascade
+from minigpt4.evaluation import cascade, operating_points
 from minigpt4.inference import pipeline
 from tests.test_cascade import STAGES, _cascade_config, prepare_phantoms
 from tests.tiny import random_checkpoints, tiny_model_config
@@ -204,15 +204,15 @@ def test_tc_slices_auc_on_all_and_boxed_slices_and_accuracy_at_the_slice_thresho
 def test_slice_threshold_is_chosen_on_val_slices_apart_from_the_patient_threshold():
     val = [{"p_tumor": p, "has_tumor": t} for p, t in [(0.9, True), (0.4, True), (0.35, False), (0.2, False), (None, True)]]
     # J: t=0.9 → 0.5; t=0.4 → 1 + 1 − 1 = 1; t=0.35 → 1 + 0.5 − 1 = 0.5
-    assert cascade.choose_slice_threshold(val, None) == {
+    assert operating_points.choose_slice_threshold(val, None) == {
         "n_val_slices_scored": 4, "n_val_tumor_slices_scored": 2, "slice_threshold": 0.4,
         "slice_threshold_rule": "Youden's J of slice P(tumor) on val"}
-    assert cascade.choose_slice_threshold(val, 0.7)["slice_threshold"] == 0.7
+    assert operating_points.choose_slice_threshold(val, 0.7)["slice_threshold"] == 0.7
     val_patients = {("NIH", "v"): {"dataset": "NIH", "label": False, "scores": {"max": 0.2, "top_k_mean": 0.2}, "n_boxed": 2,
                                    "inconclusive": False}}
-    assert cascade.select_operating_point(val_patients, "max", None)["threshold_rule"] == \
+    assert operating_points.select_operating_point(val_patients, "max", None)["threshold_rule"] == \
         "0.5: the conclusive val volumes hold one class only"  # not called Youden's J
-    one_class = cascade.choose_slice_threshold([{"p_tumor": 0.3, "has_tumor": False}], None)
+    one_class = operating_points.choose_slice_threshold([{"p_tumor": 0.3, "has_tumor": False}], None)
     assert one_class["slice_threshold"] == 0.5 and "one class only" in one_class["slice_threshold_rule"]
 
 
@@ -305,9 +305,9 @@ def test_patient_metrics_count_inconclusive_volumes_both_ways():
                                         "n2": (False, 0.0, 0)}.items():
         rows += [{"dataset": "MSD", "volume_name": name, "has_tumor": label and k == 0, "p_tumor": score if k < boxed else None,
                   "pancreas_box": (1, 1, 5, 5) if k < boxed else None} for k in range(4)]
-    patients = cascade.patient_scores(rows, top_k=2, min_boxed_slices=2)
+    patients = operating_points.patient_scores(rows, top_k=2, min_boxed_slices=2)
     assert {k[1]: v["inconclusive"] for k, v in patients.items()} == {"t1": False, "t2": True, "n1": False, "n2": True}
-    m = cascade.patient_metrics(patients, {"max": 0.5, "top_k_mean": 0.5}, n_boot=0, seed=0)
+    m = operating_points.patient_metrics(patients, {"max": 0.5, "top_k_mean": 0.5}, n_boot=0, seed=0)
     assert (m["n_volumes"], m["n_tumor"], m["n_inconclusive"], m["n_inconclusive_tumor"]) == (4, 2, 2, 1)
     pos = m["inconclusive_as_positive"]["max"]
     # as positive: t1 0.9, t2 +inf vs n1 0.2, n2 +inf → pairs 1, 0, 1, ½ → AUC 0.625; n2 is a false positive
@@ -320,17 +320,17 @@ def test_patient_metrics_count_inconclusive_volumes_both_ways():
 
 # ----------------------------------------------------------------------------- 18.11 screening points
 def test_screening_thresholds_by_hand():
-    assert [cascade.negatives_needed(s) for s in (0.95, 0.99, 0.999)] == [20, 100, 1000]
+    assert [operating_points.negatives_needed(s) for s in (0.95, 0.99, 0.999)] == [20, 100, 1000]
     negatives = [k / 100 for k in range(20)]  # 0.00 … 0.19
     positives = [0.185, 0.5, 0.05]
     labels = [False] * 20 + [True] * 3
     scores = negatives + positives
     # ≥ 95 % of 20: one negative may be called; the lowest such threshold is 0.185 (0.19 called, 0.18 not)
-    assert cascade.screening_threshold(labels, scores, 0.95) == 0.185
-    assert cascade.sensitivity_specificity(np.array(labels), np.array(scores), 0.185) == (pytest.approx(2 / 3), 0.95)
+    assert operating_points.screening_threshold(labels, scores, 0.95) == 0.185
+    assert operating_points.sensitivity_specificity(np.array(labels), np.array(scores), 0.185) == (pytest.approx(2 / 3), 0.95)
     # 100 %: above every negative
-    assert cascade.screening_threshold(labels, scores, 1.0) == 0.5
-    assert cascade.screening_threshold([False, False], [0.3, 0.3], 1.0) > 0.3  # nothing called positive
+    assert operating_points.screening_threshold(labels, scores, 1.0) == 0.5
+    assert operating_points.screening_threshold([False, False], [0.3, 0.3], 1.0) > 0.3  # nothing called positive
 
 
 def test_operating_points_chosen_on_val_with_test_rates_and_the_99_percent_rule():
@@ -342,7 +342,7 @@ def test_operating_points_chosen_on_val_with_test_rates_and_the_99_percent_rule(
                     "p3": (True, 0.05), "u": (True, None)})
     test = patients({"a": (True, 0.9), "b": (True, 0.1), "c": (False, 0.3), "d": (False, 0.01), "e": (True, None)})
     selection = {"aggregation": "max", "threshold": 0.5, "threshold_rule": "Youden's J on val"}
-    points = cascade.operating_points(val, test, selection, n_boot=0, seed=0)
+    points = operating_points.operating_points(val, test, selection, n_boot=0, seed=0)
     assert points["n_val_negative"] == 20
     p95 = points["specificity_95"]
     assert (p95["threshold"], p95["val_specificity"]) == (0.185, 0.95)
@@ -353,12 +353,12 @@ def test_operating_points_chosen_on_val_with_test_rates_and_the_99_percent_rule(
     assert p99["threshold"] is None and "test" not in p99
     assert p99["reason"] == "val has 20 negative volume(s); verifying specificity >= 99% needs at least 100 (one false positive in 100)"
     assert points["youden"]["threshold"] == 0.5 and points["youden"]["test"]["inconclusive_excluded"]["sensitivity"] == 0.5
-    with_ci = cascade.operating_points(val, test, selection, n_boot=50, seed=0)["specificity_95"]["test"]["inconclusive_excluded"]
+    with_ci = operating_points.operating_points(val, test, selection, n_boot=50, seed=0)["specificity_95"]["test"]["inconclusive_excluded"]
     assert set(with_ci["ci95"]) == {"sensitivity", "specificity"}
     table = cascade.cascade_tables({
         "slice": cascade.slice_metrics([], None), "selection": {**selection, "n_val_volumes": 24, "n_val_inconclusive": 1,
                                                                 "n_val_tumor": 3, "notes": [], "slice_threshold_rule": "x"},
-        "patient": {**cascade.patient_metrics(test, {"max": 0.5, "top_k_mean": 0.5}, 0, 0), "operating_points": points,
+        "patient": {**operating_points.patient_metrics(test, {"max": 0.5, "top_k_mean": 0.5}, 0, 0), "operating_points": points,
                     "pancreas_iou_3d": None, "n_pancreas_volumes": 0, "tumor_iou_3d": None, "n_tumor_volumes": 0},
         "top_k": 3, "min_boxed_slices": 1})
     assert "| specificity >= 99% | not chosen: val has 20 negative volume(s)" in table
