@@ -295,7 +295,8 @@ def render_eval(r: dict) -> str:
         first = cascade[0]
         lines += ["", f"The three-stage cascade on {first['slices']} slices (every slice through all three stages, "
                   f"batch {first['batch']}): encoding each slice once for stages 1 and 3 (the frozen ViT is shared; "
-                  "stage 2 encodes its crop) against encoding per stage, same run:", "",
+                  "stage 2 encodes its crop) against encoding per stage, same run"
+                  f"{' (' + r['cascade_measured'] + ')' if r.get('cascade_measured') else ''}:", "",
                   "| tower encoding | tower passes per slice | slices/s | speed-up | answers equal to per stage |",
                   "|---|---:|---:|---:|---:|"]
         for row in cascade:
