@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from minigpt4.quickstart import main
+from tests._markdown import markdown_tables
 
 
 @pytest.mark.slow
@@ -36,6 +37,11 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     assert set(cascade) >= {"slice", "patient", "selection"}
     assert cascade["slice"]["n_slices"] == sum(1 for _ in open(tmp_path / "eval" / "cascade" / "predictions.jsonl"))
     assert "## Patient level (test volumes)" in printed
+    # every table printed or written renders: a header row above each separator (issue 18 item 8)
+    tables = markdown_tables(printed)
+    assert markdown_tables(printed.split("## Patient level (test volumes)")[1])[0].header[0] != ""
+    written = {p: markdown_tables(p.read_text()) for p in (tmp_path / "eval").rglob("tables.md")}
+    assert len(written) == 5 and all(written.values()) and len(tables) >= 5
     assert f"cascade.stages.tumor_detection={tmp_path / 'runs' / 'stage3_tumor_detection' / 'checkpoint_best'}" in printed
     # scan.py on one new volume, as a NIfTI and as a DICOM series, at the cascade's val operating point
     scan = tmp_path / "scan"
