@@ -34,6 +34,7 @@ _OS_HINTS = {
     errno.EROFS: "read-only file system: choose another output folder",
     errno.EEXIST: "already exists: remove it or choose another output path",
     errno.EDQUOT: "disk quota exceeded: free some space or choose another output folder",
+    errno.EFBIG: "file too large for this file system or the process's file-size limit: choose another output folder",
 }
 
 

@@ -38,10 +38,9 @@ from typing import Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 
 from minigpt4.cli import add_debug_argument, run_main
-from minigpt4.io import atomic_path, write_json_atomic, write_text_atomic
+from minigpt4.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from minigpt4.models.checkpoints import (
     CONFIG_NAME,
     PEFT_CONFIG_NAME,
@@ -99,8 +98,7 @@ def _write_adapter(
     }
     weights = {PEFT_KEY_PREFIX + name[len(LORA_KEY_PREFIX):]: t.contiguous() for name, t in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / PEFT_WEIGHTS_NAME) as tmp:
-        save_file(weights, str(tmp), metadata={"format": "pt"})
+    save_safetensors_atomic(folder / PEFT_WEIGHTS_NAME, weights, metadata={"format": "pt"})
     write_json_atomic(folder / PEFT_CONFIG_NAME, config, indent=2)
     return config
 
@@ -188,11 +186,9 @@ def _export_into(folder: OutputFolder, contents, base_model: Optional[str]) -> N
     folder.write_manifest({"status": "incomplete", "files": {**earlier, **{rel: None for rel in planned}}})
 
     main = _write_adapter(out, lora_tensors, contents.lora_alpha, dropout, base_model, num_layers)
-    with atomic_path(out / PROJECTION_NAME) as tmp:
-        save_file(projection, str(tmp), metadata={"format": "pt"})
+    save_safetensors_atomic(out / PROJECTION_NAME, projection, metadata={"format": "pt"})
     if vision:
-        with atomic_path(out / VISION_NAME) as tmp:
-            save_file(vision, str(tmp), metadata={"format": "pt"})
+        save_safetensors_atomic(out / VISION_NAME, vision, metadata={"format": "pt"})
     stack = [{"name": "default", "folder": ".", "targets": main["target_modules"], "r": main["r"],
               "alpha": contents.lora_alpha, "source": str(contents.path), "sha256": None, "trainable": True, "active": True}]
     for frozen in contents.frozen:

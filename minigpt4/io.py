@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,43 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def save_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: Optional[dict] = None) -> Path:
+    """``safetensors.torch.save_file`` to a temporary name, renamed onto ``path``.
+
+    safetensors' writer raises its own ``SafetensorError`` ("... (os error 28)") on a full or
+    read-only disk; that becomes the ``OSError`` it describes, naming ``path``, so the entry
+    points report it as one line like every other write error."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except OSError:
+            raise
+        except Exception as err:  # noqa: BLE001 - SafetensorError is not importable as a stable name
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            number = int(code[1])
+            raise OSError(number, os.strerror(number), str(path)) from None
+    return path
+
+
+def torch_save_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` through memory to a temporary name, renamed onto ``path``: torch's file
+    writer reports a full disk as ``RuntimeError`` (``unexpected pos``, ``iostream error``)
+    without errno or file name, Python's write raises the ``OSError`` that names it."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes_atomic(path, buffer.getbuffer())
+    return Path(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -31,9 +31,9 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
     try:
         resolved = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"unknown device {device!r} ({err})") from None
+        raise ValueError(f"run.device={device!r}: not a device ({err}); use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+        raise ValueError(f"run.device={device!r}: CUDA is not available on this machine; use auto or cpu")
     return resolved
 
 

@@ -15,6 +15,7 @@ Limits: no resampling (slices keep their native size); oblique DICOM series are 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -36,18 +37,50 @@ def _label_map(items: Optional[Sequence[str]]) -> Optional[dict]:
     return out
 
 
+def _positive_int(text: str) -> int:
+    """``--workers`` and other counts: a whole number >= 1 (0 or negative is a typo, not "all cores")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    """``--test-ratio`` / ``--val-ratio``: a finite fraction in [0, 1], checked before anything is written."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalization", choices=("paper", "window"), default="paper",
                    help="paper: per-slice 2-98%% percentile clip + histogram equalisation; window: HU window")
-    p.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"), default=(-150.0, 250.0))
+    p.add_argument("--window", nargs=2, type=_finite, metavar=("LO", "HI"), default=(-150.0, 250.0))
     p.add_argument("--threshold", type=float, default=0.6, help="select slices with bbox ratio > threshold")
-    p.add_argument("--test-ratio", type=float, default=0.2)
-    p.add_argument("--val-ratio", type=float, default=0.1, help="fraction of the training volumes used for validation")
+    p.add_argument("--test-ratio", type=_ratio, default=0.2)
+    p.add_argument("--val-ratio", type=_ratio, default=0.1, help="fraction of the training volumes used for validation")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--balanced", action="store_true", help="also write *_balanced_* sets with target-free slices")
     p.add_argument("--all-slices", action="store_true",
                    help="write a PNG of every slice, also those without a target (needed by eval_cascade.py)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1)
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a folder prepared with other parameters, or write into a non-empty folder "
@@ -82,14 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.0,
                    help="crop slices with pancreas bbox ratio > threshold (default 0: every slice with a box)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1)
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("tc-import", help="a TC folder from existing crops")
     p.add_argument("--images", required=True)
     p.add_argument("--csv", help="image,dataset,volume,slice_index,answer")
     p.add_argument("--out", required=True)
-    p.add_argument("--test-ratio", type=float, default=0.2)
-    p.add_argument("--val-ratio", type=float, default=0.1)
+    p.add_argument("--test-ratio", type=_ratio, default=0.2)
+    p.add_argument("--val-ratio", type=_ratio, default=0.1)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--split-from", nargs="+", metavar="PREPARED_DIR",

@@ -175,3 +175,13 @@ def test_checks_also_run_when_a_config_is_built_in_code():
     with pytest.raises(ConfigError, match="sample_ratio must be a finite number, got inf"):
         config_module.DatasetConfig(root="d", task="tumor_detection", sample_ratio=float("inf"))
     assert load_config(None, ["run.max_steps=3", "run.warmup_steps=0", "run.seed=4294967295"]).run.max_steps == 3
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_names_the_key():
+    from minigpt4.utils import resolve_device
+
+    with pytest.raises(ValueError, match=r"^run\.device='cuda:7': CUDA is not available on this machine; use auto or cpu$"):
+        resolve_device("cuda:7")
+    with pytest.raises(ValueError, match=r"^run\.device='gpu0': not a device"):
+        resolve_device("gpu0")

@@ -410,3 +410,46 @@ def test_evaluation_output_dir_follows_the_rule(tmp_path):
     with pytest.raises(OutputFolderError, match=r"would replace 1 file\(s\) that eval_detection.py did not write \(tables.md\)"):
         rescore(user, "--overwrite")
     assert sorted(os.listdir(user)) == ["tables.md"] and (user / "tables.md").read_text() == "my table"
+
+
+# ----------------------------------------------------------------------------- real write failures
+def _file_size_limit(limit: int):
+    """preexec_fn: the kernel refuses writes past ``limit`` bytes (EFBIG), as a full disk refuses
+    them (ENOSPC), without a mount; SIGXFSZ ignored so the write returns the error."""
+    import resource
+    import signal
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_real_write_failures_of_safetensors_and_torch_save_become_os_errors(tmp_path):
+    """safetensors' writer raises SafetensorError and torch.save a RuntimeError on a full disk:
+    the atomic writers turn them into the OSError that names the file (nothing left behind)."""
+    code = ("import sys, torch\nfrom minigpt4.io import save_safetensors_atomic, torch_save_atomic\n"
+            "for write, name in ((save_safetensors_atomic, 'w.safetensors'), (torch_save_atomic, 'w.pt')):\n"
+            "    target = sys.argv[1] + '/' + name\n"
+            "    try:\n"
+            "        write(target, {'a': torch.zeros(50_000)})\n"
+            "    except OSError as err:\n"
+            "        print(type(err).__name__, err.errno, err.filename)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          preexec_fn=_file_size_limit(20_000), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.splitlines() == [f"OSError 27 {tmp_path / 'w.safetensors'}", f"OSError 27 {tmp_path / 'w.pt'}"], done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temp file, no partial file
+
+
+def test_export_and_training_on_a_full_disk_say_so_in_one_line(tmp_path):
+    """The hostile run's remaining tracebacks: export and train.py when the disk fills up."""
+    cfg = tiny_model_config(**{"vision.trainable": True})
+    save_checkpoint(build_model(cfg), tmp_path / "ckpt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    export = subprocess.run([sys.executable, "-m", "minigpt4.export", "--ckpt", str(tmp_path / "ckpt"), "--out",
+                             str(tmp_path / "exp")], capture_output=True, text=True, cwd=ROOT, env=env,
+                            preexec_fn=_file_size_limit(30_000))
+    lines = export.stderr.strip().splitlines()
+    assert export.returncode == 2 and len(lines) == 1 and "Traceback" not in export.stderr, export.stderr
+    assert lines[0].startswith(f"python -m minigpt4.export: error: {tmp_path / 'exp'}/") and "file too large" in lines[0]
+    assert not (tmp_path / "exp").exists()  # the failed export removed the folder it created

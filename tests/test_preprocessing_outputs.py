@@ -155,3 +155,29 @@ def test_split_from_with_a_broken_split_json_is_refused(tmp_path, capsys):
     assert _err(capsys) == (f"error: {split}: volume pancreas_001 is in both train and test; a volume belongs to one "
                             "split (re-run python -m preprocessing on that folder)")
     assert not (tmp_path / "tc").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--workers", "0", "argument --workers: expected a whole number >= 1, got 0"),
+    ("--workers", "-3", "argument --workers: expected a whole number >= 1, got -3"),
+    ("--test-ratio", "nan", "argument --test-ratio: expected a number in [0, 1], got nan"),
+    ("--val-ratio", "2", "argument --val-ratio: expected a number in [0, 1], got 2"),
+])
+def test_bad_option_values_are_refused_before_anything_is_written(tmp_path, capsys, option, value, message):
+    """The hostile re-run: --workers 0/-3 were taken silently, --test-ratio nan was blamed on the manifest."""
+    from preprocessing.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["msd", "--images", str(tmp_path / "in"), "--labels", str(tmp_path / "lab"), "--out", str(tmp_path / "out"),
+              option, value])
+    assert stop.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_finite_window_is_refused(tmp_path, capsys):
+    from preprocessing.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["msd", "--images", str(tmp_path), "--labels", str(tmp_path), "--out", str(tmp_path / "o"),
+              "--window", "nan", "250"])
+    assert capsys.readouterr().err.strip().endswith("argument --window: expected a finite number, got nan")

@@ -376,3 +376,24 @@ def test_a_nan_loss_stops_training_naming_the_step_before_the_update(data, tmp_p
         "checkpoints already written are unchanged (lower run.init_lr, try run.amp=bf16 or none, or check the data)"]
     assert calls == [1, 2]  # no third step
     assert not out.exists()  # no checkpoint was written: the failed run removes the folder it created
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line(data, tmp_path):
+    """torch.save / safetensors fail on a full disk with their own error types: the run stops with
+    one line naming the file (the kernel's file-size limit stands in for the full disk)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_outputs import _file_size_limit
+
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "train.py", "--cfg-path", str(QUICKSTART), "--options", f"datasets.synthetic.root={data}",
+         f"run.output_dir={out}", "run.batch_size=4", "run.iters_per_epoch=1", "run.max_steps=1", "run.validate=false"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=_file_size_limit(100_000))
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert last.startswith(f"train.py: error: {out}/") and "file too large" in last, last
+    assert not out.exists()  # no checkpoint was completed: the failed run removed its folder

@@ -45,10 +45,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
-from safetensors.torch import save_file
-
-from minigpt4.io import file_sha256
-from minigpt4.io import atomic_path, read_json, to_json, write_text_atomic
+from minigpt4.io import file_sha256, read_json, save_safetensors_atomic, to_json, write_text_atomic
 
 if TYPE_CHECKING:  # annotations only: the model imports this module (no import circle)
     from minigpt4.models.minigpt_v2 import MiniGPTPancreas
@@ -196,9 +193,7 @@ def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], con
     if tasks is not None:
         metadata[TASKS_KEY] = to_json(sorted(set(tasks)), where="checkpoint metadata tasks")
     path = folder / WEIGHTS_NAME
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return path
+    return save_safetensors_atomic(path, tensors, metadata)
 
 
 # ---------------------------------------------------------------------- loading

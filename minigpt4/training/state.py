@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from minigpt4.config import Config
-from minigpt4.io import write_text_atomic
+from minigpt4.io import torch_save_atomic, write_text_atomic
 
 __all__ = [
     "TRAINING_STATE",
@@ -102,7 +102,7 @@ def write_checkpoint(model: torch.nn.Module, cfg: Config, output_dir: Path, name
         shutil.rmtree(tmp)
     # the tasks it learned, so a cascade can refuse it for another stage (models/stages.py)
     save_checkpoint(model, tmp, cfg, provenance, tasks=[ds.task for ds in cfg.datasets.values()])
-    torch.save(state, tmp / TRAINING_STATE)
+    torch_save_atomic(tmp / TRAINING_STATE, state)  # a full disk: an OSError naming the file
     _replace_folder(tmp, final)
     write_text_atomic(output_dir / LATEST_POINTER, name + "\n")
     return final
