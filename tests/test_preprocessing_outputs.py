@@ -181,3 +181,17 @@ def test_a_non_finite_window_is_refused(tmp_path, capsys):
         main(["msd", "--images", str(tmp_path), "--labels", str(tmp_path), "--out", str(tmp_path / "o"),
               "--window", "nan", "250"])
     assert capsys.readouterr().err.strip().endswith("argument --window: expected a finite number, got nan")
+
+
+def test_a_folder_prepared_for_another_dataset_is_not_replaced_even_with_overwrite(abd, tmp_path, capsys):
+    """`msd --out <prepared ABD folder> --overwrite` used to replace that dataset's slices and split
+    (checkpoints' provenance points at it): a folder is a run's own only for its own dataset."""
+    assert _abd(abd, tmp_path / "ABD") == 0
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "ABD").rglob("*"))
+    msd = synthetic.generate(tmp_path / "raw_msd", scheme="msd", n=2, n_slices=8, size=64, seed=2, log=lambda *a: None)
+    capsys.readouterr()
+    status = main(["msd", "--images", msd["images"], "--labels", msd["labels"], "--out", str(tmp_path / "ABD"),
+                   "--overwrite"])
+    err = _err(capsys)
+    assert status == 2 and "not a manifest written by python -m preprocessing for MSD" in err, err
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "ABD").rglob("*")) == before
