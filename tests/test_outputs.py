@@ -224,13 +224,14 @@ def test_export_into_a_user_folder_replaces_nothing(tmp_path, release_pth, capsy
 def test_a_partial_export_is_never_loadable(tmp_path, capsys, monkeypatch):
     cfg = tiny_model_config(**{"vision.trainable": True})
     save_checkpoint(build_model(cfg), tmp_path / "ckpt")
-    import minigpt4.export as export_module
+    import safetensors
+    import safetensors.torch as export_module  # minigpt4.io.save_safetensors_atomic calls its save_file
 
     real_save = export_module.save_file
 
     def disk_full_at_the_vit(tensors, path, metadata=None):
-        if any(k.startswith("visual_encoder.") for k in tensors):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if any(k.startswith("visual_encoder.") for k in tensors):  # what the real writer raises on ENOSPC
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real_save(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(export_module, "save_file", disk_full_at_the_vit)
