@@ -37,36 +37,22 @@ def _label_map(items: Optional[Sequence[str]]) -> Optional[dict]:
     return out
 
 
-def _positive_int(text: str) -> int:
-    """``--workers`` and other counts: a whole number >= 1 (0 or negative is a typo, not "all cores")."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
+def _number(convert, ok, expected: str):
+    """An argparse type: ``convert(text)`` that must satisfy ``ok``; refused before anything is written."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return parse
 
 
-def _ratio(text: str) -> float:
-    """``--test-ratio`` / ``--val-ratio``: a finite fraction in [0, 1], checked before anything is written."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return value
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1")  # --workers 0 is a typo, not "all cores"
+_ratio = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")  # also refuses nan
+_finite = _number(float, math.isfinite, "a finite number")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
