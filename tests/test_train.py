@@ -395,5 +395,5 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line(data, tmp_path):
         preexec_fn=_file_size_limit(100_000))
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert last.startswith(f"train.py: error: {out}/") and "file too large" in last, last
+    assert last.startswith(f"train.py: error: {out}/checkpoint_epoch_0/") and "file too large" in last, last
     assert not out.exists()  # no checkpoint was completed: the failed run removed its folder

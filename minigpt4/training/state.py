@@ -100,9 +100,15 @@ def write_checkpoint(model: torch.nn.Module, cfg: Config, output_dir: Path, name
     tmp = output_dir / f".{name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    # the tasks it learned, so a cascade can refuse it for another stage (models/stages.py)
-    save_checkpoint(model, tmp, cfg, provenance, tasks=[ds.task for ds in cfg.datasets.values()])
-    torch_save_atomic(tmp / TRAINING_STATE, state)  # a full disk: an OSError naming the file
+    try:
+        # the tasks it learned, so a cascade can refuse it for another stage (models/stages.py)
+        save_checkpoint(model, tmp, cfg, provenance, tasks=[ds.task for ds in cfg.datasets.values()])
+        torch_save_atomic(tmp / TRAINING_STATE, state)  # a full disk: an OSError naming the file
+    except OSError as err:  # name the checkpoint the user will look for, not its temporary folder
+        if err.filename is None or not str(err.filename).startswith(str(tmp)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(err.errno, err.strerror, str(final / Path(err.filename).relative_to(tmp))) from None
     _replace_folder(tmp, final)
     write_text_atomic(output_dir / LATEST_POINTER, name + "\n")
     return final
