@@ -55,7 +55,6 @@ from minigpt4.scan_outputs.volume import (
     write_dicom_seg,
     write_montage,
     write_report,
-    write_strict_json,
 )
 
 __all__ = [
@@ -66,5 +65,5 @@ __all__ = [
     "mark_done", "package_versions", "rank_and_world_size", "shard", "summary_row", "write_scan_json",
     "write_summary", "write_volume_error", "write_volume_outputs",
     "box_label_volume", "build_report", "most_suspicious", "read_dicom_source", "seg_frames",
-    "write_box_nifti", "write_dicom_seg", "write_montage", "write_report", "write_strict_json",
+    "write_box_nifti", "write_dicom_seg", "write_montage", "write_report",
 ]

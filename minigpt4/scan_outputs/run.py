@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from minigpt4.inference.pipeline import VolumeResult
-from minigpt4.io import file_sha256, to_json, write_text_atomic
+from minigpt4.io import file_sha256, to_json, write_json_atomic, write_text_atomic
 from minigpt4.scan_outputs.geometry import CheckpointIdentity, VolumeGeometry
 from minigpt4.scan_outputs.volume import (
     build_report,
@@ -28,7 +28,6 @@ from minigpt4.scan_outputs.volume import (
     write_dicom_seg,
     write_montage,
     write_report,
-    write_strict_json,
 )
 
 DONE_FILE = "done.json"
@@ -115,7 +114,7 @@ def is_done(out_dir: str | os.PathLike, fingerprint: str) -> bool:
 def mark_done(out_dir: str | os.PathLike, fingerprint: str, files: Sequence[str]) -> Path:
     """Write ``done.json`` (``{"fingerprint", "files"}``) last, atomically."""
     path = Path(out_dir) / DONE_FILE
-    write_strict_json(path, {"fingerprint": fingerprint, "files": sorted(files)})
+    write_json_atomic(path, {"fingerprint": fingerprint, "files": sorted(files)})
     return path
 
 
@@ -178,7 +177,7 @@ def write_volume_error(out_dir: str | os.PathLike, volume: str, message: str) ->
     for name in _start_volume(out_dir):
         (out_dir / name).unlink(missing_ok=True)
     path = out_dir / ERROR_FILE
-    write_strict_json(path, {"volume": volume, "error": str(message)})
+    write_json_atomic(path, {"volume": volume, "error": str(message)})
     return path
 
 
@@ -257,7 +256,7 @@ def write_scan_json(path: str | os.PathLike, config: Mapping[str, Any], checkpoi
         if key in scan:
             raise ValueError(f"extra scan.json key {key!r} would replace a standard one")
         scan[key] = value
-    write_strict_json(path, scan)
+    write_json_atomic(path, scan)
     return Path(path)
 
 

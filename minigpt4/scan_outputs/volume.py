@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from minigpt4.inference.pipeline import PatientResult, SliceResult
-from minigpt4.io import to_json, write_text_atomic
+from minigpt4.io import to_json, write_json_atomic
 from minigpt4.scan_outputs.geometry import (
     CheckpointIdentity,
     VolumeGeometry,
@@ -29,11 +29,6 @@ from minigpt4.scan_outputs.geometry import (
 REPORT_FORMAT = "minigpt-pancreas-scan-report/1"
 PANCREAS_LABEL, TUMOR_LABEL = 1, 2
 SEGMENTS = ((PANCREAS_LABEL, "pancreas box"), (TUMOR_LABEL, "tumor box"))
-
-
-def write_strict_json(path: str | os.PathLike, obj: Any) -> None:
-    """JSON without NaN/Infinity (``allow_nan=False``: a ValueError instead of an invalid file), atomic."""
-    write_text_atomic(path, to_json(obj, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------- report.json
@@ -111,7 +106,7 @@ def build_report(volume: str, source: str, geometry: VolumeGeometry, patient: Op
 
 
 def write_report(path: str | os.PathLike, report: dict) -> Path:
-    write_strict_json(path, report)
+    write_json_atomic(path, report)
     return Path(path)
 
 
