@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import eval_cascade
 from minigpt4.evaluation import cascade, operating_points
 from minigpt4.inference import pipeline
 from tests.test_cascade import STAGES, _cascade_config, prepare_phantoms
@@ -63,7 +64,6 @@ def _provenance(tmp_path: Path, name: str, datasets: dict, init_from=None) -> di
 def test_eval_cascade_stops_on_a_stage_trained_on_cascade_test_volumes(tmp_path, prepared, no_model, capsys):
     """The issue's case: a TC folder imported without --split-from puts every cascade test volume into
     stage 2's train split; stage 3, trained from stage 2, inherits the leak through its recorded chain."""
-    import eval_cascade
     from minigpt4.cli import run_main
     from minigpt4.evaluation.leakage import LeakageError, split_keys
     from preprocessing.tc import import_tc
@@ -162,7 +162,6 @@ def test_checkpoints_record_their_task_and_stages_refuse_the_wrong_one(tmp_path,
 
 
 def test_eval_cascade_refuses_a_wrong_stage_before_the_model(tmp_path, prepared, no_model, capsys):
-    import eval_cascade
     from minigpt4.cli import run_main
 
     paths = random_checkpoints(tmp_path / "ckpt", tiny_model_config(), STAGES)
@@ -382,7 +381,6 @@ def test_a_nan_p_yes_stops_naming_the_volume_and_first_slice(tmp_path, prepared)
 
 # ----------------------------------------------------------------------------- 19.3 / 19.1 output folder, empty test
 def test_eval_cascade_refuses_a_foreign_output_folder_and_an_empty_test_split(tmp_path, prepared, no_model):
-    import eval_cascade
     from minigpt4.outputs import OutputFolderError
 
     paths = random_checkpoints(tmp_path / "ckpt", tiny_model_config(), STAGES)

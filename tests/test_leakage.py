@@ -213,7 +213,7 @@ def test_chain_ancestor_train_volume_is_caught_from_the_record(folders, tmp_path
 
 
 def test_eval_parser_has_the_provenance_flag():
-    from minigpt4.evaluation.runner import build_parser
+    from minigpt4.commands.evaluate import build_parser
 
     for kind in ("detection", "classification"):
         parser = build_parser(kind)

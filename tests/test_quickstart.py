@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from minigpt4.quickstart import main
+from minigpt4.commands.quickstart import main
 from tests._markdown import markdown_tables
 
 

@@ -268,7 +268,7 @@ class DemoHandlers:
         import tempfile
 
         from minigpt4.inference.pipeline import VolumeResult
-        from minigpt4.scan import volume_name
+        from minigpt4.inference.inputs import volume_name
         from minigpt4.scan_outputs import checkpoint_identities, fingerprint, write_volume_outputs
 
         if state.get("geometry") is None:

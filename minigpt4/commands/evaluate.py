@@ -472,3 +472,13 @@ def _run(args: argparse.Namespace, cfg: Config, kind: str) -> dict:
         print(f"{task} ({split}, n = {len(rows)}): {'accuracy' if task == CLASSIFICATION else 'weighted mean IoU'} "
               f"{tables.fmt(headline)} -> {out}", file=sys.stderr)
     return results[tasks[0]] if len(tasks) == 1 else results
+
+
+def detection_main(argv: Optional[Sequence[str]] = None) -> dict:
+    """``eval_detection.py``: returns the metrics written to ``metrics.json``."""
+    return main("detection", argv)
+
+
+def classification_main(argv: Optional[Sequence[str]] = None) -> dict:
+    """``eval_classification.py``: returns the metrics written to ``metrics.json``."""
+    return main("classification", argv)
