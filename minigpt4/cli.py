@@ -45,7 +45,7 @@ def add_debug_argument(parser) -> None:
 
 def add_provenance_argument(parser) -> None:
     """``--allow-unknown-provenance`` (``train.py``, the eval scripts): accept an own checkpoint
-    saved without recorded provenance (see :mod:`minigpt4.evaluation.leakage`)."""
+    saved without recorded provenance (see :mod:`minigpt4.provenance`)."""
     parser.add_argument("--allow-unknown-provenance", action="store_true",
                         help="accept an own checkpoint that records no training provenance (older format): it is "
                              "then checked against its config.yaml and today's folders instead of refused")

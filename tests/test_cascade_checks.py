@@ -19,6 +19,7 @@ import torch
 import eval_cascade
 from minigpt4.evaluation import cascade, operating_points
 from minigpt4.inference import pipeline
+from minigpt4.provenance import check_cascade_leakage
 from tests.test_cascade import STAGES, _cascade_config, prepare_phantoms
 from tests.tiny import random_checkpoints, tiny_model_config
 
@@ -52,7 +53,7 @@ def _save(folder: Path, provenance=None, tasks=None) -> str:
 def _provenance(tmp_path: Path, name: str, datasets: dict, init_from=None) -> dict:
     """What the trainer records for a run on ``datasets`` ({name: (root, task)}) from ``init_from``."""
     from minigpt4.config import Config, DatasetConfig
-    from minigpt4.evaluation.leakage import training_provenance
+    from minigpt4.provenance import training_provenance
 
     cfg = Config(datasets={n: DatasetConfig(root=str(r), task=t) for n, (r, t) in datasets.items()})
     cfg.run.output_dir = str(tmp_path / "runs" / name)
@@ -65,7 +66,7 @@ def test_eval_cascade_stops_on_a_stage_trained_on_cascade_test_volumes(tmp_path,
     """The issue's case: a TC folder imported without --split-from puts every cascade test volume into
     stage 2's train split; stage 3, trained from stage 2, inherits the leak through its recorded chain."""
     from minigpt4.cli import run_main
-    from minigpt4.evaluation.leakage import LeakageError, split_keys
+    from minigpt4.provenance import LeakageError, split_keys
     from preprocessing.tc import import_tc
 
     import_tc(prepared["TC"] / "slices", tmp_path / "TC_imported", test_ratio=0, val_ratio=0)  # everything → train
@@ -99,27 +100,27 @@ def test_eval_cascade_stops_on_a_stage_trained_on_cascade_test_volumes(tmp_path,
 
 def test_cascade_leakage_passes_honest_stages_and_needs_provenance(tmp_path, prepared):
     from minigpt4.config import load_config
-    from minigpt4.evaluation.leakage import ProvenanceError
+    from minigpt4.provenance import ProvenanceError
 
     s1 = _save(tmp_path / "s1", _provenance(tmp_path, "s1", {"msd": (prepared["MSD"], "pancreas_detection")}))
     s2 = _save(tmp_path / "s2", _provenance(tmp_path, "s2", {"tc": (prepared["TC"], "tumor_classification")}, init_from=s1))
     s3 = _save(tmp_path / "s3", _provenance(tmp_path, "s3", {}, init_from=s2))
     config = _cascade_config(tmp_path, prepared, dict(zip(STAGES, (s1, s2, s3))), tiny_model_config())
-    reports = cascade.check_cascade_leakage(load_config(config))  # build_tc inherits the cascade's split
+    reports = check_cascade_leakage(load_config(config))  # build_tc inherits the cascade's split
     assert len(reports) == 6 and all(not r.leaks for r in reports)  # 3 stages × val, test
     assert [len(r.runs) for r in reports[:3]] == [1, 2, 3]  # each stage's recorded chain
     bare = _save(tmp_path / "bare")  # an own checkpoint that records no provenance
     config = _cascade_config(tmp_path, prepared, dict(zip(STAGES, (s1, bare, s3))), tiny_model_config())
     with pytest.raises(ProvenanceError, match="without recorded provenance"):
-        cascade.check_cascade_leakage(load_config(config))
-    cascade.check_cascade_leakage(load_config(config), allow_unknown=True)  # --allow-unknown-provenance
+        check_cascade_leakage(load_config(config))
+    check_cascade_leakage(load_config(config), allow_unknown=True)  # --allow-unknown-provenance
 
 
 # ----------------------------------------------------------------------------- 19.5 stage identity
 def test_checkpoints_record_their_task_and_stages_refuse_the_wrong_one(tmp_path, monkeypatch, caplog):
     import minigpt4.models.stages as stages
     from minigpt4.config import Config, DatasetConfig
-    from minigpt4.evaluation.leakage import PROVENANCE_SCHEMA
+    from minigpt4.provenance import PROVENANCE_SCHEMA
     from minigpt4.models.checkpoints import TASKS_KEY, checkpoint_tasks, read_metadata
     from minigpt4.models.minigpt_v2 import build_model
     from minigpt4.training.state import write_checkpoint

@@ -18,7 +18,8 @@ from PIL import Image
 
 from minigpt4.data.transforms import ImageTransform
 from minigpt4.demo.app import DemoHandlers, build_app, parse_size
-from minigpt4.demo.service import QUICK_TASKS, RED, DemoService, annotate, display_scale, make_private_workdir
+from minigpt4.demo.service import QUICK_TASKS, DemoService, make_private_workdir
+from minigpt4.drawing import RED, annotate, display_scale
 from minigpt4.inference.volumes import InputError, Limits, load_slice, load_volume, upload_kind
 
 REPO = Path(__file__).resolve().parents[1]

@@ -141,11 +141,12 @@ LAYERS: list[set[str]] = [
     # provenance reads checkpoints' records and the prepared layout (models, data)
     {"minigpt4.provenance"},
     {"minigpt4.models", "minigpt4.memory"},
-    {"minigpt4.data", "minigpt4.tokenizer", "minigpt4.distributed"},
+    {"minigpt4.data", "minigpt4.tokenizer"},
     # the preprocessing command and library (prepares the layout that data/ reads)
     {"preprocessing"},
     {"minigpt4", "minigpt4.config", "minigpt4.boxes", "minigpt4.prompts", "minigpt4.io", "minigpt4.outputs",
-     "minigpt4.utils", "minigpt4.cli", "minigpt4.progress", "minigpt4.versions"},
+     "minigpt4.utils", "minigpt4.cli", "minigpt4.progress", "minigpt4.identity",
+     "minigpt4.distributed"},
 ]
 
 PACKAGES = ("minigpt4", "preprocessing")

@@ -12,10 +12,11 @@ from typing import Optional, Sequence
 
 from minigpt4.cli import add_provenance_argument
 from minigpt4.config import ConfigError, add_config_arguments, load_config
-from minigpt4.evaluation.cascade import cascade_tables, check_cascade_leakage, evaluate, load_volumes
+from minigpt4.distributed import cleanup, init_distributed
+from minigpt4.evaluation.cascade import cascade_tables, evaluate, load_volumes
 from minigpt4.models.stages import check_stage_tasks, load_stages
 from minigpt4.outputs import OutputFolder, check_output_folder
-from minigpt4.training.distributed import cleanup, init_distributed
+from minigpt4.provenance import check_cascade_leakage
 
 CASCADE_OUTPUTS = ("predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "config.yaml")
 """What ``eval_cascade.py`` writes in ``run.output_dir`` (besides its ``manifest.json``)."""

@@ -24,19 +24,19 @@ from typing import Any, Optional, Sequence
 
 from minigpt4.config import DETECTION_TASKS, ORGANS, Config, ConfigError, DecodingConfig, add_config_arguments, load_config, save_config
 from minigpt4.cli import add_provenance_argument
+from minigpt4.data.datasets import load_split_records
 from minigpt4.evaluation import figures, tables
 from minigpt4.evaluation.classification import classification_metrics, predict_classification
 from minigpt4.evaluation.classification import rescore_rows as rescore_classification
 from minigpt4.evaluation.common import (
     check_records,
-    checkpoint_identity,
-    environment_identity,
     select_ids,
     subsample,
 )
 from minigpt4.evaluation.detection import detection_metrics, predict_detection, primary_score, recorded_threshold
 from minigpt4.evaluation.detection import rescore_rows as rescore_detection
-from minigpt4.evaluation.leakage import check_evaluation
+from minigpt4.provenance import check_evaluation
+from minigpt4.identity import checkpoint_identity, environment_identity
 from minigpt4.io import file_sha256, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from minigpt4.prompts import prompt_wording
 
@@ -100,7 +100,6 @@ def load_task_records(cfg: Config, task: str, split: str, q_ids: Optional[Sequen
     Returns:
         ``(records, summary)`` with ``summary[name] = {root, task, threshold, n}``.
     """
-    from minigpt4.training.checks import load_split_records  # the trainer's reader of datasets
 
     subset = dataclasses.replace(cfg, datasets={n: d for n, d in cfg.datasets.items() if d.task == task})
     records, summary = [], {}

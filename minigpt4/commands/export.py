@@ -53,7 +53,7 @@ from minigpt4.models.checkpoints import (
     read_checkpoint,
     read_metadata,
 )
-from minigpt4.models.checkpoints import LORA_KEY_PREFIX, split_lora_tensors
+from minigpt4.models.lora_names import LORA_KEY_PREFIX, split_lora_tensors
 from minigpt4.outputs import MANIFEST_NAME, OutputFolder
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ zips of one series, or folders of those. Each volume is read by the inference re
 :func:`minigpt4.scan_outputs.write_volume_outputs` under ``<out>/<volume>/``; ``summary.csv`` and
 ``scan.json`` cover every volume. One volume is in memory at a time. A volume already done with
 the same input content, checkpoints and settings is skipped. Under torchrun the volumes are
-sharded by name (:func:`minigpt4.scan_outputs.shard`); each rank writes its own, rank 0 the
+sharded by name (:func:`minigpt4.distributed.shard`); each rank writes its own, rank 0 the
 summary after a barrier.
 """
 
@@ -101,9 +101,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Scan every input volume; returns the ``summary.csv`` rows (rank 0; other ranks: [])."""
     from minigpt4.config import load_config
     from minigpt4.outputs import OutputFolder, check_output_folder
-    from minigpt4.scan_outputs import checkpoint_identities, collect_summary, shard, write_scan_json, write_summary
+    from minigpt4.distributed import shard
+    from minigpt4.scan_outputs import checkpoint_identities, collect_summary, write_scan_json, write_summary
     from minigpt4.scan_outputs.run import SCAN_FORMAT
-    from minigpt4.training.distributed import barrier, cleanup, init_distributed
+    from minigpt4.distributed import barrier, cleanup, init_distributed
 
     args = build_parser().parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)

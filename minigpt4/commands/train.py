@@ -19,7 +19,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
 
-    from minigpt4.evaluation.leakage import check_training_config
+    from minigpt4.provenance import check_training_config
     # lazy: minigpt4.training imports torch and the model code (seconds); --help and config errors stay fast
     from minigpt4.training import train
 

@@ -31,7 +31,8 @@ from typing import Any, Optional
 import gradio as gr
 import numpy as np
 
-from minigpt4.demo.service import QUICK_TASKS, DemoService, ScanResult, annotate, display_scale, make_private_workdir
+from minigpt4.demo.service import QUICK_TASKS, DemoService, ScanResult, make_private_workdir
+from minigpt4.drawing import annotate, display_scale
 from minigpt4.inference.volumes import NORMALISATIONS, InputError, load_slice, load_volume, public_message, upload_kind
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ and, separately, stage 3's slice gate (Youden's J of slice P(tumor)). Outputs in
 test slice), ``metrics.json`` (``slice``, ``patient``, ``selection``, ``inconclusive``,
 ``volumes``, ``run``), ``tables.md``, ``p_tumor_along_z.png``, ``config.yaml``, ``manifest.json``.
 Before the model is loaded: each stage's recorded task, the data, a non-empty test split and
-the leakage guard for every stage and its recorded ancestors (:func:`check_cascade_leakage`).
+the leakage guard for every stage and its recorded ancestors (:func:`minigpt4.provenance.check_cascade_leakage`).
 3-D boxes: x, y continuous as in 2-D scoring (no +1), z covers whole slices (slice k spans [k, k + 1)).
 
 Limits: volumes come from prepared folders written with ``--all-slices`` (the default
@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from minigpt4.boxes import box_iou
+from minigpt4.distributed import all_gather_objects, rank_and_world_size, shard
 from minigpt4.evaluation.stats import auc_score, safe_ratio
 from minigpt4.evaluation.operating_points import (
     choose_slice_threshold,
@@ -230,14 +231,12 @@ def _read_slices(records: Sequence[dict]) -> list[np.ndarray]:
 def predict_split(stages: Any, volumes: dict, split: str, threshold: Optional[float], margin: int, batch_size: int,
                   with_truth_runs: bool, progress: Optional[Callable[[int, int], None]] = None) -> list[dict]:
     """Scored prediction rows of every slice of ``volumes``; ``threshold`` gates stage 3 per slice.
-    Under torchrun each rank scans its share of the volumes (:func:`minigpt4.scan_outputs.shard` by
+    Under torchrun each rank scans its share of the volumes (:func:`minigpt4.distributed.shard` by
     ``dataset/volume``) and every rank gets all rows, in the order of one process.
 
     Raises:
         FloatingPointError: stage 2 gave a non-finite P(yes), naming the volume and its first such slice.
     """
-    from minigpt4.scan_outputs import rank_and_world_size, shard
-    from minigpt4.training.distributed import all_gather_objects
 
     settings = CascadeSettings(threshold=threshold, crop_margin=margin, batch_size=batch_size)
     rank, world = rank_and_world_size()
@@ -408,34 +407,6 @@ def _progress(label: str):
     return progress_callback(label, unit="volume")
 
 
-def check_cascade_leakage(cfg: Any, allow_unknown: bool = False) -> list:
-    """No stage, nor any ancestor its recorded provenance names (``init_from`` chains), trained on
-    a val or test volume of the cascade's folders (or validated on a test volume).
-
-    Reads checkpoint headers and split files only. Returns the per-stage reports.
-
-    Raises:
-        LeakageError: every stage, checkpoint and volume that leaks, one block per stage and split.
-        ProvenanceError: an own checkpoint without provenance, unless ``allow_unknown``.
-    """
-    from minigpt4.evaluation.leakage import LeakageError, check_checkpoint_against, split_keys
-
-    errors, reports = [], []
-    for split in ("val", "test"):
-        evaluated: dict[tuple, str] = {}
-        for name, ds in cfg.datasets.items():
-            for key in sorted(split_keys(ds.root, split)):
-                evaluated.setdefault(key, f"the cascade's {split} split (datasets.{name})")
-        for stage, path in cfg.cascade.stages.configured().items():
-            try:
-                reports.append(check_checkpoint_against(path, evaluated, allow_unknown, split, label=f"stage {stage}"))
-            except LeakageError as err:
-                errors.append(str(err))
-    if errors:
-        raise LeakageError("\n".join(errors))
-    return reports
-
-
 def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[dict] = None,
              volumes: Optional[tuple[dict, dict]] = None) -> dict:
     """Choose the operating points on ``val``, run the cascade on ``test``, write every output.
@@ -444,7 +415,7 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
         volumes: ``(val, test)`` from :func:`load_volumes` when already read.
     """
     from minigpt4.config import save_config
-    from minigpt4.evaluation.common import checkpoint_identity, environment_identity
+    from minigpt4.identity import checkpoint_identity, environment_identity
     from minigpt4.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
     casc = cfg.cascade
@@ -478,8 +449,6 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
                 "crop_margin": casc.crop_margin, "batch_size": batch, "seconds": round(time.perf_counter() - start, 3),
                 "decoding": "greedy, 1 beam, left padding", "environment": environment_identity(), **(source or {})},
     }
-    from minigpt4.scan_outputs import rank_and_world_size
-
     if rank_and_world_size()[0] != 0:
         return metrics  # torchrun: rank 0 writes
     out = Path(cfg.run.output_dir)

@@ -22,6 +22,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from minigpt4.inference.geometry import geometry_from_volume
+
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".zip")
 NORMALISATIONS = ("paper", "window")
@@ -392,7 +394,6 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> 
     Raises:
         InputError: the preprocessing reader refused the file (the message says why).
     """
-    from minigpt4.scan_outputs.geometry import geometry_from_volume
     from preprocessing.volumes import (VolumeError, check_intensities, load_nifti, read_dicom_headers,
                                        read_dicom_series, to_display)
 

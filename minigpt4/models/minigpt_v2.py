@@ -51,9 +51,9 @@ from transformers import LlamaForCausalLM
 from minigpt4.config import DecodingConfig, ModelConfig
 from minigpt4.data.transforms import ImageTransform
 from minigpt4.models.adapters import LoraAdapterStack
-from minigpt4.models.checkpoints import PEFT_ADAPTER, stable_name
 from minigpt4.models.eva_vit import EvaViT, cast_vision_weights, load_eva_weights
 from minigpt4.models.llama import llama_config, load_llama
+from minigpt4.models.lora_names import PEFT_ADAPTER, stable_name
 from minigpt4.prompts import IGNORE_INDEX, build_prompt_tokens, pad_prompt_batch
 from minigpt4.tokenizer import Tokenizer, load_tokenizer
 from minigpt4.utils import resolve_device, resolve_dtype

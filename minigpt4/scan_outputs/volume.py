@@ -16,15 +16,16 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from minigpt4.inference.pipeline import PatientResult, SliceResult
-from minigpt4.io import to_json, write_json_atomic
-from minigpt4.scan_outputs.geometry import (
-    CheckpointIdentity,
+from minigpt4.drawing import CYAN, RED, annotate, display_scale
+from minigpt4.identity import CheckpointIdentity
+from minigpt4.inference.geometry import (
     VolumeGeometry,
     check_results,
     geometry_from_affine,
     slice_boxes,
 )
+from minigpt4.inference.pipeline import PatientResult, SliceResult
+from minigpt4.io import to_json, write_json_atomic
 
 REPORT_FORMAT = "minigpt-pancreas-scan-report/1"
 PANCREAS_LABEL, TUMOR_LABEL = 1, 2
@@ -320,7 +321,7 @@ def write_montage(path: str | os.PathLike, slices: Any, results: Sequence[SliceR
                   columns: int = 4, min_side: int = 256) -> Optional[Path]:
     """``montage.png``: the ``n`` slices with the highest P(tumor) (highest first, lower slice
     first on ties), each with its pancreas (cyan) and tumor (red) box and a caption
-    ``slice k  P(tumor) p``. Drawn with the demo's :func:`annotate`. Atomic.
+    ``slice k  P(tumor) p``. Drawn with :func:`minigpt4.drawing.annotate`, as the demo draws. Atomic.
 
     Args:
         slices: indexable by display slice ``k`` → (H, W) uint8, the normalised slice the model saw
@@ -333,7 +334,6 @@ def write_montage(path: str | os.PathLike, slices: Any, results: Sequence[SliceR
     from PIL import Image, ImageDraw
 
     from minigpt4.io import atomic_path
-    from minigpt4.demo.service import CYAN, RED, annotate, display_scale
 
     chosen = sorted((r for r in results if r.p_tumor is not None), key=lambda r: (-float(r.p_tumor), r.slice_index))[:n]
     if not chosen:

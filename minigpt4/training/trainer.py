@@ -58,15 +58,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from minigpt4 import distributed as D
 from minigpt4.config import Config, check_feature_cache, save_config
-from minigpt4.data.datasets import MixedDataset, TaskDataset, collate_samples
+from minigpt4.data.datasets import MixedDataset, TaskDataset, collate_samples, load_split_records
 from minigpt4.io import read_jsonl, to_json, write_jsonl_atomic
-from minigpt4.training import distributed as D
 from minigpt4.training.checks import (
     check_prompt_wording,
     check_resume_config,
     check_weight_files,
-    load_split_records,
     precision_mismatch,
 )
 from minigpt4.training.sampler import MixPlan
@@ -231,7 +230,7 @@ def train(cfg: Config, overwrite: bool = False, allow_unknown_provenance: bool =
     before its first checkpoint removes what it created.
 
     Every checkpoint records the run's provenance (the volumes of its train/val splits and its
-    ancestors', :func:`minigpt4.evaluation.leakage.training_provenance`);
+    ancestors', :func:`minigpt4.provenance.training_provenance`);
     ``allow_unknown_provenance`` accepts starting weights of an older own format that record none.
     """
     run = cfg.run
@@ -250,7 +249,7 @@ def train(cfg: Config, overwrite: bool = False, allow_unknown_provenance: bool =
         check_weight_files(cfg)
         train_sets = load_split_records(cfg, "train")
         val_sets = load_split_records(cfg, "val") if run.validate else []
-        from minigpt4.evaluation.leakage import training_provenance
+        from minigpt4.provenance import training_provenance
 
         provenance = training_provenance(cfg, allow_unknown_provenance)  # recorded in every checkpoint
         resume_from = resolve_resume(run.resume, output_dir)

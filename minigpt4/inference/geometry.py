@@ -138,19 +138,6 @@ def slice_boxes(geometry: VolumeGeometry, row: SliceResult) -> tuple[Optional[Pi
     return row.inclusive_boxes(width, height)
 
 
-@dataclass(frozen=True)
-class CheckpointIdentity:
-    """One stage's weights: ``stage`` (e.g. ``pancreas_detection``), ``path`` as configured and
-    ``sha256`` of its content (:func:`minigpt4.scan_outputs.checkpoint_identities`)."""
-
-    stage: str
-    path: str
-    sha256: str
-
-    def as_dict(self) -> dict:
-        return {"stage": self.stage, "path": self.path, "sha256": self.sha256}
-
-
 def _finite(value: float, what: str) -> float:
     value = float(value)
     if not math.isfinite(value):
