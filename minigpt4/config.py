@@ -378,7 +378,9 @@ class RunConfig(Checked):
 
 
 CASCADE_STAGES = ("pancreas_detection", "tumor_classification", "tumor_detection")
-AGGREGATIONS = ("auto", "max", "top_k_mean")
+AGGREGATIONS = ("max", "top_k_mean")
+"""How the slices' P(tumor) of a volume become its patient score (:func:`minigpt4.inference.pipeline.aggregate`);
+``cascade.aggregation`` may also be ``auto`` (chosen on val by ``eval_cascade.py``)."""
 
 
 @dataclass
@@ -416,7 +418,7 @@ class CascadeConfig(Checked):
     min_boxed_slices: int = checked(1, POSITIVE)
     """A volume in which stage 1 gives a pancreas box on fewer slices is ``inconclusive`` (the model
     did not look at a pancreas): never scored as "no tumor"."""
-    aggregation: str = checked("auto", one_of(*AGGREGATIONS))
+    aggregation: str = checked("auto", one_of("auto", *AGGREGATIONS))
     """Patient score from the slices' P(tumor): ``max``, ``top_k_mean`` (mean of the ``top_k``
     largest) or ``auto`` (the one with the higher patient AUC on ``val``)."""
     top_k: int = checked(3, POSITIVE)

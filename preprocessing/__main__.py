@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         from preprocessing.output_folder import PREPARED_KINDS
         from preprocessing.tc import build_tc, import_tc
 
-        # the tc functions check the folder (output_folder.check_output_folder); this adds the lock and
+        # the tc functions check the folder (output_folder.check_prepared_folder); this adds the lock and
         # the removal of what a failed run created
         with OutputFolder(args.out, "preprocessing", overwrite=True, owner="python -m preprocessing",
                           owns=lambda m: m.get("dataset") in PREPARED_KINDS):

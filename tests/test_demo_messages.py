@@ -23,7 +23,7 @@ import torch
 from minigpt4.demo.app import DemoHandlers
 from minigpt4.demo.service import DemoService, make_private_workdir
 from minigpt4.inference.pipeline import CascadeSettings
-from minigpt4.inference.volumes import public_message
+from minigpt4.inference.readers import public_message
 from tests.test_demo import PANCREAS_Q, ScriptedModel, gray_slice, import_demo_entry_point, save, write_nifti
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from minigpt4.boxes import grid_to_pixel_inclusive
 from minigpt4.data.transforms import ImageTransform
 from minigpt4.inference.inputs import discover
 from minigpt4.inference.pipeline import SingleModel
-from minigpt4.inference.volumes import load_volume
+from minigpt4.inference.readers import load_volume
 from minigpt4.scan_outputs import BOXES_FILE, DONE_FILE, MONTAGE_FILE, REPORT_FILE, SEG_FILE, read_dicom_source
 from preprocessing import synthetic
 from tests._phantoms import small_volume
@@ -314,3 +314,13 @@ def test_out_folder_rule_and_config_checks(tmp_path, stage_paths, capsys):
                                     "--options", option], prog="scan.py") == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_scan_takes_normalization_in_both_spellings():
+    """``--normalization`` as ``python -m preprocessing`` spells it; ``--normalisation`` still works."""
+    from minigpt4.commands.scan import build_parser
+
+    base = ["--cfg-path", "eval_configs/scan_cpu.yaml", "--inputs", "a.nii.gz", "--out", "out"]
+    assert build_parser().parse_args(base).normalization == "paper"
+    assert build_parser().parse_args([*base, "--normalization", "window"]).normalization == "window"
+    assert build_parser().parse_args([*base, "--normalisation", "window"]).normalization == "window"

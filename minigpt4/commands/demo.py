@@ -12,7 +12,7 @@ from minigpt4.cli import USER_ERRORS, error_message, setup_logging
 from minigpt4.config import add_config_arguments, load_config
 from minigpt4.demo.app import build_app, launch, parse_size, private_workdir
 from minigpt4.demo.service import load_service
-from minigpt4.inference.volumes import Limits
+from minigpt4.inference.readers import Limits
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from minigpt4.cli import add_provenance_argument
-from minigpt4.config import ConfigError, add_config_arguments, load_config
+from minigpt4.config import add_config_arguments, load_config
 from minigpt4.distributed import cleanup, init_distributed
 from minigpt4.evaluation.cascade import cascade_tables, evaluate, load_volumes
-from minigpt4.models.stages import check_stage_tasks, load_stages
+from minigpt4.models.stages import check_stage_tasks, load_stages, require_all_stages
 from minigpt4.outputs import OutputFolder, check_output_folder
 from minigpt4.provenance import check_cascade_leakage
 
@@ -42,13 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """
     args = build_parser().parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
-    missing = [s for s in ("pancreas_detection", "tumor_classification", "tumor_detection")
-               if getattr(cfg.cascade.stages, s) is None]
-    if missing:
-        raise ConfigError(f"{args.cfg_path}: cascade.stages.{missing[0]} is not set (all three stages are needed)")
-    for stage, path in cfg.cascade.stages.configured().items():
-        if not Path(path).exists():
-            raise FileNotFoundError(f"cascade.stages.{stage}: checkpoint not found: {path}")
+    require_all_stages(cfg.cascade.stages.configured(), args.cfg_path)
     volumes = load_volumes(cfg, "val"), load_volumes(cfg, "test")  # fail on data before loading the model
     if not volumes[1]:
         roots = ", ".join(dict.fromkeys(str(ds.root) for ds in cfg.datasets.values()))

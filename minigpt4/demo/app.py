@@ -9,7 +9,7 @@ Every handler turns bad input and model failures into a chat message (:class:`In
 messages verbatim, anything else as "the model could not process ..." with the traceback logged
 server-side; a guard around every handler catches what its own checks miss), so the app never
 crashes on an upload and no traceback reaches the user. Every text a handler shows passes through
-:func:`minigpt4.inference.volumes.public_message`, which strips the server's private paths (the
+:func:`minigpt4.inference.readers.public_message`, which strips the server's private paths (the
 upload's temp path, the private workdir, Gradio's temp dir, the temp dir, caches, the home
 folder). Scripted endpoints (``gradio_client``) are stateless: ``/ask``, ``/classify``,
 ``/scan_volume``. The UI's own events are ``api_visibility="private"``: hidden from the API page
@@ -33,7 +33,7 @@ import numpy as np
 
 from minigpt4.demo.service import QUICK_TASKS, DemoService, ScanResult, make_private_workdir
 from minigpt4.drawing import annotate, display_scale
-from minigpt4.inference.volumes import NORMALISATIONS, InputError, load_slice, load_volume, public_message, upload_kind
+from minigpt4.inference.readers import NORMALISATIONS, InputError, load_slice, load_volume, public_message, upload_kind
 
 logger = logging.getLogger(__name__)
 

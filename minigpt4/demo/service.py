@@ -2,7 +2,7 @@
 
 :class:`DemoService` answers one instruction about one slice (``ask``, ``classify``) and scans a
 volume with the inference pipeline (:func:`minigpt4.inference.pipeline.scan_slices`); files are
-read by :mod:`minigpt4.inference.volumes`; :func:`minigpt4.drawing.annotate` draws boxes. Generation is greedy:
+read by :mod:`minigpt4.inference.readers`; :func:`minigpt4.drawing.annotate` draws boxes. Generation is greedy:
 detection answers must be reproducible (the release's sampling only ever served free text).
 
 Limits: each question is answered on its own (the model was fine-tuned on single-turn prompts),
@@ -28,7 +28,7 @@ from minigpt4.boxes import EMPTY_BOX, box_problem, grid_to_pixel, parse_box, par
 from minigpt4.config import DecodingConfig
 from minigpt4.drawing import CYAN, RED, annotate
 from minigpt4.inference.pipeline import CascadeSettings, PatientResult, SingleModel, SliceResult, model_images, scan_slices
-from minigpt4.inference.volumes import InputError, Limits
+from minigpt4.inference.readers import InputError, Limits
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
 
 
@@ -372,11 +372,10 @@ def _is_random_init(model_cfg: Any) -> bool:
 def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limits: Limits) -> Optional[DemoService]:
     """Three-stage mode (``cascade.stages``, no ``model.ckpt``); None when a tiny random-init
     model lacks a stage checkpoint (the caller then serves random weights with a warning)."""
-    from minigpt4.config import CASCADE_STAGES
-    from minigpt4.models.stages import load_stages
+    from minigpt4.models.stages import load_stages, missing_stages
     from minigpt4.utils import resolve_device
 
-    missing = [s for s in CASCADE_STAGES if s not in stage_paths]
+    missing = missing_stages(stage_paths)
     if missing:
         raise ValueError(f"cascade.stages.{missing[0]} is not set: the three-stage demo needs all three stages "
                          "(or set model.ckpt to serve one checkpoint for every task)")

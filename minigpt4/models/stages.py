@@ -31,15 +31,38 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Mapping, Union
 
 import torch
 from torch import nn
 
-from minigpt4.config import CASCADE_STAGES, ModelConfig
+from minigpt4.config import CASCADE_STAGES, ConfigError, ModelConfig
 from minigpt4.models.minigpt_v2 import MiniGPTPancreas, build_model
 
 log = logging.getLogger(__name__)
+
+
+def missing_stages(checkpoints: Mapping[str, object]) -> list[str]:
+    """The cascade stages (in cascade order) that ``{stage: checkpoint}`` leaves unset."""
+    return [stage for stage in CASCADE_STAGES if checkpoints.get(stage) is None]
+
+
+def require_all_stages(checkpoints: Mapping[str, str], where: str) -> dict[str, str]:
+    """The rule of the three-stage commands (``scan.py``, ``eval_cascade.py``): all three stages
+    configured, and each checkpoint present. Returns ``{stage: checkpoint}`` in cascade order.
+
+    Raises:
+        ConfigError: a stage is not set (``where`` names the config file).
+        FileNotFoundError: a configured checkpoint does not exist.
+    """
+    missing = missing_stages(checkpoints)
+    if missing:
+        raise ConfigError(f"{where}: cascade.stages.{missing[0]} is not set (all three stages are needed)")
+    for stage in CASCADE_STAGES:
+        if not Path(checkpoints[stage]).exists():
+            raise FileNotFoundError(f"cascade.stages.{stage}: checkpoint not found: {checkpoints[stage]}")
+    return {stage: checkpoints[stage] for stage in CASCADE_STAGES}
 
 
 class StageModels:

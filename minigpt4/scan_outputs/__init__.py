@@ -8,7 +8,7 @@ The model's answers come as the inference pipeline's
 
 The input contract (the display-frame ↔ voxel mapping and the checks of the results against
 it) is :mod:`minigpt4.inference.geometry`; checkpoint and package identities are
-:mod:`minigpt4.identity`. Modules: :mod:`~minigpt4.scan_outputs.volume` (one volume's files),
+:mod:`minigpt4.identity`. Modules: :mod:`~minigpt4.scan_outputs.volume_files` (one volume's files),
 :mod:`~minigpt4.scan_outputs.run` (folders, summary, fingerprints).
 """
 
@@ -41,7 +41,7 @@ from minigpt4.scan_outputs.run import (
     write_volume_error,
     write_volume_outputs,
 )
-from minigpt4.scan_outputs.volume import (
+from minigpt4.scan_outputs.volume_files import (
     box_label_volume,
     build_report,
     most_suspicious,

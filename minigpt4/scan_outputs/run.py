@@ -20,7 +20,7 @@ from minigpt4.inference.pipeline import VolumeResult
 from minigpt4.identity import CheckpointIdentity, content_sha256, package_versions
 from minigpt4.inference.geometry import VolumeGeometry
 from minigpt4.io import to_json, write_json_atomic, write_text_atomic
-from minigpt4.scan_outputs.volume import (
+from minigpt4.scan_outputs.volume_files import (
     build_report,
     write_box_nifti,
     write_dicom_seg,
