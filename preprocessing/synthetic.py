@@ -21,16 +21,14 @@ Layouts: ``msd`` → ``imagesTr/pancreas_XXX.nii.gz`` + ``labelsTr/`` (1 pancrea
 
 from __future__ import annotations
 
-import gzip
 import io
 from pathlib import Path
 
 import numpy as np
-
-import nibabel as nib
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from minigpt4.io import write_bytes_atomic
+from minigpt4.nifti_io import write_nifti
 
 DISPLAY_CODES = ("P", "L", "S")
 LABELS = {
@@ -179,15 +177,6 @@ def modified_copy(variant: str, hu: np.ndarray, spacing, seed: int = 5) -> tuple
     if variant in ("exact", "renamed"):
         return arr, affine
     raise ValueError(f"unknown copy variant {variant!r}; choose one of {COPY_VARIANTS}")
-
-
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    """Atomic ``.nii.gz`` write (gzip level 1: the phantoms are regenerated, not archived; gzip
-    header time 0, so the same array gives the same bytes)."""
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    write_bytes_atomic(path, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
 
 
 def write_dicom_series(folder: Path, hu: np.ndarray, spacing, patient: str, seed: int) -> None:

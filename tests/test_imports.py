@@ -145,7 +145,7 @@ LAYERS: list[set[str]] = [
     # the preprocessing command and library (prepares the layout that data/ reads)
     {"preprocessing"},
     {"minigpt4", "minigpt4.config", "minigpt4.boxes", "minigpt4.prompts", "minigpt4.io", "minigpt4.outputs",
-     "minigpt4.utils", "minigpt4.cli", "minigpt4.progress", "minigpt4.identity",
+     "minigpt4.utils", "minigpt4.cli", "minigpt4.progress", "minigpt4.identity", "minigpt4.nifti_io",
      "minigpt4.distributed"},
 ]
 

@@ -26,6 +26,7 @@ from minigpt4.inference.geometry import (
 )
 from minigpt4.inference.pipeline import PatientResult, SliceResult
 from minigpt4.io import to_json, write_json_atomic
+from minigpt4.nifti_io import write_nifti
 
 REPORT_FORMAT = "minigpt-pancreas-scan-report/1"
 PANCREAS_LABEL, TUMOR_LABEL = 1, 2
@@ -130,8 +131,6 @@ def box_label_volume(geometry: VolumeGeometry, results: Sequence[SliceResult]) -
 def write_box_nifti(path: str | os.PathLike, geometry: VolumeGeometry, results: Sequence[SliceResult]) -> Path:
     """``boxes.nii.gz``: :func:`box_label_volume` with the input's own shape and affine (qform and
     sform, code 1), so it opens over the CT in 3D Slicer / ITK-SNAP. Atomic."""
-    from preprocessing.synthetic import write_nifti
-
     check_results_geometry_only(geometry, results)
     write_nifti(Path(path), box_label_volume(geometry, results), geometry.affine)
     return Path(path)
