@@ -21,6 +21,8 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
+from minigpt4.outputs import remove_created
+
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 """Errors with a message meant for the user: ``ConfigError`` and every input check raise
 ``ValueError``; missing, unreadable or unwritable files raise ``OSError`` subclasses."""
@@ -80,8 +82,6 @@ def error_message(err: BaseException) -> str:
 
 def _remove_created() -> None:
     """Remove what the failed command created (minigpt4.outputs tracks it)."""
-    from minigpt4.outputs import remove_created
-
     remove_created()
 
 

@@ -28,6 +28,8 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from minigpt4.cli import add_debug_argument
+
 TASKS = ("pancreas_detection", "tumor_detection", "organ_detection", "tumor_classification")
 DETECTION_TASKS = ("pancreas_detection", "tumor_detection", "organ_detection")
 ORGANS = ("liver", "kidney", "spleen", "pancreas")
@@ -572,6 +574,5 @@ def add_config_arguments(parser) -> None:
         metavar="KEY=VALUE",
         help="override config keys, e.g. run.batch_size=4 datasets.tc.root=data/TC",
     )
-    from minigpt4.cli import add_debug_argument  # every entry point: errors as one line unless --debug
 
     add_debug_argument(parser)

@@ -38,6 +38,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 from minigpt4.config import Config, ConfigError, load_config
 from minigpt4.io import read_json
 from preprocessing.splits import volume_stem
+from minigpt4.models.checkpoints import PROVENANCE_KEY, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +164,6 @@ def checkpoint_runs(path: Union[str, Path], allow_unknown: bool = False, _seen: 
         ProvenanceError: an own checkpoint without provenance and not ``allow_unknown``, or an
             unreadable provenance record.
     """
-    from minigpt4.models.checkpoints import PROVENANCE_KEY, read_metadata
-
     path = os.path.abspath(path)
     seen = set() if _seen is None else _seen
     seen.add(path)

@@ -29,6 +29,9 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 
 from minigpt4.io import write_bytes_atomic
 from minigpt4.nifti_io import write_nifti
+from minigpt4 import outputs
+from preprocessing.output_folder import PreparationError
+from minigpt4.io import write_json_atomic
 
 DISPLAY_CODES = ("P", "L", "S")
 LABELS = {
@@ -249,9 +252,6 @@ def _start_output(out: Path, planned: list[str], overwrite: bool) -> set[str]:
     returns the files an earlier ``generate`` wrote here (its ``manifest.json`` lists them);
     refuses a non-empty folder without that manifest unless ``overwrite``, and never replaces
     a file it did not write."""
-    from minigpt4 import outputs
-    from preprocessing.output_folder import PreparationError
-
     try:
         old = outputs.check_output_folder(out, "preprocessing synthetic", lambda m: m.get("dataset") == "synthetic",
                                           overwrite, owner="python -m preprocessing synthetic")
@@ -276,8 +276,6 @@ def generate(out, scheme: str = "msd", n: int = 12, n_slices: int = 24, size: in
         ``{"images": folder, "labels": folder, "volumes": [names]}`` (the arguments for
         ``python -m preprocessing <scheme>``).
     """
-    from minigpt4.io import write_json_atomic
-
     out = Path(out)
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")

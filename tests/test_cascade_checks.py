@@ -36,9 +36,11 @@ def _no_model(*args, **kwargs):
 @pytest.fixture()
 def no_model(monkeypatch):
     """Fail the test if eval_cascade gets as far as building the stages."""
+    import minigpt4.commands.eval_cascade as eval_cascade_command
     import minigpt4.models.stages as stages
 
     monkeypatch.setattr(stages, "load_stages", _no_model)
+    monkeypatch.setattr(eval_cascade_command, "load_stages", _no_model)  # bound where it is used
     monkeypatch.setattr(stages, "build_model", _no_model)
 
 
@@ -252,10 +254,9 @@ class ScriptedStages(pipeline.SingleModel):
 
 def test_evaluate_gates_stage_3_with_the_slice_threshold_and_reports_inconclusive_volumes(tmp_path, prepared, monkeypatch):
     from minigpt4.config import load_config
-    from minigpt4.evaluation import common
     from minigpt4.io import read_jsonl
 
-    monkeypatch.setattr(common, "checkpoint_identity", lambda path: {"path": path})
+    monkeypatch.setattr(cascade, "checkpoint_identity", lambda path: {"path": path})
     paths = random_checkpoints(tmp_path / "ckpt", tiny_model_config(), STAGES)
     config = _cascade_config(tmp_path, prepared, paths, tiny_model_config(), threshold=1.0)  # no volume called tumor
     cfg = load_config(config, ["cascade.min_boxed_slices=3", "cascade.aggregation=top_k_mean"])

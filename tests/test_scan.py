@@ -173,9 +173,9 @@ def test_scan_with_boxes_writes_seg_and_label_volumes(tmp_path, stage_paths, mon
     import pydicom
 
     import scan
-    from minigpt4.models import stages as stage_module
+    from minigpt4.commands import scan as scan_command
 
-    monkeypatch.setattr(stage_module, "load_stages", lambda *args, **kwargs: SingleModel(AlwaysBoxes()))
+    monkeypatch.setattr(scan_command, "load_stages", lambda *args, **kwargs: SingleModel(AlwaysBoxes()))
     inputs = make_inputs(tmp_path / "in")
     out = tmp_path / "out"
     scan.main(["--cfg-path", str(scan_config(tmp_path, stage_paths)), "--inputs", str(inputs), "--out", str(out)])
@@ -205,9 +205,9 @@ def test_scan_with_boxes_writes_seg_and_label_volumes(tmp_path, stage_paths, mon
 def test_on_error_skip_records_a_broken_volume_and_stop_exits_2(tmp_path, stage_paths, monkeypatch, capsys):
     import scan
     from minigpt4.cli import run_main
-    from minigpt4.models import stages as stage_module
+    from minigpt4.commands import scan as scan_command
 
-    monkeypatch.setattr(stage_module, "load_stages", lambda *args, **kwargs: SingleModel(AlwaysBoxes()))
+    monkeypatch.setattr(scan_command, "load_stages", lambda *args, **kwargs: SingleModel(AlwaysBoxes()))
     inputs = make_inputs(tmp_path / "in")
     (inputs / "broken.nii.gz").write_bytes((inputs / "a_nifti.nii.gz").read_bytes()[:200])  # truncated
     config = scan_config(tmp_path, stage_paths)

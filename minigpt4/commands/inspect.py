@@ -22,12 +22,12 @@ from typing import Optional, Sequence
 
 from minigpt4.config import Config, ModelConfig, add_config_arguments, load_config
 from minigpt4.io import to_json
+from minigpt4.models.minigpt_v2 import build_model
+from minigpt4.memory import predict_memory, preferred_plan
 
 
 def model_report(cfg: ModelConfig) -> dict:
     """Parameter counts of the model ``cfg`` describes (built on the meta device)."""
-    from minigpt4.models.minigpt_v2 import build_model
-
     model = build_model(cfg, device="meta")
     named = list(model.named_parameters())
 
@@ -62,7 +62,6 @@ def memory_report(cfg: Config, counts: dict) -> dict:
     """``memory_gib`` and its parts for ``cfg``, plus the plan :func:`minigpt4.memory.preferred_plan` picks."""
     import dataclasses
 
-    from minigpt4.memory import predict_memory, preferred_plan
 
     predicted = predict_memory(cfg, counts)
     try:

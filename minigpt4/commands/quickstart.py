@@ -33,6 +33,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from minigpt4.config import DatasetConfig, load_config, save_config
+from preprocessing.__main__ import main as preprocessing_main
+from preprocessing.synthetic import generate
+from preprocessing import synthetic
+from minigpt4.boxes import box_iou
+from preprocessing.layout import read_prepared
+from minigpt4.cli import add_debug_argument
+from minigpt4.commands.eval_cascade import main as cascade_main
+from minigpt4.commands.evaluate import main as eval_main
+from minigpt4.training import train
+from minigpt4.commands.scan import main as scan_main
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_CONFIG = REPO / "train_configs" / "quickstart_cpu.yaml"
@@ -66,9 +76,6 @@ def _run_cli(main, argv: list[str]) -> None:
 
 def make_data(out: Path, smoke: bool, workers: int) -> dict[str, Path]:
     """Phantoms → prepared MSD / NIH / ABD / TC folders; returns their paths."""
-    from preprocessing.__main__ import main as preprocessing_main
-    from preprocessing.synthetic import generate
-
     prepared = {}
     slices, size = PHANTOM_SHAPE[1] if smoke else PHANTOM_SHAPE[0]
     for scheme, counts in PHANTOMS.items():
@@ -118,8 +125,6 @@ def cascade_options(data: dict[str, Path], best: dict[str, Path], out: Path, smo
 def scan_inputs(folder: Path, smoke: bool) -> Path:
     """One new synthetic volume (a seed no training phantom used) as ``phantom.nii.gz`` and as
     the DICOM series ``phantom_dicom/``: what a user hands ``scan.py``."""
-    from preprocessing import synthetic
-
     slices, size = PHANTOM_SHAPE[1] if smoke else PHANTOM_SHAPE[0]
     hu, _, spacing = synthetic.phantom(size=size, n_slices=slices, seed=10_007)
     stored, affine = synthetic.stored(hu, spacing, "LPS")
@@ -141,8 +146,6 @@ def image_blind_baseline(datasets: dict[str, DatasetConfig]) -> tuple[str, float
     """
     import numpy as np
 
-    from minigpt4.boxes import box_iou
-    from preprocessing.layout import read_prepared
 
     train, test = [], []
     for ds in datasets.values():
@@ -167,14 +170,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default="quickstart_output", help="everything is written here")
     parser.add_argument("--smoke", action="store_true", help="a few steps per stage (tests)")
     parser.add_argument("--workers", type=int, default=2, help="preprocessing workers")
-    from minigpt4.cli import add_debug_argument
 
     add_debug_argument(parser)
     args = parser.parse_args(argv)
 
-    from minigpt4.commands.eval_cascade import main as cascade_main
-    from minigpt4.commands.evaluate import main as eval_main
-    from minigpt4.training import train
 
     start = time.perf_counter()
     out = Path(args.out).resolve()
@@ -211,7 +210,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _run_cli(lambda argv: 0 if cascade_main(argv) is not None else 1, [
         "--cfg-path", str(CASCADE_CONFIG), "--options", *cascade_options(data, best, cascade_dir, args.smoke)])
     # scan.py on a new volume (NIfTI and DICOM) at the operating point the cascade chose on val
-    from minigpt4.commands.scan import main as scan_main
 
     selection = json.loads((cascade_dir / "metrics.json").read_text())["selection"]
     scan_dir = out / "scan"

@@ -19,8 +19,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
 
+    # lazy: both import torch and the model code (seconds); --help and config errors stay fast
     from minigpt4.provenance import check_training_config
-    # lazy: minigpt4.training imports torch and the model code (seconds); --help and config errors stay fast
     from minigpt4.training import train
 
     # no test volume of any dataset is trained on (here, or by init_from as its checkpoint records)

@@ -34,6 +34,9 @@ import numpy as np
 from minigpt4.demo.service import QUICK_TASKS, DemoService, ScanResult, make_private_workdir
 from minigpt4.drawing import annotate, display_scale
 from minigpt4.inference.readers import NORMALISATIONS, InputError, load_slice, load_volume, public_message, upload_kind
+from minigpt4.inference.pipeline import VolumeResult
+from minigpt4.inference.inputs import volume_name
+from minigpt4.scan_outputs import checkpoint_identities, fingerprint, write_volume_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -268,9 +271,6 @@ class DemoHandlers:
         into a fresh folder of the private workdir; None without the upload's geometry."""
         import tempfile
 
-        from minigpt4.inference.pipeline import VolumeResult
-        from minigpt4.inference.inputs import volume_name
-        from minigpt4.scan_outputs import checkpoint_identities, fingerprint, write_volume_outputs
 
         if state.get("geometry") is None:
             return None

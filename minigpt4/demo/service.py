@@ -30,6 +30,9 @@ from minigpt4.drawing import CYAN, RED, annotate
 from minigpt4.inference.pipeline import CascadeSettings, PatientResult, SingleModel, SliceResult, model_images, scan_slices
 from minigpt4.inference.readers import InputError, Limits
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
+from minigpt4.models.stages import load_stages, missing_stages
+from minigpt4.utils import resolve_device
+from minigpt4.models.minigpt_v2 import build_model
 
 
 # quick-button tasks: key → (button label, instruction); one prompt builder for all of them
@@ -372,9 +375,6 @@ def _is_random_init(model_cfg: Any) -> bool:
 def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limits: Limits) -> Optional[DemoService]:
     """Three-stage mode (``cascade.stages``, no ``model.ckpt``); None when a tiny random-init
     model lacks a stage checkpoint (the caller then serves random weights with a warning)."""
-    from minigpt4.models.stages import load_stages, missing_stages
-    from minigpt4.utils import resolve_device
-
     missing = missing_stages(stage_paths)
     if missing:
         raise ValueError(f"cascade.stages.{missing[0]} is not set: the three-stage demo needs all three stages "
@@ -418,9 +418,6 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
     Raises:
         FileNotFoundError: the checkpoint (full-size model) or a configured weight file is missing.
     """
-    from minigpt4.models.minigpt_v2 import build_model
-    from minigpt4.utils import resolve_device
-
     model_cfg = cfg.model
     stage_paths = cfg.cascade.stages.configured() if hasattr(cfg, "cascade") else {}
     if stage_paths and model_cfg.ckpt is None:

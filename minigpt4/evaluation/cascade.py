@@ -46,6 +46,15 @@ from minigpt4.evaluation.operating_points import (
     select_operating_point,
 )
 from minigpt4.inference.pipeline import AGGREGATIONS, CascadeSettings, scan_slices
+from minigpt4.config import ConfigError
+from minigpt4.evaluation.common import subsample
+from preprocessing.layout import read_volumes
+from minigpt4.evaluation.tables import fmt
+from minigpt4.evaluation.figures import _save
+from minigpt4.progress import progress_callback
+from minigpt4.config import save_config
+from minigpt4.identity import checkpoint_identity, environment_identity
+from minigpt4.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 # ----------------------------------------------------------------------------- 3-D boxes
 def box_3d(slice_boxes: Sequence[tuple[int, Sequence[float]]]) -> Optional[tuple[float, ...]]:
@@ -199,10 +208,6 @@ def load_volumes(cfg: Any, split: str) -> dict[tuple[str, str], list[dict]]:
         ConfigError: no dataset configured.
         FileNotFoundError: a slice has no PNG (the folder was prepared without ``--all-slices``).
     """
-    from minigpt4.config import ConfigError
-    from minigpt4.evaluation.common import subsample
-    from preprocessing.layout import read_volumes
-
     roots = list(dict.fromkeys(str(ds.root) for ds in cfg.datasets.values()))
     if not roots:
         raise ConfigError("eval_cascade needs datasets: the prepared MSD and NIH folders (task pancreas_detection)")
@@ -288,8 +293,6 @@ PANDA_NOTE = ("For context only (other data, other model): PANDA (Cao et al., Na
 
 
 def _cell(m: dict, name: str) -> str:
-    from minigpt4.evaluation.tables import fmt
-
     ci = (m.get("ci95") or {}).get(name)
     return fmt(m[name]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
 
@@ -301,8 +304,6 @@ def _too_few(min_boxed_slices: int) -> str:
 
 
 def cascade_tables(metrics: dict) -> str:
-    from minigpt4.evaluation.tables import fmt
-
     s, p, sel = metrics["slice"], metrics["patient"], metrics["selection"]
     t = fmt(s["slice_threshold"])
     lines = [
@@ -371,7 +372,6 @@ def p_tumor_figure(rows: Sequence[dict], threshold: float, path: Path, columns: 
     """P(tumor) along z per test volume: GT tumor slices shaded red, pancreas slices marked below."""
     from matplotlib.figure import Figure
 
-    from minigpt4.evaluation.figures import _save
 
     by_volume: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
@@ -402,8 +402,6 @@ def p_tumor_figure(rows: Sequence[dict], threshold: float, path: Path, columns: 
 
 
 def _progress(label: str):
-    from minigpt4.progress import progress_callback
-
     return progress_callback(label, unit="volume")
 
 
@@ -414,10 +412,6 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
     Args:
         volumes: ``(val, test)`` from :func:`load_volumes` when already read.
     """
-    from minigpt4.config import save_config
-    from minigpt4.identity import checkpoint_identity, environment_identity
-    from minigpt4.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
-
     casc = cfg.cascade
     val_volumes, test_volumes = volumes or (load_volumes(cfg, "val"), load_volumes(cfg, "test"))
     if not test_volumes:

@@ -13,6 +13,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from minigpt4.config import DETECTION_TASKS
+from minigpt4.data.datasets import check_records as check_dataset_records
+from minigpt4.data.datasets import TaskDataset, collate_samples
 
 # Keys evaluation needs on top of what TaskDataset checks (identity of every prediction row).
 _EVAL_KEYS = ("q_id", "dataset", "volume_name", "slice_index")
@@ -29,8 +31,6 @@ def check_records(records: Sequence[dict], task: str, source: str = "records") -
         ValueError: unknown task, empty or malformed records, duplicated id (names ``source``).
         FileNotFoundError: image files are missing (the first few are listed).
     """
-    from minigpt4.data.datasets import check_records as check_dataset_records
-
     check_dataset_records(records, task, source)
     seen: set[tuple[Any, Any]] = set()
     for number, record in enumerate(records):
@@ -101,8 +101,6 @@ def iter_batches(
     ``instruction``: detection instruction template (``run.eval_instruction``), None = the default;
     ``question``: the yes/no question of classification, None = the default.
     """
-    from minigpt4.data.datasets import TaskDataset, collate_samples  # training engineer's module
-
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     # records were checked by the caller (check_records) or come from the trainer's datasets

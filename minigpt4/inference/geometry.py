@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from minigpt4.inference.pipeline import DECISIONS, IntBox as PixelBox, PatientResult, SliceResult
+from preprocessing.volumes import display_transform
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,7 +106,6 @@ def geometry_from_affine(affine: np.ndarray, shape: Sequence[int]) -> VolumeGeom
     :func:`preprocessing.volumes.to_display` does (its own orientation transform)."""
     from nibabel.orientations import inv_ornt_aff
 
-    from preprocessing.volumes import display_transform
 
     shape = tuple(int(v) for v in shape[:3])
     mapping = inv_ornt_aff(display_transform(np.asarray(affine, dtype=np.float64)), shape)

@@ -27,6 +27,7 @@ import torch
 from minigpt4.boxes import box_problem, grid_to_pixel, grid_to_pixel_inclusive, parse_box
 from minigpt4.config import AGGREGATIONS
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
+from preprocessing.tc import crop_box
 
 DECISIONS = ("tumor", "no tumor", "inconclusive")
 PixelBox = tuple[float, float, float, float]
@@ -180,8 +181,6 @@ def cut_crop(pixels: np.ndarray, pixel_box: Sequence[int], margin: int = 0) -> t
     Returns:
         ``(crop (h, w), crop_box)`` with the inclusive crop box of :func:`preprocessing.tc.crop_box`.
     """
-    from preprocessing.tc import crop_box
-
     height, width = pixels.shape[:2]
     x1, y1, x2, y2 = crop_box(pixel_box, width, height, margin)
     return pixels[y1:y2 + 1, x1:x2 + 1], (x1, y1, x2, y2)

@@ -39,6 +39,8 @@ from torch import nn
 
 from minigpt4.config import CASCADE_STAGES, ConfigError, ModelConfig
 from minigpt4.models.minigpt_v2 import MiniGPTPancreas, build_model
+from minigpt4.models.checkpoints import load_weights, read_checkpoint
+from minigpt4.models.checkpoints import checkpoint_tasks
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +103,6 @@ class StageModels:
         The stage's LoRA becomes the frozen named adapter ``name``; frozen adapters its checkpoint
         stacks (e.g. MiniGPT-v2 stage 3) are shared with the stages that carry the same tensors.
         """
-        from minigpt4.models.checkpoints import load_weights, read_checkpoint
-
         model = self.model
         if name in self._proj:
             raise ValueError(f"stage {name!r} is already loaded")
@@ -192,8 +192,6 @@ def check_stage_tasks(checkpoints: Mapping[str, str]) -> list[str]:
         StageTaskError: naming every stage whose checkpoint was trained for another task, with both tasks.
         FileNotFoundError: a checkpoint is missing.
     """
-    from minigpt4.models.checkpoints import checkpoint_tasks
-
     wrong, warnings = [], []
     for stage, path in checkpoints.items():
         tasks = checkpoint_tasks(path)

@@ -27,6 +27,8 @@ from minigpt4.inference.geometry import (
 from minigpt4.inference.pipeline import PatientResult, SliceResult
 from minigpt4.io import to_json, write_json_atomic
 from minigpt4.nifti_io import write_nifti
+from preprocessing.volumes import read_dicom_headers
+from minigpt4.io import atomic_path
 
 REPORT_FORMAT = "minigpt-pancreas-scan-report/1"
 PANCREAS_LABEL, TUMOR_LABEL = 1, 2
@@ -152,8 +154,6 @@ def read_dicom_source(folder: str | os.PathLike) -> tuple[VolumeGeometry, list]:
     Raises:
         preprocessing.volumes.VolumeError: as the reader does (mixed series, oblique, gaps...).
     """
-    from preprocessing.volumes import read_dicom_headers
-
     headers, affine = read_dicom_headers(folder)
     first = headers[0][1]
     geometry = geometry_from_affine(affine, (int(first.Columns), int(first.Rows), len(headers)))
@@ -247,7 +247,6 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    from minigpt4.io import atomic_path
 
     check_results_geometry_only(geometry, results)
     if not software_version:
@@ -332,7 +331,6 @@ def write_montage(path: str | os.PathLike, slices: Any, results: Sequence[SliceR
     """
     from PIL import Image, ImageDraw
 
-    from minigpt4.io import atomic_path
 
     chosen = sorted((r for r in results if r.p_tumor is not None), key=lambda r: (-float(r.p_tumor), r.slice_index))[:n]
     if not chosen:

@@ -17,6 +17,9 @@ import torch
 
 from minigpt4.config import Config, ConfigError
 from minigpt4.utils import dtype_name
+from minigpt4.models.checkpoints import STAGE3_SOURCE
+from minigpt4.models.eva_vit import EVA_SOURCE
+from minigpt4.models.llama import LLAMA_SOURCE
 
 __all__ = [
     "check_prompt_wording",
@@ -76,10 +79,6 @@ def check_weight_files(cfg: Config) -> None:
 
 def _weights_source(key: str) -> str:
     """``"; get <where the README says>"`` for a config key naming downloadable weights, else ``""``."""
-    from minigpt4.models.checkpoints import STAGE3_SOURCE
-    from minigpt4.models.eva_vit import EVA_SOURCE
-    from minigpt4.models.llama import LLAMA_SOURCE
-
     sources = {"model.vision.weights": EVA_SOURCE, "model.text.path": LLAMA_SOURCE,
                "model.text.tokenizer": f"tokenizer.model from {LLAMA_SOURCE}", "model.init_from": STAGE3_SOURCE}
     return f"; get {sources[key]} (README, 'Weights')" if key in sources else ""
