@@ -1,7 +1,8 @@
 """What every entry point does around its ``main(argv)``: logging, and errors as one line.
 
-``train.py``, ``eval_detection.py``, ``eval_classification.py``, ``demo.py`` and
-``python -m minigpt4.inspect`` end with ``sys.exit(run_main(main, prog=...))``. Their ``main``
+Every top-level script (``train.py``, ``eval_detection.py``, ``eval_classification.py``,
+``eval_cascade.py``, ``scan.py``, ``demo.py``) and ``python -m minigpt4.export|inspect|quickstart``
+ends with ``sys.exit(run_main(main, prog=...))``, ``main`` from :mod:`minigpt4.commands`. Their ``main``
 functions raise (so tests can assert the exception); :func:`run_main` turns the errors a user
 can fix — a bad config, a missing or unreadable file, a folder that cannot be written (ENOSPC,
 EROFS, EACCES, EPERM, ENOTDIR, EEXIST: the path and a hint) — into

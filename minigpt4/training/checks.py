@@ -3,9 +3,9 @@
 Bad input fails in seconds, not after loading 7 B parameters: the prompt wording
 (:func:`check_prompt_wording`), a half-precision mismatch between ``model.dtype`` and ``run.amp``
 (:func:`precision_mismatch`, a warning), every weight file the config names
-(:func:`check_weight_files`), every dataset's records and images (:func:`minigpt4.data.datasets.load_split_records`, also
-the evaluation scripts' reader of datasets) and, when resuming, that the run's saved config
-trains the same thing (:func:`check_resume_config`).
+(:func:`check_weight_files`) and, when resuming, that the run's saved config
+trains the same thing (:func:`check_resume_config`). Every dataset's records and images are
+checked by :func:`minigpt4.data.datasets.load_split_records`.
 """
 
 from __future__ import annotations
