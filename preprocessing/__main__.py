@@ -115,13 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepared MSD / NIH folders: each crop volume keeps the cascade's split (no leakage)")
     p = sub.add_parser("synthetic", help="synthetic CT phantoms in a dataset's file layout")
     p.add_argument("--out", required=True)
-    p.add_argument("--scheme", choices=("msd", "nih", "abd"), required=True)
-    p.add_argument("--n", type=int, default=12)
+    p.add_argument("--scheme", choices=("msd", "nih", "abd", "panorama"), required=True)
+    p.add_argument("--n", type=int, default=12, help="volumes (panorama: patients)")
     p.add_argument("--slices", type=int, default=24)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--orient", default="RAS", help="storage orientation (nibabel axis codes), e.g. RAS, LPS, LAS")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nih-format", choices=("dicom", "nifti"), default="dicom")
+    p.add_argument("--image-format", choices=("nifti", "mha"), default="nifti", help="panorama: image files")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty folder without manifest.json (its own files are kept)")
     p = sub.add_parser("report", help="slices per threshold (Appendix Table 1)")
@@ -144,10 +145,17 @@ def run(args: argparse.Namespace) -> int:
                        exclude_overlap_with=getattr(args, "exclude_overlap_with", None))
         prepare(opts)
     elif args.command == "synthetic":
+        from preprocessing import synthetic_panorama
         from preprocessing.synthetic import generate
 
         with OutputFolder(args.out, "preprocessing synthetic", overwrite=True, owner="python -m preprocessing synthetic",
                           owns=lambda m: m.get("dataset") == "synthetic"):  # checked by generate; locked here
+            if args.scheme == "panorama":
+                res = synthetic_panorama.generate(args.out, args.n, args.slices, args.size, args.orient, args.seed,
+                                                  args.image_format, overwrite=args.overwrite)
+                print(f"next: python -m preprocessing panorama --images {res['images']} --labels "
+                      f"{' '.join(res['labels'])} --clinical {res['clinical']} --out OUT")
+                return 0
             res = generate(args.out, args.scheme, args.n, args.slices, args.size, args.orient, args.seed,
                            args.nih_format, overwrite=args.overwrite)
         print(f"next: python -m preprocessing {args.scheme} --images {res['images']} --labels {res['labels']} --out OUT")
