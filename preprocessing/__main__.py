@@ -4,6 +4,8 @@ Subcommands:
   msd        MSD Task07 (imagesTr/, labelsTr/; 1 pancreas, 2 tumor)
   nih        NIH Pancreas-CT (DICOM series folders or NIfTI images; labels label00XX.nii.gz)
   abd        AbdomenCT-1K (Case_XXXXX_0000.nii.gz + Case_XXXXX.nii.gz; 1 liver, 2 kidney, 3 spleen, 4 pancreas)
+  panorama   PANORAMA (<patient>_<study>_0000.nii.gz|.mha; manual_labels/ + automatic_labels/, values 0-6;
+             clinical_information.xlsx): split by patient, stratified by PDAC
   tc         tumor-classification crops from prepared MSD and NIH folders
   tc-import  a TC folder from existing crops (the release's PNGs or a CSV)
   synthetic  synthetic abdominal CT phantoms in a dataset's file layout
@@ -92,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
                            help="MSD / NIH folders: ABD volumes that are the same scans (by content) stay out of "
                                 "ABD val/test and are listed in the manifest")
         _common(p)
+    p = sub.add_parser("panorama", help="prepare PANORAMA studies (split by patient)")
+    p.add_argument("--images", required=True, nargs="+", help="folders of <patient>_<study>_0000.nii.gz / .mha")
+    p.add_argument("--labels", required=True, nargs="+", metavar="DIR",
+                   help="manual_labels/ and/or automatic_labels/ (or manual=DIR automatic=DIR); a manual label "
+                        "is preferred over an automatic one")
+    p.add_argument("--clinical", required=True, help="clinical_information.xlsx as published (or a CSV export)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--exclude-overlap-with", nargs="+", metavar="PREPARED_OR_RAW_DIR",
+                   help="MSD / NIH folders: studies that are the same scans (by content) go to train under their "
+                        "MSD/NIH name; sheet-flagged MSD/NIH studies without a match are in no split")
+    p.add_argument("--assume-orientation", metavar="CODES",
+                   help="axis codes of NIfTI files whose header has no orientation (qform_code = sform_code = 0)")
+    _common(p)
     p = sub.add_parser("tc", help="tumor-classification crops from prepared MSD and NIH folders")
     p.add_argument("--msd", required=True)
     p.add_argument("--nih", help="prepared NIH folder (variant paper)")
@@ -144,6 +159,17 @@ def run(args: argparse.Namespace) -> int:
                        assume_orientation=args.assume_orientation,
                        exclude_overlap_with=getattr(args, "exclude_overlap_with", None))
         prepare(opts)
+    elif args.command == "panorama":
+        from preprocessing.panorama import label_folders, prepare_panorama
+        from preprocessing.pipeline import Options
+
+        opts = Options(dataset="PANORAMA", images=args.images, labels=label_folders(args.labels), out=args.out,
+                       normalization=args.normalization, window=tuple(args.window), threshold=args.threshold,
+                       test_ratio=args.test_ratio, val_ratio=args.val_ratio, seed=args.seed,
+                       balanced=args.balanced, all_slices=args.all_slices, on_error=args.on_error,
+                       workers=args.workers, overwrite=args.overwrite, assume_orientation=args.assume_orientation,
+                       exclude_overlap_with=args.exclude_overlap_with, clinical=args.clinical)
+        prepare_panorama(opts)
     elif args.command == "synthetic":
         from preprocessing import synthetic_panorama
         from preprocessing.synthetic import generate
