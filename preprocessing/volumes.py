@@ -304,11 +304,18 @@ def label_array(volume: Volume) -> np.ndarray:
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise VolumeError(volume.path, "label map has NaN/Inf values")
     if not np.issubdtype(data.dtype, np.integer):
-        rounded = np.rint(data)
-        if not np.array_equal(rounded, data):
-            raise VolumeError(volume.path, "label map has non-integer values")
-        data = rounded
-    return data if np.issubdtype(data.dtype, np.integer) else data.astype(np.int32)
+        # float labels (PANORAMA's are float64): checked and converted a few slices at a time, so
+        # no second float copy of the whole volume is made
+        out = np.empty(data.shape, dtype=np.int32, order="F" if data.flags.f_contiguous else "C")
+        step = 8
+        for start in range(0, max(1, data.shape[-1]), step):
+            chunk = data[..., start:start + step]
+            rounded = np.rint(chunk)
+            if not np.array_equal(rounded, chunk):
+                raise VolumeError(volume.path, "label map has non-integer values")
+            out[..., start:start + step] = rounded
+        return out
+    return data
 
 
 # ----------------------------------------------------------------------------- grids
