@@ -1,0 +1,259 @@
+"""``python -m preprocessing panorama`` on PANORAMA-format phantoms: records, split by patient,
+the CSV sheet, .mha images, re-runs, and one clear line for every kind of bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import openpyxl
+import pytest
+
+from preprocessing import synthetic_panorama
+from preprocessing.__main__ import main as preprocessing_main
+
+
+@pytest.fixture(scope="module")
+def raw_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("panorama_phantoms")
+    synthetic_panorama.generate(out, n_patients=4, n_slices=8, size=40, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture
+def raw(raw_set, tmp_path):
+    folder = tmp_path / "raw"
+    shutil.copytree(raw_set, folder)
+    return folder
+
+
+def run(raw: Path, out: Path, *extra: str, sheet: str = "clinical_information.xlsx") -> int:
+    return preprocessing_main(["panorama", "--images", str(raw / "images"), "--labels", str(raw / "manual_labels"),
+                               str(raw / "automatic_labels"), "--clinical", str(raw / sheet), "--out", str(out),
+                               "--workers", "1", *extra])
+
+
+def error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not re.match(r"^volumes: \d+/\d+ ", line)]  # the progress log (minigpt4.progress)
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def read(out: Path, name: str):
+    return json.loads((out / name).read_text())
+
+
+def test_records_split_and_csv_sheet(raw, tmp_path):
+    out = tmp_path / "prepared"
+    assert run(raw, out, "--test-ratio", "0.5", "--val-ratio", "0") == 0
+    split = read(out, "annotations/split.json")
+    # 4 patients, 2 PDAC (900001 with 2 studies, 900002) and 2 non-PDAC (900003 with 2 studies,
+    # 900004): stratified, one patient of each class in test, and a patient's studies together
+    assert split["study_patient"] == {"900001_00001": "900001", "900001_00002": "900001", "900002_00001": "900002",
+                                      "900003_00001": "900003", "900003_00002": "900003", "900004_00001": "900004"}
+    where = {s: name for name in ("train", "val", "test") for s in split[name]}
+    assert len(where) == 6 and where["900001_00001"] == where["900001_00002"]
+    assert where["900003_00001"] == where["900003_00002"]
+    test_patients = {split["study_patient"][s] for s in split["test"]}
+    assert len(test_patients) == 2 and len(test_patients & {"900001", "900002"}) == 1
+    assert split["split_by"] == "patient" and split["excluded"] == {}
+    infos = read(out, "annotations/PANORAMA_slices_info.json")
+    first = {r["volume_name"]: r for r in infos}
+    assert first["900002_00001"]["label_source"] == "automatic" and first["900001_00002"]["label_source"] == "manual"
+    assert first["900004_00001"]["patient_label"] == "non-PDAC" and first["900001_00001"]["patient_label"] == "PDAC"
+    assert not any(r["pixels_tumor"] for r in infos if r["patient_label"] == "non-PDAC")
+    assert any(r["pixels_tumor"] for r in infos if r["volume_name"] == "900002_00001")
+    # tumor selections exist beside the pancreas ones, and read_prepared reads both tasks
+    from preprocessing.layout import read_prepared
+
+    assert read_prepared(out, "tumor_detection", "train") or read_prepared(out, "tumor_detection", "test")
+    assert {r["dataset"] for r in read_prepared(out, "pancreas_detection", "train")} == {"PANORAMA"}
+    # the CSV export gives the same folder content
+    csv_out = tmp_path / "from_csv"
+    assert run(raw, csv_out, "--test-ratio", "0.5", "--val-ratio", "0", sheet="clinical_information.csv") == 0
+    assert read(csv_out, "annotations/PANORAMA_slices_info.json") == infos
+    assert read(csv_out, "annotations/split.json") == split
+
+
+def test_mha_images_give_the_same_records(tmp_path):
+    pytest.importorskip("SimpleITK")
+    nii, mha = tmp_path / "nii", tmp_path / "mha"
+    synthetic_panorama.generate(nii, 2, 6, 32, log=lambda *_: None)
+    synthetic_panorama.generate(mha, 2, 6, 32, image_format="mha", log=lambda *_: None)
+    assert run(nii, tmp_path / "a") == 0 and run(mha, tmp_path / "b") == 0
+    assert read(tmp_path / "a", "annotations/PANORAMA_slices_info.json") == \
+        read(tmp_path / "b", "annotations/PANORAMA_slices_info.json")
+    assert (tmp_path / "a" / "slices").is_dir()
+    pngs = sorted(p.name for p in (tmp_path / "a" / "slices").iterdir())
+    assert pngs == sorted(p.name for p in (tmp_path / "b" / "slices").iterdir())
+    for name in pngs:
+        assert (tmp_path / "a" / "slices" / name).read_bytes() == (tmp_path / "b" / "slices" / name).read_bytes()
+
+
+def test_manual_label_preferred_and_notes(raw, tmp_path, capsys):
+    # an automatic label beside the manual one of 900001_00001 (other content: all lesion removed)
+    label = nib.load(raw / "manual_labels" / "900001_00001.nii.gz")
+    data = np.asarray(label.dataobj).copy()
+    data[data == 1] = 4
+    nib.save(nib.Nifti1Image(data, label.affine, label.header), raw / "automatic_labels" / "900001_00001.nii.gz")
+    # a patient whose studies lie in different label folders
+    shutil.move(raw / "automatic_labels" / "900003_00002.nii.gz", raw / "manual_labels" / "900003_00002.nii.gz")
+    out = tmp_path / "prepared"
+    assert run(raw, out) == 0
+    printed = capsys.readouterr().out
+    assert "note: 1 study has a manual and an automatic label; the manual one is used (900001_00001)" in printed
+    assert ("note: patient 900003: studies in different label folders (900003_00001 automatic_labels, "
+            "900003_00002 manual_labels)") in printed
+    infos = read(out, "annotations/PANORAMA_slices_info.json")
+    assert any(r["pixels_tumor"] for r in infos if r["volume_name"] == "900001_00001")  # the manual label's lesion
+    manifest = read(out, "manifest.json")
+    assert manifest["clinical"]["manual_replaced_automatic"] == ["900001_00001"]
+    assert manifest["clinical"]["mixed_label_sources"] == {"900003": {"900003_00001": "automatic",
+                                                                      "900003_00002": "manual"}}
+    split = read(out, "annotations/split.json")
+    where = {s: name for name in ("train", "val", "test") for s in split[name]}
+    assert where["900003_00001"] == where["900003_00002"]
+
+
+def test_sheet_rows_without_files_are_a_note(raw, tmp_path, capsys):
+    book = openpyxl.load_workbook(raw / "clinical_information.xlsx")
+    book.active.append([900099, "900099_00001", None, "050Y", "F", "SYNTHETIC", "PDAC", "radiology"])
+    book.save(raw / "clinical_information.xlsx")
+    assert run(raw, tmp_path / "prepared") == 0
+    assert ("note: 1 of the 7 studies of " in capsys.readouterr().out)
+    manifest = read(tmp_path / "prepared", "manifest.json")
+    assert manifest["clinical"]["sheet_rows_without_files"] == {"count": 1, "first": ["900099_00001"]}
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _label_values(path: Path, value: int) -> None:
+    img = nib.load(path)
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] = value
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+
+
+def _shift(path: Path) -> None:
+    img = nib.load(path)
+    affine = img.affine.copy()
+    affine[:3, 3] += 7.5
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), path)
+
+
+def _rename_column(path: Path) -> None:
+    book = openpyxl.load_workbook(path)
+    book.active["A1"] = "patient_id"
+    book.save(path)
+
+
+def _drop_sheet_row(path: Path) -> None:
+    book = openpyxl.load_workbook(path)
+    sheet = book.active
+    row = next(r[0].row for r in sheet.iter_rows() if r[1].value == "900004_00001")
+    sheet.delete_rows(row)
+    book.save(path)
+
+
+BAD_INPUTS = {
+    # case: (change to the raw folder, words the one line must hold)
+    "image without label": (lambda r: (r / "automatic_labels" / "900004_00001.nii.gz").unlink(),
+                            ["images/900004_00001_0000.nii.gz: image without label (no 900004_00001.nii.gz in"]),
+    "label without image": (lambda r: (r / "images" / "900002_00001_0000.nii.gz").unlink(),
+                            ["automatic_labels/900002_00001.nii.gz: label without image"]),
+    "geometry disagrees": (lambda r: _shift(r / "automatic_labels" / "900004_00001.nii.gz"),
+                           ["automatic_labels/900004_00001.nii.gz: geometry does not match the image",
+                            "900004_00001_0000.nii.gz"]),
+    "study missing from the sheet": (lambda r: _drop_sheet_row(r / "clinical_information.xlsx"),
+                                     ["900004_00001_0000.nii.gz: study 900004_00001 is not in the clinical sheet"]),
+    "unreadable label": (lambda r: _truncate(r / "automatic_labels" / "900004_00001.nii.gz"),
+                         ["automatic_labels/900004_00001.nii.gz: corrupt or truncated NIfTI file"]),
+    "label value outside 0-6": (lambda r: _label_values(r / "manual_labels" / "900001_00002.nii.gz", 9),
+                                ["manual_labels/900001_00002.nii.gz: unexpected label values [9] "
+                                 "(expected [0, 1, 2, 3, 4, 5, 6] for PANORAMA)"]),
+    "renamed sheet column": (lambda r: _rename_column(r / "clinical_information.xlsx"),
+                             ["clinical_information.xlsx: missing column(s) PANORAMA_patient_id (found: patient_id, "
+                              "PANORAMA_study_id"]),
+    "misnamed image": (lambda r: (r / "images" / "900004_00001_0000.nii.gz").rename(r / "images" / "scan_4.nii.gz"),
+                       ["2 unpaired inputs", "scan_4.nii.gz: not named <patient>_<study>_0000.nii.gz",
+                        "900004_00001.nii.gz: label without image"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_line_nothing_lost(raw, tmp_path, capsys, case):
+    out = tmp_path / "prepared"
+    assert run(raw, out) == 0  # an earlier, good preparation
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    change, words = BAD_INPUTS[case]
+    change(raw)
+    assert run(raw, out) == 2
+    line = error_line(capsys)
+    for w in words:
+        assert w in line, line
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    manifest = Path("manifest.json")
+    # nothing lost, nothing half-written; a failure found while reading the volumes leaves the
+    # manifest "incomplete" (read_prepared refuses the folder until a re-run), still owning every file
+    assert {k: v for k, v in after.items() if k != manifest} == {k: v for k, v in before.items() if k != manifest}
+    if after[manifest] != before[manifest]:
+        state = json.loads(after[manifest])
+        assert state["status"] == "incomplete"
+        assert {str(k) for k in before if k != manifest} <= set(state["files"])
+
+
+@pytest.mark.parametrize("case", ["unreadable label", "geometry disagrees", "study missing from the sheet"])
+def test_on_error_skip_goes_on_without_the_study(raw, tmp_path, case):
+    BAD_INPUTS[case][0](raw)
+    out = tmp_path / "prepared"
+    assert run(raw, out, "--on-error", "skip") == 0
+    manifest = read(out, "manifest.json")
+    assert [s["volume"] for s in manifest["skipped"]] == ["900004_00001"]
+    assert manifest["counts"]["volumes"] == 5
+    assert "900004_00001" not in read(out, "annotations/split.json")["study_patient"]
+
+
+def test_unreadable_gzip_label_as_in_the_release(raw, tmp_path, capsys):
+    """automatic_labels/100433_00001 of the real release cannot be read (its content is missing):
+    a gzip stream that ends early."""
+    path = raw / "automatic_labels" / "900003_00001.nii.gz"
+    path.write_bytes(gzip.compress(b"\x00" * 10)[:12])
+    assert run(raw, tmp_path / "prepared") == 2
+    assert "automatic_labels/900003_00001.nii.gz: corrupt or truncated NIfTI file" in error_line(capsys)
+
+
+def test_sheet_problems_name_file_and_row(raw, tmp_path, capsys):
+    book = openpyxl.load_workbook(raw / "clinical_information.xlsx")
+    book.active["G3"] = "maybe"
+    book.save(raw / "clinical_information.xlsx")
+    assert run(raw, tmp_path / "prepared") == 2
+    assert "clinical_information.xlsx: row 3: label 'maybe' of study 900001_00002 is not one of PDAC, non-PDAC" \
+        in error_line(capsys)
+    (raw / "sheet.ods").write_bytes(b"x")
+    assert run(raw, tmp_path / "prepared", sheet="sheet.ods") == 2
+    assert "sheet.ods: a clinical sheet must be .xlsx (as published) or .csv, not .ods" in error_line(capsys)
+    (raw / "broken.xlsx").write_bytes(b"not a zip")
+    assert run(raw, tmp_path / "prepared", sheet="broken.xlsx") == 2
+    assert "broken.xlsx: cannot read the clinical sheet" in error_line(capsys)
+
+
+def test_label_folder_of_unknown_kind(raw, tmp_path, capsys):
+    (raw / "manual_labels").rename(raw / "labels_a")
+    assert preprocessing_main(["panorama", "--images", str(raw / "images"), "--labels", str(raw / "labels_a"),
+                               "--clinical", str(raw / "clinical_information.xlsx"), "--out", str(tmp_path / "o")]) == 2
+    assert "--labels " in error_line(capsys)
+    # manual=DIR says it
+    assert preprocessing_main(["panorama", "--images", str(raw / "images"), "--labels", f"manual={raw / 'labels_a'}",
+                               str(raw / "automatic_labels"), "--clinical", str(raw / "clinical_information.xlsx"),
+                               "--out", str(tmp_path / "o"), "--workers", "1"]) == 0
