@@ -257,3 +257,49 @@ def test_label_folder_of_unknown_kind(raw, tmp_path, capsys):
     assert preprocessing_main(["panorama", "--images", str(raw / "images"), "--labels", f"manual={raw / 'labels_a'}",
                                str(raw / "automatic_labels"), "--clinical", str(raw / "clinical_information.xlsx"),
                                "--out", str(tmp_path / "o"), "--workers", "1"]) == 0
+
+
+def test_msd_scans_inside_panorama_keep_their_msd_identity(tmp_path, capsys):
+    """PANORAMA re-distributes MSD / NIH scans. A study that ``--exclude-overlap-with`` finds by
+    content goes to train under its MSD name (manifest ``overlap``), so the leakage guard stops a
+    config that trains on PANORAMA and tests on that MSD volume; a study the sheet flags as MSD
+    that no folder matches is in no split."""
+    from minigpt4.config import load_config
+    from minigpt4.evaluation.leakage import LeakageError, check_training_config, split_keys
+    from preprocessing import synthetic
+
+    size, slices = 40, 8
+    msd_raw = synthetic.generate(tmp_path / "raw_msd", "msd", 5, slices, size, "RAS", 0, log=lambda *_: None)
+    msd = tmp_path / "MSD"
+    assert preprocessing_main(["msd", "--images", msd_raw["images"], "--labels", msd_raw["labels"], "--out", str(msd),
+                               "--workers", "1", "--test-ratio", "0.4", "--threshold", "0"]) == 0
+    msd_test = read(msd, "annotations/split.json")["test"]
+    copied = msd_test[0]  # an MSD test volume, about to appear inside PANORAMA
+    raw = tmp_path / "raw_panorama"
+    synthetic_panorama.generate(raw, n_patients=4, n_slices=slices, size=size, msd_flagged=2, log=lambda *_: None)
+    # 900005 and 900006 are flagged MSD_dataset by the sheet; 900005_00001 really is MSD `copied`,
+    # stored in PANORAMA's LPS orientation with PANORAMA's label values (1 lesion, 4 parenchyma)
+    hu, label, spacing = synthetic.phantom(size, slices, seed=int(copied.split("_")[1]), scheme="msd")
+    panorama_label = np.select([label == 2, label == 1], [1, 4], 0).astype(np.uint8)
+    for array, path in ((hu, raw / "images" / "900005_00001_0000.nii.gz"),
+                        (panorama_label, raw / "automatic_labels" / "900005_00001.nii.gz")):
+        synthetic.write_nifti(path, *synthetic.stored(array, spacing, "LPS"))
+    out = tmp_path / "PANORAMA"
+    assert run(raw, out, "--exclude-overlap-with", str(msd), "--test-ratio", "0.5") == 0
+    assert "PANORAMA: 1 study flagged MSD_dataset/NIH_dataset by the sheet and not matched by content" \
+        in capsys.readouterr().out
+    manifest = read(out, "manifest.json")
+    assert {k: (v["dataset"], v["volume"]) for k, v in manifest["overlap"].items()} == {"900005_00001": ("MSD", copied)}
+    split = read(out, "annotations/split.json")
+    assert "900005_00001" in split["train"] and split["kept_in_train"] == ["900005_00001"]
+    assert list(split["excluded"]) == ["900006_00001"]
+    assert "900006_00001" not in split["train"] + split["val"] + split["test"]
+    keys = split_keys(str(out), "train")
+    assert ("MSD", copied) in keys and ("PANORAMA", "900005_00001") not in keys
+    assert ("PANORAMA", "900001_00001") in keys | split_keys(str(out), "test")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"datasets:\n  panorama: {{root: {out}, task: pancreas_detection}}\n"
+                      f"  msd: {{root: {msd}, task: pancreas_detection}}\n")
+    with pytest.raises(LeakageError) as info:
+        check_training_config(load_config(config))
+    assert f"MSD {copied} is in datasets.msd test but trained on by datasets.panorama of this config" in str(info.value)
