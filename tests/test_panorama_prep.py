@@ -303,3 +303,47 @@ def test_msd_scans_inside_panorama_keep_their_msd_identity(tmp_path, capsys):
     with pytest.raises(LeakageError) as info:
         check_training_config(load_config(config))
     assert f"MSD {copied} is in datasets.msd test but trained on by datasets.panorama of this config" in str(info.value)
+
+
+def test_tc_from_panorama_and_the_histogram_baseline(raw_set, tmp_path):
+    """``preprocessing tc --panorama``: yes = PDAC lesion slices, no = non-PDAC patients' pancreas
+    slices (same scanner), each crop the pancreas box of its slice's PNG, the PANORAMA split kept;
+    Table 2's crop-size + histogram baseline runs on these crops."""
+    from PIL import Image
+
+    from minigpt4.evaluation.baselines import histogram_baseline_metrics
+    from minigpt4.evaluation.leakage import split_keys
+    from preprocessing.layout import read_prepared
+
+    prepared = tmp_path / "PANORAMA"
+    assert run(raw_set, prepared, "--test-ratio", "0.5", "--val-ratio", "0", "--all-slices") == 0
+    out = tmp_path / "TC_PANORAMA"
+    assert preprocessing_main(["tc", "--panorama", str(prepared), "--out", str(out), "--workers", "1"]) == 0
+    infos = {(r["volume_name"], r["slice_index"]): r for r in read(prepared, "annotations/PANORAMA_slices_info.json")}
+    pan_split = read(prepared, "annotations/split.json")
+    tc_split = read(out, "annotations/split.json")
+    for s in ("train", "test"):
+        assert set(tc_split[s]) == set(pan_split[s])  # every crop keeps its study's split
+        records = read(out, f"annotations/TC_{s}.json")
+        yes = [r for r in records if r["answer"] == "yes"]
+        assert len(yes) == len(records) - len(yes) > 0  # balanced, both classes
+        for r in records:
+            source = infos[(r["volume_name"], r["slice_index"])]
+            assert r["dataset"] == "PANORAMA" and r["volume_name"] in pan_split[s]
+            if r["answer"] == "yes":
+                assert source["patient_label"] == "PDAC" and source["pixels_tumor"] > 0
+            else:
+                assert source["patient_label"] == "non-PDAC" and source["pixels_pancreas"] > 0
+            x1, y1, x2, y2 = source["bbox_pancreas"]
+            expected = np.asarray(Image.open(prepared / source["image"]))[y1:y2 + 1, x1:x2 + 1]
+            np.testing.assert_array_equal(np.asarray(Image.open(out / r["image"])), expected)
+    assert set(tc_split["volume_datasets"].values()) == {"PANORAMA"}
+    assert split_keys(str(out), "test") == split_keys(str(prepared), "test")
+    assert read(out, "manifest.json")["parameters"]["variant"] == "panorama"
+    train = read_prepared(out, "tumor_classification", "train")
+    test = read_prepared(out, "tumor_classification", "test")
+    baseline = histogram_baseline_metrics(train, test, seed=0)
+    assert baseline["n"] == len(test) and 0.0 <= baseline["accuracy"] <= 1.0
+    # --panorama is alone: no --msd beside it
+    assert preprocessing_main(["tc", "--panorama", str(prepared), "--msd", str(prepared), "--out",
+                               str(tmp_path / "x")]) == 2
