@@ -243,6 +243,9 @@ def folder_volumes(folder) -> tuple[str, list[tuple[str, str, str]]]:
     if not manifest.is_file():
         return overlap.raw_folder_volumes(folder)
     params = read_json(manifest).get("parameters", {})
+    if params.get("dataset") == "PANORAMA":
+        raise ValueError(f"{manifest}: a prepared PANORAMA folder; give its raw image folder(s) "
+                         f"({', '.join(params.get('images') or [])}) instead")
     if not params.get("images") or not params.get("labels"):
         raise ValueError(f"{manifest}: no raw images recorded (a TC folder?); give a prepared MSD/NIH/ABD folder or a raw one")
     opts = Options(dataset=params["dataset"], images=params["images"], labels=params["labels"], out=str(folder),
