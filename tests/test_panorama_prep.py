@@ -347,3 +347,21 @@ def test_tc_from_panorama_and_the_histogram_baseline(raw_set, tmp_path):
     # --panorama is alone: no --msd beside it
     assert preprocessing_main(["tc", "--panorama", str(prepared), "--msd", str(prepared), "--out",
                                str(tmp_path / "x")]) == 2
+
+
+def test_preprocessing_benchmark_runs_on_panorama_volumes(tmp_path):
+    """benchmarks/bench_preprocess.py --dataset panorama: the pipeline and the read + PNG floor on the
+    same float64-label PANORAMA-format files (figures printed, not asserted)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_preprocess", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "bench_preprocess.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--dataset", "panorama", "--n", "2", "--size", "48", "--slices", "8", "--repeat", "1",
+                       "--workers", "1", "--data", str(tmp_path / "data"), "--json", str(tmp_path / "r.json")]) == 0
+    result = read(tmp_path, "r.json")
+    assert result["dataset"] == "panorama" and result["volumes"] == 2 and result["pngs"] > 0
+    assert result["floor"]["wall_s"] > 0 and result["ratio_cpu"] > 0
+    label = next((tmp_path / "data" / "automatic_labels").glob("*.nii.gz"))
+    assert nib.load(label).get_data_dtype() == np.float64  # as the release stores most labels
