@@ -16,6 +16,7 @@ import pytest
 
 from preprocessing import synthetic_panorama
 from preprocessing.__main__ import main as preprocessing_main
+from preprocessing.slices import record_keys
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,8 @@ def test_records_split_and_csv_sheet(raw, tmp_path):
     assert len(test_patients) == 2 and len(test_patients & {"900001", "900002"}) == 1
     assert split["split_by"] == "patient" and split["excluded"] == {}
     infos = read(out, "annotations/PANORAMA_slices_info.json")
+    assert all(list(r) == record_keys("PANORAMA") for r in infos)  # the MSD keys + the sheet's + label_source
+    assert record_keys("PANORAMA")[: len(record_keys("MSD"))] == record_keys("MSD")
     first = {r["volume_name"]: r for r in infos}
     assert first["900002_00001"]["label_source"] == "automatic" and first["900001_00002"]["label_source"] == "manual"
     assert first["900004_00001"]["patient_label"] == "non-PDAC" and first["900001_00001"]["patient_label"] == "PDAC"

@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 Key = tuple  # (source dataset, volume_name)
 PROVENANCE_SCHEMA = "minigpt-pancreas-provenance/1"
-_SOURCE_BY_NAME = ((re.compile(r"^PANCREAS_\d+$"), "NIH"), (re.compile(r"^pancreas_\d+$"), "MSD"))
+_SOURCE_BY_NAME = ((re.compile(r"^PANCREAS_\d+$"), "NIH"), (re.compile(r"^pancreas_\d+$"), "MSD"),
+                   (re.compile(r"^\d+_\d{5}$"), "PANORAMA"))  # PANORAMA's <patient>_<study>
 
 
 class LeakageError(ValueError):
