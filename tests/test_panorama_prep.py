@@ -368,3 +368,18 @@ def test_preprocessing_benchmark_runs_on_panorama_volumes(tmp_path):
     assert result["floor"]["wall_s"] > 0 and result["ratio_cpu"] > 0
     label = next((tmp_path / "data" / "automatic_labels").glob("*.nii.gz"))
     assert nib.load(label).get_data_dtype() == np.float64  # as the release stores most labels
+
+
+def test_unreadable_mha_image_one_line(tmp_path, capfd):
+    pytest.importorskip("SimpleITK")
+    raw = tmp_path / "raw"
+    synthetic_panorama.generate(raw, 2, 6, 32, image_format="mha", log=lambda *_: None)
+    truncated = raw / "images" / "900002_00001_0000.mha"
+    truncated.write_bytes(truncated.read_bytes()[:-3000])
+    assert run(raw, tmp_path / "a") == 2
+    assert ("images/900002_00001_0000.mha: corrupt or unreadable MetaImage file (M_ReadElementsData: data not read "
+            "completely") in error_line(capfd)  # ITK's own words, not its stderr chatter
+    (raw / "images" / "900002_00001_0000.mha").write_text("garbage\n")
+    assert run(raw, tmp_path / "b") == 2
+    assert "900002_00001_0000.mha: corrupt or unreadable MetaImage file (Unable to determine ImageIO reader)" \
+        in error_line(capfd)
