@@ -383,3 +383,30 @@ def test_unreadable_mha_image_one_line(tmp_path, capfd):
     assert run(raw, tmp_path / "b") == 2
     assert "900002_00001_0000.mha: corrupt or unreadable MetaImage file (Unable to determine ImageIO reader)" \
         in error_line(capfd)
+
+
+def test_split_by_patient_is_seeded_stratified_and_keeps_patients_whole():
+    from preprocessing.clinical import Study
+    from preprocessing.panorama import split_by_patient
+
+    sheet = {}
+    for i in range(40):  # 10 PDAC + 30 non-PDAC patients; patient 100047 has five studies (as in the release)
+        patient = "100047" if i == 0 else f"2{i:05d}"
+        for k in range(1, (5 if i == 0 else 1) + 1):
+            study = f"{patient}_{k:05d}"
+            sheet[study] = Study(study, patient, "PDAC" if i >= 30 else "non-PDAC", "radiology")
+    sheet["300001_00001"] = Study("300001_00001", "300001", "PDAC", "MSD_dataset")  # flagged, unmatched
+    sheet["300002_00001"] = Study("300002_00001", "300002", "non-PDAC", "NIH_dataset")  # flagged, matched
+    overlap = {"300002_00001": {"dataset": "NIH", "volume": "PANCREAS_0007", "file": "x"}}
+    split = split_by_patient(list(sheet), sheet, overlap, 0.2, 0.1, seed=3)
+    assert split == split_by_patient(list(reversed(list(sheet))), sheet, overlap, 0.2, 0.1, seed=3)
+    where = {s: name for name in ("train", "val", "test") for s in split[name]}
+    assert {where[f"100047_{k:05d}"] for k in range(1, 6)} in ({"train"}, {"val"}, {"test"})
+    patients_in = lambda name, label: {sheet[s].patient_id for s in split[name] if sheet[s].patient_label == label}  # noqa: E731
+    # per stratum: round(0.2 n) patients in test, round(0.1 of the rest) in val (splits.split_volumes)
+    assert len(patients_in("test", "PDAC")) == 2 and len(patients_in("test", "non-PDAC")) == 6
+    assert len(patients_in("val", "PDAC")) == 1 and len(patients_in("val", "non-PDAC")) == 2
+    assert split["excluded"].keys() == {"300001_00001"} and "300001_00001" not in where
+    assert where["300002_00001"] == "train" and split["kept_in_train"] == ["300002_00001"]
+    assert split["study_patient"]["100047_00003"] == "100047"
+    assert split != split_by_patient(list(sheet), sheet, overlap, 0.2, 0.1, seed=4)
