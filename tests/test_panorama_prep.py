@@ -410,3 +410,30 @@ def test_split_by_patient_is_seeded_stratified_and_keeps_patients_whole():
     assert where["300002_00001"] == "train" and split["kept_in_train"] == ["300002_00001"]
     assert split["study_patient"]["100047_00003"] == "100047"
     assert split != split_by_patient(list(sheet), sheet, overlap, 0.2, 0.1, seed=4)
+
+
+def test_label_and_sheet_disagreements_are_notes(raw, tmp_path, capsys):
+    """The sheet is the patient truth: a PDAC study whose (automatic) label has no lesion voxel stays
+    PDAC, a non-PDAC study with lesion voxels stays non-PDAC; both are said and recorded."""
+    path = raw / "automatic_labels" / "900002_00001.nii.gz"  # PDAC, automatic label: remove its lesion
+    img = nib.load(path)
+    data = np.asarray(img.dataobj).copy()
+    data[data == 1] = 4
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+    path = raw / "automatic_labels" / "900004_00001.nii.gz"  # non-PDAC: 3 lesion voxels in the parenchyma
+    img = nib.load(path)
+    data = np.asarray(img.dataobj).copy()
+    for i, j, k in np.argwhere(data == 4)[:3]:
+        data[i, j, k] = 1
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+    out = tmp_path / "prepared"
+    assert run(raw, out) == 0
+    printed = capsys.readouterr().out
+    assert ("note: 1 PDAC study has no lesion (label 1) voxel (900002_00001); they stay PDAC: the sheet is the "
+            "patient truth") in printed
+    assert "note: 1 non-PDAC study has lesion (label 1) voxels (900004_00001: 3); they stay non-PDAC" in printed
+    clinical_notes = read(out, "manifest.json")["clinical"]
+    assert clinical_notes["pdac_without_lesion_voxels"] == ["900002_00001"]
+    assert clinical_notes["non_pdac_with_lesion_voxels"] == {"900004_00001": 3}
+    infos = read(out, "annotations/PANORAMA_slices_info.json")
+    assert {r["patient_label"] for r in infos if r["volume_name"] == "900002_00001"} == {"PDAC"}
