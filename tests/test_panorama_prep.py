@@ -437,3 +437,40 @@ def test_label_and_sheet_disagreements_are_notes(raw, tmp_path, capsys):
     assert clinical_notes["non_pdac_with_lesion_voxels"] == {"900004_00001": 3}
     infos = read(out, "annotations/PANORAMA_slices_info.json")
     assert {r["patient_label"] for r in infos if r["volume_name"] == "900002_00001"} == {"PDAC"}
+
+
+def test_table2_shows_the_baseline_per_folder_for_the_paper_set_and_panorama(raw_set, tmp_path):
+    """eval_classification.py over the paper's kind of TC folder (MSD yes / NIH no) and a PANORAMA
+    one: the model and the crop-size + histogram baseline per folder, with the variants named."""
+    import eval_classification
+    from PIL import Image
+
+    from preprocessing.tc import import_tc
+
+    prepared = tmp_path / "PANORAMA"
+    assert run(raw_set, prepared, "--test-ratio", "0.5", "--val-ratio", "0") == 0
+    assert preprocessing_main(["tc", "--panorama", str(prepared), "--out", str(tmp_path / "TC_PANORAMA"),
+                               "--workers", "1"]) == 0
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    rng = np.random.default_rng(1)
+    lines = ["image,dataset,volume,slice_index,answer"]
+    for v in range(6):  # the paper's confound in miniature: MSD crops bright and yes, NIH dark and no
+        name = f"c{v}.png"
+        Image.fromarray(rng.integers(0, 100, (20, 24), dtype=np.uint8) + (120 if v % 2 else 0)).save(crops / name)
+        lines.append(f"{name},{'MSD' if v % 2 else 'NIH'},{'pancreas_%03d' % v if v % 2 else 'PANCREAS_%04d' % v},1,"
+                     f"{'yes' if v % 2 else 'no'}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    import_tc(crops, tmp_path / "TC", csv_path=str(tmp_path / "labels.csv"), test_ratio=0.5, val_ratio=0.0, seed=0)
+    config = Path(__file__).resolve().parents[1] / "eval_configs" / "tc_cpu.yaml"
+    m = eval_classification.main(["--cfg-path", str(config), "--options", f"datasets.tc.root={tmp_path / 'TC'}",
+                                  f"datasets.tc_panorama.root={tmp_path / 'TC_PANORAMA'}",
+                                  "datasets.tc_panorama.task=tumor_classification", "model.ckpt=null",
+                                  f"run.output_dir={tmp_path / 'out'}", "--bootstrap", "0", "--no-figures"])
+    assert m["tc_variant"] == {"tc": "paper", "tc_panorama": "panorama"}
+    folder = m["per_folder"]["tc_panorama"]
+    assert folder["n"] == len(read(tmp_path / "TC_PANORAMA", "annotations/TC_test.json"))
+    assert 0.0 <= folder["baseline"]["accuracy"] <= 1.0
+    text = (tmp_path / "out" / "tables.md").read_text()
+    assert f"| tc_panorama | panorama | {folder['n']} | {folder['accuracy']:.3f} |" in text
+    assert "TC folder variant `panorama`: `yes` = PANORAMA slices with PDAC lesion voxels" in text
