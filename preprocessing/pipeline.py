@@ -548,7 +548,8 @@ def _prepare_into(opts: Options, out: Path, params: dict, jobs: list, problems: 
                                               "files": sorted(owned), "volumes_in_progress": sorted(names)})
     workers = max(1, int(opts.workers or os.cpu_count() or 1))
     log(f"{ds}: {len(jobs)} volumes, {workers} worker(s) → {out}")
-    results = run_jobs(jobs, process_volume, workers)
+    results = run_jobs(jobs, process_volume, workers,
+                       stop_when=(lambda res: "error" in res) if opts.on_error == "fail" else None)
     skipped = list(problems)
     infos, written, timings, without_target = [], set(), {"read_s": 0.0, "stats_s": 0.0, "write_s": 0.0}, []
     for job, res in zip(jobs, results):

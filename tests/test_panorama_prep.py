@@ -474,3 +474,20 @@ def test_table2_shows_the_baseline_per_folder_for_the_paper_set_and_panorama(raw
     text = (tmp_path / "out" / "tables.md").read_text()
     assert f"| tc_panorama | panorama | {folder['n']} | {folder['accuracy']:.3f} |" in text
     assert "TC folder variant `panorama`: `yes` = PANORAMA slices with PDAC lesion voxels" in text
+
+
+def test_on_error_fail_stops_at_the_first_bad_study(raw, tmp_path, capsys, monkeypatch):
+    """The full release has an unreadable label: the default --on-error fail names it without
+    first preparing every study after it."""
+    from preprocessing import pipeline
+
+    seen = []
+    real = pipeline.process_volume
+    monkeypatch.setattr(pipeline, "process_volume", lambda job: seen.append(job.volume_name) or real(job))
+    _truncate(raw / "manual_labels" / "900001_00002.nii.gz")  # the 2nd of 6 studies in name order
+    assert run(raw, tmp_path / "prepared") == 2
+    assert "manual_labels/900001_00002.nii.gz: corrupt or truncated NIfTI file" in error_line(capsys)
+    assert seen == ["900001_00001", "900001_00002"]
+    seen.clear()
+    assert run(raw, tmp_path / "skipping", "--on-error", "skip") == 0
+    assert len(seen) == 6
