@@ -100,6 +100,9 @@ def discover(opts: Options, sheet: dict[str, clinical.Study], log=print) -> tupl
             if study in images:
                 raise PreparationError(f"{images[study][0]} and {p}: two images for study {study}; keep one")
             images[study] = (p, "mha" if m["ext"] == "mha" else "nifti")
+    if not images:
+        raise PreparationError(f"{', '.join(map(str, opts.images))}: no PANORAMA images found (expected "
+                               "<patient>_<study>_0000.nii.gz or .mha files)")
     labels: dict[str, dict[str, Path]] = {}
     for source, folder in opts.labels:
         folder = _need_dir(folder, f"--labels ({source})")

@@ -251,6 +251,15 @@ def test_sheet_problems_name_file_and_row(raw, tmp_path, capsys):
     assert "broken.xlsx: cannot read the clinical sheet" in error_line(capsys)
 
 
+def test_no_images_at_all(raw, tmp_path, capsys):
+    for p in (raw / "images").iterdir():
+        p.unlink()
+    assert run(raw, tmp_path / "prepared") == 2
+    assert "images: no PANORAMA images found (expected <patient>_<study>_0000.nii.gz or .mha files)" \
+        in error_line(capsys)
+    assert not (tmp_path / "prepared").exists()
+
+
 def test_label_folder_of_unknown_kind(raw, tmp_path, capsys):
     (raw / "manual_labels").rename(raw / "labels_a")
     assert preprocessing_main(["panorama", "--images", str(raw / "images"), "--labels", str(raw / "labels_a"),
