@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from minigpt4.progress import progress
+
 
 class WorkerDied(ValueError):
     """A pool worker died (killed, out of memory) instead of returning or raising."""
@@ -18,8 +20,6 @@ def run_jobs(jobs: Sequence, worker, workers: int, desc: str = "volumes", stop_w
     results so far are returned at once, the jobs not started are dropped (``--on-error fail``
     names a bad volume without first preparing the thousands after it).
     """
-    from minigpt4.progress import progress
-
     bar = progress(len(jobs), desc, unit="volume")
     results = []
     try:
