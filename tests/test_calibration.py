@@ -110,7 +110,9 @@ def test_metrics_before_after_and_figure(tmp_path):
     assert m["brier"] == {"before": 1.0, "after": 0.25} and m["ece"]["before"] == 1.0 and m["ece"]["after"] == 0.0
     none = calibration_metrics(None, [0.2], [0])
     assert none["brier"]["after"] is None and none["bins"]["after"] is None
-    path = reliability_figure({"patient score": m, "slice P(tumor)": none}, tmp_path / "reliability.png")
+    empty = calibration_metrics(None, [], [])
+    assert empty["brier"] == {"before": None, "after": None} and empty["n"] == 0
+    path = reliability_figure({"patient score": m, "slice P(tumor)": none, "empty": empty}, tmp_path / "reliability.png")
     from PIL import Image
 
     with Image.open(path) as image:
@@ -146,3 +148,28 @@ def test_likelihood_words_never_a_percentage_without_a_map():
     assert bare == {"raw": 0.8, "calibrated": None, "calibration": None}
     assert likelihood_text(bare).startswith("uncalibrated score 0.800") and "%" not in likelihood_text(bare)
     assert likelihood_entry(None, cal) is None and likelihood_text(None) == "no score (inconclusive)"
+
+
+def test_the_cascade_calibration_from_patient_scores_and_slice_rows():
+    from minigpt4.evaluation.calibration import cascade_calibration
+
+    def patients(scores_labels, prefix):
+        return {("MSD" if y else "NIH", f"{prefix}{i}"): {"label": y, "inconclusive": s is None,
+                                                          "scores": {"max": s, "top_k_mean": s}, "dataset": "MSD" if y else "NIH"}
+                for i, (s, y) in enumerate(scores_labels)}
+
+    val = patients([(0.2, False), (0.3, False), (0.4, False), (0.6, True), (0.7, True), (0.9, True), (None, True)], "v")
+    test = patients([(0.1, False), (0.8, True), (None, False)], "t")
+    rows = lambda p: [{"dataset": d, "volume_name": v, "p_tumor": p_["scores"]["max"], "has_tumor": p_["label"]}  # noqa: E731
+                      for (d, v), p_ in p.items()] + [{"dataset": "NIH", "volume_name": "x", "p_tumor": None, "has_tumor": False}]
+    doc, metrics = cascade_calibration(val, rows(val), test, rows(test), "max", ["NIH", "MSD"])
+    # 6 conclusive val volumes (3 + 3): a patient map, fitted on them, named
+    assert doc["fitted_on"] == {"split": "val", "n_volumes": 6, "dataset": "MSD, NIH", "n_items": 6, "n_positive": 3}
+    assert doc["method"] == metrics["patient"]["selection"]["chosen"] and doc["slice"]["target"] == "slice P(tumor)"
+    # test: the 2 conclusive volumes, raw 0.1 (no) and 0.8 (yes): Brier before (0.01 + 0.04) / 2
+    assert metrics["n_test_volumes"] == 2 and metrics["brier"]["before"] == pytest.approx(0.025)
+    after = CalibrationMap(doc["method"], doc["params"]).apply([0.1, 0.8])
+    assert metrics["brier"]["after"] == pytest.approx(((after[0] - 0) ** 2 + (after[1] - 1) ** 2) / 2)
+    assert metrics["ece"]["before"] == pytest.approx((0.1 + 0.2) / 2)
+    # the map round-trips through JSON as operating_point.json's "calibration"
+    assert map_from_dict(json.loads(json.dumps(doc))).apply(0.8) == pytest.approx(after[1])

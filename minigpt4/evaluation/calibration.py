@@ -212,12 +212,14 @@ def reliability_figure(panels: dict[str, dict], path: str | os.PathLike) -> Path
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
         for when, style in (("before", dict(color="tab:red", marker="o")), ("after", dict(color="tab:blue", marker="s"))):
             bins = metrics["bins"][when]
-            if bins is None:
+            if bins is None or not metrics["n"]:
                 continue
             used = [b for b in bins if b["n"]]
             brier, ece = metrics["brier"][when], metrics["ece"][when]
             ax.plot([b["mean_probability"] for b in used], [b["fraction_positive"] for b in used], **style,
                     label=f"{'raw score' if when == 'before' else 'calibrated'} (Brier {brier:.3f}, ECE {ece:.3f})")
+        if not metrics["n"]:
+            ax.text(0.5, 0.5, "no scored test items", ha="center", va="center")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("mean predicted probability (bin)")
@@ -237,3 +239,70 @@ def calibration_report(val: tuple[Sequence[float], Sequence[Any], Sequence[Any]]
     """
     calibration, info = choose_calibration(*val, fitted_on=fitted_on, target=target, seed=seed)
     return calibration, {"target": target, "selection": info, **calibration_metrics(calibration, *test)}
+
+
+# ----------------------------------------------------------------------------- the cascade's calibration
+
+
+def _patient_items(patients: dict, aggregation: str) -> tuple[list[float], list[bool], list[str]]:
+    """Scores, labels and keys of the conclusive volumes (an inconclusive one has no score)."""
+    keys = [k for k, v in sorted(patients.items()) if not v["inconclusive"]]
+    return ([float(patients[k]["scores"][aggregation]) for k in keys], [bool(patients[k]["label"]) for k in keys],
+            ["/".join(k) for k in keys])
+
+
+def _slice_items(rows: Sequence[dict]) -> tuple[list[float], list[bool], list[str]]:
+    """Slice P(tumor), the slice's tumor label and its volume, where stage 2 gave a P(tumor)."""
+    scored = [r for r in rows if r.get("p_tumor") is not None]
+    return ([float(r["p_tumor"]) for r in scored], [bool(r["has_tumor"]) for r in scored],
+            [f"{r['dataset']}/{r['volume_name']}" for r in scored])
+
+
+def cascade_calibration(val_patients: dict, val_rows: Sequence[dict], patients: dict, rows: Sequence[dict],
+                        aggregation: str, datasets: Sequence[str], seed: int = 0) -> tuple[Optional[dict], dict]:
+    """``eval_cascade.py``'s calibration: the patient score (of the selected ``aggregation``) and slice
+    P(tumor), each mapped by the method chosen on the val volumes, judged on test.
+
+    Returns:
+        ``(map, metrics)``: ``map`` is the patient map's JSON with the slice map under ``slice``
+        (operating_point.json → ``calibration``; None when val cannot support a patient map);
+        ``metrics`` is metrics.json → ``calibration``: ``{"brier": {before, after}, "ece": {before,
+        after}}`` of the patient score on the conclusive test volumes, ``"patient"`` and ``"slice"``
+        in full (selection, bins), and ``"map"``.
+    """
+    where = ", ".join(sorted(set(datasets)))
+    val_s, val_y, val_g = _patient_items(val_patients, aggregation)
+    patient_map, patient = calibration_report(
+        (val_s, val_y, val_g), _patient_items(patients, aggregation)[:2],
+        {"split": "val", "n_volumes": len(set(val_g)), "dataset": where}, f"patient score ({aggregation})", seed)
+    val_s, val_y, val_g = _slice_items(val_rows)
+    slice_map, per_slice = calibration_report(
+        (val_s, val_y, val_g), _slice_items(rows)[:2],
+        {"split": "val", "n_volumes": len(set(val_g)), "dataset": where}, "slice P(tumor)", seed)
+    doc = None
+    if patient_map is not None:
+        doc = {**patient_map.as_dict(), "slice": slice_map.as_dict() if slice_map is not None else None}
+    metrics = {"brier": patient["brier"], "ece": patient["ece"], "n_test_volumes": patient["n"],
+               "test_volumes": "conclusive test volumes (an inconclusive one has no score)",
+               "patient": patient, "slice": per_slice, "map": doc}
+    return doc, metrics
+
+
+def calibration_lines(calibration: dict) -> list[str]:
+    """The ``tables.md`` section: per target the map chosen on val (or why none) and Brier / ECE on test."""
+    from minigpt4.evaluation.tables import fmt
+
+    lines = ["## Calibration (chosen on val, judged on test)", "",
+             "| score | map (chosen on val) | val cross-validated log loss (platt / isotonic) | test n (tumor) "
+             "| Brier before → after | ECE before → after |", "|---|---|---|---|---|---|"]
+    for key in ("patient", "slice"):
+        m = calibration[key]
+        sel = m["selection"]
+        chosen = sel["chosen"] or f"none: {sel['reason']}"
+        cv = sel.get("cv_log_loss") or {}
+        lines.append(f"| {m['target']} | {chosen} | {fmt(cv.get('platt'))} / {fmt(cv.get('isotonic'))} "
+                     f"| {m['n']} ({m['n_positive']}) | {fmt(m['brier']['before'])} → {fmt(m['brier']['after'])} "
+                     f"| {fmt(m['ece']['before'])} → {fmt(m['ece']['after'])} |")
+    lines += ["", f"Before: the raw score read as a probability. ECE over {N_BINS} equal-width bins. Patient scores of "
+              "the conclusive volumes only (an inconclusive volume has none). The reliability diagram is `reliability.png`.", ""]
+    return lines
