@@ -73,7 +73,7 @@ def test_a_fit_volume_passes(tmp_path):
     assert checks["z_coverage"]["values"] == {"n_slices": 12, "first_pancreas_slice": 4, "last_pancreas_slice": 6,
                                               "n_pancreas_slices": 3}
     assert not outside_validated_range(list(checks.values()))
-    assert fitness_summary(list(checks.values())) == "within the validated range (2 checks unknown: modality, contrast)"
+    assert fitness_summary(list(checks.values())) == "no check failed: 5 passed, 2 unknown (modality, contrast)"
 
 
 def test_halved_hu_fails_the_hu_check(tmp_path):

@@ -183,8 +183,17 @@ def test_scan_with_boxes_writes_seg_and_label_volumes(tmp_path, stage_paths, mon
     tumor = grid_to_pixel_inclusive(TUMOR_GRID, 48, 40)
     for name, n_slices in (("a_nifti", 4), ("b_series", 3), ("c_zip", 3)):
         report = strict_json(out / name / REPORT_FILE)
+        # no operating point with a map: the score is uncalibrated (issue 28.1)
         assert report["patient"] == {"decision": "tumor", "score": 0.75, "threshold": 0.5, "aggregation": "max",
-                                     "top_k": None, "n_slices_boxed": n_slices}
+                                     "top_k": None, "n_slices_boxed": n_slices,
+                                     "likelihood": {"raw": 0.75, "calibrated": None, "calibration": None}}
+        # boxes on every slice reach the first and last one; the random HU of the inputs hold no air (issue 28.3)
+        checks = {c["check"]: c for c in report["fitness"]}
+        assert checks["z_coverage"]["status"] == "failed" and "first and last slice" in checks["z_coverage"]["reason"]
+        assert checks["hu_sanity"]["status"] == "failed" and report["outside_validated_range"] is True
+        # the stages' checkpoints were saved without an envelope: thickness cannot be judged, and says why
+        assert checks["slice_thickness"]["status"] == "unknown" and "records no envelope" in checks["slice_thickness"]["reason"]
+        assert checks["modality"]["status"] == ("unknown" if name == "a_nifti" else "passed")
         assert [s["pancreas_box"]["pixels"] for s in report["slices"]] == [list(pancreas)] * n_slices
         assert [s["tumor_box"]["pixels"] for s in report["slices"]] == [list(tumor)] * n_slices
         label = np.asarray(nib.load(str(out / name / BOXES_FILE)).dataobj)
@@ -193,6 +202,10 @@ def test_scan_with_boxes_writes_seg_and_label_volumes(tmp_path, stage_paths, mon
         assert int((label == 2).sum()) == n_slices * tumor_voxels
         assert int((label == 1).sum()) == n_slices * (pancreas_voxels - tumor_voxels)  # the tumor box wins
         assert (out / name / MONTAGE_FILE).is_file()
+    with open(out / "summary.csv", newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["outside_validated_range"], r["failed_checks"], r["likelihood"]) for r in table] == \
+        [("true", "hu_sanity;z_coverage", "")] * 3
     assert not (out / "a_nifti" / SEG_FILE).exists()  # NIfTI input: no SEG
     for name, source in (("b_series", inputs / "b_series"), ("c_zip", tmp_path / "zip_source")):
         seg = pydicom.dcmread(str(out / name / SEG_FILE))

@@ -108,16 +108,25 @@ def read_calibration(path: str | Path) -> tuple[Optional[CalibrationMap], Option
     doc = read_json(path)
     if not isinstance(doc, dict) or "calibration" not in doc:
         raise ValueError(f"{path}: no 'calibration' key (expected an operating_point.json written by eval_cascade.py)")
-    data = doc["calibration"]
+    return maps_from_record(doc["calibration"], f"{path}: calibration")
+
+
+def maps_from_record(data: Any, where: str = "calibration") -> tuple[Optional[CalibrationMap], Optional[CalibrationMap]]:
+    """``(patient map, slice map)`` of an operating point's ``calibration`` value (or of
+    metrics.json's, whose map is under ``map``); ``(None, None)`` for null.
+
+    Raises:
+        ValueError: an invalid map, naming ``where``.
+    """
     if data is None:
         return None, None
     if isinstance(data, Mapping) and "map" in data:  # metrics.json: {"map": ..., "brier": ..., "ece": ...}
         data = data["map"]
         if data is None:
             return None, None
-    patient = map_from_dict(data, f"{path}: calibration")
+    patient = map_from_dict(data, where)
     sub = data.get("slice") if isinstance(data, Mapping) else None
-    return patient, (map_from_dict(sub, f"{path}: calibration.slice") if sub else None)
+    return patient, (map_from_dict(sub, f"{where}.slice") if sub else None)
 
 
 def likelihood_entry(raw: Optional[float], calibration: Optional[CalibrationMap]) -> Optional[dict]:
@@ -149,3 +158,21 @@ def calibrate_slices(p_tumor: Sequence[Optional[float]], calibration: Optional[C
     if calibration is None:
         return [None for _ in p_tumor]
     return [None if p is None else round(calibration(p), 6) for p in p_tumor]
+
+
+def configured_calibration(cascade: Any) -> tuple[Optional[CalibrationMap], Optional[CalibrationMap]]:
+    """``(patient map, slice map)`` a scan or the demo uses: the ``calibration`` of the operating
+    point file a config's ``cascade`` section names (``cascade.operating_point``, eval_cascade.py's
+    ``operating_point.json``); ``(None, None)`` without one: the score is then reported as an
+    uncalibrated score, never a percentage.
+
+    Raises:
+        FileNotFoundError: the named file is missing. ValueError: its calibration map is invalid.
+    """
+    # cascade.operating_point: the operating-point key (issue 26); a config section without it has no map
+    path = getattr(cascade, "operating_point", None)
+    if not path:
+        return None, None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"cascade.operating_point: {path} not found")
+    return read_calibration(path)

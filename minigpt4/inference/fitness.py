@@ -14,8 +14,11 @@ the pipeline's slice results, and the training envelope of each stage's checkpoi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
+
+from minigpt4.models.checkpoints import checkpoint_envelope
 
 STATUSES = ("passed", "failed", "unknown")
 CHECKS = ("modality", "slice_thickness", "pixel_spacing", "orientation", "hu_sanity", "z_coverage", "contrast")
@@ -254,13 +257,23 @@ def outside_validated_range(checks: Sequence[Mapping[str, Any]]) -> bool:
 
 
 def fitness_summary(checks: Sequence[Mapping[str, Any]]) -> str:
-    """One line for a person: ``outside the validated range: slice_thickness, hu_sanity`` or
-    ``within the validated range (2 checks unknown: modality, contrast)``."""
+    """One line for a person: ``outside the validated range: slice_thickness, hu_sanity failed``,
+    ``within the validated range: all 7 checks passed`` or ``no check failed: 5 passed, 2 unknown
+    (modality, contrast)`` (an unknown check is never counted as passed)."""
     failed = [c["check"] for c in checks if c.get("status") == "failed"]
     unknown = [c["check"] for c in checks if c.get("status") == "unknown"]
     if failed:
         return "outside the validated range: " + ", ".join(failed) + " failed"
-    text = "within the validated range"
-    if unknown:
-        text += f" ({len(unknown)} check{'s' if len(unknown) != 1 else ''} unknown: {', '.join(unknown)})"
-    return text
+    if not unknown:
+        return f"within the validated range: all {len(checks)} checks passed"
+    return f"no check failed: {len(checks) - len(unknown)} passed, {len(unknown)} unknown ({', '.join(unknown)})"
+
+
+def stage_envelopes(paths: Mapping[str, str | os.PathLike]) -> dict[str, tuple[Optional[dict], str]]:
+    """``{stage: (training envelope or None, note)}`` from each stage checkpoint's header (no
+    tensors read): what :func:`check_fitness` compares every input with.
+
+    Raises:
+        FileNotFoundError: a checkpoint is missing. ValueError: an unreadable header.
+    """
+    return {stage: checkpoint_envelope(path) for stage, path in sorted(paths.items())}
