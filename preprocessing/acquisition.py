@@ -112,7 +112,7 @@ def dicom_fields(headers: Optional[Sequence[Any]]) -> dict:
 
 
 def measure_acquisition(hu: np.ndarray, affine: np.ndarray, axial_axis: int,
-                        headers: Optional[Sequence[Any]] = None) -> dict:
+                        headers: Optional[Sequence[Any]] = None, slope: float = 1.0, inter: float = 0.0) -> dict:
     """One volume's acquisition record (JSON-ready).
 
     Args:
@@ -120,6 +120,8 @@ def measure_acquisition(hu: np.ndarray, affine: np.ndarray, axial_axis: int,
         affine: (4, 4) stored voxel → RAS+ mm of the volume the voxels came from.
         axial_axis: the axis of ``hu`` that runs head–feet (the slice axis).
         headers: the DICOM headers of the series (pydicom Datasets, first = any slice), or None.
+        slope, inter: the scaling of stored values to HU, applied to the sampled voxels only (no
+            scaled copy of the whole volume).
 
     Returns:
         ``{"schema", "slice_spacing_mm", "slice_thickness_mm", "in_plane_spacing_mm": [row, col],
@@ -139,6 +141,8 @@ def measure_acquisition(hu: np.ndarray, affine: np.ndarray, axial_axis: int,
     matrix = [int(hu.shape[i]) for i in range(3) if i != axial_axis]
     moved = np.moveaxis(hu, axial_axis, 0)  # (Z, ., .): sample in-plane, keep every slice
     values = _sample(np.moveaxis(moved, 0, -1))
+    if slope != 1.0 or inter != 0.0:
+        values = values * np.float32(slope) + np.float32(inter)
     body = values[values > BODY_HU]
     percentiles = ({f"p{p}": round(float(v), 1) for p, v in zip(HU_PERCENTILES, np.percentile(body, HU_PERCENTILES))}
                    if body.size else {f"p{p}": None for p in HU_PERCENTILES})

@@ -319,13 +319,11 @@ def process_volume(job: Job) -> dict:
     except VolumeError as err:
         return {"volume": job.volume_name, "error": {"file": err.path, "problem": err.problem}}
     t1 = time.perf_counter()
-    hu_stored = image.array if image.slope == 1.0 and image.inter == 0.0 else \
-        image.array.astype(np.float32) * np.float32(image.slope) + np.float32(image.inter)
     try:
-        scan = acquisition.measure_acquisition(hu_stored, image.affine, volumes.axial_stored_axis(image.affine), headers)
+        scan = acquisition.measure_acquisition(image.array, image.affine, volumes.axial_stored_axis(image.affine),
+                                               headers, image.slope, image.inter)
     except ValueError as err:  # recorded as unmeasured: the envelope counts it as "not recorded"
         scan = {"schema": acquisition.ACQUISITION_SCHEMA, "unmeasured": str(err)}
-    del hu_stored
     transform = volumes.display_transform(image.affine)
     from nibabel.orientations import apply_orientation
 

@@ -175,3 +175,16 @@ def test_foreign_and_older_checkpoints_say_they_have_no_envelope(tmp_path):
     save_file({"llama_proj.weight": torch.zeros(2, 2)}, tmp_path / "old.safetensors", metadata={"format": FORMAT})
     envelope, note = checkpoint_envelope(tmp_path / "old.safetensors")
     assert envelope is None and note.startswith("none: old.safetensors records no envelope")
+
+
+def test_scaling_is_applied_to_the_sample_as_to_the_volume():
+    """measure_acquisition(stored, slope, inter) equals measuring the scaled volume (no full copy)."""
+    from preprocessing.acquisition import measure_acquisition
+
+    hu, _, _ = synthetic.phantom(size=64, n_slices=12, seed=3)
+    stored = ((hu.astype(np.int32) + 1024) // 2).astype(np.int16)  # slope 2, intercept −1024
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    direct = measure_acquisition(stored.astype(np.float32) * 2 - 1024, affine, 2)
+    assert measure_acquisition(stored, affine, 2, slope=2.0, inter=-1024.0) == direct
+    assert direct["air_peak_hu"] == pytest.approx(-1000, abs=20) and direct["slice_thickness_mm"] == 2.0
+    assert direct["matrix"] == [64, 64] and direct["n_slices"] == 12 and direct["in_plane_spacing_mm"] == [0.8, 0.8]
