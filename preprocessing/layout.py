@@ -152,9 +152,9 @@ def read_volumes(root: str | os.PathLike, split: str) -> dict[str, list[dict]]:
 
 def read_acquisition(root: str | os.PathLike) -> dict[str, dict]:
     """``{volume_name: acquisition record}`` of a prepared folder (``<DS>_acquisition.json``,
-    :func:`preprocessing.acquisition.measure_acquisition`); a TC folder made with ``tc-import
-    --split-from`` gives those of the folders it inherited its split from (``split.json``
-    ``inherited_from``). Empty when none is recorded (folders prepared before issue 28, TC folders
+    :func:`preprocessing.acquisition.measure_acquisition`); a TC folder gives those of the MSD / NIH
+    folders its crops come from (``split.json`` ``sources`` of ``tc``, ``inherited_from`` of
+    ``tc-import --split-from``). Empty when none is recorded (folders prepared before issue 28, TC folders
     made from the release's crops): the envelope then says "not recorded" for those volumes.
 
     Raises:
@@ -165,7 +165,7 @@ def read_acquisition(root: str | os.PathLike) -> dict[str, dict]:
     if dataset == "TC":
         split_doc = read_json(root / "annotations" / "split.json")
         records: dict[str, dict] = {}
-        for folder in (split_doc.get("inherited_from") or {}).values():
+        for folder in (split_doc.get("inherited_from") or split_doc.get("sources") or {}).values():
             source = Path(folder) if Path(folder).is_absolute() else root / folder
             if (source / "manifest.json").is_file():
                 records.update(read_acquisition(source))

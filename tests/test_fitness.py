@@ -188,3 +188,36 @@ def test_scaling_is_applied_to_the_sample_as_to_the_volume():
     assert measure_acquisition(stored, affine, 2, slope=2.0, inter=-1024.0) == direct
     assert direct["air_peak_hu"] == pytest.approx(-1000, abs=20) and direct["slice_thickness_mm"] == 2.0
     assert direct["matrix"] == [64, 64] and direct["n_slices"] == 12 and direct["in_plane_spacing_mm"] == [0.8, 0.8]
+
+
+def test_envelope_of_a_run_over_msd_nih_and_the_tc_crops_made_from_them(tmp_path):
+    """The trainer's envelope: the train volumes of every configured folder; a TC folder's crops
+    take the acquisition records of the MSD / NIH folders they were cut from."""
+    from types import SimpleNamespace
+
+    from minigpt4.io import read_json
+    from minigpt4.training.envelope import training_envelope
+    from preprocessing import pipeline
+    from preprocessing.tc import build_tc
+
+    roots = {}
+    for scheme, n, size in (("msd", 5, 64), ("nih", 4, 96)):
+        raw = synthetic.generate(tmp_path / "raw" / scheme, scheme, n, 8, size, "RAS", 0, "nifti", log=lambda *a: None)
+        roots[scheme] = tmp_path / scheme.upper()
+        pipeline.prepare(pipeline.Options(dataset=scheme.upper(), images=[raw["images"]], labels=raw["labels"],
+                                          out=str(roots[scheme]), workers=1), log=lambda *a: None)
+    build_tc(roots["msd"], roots["nih"], tmp_path / "TC", margin=2)
+    cfg = lambda *folders: SimpleNamespace(datasets={f.name: SimpleNamespace(root=str(f)) for f in folders})  # noqa: E731
+    train = {ds: read_json(roots[ds] / "annotations" / "split.json")["train"] for ds in roots}
+    spacing = {ds: read_json(roots[ds] / "annotations" / f"{ds.upper()}_acquisition.json") for ds in roots}
+    env = training_envelope(cfg(roots["msd"], roots["nih"]))
+    assert env["n_volumes"] == env["n_recorded"] == len(train["msd"]) + len(train["nih"])
+    assert env["sources"] == ["MSD", "NIH"]
+    # the phantoms' pixel spacing is 400 mm / size: 6.25 mm (64 px) and 4.1667 mm (96 px)
+    assert env["in_plane_spacing_mm"]["min"] == pytest.approx(400 / 96, abs=1e-3)
+    assert env["in_plane_spacing_mm"]["max"] == pytest.approx(400 / 64, abs=1e-3)
+    assert env["matrix_rows"] == {"min": 64.0, "max": 96.0, "median": env["matrix_rows"]["median"]}
+    assert set(spacing["msd"]) >= set(train["msd"])
+    tc = training_envelope(cfg(tmp_path / "TC"))
+    tc_train = read_json(tmp_path / "TC" / "annotations" / "split.json")["train"]
+    assert tc["n_volumes"] == tc["n_recorded"] == len(tc_train) > 0 and tc["sources"] == ["TC"]
