@@ -34,11 +34,11 @@ THRESHOLDS: dict[str, Threshold] = {
     "modality": Threshold("CT", "the model was trained on CT slices in Hounsfield units; MR or PET intensities "
                                 "mean nothing to it"),
     "slice_thickness_tolerance_mm": Threshold(
-        0.5, "a slice up to half a millimetre thicker or thinner than any training slice looks alike at the "
-             "model's 448-pixel resolution; beyond that partial-volume blurring changes small lesions"),
+        0.5, "a margin around the training range for the rounding scanners apply (2.5 vs 3 mm); thicker slices "
+             "blur small lesions by partial volume in a way the model never saw. A chosen margin, not a measured limit"),
     "pixel_spacing_tolerance": Threshold(
-        0.15, "relative: in-plane spacing sets the organ's size in pixels; ±15 % beyond the training range is "
-              "within what the resize to 448 pixels and the training crops varied"),
+        0.15, "relative margin around the training range: the in-plane spacing sets the pancreas' size in "
+              "pixels, and sizes the model never saw are untested. A chosen margin, not a measured limit"),
     "max_tilt_deg": Threshold(
         2.0, "the training volumes are axial; a slice tilted by more than 2° (gantry tilt, an oblique "
              "reformat) cuts the pancreas differently, and the reader does not resample it"),
