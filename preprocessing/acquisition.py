@@ -18,8 +18,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
-
-from preprocessing.volumes import axial_stored_axis
+from nibabel.orientations import io_orientation
 
 ACQUISITION_SCHEMA = 1
 ENVELOPE_SCHEMA = 1
@@ -111,6 +110,11 @@ def dicom_fields(headers: Optional[Sequence[Any]]) -> dict:
     return out
 
 
+def stored_slice_axis(affine: np.ndarray) -> int:
+    """Index of the stored array axis closest to head–feet (the slice axis the readers display)."""
+    return int(np.nonzero(io_orientation(np.asarray(affine, dtype=float))[:, 0] == 2)[0][0])
+
+
 def measure_acquisition(hu: np.ndarray, affine: np.ndarray, axial_axis: int,
                         headers: Optional[Sequence[Any]] = None, slope: float = 1.0, inter: float = 0.0) -> dict:
     """One volume's acquisition record (JSON-ready).
@@ -135,7 +139,7 @@ def measure_acquisition(hu: np.ndarray, affine: np.ndarray, axial_axis: int,
         raise ValueError(f"expected a 3-D volume, got shape {tuple(hu.shape)}")
     affine = np.asarray(affine, dtype=float)
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
-    stored_axial = axial_stored_axis(affine)
+    stored_axial = stored_slice_axis(affine)
     in_plane_axes = [i for i in range(3) if i != stored_axial]
     in_plane = [round(float(zooms[i]), 4) for i in in_plane_axes]
     matrix = [int(hu.shape[i]) for i in range(3) if i != axial_axis]

@@ -29,7 +29,7 @@ from preprocessing.output_folder import (
     PREPARED_KINDS,
     PreparationError,
     check_no_foreign,
-    check_output_folder,
+    check_prepared_folder,
     clean_stale,
     owned_files,
     versions,
@@ -320,7 +320,7 @@ def process_volume(job: Job) -> dict:
         return {"volume": job.volume_name, "error": {"file": err.path, "problem": err.problem}}
     t1 = time.perf_counter()
     try:
-        scan = acquisition.measure_acquisition(image.array, image.affine, volumes.axial_stored_axis(image.affine),
+        scan = acquisition.measure_acquisition(image.array, image.affine, acquisition.stored_slice_axis(image.affine),
                                                headers, image.slope, image.inter)
     except ValueError as err:  # recorded as unmeasured: the envelope counts it as "not recorded"
         scan = {"schema": acquisition.ACQUISITION_SCHEMA, "unmeasured": str(err)}
@@ -466,7 +466,7 @@ def prepare(opts: Options, log=print) -> dict:
     jobs, problems = discover(opts)  # first: a missing input folder is the error to report
     if opts.exclude_overlap_with:
         check_overlap_sources(opts, jobs)
-    owned = check_output_folder(out, params, opts.overwrite, inputs=[*opts.images, opts.labels], kinds=(ds,))
+    owned = check_prepared_folder(out, params, opts.overwrite, inputs=[*opts.images, opts.labels], kinds=(ds,))
     # checked above; the lock keeps a second run out, a failure removes what this run created
     with outputs.OutputFolder(out, "preprocessing", overwrite=True, owner="python -m preprocessing",
                               owns=lambda m: m.get("dataset") in PREPARED_KINDS):

@@ -11,7 +11,7 @@ import pytest
 
 from minigpt4.inference.fitness import CHECKS, THRESHOLDS, check_fitness, fitness_summary, outside_validated_range
 from minigpt4.inference.pipeline import SliceResult
-from minigpt4.inference.volumes import load_volume
+from minigpt4.inference.readers import load_volume
 from preprocessing import synthetic
 from preprocessing.acquisition import envelope_from_records
 

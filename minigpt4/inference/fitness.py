@@ -7,7 +7,7 @@ volume that fails one is answered all the same, flagged ``outside_validated_rang
 :data:`THRESHOLDS`; the checks are :data:`CHECKS`, in the order they are reported.
 
 Inputs: the input's acquisition record (:func:`preprocessing.acquisition.measure_acquisition`,
-measured by :func:`minigpt4.inference.volumes.load_volume`), its DICOM headers (None for NIfTI),
+measured by :func:`minigpt4.inference.readers.load_volume`), its DICOM headers (None for NIfTI),
 the pipeline's slice results, and the training envelope of each stage's checkpoint
 (:func:`minigpt4.models.checkpoints.checkpoint_envelope`).
 """
