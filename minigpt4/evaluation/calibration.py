@@ -27,6 +27,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
 from minigpt4.evaluation.figures import _save
+from minigpt4.evaluation.tables import fmt
 from minigpt4.inference.calibration import CalibrationMap
 
 N_BINS = 10
@@ -290,8 +291,6 @@ def cascade_calibration(val_patients: dict, val_rows: Sequence[dict], patients: 
 
 def calibration_lines(calibration: dict) -> list[str]:
     """The ``tables.md`` section: per target the map chosen on val (or why none) and Brier / ECE on test."""
-    from minigpt4.evaluation.tables import fmt
-
     lines = ["## Calibration (chosen on val, judged on test)", "",
              "| score | map (chosen on val) | val cross-validated log loss (platt / isotonic) | test n (tumor) "
              "| Brier before → after | ECE before → after |", "|---|---|---|---|---|---|"]
