@@ -173,3 +173,17 @@ def test_the_cascade_calibration_from_patient_scores_and_slice_rows():
     assert metrics["ece"]["before"] == pytest.approx((0.1 + 0.2) / 2)
     # the map round-trips through JSON as operating_point.json's "calibration"
     assert map_from_dict(json.loads(json.dumps(doc))).apply(0.8) == pytest.approx(after[1])
+
+
+def test_configured_calibration_reads_the_operating_point_the_config_names(tmp_path):
+    from types import SimpleNamespace
+
+    from minigpt4.inference.calibration import configured_calibration
+
+    assert configured_calibration(SimpleNamespace()) == (None, None)  # a cascade section without the key
+    assert configured_calibration(SimpleNamespace(operating_point=None)) == (None, None)
+    with pytest.raises(FileNotFoundError, match="cascade.operating_point: .*missing.json not found"):
+        configured_calibration(SimpleNamespace(operating_point=str(tmp_path / "missing.json")))
+    cal = CalibrationMap("platt", {"a": 1.0, "b": 0.0}, {"split": "val", "n_volumes": 9})
+    (tmp_path / "operating_point.json").write_text(json.dumps({"format": 1, "calibration": {**cal.as_dict(), "slice": None}}))
+    assert configured_calibration(SimpleNamespace(operating_point=str(tmp_path / "operating_point.json"))) == (cal, None)

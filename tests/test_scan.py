@@ -337,3 +337,26 @@ def test_scan_takes_normalization_in_both_spellings():
     assert build_parser().parse_args(base).normalization == "paper"
     assert build_parser().parse_args([*base, "--normalization", "window"]).normalization == "window"
     assert build_parser().parse_args([*base, "--normalisation", "window"]).normalization == "window"
+
+
+def test_scan_with_a_calibration_map_reports_the_likelihood_beside_the_raw_score(tmp_path, stage_paths, monkeypatch):
+    """The operating point's calibration (here given directly: cascade.operating_point is the
+    cascade work's key) reaches report.json, summary.csv and the scan's fingerprint."""
+    import scan
+    from minigpt4.commands import scan as scan_command
+    from minigpt4.inference.calibration import CalibrationMap
+
+    patient = CalibrationMap("isotonic", {"x": [0.0, 1.0], "y": [0.0, 0.4]}, {"split": "val", "n_volumes": 12, "dataset": "MSD+NIH"})
+    per_slice = CalibrationMap("platt", {"a": 0.0, "b": 0.0}, target="slice P(tumor)")
+    monkeypatch.setattr(scan_command, "load_stages", lambda *args, **kwargs: SingleModel(AlwaysBoxes()))
+    monkeypatch.setattr(scan_command, "configured_calibration", lambda cascade: (patient, per_slice))
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    scan.main(["--cfg-path", str(scan_config(tmp_path, stage_paths)), "--inputs", str(inputs), "--out", str(out)])
+    report = strict_json(out / "a_nifti" / REPORT_FILE)
+    assert report["patient"]["likelihood"] == {"raw": 0.75, "calibrated": 0.3,  # 0.75 × 0.4
+                                               "calibration": {"method": "isotonic", "fitted_on": "val: 12 volumes of MSD+NIH"}}
+    assert {s["p_tumor_calibrated"] for s in report["slices"]} == {0.5}
+    assert report["config"]["calibration"]["method"] == "isotonic"  # part of the fingerprint: a new map rescans
+    with open(out / "summary.csv", newline="", encoding="utf-8") as handle:
+        assert [r["likelihood"] for r in csv.DictReader(handle)] == ["0.3"] * 3
