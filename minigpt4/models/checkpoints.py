@@ -76,6 +76,8 @@ ENVELOPE_KEY = "envelope"
 """Safetensors metadata key of the training envelope: the acquisition range of the training volumes
 (JSON, :func:`minigpt4.training.envelope.training_envelope`; read with :func:`checkpoint_envelope`)."""
 PROVENANCE_NAME = "provenance.json"
+ENVELOPE_NAME = "envelope.json"
+"""The training envelope in a PEFT export folder (as :data:`PROVENANCE_NAME` is the provenance)."""
 """The same record in a PEFT export folder (``python -m minigpt4.export``)."""
 MINIGPT_V2_LORA_ALPHA = 16
 """α of the MiniGPT-v2 stage-3 and MiniGPT-Pancreas release adapters (r = 64 is read from the shapes)."""
@@ -187,7 +189,8 @@ def read_metadata(path: Union[str, os.PathLike]) -> tuple[str, Path, dict[str, s
 
     ``kind`` is ``"project"`` (a safetensors file this project wrote: its metadata has
     ``format`` = ``minigpt-pancreas/...``), ``"peft"`` (a PEFT adapter folder; its metadata holds
-    ``provenance`` when the folder has :data:`PROVENANCE_NAME`, as our exports do), or ``"foreign"``
+    ``provenance`` when the folder has :data:`PROVENANCE_NAME`, as our exports do, and ``envelope``
+    from :data:`ENVELOPE_NAME`), or ``"foreign"``
     (anything else: the MiniGPT-v2 stage-3 ``.pth``, a release ``.pth``, another safetensors
     file, whose metadata is empty).
 
@@ -196,8 +199,8 @@ def read_metadata(path: Union[str, os.PathLike]) -> tuple[str, Path, dict[str, s
     """
     path = resolve_checkpoint_path(path)
     if path.name == PEFT_WEIGHTS_NAME and (path.parent / PEFT_CONFIG_NAME).is_file():
-        record = path.parent / PROVENANCE_NAME
-        return "peft", path, {PROVENANCE_KEY: record.read_text(encoding="utf-8")} if record.is_file() else {}
+        records = {key: path.parent / name for key, name in ((PROVENANCE_KEY, PROVENANCE_NAME), (ENVELOPE_KEY, ENVELOPE_NAME))}
+        return "peft", path, {key: file.read_text(encoding="utf-8") for key, file in records.items() if file.is_file()}
     if path.suffix != ".safetensors":
         return "foreign", path, {}
     try:
