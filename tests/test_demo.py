@@ -613,6 +613,15 @@ def test_scan_of_a_dicom_upload_offers_report_boxes_and_seg(tmp_path):
     assert [Path(f).name for f in files] == ["report.json", "boxes.nii.gz", "seg.dcm"], history[-1]
     report = json.loads(Path(files[0]).read_text(), parse_constant=lambda name: pytest.fail(name))
     assert report["patient"]["decision"] == "tumor" and report["source"] == "series.zip"
+    # issue 28: the uncalibrated score and the upload's fitness checks, in the file and in the chat
+    assert report["patient"]["likelihood"] == {"raw": report["patient"]["score"], "calibrated": None, "calibration": None}
+    status = {c["check"]: c["status"] for c in report["fitness"]}
+    assert status == {"modality": "passed", "slice_thickness": "unknown", "pixel_spacing": "unknown",
+                      "orientation": "passed", "hu_sanity": "passed", "z_coverage": "failed", "contrast": "unknown"}
+    assert report["outside_validated_range"] is True  # boxes on every slice: the series may cut the pancreas off
+    assert "**Outside the validated range** — the answer is given but was not validated for such a scan: " \
+           "z_coverage: pancreas boxes reach the first and last slice" in history[-1]["content"]
+    assert "uncalibrated score" in history[-1]["content"] and "%" not in history[-1]["content"]
     assert report["checkpoints"] == [{"stage": "tumor_detection", "path": str(weights),
                                       "sha256": hashlib.sha256(b"weights").hexdigest()}]
     geometry, headers = read_dicom_source(tmp_path / "series.dcm.d")

@@ -193,7 +193,7 @@ class DemoHandlers:
         count, height, width = slices.shape
         state.update(name=name, kind=kind, slices=slices, index=count // 2, path=str(path), normalisation=normalisation)
         if kind == "volume":  # the scan's files are written in the upload's own geometry
-            state.update(geometry=volume.geometry, dicom_headers=volume.dicom_headers)
+            state.update(geometry=volume.geometry, dicom_headers=volume.dicom_headers, acquisition=volume.acquisition)
         if kind == "slice":
             text = f"Loaded slice **{name}** ({width}×{height}). Ask a question or press a task button."
             slider = hidden_slider
@@ -249,7 +249,8 @@ class DemoHandlers:
             history.append({"role": "assistant", "content": self.public(message)})
             return state, _render(state), gr.update(), None, None, history, None
         try:
-            result = self.service.scan_volume(state["slices"], progress=lambda f, d: progress(f, desc=d))
+            result = self.service.scan_volume(state["slices"], progress=lambda f, d: progress(f, desc=d),
+                                              acquisition=state.get("acquisition"), dicom_headers=state.get("dicom_headers"))
         except Exception as err:  # noqa: BLE001
             history.append({"role": "assistant", "content": self.error_text(err, state.get("path"))})
             return state, _render(state), gr.update(), None, None, history, None
@@ -284,7 +285,8 @@ class DemoHandlers:
             folder, volume=name, source=state["name"], geometry=state["geometry"],
             result=VolumeResult(result.rows, result.patient), checkpoints=checkpoints,
             fingerprint=fingerprint([state["path"]], checkpoints, settings), dicom_headers=state.get("dicom_headers"),
-            extra={"config": settings})
+            extra={"config": settings}, fitness=result.fitness, calibration=self.service.calibration,
+            slice_calibration=self.service.slice_calibration)
         return [str(folder / file) for file in written]
 
     @staticmethod
@@ -322,7 +324,8 @@ class DemoHandlers:
             if path is None:
                 raise InputError("no volume file given.")
             volume = load_volume(path, normalisation or "paper", self.limits, self.workdir)
-            result = self.service.scan_volume(volume.slices, progress=lambda f, d: progress(f, desc=d))
+            result = self.service.scan_volume(volume.slices, progress=lambda f, d: progress(f, desc=d),
+                                              acquisition=volume.acquisition, dicom_headers=volume.dicom_headers)
         except Exception as err:  # noqa: BLE001
             return self.error_text(err, path), [], None
         best = result.most_suspicious

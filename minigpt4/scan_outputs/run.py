@@ -32,7 +32,11 @@ DONE_FILE = "done.json"
 ERROR_FILE = "error.json"
 REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE = "report.json", "boxes.nii.gz", "seg.dcm", "montage.png"
 VOLUME_FILES = (REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE)
-SUMMARY_COLUMNS = ("volume", "decision", "score", "n_slices", "n_boxed", "most_suspicious_slice", "error")
+SUMMARY_COLUMNS = ("volume", "decision", "score", "likelihood", "outside_validated_range", "failed_checks", "n_slices",
+                   "n_boxed", "most_suspicious_slice", "error")
+"""``score``: the raw patient score; ``likelihood``: the calibrated one (empty without a map: the
+score is uncalibrated); ``outside_validated_range``: true / false (empty: not recorded);
+``failed_checks``: the failed fitness checks, ``;``-separated."""
 SCAN_FORMAT = "minigpt-pancreas-scan/1"
 
 
@@ -102,7 +106,8 @@ def write_volume_outputs(out_dir: str | os.PathLike, *, volume: str, source: str
                          result: VolumeResult, checkpoints: Sequence[CheckpointIdentity], fingerprint: str,
                          slices: Any = None, dicom_headers: Optional[Sequence[Any]] = None,
                          montage_size: int = 8, software_version: str = "",
-                         extra: Optional[dict] = None) -> list[str]:
+                         extra: Optional[dict] = None, fitness: Optional[Sequence[dict]] = None,
+                         calibration: Any = None, slice_calibration: Any = None) -> list[str]:
     """Write one volume's files into ``out_dir`` and mark it done.
 
     ``result`` is what :func:`minigpt4.inference.pipeline.scan_slices` returned (``patient`` None:
@@ -111,7 +116,8 @@ def write_volume_outputs(out_dir: str | os.PathLike, *, volume: str, source: str
     Writes ``report.json`` and ``boxes.nii.gz`` always; ``seg.dcm`` when ``dicom_headers`` (the
     source series, :func:`~minigpt4.scan_outputs.read_dicom_source`) are given and a slice has
     a box; ``montage.png`` when ``slices`` (display slice ``k`` → (H, W) uint8) are given and a
-    slice has a P(tumor). Output files of a previous run that this one does not rewrite are removed;
+    slice has a P(tumor). ``fitness``, ``calibration`` and ``slice_calibration`` go into
+    ``report.json`` (:func:`~minigpt4.scan_outputs.volume_files.build_report`). Output files of a previous run that this one does not rewrite are removed;
     ``done.json`` comes last. A failure leaves the folder unmarked (never half-written files).
 
     Returns:
@@ -121,7 +127,8 @@ def write_volume_outputs(out_dir: str | os.PathLike, *, volume: str, source: str
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _start_volume(out_dir)
     results = result.slices
-    report = build_report(volume, source, geometry, result.patient, results, checkpoints, extra)
+    report = build_report(volume, source, geometry, result.patient, results, checkpoints, extra, fitness=fitness,
+                          calibration=calibration, slice_calibration=slice_calibration)
     written = [write_report(out_dir / REPORT_FILE, report).name,
                write_box_nifti(out_dir / BOXES_FILE, geometry, results).name]
     if dicom_headers is not None:
@@ -156,14 +163,19 @@ def write_volume_error(out_dir: str | os.PathLike, volume: str, message: str) ->
 def summary_row(report: Mapping[str, Any]) -> dict:
     """A ``summary.csv`` row from a ``report.json`` dict."""
     patient = report["patient"] or {"decision": None, "score": None}
+    likelihood = patient.get("likelihood") or {}
+    fitness = report.get("fitness")
+    outside = report.get("outside_validated_range")
     return {"volume": report["volume"], "decision": patient["decision"], "score": patient["score"],
+            "likelihood": likelihood.get("calibrated"),
+            "outside_validated_range": None if outside is None else str(bool(outside)).lower(),
+            "failed_checks": None if fitness is None else ";".join(c["check"] for c in fitness if c["status"] == "failed"),
             "n_slices": report["counts"]["n_slices"], "n_boxed": report["counts"]["n_boxed"],
             "most_suspicious_slice": report["most_suspicious_slice"], "error": None}
 
 
 def error_row(volume: str, message: str) -> dict:
-    return {"volume": volume, "decision": None, "score": None, "n_slices": None, "n_boxed": None,
-            "most_suspicious_slice": None, "error": str(message)}
+    return {**{key: None for key in SUMMARY_COLUMNS}, "volume": volume, "error": str(message)}
 
 
 def collect_summary(out_root: str | os.PathLike, volumes: Sequence[str]) -> list[dict]:
