@@ -337,3 +337,17 @@ def test_report_and_index_pages_in_chromium(tmp_path):
         page.click("text=calibrated")
         assert page.url.endswith("/calibrated/report.html")
         assert shot.std() > 10
+
+
+def test_demo_message_says_what_the_page_says(tmp_path):
+    """The demo's words after a scan (minigpt4.demo.app.scan_files_text) are the page's: the
+    calibrated likelihood, the fitness flag, the page and the SR among the downloads."""
+    from minigpt4.demo.app import scan_files_text
+
+    _, geometry, _, result, _ = dicom_scan(tmp_path)
+    report = calibrated(build_report("case", "case", geometry, result.patient, result.slices, CHECKPOINTS))
+    report["structured_report"] = {"file": None, "error": "ValueError: bad header"}
+    assert scan_files_text(report, [REPORT_FILE, REPORT_HTML]).split("\n\n") == [
+        likelihood_text(report), f"⚠️ **{fitness_text(report)}**",
+        "Among the scan files below: `report.html` (a page to read).", "⚠️ sr.dcm could not be written: ValueError: bad header"]
+    assert "Calibrated likelihood of PDAC: 62 %" in scan_files_text(report, [])
