@@ -36,7 +36,7 @@ from minigpt4.scan_outputs.html import (
 )
 from minigpt4.scan_outputs.run import SR_FILE
 from minigpt4.scan_outputs.sr import box_polyline, write_dicom_sr
-from tests._phantoms import small_volume
+from tests._phantoms import SHARED_DATA, small_volume
 from tests.test_demo_e2e import CHROMIUM, browser_page
 from tests.test_scan_outputs import CHECKPOINTS, patient, results_on, write_ct_series
 
@@ -351,3 +351,22 @@ def test_demo_message_says_what_the_page_says(tmp_path):
         likelihood_text(report), f"⚠️ **{fitness_text(report)}**",
         "Among the scan files below: `report.html` (a page to read).", "⚠️ sr.dcm could not be written: ValueError: bad header"]
     assert "Calibrated likelihood of PDAC: 62 %" in scan_files_text(report, [])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "ct" / "totalseg_dicom" / "dicom").is_dir(),
+                    reason="../shared/data/ct/totalseg_dicom not present (real DICOM series)")
+def test_sr_of_the_real_anonymised_series_is_refused_with_its_reason(tmp_path):
+    """The real series is anonymised down to empty Study/SeriesInstanceUIDs: an SR could not be
+    filed in its study, so none is written and report.json says why; the answer stands."""
+    from minigpt4.boxes import grid_to_pixel_inclusive
+
+    geometry, headers = read_dicom_source(SHARED_DATA / "ct" / "totalseg_dicom" / "dicom")
+    make = results_on(512, 512)
+    box = grid_to_pixel_inclusive((49, 53, 52, 56), 512, 512)
+    result = VolumeResult([make(12, 0.7, pancreas_box=box, tumor_box=box)], patient("tumor", 0.7))
+    written = write_volume_outputs(tmp_path, volume="real", source="real", geometry=geometry, result=result,
+                                   checkpoints=CHECKPOINTS, fingerprint="f" * 64, dicom_headers=headers)
+    assert SR_FILE not in written and SEG_FILE in written
+    assert json.loads((tmp_path / REPORT_FILE).read_text())["structured_report"] == {
+        "file": None, "error": "ValueError: the DICOM series has no StudyInstanceUID (anonymised?), so a structured "
+                               "report cannot reference it or be filed in its study"}

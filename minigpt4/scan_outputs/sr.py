@@ -176,7 +176,8 @@ def write_dicom_sr(path: str | os.PathLike, report: Mapping[str, Any], source_he
         software_version: the algorithm's version; the installed minigpt-pancreas version when empty.
 
     Raises:
-        ValueError: the report does not fit the headers (slice count, a box's position).
+        ValueError: the report does not fit the headers (slice count, a box's position), or the
+            series has no StudyInstanceUID / SeriesInstanceUID to reference.
     """
     import highdicom as hd
     from pydicom.dataset import Dataset
@@ -190,6 +191,10 @@ def write_dicom_sr(path: str | os.PathLike, report: Mapping[str, Any], source_he
     if list(shape) != [int(first.Columns), int(first.Rows), len(headers)]:
         raise ValueError(f"report.json geometry {shape} is not that of the DICOM series "
                          f"({first.Columns} columns x {first.Rows} rows x {len(headers)} slices)")
+    for name in ("StudyInstanceUID", "SeriesInstanceUID"):
+        if not str(getattr(first, name, "") or ""):
+            raise ValueError(f"the DICOM series has no {name} (anonymised?), so a structured report cannot "
+                             "reference it or be filed in its study")
     concepts = _concepts()
     algorithm = _algorithm(report, software_version)
     groups: list = [_patient_group(report, concepts, algorithm, first)]
