@@ -58,12 +58,12 @@ def calibrated(report: dict) -> dict:
     return report
 
 
-def dicom_scan(folder: Path, decision: str = "tumor", score: float = 0.9):
+def dicom_scan(folder: Path, decision: str = "tumor", score: float = 0.9, row_direction=(1.0, 0.0, 0.0)):
     """A 5-slice 12 x 14 CT series under ``folder/ct`` and the pipeline's answers on it: slice 1
     a pancreas box, slice 3 a pancreas and a tumor box (4, 5, 6, 8), P(tumor) 0.2 and 0.9."""
     hu, _ = small_volume(h=12, w=14, s=5)
     (folder / "ct").mkdir(parents=True)
-    uids = write_ct_series(folder / "ct", hu)
+    uids = write_ct_series(folder / "ct", hu, row_direction=row_direction)
     geometry, headers = read_dicom_source(folder / "ct")
     make = results_on(14, 12)
     results = [make(0, None), make(1, 0.2, pancreas_box=(2, 3, 9, 7)),
@@ -147,6 +147,8 @@ def test_sr_holds_the_finding_the_regions_and_the_references(tmp_path, with_keys
     # the patient-level finding, its scores, the algorithm and (where recorded) the fitness checks
     (finding,) = content.get_image_measurement_groups()
     assert finding.finding_type == codes.SCT.AdenocarcinomaOfPancreas
+    (source,) = finding.source_images  # the most suspicious slice's image
+    assert report["most_suspicious_slice"] == 3 and source.referenced_sop_instance_uid == uids[3]
     evaluations = {e.name.meaning: e.value.meaning for e in finding.get_qualitative_evaluations()}
     measurements = {m.name.meaning: m.value for m in finding.get_measurements()}
     assert evaluations["PDAC suspected"] == "Yes"
@@ -170,6 +172,20 @@ def test_sr_holds_the_finding_the_regions_and_the_references(tmp_path, with_keys
     assert raw.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99MGP"
     data = (out / SR_FILE).read_bytes()
     assert str(tmp_path).encode() not in data and report["source"].encode() not in data
+
+
+def test_sr_region_of_a_series_stored_right_to_left(tmp_path):
+    """Rows pointing to the patient's right (tests/test_scan_outputs.py): display column x is DICOM
+    column 13 - x, and display slice 3 is the written slice 1. The tumor box (4, 5, 6, 8) on
+    display slice 3 covers DICOM columns 7..9, rows 5..8 of the image written as slice 1."""
+    import highdicom as hd
+
+    uids, geometry, headers, result, _ = dicom_scan(tmp_path, row_direction=(-1.0, 0.0, 0.0))
+    report = build_report("case", "case", geometry, result.patient, result.slices, CHECKPOINTS)
+    write_dicom_sr(tmp_path / SR_FILE, report, headers)
+    (planar,) = hd.sr.srread(tmp_path / SR_FILE).content.get_planar_roi_measurement_groups()
+    assert planar.roi.value.tolist() == [[7, 5], [10, 5], [10, 9], [7, 9], [7, 5]]
+    assert planar.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uids[1]
 
 
 @pytest.mark.parametrize("decision, value", [("no tumor", "No"), ("inconclusive", "Undetermined")])

@@ -5,7 +5,8 @@ What it holds (all read from the report dict; the DICOM headers only place it in
 
 * **evidence**: every image of the source series (``CurrentRequestedProcedureEvidenceSequence``)
   and the scan's ``seg.dcm`` when there is one;
-* a **patient-level group** (TID 1501, tracking identifier ``patient-level finding``): the
+* a **patient-level group** (TID 1501, tracking identifier ``patient-level finding``, its source
+  image the most suspicious slice's): the
   qualitative evaluation "PDAC suspected" = Yes / No / Undetermined (``tumor`` / ``no tumor`` /
   ``inconclusive``), the calibrated likelihood as DCM "Probability of cancer" (only where
   ``patient.likelihood.calibrated`` is recorded: an uncalibrated score is never called a
@@ -120,7 +121,16 @@ def _algorithm(report: Mapping[str, Any], software_version: str):
                                          parameters=parameters or None, family=codes.cid7162.ArtificialIntelligence)
 
 
-def _patient_group(report: Mapping[str, Any], concepts: dict, algorithm: Any, source: Any):
+def stored_slice(report: Mapping[str, Any], k: int) -> Optional[int]:
+    """The stored slice (DICOM header index) of display slice ``k``, or None when display slices
+    are not stored slices (``report.json`` ``geometry.display_to_voxel``)."""
+    mapping = np.asarray(report["geometry"]["display_to_voxel"])
+    if np.count_nonzero(mapping[2, :3]) != 1 or mapping[2, 2] == 0:  # stored axis 2 must be the display slice axis
+        return None
+    return int((mapping @ np.array([0, 0, int(k), 1]))[2])
+
+
+def _patient_group(report: Mapping[str, Any], concepts: dict, algorithm: Any, source: Optional[Any]):
     import highdicom as hd
 
     patient = report.get("patient")
@@ -150,7 +160,7 @@ def _patient_group(report: Mapping[str, Any], concepts: dict, algorithm: Any, so
         tracking_identifier=hd.sr.TrackingIdentifier(identifier=PATIENT_GROUP, uid=_uid(report, "patient")),
         finding_type=concepts["pdac"], finding_sites=[hd.sr.FindingSite(concepts["pancreas"])],
         algorithm_id=algorithm, measurements=measurements or None, qualitative_evaluations=evaluations or None,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
+        source_images=None if source is None else [hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
 
 
 def _uid(report: Mapping[str, Any], what: str) -> str:
@@ -197,7 +207,9 @@ def write_dicom_sr(path: str | os.PathLike, report: Mapping[str, Any], source_he
                              "reference it or be filed in its study")
     concepts = _concepts()
     algorithm = _algorithm(report, software_version)
-    groups: list = [_patient_group(report, concepts, algorithm, first)]
+    suspicious = report.get("most_suspicious_slice")
+    k_source = None if suspicious is None else stored_slice(report, suspicious)
+    groups: list = [_patient_group(report, concepts, algorithm, None if k_source is None else headers[k_source])]
     if seg is not None:
         groups += _segment_groups(report, seg, first, concepts, algorithm)
     for row in report.get("slices", []):
@@ -205,6 +217,8 @@ def write_dicom_sr(path: str | os.PathLike, report: Mapping[str, Any], source_he
         if box is None:
             continue
         k = int(box["voxel_min"][2])
+        if k != int(box["voxel_max"][2]):
+            raise ValueError(f"slice {row['slice']}: the display slice is not a stored slice of the series")
         _check_box_on_header(box, headers[k], f"slice {row['slice']}")
         region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(box),
                                    source_image=hd.sr.SourceImageForRegion.from_source_image(headers[k]))
