@@ -320,7 +320,7 @@ def render_index_html(entries: Sequence[tuple[str, Optional[Mapping[str, Any]], 
         rows.append([name, _e(decision_text(report)), _e(likelihood_text(report)),
                      f'<span class="{css}">{_e(flags)}</span>'])
     body = [f"<h1>MiniGPT-Pancreas scan: {len(entries)} volume{'' if len(entries) == 1 else 's'}</h1>",
-            _table(("volume", "decision", "likelihood", "flags"), rows, "volumes")]
+            _table(("volume", "decision", "likelihood", "flags (failed: the error)"), rows, "volumes")]
     return _page("MiniGPT-Pancreas scan", "\n".join(body))
 
 
