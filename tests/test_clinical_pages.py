@@ -126,6 +126,7 @@ def test_sr_holds_the_finding_the_regions_and_the_references(tmp_path, with_keys
                 for s in study.ReferencedSeriesSequence}
     assert evidence == {headers[0].SeriesInstanceUID: sorted(uids), seg.SeriesInstanceUID: [seg.SOPInstanceUID]}
     assert sr.PatientID == headers[0].PatientID and sr.Modality == "SR"
+    assert sr.SeriesDescription == "MiniGPT-Pancreas SR (research prototype, not a medical device)"
 
     # the SEG's two segments, each a volumetric group on the source series
     volumetric = content.get_volumetric_roi_measurement_groups()

@@ -48,7 +48,8 @@ from minigpt4.scan_outputs.volume import installed_version, source_header
 PRIVATE_SCHEME = "99MGP"
 ALGORITHM_NAME = "MiniGPT-Pancreas cascade"
 PATIENT_GROUP = "patient-level finding"
-SR_TITLE = "MiniGPT-Pancreas measurement report (research prototype, not a medical device)"
+SERIES_DESCRIPTION = "MiniGPT-Pancreas SR (research prototype, not a medical device)"
+"""The SR's SeriesDescription (LO: at most 64 characters), what a PACS lists."""
 DECISION_VALUES = {"tumor": "Yes", "no tumor": "No", "inconclusive": "Undetermined"}
 """``report.json`` ``patient.decision`` → the value of the "PDAC suspected" evaluation (SCT codes)."""
 FITNESS_VALUES = {"passed": "Yes", "failed": "No", "unknown": "Undetermined"}
@@ -244,7 +245,7 @@ def write_dicom_sr(path: str | os.PathLike, report: Mapping[str, Any], source_he
         evidence=evidence, content=content,
         series_instance_uid=_uid(report, "sr series"), series_number=int(getattr(first, "SeriesNumber", 0) or 0) + 2000,
         sop_instance_uid=_uid(report, "sr instance"), instance_number=1,
-        manufacturer="MiniGPT-Pancreas", series_description=SR_TITLE[:64],
+        manufacturer="MiniGPT-Pancreas", series_description=SERIES_DESCRIPTION,
         is_complete=True, is_final=False, is_verified=False)
     item = Dataset()
     item.CodingSchemeDesignator = PRIVATE_SCHEME
