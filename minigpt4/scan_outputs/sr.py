@@ -40,7 +40,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from minigpt4.io import atomic_path, to_json
-from minigpt4.scan_outputs.volume import installed_version, source_header
+from minigpt4.scan_outputs.volume_files import installed_version, source_header
 
 # highdicom and pydicom's code dictionaries are imported inside the functions, as volume.py's SEG
 # writer does: importing highdicom costs about a second, paid only where a DICOM file is written.
