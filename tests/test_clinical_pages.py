@@ -55,6 +55,8 @@ def calibrated(report: dict) -> dict:
     report["patient"]["likelihood"] = dict(LIKELIHOOD)
     report["fitness"] = [dict(c) for c in FITNESS]
     report["outside_validated_range"] = True
+    for row in report["slices"]:  # the slice map's P(tumor), as the calibration step records it
+        row["p_tumor_calibrated"] = None if row["p_tumor"] is None else round(row["p_tumor"] * 0.5, 6)
     return report
 
 
@@ -142,8 +144,10 @@ def test_sr_holds_the_finding_the_regions_and_the_references(tmp_path, with_keys
     tumor_row = next(row for row in report["slices"] if row["tumor_box"] is not None)
     assert region.value.tolist() == box_polyline(tumor_row["tumor_box"]).tolist()
     assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == uids[3]  # SELECTED FROM
-    (p_tumor,) = planar.get_measurements()
-    assert p_tumor.value == tumor_row["p_tumor"] == 0.9 and p_tumor.name.meaning.startswith("Slice P(tumor)")
+    p_tumor = {m.name.meaning: m.value for m in planar.get_measurements()}
+    assert p_tumor.pop("Slice P(tumor) (model P(yes), uncalibrated)") == tumor_row["p_tumor"] == 0.9
+    assert p_tumor == ({"Slice P(tumor), calibrated": 0.45} if with_keys else {})
+    assert tumor_row.get("p_tumor_calibrated") == (0.45 if with_keys else None)
 
     # the patient-level finding, its scores, the algorithm and (where recorded) the fitness checks
     (finding,) = content.get_image_measurement_groups()
@@ -195,6 +199,10 @@ def test_sr_finding_of_other_decisions(tmp_path, decision, value):
 
     uids, geometry, headers, result, _ = dicom_scan(tmp_path, decision, 0.1)
     report = build_report("case", "case", geometry, result.patient, result.slices, CHECKPOINTS)
+    # the keys as the calibration step writes them when nothing was recorded: null
+    report.update(fitness=None, outside_validated_range=None)
+    report["patient"]["likelihood"] = (None if decision == "inconclusive" else
+                                       {"raw": 0.1, "calibrated": None, "calibration": None})
     write_dicom_sr(tmp_path / SR_FILE, report, headers)  # no SEG
     content = hd.sr.srread(tmp_path / SR_FILE).content
     (finding,) = content.get_image_measurement_groups()
@@ -202,6 +210,7 @@ def test_sr_finding_of_other_decisions(tmp_path, decision, value):
         "PDAC suspected": value, "Algorithm Family": "Artificial Intelligence"}
     names = [m.name.meaning for m in finding.get_measurements()]
     assert ("Uncalibrated patient score (aggregated slice P(tumor))" in names) == (decision != "inconclusive")
+    assert "Probability of cancer" not in names
     assert content.get_volumetric_roi_measurement_groups() == []  # no SEG given, none referenced
     assert len(content.get_planar_roi_measurement_groups()) == 1  # the tumor box is still a region
 
@@ -255,6 +264,11 @@ def test_words_with_and_without_the_calibration_keys(tmp_path):
     assert likelihood_text(plain) == ("Likelihood: not recorded; uncalibrated score 0.900 (not a probability: no "
                                       "calibration map was applied).")
     assert fitness_text(plain) == "Fitness checks: not recorded."
+    # the calibration step writes the keys as null where nothing was recorded: the same words
+    nulls = {**plain, "fitness": None, "outside_validated_range": None,
+             "patient": {**plain["patient"], "likelihood": {"raw": 0.9, "calibrated": None, "calibration": None}}}
+    assert fitness_text(nulls) == "Fitness checks: not recorded."
+    assert likelihood_text(nulls) == "Uncalibrated score 0.900 (not a probability: no calibration map was applied)."
     full = calibrated(plain)
     assert likelihood_text(full) == "Calibrated likelihood of PDAC: 62 % (method platt, fitted on val (40 volumes)); raw score 0.900."
     assert fitness_text(full) == ("Fitness checks: OUTSIDE THE VALIDATED RANGE (the answer is given, but this scan is "

@@ -234,10 +234,15 @@ def _suspicious_table(report: Mapping[str, Any]) -> str:
                     key=lambda row: (-float(row["p_tumor"]), row["slice"]))[:N_SUSPICIOUS]
     if not scored:
         return "<p>No slice was classified, so none is most suspicious.</p>"
-    rows = [[_e(row["slice"]), _e(f"{float(row['p_tumor']):.3f}"), _e(row.get("classified_on") or "—"),
-             _box_text(row.get("pancreas_box")), _box_text(row.get("tumor_box"))] for row in scored]
-    return _table(("slice", "P(tumor)", "classified on", "pancreas box (pixels x1, y1, x2, y2)",
-                   "tumor box (pixels)"), rows, "suspicious")
+    calibrated = any(row.get("p_tumor_calibrated") is not None for row in scored)
+    rows = [[_e(row["slice"]), _e(f"{float(row['p_tumor']):.3f}")]
+            + ([_e("—" if row.get("p_tumor_calibrated") is None else f"{float(row['p_tumor_calibrated']):.3f}")]
+               if calibrated else [])
+            + [_e(row.get("classified_on") or "—"), _box_text(row.get("pancreas_box")), _box_text(row.get("tumor_box"))]
+            for row in scored]
+    headers = ("slice", "P(tumor)", *(("P(tumor) calibrated",) if calibrated else ()), "classified on",
+               "pancreas box (pixels x1, y1, x2, y2)", "tumor box (pixels)")
+    return _table(headers, rows, "suspicious")
 
 
 def _operating_point(report: Mapping[str, Any]) -> str:

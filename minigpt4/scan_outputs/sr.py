@@ -16,7 +16,8 @@ What it holds (all read from the report dict; the DICOM headers only place it in
 * a **volumetric group** (TID 1411) per segment of ``seg.dcm`` that has frames (pancreas box,
   tumor box), referencing the SEG's segment and the source series;
 * a **planar group** (TID 1410) per slice with a tumor box: the box as a closed POLYLINE
-  ``ImageRegion`` on its source image, with the slice's P(tumor) as a measurement.
+  ``ImageRegion`` on its source image, with the slice's P(tumor) as a measurement (and its
+  calibrated P(tumor) where ``report.json`` has ``p_tumor_calibrated``).
 
 Coordinates: the region's points are DICOM image coordinates (column, row) of the source image,
 where (0, 0) is the top-left corner of the top-left pixel; a box whose inclusive voxel bounds
@@ -72,6 +73,7 @@ def _concepts() -> dict:
         "threshold": _private("MGP003", "Decision threshold on the patient score"),
         "slice_p_tumor": _private("MGP004", "Slice P(tumor) (model P(yes), uncalibrated)"),
         "outside_range": _private("MGP005", "Outside the validated range"),
+        "slice_p_calibrated": _private("MGP006", "Slice P(tumor), calibrated"),
         "probability": codes.DCM.ProbabilityOfCancer,
         "no_units": hd.sr.CodedConcept("1", "UCUM", "no units"),
         "Yes": codes.SCT.Yes, "No": codes.SCT.No, "Undetermined": codes.SCT.Undetermined,
@@ -223,8 +225,9 @@ def write_dicom_sr(path: str | os.PathLike, report: Mapping[str, Any], source_he
         _check_box_on_header(box, headers[k], f"slice {row['slice']}")
         region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=box_polyline(box),
                                    source_image=hd.sr.SourceImageForRegion.from_source_image(headers[k]))
-        measurements = ([] if row.get("p_tumor") is None else
-                        [hd.sr.Measurement(concepts["slice_p_tumor"], float(row["p_tumor"]), concepts["no_units"])])
+        measurements = [hd.sr.Measurement(concepts[name], float(row[key]), concepts["no_units"])
+                        for key, name in (("p_tumor", "slice_p_tumor"), ("p_tumor_calibrated", "slice_p_calibrated"))
+                        if row.get(key) is not None]
         groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(identifier=f"tumor box, slice {row['slice']}",
                                                          uid=_uid(report, f"tumor {row['slice']}")),
