@@ -282,9 +282,14 @@ def test_words_with_and_without_the_calibration_keys(tmp_path):
                                        "the volume was not assessed.")
     negative["assessed"] = {"slices_with_pancreas": 14, "slices_total": 80}  # issue 25.5's key wins where present
     assert decision_text(negative).startswith("No tumor found on the 14 slices where a pancreas was found (of 80)")
+    negative["patient"]["verdict"] = "no tumor found on the 14 slice(s) where a pancreas was found (14 of 80 slice(s))"
+    assert decision_text(negative) == "No tumor found on the 14 slice(s) where a pancreas was found (14 of 80 slice(s))."
     inconclusive = build_report("c", "c", geometry, patient("inconclusive", 0.0, boxed=2), result.slices, CHECKPOINTS)
     assert decision_text(inconclusive).startswith("Inconclusive: a pancreas was found on only 2 of 5 slices")
     assert likelihood_text(inconclusive) == "No likelihood: there is no patient-level score."
+    inconclusive["patient"]["verdict"] = "inconclusive: a pancreas was found on 2 of 5 slice(s), fewer than the 3 needed"
+    assert decision_text(inconclusive) == ("Inconclusive: a pancreas was found on 2 of 5 slice(s), fewer than the 3 "
+                                           "needed. This is not a negative result.")
 
 
 def test_without_paths_keeps_names_only():

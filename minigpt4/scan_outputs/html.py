@@ -56,13 +56,18 @@ def _plural(n: int, word: str) -> str:
 
 
 def decision_text(report: Mapping[str, Any]) -> str:
-    """The patient-level answer in words, saying what was assessed."""
+    """The patient-level answer in words, saying what was assessed: ``patient.verdict`` where
+    ``report.json`` records it, else built from the decision and the slices with a pancreas box."""
     patient = report.get("patient")
     boxed, total = _assessed(report)
     if patient is None:
         return (f"No patient-level answer (one checkpoint served every stage); a pancreas box on "
                 f"{boxed} of {_plural(total, 'slice')}.")
     decision = patient.get("decision")
+    verdict = patient.get("verdict")
+    if isinstance(verdict, str) and verdict:  # the cascade's own verdict line (issue 25.5), where recorded
+        text = verdict[0].upper() + verdict[1:].rstrip(".") + "."
+        return text + (" This is not a negative result." if decision == "inconclusive" else "")
     if decision == "tumor":
         return (f"Pancreatic tumor (PDAC) suspected. A pancreas was found and assessed on {boxed} of "
                 f"{_plural(total, 'slice')}.")
