@@ -556,8 +556,12 @@ def test_volume_upload_slider_and_scan(tmp_path, handlers):
 
     import nibabel as nib
 
-    assert [Path(f).name for f in files] == ["report.json", "boxes.nii.gz"]
+    assert [Path(f).name for f in files] == ["report.json", "boxes.nii.gz", "montage.png", "report.html"]
     assert all(Path(f).is_relative_to(tmp_path) for f in files)  # the private workdir
+    # one checkpoint: no patient score, so no likelihood; fitness not recorded by this scan
+    assert ("\n\nNo likelihood: there is no patient-level score.\n\nFitness checks: not recorded.\n\n"
+            "Among the scan files below: `report.html` (a page to read).") in history[-1]["content"]
+    assert str(tmp_path) not in Path(files[3]).read_text()
     report = json.loads(Path(files[0]).read_text(), parse_constant=lambda name: pytest.fail(name))
     assert report["volume"] == "vol" and report["patient"] is None and len(report["slices"]) == 5
     # grid 40..60 of 64 px as inclusive pixels: ceil(40·0.64) = 26 .. ceil(61·0.64) − 1 = 39
@@ -585,6 +589,12 @@ def test_three_stage_scan_through_the_handlers_gives_the_patient_answer(tmp_path
         assert expected in history[-1]["content"] and plot is not None and len(table) == 5
 
 
+def report_score(path) -> str:
+    import json
+
+    return f"{json.loads(Path(path).read_text())['patient']['score']:.3f}"
+
+
 def test_scan_of_a_dicom_upload_offers_report_boxes_and_seg(tmp_path):
     """Three-stage mode on a zipped DICOM series: the download holds report.json (patient
     answer), boxes.nii.gz over the series and a DICOM SEG referencing the uploaded images."""
@@ -610,7 +620,12 @@ def test_scan_of_a_dicom_upload_offers_report_boxes_and_seg(tmp_path):
     h = DemoHandlers(service, workdir)
     state, *_ = h.on_upload(str(archive), "paper", [], None)
     *_, history, files = h.on_scan([], state)
-    assert [Path(f).name for f in files] == ["report.json", "boxes.nii.gz", "seg.dcm"], history[-1]
+    assert [Path(f).name for f in files] == ["report.json", "boxes.nii.gz", "seg.dcm", "montage.png", "sr.dcm",
+                                             "report.html"], history[-1]
+    assert (f"Likelihood: not recorded; uncalibrated score {report_score(files[0])} (not a probability: no "
+            "calibration map was applied).") in history[-1]["content"] and "%" not in history[-1]["content"]
+    assert ("Among the scan files below: `report.html` (a page to read) and `sr.dcm` (a DICOM structured report "
+            "for a PACS).") in history[-1]["content"]
     report = json.loads(Path(files[0]).read_text(), parse_constant=lambda name: pytest.fail(name))
     assert report["patient"]["decision"] == "tumor" and report["source"] == "series.zip"
     # issue 28: the uncalibrated score and the upload's fitness checks, in the file and in the chat
@@ -632,6 +647,8 @@ def test_scan_of_a_dicom_upload_offers_report_boxes_and_seg(tmp_path):
     referenced = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
                   for f in seg.PerFrameFunctionalGroupsSequence}
     assert referenced == {h.SOPInstanceUID for h in headers}
+    sr = pydicom.dcmread(files[4])  # the SR beside it, in the same study (its content: tests/test_clinical_pages.py)
+    assert sr.Modality == "SR" and sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == seg.StudyInstanceUID
 
 
 # ------------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def test_scan_writes_every_volume_and_skips_what_is_done(tmp_path, stage_paths):
     rows = scan.main(["--cfg-path", str(config), "--inputs", str(inputs), "--out", str(out)])
     assert [r["volume"] for r in rows] == ["a_nifti", "b_series", "c_zip"] and not any(r["error"] for r in rows)
     assert {p.name for p in out.iterdir()} == {"a_nifti", "b_series", "c_zip", "summary.csv", "scan.json",
-                                               "manifest.json"}
+                                               "index.html", "manifest.json"}
     checkpoints = strict_json(out / "scan.json")["checkpoints"]
     assert [c["stage"] for c in checkpoints] == sorted(STAGES) and all(len(c["sha256"]) == 64 for c in checkpoints)
     sources = {"a_nifti": inputs / "a_nifti.nii.gz", "b_series": inputs / "b_series", "c_zip": inputs / "c_zip.zip"}
@@ -213,6 +213,19 @@ def test_scan_with_boxes_writes_seg_and_label_volumes(tmp_path, stage_paths, mon
         referenced = {frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
                       for frame in seg.PerFrameFunctionalGroupsSequence}
         assert referenced == {pydicom.dcmread(str(p)).SOPInstanceUID for p in source.rglob("*.dcm")}
+        # the SR beside it (tests/test_clinical_pages.py reads its content), recorded in report.json
+        sr = pydicom.dcmread(str(out / name / "sr.dcm"))
+        assert sr.Modality == "SR" and sr.StudyInstanceUID == seg.StudyInstanceUID
+        assert strict_json(out / name / REPORT_FILE)["structured_report"] == {"file": "sr.dcm", "error": None}
+    assert not (out / "a_nifti" / "sr.dcm").exists() and strict_json(out / "a_nifti" / REPORT_FILE)["structured_report"] is None
+    # the pages: one per volume, the index links them; no private path (the inputs live under tmp_path)
+    index = (out / "index.html").read_text()
+    for name in ("a_nifti", "b_series", "c_zip"):
+        page = (out / name / "report.html").read_text()
+        assert "Pancreatic tumor (PDAC) suspected" in page and str(tmp_path) not in page
+        assert f'<a href="{name}/report.html">{name}</a>' in index
+    assert str(tmp_path) not in index
+    assert str(tmp_path).encode() not in (out / "b_series" / "sr.dcm").read_bytes()
 
 
 def test_on_error_skip_records_a_broken_volume_and_stop_exits_2(tmp_path, stage_paths, monkeypatch, capsys):

@@ -40,6 +40,7 @@ from minigpt4.scan_outputs import (
     write_volume_error,
     write_volume_outputs,
 )
+from minigpt4.scan_outputs.html import REPORT_HTML
 from minigpt4.boxes import format_box, grid_to_pixel, grid_to_pixel_inclusive, pixel_to_grid
 from minigpt4.inference.calibration import CalibrationMap
 from minigpt4.inference.pipeline import PatientResult, SliceResult, VolumeResult
@@ -221,7 +222,7 @@ def test_report_json_is_strict_and_complete(tmp_path):
     written = write_volume_outputs(tmp_path / "case", volume="case", source="in/case.nii.gz", geometry=geometry,
                                    result=VolumeResult(results, patient("tumor", 0.75)),
                                    checkpoints=CHECKPOINTS, fingerprint="f" * 64)
-    assert written == [REPORT_FILE, BOXES_FILE]
+    assert written == [REPORT_FILE, BOXES_FILE, REPORT_HTML]
     report = strict_json(tmp_path / "case" / REPORT_FILE)
     assert report["patient"] == {"decision": "tumor", "score": 0.75, "threshold": 0.5, "aggregation": "max",
                                  "top_k": None, "n_slices_boxed": 1,
@@ -554,7 +555,7 @@ def test_fingerprint_and_is_done(tmp_path):
     assert not is_done(out, base)                                        # nothing written yet
     write_volume_outputs(out, fingerprint=base, slices=np.zeros((3, 8, 10), np.uint8), **kwargs)
     assert is_done(out, base)
-    assert strict_json(out / DONE_FILE)["files"] == sorted([REPORT_FILE, BOXES_FILE, MONTAGE_FILE])
+    assert strict_json(out / DONE_FILE)["files"] == sorted([REPORT_FILE, BOXES_FILE, MONTAGE_FILE, REPORT_HTML])
     assert not is_done(out, fingerprint([ct], checkpoints, {**cfg, "threshold": 0.6}))
     ct.write_bytes(b"volume bytes, changed")
     assert not is_done(out, fingerprint([ct], checkpoints, cfg))         # the input changed
@@ -583,7 +584,7 @@ def test_failed_write_leaves_the_folder_unmarked(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(run, "write_box_nifti", fail)
+    monkeypatch.setattr(run, "write_report_html", fail)  # the last file before done.json
     with pytest.raises(OSError, match="disk full"):
         write_volume_outputs(tmp_path, **{**kwargs, "result": VolumeResult(rows, patient("tumor", 0.95))})
     assert not is_done(tmp_path, "f" * 64)

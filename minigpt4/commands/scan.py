@@ -8,7 +8,8 @@ zips of one series, or folders of those. Each volume is read by the inference re
 (:func:`minigpt4.inference.readers.load_volume`), scanned by
 :func:`minigpt4.inference.pipeline.scan_slices` and written by
 :func:`minigpt4.scan_outputs.write_volume_outputs` under ``<out>/<volume>/``; ``summary.csv`` and
-``scan.json`` cover every volume. One volume is in memory at a time. A volume already done with
+``scan.json`` and ``index.html`` (a page linking each volume's ``report.html``) cover every volume.
+One volume is in memory at a time. A volume already done with
 the same input content, checkpoints and settings is skipped. Under torchrun the volumes are
 sharded by name (:func:`minigpt4.distributed.shard`); each rank writes its own, rank 0 the
 summary after a barrier.
@@ -43,6 +44,7 @@ from minigpt4.scan_outputs import (
     write_volume_error,
     write_volume_outputs,
 )
+from minigpt4.scan_outputs.html import INDEX_HTML, write_index_html
 from minigpt4.scan_outputs.run import SCAN_FORMAT
 
 COMMAND = "scan"
@@ -162,6 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
             if info.is_main:
                 rows = collect_summary(out, [entry.name for entry in inputs])
                 write_summary(out / "summary.csv", rows)
+                write_index_html(out / INDEX_HTML, out, [e.name for e in inputs], [r["volume"] for r in rows if not r["error"]])
                 write_scan_json(out / "scan.json", scan_config, checkpoints, rows,
                                 extra={"inputs": {e.name: str(e.path) for e in inputs}})
                 failed = [row for row in rows if row["error"]]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
+import json
 import logging
 import os
 import shutil
@@ -37,6 +38,7 @@ from minigpt4.inference.readers import NORMALISATIONS, InputError, load_slice, l
 from minigpt4.inference.pipeline import VolumeResult
 from minigpt4.inference.inputs import volume_name
 from minigpt4.scan_outputs import checkpoint_identities, fingerprint, write_volume_outputs
+from minigpt4.scan_outputs.html import fitness_text, likelihood_text
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +141,23 @@ def _scan_plot(result: ScanResult, current: Optional[int] = None):
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def scan_files_text(report: dict, names: list[str]) -> str:
+    """The chat message that goes with the scan's files: the likelihood and the fitness checks in
+    the words of ``report.html`` (from the written ``report.json``), and what the files are."""
+    fitness = fitness_text(report)
+    lines = [likelihood_text(report),
+             f"⚠️ **{fitness}**" if report.get("outside_validated_range") is True else fitness]
+    offered = [f"`{name}` ({what})" for name, what in (("report.html", "a page to read"),
+                                                         ("sr.dcm", "a DICOM structured report for a PACS"))
+               if name in names]
+    if offered:
+        lines.append(f"Among the scan files below: {' and '.join(offered)}.")
+    structured = report.get("structured_report") or {}
+    if structured.get("error"):
+        lines.append(f"⚠️ sr.dcm could not be written: {structured['error']}")
+    return "\n\n".join(lines)
 
 
 def _scan_table(result: ScanResult) -> list[list]:
@@ -258,20 +277,25 @@ class DemoHandlers:
         state["boxes"] = {r.slice_index: result.boxes_for(r.slice_index) for r in result.rows}
         best = result.most_suspicious
         state["index"] = best
-        history.append({"role": "assistant", "content": self.public(result.chat_text(), state.get("path"))})
+        text, failure = result.chat_text(), None
         try:
             files = self.scan_files(state, result)
+            if files:  # the likelihood and the fitness checks as report.json recorded them
+                report = json.loads(Path(files[0]).read_text(encoding="utf-8"))
+                text += "\n\n" + scan_files_text(report, [Path(f).name for f in files])
         except Exception as err:  # noqa: BLE001 - the scan on screen stays; only the files failed
-            files = None
-            history.append({"role": "assistant", "content": self.error_text(err, state.get("path"))})
+            files, failure = None, err
+        history.append({"role": "assistant", "content": self.public(text, state.get("path"))})
+        if failure is not None:
+            history.append({"role": "assistant", "content": self.error_text(failure, state.get("path"))})
         return state, _render(state), gr.update(value=best), _scan_plot(result), _scan_table(result), history, files
 
     def scan_files(self, state: dict, result: ScanResult) -> Optional[list[str]]:
-        """The scan's ``report.json``, ``boxes.nii.gz`` (and ``seg.dcm`` for a DICOM upload with a
-        box), written as ``scan.py`` writes them (:func:`minigpt4.scan_outputs.write_volume_outputs`)
-        into a fresh folder of the private workdir; None without the upload's geometry."""
+        """The scan's ``report.json`` (first), ``boxes.nii.gz``, ``montage.png``, ``report.html`` (and
+        ``seg.dcm`` with a box, ``sr.dcm``, for a DICOM upload), written as ``scan.py`` writes them
+        (:func:`minigpt4.scan_outputs.write_volume_outputs`) into a fresh folder of the private
+        workdir; None without the upload's geometry."""
         import tempfile
-
 
         if state.get("geometry") is None:
             return None
@@ -286,7 +310,7 @@ class DemoHandlers:
             result=VolumeResult(result.rows, result.patient), checkpoints=checkpoints,
             fingerprint=fingerprint([state["path"]], checkpoints, settings), dicom_headers=state.get("dicom_headers"),
             extra={"config": settings}, fitness=result.fitness, calibration=self.service.calibration,
-            slice_calibration=self.service.slice_calibration)
+            slice_calibration=self.service.slice_calibration, slices=state["slices"])
         return [str(folder / file) for file in written]
 
     @staticmethod
@@ -394,8 +418,9 @@ def build_app(service: DemoService, workdir: Optional[str | os.PathLike] = None)
             scan_plot = gr.Plot(label="P(tumor) per slice", elem_id="scan-plot")
             scan_table = gr.Dataframe(headers=SCAN_HEADERS, label="Per-slice results", interactive=False, elem_id="scan-table",
                                       max_height=300)
-        scan_files = gr.File(label="Scan files: report.json, boxes.nii.gz (opens over the CT in 3D Slicer / ITK-SNAP), "
-                                   "seg.dcm for DICOM uploads", file_count="multiple", interactive=False,
+        scan_files = gr.File(label="Scan files: report.html (a page to read), report.json, boxes.nii.gz (opens over the "
+                                   "CT in 3D Slicer / ITK-SNAP), montage.png; for DICOM uploads seg.dcm and sr.dcm "
+                                   "(DICOM structured report)", file_count="multiple", interactive=False,
                              elem_id="scan-files")
 
         private: dict = {"api_visibility": "private"}

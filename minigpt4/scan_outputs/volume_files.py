@@ -212,7 +212,7 @@ SOURCE_TYPE2_ATTRIBUTES = ("PatientID", "PatientName", "PatientBirthDate", "Pati
                            "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
 
 
-def _seg_source(header: Any) -> Any:
+def source_header(header: Any) -> Any:
     """The header as highdicom needs it: absent :data:`SOURCE_TYPE2_ATTRIBUTES` set empty, and
     an empty SOPClassUID/SOPInstanceUID (seen in anonymised series) taken from the file meta
     (MediaStorageSOP...UID, the same identity). A copy when anything changes."""
@@ -232,6 +232,16 @@ def _seg_source(header: Any) -> Any:
             raise ValueError(f"DICOM header without {name} (neither in the data set nor in its file meta)")
         setattr(header, name, value)
     return header
+
+
+def installed_version() -> str:
+    """The installed minigpt-pancreas version ("unknown" for a source checkout not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("minigpt-pancreas")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: Sequence[SliceResult],
@@ -262,13 +272,7 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
 
 
     check_results_geometry_only(geometry, results)
-    if not software_version:
-        from importlib import metadata
-
-        try:
-            software_version = metadata.version("minigpt-pancreas")
-        except metadata.PackageNotFoundError:  # a source checkout that is not installed
-            software_version = "unknown"
+    software_version = software_version or installed_version()
     first = source_headers[0]
     slices, masks = seg_frames(geometry, results, len(source_headers), int(first.Rows), int(first.Columns))
     if not slices:
@@ -303,7 +307,7 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm),
     ]
     seg = hd.seg.Segmentation(
-        source_images=[_seg_source(source_headers[k]) for k in slices],
+        source_images=[source_header(source_headers[k]) for k in slices],
         pixel_array=masks,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
