@@ -261,7 +261,11 @@ def test_words_with_and_without_the_calibration_keys(tmp_path):
     _, geometry, _, result, _ = dicom_scan(tmp_path)
     plain = build_report("case", "case", geometry, result.patient, result.slices, CHECKPOINTS)
     assert decision_text(plain) == "Pancreatic tumor (PDAC) suspected. A pancreas was found and assessed on 2 of 5 slices."
-    assert likelihood_text(plain) == ("Likelihood: not recorded; uncalibrated score 0.900 (not a probability: no "
+    # build_report records the likelihood (no map here); a report of an older scan has no such key
+    assert likelihood_text(plain) == "Uncalibrated score 0.900 (not a probability: no calibration map was applied)."
+    older = json.loads(json.dumps(plain))
+    del older["patient"]["likelihood"]
+    assert likelihood_text(older) == ("Likelihood: not recorded; uncalibrated score 0.900 (not a probability: no "
                                       "calibration map was applied).")
     assert fitness_text(plain) == "Fitness checks: not recorded."
     # the calibration step writes the keys as null where nothing was recorded: the same words
@@ -358,7 +362,7 @@ def test_report_and_index_pages_in_chromium(tmp_path):
         page.screenshot(path=str(Path(__file__).resolve().parents[1] / "test-artifacts" / "report_html.png"), full_page=True)
     with browser_page((out / "plain" / REPORT_HTML).as_uri()) as page:
         text, shot = _rendered(page)
-        assert "Likelihood: not recorded; uncalibrated score 0.900 (not a probability" in text
+        assert "Uncalibrated score 0.900 (not a probability" in text  # recorded without a map
         assert "Fitness checks: not recorded." in text and "%" not in text.split("Fitness")[0]
         assert shot.std() > 20
     with browser_page((out / INDEX_HTML).as_uri()) as page:
@@ -375,18 +379,19 @@ def test_report_and_index_pages_in_chromium(tmp_path):
         assert shot.std() > 10
 
 
-def test_demo_message_says_what_the_page_says(tmp_path):
-    """The demo's words after a scan (minigpt4.demo.app.scan_files_text) are the page's: the
-    calibrated likelihood, the fitness flag, the page and the SR among the downloads."""
+def test_demo_message_names_the_page_and_the_sr(tmp_path):
+    """The demo's words after a scan's files (minigpt4.demo.app.scan_files_text): the page and the
+    SR among the downloads, an SR that failed; the likelihood and the fitness are in the scan's
+    own message already (ScanResult.chat_text), never said twice."""
     from minigpt4.demo.app import scan_files_text
 
     _, geometry, _, result, _ = dicom_scan(tmp_path)
     report = calibrated(build_report("case", "case", geometry, result.patient, result.slices, CHECKPOINTS))
     report["structured_report"] = {"file": None, "error": "ValueError: bad header"}
     assert scan_files_text(report, [REPORT_FILE, REPORT_HTML]).split("\n\n") == [
-        likelihood_text(report), f"⚠️ **{fitness_text(report)}**",
         "Among the scan files below: `report.html` (a page to read).", "⚠️ sr.dcm could not be written: ValueError: bad header"]
-    assert "Calibrated likelihood of PDAC: 62 %" in scan_files_text(report, [])
+    report["structured_report"] = {"file": "sr.dcm", "error": None}
+    assert scan_files_text(report, [REPORT_FILE]) == ""
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "ct" / "totalseg_dicom" / "dicom").is_dir(),

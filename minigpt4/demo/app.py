@@ -38,7 +38,6 @@ from minigpt4.inference.readers import NORMALISATIONS, InputError, load_slice, l
 from minigpt4.inference.pipeline import VolumeResult
 from minigpt4.inference.inputs import volume_name
 from minigpt4.scan_outputs import checkpoint_identities, fingerprint, write_volume_outputs
-from minigpt4.scan_outputs.html import fitness_text, likelihood_text
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +143,10 @@ def _scan_plot(result: ScanResult, current: Optional[int] = None):
 
 
 def scan_files_text(report: dict, names: list[str]) -> str:
-    """The chat message that goes with the scan's files: the likelihood and the fitness checks in
-    the words of ``report.html`` (from the written ``report.json``), and what the files are."""
-    fitness = fitness_text(report)
-    lines = [likelihood_text(report),
-             f"⚠️ **{fitness}**" if report.get("outside_validated_range") is True else fitness]
+    """The chat message that goes with the scan's files: what the page and the SR are, and an SR
+    that could not be written. The likelihood and the fitness checks are already in the scan's
+    own message (:meth:`ScanResult.chat_text`), so they are not said twice."""
+    lines = []
     offered = [f"`{name}` ({what})" for name, what in (("report.html", "a page to read"),
                                                          ("sr.dcm", "a DICOM structured report for a PACS"))
                if name in names]
@@ -280,9 +278,10 @@ class DemoHandlers:
         text, failure = result.chat_text(), None
         try:
             files = self.scan_files(state, result)
-            if files:  # the likelihood and the fitness checks as report.json recorded them
+            if files:  # the page and the SR among the downloads (and an SR that failed)
                 report = json.loads(Path(files[0]).read_text(encoding="utf-8"))
-                text += "\n\n" + scan_files_text(report, [Path(f).name for f in files])
+                extra = scan_files_text(report, [Path(f).name for f in files])
+                text += "\n\n" + extra if extra else ""
         except Exception as err:  # noqa: BLE001 - the scan on screen stays; only the files failed
             files, failure = None, err
         history.append({"role": "assistant", "content": self.public(text, state.get("path"))})
