@@ -37,6 +37,7 @@ from PIL import Image
 
 from minigpt4.boxes import box_iou
 from minigpt4.distributed import all_gather_objects, rank_and_world_size, shard
+from minigpt4.evaluation.calibration import calibration_lines, cascade_calibration, reliability_figure
 from minigpt4.evaluation.stats import auc_score, safe_ratio
 from minigpt4.evaluation.operating_points import (
     choose_slice_threshold,
@@ -365,6 +366,8 @@ def cascade_tables(metrics: dict) -> str:
               f"allowed (>= 20 negatives for 95 %, >= 100 for 99 %); otherwise no threshold is given. {PANDA_NOTE}", ""]
     for note in sel["notes"]:
         lines.append(f"Note: {note}.")
+    if "calibration" in metrics:
+        lines += [""] + calibration_lines(metrics["calibration"])
     return "\n".join(lines) + "\n"
 
 
@@ -427,10 +430,14 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
     patients = patient_scores(rows, casc.top_k, casc.min_boxed_slices)
     patient = patient_metrics(patients, selection["thresholds"], casc.bootstrap, cfg.run.seed)
     patient["operating_points"] = operating_points(val_patients, patients, selection, casc.bootstrap, cfg.run.seed)
+    datasets = sorted({str(ds_name) for (ds_name, _) in {**val_patients, **patients}})
+    calibration_map, calibration = cascade_calibration(val_patients, val_rows, patients, rows,
+                                                       selection["aggregation"], datasets, cfg.run.seed)
     metrics = {
         "slice": slice_metrics(rows, selection["slice_threshold"]),
         "patient": {**patient, **volume_3d_metrics(test_volumes, rows)},
         "selection": selection,
+        "calibration": calibration,
         "top_k": casc.top_k,
         "min_boxed_slices": casc.min_boxed_slices,
         "inconclusive": {"val": selection["n_val_inconclusive"], "test": patient["n_inconclusive"],
@@ -452,5 +459,7 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
     write_text_atomic(out / "tables.md", cascade_tables(metrics))
     if make_figures:
         p_tumor_figure(rows, selection["slice_threshold"], out / "p_tumor_along_z.png")
+        reliability_figure({"patient score": calibration["patient"], "slice P(tumor)": calibration["slice"]},
+                           out / "reliability.png")
     save_config(cfg, out / "config.yaml")
     return metrics

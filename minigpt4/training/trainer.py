@@ -67,6 +67,7 @@ from minigpt4.training.checks import (
     check_weight_files,
     precision_mismatch,
 )
+from minigpt4.training.envelope import training_envelope
 from minigpt4.training.sampler import MixPlan
 from minigpt4.training.schedule import WarmupCosineSchedule
 from minigpt4.training.state import (
@@ -271,6 +272,7 @@ class _TrainingRun:
         self.train_sets = load_split_records(cfg, "train")
         self.val_sets = load_split_records(cfg, "val") if run.validate else []
         self.provenance = training_provenance(cfg, allow_unknown_provenance)  # recorded in every checkpoint
+        self.envelope = training_envelope(cfg)  # ... with the acquisition range of the train volumes
         self.resume_from = resolve_resume(run.resume, self.output_dir)
         if self.resume_from is not None:
             check_resume_config(cfg, self.resume_from)
@@ -499,7 +501,8 @@ class _TrainingRun:
                 "rng": rngs,
                 "best": {"score": self.best_score, "epoch": self.best_epoch},
             }
-            folder = write_checkpoint(self.model, self.cfg, self.output_dir, name, state, self.provenance)
+            folder = write_checkpoint(self.model, self.cfg, self.output_dir, name, state, self.provenance,
+                                      self.envelope)
             self.out_folder.keep()  # resumable from here: a later failure keeps the folder
         D.barrier()
         return folder
