@@ -16,7 +16,10 @@ stage-3 or release ``.pth``). ``--out`` receives:
   adapter (e.g. MiniGPT-v2's stage-3 q,v LoRA under a q,k run), which must be active too;
 * ``adapter_stack.json`` (the stack: names, targets, r, alpha, source, sha256) and ``README.md``;
 * ``provenance.json`` when the checkpoint records its training provenance (the volumes it and its
-  ancestors were trained and validated on; the leakage guard reads it from the exported folder too).
+  ancestors were trained and validated on; the leakage guard reads it from the exported folder too),
+  bound to the exported weights by their sha256 (``weights_sha256``, checked when it is read:
+  :mod:`minigpt4.models.provenance_binding`); an export of a checkpoint without provenance removes
+  an earlier export's record.
 * ``manifest.json``: ``{"command": "export", "status": "complete", "files": {path: bytes}}``,
   written first as ``incomplete`` and last as complete: the loader refuses a partial export.
 
@@ -55,6 +58,7 @@ from minigpt4.models.checkpoints import (
     read_metadata,
 )
 from minigpt4.models.checkpoints import LORA_KEY_PREFIX, split_lora_tensors
+from minigpt4.models.provenance_binding import bind
 from minigpt4.outputs import MANIFEST_NAME, OutputFolder
 
 log = logging.getLogger(__name__)
@@ -178,9 +182,15 @@ def _export_into(folder: OutputFolder, contents, base_model: Optional[str]) -> N
                     contents.path, len(other), other[:5])
 
     adapter_files = [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
+    provenance = None
+    if contents.format == "project":  # the leakage guard's record travels with the weights
+        provenance = read_metadata(contents.path)[2].get(PROVENANCE_KEY)
     planned = adapter_files + [PROJECTION_NAME, STACK_NAME, "README.md", MANIFEST_NAME] + ([VISION_NAME] if vision else [])
     planned += [f"{frozen['name']}/{name}" for frozen in contents.frozen for name in adapter_files]
-    folder.check_no_foreign(planned + [f["name"] for f in contents.frozen])
+    planned += [PROVENANCE_NAME] if provenance is not None else []
+    # an earlier export's provenance.json must never describe these weights: ours to replace or remove
+    folder.check_no_foreign(planned + [f["name"] for f in contents.frozen] + [PROVENANCE_NAME])
+    (out / PROVENANCE_NAME).unlink(missing_ok=True)
     earlier = dict((folder.manifest or {}).get("files") or {})
     # first: a folder with this manifest is not loadable until the final one replaces it
     folder.write_manifest({"status": "incomplete", "files": {**earlier, **{rel: None for rel in planned}}})
@@ -197,10 +207,9 @@ def _export_into(folder: OutputFolder, contents, base_model: Optional[str]) -> N
                       "alpha": frozen["alpha"], "source": frozen["source"], "sha256": frozen["sha256"],
                       "trainable": False, "active": frozen["active"]})
     write_json_atomic(out / STACK_NAME, stack)
-    if contents.format == "project":  # the leakage guard's record travels with the weights
-        _, _, metadata = read_metadata(contents.path)
-        if PROVENANCE_KEY in metadata:
-            write_text_atomic(out / PROVENANCE_NAME, metadata[PROVENANCE_KEY])
+    if provenance is not None:  # bound to the tensor files just written (their sha256)
+        weights = [rel for rel in planned if rel.endswith(".safetensors")]
+        write_text_atomic(out / PROVENANCE_NAME, bind(provenance, out, weights))
     write_text_atomic(out / "README.md", _readme(out, base_model, stack, bool(vision)))
     for rel in sorted(set(earlier) - set(planned)):  # an earlier export's files this one does not write
         (out / rel).unlink(missing_ok=True)

@@ -368,7 +368,10 @@ def cascade_tables(metrics: dict) -> str:
               f"allowed (>= 20 negatives for 95 %, >= 100 for 99 %); otherwise no threshold is given. {PANDA_NOTE}", ""]
     for note in sel["notes"]:
         lines.append(f"Note: {note}.")
-    return "\n".join(lines) + "\n"
+    from minigpt4.evaluation.leakage import provenance_table_lines
+
+    provenance = provenance_table_lines((metrics.get("run") or {}).get("provenance") or {})
+    return "\n".join((provenance + [""] if provenance else []) + lines) + "\n"
 
 
 def p_tumor_figure(rows: Sequence[dict], threshold: float, path: Path, columns: int = 4) -> Path:
@@ -457,6 +460,22 @@ def check_cascade_leakage(cfg: Any, allow_unknown: bool = False) -> list:
     return reports
 
 
+def stage_provenance(reports: Sequence[Any]) -> dict:
+    """``{stage: {"status", "lines"}}`` from :func:`check_cascade_leakage`'s reports (the worst of
+    a stage's val and test checks): ``metrics.json`` ``run.provenance``, and a table when not all
+    are recorded."""
+    from minigpt4.evaluation.leakage import provenance_status
+
+    order = ("recorded", "not recorded", "unknown")
+    stages: dict[str, dict] = {}
+    for report in reports:
+        stage = str(report.label).removeprefix("stage ")
+        entry = provenance_status(report)
+        if stage not in stages or order.index(entry["status"]) > order.index(stages[stage]["status"]):
+            stages[stage] = entry
+    return stages
+
+
 def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[dict] = None,
              volumes: Optional[tuple[dict, dict]] = None) -> dict:
     """Choose the operating points on ``val``, run the cascade on ``test``, write every output.
@@ -541,7 +560,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         roots = ", ".join(dict.fromkeys(str(ds.root) for ds in cfg.datasets.values()))
         raise ValueError(f"{roots}: the test split holds no volume (annotations/split.json); nothing to evaluate")
     check_stage_tasks(cfg.cascade.stages.configured())  # checkpoint headers only
-    check_cascade_leakage(cfg, args.allow_unknown_provenance)
+    provenance = stage_provenance(check_cascade_leakage(cfg, args.allow_unknown_provenance))
     out = Path(cfg.run.output_dir)
     # every rank checks the folder before any rank starts: a refused folder stops them all, none waits
     check_output_folder(out, "eval_cascade", lambda manifest: manifest.get("command") == "eval_cascade",
@@ -557,7 +576,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     folder.write_manifest({"written_by": "eval_cascade.py"})
             stages = load_stages(cfg.model, cfg.cascade.stages.configured(), device=info.device, check_tasks=False)
             metrics = evaluate(cfg, stages, not args.no_figures,
-                               {"config": str(args.cfg_path), "options": list(args.options)}, volumes)
+                               {"config": str(args.cfg_path), "options": list(args.options),
+                                "provenance": provenance}, volumes)
     finally:
         cleanup()
     if info.is_main:

@@ -17,6 +17,7 @@ import torch
 
 from minigpt4.config import DETECTION_TASKS
 from minigpt4.io import file_sha256
+from minigpt4.models.checkpoints import resolve_checkpoint_path
 
 # Keys evaluation needs on top of what TaskDataset checks (identity of every prediction row).
 _EVAL_KEYS = ("q_id", "dataset", "volume_name", "slice_index")
@@ -139,13 +140,16 @@ def eval_mode(model: Any) -> Iterator[None]:
 
 
 def checkpoint_identity(path: Optional[str]) -> Optional[dict]:
-    """Path, size, mtime and sha256 of the weights being evaluated (a file, or the
-    ``model.safetensors`` of a checkpoint folder); None when no checkpoint is configured."""
+    """Path, size, mtime and sha256 of the weights being evaluated (a file, the
+    ``model.safetensors`` of a checkpoint folder or the ``adapter_model.safetensors`` of a PEFT
+    export); None when no checkpoint is configured."""
     if path is None:
         return None
     target = Path(path)
-    if target.is_dir() and (target / "model.safetensors").is_file():
-        target = target / "model.safetensors"
+    try:  # a checkpoint folder → model.safetensors, a PEFT export → adapter_model.safetensors
+        target = resolve_checkpoint_path(target)
+    except FileNotFoundError:
+        pass
     info: dict[str, Any] = {"path": str(path), "resolved": str(target.resolve())}
     if target.is_file():
         stat = target.stat()

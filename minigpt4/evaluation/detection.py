@@ -215,8 +215,9 @@ def predict_detection(
 ) -> list[dict]:
     """Greedy batched generation over ``records`` and one scored row per record (same order).
 
-    Batch size does not change the rows: the model generates with left padding and the rows are
-    scored one by one.
+    The model generates with left padding and the rows are scored one by one: in fp32 the batch
+    size does not change the rows; in bf16/fp16 a batch runs other kernels and may, rarely, move
+    an answer (a rounding effect, measured by ``benchmarks/bench_eval.py``; see BENCHMARKS.md).
 
     Args:
         model: a MiniGPTPancreas (``encode_tower``, ``generate(None, instructions,

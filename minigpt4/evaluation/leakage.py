@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +36,13 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from minigpt4.config import Config, ConfigError, load_config
 from minigpt4.io import read_json
+from preprocessing.sources import canonical_dataset, dataset_of_volume
 from preprocessing.splits import volume_stem
 
 log = logging.getLogger(__name__)
 
 Key = tuple  # (source dataset, volume_name)
 PROVENANCE_SCHEMA = "minigpt-pancreas-provenance/1"
-_SOURCE_BY_NAME = ((re.compile(r"^PANCREAS_\d+$"), "NIH"), (re.compile(r"^pancreas_\d+$"), "MSD"))
 
 
 class LeakageError(ValueError):
@@ -51,10 +50,7 @@ class LeakageError(ValueError):
 
 
 def _source_of(name: str, default: str) -> str:
-    for pattern, dataset in _SOURCE_BY_NAME:
-        if pattern.match(name):
-            return dataset
-    return default
+    return dataset_of_volume(name) or default
 
 
 class ProvenanceError(ValueError):
@@ -90,13 +86,15 @@ def split_keys(root: str, split: str) -> set[Key]:
 
 def _tc_sources(folder: Path, split_doc: dict) -> dict[str, str]:
     """``{volume_name: source dataset}`` of a TC folder (``split.json`` or the records)."""
+    # a folder imported before CSV names were checked may say Task07_Pancreas / Pancreas-CT: read as MSD / NIH
     if isinstance(split_doc.get("volume_datasets"), dict):
-        return {str(k): str(v) for k, v in split_doc["volume_datasets"].items()}
+        return {str(k): canonical_dataset(str(v)) or str(v) for k, v in split_doc["volume_datasets"].items()}
     sources = {}
     for path in sorted((folder / "annotations").glob("TC_*.json")):
         for record in read_json(path):
             if isinstance(record, dict) and record.get("dataset") and record.get("volume_name"):
-                sources.setdefault(volume_stem(record["volume_name"]), str(record["dataset"]).strip().upper())
+                sources.setdefault(volume_stem(record["volume_name"]), canonical_dataset(str(record["dataset"]))
+                                  or str(record["dataset"]).strip().upper())
     return sources
 
 
@@ -163,13 +161,24 @@ def checkpoint_runs(path: Union[str, Path], allow_unknown: bool = False, _seen: 
         ProvenanceError: an own checkpoint without provenance and not ``allow_unknown``, or an
             unreadable provenance record.
     """
-    from minigpt4.models.checkpoints import PROVENANCE_KEY, read_metadata
+    from minigpt4.models.checkpoints import PROVENANCE_KEY, PROVENANCE_NAME, read_metadata
+    from minigpt4.models.provenance_binding import check_binding, own_checkpoint_marks
 
     path = os.path.abspath(path)
     seen = set() if _seen is None else _seen
     seen.add(path)
     kind, weights_file, metadata = read_metadata(path)
-    if kind != "project" and PROVENANCE_KEY not in metadata:
+    if kind == "peft" and PROVENANCE_KEY in metadata:  # an export's record must describe these very weights
+        stale = check_binding(weights_file.parent / PROVENANCE_NAME)
+        if stale is not None:
+            if not allow_unknown:
+                raise ProvenanceError(
+                    f"{weights_file.parent / PROVENANCE_NAME}: this provenance record does not belong to the weights "
+                    f"beside it: {stale}. Export the checkpoint again (python -m minigpt4.export), or pass "
+                    "--allow-unknown-provenance to evaluate them as of unknown provenance")
+            return [{"checkpoint": path, "unknown": f"provenance.json does not describe these weights: {stale}"}]
+    marks = own_checkpoint_marks(weights_file) if weights_file.suffix == ".safetensors" else []
+    if kind != "project" and PROVENANCE_KEY not in metadata and not marks:
         what = "a PEFT adapter folder without provenance.json" if kind == "peft" else \
             f"a foreign checkpoint ({weights_file.name})"
         return [{"checkpoint": path, "unknown": what}]
@@ -183,8 +192,11 @@ def checkpoint_runs(path: Union[str, Path], allow_unknown: bool = False, _seen: 
             raise ProvenanceError(f"{weights_file}: unreadable provenance record ({err})") from None
         return [{**runs[0], "checkpoint": path}] + runs[1:]
     if not allow_unknown:
+        why = "saved before provenance was recorded" if kind == "project" else \
+            f"{', '.join(marks)} beside it say{'s' if len(marks) == 1 else ''} this project wrote it, but " + (
+                "its provenance.json is missing" if kind == "peft" else "its header records no provenance (re-saved?)")
         raise ProvenanceError(
-            f"{weights_file}: checkpoint without recorded provenance (saved before provenance was recorded): which "
+            f"{weights_file}: checkpoint without recorded provenance ({why}): which "
             "volumes it was trained on is unknown, so leakage cannot be checked. Retrain it, or pass "
             "--allow-unknown-provenance to check it against its config.yaml and today's folders instead")
     cfg = _checkpoint_config(path)
@@ -229,6 +241,29 @@ class ProvenanceReport:
     """One line per ancestor (or the checkpoint itself) of unknown or unrecorded provenance."""
     leaks: list[str] = field(default_factory=list)
     """One line per evaluated volume the chain trained (or, for test, validated) on."""
+    label: Optional[str] = None
+    """Who was checked (e.g. ``"stage tumor_detection"``)."""
+
+
+def provenance_status(report: ProvenanceReport) -> dict:
+    """What ``metrics.json`` records of one checkpoint's provenance: ``{"status": "recorded" |
+    "not recorded" (an older own checkpoint, checked against its config.yaml and today's folders) |
+    "unknown" (the leakage check could not tell what it trained on), "lines": [...]}``."""
+    runs = report.runs
+    status = "unknown" if any("unknown" in r for r in runs) else \
+        "not recorded" if any(r.get("recorded") is False for r in runs) else "recorded"
+    return {"status": status, "lines": list(report.unknown)}
+
+
+def provenance_table_lines(stages: Mapping[str, dict]) -> list[str]:
+    """``tables.md`` lines for each stage whose provenance is not recorded (none when all are)."""
+    lines = [f"- **{stage}: provenance {entry['status']}**: " + "; ".join(entry.get("lines") or [])
+             for stage, entry in stages.items() if entry.get("status") != "recorded"]
+    if not lines:
+        return []
+    return ["## Provenance", "", "The leakage check could not verify every stage against what it trained on "
+            "(`--allow-unknown-provenance`): a volume these weights trained on may be among the evaluated ones.",
+            "", *lines, ""]
 
 
 def _run_label(run: dict, index: int, checkpoint: Optional[str]) -> str:
@@ -295,7 +330,7 @@ def check_checkpoint_against(checkpoint_path: Union[str, Path], evaluated_keys: 
     """
     checkpoint = os.path.abspath(checkpoint_path)
     runs = checkpoint_runs(checkpoint, allow_unknown)
-    report = ProvenanceReport(checkpoint, runs, _log_unknown(runs, label or f"checkpoint {checkpoint}"))
+    report = ProvenanceReport(checkpoint, runs, _log_unknown(runs, label or f"checkpoint {checkpoint}"), label=label)
     if split != "train":
         report.leaks = _leaks(runs, _as_mapping(evaluated_keys, split), split, checkpoint)
     if raise_on_leak:
