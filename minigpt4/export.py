@@ -60,10 +60,13 @@ from minigpt4.models.checkpoints import (
 from minigpt4.models.checkpoints import LORA_KEY_PREFIX, split_lora_tensors
 from minigpt4.models.provenance_binding import bind
 from minigpt4.outputs import MANIFEST_NAME, OutputFolder
+from minigpt4.prompts import TARGET_NAMES, TRAINING_PROMPT, detection_instruction, token_recipe
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL = "meta-llama/Llama-2-7b-chat-hf"
+EXPORT_IMAGE_TOKENS = 256
+"""Visual tokens of the exported model (448² image, 14-px patches → 1024 tower tokens, merged by 4)."""
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(\w+)$")
 
 
@@ -217,6 +220,11 @@ def _export_into(folder: OutputFolder, contents, base_model: Optional[str]) -> N
     folder.write_manifest({"status": "complete", "files": files})
 
 
+def _spaces_before_inst() -> int:
+    head = TRAINING_PROMPT.split("[/INST]")[0]
+    return len(head) - len(head.rstrip(" "))
+
+
 def _readme(out: Path, base_model: str, stack: list[dict], vision: bool) -> str:
     frozen = [e for e in stack if not e["trainable"]]
     lines = [
@@ -254,8 +262,20 @@ def _readme(out: Path, base_model: str, stack: list[dict], vision: bool) -> str:
         ]
     lines += [
         "Visual tokens: EVA ViT-g features (B, 1024, 1408) without CLS, each run of 4 consecutive tokens "
-        "concatenated (B, 256, 5632), then `llama_proj`; they fill the 256 slots between `<Img>` and `</Img>` "
-        "of `<s>[INST] <Img>…</Img> {instruction} [/INST]` (see the project's minigpt4/prompts.py).",
+        f"concatenated (B, {EXPORT_IMAGE_TOKENS}, 5632), then `llama_proj`. The prompt is the token stream the "
+        "weights were trained on (MiniGPT-v2's training stream): the text before and after the image encoded "
+        "separately, each with SentencePiece's dummy-prefix space and no BOS, one BOS in front, "
+        f"{_spaces_before_inst()} spaces before `[/INST]` (with the LLaMA-2 tokenizer an extra `▁`, "
+        "id 29871). A prompt written as one string (`<s>[INST] <Img>…</Img> {instruction} [/INST]`) is another "
+        "stream and changes the answers. With `tok` a LLaMA-2 SentencePiece tokenizer whose `encode` adds no BOS:",
+        "",
+        "```python",
+        f"instruction = {detection_instruction(TARGET_NAMES['pancreas'])!r}",
+        *token_recipe(EXPORT_IMAGE_TOKENS),
+        "# embed `ids`, put the projected visual tokens at `image_slots`, and generate",
+        "```",
+        "",
+        "(generated from the project's `minigpt4/prompts.py`, `build_prompt_tokens`).",
         "",
         "Back into the project: `model.ckpt=DIR` (or `model.init_from=DIR`). `adapter_stack.json` lists the adapters.",
         "",

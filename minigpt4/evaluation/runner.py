@@ -35,6 +35,7 @@ from minigpt4.evaluation.common import (
     subsample,
 )
 from minigpt4.evaluation.detection import detection_metrics, predict_detection, primary_score, recorded_threshold
+from minigpt4.evaluation.detection import threshold_unknown_reason
 from minigpt4.evaluation.detection import rescore_rows as rescore_detection
 from minigpt4.evaluation.leakage import check_evaluation
 from minigpt4.io import file_sha256, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
@@ -326,6 +327,7 @@ def _rescore(args: argparse.Namespace, cfg: Config, kind: str) -> dict:
         metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
         # the file's own record, never the config's folders: those may have been re-prepared since
         metrics["threshold"] = recorded_threshold(rows)
+        metrics["threshold_unknown"] = threshold_unknown_reason(rows)  # why it is None: not recorded, or mixed
         metrics["run"] = identity
         write_detection_outputs(out, rows, metrics, f"re-scored {path.name}", not args.no_figures)
     else:
