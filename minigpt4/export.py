@@ -18,8 +18,9 @@ stage-3 or release ``.pth``). ``--out`` receives:
 * ``provenance.json`` when the checkpoint records its training provenance (the volumes it and its
   ancestors were trained and validated on; the leakage guard reads it from the exported folder too),
   bound to the exported weights by their sha256 (``weights_sha256``, checked when it is read:
-  :mod:`minigpt4.models.provenance_binding`); an export of a checkpoint without provenance removes
-  an earlier export's record.
+  :mod:`minigpt4.models.provenance_binding`); for a foreign checkpoint (a ``.pth``) the record
+  says its provenance is unknown; an own checkpoint without provenance gets none (the guard then
+  refuses the export as it refuses the checkpoint), and an earlier export's record is removed.
 * ``manifest.json``: ``{"command": "export", "status": "complete", "files": {path: bytes}}``,
   written first as ``incomplete`` and last as complete: the loader refuses a partial export.
 
@@ -43,7 +44,8 @@ import torch
 from omegaconf import OmegaConf
 
 from minigpt4.cli import add_debug_argument, run_main
-from minigpt4.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
+from minigpt4.evaluation.leakage import PROVENANCE_SCHEMA
+from minigpt4.io import save_safetensors_atomic, to_json, write_json_atomic, write_text_atomic
 from minigpt4.models.checkpoints import (
     CONFIG_NAME,
     PEFT_CONFIG_NAME,
@@ -58,7 +60,7 @@ from minigpt4.models.checkpoints import (
     read_metadata,
 )
 from minigpt4.models.checkpoints import LORA_KEY_PREFIX, split_lora_tensors
-from minigpt4.models.provenance_binding import bind
+from minigpt4.models.provenance_binding import bind, check_binding, own_checkpoint_marks
 from minigpt4.outputs import MANIFEST_NAME, OutputFolder
 from minigpt4.prompts import TARGET_NAMES, TRAINING_PROMPT, detection_instruction, token_recipe
 
@@ -185,9 +187,7 @@ def _export_into(folder: OutputFolder, contents, base_model: Optional[str]) -> N
                     contents.path, len(other), other[:5])
 
     adapter_files = [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
-    provenance = None
-    if contents.format == "project":  # the leakage guard's record travels with the weights
-        provenance = read_metadata(contents.path)[2].get(PROVENANCE_KEY)
+    provenance = _provenance_record(contents.path)
     planned = adapter_files + [PROJECTION_NAME, STACK_NAME, "README.md", MANIFEST_NAME] + ([VISION_NAME] if vision else [])
     planned += [f"{frozen['name']}/{name}" for frozen in contents.frozen for name in adapter_files]
     planned += [PROVENANCE_NAME] if provenance is not None else []
@@ -218,6 +218,22 @@ def _export_into(folder: OutputFolder, contents, base_model: Optional[str]) -> N
         (out / rel).unlink(missing_ok=True)
     files = {rel: (out / rel).stat().st_size for rel in planned if rel != MANIFEST_NAME}
     folder.write_manifest({"status": "complete", "files": files})
+
+
+def _provenance_record(path: Path) -> Optional[str]:
+    """What the export's ``provenance.json`` says before it is bound to the written weights: the
+    checkpoint's own record; for a foreign checkpoint (MiniGPT-v2, the release) a record that its
+    provenance is unknown; None for an own checkpoint without provenance (no record: the leakage
+    guard refuses the export as it refuses the checkpoint, unless ``--allow-unknown-provenance``)."""
+    kind, weights_file, metadata = read_metadata(path)
+    if PROVENANCE_KEY in metadata:
+        if kind == "peft" and check_binding(weights_file.parent / PROVENANCE_NAME) is not None:
+            return None  # a stale record is never carried into a new binding
+        return metadata[PROVENANCE_KEY]
+    if kind == "foreign" and not own_checkpoint_marks(weights_file):
+        return to_json({"schema": PROVENANCE_SCHEMA, "runs": [],
+                        "unknown": f"exported from a foreign checkpoint ({weights_file.name})"})
+    return None
 
 
 def _spaces_before_inst() -> int:

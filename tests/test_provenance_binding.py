@@ -108,6 +108,11 @@ def test_an_own_checkpoint_stripped_of_provenance_is_refused_unless_allowed(chec
     with pytest.raises(ProvenanceError, match="config.yaml beside it says this project wrote it, but its header "
                                               r"records no provenance \(re-saved\?\)"):
         check_checkpoint_against(resaved, {LEAKED})
+    # exporting it does not launder it into a "foreign" export: no record, refused the same way
+    _export(resaved, tmp_path / "laundered")
+    assert not (tmp_path / "laundered" / "provenance.json").exists()
+    with pytest.raises(ProvenanceError, match="its provenance.json is missing"):
+        check_checkpoint_against(tmp_path / "laundered", {LEAKED})
     # a foreign file (nothing of ours beside it) stays "provenance unknown", as before
     foreign = tmp_path / "foreign"
     foreign.mkdir()

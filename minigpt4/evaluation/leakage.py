@@ -185,6 +185,8 @@ def checkpoint_runs(path: Union[str, Path], allow_unknown: bool = False, _seen: 
     if PROVENANCE_KEY in metadata:  # our checkpoint, or our PEFT export of one
         try:
             record = json.loads(metadata[PROVENANCE_KEY])
+            if kind == "peft" and isinstance(record, dict) and record.get("unknown"):  # an export of a foreign file
+                return [{"checkpoint": path, "unknown": str(record["unknown"])}]
             runs = record["runs"]
             if record.get("schema") != PROVENANCE_SCHEMA or not runs or not all(isinstance(r, dict) for r in runs):
                 raise ValueError(f"schema {record.get('schema')!r}, {len(runs)} runs")
