@@ -21,6 +21,7 @@ from minigpt4.evaluation.leakage import (
 from minigpt4.export import main as export_main
 from minigpt4.models.checkpoints import save_checkpoint
 from minigpt4.models.minigpt_v2 import build_model
+from tests.test_eval_entrypoints import detect, synthetic, trained  # noqa: F401 - fixtures
 from tests.tiny import tiny_model_config
 
 torch.set_num_threads(1)
@@ -154,3 +155,27 @@ def test_eval_cascade_states_unknown_provenance_per_stage(tmp_path):
     tables = (tmp_path / "out" / "tables.md").read_text()
     assert f"- **tumor_classification: provenance {provenance['tumor_classification']['status']}**" in tables
     assert "pancreas_detection: provenance" not in tables and metrics["run"]["provenance"] == provenance
+
+
+@pytest.mark.slow
+def test_eval_detection_states_unknown_provenance_in_metrics_and_tables(synthetic, trained, tmp_path):
+    """eval_detection.py with model.ckpt = its own checkpoint whose header lost the provenance:
+    refused, then with --allow-unknown-provenance metrics.json and tables.md say so; a checkpoint
+    with its record says "recorded" and gets no Provenance section."""
+    stripped = tmp_path / "stripped"
+    shutil.copytree(trained / "checkpoint_best", stripped)
+    weights = stripped / "model.safetensors"
+    with safe_open(str(weights), "pt") as reader:
+        metadata = {k: v for k, v in (reader.metadata() or {}).items() if k != "provenance"}
+    save_file(load_file(str(weights)), str(weights), metadata=metadata)
+    with pytest.raises(ProvenanceError, match="checkpoint without recorded provenance"):
+        detect(synthetic, stripped, tmp_path / "refused", "--no-figures")
+    metrics = detect(synthetic, stripped, tmp_path / "allowed", "--no-figures", "--allow-unknown-provenance")
+    entry = metrics["run"]["provenance"]["model.ckpt"]
+    assert entry["status"] == "not recorded" and entry["lines"][0].startswith(f"provenance not recorded: {stripped}")
+    assert json.loads((tmp_path / "allowed" / "metrics.json").read_text())["run"]["provenance"]["model.ckpt"] == entry
+    tables = (tmp_path / "allowed" / "tables.md").read_text()
+    assert tables.startswith("## Provenance\n") and "- **model.ckpt: provenance not recorded**" in tables
+    recorded = detect(synthetic, trained / "checkpoint_best", tmp_path / "recorded", "--no-figures")
+    assert recorded["run"]["provenance"] == {"model.ckpt": {"status": "recorded", "lines": []}}
+    assert "## Provenance" not in (tmp_path / "recorded" / "tables.md").read_text()
