@@ -675,3 +675,22 @@ def test_no_config_or_docstring_claims_batching_never_changes_an_answer():
     found = [str(p.relative_to(ROOT)) for pattern in ("eval_configs/*.yaml", "minigpt4/**/*.py", "*.md", "docs/*.md")
              for p in ROOT.glob(pattern) if claim in p.read_text(encoding="utf-8")]
     assert found == []
+
+
+def test_run_device_preflight_imports_for_real_and_says_why_it_stopped(tmp_path):
+    """A peft that is found but does not import stops the run before any step: exit 2, the
+    reason on stderr and in device_run.json (``"outcome": "failed"``), readable by others."""
+    fake = tmp_path / "fake" / "peft"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('broken peft build')\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHONPATH": str(tmp_path / "fake")}
+    env.pop("MINIGPT_DEADLINE", None)
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run_device.sh"), "--dry-run"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "error: 'import peft' fails: ImportError: broken peft build" in done.stderr
+    status = json.loads((out / "device_run.json").read_text())
+    assert status["outcome"] == "failed" and status["failed_steps"] == ["pre-flight"] and status["steps"] == []
+    assert status["stopped"] == "pre-flight: 'import peft' fails: ImportError: broken peft build"
+    assert oct((out / "device_run.json").stat().st_mode & 0o777) == "0o644"

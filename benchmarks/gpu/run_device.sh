@@ -100,7 +100,8 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # met as a traceback halfway through the device time (pylibjpeg: compressed DICOM only, not used).
 # torch, transformers and peft are imported for real (a broken install imports nothing) and their
 # versions go to device_run.json "versions".
-VERSIONS=$(python3 - "$WHEELS" <<'PY'
+PREFLIGHT_LOG="$WORK/preflight.err"
+VERSIONS=$(python3 - "$WHEELS" 2>"$PREFLIGHT_LOG" <<'PY'
 import importlib, importlib.util, json, sys
 modules = ["torch", "torchvision", "transformers", "peft", "sentencepiece", "safetensors", "numpy", "scipy",
            "PIL", "sklearn", "matplotlib", "tqdm", "yaml", "omegaconf", "nibabel", "pydicom"]
@@ -117,7 +118,22 @@ for name in ("torch", "transformers", "peft"):
         sys.exit(f"error: 'import {name}' fails: {type(err).__name__}: {str(err)[:300]}")
 print(json.dumps(versions))
 PY
-) || exit 2
+) || {  # nothing ran: said on stderr and in device_run.json ("outcome": "failed"), exit 2
+    cat "$PREFLIGHT_LOG" >&2
+    python3 - "$OUT/device_run.json" "$(tail -n 1 "$PREFLIGHT_LOG")" "$DEADLINE_S" <<'PY'
+import json, os, sys, time
+path, message, deadline_s = sys.argv[1:]
+status = {"date": time.strftime("%Y-%m-%d %H:%M"), "deadline_s": int(deadline_s), "complete": False,
+          "outcome": "failed", "stopped": f"pre-flight: {message.removeprefix('error: ')}", "failed_steps": ["pre-flight"],
+          "cut_by_deadline": [], "steps": [], "seconds": 0}
+with open(f"{path}.tmp", "w") as f:
+    json.dump(status, f, indent=1)
+    f.write("\n")
+os.replace(f"{path}.tmp", path)
+PY
+    chmod 0644 "$OUT/device_run.json"
+    exit 2
+}
 
 GPU_INFO="none (dry run)"
 [ $DRY = 1 ] || GPU_INFO=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 1)
