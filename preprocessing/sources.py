@@ -1,7 +1,7 @@
 """The source datasets of a TC crop, by the names people give them (``tc-import --csv``).
 
 The leakage guard keys every volume by ``(source dataset, volume name)`` with the dataset ``MSD``
-or ``NIH`` (:mod:`minigpt4.evaluation.leakage`). A CSV that names the dataset otherwise
+or ``NIH`` (:mod:`minigpt4.provenance`). A CSV that names the dataset otherwise
 (``Task07_Pancreas``, ``Pancreas-CT``) would build keys that never meet the source folders' and
 blind the guard, so the known names are mapped here and anything else is refused.
 """

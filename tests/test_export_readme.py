@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from minigpt4.export import main as export_main
+from minigpt4.commands.export import main as export_main
 from minigpt4.models.checkpoints import save_checkpoint
 from minigpt4.models.minigpt_v2 import build_model
 from minigpt4.prompts import build_prompt_tokens

@@ -12,13 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minigpt4.evaluation.leakage import (
+from minigpt4.provenance import (
     PROVENANCE_SCHEMA,
     LeakageError,
     ProvenanceError,
     check_checkpoint_against,
 )
-from minigpt4.export import main as export_main
+from minigpt4.commands.export import main as export_main
 from minigpt4.models.checkpoints import save_checkpoint
 from minigpt4.models.minigpt_v2 import build_model
 from tests.test_eval_entrypoints import detect, synthetic, trained  # noqa: F401 - fixtures

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minigpt4.evaluation.leakage import split_keys
+from minigpt4.provenance import split_keys
 from preprocessing.__main__ import main
 
 

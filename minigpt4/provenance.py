@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from minigpt4.config import Config, ConfigError, load_config
-from minigpt4.io import read_json
+from minigpt4.io import file_sha256, read_json
+from minigpt4.models.checkpoints import PROVENANCE_KEY, PROVENANCE_NAME, read_metadata
 from preprocessing.sources import canonical_dataset, dataset_of_volume
 from preprocessing.splits import volume_stem
 
@@ -96,6 +97,71 @@ def _tc_sources(folder: Path, split_doc: dict) -> dict[str, str]:
                 sources.setdefault(volume_stem(record["volume_name"]), canonical_dataset(str(record["dataset"]))
                                   or str(record["dataset"]).strip().upper())
     return sources
+
+
+# ----------------------------------------------------------------------------- binding
+# A project checkpoint keeps its record in the tensor file's own header, so it cannot describe
+# other tensors. A PEFT export keeps it in provenance.json beside the tensor files: that record
+# names the sha256 of every tensor file the export wrote (BOUND_KEY) and check_binding refuses a
+# record whose files changed since (an earlier export's record left beside other weights). An own
+# checkpoint that lost its record still says it is ours through the files around it
+# (own_checkpoint_marks).
+BOUND_KEY = "weights_sha256"
+"""Key of ``provenance.json`` (an export's record): ``{tensor file relative to the folder: sha256}``."""
+
+OWN_MARKS = ("config.yaml", "adapter_stack.json", "training_state.pt")
+"""Files this project writes beside its weights (a checkpoint folder: ``config.yaml`` and, for the
+latest, ``training_state.pt``; an export: ``adapter_stack.json``)."""
+
+
+def tensor_files(folder: Path) -> list[str]:
+    """Every ``.safetensors`` file of an export folder (its sub-folders' adapters too), relative."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors") if p.is_file())
+
+
+def bind(record_text: str, folder: Path, files: list[str]) -> str:
+    """The provenance record (JSON text) with the sha256 of ``files`` (relative to ``folder``) added."""
+    record = json.loads(record_text)
+    record[BOUND_KEY] = {rel: file_sha256(folder / rel) for rel in sorted(files)}
+    return json.dumps(record, sort_keys=True)
+
+
+def check_binding(record_path: Path) -> Optional[str]:
+    """Why the record at ``record_path`` does not describe the tensor files beside it; None when
+    every file it names has the recorded sha256 and no tensor file is left out."""
+    folder = record_path.parent
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"unreadable ({err})"
+    bound = record.get(BOUND_KEY) if isinstance(record, dict) else None
+    if not isinstance(bound, dict) or not bound:
+        return "it names no weights (written before records were bound to their weights' sha256)"
+    for rel in sorted(set(tensor_files(folder)) - set(bound)):
+        return f"{rel} is not among the weights it describes"
+    for rel, digest in sorted(bound.items()):
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel}, which it describes, is missing"
+        actual = file_sha256(path)
+        if actual != digest:
+            return f"it describes {rel} with sha256 {str(digest)[:12]}…, the file there has {actual[:12]}…"
+    return None
+
+
+def own_checkpoint_marks(weights_file: Path) -> list[str]:
+    """The files beside ``weights_file`` that say this project wrote it (:data:`OWN_MARKS`, or an
+    export's ``manifest.json``); empty for a foreign file."""
+    folder = weights_file.parent
+    marks = [name for name in OWN_MARKS if (folder / name).is_file()]
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            if json.loads(manifest.read_text(encoding="utf-8")).get("command") == "export":
+                marks.append("manifest.json")
+        except (OSError, ValueError, AttributeError):
+            pass
+    return marks
 
 
 # ----------------------------------------------------------------------------- provenance records
@@ -161,9 +227,6 @@ def checkpoint_runs(path: Union[str, Path], allow_unknown: bool = False, _seen: 
         ProvenanceError: an own checkpoint without provenance and not ``allow_unknown``, or an
             unreadable provenance record.
     """
-    from minigpt4.models.checkpoints import PROVENANCE_KEY, PROVENANCE_NAME, read_metadata
-    from minigpt4.models.provenance_binding import check_binding, own_checkpoint_marks
-
     path = os.path.abspath(path)
     seen = set() if _seen is None else _seen
     seen.add(path)
@@ -257,15 +320,15 @@ def provenance_status(report: ProvenanceReport) -> dict:
     return {"status": status, "lines": list(report.unknown)}
 
 
-def provenance_table_lines(weights: Mapping[str, dict]) -> list[str]:
-    """``tables.md`` lines for each stage (or ``model.ckpt`` / ``model.init_from``) whose provenance
-    is not recorded (:func:`provenance_status`); none when all are."""
-    lines = [f"- **{name}: provenance {entry['status']}**: " + "; ".join(entry.get("lines") or [])
-             for name, entry in weights.items() if entry.get("status") != "recorded"]
+def provenance_table_lines(stages: Mapping[str, dict]) -> list[str]:
+    """``tables.md`` lines for each stage whose provenance is not recorded (none when all are)."""
+    lines = [f"- **{stage}: provenance {entry['status']}**: " + "; ".join(entry.get("lines") or [])
+             for stage, entry in stages.items() if entry.get("status") != "recorded"]
     if not lines:
         return []
-    return ["## Provenance", "", "The leakage check could not verify these weights against the volumes they were "
-            "trained on: an evaluated volume may be one of them.", "", *lines, ""]
+    return ["## Provenance", "", "The leakage check could not verify every stage against what it trained on "
+            "(`--allow-unknown-provenance`): a volume these weights trained on may be among the evaluated ones.",
+            "", *lines, ""]
 
 
 def _run_label(run: dict, index: int, checkpoint: Optional[str]) -> str:
@@ -341,18 +404,16 @@ def check_checkpoint_against(checkpoint_path: Union[str, Path], evaluated_keys: 
 
 
 def check_split(cfg: Config, names: Sequence[str], split: str, weights: Sequence[str], label: str,
-                allow_unknown: bool = False) -> list[ProvenanceReport]:
+                allow_unknown: bool = False) -> None:
     """Stop when a volume of ``split`` of the datasets ``names`` was used for training, by this
     config (its datasets' train splits now) or by the recorded chain of each of ``weights``.
 
-    Returns:
-        One report per checked weight file (its provenance: :func:`provenance_status`).
     Raises:
         LeakageError: listing each leaked volume, where it is evaluated and who trained on it.
         ProvenanceError: see :func:`check_checkpoint_against`.
     """
     if split == "train":
-        return []
+        return
     evaluated: dict[Key, str] = {}
     for name in names:
         try:
@@ -364,10 +425,9 @@ def check_split(cfg: Config, names: Sequence[str], split: str, weights: Sequence
     leaks = _leaks([this_config], {k: v for k, v in evaluated.items()}, "train", None)
     # a missing file is reported by the weight check with its config key (model.ckpt=...), which
     # stops the run before anything is trained or evaluated
-    reports = [check_checkpoint_against(path, evaluated, allow_unknown, split, label=path, raise_on_leak=False)
-               for path in dict.fromkeys(str(w) for w in weights if w and Path(w).exists())]
-    _raise_leaks(leaks + [line for report in reports for line in report.leaks], split)
-    return reports
+    for path in dict.fromkeys(str(w) for w in weights if w and Path(w).exists()):
+        leaks += check_checkpoint_against(path, evaluated, allow_unknown, split, raise_on_leak=False).leaks
+    _raise_leaks(leaks, split)
 
 
 def check_training_config(cfg: Config, allow_unknown: bool = False) -> None:
@@ -377,9 +437,48 @@ def check_training_config(cfg: Config, allow_unknown: bool = False) -> None:
 
 
 def check_evaluation(cfg: Config, names: Sequence[str], split: str, weights: Union[None, str, Sequence[str]],
-                     allow_unknown: bool = False) -> list[ProvenanceReport]:
+                     allow_unknown: bool = False) -> None:
     """Eval scripts: the evaluated split of ``names`` against this config's training volumes and
-    the recorded provenance of the evaluated weights (a path or several, e.g. init_from and ckpt);
-    returns one report per weight file (``label``: its path)."""
+    the recorded provenance of the evaluated weights (a path or several, e.g. init_from and ckpt)."""
     paths = [weights] if isinstance(weights, (str, Path)) else list(weights or [])
-    return check_split(cfg, names, split, paths, "this config", allow_unknown)
+    check_split(cfg, names, split, paths, "this config", allow_unknown)
+
+
+def check_cascade_leakage(cfg: Config, allow_unknown: bool = False) -> list:
+    """No stage, nor any ancestor its recorded provenance names (``init_from`` chains), trained on
+    a val or test volume of the cascade's folders (or validated on a test volume).
+
+    Reads checkpoint headers and split files only. Returns the per-stage reports.
+
+    Raises:
+        LeakageError: every stage, checkpoint and volume that leaks, one block per stage and split.
+        ProvenanceError: an own checkpoint without provenance, unless ``allow_unknown``.
+    """
+    errors, reports = [], []
+    for split in ("val", "test"):
+        evaluated: dict[tuple, str] = {}
+        for name, ds in cfg.datasets.items():
+            for key in sorted(split_keys(ds.root, split)):
+                evaluated.setdefault(key, f"the cascade's {split} split (datasets.{name})")
+        for stage, path in cfg.cascade.stages.configured().items():
+            try:
+                reports.append(check_checkpoint_against(path, evaluated, allow_unknown, split, label=f"stage {stage}"))
+            except LeakageError as err:
+                errors.append(str(err))
+    if errors:
+        raise LeakageError("\n".join(errors))
+    return reports
+
+
+def stage_provenance(reports: Sequence[ProvenanceReport]) -> dict:
+    """``{stage: {"status", "lines"}}`` from :func:`check_cascade_leakage`'s reports (the worst of
+    a stage's val and test checks): ``metrics.json`` ``run.provenance``, and a section of
+    ``tables.md`` when not all are recorded (:func:`provenance_table_lines`)."""
+    order = ("recorded", "not recorded", "unknown")
+    stages: dict[str, dict] = {}
+    for report in reports:
+        stage = str(report.label).removeprefix("stage ")
+        entry = provenance_status(report)
+        if stage not in stages or order.index(entry["status"]) > order.index(stages[stage]["status"]):
+            stages[stage] = entry
+    return stages
