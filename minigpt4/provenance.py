@@ -320,15 +320,15 @@ def provenance_status(report: ProvenanceReport) -> dict:
     return {"status": status, "lines": list(report.unknown)}
 
 
-def provenance_table_lines(stages: Mapping[str, dict]) -> list[str]:
-    """``tables.md`` lines for each stage whose provenance is not recorded (none when all are)."""
-    lines = [f"- **{stage}: provenance {entry['status']}**: " + "; ".join(entry.get("lines") or [])
-             for stage, entry in stages.items() if entry.get("status") != "recorded"]
+def provenance_table_lines(weights: Mapping[str, dict]) -> list[str]:
+    """``tables.md`` lines for each stage (or ``model.ckpt`` / ``model.init_from``) whose provenance
+    is not recorded (:func:`provenance_status`); none when all are."""
+    lines = [f"- **{name}: provenance {entry['status']}**: " + "; ".join(entry.get("lines") or [])
+             for name, entry in weights.items() if entry.get("status") != "recorded"]
     if not lines:
         return []
-    return ["## Provenance", "", "The leakage check could not verify every stage against what it trained on "
-            "(`--allow-unknown-provenance`): a volume these weights trained on may be among the evaluated ones.",
-            "", *lines, ""]
+    return ["## Provenance", "", "The leakage check could not verify these weights against the volumes they were "
+            "trained on: an evaluated volume may be one of them.", "", *lines, ""]
 
 
 def _run_label(run: dict, index: int, checkpoint: Optional[str]) -> str:
@@ -404,16 +404,18 @@ def check_checkpoint_against(checkpoint_path: Union[str, Path], evaluated_keys: 
 
 
 def check_split(cfg: Config, names: Sequence[str], split: str, weights: Sequence[str], label: str,
-                allow_unknown: bool = False) -> None:
+                allow_unknown: bool = False) -> list[ProvenanceReport]:
     """Stop when a volume of ``split`` of the datasets ``names`` was used for training, by this
     config (its datasets' train splits now) or by the recorded chain of each of ``weights``.
 
+    Returns:
+        One report per checked weight file (its provenance: :func:`provenance_status`).
     Raises:
         LeakageError: listing each leaked volume, where it is evaluated and who trained on it.
         ProvenanceError: see :func:`check_checkpoint_against`.
     """
     if split == "train":
-        return
+        return []
     evaluated: dict[Key, str] = {}
     for name in names:
         try:
@@ -425,9 +427,10 @@ def check_split(cfg: Config, names: Sequence[str], split: str, weights: Sequence
     leaks = _leaks([this_config], {k: v for k, v in evaluated.items()}, "train", None)
     # a missing file is reported by the weight check with its config key (model.ckpt=...), which
     # stops the run before anything is trained or evaluated
-    for path in dict.fromkeys(str(w) for w in weights if w and Path(w).exists()):
-        leaks += check_checkpoint_against(path, evaluated, allow_unknown, split, raise_on_leak=False).leaks
-    _raise_leaks(leaks, split)
+    reports = [check_checkpoint_against(path, evaluated, allow_unknown, split, label=path, raise_on_leak=False)
+               for path in dict.fromkeys(str(w) for w in weights if w and Path(w).exists())]
+    _raise_leaks(leaks + [line for report in reports for line in report.leaks], split)
+    return reports
 
 
 def check_training_config(cfg: Config, allow_unknown: bool = False) -> None:
@@ -437,11 +440,12 @@ def check_training_config(cfg: Config, allow_unknown: bool = False) -> None:
 
 
 def check_evaluation(cfg: Config, names: Sequence[str], split: str, weights: Union[None, str, Sequence[str]],
-                     allow_unknown: bool = False) -> None:
+                     allow_unknown: bool = False) -> list[ProvenanceReport]:
     """Eval scripts: the evaluated split of ``names`` against this config's training volumes and
-    the recorded provenance of the evaluated weights (a path or several, e.g. init_from and ckpt)."""
+    the recorded provenance of the evaluated weights (a path or several, e.g. init_from and ckpt);
+    returns one report per weight file (``label``: its path)."""
     paths = [weights] if isinstance(weights, (str, Path)) else list(weights or [])
-    check_split(cfg, names, split, paths, "this config", allow_unknown)
+    return check_split(cfg, names, split, paths, "this config", allow_unknown)
 
 
 def check_cascade_leakage(cfg: Config, allow_unknown: bool = False) -> list:
