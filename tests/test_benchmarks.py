@@ -616,6 +616,8 @@ def test_run_device_plan_derives_the_call_timeout_from_the_budget_left():
     low = plan("--budget-left-s", "200")
     assert low.returncode == 2 and "do not start the device" in low.stderr and low.stdout == ""
     assert plan().returncode == 2 and "--plan needs --budget-left-s" in plan().stderr
+    alone = subprocess.run(["bash", script, "--budget-left-s", "400"], capture_output=True, text=True, timeout=30)
+    assert alone.returncode == 2 and "--budget-left-s goes with --plan" in alone.stderr
 
 
 bench_eval = _load_script("bench_eval")

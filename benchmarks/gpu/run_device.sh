@@ -82,6 +82,7 @@ if [ $PLAN = 1 ]; then  # the device call's timeout and this script's deadline f
     echo "command: bash benchmarks/gpu/run_device.sh --deadline-s $(( TIMEOUT_S - WRAP_UP_S ))"
     exit 0
 fi
+if [ -n "$BUDGET_S" ]; then echo "error: --budget-left-s goes with --plan (which prints the --deadline-s to run with)" >&2; exit 2; fi
 if [ -z "${OUT:-}" ]; then echo "error: set OUT to the folder for the JSON files" >&2; exit 2; fi
 RUN_DEADLINE=$(( $(date +%s) + DEADLINE_S ))
 export MINIGPT_DEADLINE=$RUN_DEADLINE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
