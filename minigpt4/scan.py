@@ -98,20 +98,17 @@ def discover(paths: Sequence[str | Path]) -> list[ScanInput]:
 
 
 def scan_settings(cfg: Any, cfg_path: str):
-    """:class:`~minigpt4.inference.pipeline.CascadeSettings` from the config's ``cascade``
-    section. Threshold and aggregation must be set: the values ``eval_cascade.py`` chose on the
-    val volumes (its ``metrics.json`` ``selection``), never chosen here."""
-    from minigpt4.config import ConfigError
-    from minigpt4.inference.pipeline import CascadeSettings
+    """:class:`~minigpt4.inference.pipeline.CascadeSettings` from the config's ``cascade`` section:
+    ``cascade.operating_point`` (the ``operating_point.json`` eval_cascade.py wrote, checked against
+    the stages' weights) or the complete explicit set; never chosen here
+    (:func:`minigpt4.inference.operating_point.scan_settings`)."""
+    from minigpt4.inference.operating_point import check_checkpoints
+    from minigpt4.inference.operating_point import scan_settings as resolve
 
-    casc = cfg.cascade
-    if casc.threshold is None:
-        raise ConfigError(f"{cfg_path}: cascade.threshold is not set; scan.py needs the patient threshold "
-                          "eval_cascade.py chose on val (metrics.json selection.threshold)")
-    if casc.aggregation == "auto":
-        raise ConfigError(f"{cfg_path}: cascade.aggregation is 'auto'; set the one eval_cascade.py chose on val "
-                          "(metrics.json selection.aggregation: max or top_k_mean)")
-    return CascadeSettings.from_config(casc, batch_size=cfg.run.eval_batch_size)
+    settings, point = resolve(cfg.cascade, cfg_path, batch_size=cfg.run.eval_batch_size)
+    if point is not None:
+        check_checkpoints(point, cfg.cascade.stages.configured(), cfg_path)
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     checkpoints = checkpoint_identities(paths)
     scan_config = {"threshold": settings.threshold, "slice_threshold": settings.slice_threshold,
                    "aggregation": settings.aggregation, "top_k": settings.top_k, "crop_margin": settings.crop_margin,
-                   "min_boxed_slices": settings.min_boxed_slices, "normalisation": args.normalisation,
+                   "min_boxed_slices": settings.min_boxed_slices, "z_rule": settings.z_rule,
+                   "operating_point": cfg.cascade.operating_point, "normalisation": args.normalisation,
                    "max_new_tokens": cfg.model.generation.max_new_tokens}
 
     # every rank checks --out before any rank writes: a refused folder stops them all, none waits

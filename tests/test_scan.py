@@ -63,7 +63,8 @@ def stage_paths(tmp_path_factory) -> tuple[dict, object]:
 def scan_config(tmp_path: Path, stage_paths) -> Path:
     paths, cfg = stage_paths
     doc = {"model": OmegaConf.to_container(OmegaConf.structured(cfg)),
-           "cascade": {"stages": paths, "threshold": 0.5, "aggregation": "max", "top_k": 3},
+           "cascade": {"stages": paths, "threshold": 0.5, "slice_threshold": 0.5, "aggregation": "max", "top_k": 3,
+                       "z_rule": "none", "min_boxed_slices": 1},
            "run": {"device": "cpu", "eval_batch_size": 8}}
     path = tmp_path / "scan.yaml"
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(doc)))
@@ -184,7 +185,12 @@ def test_scan_with_boxes_writes_seg_and_label_volumes(tmp_path, stage_paths, mon
     for name, n_slices in (("a_nifti", 4), ("b_series", 3), ("c_zip", 3)):
         report = strict_json(out / name / REPORT_FILE)
         assert report["patient"] == {"decision": "tumor", "score": 0.75, "threshold": 0.5, "aggregation": "max",
-                                     "top_k": None, "n_slices_boxed": n_slices}
+                                     "top_k": None, "n_slices_boxed": n_slices, "verdict":
+                                     f"tumor suspected on the {n_slices} slice(s) where a pancreas was found "
+                                     f"({n_slices} of {n_slices} slice(s))"}
+        assert report["assessed"] == {"slices_with_pancreas": n_slices, "slices_total": n_slices,
+                                      "slices_boxed_by_stage1": n_slices, "boxes_dropped_by_z_rule": 0,
+                                      "min_slices_required": 1, "enough": True}
         assert [s["pancreas_box"]["pixels"] for s in report["slices"]] == [list(pancreas)] * n_slices
         assert [s["tumor_box"]["pixels"] for s in report["slices"]] == [list(tumor)] * n_slices
         label = np.asarray(nib.load(str(out / name / BOXES_FILE)).dataobj)
@@ -309,7 +315,11 @@ def test_out_folder_rule_and_config_checks(tmp_path, stage_paths, capsys):
     assert "scan.py: error: " in err and "folder is not empty and has no manifest.json" in err
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     for option, message in (("cascade.threshold=null", "cascade.threshold is not set"),
-                            ("cascade.aggregation=auto", "cascade.aggregation is 'auto'")):
+                            ("cascade.aggregation=auto", "cascade.aggregation is 'auto'"),
+                            ("cascade.slice_threshold=null", "cascade.slice_threshold is not set"),  # issue 25.4
+                            ("cascade.z_rule=auto", "cascade.z_rule is 'auto'"),
+                            ("cascade.min_boxed_slices=null", "cascade.min_boxed_slices is not set"),
+                            (f"cascade.operating_point={tmp_path / 'none.json'}", "none.json not found")):
         assert run_main(scan.main, ["--cfg-path", str(config), "--inputs", str(inputs), "--out", str(tmp_path / "o"),
                                     "--options", option], prog="scan.py") == 2
         assert message in capsys.readouterr().err

@@ -224,7 +224,8 @@ def test_report_json_is_strict_and_complete(tmp_path):
     assert written == [REPORT_FILE, BOXES_FILE]
     report = strict_json(tmp_path / "case" / REPORT_FILE)
     assert report["patient"] == {"decision": "tumor", "score": 0.75, "threshold": 0.5, "aggregation": "max",
-                                 "top_k": None, "n_slices_boxed": 1}
+                                 "top_k": None, "n_slices_boxed": 1,
+                                 "verdict": "tumor suspected on the 1 slice(s) where a pancreas was found (1 slice(s))"}
     assert [s["slice"] for s in report["slices"]] == [0, 2, 4]
     assert [s["p_tumor"] for s in report["slices"]] == [None, 0.75, 0.25]
     assert report["most_suspicious_slice"] == 2

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from minigpt4.boxes import box_answer
+from minigpt4.boxes import NO_BOX_ANSWER, box_answer
 from minigpt4.config import DETECTION_TASKS, TASKS
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
 
@@ -140,6 +140,8 @@ class TaskDataset(Dataset):
         record = self.records[index]
         if self.task == "tumor_classification":
             return str(record["answer"])
+        if record.get("no_target"):  # a slice without the target (datasets.*.empty_share)
+            return NO_BOX_ANSWER
         return box_answer(record["bbox"], int(record["width"]), int(record["height"]))
 
     def load_image(self, index: int) -> torch.Tensor:

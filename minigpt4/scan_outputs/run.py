@@ -34,7 +34,8 @@ DONE_FILE = "done.json"
 ERROR_FILE = "error.json"
 REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE = "report.json", "boxes.nii.gz", "seg.dcm", "montage.png"
 VOLUME_FILES = (REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE)
-SUMMARY_COLUMNS = ("volume", "decision", "score", "n_slices", "n_boxed", "most_suspicious_slice", "error")
+SUMMARY_COLUMNS = ("volume", "decision", "score", "n_slices", "n_boxed", "slices_with_pancreas", "most_suspicious_slice",
+                   "error")
 SCAN_FORMAT = "minigpt-pancreas-scan/1"
 VERSION_PACKAGES = ("minigpt-pancreas", "numpy", "nibabel", "pydicom", "highdicom", "pillow", "torch",
                     "transformers", "peft")
@@ -189,12 +190,13 @@ def summary_row(report: Mapping[str, Any]) -> dict:
     patient = report["patient"] or {"decision": None, "score": None}
     return {"volume": report["volume"], "decision": patient["decision"], "score": patient["score"],
             "n_slices": report["counts"]["n_slices"], "n_boxed": report["counts"]["n_boxed"],
+            "slices_with_pancreas": (report.get("assessed") or {}).get("slices_with_pancreas"),
             "most_suspicious_slice": report["most_suspicious_slice"], "error": None}
 
 
 def error_row(volume: str, message: str) -> dict:
     return {"volume": volume, "decision": None, "score": None, "n_slices": None, "n_boxed": None,
-            "most_suspicious_slice": None, "error": str(message)}
+            "slices_with_pancreas": None, "most_suspicious_slice": None, "error": str(message)}
 
 
 def collect_summary(out_root: str | os.PathLike, volumes: Sequence[str]) -> list[dict]:

@@ -103,7 +103,14 @@ def load_split_records(cfg: Config, split: str) -> list[tuple[str, str, float, l
         source = f"datasets.{name} ({ds.root}, {ds.task}, split {split})"
         # organs only for organ_detection and only when narrowed: any organs= makes the reader reselect
         narrowed = ds.task == "organ_detection" and sorted(ds.organs) != sorted(ORGANS)
-        records = read_prepared(ds.root, ds.task, split, threshold=ds.threshold, organs=list(ds.organs) if narrowed else None)
+        if ds.empty_share and ds.task != "pancreas_detection":
+            raise ConfigError(f"datasets.{name}.empty_share: only pancreas_detection trains on slices without its "
+                              f"target, not {ds.task}")
+        # slices without pancreas are added to the training split only: validation and evaluation
+        # score boxes on pancreas slices as the paper does (eval_cascade measures the false boxes)
+        empty = ds.empty_share if split == "train" else 0.0
+        records = read_prepared(ds.root, ds.task, split, threshold=ds.threshold,
+                                organs=list(ds.organs) if narrowed else None, empty_share=empty)
         check_records(records, ds.task, source=source)
         out.append((name, ds.task, float(ds.sample_ratio), records))
     return out
