@@ -5,7 +5,6 @@ scan / demo. Hand-made inputs, hand-computed values."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
