@@ -28,6 +28,8 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from minigpt4.cli import add_debug_argument
+
 TASKS = ("pancreas_detection", "tumor_detection", "organ_detection", "tumor_classification")
 DETECTION_TASKS = ("pancreas_detection", "tumor_detection", "organ_detection")
 ORGANS = ("liver", "kidney", "spleen", "pancreas")
@@ -383,9 +385,9 @@ class RunConfig(Checked):
 
 
 CASCADE_STAGES = ("pancreas_detection", "tumor_classification", "tumor_detection")
-PATIENT_AGGREGATIONS = ("max", "top_k_mean", "top_k_logit_mean", "mean")
-"""Patient scores from slice P(tumor) (computed in :mod:`minigpt4.inference.patient`)."""
-AGGREGATIONS = ("auto", *PATIENT_AGGREGATIONS)
+AGGREGATIONS = ("max", "top_k_mean", "top_k_logit_mean", "mean")
+"""How the kept slices' P(tumor) of a volume become its patient score (:func:`minigpt4.inference.patient.aggregate`);
+``cascade.aggregation`` may also be ``auto`` (chosen on val by ``eval_cascade.py``)."""
 Z_RULES = ("none", "largest_run")
 """3-D consistency rules of the pancreas boxes (:func:`minigpt4.inference.patient.z_consistent`)."""
 
@@ -426,7 +428,7 @@ class CascadeConfig(Checked):
     """A volume in which fewer slices keep a pancreas box is ``inconclusive`` (the model did not look
     at enough of a pancreas): never scored as "no tumor". None = chosen on the ``val`` volumes
     (eval_cascade: half the median ground-truth pancreas extent, :func:`minigpt4.inference.patient.min_assessed_rule`)."""
-    aggregation: str = checked("auto", one_of(*AGGREGATIONS))
+    aggregation: str = checked("auto", one_of("auto", *AGGREGATIONS))
     """Patient score from the kept slices' P(tumor): ``max``, ``top_k_mean`` (mean of the ``top_k``
     largest), ``top_k_logit_mean`` (the same in logit space), ``mean`` (all kept slices) or ``auto``
     (the one with the highest patient AUC on ``val``)."""
@@ -589,6 +591,5 @@ def add_config_arguments(parser) -> None:
         metavar="KEY=VALUE",
         help="override config keys, e.g. run.batch_size=4 datasets.tc.root=data/TC",
     )
-    from minigpt4.cli import add_debug_argument  # every entry point: errors as one line unless --debug
 
     add_debug_argument(parser)

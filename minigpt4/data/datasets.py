@@ -27,8 +27,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from minigpt4.boxes import NO_BOX_ANSWER, box_answer
-from minigpt4.config import DETECTION_TASKS, TASKS
+from minigpt4.config import DETECTION_TASKS, ORGANS, TASKS, Config, ConfigError
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
+from preprocessing.layout import read_prepared
 
 __all__ = ["TaskDataset", "MixedDataset", "collate_samples", "check_records"]
 
@@ -211,3 +212,30 @@ def collate_samples(samples: Sequence[dict]) -> dict:
         "answers": [s["answer"] for s in samples],
         "records": [s["record"] for s in samples],
     }
+
+
+def load_split_records(cfg: Config, split: str) -> list[tuple[str, str, float, list[dict]]]:
+    """``(name, task, sample_ratio, records)`` for every configured dataset, checked.
+
+    Raises:
+        ConfigError: no dataset configured.
+        FileNotFoundError / ValueError: missing folder or images, empty split (named).
+    """
+    if not cfg.datasets:
+        raise ConfigError("no datasets configured: add at least one entry under 'datasets:'")
+    out = []
+    for name, ds in cfg.datasets.items():
+        source = f"datasets.{name} ({ds.root}, {ds.task}, split {split})"
+        # organs only for organ_detection and only when narrowed: any organs= makes the reader reselect
+        narrowed = ds.task == "organ_detection" and sorted(ds.organs) != sorted(ORGANS)
+        if ds.empty_share and ds.task != "pancreas_detection":
+            raise ConfigError(f"datasets.{name}.empty_share: only pancreas_detection trains on slices without its "
+                              f"target, not {ds.task}")
+        # slices without pancreas are added to the training split only: validation and evaluation
+        # score boxes on pancreas slices as the paper does (eval_cascade measures the false boxes)
+        empty = ds.empty_share if split == "train" else 0.0
+        records = read_prepared(ds.root, ds.task, split, threshold=ds.threshold,
+                                organs=list(ds.organs) if narrowed else None, empty_share=empty)
+        check_records(records, ds.task, source=source)
+        out.append((name, ds.task, float(ds.sample_ratio), records))
+    return out

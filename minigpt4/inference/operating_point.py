@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from minigpt4.config import PATIENT_AGGREGATIONS, Z_RULES, ConfigError
+from minigpt4.config import AGGREGATIONS, Z_RULES, ConfigError
 from minigpt4.inference.pipeline import CascadeSettings
 from minigpt4.io import file_sha256, read_json
 
@@ -72,8 +72,8 @@ def read_operating_point(path: str | Path) -> dict:
         raise ConfigError(f"{path}: lacks {', '.join(missing)}")
     _number(point["threshold"], str(path), "threshold")
     _number(point["slice_threshold"], str(path), "slice_threshold")
-    if point["aggregation"] not in PATIENT_AGGREGATIONS:
-        raise ConfigError(f"{path}: aggregation {point['aggregation']!r} is not one of {', '.join(PATIENT_AGGREGATIONS)}")
+    if point["aggregation"] not in AGGREGATIONS:
+        raise ConfigError(f"{path}: aggregation {point['aggregation']!r} is not one of {', '.join(AGGREGATIONS)}")
     if isinstance(point["top_k"], bool) or not isinstance(point["top_k"], int) or point["top_k"] < 1:
         raise ConfigError(f"{path}: top_k must be a positive integer, got {point['top_k']!r}")
     minimum = point["min_assessed"]

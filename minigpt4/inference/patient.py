@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from minigpt4.config import PATIENT_AGGREGATIONS as AGGREGATIONS
+from minigpt4.config import AGGREGATIONS
 from minigpt4.config import Z_RULES
 
 Box = Sequence[float]

@@ -3,14 +3,14 @@
     python scan.py --cfg-path eval_configs/scan.yaml --inputs CT/ case7.nii.gz --out scans/
     torchrun --nproc-per-node 4 scan.py --cfg-path eval_configs/scan.yaml --inputs CT/ --out scans/
 
-Inputs (:func:`discover`): NIfTI files, DICOM series folders (:func:`is_series_folder`),
+Inputs (:func:`minigpt4.inference.inputs.discover`): NIfTI files, DICOM series folders,
 zips of one series, or folders of those. Each volume is read by the inference reader
-(:func:`minigpt4.inference.volumes.load_volume`), scanned by
+(:func:`minigpt4.inference.readers.load_volume`), scanned by
 :func:`minigpt4.inference.pipeline.scan_slices` and written by
 :func:`minigpt4.scan_outputs.write_volume_outputs` under ``<out>/<volume>/``; ``summary.csv`` and
 ``scan.json`` cover every volume. One volume is in memory at a time. A volume already done with
 the same input content, checkpoints and settings is skipped. Under torchrun the volumes are
-sharded by name (:func:`minigpt4.scan_outputs.shard`); each rank writes its own, rank 0 the
+sharded by name (:func:`minigpt4.distributed.shard`); each rank writes its own, rank 0 the
 summary after a barrier.
 """
 
@@ -19,82 +19,33 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from minigpt4.cli import USER_ERRORS, error_message
+from minigpt4.config import add_config_arguments, load_config
+from minigpt4.distributed import barrier, cleanup, init_distributed, shard
+from minigpt4.inference.inputs import ScanInput, discover
+from minigpt4.inference.operating_point import check_checkpoints
+from minigpt4.inference.operating_point import scan_settings as resolve_operating_point
+from minigpt4.inference.pipeline import scan_slices
+from minigpt4.inference.readers import load_volume
+from minigpt4.models.stages import load_stages, require_all_stages
+from minigpt4.outputs import OutputFolder, check_output_folder
+from minigpt4.progress import progress
+from minigpt4.scan_outputs import (
+    checkpoint_identities,
+    collect_summary,
+    fingerprint,
+    is_done,
+    write_scan_json,
+    write_summary,
+    write_volume_error,
+    write_volume_outputs,
+)
+from minigpt4.scan_outputs.run import SCAN_FORMAT
 
 COMMAND = "scan"
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ZIP_SUFFIX = ".zip"
-
-
-@dataclass(frozen=True)
-class ScanInput:
-    name: str
-    """The volume's name: its output folder (``case7.nii.gz`` → ``case7``; a folder's name)."""
-    path: Path
-
-
-def volume_name(path: Path) -> str:
-    """The output folder name of an input: without ``.nii.gz`` / ``.nii`` / ``.zip``."""
-    lower = path.name.lower()
-    for suffix in (".nii.gz", ".nii", ZIP_SUFFIX):
-        if lower.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.name
-
-
-def _is_volume_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith((*NIFTI_SUFFIXES, ZIP_SUFFIX))
-
-
-def is_series_folder(path: Path) -> bool:
-    """One DICOM series: a folder holding ``.dcm`` files, or a chain of single subfolders down to
-    one (the ``patient/study/series/`` layout of TCIA downloads)."""
-    if not path.is_dir():
-        return False
-    children = [p for p in path.iterdir() if not p.name.startswith(".")]
-    if any(p.is_file() and p.name.lower().endswith(".dcm") for p in children):
-        return True
-    folders = [p for p in children if p.is_dir()]
-    return len(folders) == 1 and not any(_is_volume_file(p) for p in children) and is_series_folder(folders[0])
-
-
-def discover(paths: Sequence[str | Path]) -> list[ScanInput]:
-    """The volumes of ``--inputs``, sorted by name: a NIfTI or zip file is one volume, a DICOM
-    series folder is one, any other folder is expanded one level (its NIfTIs, zips and series
-    folders; other files are ignored).
-
-    Raises:
-        FileNotFoundError: an input does not exist.
-        ValueError: an input file of another type, a folder without volumes, two volumes of one name.
-    """
-    found: list[ScanInput] = []
-    for item in paths:
-        path = Path(item)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: --inputs path not found")
-        if path.is_file():
-            if not _is_volume_file(path):
-                raise ValueError(f"{path}: not a CT volume (expected .nii, .nii.gz, a DICOM .zip or a folder)")
-            found.append(ScanInput(volume_name(path), path))
-        elif is_series_folder(path):
-            found.append(ScanInput(path.name, path))
-        else:
-            inside = [ScanInput(volume_name(p), p) for p in sorted(path.iterdir()) if not p.name.startswith(".")
-                      and (_is_volume_file(p) or is_series_folder(p))]
-            if not inside:
-                raise ValueError(f"{path}: no NIfTI file, DICOM zip or DICOM series folder in it")
-            found += inside
-    by_name: dict[str, Path] = {}
-    for entry in found:
-        if entry.name in by_name:
-            raise ValueError(f"{by_name[entry.name]} and {entry.path}: two volumes named {entry.name!r} "
-                             "(the name is the output folder); rename one")
-        by_name[entry.name] = entry.path
-    return sorted(found, key=lambda entry: entry.name)
 
 
 def scan_settings(cfg: Any, cfg_path: str):
@@ -102,25 +53,23 @@ def scan_settings(cfg: Any, cfg_path: str):
     ``cascade.operating_point`` (the ``operating_point.json`` eval_cascade.py wrote, checked against
     the stages' weights) or the complete explicit set; never chosen here
     (:func:`minigpt4.inference.operating_point.scan_settings`)."""
-    from minigpt4.inference.operating_point import check_checkpoints
-    from minigpt4.inference.operating_point import scan_settings as resolve
-
-    settings, point = resolve(cfg.cascade, cfg_path, batch_size=cfg.run.eval_batch_size)
+    settings, point = resolve_operating_point(cfg.cascade, cfg_path, batch_size=cfg.run.eval_batch_size)
     if point is not None:
         check_checkpoints(point, cfg.cascade.stages.configured(), cfg_path)
     return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minigpt4.config import add_config_arguments
-
     parser = argparse.ArgumentParser(prog="scan.py", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     parser.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
                         help="NIfTI files, DICOM series folders or zips, or folders of them")
     parser.add_argument("--out", required=True, help="output folder (one subfolder per volume)")
-    parser.add_argument("--normalisation", choices=("paper", "window"), default="paper",
-                        help="slice normalisation, as the training PNGs were prepared (default paper)")
+    # --normalization is the spelling of `python -m preprocessing`; --normalisation (the spelling
+    # scan.py used first) is still accepted, so existing command lines keep working
+    parser.add_argument("--normalization", "--normalisation", dest="normalization", choices=("paper", "window"),
+                        default="paper", help="slice normalization, as the training PNGs were prepared "
+                                              "(default paper; --normalisation is accepted too)")
     parser.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                         help="a volume that cannot be read: stop (exit 2) or record it (error.json, summary row) "
                              "and go on")
@@ -130,8 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _slice_progress(name: str, n_slices: int):
-    from minigpt4.progress import progress
-
     bar = progress(n_slices, f"{name} slices", unit="slice", leave=False)
 
     def report(fraction: float, _description: str) -> None:
@@ -142,16 +89,13 @@ def _slice_progress(name: str, n_slices: int):
     return report
 
 
-def scan_volume(entry: ScanInput, out: Path, stages: Any, settings: Any, normalisation: str, checkpoints: list,
+def scan_volume_to_folder(entry: ScanInput, out: Path, stages: Any, settings: Any, normalisation: str, checkpoints: list,
                 scan_config: dict) -> str:
     """Read, scan and write one volume unless it is already done; returns ``done``/``skipped``.
 
     Raises:
         ValueError, OSError: the volume cannot be read (``InputError``) or written.
     """
-    from minigpt4.inference.pipeline import scan_slices
-    from minigpt4.inference.volumes import load_volume
-    from minigpt4.scan_outputs import fingerprint, is_done, write_volume_outputs
 
     folder = out / entry.name
     volume_fingerprint = fingerprint([entry.path], checkpoints, scan_config)
@@ -167,29 +111,17 @@ def scan_volume(entry: ScanInput, out: Path, stages: Any, settings: Any, normali
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Scan every input volume; returns the ``summary.csv`` rows (rank 0; other ranks: [])."""
-    from minigpt4.config import load_config
-    from minigpt4.outputs import OutputFolder, check_output_folder
-    from minigpt4.scan_outputs import checkpoint_identities, collect_summary, shard, write_scan_json, write_summary
-    from minigpt4.scan_outputs.run import SCAN_FORMAT
-    from minigpt4.training.distributed import barrier, cleanup, init_distributed
-
     args = build_parser().parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
     settings = scan_settings(cfg, args.cfg_path)
-    paths = cfg.cascade.stages.configured()
-    missing = [s for s in ("pancreas_detection", "tumor_classification", "tumor_detection") if s not in paths]
-    if missing:
-        raise ValueError(f"{args.cfg_path}: cascade.stages.{missing[0]} is not set (all three stages are needed)")
-    for stage, path in paths.items():
-        if not Path(path).exists():
-            raise FileNotFoundError(f"cascade.stages.{stage}: checkpoint not found: {path}")
+    paths = require_all_stages(cfg.cascade.stages.configured(), args.cfg_path)
     inputs = discover(args.inputs)  # every input checked before any model work
     out = Path(args.out)
     checkpoints = checkpoint_identities(paths)
     scan_config = {"threshold": settings.threshold, "slice_threshold": settings.slice_threshold,
                    "aggregation": settings.aggregation, "top_k": settings.top_k, "crop_margin": settings.crop_margin,
                    "min_boxed_slices": settings.min_boxed_slices, "z_rule": settings.z_rule,
-                   "operating_point": cfg.cascade.operating_point, "normalisation": args.normalisation,
+                   "operating_point": cfg.cascade.operating_point, "normalisation": args.normalization,
                    "max_new_tokens": cfg.model.generation.max_new_tokens}
 
     # every rank checks --out before any rank writes: a refused folder stops them all, none waits
@@ -228,10 +160,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
 
 def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info) -> Optional[BaseException]:
     """This rank's volumes; returns the error that stopped it (``--on-error stop``) or None."""
-    from minigpt4.models.stages import load_stages
-    from minigpt4.progress import progress
-    from minigpt4.scan_outputs import write_volume_error
-
     stages = load_stages(cfg.model, paths, device=info.device)
     bar = progress(len(mine), "volumes" if info.world_size == 1 else f"volumes (rank {info.rank})", unit="volume")
     try:
@@ -239,7 +167,7 @@ def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan
             if entry.name not in mine:
                 continue
             try:
-                status = scan_volume(entry, out, stages, settings, args.normalisation, checkpoints, scan_config)
+                status = scan_volume_to_folder(entry, out, stages, settings, args.normalization, checkpoints, scan_config)
             except USER_ERRORS as err:
                 write_volume_error(out / entry.name, entry.name, error_message(err))
                 if args.on_error == "stop":
