@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 
 from minigpt4.provenance import PROVENANCE_SCHEMA, LeakageError, check_checkpoint_against
 from minigpt4.commands.export import main as export_main
-from minigpt4.models.checkpoints import load_weights, save_checkpoint
+from minigpt4.models.checkpoints import checkpoint_envelope, load_weights, save_checkpoint
 from minigpt4.models.minigpt_v2 import build_model
 from tests.test_adapters import forward_logits, save_tiny_llama
 from tests.test_checkpoints import PREFIX, release_state, save_release_pth
@@ -34,7 +34,8 @@ def test_export_round_trip_through_peft_and_back(tmp_path, capsys):
                 p.normal_(0, 0.2)
     provenance = {"schema": PROVENANCE_SCHEMA, "runs": [{"run": "/runs/x", "datasets": {"msd": {
         "root": "/data/MSD", "task": "pancreas_detection", "train": [["MSD", "pancreas_001"]], "val": []}}}]}
-    save_checkpoint(model, tmp_path / "ckpt", provenance=provenance)
+    envelope = {"schema": 1, "n_volumes": 1, "n_recorded": 1, "slice_thickness_mm": {"min": 2.5, "max": 2.5, "median": 2.5}}
+    save_checkpoint(model, tmp_path / "ckpt", provenance=provenance, envelope=envelope)
 
     assert export_main(["--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "peft")]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -51,6 +52,8 @@ def test_export_round_trip_through_peft_and_back(tmp_path, capsys):
     assert torch.equal(projection["llama_proj.weight"], model.llama_proj.weight)
     # the training provenance travels with the export, and the leakage guard reads it there
     assert json.loads((out / "provenance.json").read_text()) == provenance
+    assert checkpoint_envelope(out) == (envelope, "recorded: 1 of 1 training volumes")  # and the envelope
+    assert "envelope.json" in json.loads((out / "manifest.json").read_text())["files"]
     with pytest.raises(LeakageError, match=f"MSD pancreas_001 is in the evaluated test set but trained on by "
                                            f"datasets.msd of checkpoint {out} "):
         check_checkpoint_against(out, {("MSD", "pancreas_001")})

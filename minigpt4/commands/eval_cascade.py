@@ -18,8 +18,8 @@ from minigpt4.models.stages import check_stage_tasks, load_stages, require_all_s
 from minigpt4.outputs import OutputFolder, check_output_folder
 from minigpt4.provenance import check_cascade_leakage
 
-CASCADE_OUTPUTS = ("predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "config.yaml",
-                   "operating_point.json")
+CASCADE_OUTPUTS = ("predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "reliability.png",
+                   "config.yaml", "operating_point.json")
 """What ``eval_cascade.py`` writes in ``run.output_dir`` (besides its ``manifest.json``)."""
 
 

@@ -42,6 +42,8 @@ from minigpt4.cli import add_debug_argument, run_main
 from minigpt4.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from minigpt4.models.checkpoints import (
     CONFIG_NAME,
+    ENVELOPE_KEY,
+    ENVELOPE_NAME,
     PEFT_CONFIG_NAME,
     PEFT_KEY_PREFIX,
     PEFT_WEIGHTS_NAME,
@@ -179,6 +181,9 @@ def _export_into(folder: OutputFolder, contents, base_model: Optional[str]) -> N
     adapter_files = [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
     planned = adapter_files + [PROJECTION_NAME, STACK_NAME, "README.md", MANIFEST_NAME] + ([VISION_NAME] if vision else [])
     planned += [f"{frozen['name']}/{name}" for frozen in contents.frozen for name in adapter_files]
+    metadata = read_metadata(contents.path)[2] if contents.format == "project" else {}
+    if ENVELOPE_KEY in metadata:  # the training envelope travels with the weights (scan's fitness checks)
+        planned.append(ENVELOPE_NAME)
     folder.check_no_foreign(planned + [f["name"] for f in contents.frozen])
     earlier = dict((folder.manifest or {}).get("files") or {})
     # first: a folder with this manifest is not loadable until the final one replaces it
@@ -196,10 +201,10 @@ def _export_into(folder: OutputFolder, contents, base_model: Optional[str]) -> N
                       "alpha": frozen["alpha"], "source": frozen["source"], "sha256": frozen["sha256"],
                       "trainable": False, "active": frozen["active"]})
     write_json_atomic(out / STACK_NAME, stack)
-    if contents.format == "project":  # the leakage guard's record travels with the weights
-        _, _, metadata = read_metadata(contents.path)
-        if PROVENANCE_KEY in metadata:
-            write_text_atomic(out / PROVENANCE_NAME, metadata[PROVENANCE_KEY])
+    if PROVENANCE_KEY in metadata:  # the leakage guard's record travels with the weights
+        write_text_atomic(out / PROVENANCE_NAME, metadata[PROVENANCE_KEY])
+    if ENVELOPE_KEY in metadata:
+        write_text_atomic(out / ENVELOPE_NAME, metadata[ENVELOPE_KEY])
     write_text_atomic(out / "README.md", _readme(out, base_model, stack, bool(vision)))
     for rel in sorted(set(earlier) - set(planned)):  # an earlier export's files this one does not write
         (out / rel).unlink(missing_ok=True)

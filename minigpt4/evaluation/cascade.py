@@ -37,6 +37,7 @@ from PIL import Image
 
 from minigpt4.boxes import box_iou
 from minigpt4.distributed import all_gather_objects, rank_and_world_size, shard
+from minigpt4.evaluation.calibration import calibration_lines, cascade_calibration, reliability_figure
 from minigpt4.evaluation.stats import auc_score, safe_ratio
 from minigpt4.evaluation.operating_points import (
     box_counts,
@@ -405,6 +406,8 @@ def cascade_tables(metrics: dict) -> str:
               f"allowed (>= 20 negatives for 95 %, >= 100 for 99 %); otherwise no threshold is given. {PANDA_NOTE}", ""]
     for note in sel["notes"]:
         lines.append(f"Note: {note}.")
+    if "calibration" in metrics:
+        lines += [""] + calibration_lines(metrics["calibration"])
     return "\n".join(lines) + "\n"
 
 
@@ -481,6 +484,9 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
     patient = patient_metrics(patients, selection["thresholds"], casc.bootstrap, cfg.run.seed)
     patient["operating_points"] = operating_points(val_patients, patients, selection, casc.bootstrap, cfg.run.seed)
     rules = rules_considered(val_by_z, test_by_z, selections, z_rule, casc.bootstrap, cfg.run.seed)
+    datasets = sorted({str(ds_name) for (ds_name, _) in {**val_patients, **patients}})
+    calibration_map, calibration = cascade_calibration(val_patients, val_rows, patients, rows,
+                                                       selection["aggregation"], datasets, cfg.run.seed)
     metrics = {
         "slice": slice_metrics(rows, selection["slice_threshold"]),
         "patient": {**patient, **volume_3d_metrics(test_volumes, rows)},
@@ -488,6 +494,7 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
         "rules": rules,
         "z_rule": {"selected": z_rule, "boxes": {z: {"val": box_counts(val_by_z[z]), "test": box_counts(test_by_z[z])}
                                                  for z in z_rules}},
+        "calibration": calibration,
         "top_k": casc.top_k,
         "min_boxed_slices": min_slices,
         "min_assessed": min_assessed,
@@ -501,9 +508,9 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
                 "crop_margin": casc.crop_margin, "batch_size": batch, "seconds": round(time.perf_counter() - start, 3),
                 "decoding": "greedy, 1 beam, left padding", "environment": environment_identity(), **(source or {})},
     }
-    datasets = "+".join(sorted({dataset for dataset, _ in val_volumes} | {dataset for dataset, _ in test_volumes}))
     point = operating_point_record(selection, casc.top_k, min_assessed, z_rule, metrics["run"]["stages"],
-                                   len(val_volumes), datasets)
+                                   len(val_volumes), "+".join(datasets))
+    point["calibration"] = calibration_map  # the calibration work's map (issue 28.1), chosen on val too
 
     if rank_and_world_size()[0] != 0:
         return metrics  # torchrun: rank 0 writes
@@ -515,5 +522,7 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
     write_text_atomic(out / "tables.md", cascade_tables(metrics))
     if make_figures:
         p_tumor_figure(rows, selection["slice_threshold"], out / "p_tumor_along_z.png")
+        reliability_figure({"patient score": calibration["patient"], "slice P(tumor)": calibration["slice"]},
+                           out / "reliability.png")
     save_config(cfg, out / "config.yaml")
     return metrics
