@@ -54,9 +54,12 @@ TUMOR = PatientResult(score=0.8, aggregation="max", top_k=3, threshold=0.5, deci
 SPACING = (0.8, 0.7, 2.5)  # rows, columns, slices (mm)
 
 
-def patient(decision: str, score: float, aggregation: str = "max", boxed: int = 1) -> PatientResult:
+def patient(decision: str, score: float, aggregation: str = "max", boxed: int = 1, total: int = 3) -> PatientResult:
+    from minigpt4.inference.patient import assessed
+
+    kept = [True] * boxed + [False] * (total - boxed)
     return PatientResult(score=score, aggregation=aggregation, top_k=3, threshold=0.5, decision=decision,
-                         n_slices_boxed=boxed)
+                         n_slices_boxed=boxed, assessed=assessed(kept, kept, 1))
 
 
 def results_on(width: int, height: int):
@@ -226,7 +229,10 @@ def test_report_json_is_strict_and_complete(tmp_path):
     report = strict_json(tmp_path / "case" / REPORT_FILE)
     assert report["patient"] == {"decision": "tumor", "score": 0.75, "threshold": 0.5, "aggregation": "max",
                                  "top_k": None, "n_slices_boxed": 1,
+                                 "verdict": "tumor suspected on the 1 slice(s) where a pancreas was found (1 of 3 slice(s))",
                                  "likelihood": {"raw": 0.75, "calibrated": None, "calibration": None}}
+    assert report["assessed"] == {"slices_with_pancreas": 1, "slices_total": 3, "slices_boxed_by_stage1": 1,
+                                  "boxes_dropped_by_z_rule": 0, "min_slices_required": 1, "enough": True}
     assert report["fitness"] is None and report["outside_validated_range"] is None  # not given: not recorded
     assert [s["slice"] for s in report["slices"]] == [0, 2, 4]
     assert [s["p_tumor"] for s in report["slices"]] == [None, 0.75, 0.25]
@@ -502,10 +508,10 @@ def test_summary_and_scan_json_parse_strictly(tmp_path):
         table = list(reader)
     assert table[0] == list(SUMMARY_COLUMNS)
     assert table[1:] == [
-        ["a_case", "", "", "", "", "", "", "", "", 'a_case.nii.gz: corrupt, "truncated"\nfile'],
-        ["b_case", "no tumor", "0.125", "0.25", "true", "hu_sanity;z_coverage", "3", "1", "0", ""],
-        ["c_case", "inconclusive", "", "", "false", "", "3", "0", "", ""],
-        ["d_missing", "", "", "", "", "", "", "", "", f"no complete output in {tmp_path / 'd_missing'}"],
+        ["a_case", "", "", "", "", "", "", "", "", "", 'a_case.nii.gz: corrupt, "truncated"\nfile'],
+        ["b_case", "no tumor", "0.125", "0.25", "true", "hu_sanity;z_coverage", "3", "1", "1", "0", ""],  # 1: assessed
+        ["c_case", "inconclusive", "", "", "false", "", "3", "0", "0", "", ""],
+        ["d_missing", "", "", "", "", "", "", "", "", "", f"no complete output in {tmp_path / 'd_missing'}"],
     ]
     write_scan_json(tmp_path / "scan.json", {"threshold": 0.5, "aggregation": "max"}, CHECKPOINTS, rows)
     scan = strict_json(tmp_path / "scan.json")

@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from minigpt4.cli import USER_ERRORS, error_message
-from minigpt4.config import ConfigError, add_config_arguments, load_config
+from minigpt4.config import add_config_arguments, load_config
 from minigpt4.distributed import barrier, cleanup, init_distributed, shard
 from minigpt4.inference.calibration import configured_calibration
 from minigpt4.inference.fitness import check_fitness, fitness_summary, outside_validated_range, stage_envelopes
 from minigpt4.inference.inputs import ScanInput, discover
-from minigpt4.inference.pipeline import CascadeSettings, scan_slices
+from minigpt4.inference.operating_point import check_checkpoints
+from minigpt4.inference.operating_point import scan_settings as resolve_operating_point
+from minigpt4.inference.pipeline import scan_slices
 from minigpt4.inference.readers import load_volume
 from minigpt4.models.stages import load_stages, require_all_stages
 from minigpt4.outputs import OutputFolder, check_output_folder
@@ -51,17 +53,14 @@ COMMAND = "scan"
 
 
 def scan_settings(cfg: Any, cfg_path: str):
-    """:class:`~minigpt4.inference.pipeline.CascadeSettings` from the config's ``cascade``
-    section. Threshold and aggregation must be set: the values ``eval_cascade.py`` chose on the
-    val volumes (its ``metrics.json`` ``selection``), never chosen here."""
-    casc = cfg.cascade
-    if casc.threshold is None:
-        raise ConfigError(f"{cfg_path}: cascade.threshold is not set; scan.py needs the patient threshold "
-                          "eval_cascade.py chose on val (metrics.json selection.threshold)")
-    if casc.aggregation == "auto":
-        raise ConfigError(f"{cfg_path}: cascade.aggregation is 'auto'; set the one eval_cascade.py chose on val "
-                          "(metrics.json selection.aggregation: max or top_k_mean)")
-    return CascadeSettings.from_config(casc, batch_size=cfg.run.eval_batch_size)
+    """:class:`~minigpt4.inference.pipeline.CascadeSettings` from the config's ``cascade`` section:
+    ``cascade.operating_point`` (the ``operating_point.json`` eval_cascade.py wrote, checked against
+    the stages' weights) or the complete explicit set; never chosen here
+    (:func:`minigpt4.inference.operating_point.scan_settings`)."""
+    settings, point = resolve_operating_point(cfg.cascade, cfg_path, batch_size=cfg.run.eval_batch_size)
+    if point is not None:
+        check_checkpoints(point, cfg.cascade.stages.configured(), cfg_path)
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     judge = {"envelopes": stage_envelopes(paths), "calibration": calibration, "slice_calibration": slice_calibration}
     scan_config = {"threshold": settings.threshold, "slice_threshold": settings.slice_threshold,
                    "aggregation": settings.aggregation, "top_k": settings.top_k, "crop_margin": settings.crop_margin,
-                   "min_boxed_slices": settings.min_boxed_slices, "normalisation": args.normalization,
+                   "min_boxed_slices": settings.min_boxed_slices, "z_rule": settings.z_rule,
+                   "operating_point": cfg.cascade.operating_point, "normalisation": args.normalization,
                    "max_new_tokens": cfg.model.generation.max_new_tokens,
                    # a new map or envelope is another scan: the fingerprint covers them
                    "calibration": None if calibration is None else {

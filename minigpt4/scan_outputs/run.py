@@ -39,10 +39,11 @@ REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE = "report.json", "boxes.nii.gz",
 SR_FILE = "sr.dcm"
 VOLUME_FILES = (REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE, SR_FILE, REPORT_HTML)
 SUMMARY_COLUMNS = ("volume", "decision", "score", "likelihood", "outside_validated_range", "failed_checks", "n_slices",
-                   "n_boxed", "most_suspicious_slice", "error")
+                   "n_boxed", "slices_with_pancreas", "most_suspicious_slice", "error")
 """``score``: the raw patient score; ``likelihood``: the calibrated one (empty without a map: the
 score is uncalibrated); ``outside_validated_range``: true / false (empty: not recorded);
-``failed_checks``: the failed fitness checks, ``;``-separated."""
+``failed_checks``: the failed fitness checks, ``;``-separated; ``slices_with_pancreas``: the slices
+whose pancreas box the patient answer rests on (report.json ``assessed``)."""
 SCAN_FORMAT = "minigpt-pancreas-scan/1"
 
 
@@ -207,6 +208,7 @@ def summary_row(report: Mapping[str, Any]) -> dict:
             "outside_validated_range": None if outside is None else str(bool(outside)).lower(),
             "failed_checks": None if fitness is None else ";".join(c["check"] for c in fitness if c["status"] == "failed"),
             "n_slices": report["counts"]["n_slices"], "n_boxed": report["counts"]["n_boxed"],
+            "slices_with_pancreas": (report.get("assessed") or {}).get("slices_with_pancreas"),
             "most_suspicious_slice": report["most_suspicious_slice"], "error": None}
 
 
