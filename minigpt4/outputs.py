@@ -217,6 +217,7 @@ def check_output_folder(out: Path, command: str, owns: Callable[[dict], bool], o
     check_folder_path(out, option)
     check_not_input(out, inputs, option)
     check_not_tracked(out, option)
+    check_not_busy(out, option)  # before the content: a run in progress explains a folder without manifest
     manifest = read_manifest(out)
     if manifest is not None:
         if isinstance(manifest, dict) and owns(manifest):
@@ -233,6 +234,28 @@ def check_output_folder(out: Path, command: str, owns: Callable[[dict], bool], o
 
 
 # ----------------------------------------------------------------------------- the lock
+def check_not_busy(out: Path, option: str = "--out") -> None:
+    """Refuse a folder whose lock another run holds (tried without waiting, released at once).
+
+    Raises:
+        FolderBusyError: "another run is writing into this folder (PID ... on host ...)".
+    """
+    from filelock import FileLock, Timeout
+
+    lock_file = Path(out) / LOCK_NAME
+    if not lock_file.is_file():
+        return
+    probe = FileLock(str(lock_file), timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        raise FolderBusyError(f"{out}: another run is writing into this folder ({_describe_owner(Path(out))}); "
+                              f"wait for it to finish or choose another {option}") from None
+    except OSError:  # unreadable lock: the real acquisition names the problem
+        return
+    probe.release()
+
+
 def _describe_owner(out: Path) -> str:
     try:
         info = json.loads((out / LOCK_OWNER_NAME).read_text(encoding="utf-8"))

@@ -2,8 +2,11 @@
 ``summary.csv``, ``scan.json``, content fingerprints and torchrun sharding.
 
 A volume folder ``<out>/<volume>/`` holds either its outputs plus ``done.json`` (the
-fingerprint of what produced them and the files written), or ``error.json`` (why it failed).
-``done.json`` is written last, so a folder interrupted mid-way is never taken as done.
+fingerprint of what produced them and the files written), or ``error.json`` (why it failed),
+or ``incomplete.json`` (written first, removed when ``done.json`` is written: a run was
+interrupted there). ``done.json`` is written last, so a folder interrupted mid-way is never
+taken as done. A folder holding output names but none of these markers is someone else's: it is
+never written into or cleaned (:class:`~minigpt4.outputs.OutputFolderError`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from minigpt4.inference.pipeline import VolumeResult
 from minigpt4.io import file_sha256, to_json, write_json_atomic, write_text_atomic
+from minigpt4.outputs import OutputFolderError
 from minigpt4.scan_outputs.geometry import CheckpointIdentity, VolumeGeometry
 from minigpt4.scan_outputs.volume import (
     build_report,
@@ -32,6 +36,8 @@ from minigpt4.scan_outputs.volume import (
 
 DONE_FILE = "done.json"
 ERROR_FILE = "error.json"
+INCOMPLETE_FILE = "incomplete.json"
+MARKERS = (DONE_FILE, ERROR_FILE, INCOMPLETE_FILE)
 REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE = "report.json", "boxes.nii.gz", "seg.dcm", "montage.png"
 VOLUME_FILES = (REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE)
 SUMMARY_COLUMNS = ("volume", "decision", "score", "n_slices", "n_boxed", "most_suspicious_slice", "error")
@@ -71,7 +77,7 @@ def checkpoint_identities(paths: Mapping[str, str | os.PathLike]) -> list[Checkp
 
 
 def fingerprint(inputs: Sequence[str | os.PathLike], checkpoints: Sequence[CheckpointIdentity],
-                cfg: Mapping[str, Any]) -> str:
+                cfg: Mapping[str, Any], input_hashes: Sequence[str] = ()) -> str:
     """What decides a volume's outputs, as one SHA-256 hex string.
 
     Args:
@@ -80,9 +86,11 @@ def fingerprint(inputs: Sequence[str | os.PathLike], checkpoints: Sequence[Check
         checkpoints: the stages' identities (their sha256s count, not their paths).
         cfg: the config values that change the outputs (threshold, aggregation, normalisation,
             decoding, ...), JSON-serialisable.
+        input_hashes: content hashes of inputs the caller hashed itself (e.g. the files of one
+            DICOM series among others: :meth:`minigpt4.inference.inputs.VolumeInput.content_sha256`).
     """
     payload = {
-        "inputs": [content_sha256(p) for p in inputs],
+        "inputs": [content_sha256(p) for p in inputs] + [str(h) for h in input_hashes],
         "checkpoints": sorted([c.stage, c.sha256] for c in checkpoints),
         "config": cfg,
     }
@@ -118,12 +126,37 @@ def mark_done(out_dir: str | os.PathLike, fingerprint: str, files: Sequence[str]
     return path
 
 
-def _start_volume(out_dir: Path) -> set[str]:
-    """Unmark a volume folder before (re)writing it; returns the names of the output files a
-    previous run may have left (this module's names and those its ``done.json`` lists)."""
+def is_volume_folder(out_dir: str | os.PathLike) -> bool:
+    """True when a scan wrote ``out_dir`` (it holds ``done.json``, ``error.json`` or
+    ``incomplete.json``)."""
+    return any((Path(out_dir) / name).is_file() for name in MARKERS)
+
+
+def foreign_files(out_dir: str | os.PathLike) -> list[str]:
+    """The output names (``report.json`` ...) in ``out_dir`` that no scan wrote: all that exist
+    when the folder holds none of the markers (:func:`is_volume_folder`)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or is_volume_folder(out_dir):
+        return []
+    return sorted(n for n in VOLUME_FILES if (out_dir / n).exists() or (out_dir / n).is_symlink())
+
+
+def _start_volume(out_dir: Path, volume: str) -> set[str]:
+    """Mark a volume folder as being (re)written (``incomplete.json``); returns the names of the
+    output files a previous run may have left (this module's names and those its ``done.json``
+    lists).
+
+    Raises:
+        OutputFolderError: the folder holds output names that no scan wrote (kept untouched).
+    """
+    foreign = foreign_files(out_dir)
+    if foreign:
+        raise OutputFolderError(f"{out_dir}: holds {', '.join(foreign)} that scan.py did not write (no {DONE_FILE}); "
+                                "move them away or choose another --out")
     marker = _read_marker(out_dir) or {}
     listed = marker.get("files", []) if isinstance(marker.get("files"), list) else []
     previous = {str(n) for n in listed if isinstance(n, str) and Path(n).name == n and n not in ("", ".", "..")}
+    write_json_atomic(out_dir / INCOMPLETE_FILE, {"volume": volume, "note": "being written; a re-run rewrites it"})
     for name in (DONE_FILE, ERROR_FILE):
         (out_dir / name).unlink(missing_ok=True)
     return previous | set(VOLUME_FILES)
@@ -150,34 +183,50 @@ def write_volume_outputs(out_dir: str | os.PathLike, *, volume: str, source: str
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    previous = _start_volume(out_dir)
+    previous = _start_volume(out_dir, volume)
     results = result.slices
-    report = build_report(volume, source, geometry, result.patient, results, checkpoints, extra)
-    written = [write_report(out_dir / REPORT_FILE, report).name,
-               write_box_nifti(out_dir / BOXES_FILE, geometry, results).name]
+    build_report(volume, source, geometry, result.patient, results, checkpoints, extra)  # checks before writing
+    written = [write_box_nifti(out_dir / BOXES_FILE, geometry, results).name]
+    extra = dict(extra or {})
     if dicom_headers is not None:
-        seg = write_dicom_seg(out_dir / SEG_FILE, geometry, results, dicom_headers, checkpoints, software_version)
+        generated: dict = {}
+        try:
+            seg = write_dicom_seg(out_dir / SEG_FILE, geometry, results, dicom_headers, checkpoints, software_version,
+                                  generated=generated)
+            error = None
+        except Exception as err:  # noqa: BLE001 - a SEG the series' headers cannot give costs the SEG only
+            seg, error = None, f"{type(err).__name__}: {err}"
         if seg is not None:
             written.append(seg.name)
+        extra["dicom_seg"] = {"written": seg is not None, "error": error,
+                              "note": None if seg is not None or error else "no slice has a box",
+                              "generated_identifiers": generated}
     if slices is not None:
         montage = write_montage(out_dir / MONTAGE_FILE, slices, results, n=montage_size)
         if montage is not None:
             written.append(montage.name)
+    report = build_report(volume, source, geometry, result.patient, results, checkpoints, extra)
+    written.insert(0, write_report(out_dir / REPORT_FILE, report).name)
     for name in previous - set(written):
         (out_dir / name).unlink(missing_ok=True)
     mark_done(out_dir, fingerprint, written)
+    (out_dir / INCOMPLETE_FILE).unlink(missing_ok=True)
     return written
 
 
-def write_volume_error(out_dir: str | os.PathLike, volume: str, message: str) -> Path:
+def write_volume_error(out_dir: str | os.PathLike, volume: str, message: str) -> Optional[Path]:
     """Record a failed volume (``error.json``: ``{"volume", "error"}``) and unmark its folder;
-    the files of an earlier successful run are removed so they cannot be mistaken for this one's."""
+    the files of an earlier successful run are removed so they cannot be mistaken for this one's.
+    A folder holding files no scan wrote is left untouched (returns None)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in _start_volume(out_dir):
+    if foreign_files(out_dir):
+        return None
+    for name in _start_volume(out_dir, volume):
         (out_dir / name).unlink(missing_ok=True)
     path = out_dir / ERROR_FILE
     write_json_atomic(path, {"volume": volume, "error": str(message)})
+    (out_dir / INCOMPLETE_FILE).unlink(missing_ok=True)
     return path
 
 
@@ -197,15 +246,26 @@ def error_row(volume: str, message: str) -> dict:
             "most_suspicious_slice": None, "error": str(message)}
 
 
-def collect_summary(out_root: str | os.PathLike, volumes: Sequence[str]) -> list[dict]:
+def collect_summary(out_root: str | os.PathLike, volumes: Sequence[str],
+                    fingerprints: Optional[Mapping[str, str]] = None) -> list[dict]:
     """Summary rows of ``volumes`` (sorted by name) from their folders under ``out_root``: the
     ``report.json`` of a folder marked done, else its ``error.json``, else an error saying it
-    has no complete output. What rank 0 calls after the ranks have written their volumes."""
+    has no complete output. What rank 0 calls after the ranks have written their volumes.
+
+    Args:
+        fingerprints: ``{volume: fingerprint}`` of this run: a folder marked done under another
+            fingerprint (other settings, weights or input content) is not listed as this run's
+            answer but as an error saying so.
+    """
     rows = []
     for volume in sorted(volumes):
         folder = Path(out_root) / volume
         marker = _read_marker(folder)
-        if marker is not None and REPORT_FILE in marker.get("files", []) and (folder / REPORT_FILE).is_file():
+        if (marker is not None and fingerprints is not None and volume in fingerprints
+                and marker.get("fingerprint") != fingerprints[volume]):
+            rows.append(error_row(volume, "not scanned in this run: its outputs were made with other settings, "
+                                          "weights or input content"))
+        elif marker is not None and REPORT_FILE in marker.get("files", []) and (folder / REPORT_FILE).is_file():
             rows.append(summary_row(json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))))
         elif (folder / ERROR_FILE).is_file():
             rows.append(error_row(volume, json.loads((folder / ERROR_FILE).read_text(encoding="utf-8"))["error"]))
