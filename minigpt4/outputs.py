@@ -233,6 +233,24 @@ def check_output_folder(out: Path, command: str, owns: Callable[[dict], bool], o
     return None
 
 
+def check_no_foreign(out: Path, manifest: Optional[dict], names: Iterable[str], owner: str,
+                     option: str = "--out") -> None:
+    """Refuse to replace an existing ``names`` entry of ``out`` (relative paths) when ``manifest``
+    (what :func:`check_output_folder` returned) is None: a folder without the command's manifest
+    holds only other people's files. Callable before anything is created (every rank).
+
+    Raises:
+        OutputFolderError: naming the files.
+    """
+    if manifest is not None:
+        return
+    out = Path(out)
+    foreign = sorted(n for n in names if (out / n).exists() or (out / n).is_symlink())
+    if foreign:
+        raise OutputFolderError(f"{out}: would replace {len(foreign)} file(s) that {owner} did not write "
+                                f"({', '.join(foreign[:5])}); move them away or choose another {option}")
+
+
 # ----------------------------------------------------------------------------- the lock
 def check_not_busy(out: Path, option: str = "--out") -> None:
     """Refuse a folder whose lock another run holds (tried without waiting, released at once).
@@ -328,13 +346,7 @@ class OutputFolder:
     def check_no_foreign(self, names: Iterable[str]) -> None:
         """Refuse to replace an existing ``names`` entry (relative paths) that is not the command's
         own: in a folder without our manifest every existing file is someone else's."""
-        if self.manifest is not None:
-            return
-        foreign = sorted(n for n in names if (self.path / n).exists() or (self.path / n).is_symlink())
-        if foreign:
-            raise OutputFolderError(f"{self.path}: would replace {len(foreign)} file(s) that {self.owner or self.command} "
-                                    f"did not write ({', '.join(foreign[:5])}); move them away or choose another "
-                                    f"{self.option}")
+        check_no_foreign(self.path, self.manifest, names, self.owner or self.command, self.option)
 
     def write_manifest(self, content: dict) -> Path:
         """Write ``manifest.json`` = ``{"command": command, **content}`` atomically."""

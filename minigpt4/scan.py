@@ -3,13 +3,17 @@
     python scan.py --cfg-path eval_configs/scan.yaml --inputs CT/ case7.nii.gz --out scans/
     torchrun --nproc-per-node 4 scan.py --cfg-path eval_configs/scan.yaml --inputs CT/ --out scans/
 
-Inputs (:func:`discover`): NIfTI files, DICOM series folders (:func:`is_series_folder`),
-zips of one series, or folders of those. Each volume is read by the inference reader
+Inputs (:func:`minigpt4.inference.inputs.find_volumes`): NIfTI files, zips of one DICOM
+series, DICOM files found by content (one volume per SeriesInstanceUID), or folders of those;
+what is found and what is skipped is said. Each volume is read by the inference reader
 (:func:`minigpt4.inference.volumes.load_volume`), scanned by
 :func:`minigpt4.inference.pipeline.scan_slices` and written by
 :func:`minigpt4.scan_outputs.write_volume_outputs` under ``<out>/<volume>/``; ``summary.csv`` and
 ``scan.json`` cover every volume. One volume is in memory at a time. A volume already done with
-the same input content, checkpoints and settings is skipped. Under torchrun the volumes are
+the same input content, checkpoints and settings (the whole resolved ``model`` and ``cascade``
+config, :func:`settings_fingerprint_config`) is skipped. ``manifest.json`` is written first
+(``status: running``), so a scan stopped by kill -9, Ctrl-C or a full disk is resumed by running
+it again; a second scan into a folder being written is told so. Under torchrun the volumes are
 sharded by name (:func:`minigpt4.scan_outputs.shard`); each rank writes its own, rank 0 the
 summary after a barrier.
 """
@@ -19,82 +23,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from minigpt4.cli import USER_ERRORS, error_message
 
 COMMAND = "scan"
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ZIP_SUFFIX = ".zip"
+TOP_LEVEL_FILES = ("summary.csv", "scan.json")
 
 
-@dataclass(frozen=True)
-class ScanInput:
-    name: str
-    """The volume's name: its output folder (``case7.nii.gz`` → ``case7``; a folder's name)."""
-    path: Path
+def discover(paths: Sequence[str | Path]) -> list:
+    """The volumes of ``--inputs`` (:func:`minigpt4.inference.inputs.find_volumes`' volumes)."""
+    from minigpt4.inference.inputs import find_volumes
 
-
-def volume_name(path: Path) -> str:
-    """The output folder name of an input: without ``.nii.gz`` / ``.nii`` / ``.zip``."""
-    lower = path.name.lower()
-    for suffix in (".nii.gz", ".nii", ZIP_SUFFIX):
-        if lower.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.name
-
-
-def _is_volume_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith((*NIFTI_SUFFIXES, ZIP_SUFFIX))
-
-
-def is_series_folder(path: Path) -> bool:
-    """One DICOM series: a folder holding ``.dcm`` files, or a chain of single subfolders down to
-    one (the ``patient/study/series/`` layout of TCIA downloads)."""
-    if not path.is_dir():
-        return False
-    children = [p for p in path.iterdir() if not p.name.startswith(".")]
-    if any(p.is_file() and p.name.lower().endswith(".dcm") for p in children):
-        return True
-    folders = [p for p in children if p.is_dir()]
-    return len(folders) == 1 and not any(_is_volume_file(p) for p in children) and is_series_folder(folders[0])
-
-
-def discover(paths: Sequence[str | Path]) -> list[ScanInput]:
-    """The volumes of ``--inputs``, sorted by name: a NIfTI or zip file is one volume, a DICOM
-    series folder is one, any other folder is expanded one level (its NIfTIs, zips and series
-    folders; other files are ignored).
-
-    Raises:
-        FileNotFoundError: an input does not exist.
-        ValueError: an input file of another type, a folder without volumes, two volumes of one name.
-    """
-    found: list[ScanInput] = []
-    for item in paths:
-        path = Path(item)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: --inputs path not found")
-        if path.is_file():
-            if not _is_volume_file(path):
-                raise ValueError(f"{path}: not a CT volume (expected .nii, .nii.gz, a DICOM .zip or a folder)")
-            found.append(ScanInput(volume_name(path), path))
-        elif is_series_folder(path):
-            found.append(ScanInput(path.name, path))
-        else:
-            inside = [ScanInput(volume_name(p), p) for p in sorted(path.iterdir()) if not p.name.startswith(".")
-                      and (_is_volume_file(p) or is_series_folder(p))]
-            if not inside:
-                raise ValueError(f"{path}: no NIfTI file, DICOM zip or DICOM series folder in it")
-            found += inside
-    by_name: dict[str, Path] = {}
-    for entry in found:
-        if entry.name in by_name:
-            raise ValueError(f"{by_name[entry.name]} and {entry.path}: two volumes named {entry.name!r} "
-                             "(the name is the output folder); rename one")
-        by_name[entry.name] = entry.path
-    return sorted(found, key=lambda entry: entry.name)
+    return find_volumes(paths).volumes
 
 
 def scan_settings(cfg: Any, cfg_path: str):
@@ -145,22 +87,31 @@ def _slice_progress(name: str, n_slices: int):
     return report
 
 
-def scan_volume(entry: ScanInput, out: Path, stages: Any, settings: Any, normalisation: str, checkpoints: list,
-                scan_config: dict) -> str:
+def volume_fingerprint(entry: Any, checkpoints: list, scan_config: dict) -> str:
+    """What decides a volume's outputs: the content the reader reads, the checkpoints, the settings."""
+    from minigpt4.scan_outputs import fingerprint
+
+    return fingerprint([], checkpoints, scan_config, input_hashes=[entry.content_sha256()])
+
+
+def scan_volume(entry: Any, out: Path, stages: Any, settings: Any, normalisation: str, checkpoints: list,
+                scan_config: dict, fingerprint: str, limits: Any = None) -> str:
     """Read, scan and write one volume unless it is already done; returns ``done``/``skipped``.
 
     Raises:
         ValueError, OSError: the volume cannot be read (``InputError``) or written.
     """
     from minigpt4.inference.pipeline import scan_slices
-    from minigpt4.inference.volumes import load_volume
-    from minigpt4.scan_outputs import fingerprint, is_done, write_volume_outputs
+    from minigpt4.inference.volumes import load_volume, scan_limits
+    from minigpt4.scan_outputs import is_done, write_volume_outputs
 
     folder = out / entry.name
-    volume_fingerprint = fingerprint([entry.path], checkpoints, scan_config)
+    volume_fingerprint = fingerprint
+    if folder.resolve().parent != out.resolve():  # the names are made safe; this is the last guard
+        raise ValueError(f"{entry.path}: its output folder {folder} would lie outside --out {out}")
     if is_done(folder, volume_fingerprint):
         return "skipped"
-    volume = load_volume(entry.path, normalisation)
+    volume = load_volume(entry.path, normalisation, limits or scan_limits(), files=entry.files or None)
     result = scan_slices(stages, volume.slices, settings, _slice_progress(entry.name, volume.num_slices))
     write_volume_outputs(folder, volume=entry.name, source=str(entry.path), geometry=volume.geometry, result=result,
                          checkpoints=checkpoints, fingerprint=volume_fingerprint, slices=volume.slices,
@@ -168,13 +119,33 @@ def scan_volume(entry: ScanInput, out: Path, stages: Any, settings: Any, normali
     return "done"
 
 
+def settings_fingerprint_config(cfg: Any, settings: Any, normalisation: str) -> dict:
+    """Everything configured that can change an answer: the whole resolved ``model`` config, the
+    ``cascade`` config (its checkpoint paths left out: their sha256s count instead) with the
+    resolved operating point, and the normalisation. A value naming an existing file or folder
+    (base weights, tokenizer, an operating-point file) also records what it holds
+    (:func:`minigpt4.scan_outputs.run.path_identity`)."""
+    import dataclasses
+
+    from minigpt4.scan_outputs.run import with_path_identities
+
+    cascade = {k: v for k, v in dataclasses.asdict(cfg.cascade).items() if k != "stages"}
+    resolved = {"threshold": settings.threshold, "slice_threshold": settings.slice_threshold,
+                "aggregation": settings.aggregation, "top_k": settings.top_k, "crop_margin": settings.crop_margin,
+                "min_boxed_slices": settings.min_boxed_slices, "normalisation": normalisation,
+                "max_new_tokens": cfg.model.generation.max_new_tokens}
+    return {**resolved, **with_path_identities({"model": dataclasses.asdict(cfg.model), "cascade": cascade})}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Scan every input volume; returns the ``summary.csv`` rows (rank 0; other ranks: [])."""
     from minigpt4.config import load_config
-    from minigpt4.outputs import OutputFolder, check_output_folder
+    from minigpt4.inference.inputs import find_volumes
+    from minigpt4.inference.volumes import scan_limits
+    from minigpt4.outputs import OutputFolder, check_no_foreign, check_output_folder
     from minigpt4.scan_outputs import checkpoint_identities, collect_summary, shard, write_scan_json, write_summary
     from minigpt4.scan_outputs.run import SCAN_FORMAT
-    from minigpt4.training.distributed import barrier, cleanup, init_distributed
+    from minigpt4.training.distributed import barrier, broadcast_object, cleanup, init_distributed
 
     args = build_parser().parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
@@ -186,35 +157,50 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     for stage, path in paths.items():
         if not Path(path).exists():
             raise FileNotFoundError(f"cascade.stages.{stage}: checkpoint not found: {path}")
-    inputs = discover(args.inputs)  # every input checked before any model work
+    found = find_volumes(args.inputs)  # every input checked before any model work
+    inputs = found.volumes
     out = Path(args.out)
     checkpoints = checkpoint_identities(paths)
-    scan_config = {"threshold": settings.threshold, "slice_threshold": settings.slice_threshold,
-                   "aggregation": settings.aggregation, "top_k": settings.top_k, "crop_margin": settings.crop_margin,
-                   "min_boxed_slices": settings.min_boxed_slices, "normalisation": args.normalisation,
-                   "max_new_tokens": cfg.model.generation.max_new_tokens}
+    scan_config = settings_fingerprint_config(cfg, settings, args.normalisation)
 
     # every rank checks --out before any rank writes: a refused folder stops them all, none waits
-    check_output_folder(out, COMMAND, lambda manifest: manifest.get("command") == COMMAND, args.overwrite,
-                        [e.path for e in inputs])
+    manifest = check_output_folder(out, COMMAND, lambda m: m.get("command") == COMMAND, args.overwrite,
+                                   [e.path for e in inputs])
+    check_no_foreign(out, manifest, [*TOP_LEVEL_FILES, *(e.name for e in inputs)], "scan.py")
     info = init_distributed(cfg.run.device)
+    if info.is_main:
+        print(f"scan.py: {found.summary()}", file=sys.stderr)
     try:
         mine = set(shard([entry.name for entry in inputs], info.rank, info.world_size))
         folder = OutputFolder(out, COMMAND, overwrite=args.overwrite, inputs=[e.path for e in inputs])
-        with folder if info.is_main else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            opened: Optional[str] = None
+            if info.is_main:
+                try:
+                    stack.enter_context(folder)
+                except USER_ERRORS as err:  # e.g. another run took the folder since the check: tell every rank
+                    opened = error_message(err)
+            opened = broadcast_object(opened)  # no rank is left waiting at a barrier rank 0 never reaches
+            if opened is not None:
+                raise OutputFolderClosed(opened if info.is_main else f"rank 0 could not open --out: {opened}")
             if info.is_main:
                 folder.keep()  # finished volumes are marked done: a failure keeps them, a re-run continues
+                folder.write_manifest({"format": SCAN_FORMAT, "status": "running"})  # a killed run can resume
             barrier()  # the folder exists and is locked before any rank writes into it
+            limits = scan_limits()
+            fingerprints = {e.name: volume_fingerprint(e, checkpoints, scan_config) for e in inputs}
             try:
-                failure = _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info)
+                failure = _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info,
+                                      fingerprints, limits)
             finally:
                 barrier()  # every rank has written (or recorded) its volumes
             rows: list[dict] = []
             if info.is_main:
-                rows = collect_summary(out, [entry.name for entry in inputs])
+                rows = collect_summary(out, [entry.name for entry in inputs], fingerprints)
                 write_summary(out / "summary.csv", rows)
                 write_scan_json(out / "scan.json", scan_config, checkpoints, rows,
-                                extra={"inputs": {e.name: str(e.path) for e in inputs}})
+                                extra={"inputs": {e.name: str(e.path) for e in inputs},
+                                       "skipped": [s.as_dict() for s in found.skipped]})
                 failed = [row for row in rows if row["error"]]
                 folder.write_manifest({"format": SCAN_FORMAT, "status": "failed" if failed else "complete"})
                 print(f"scan.py: {len(rows) - len(failed)} volume(s) with complete outputs, {len(failed)} failed; "
@@ -228,7 +214,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         cleanup()
 
 
-def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info) -> Optional[BaseException]:
+class OutputFolderClosed(ValueError):
+    """``--out`` could not be opened by rank 0 (every rank stops with this one line)."""
+
+
+def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info, fingerprints,
+                limits) -> Optional[BaseException]:
     """This rank's volumes; returns the error that stopped it (``--on-error stop``) or None."""
     from minigpt4.models.stages import load_stages
     from minigpt4.progress import progress
@@ -241,7 +232,8 @@ def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan
             if entry.name not in mine:
                 continue
             try:
-                status = scan_volume(entry, out, stages, settings, args.normalisation, checkpoints, scan_config)
+                status = scan_volume(entry, out, stages, settings, args.normalisation, checkpoints, scan_config,
+                                     fingerprints[entry.name], limits)
             except USER_ERRORS as err:
                 write_volume_error(out / entry.name, entry.name, error_message(err))
                 if args.on_error == "stop":

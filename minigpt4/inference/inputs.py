@@ -238,6 +238,8 @@ def find_volumes(paths: Sequence[str | os.PathLike]) -> Found:
         unique.append(cand)
     unique.sort(key=lambda c: (c[0].lower(), str(c[1]), c[4] or ""))
     names = unique_names([c[0] for c in unique])
+    scanned = {os.path.realpath(c[1]) for c in unique if c[2] != "dicom"}
+    found.skipped = [s for s in found.skipped if os.path.realpath(s.path) not in scanned]
     found.volumes = [VolumeInput(name=n, path=c[1], kind=c[2], files=c[3], series_uid=c[4], modality=c[5])
                      for n, c in zip(names, unique)]
     return found
@@ -295,6 +297,7 @@ def _walk_folder(root: Path, skipped: list[Skipped]) -> list[tuple]:
     by_folder: dict[Path, list[str]] = defaultdict(list)
     for key, files in series.items():
         by_folder[_common_folder(files)].append(key)
+    kept: list[tuple[Path, str, tuple[Path, ...], str]] = []
     for folder, keys in by_folder.items():
         for key in sorted(keys):
             files = tuple(sorted(series[key]))
@@ -307,10 +310,22 @@ def _walk_folder(root: Path, skipped: list[Skipped]) -> list[tuple]:
             if len(files) < 2:
                 skipped.append(Skipped(files[0], "a single DICOM image (a scout or key image?), not a CT series"))
                 continue
-            name = volume_folder_name(folder)
-            if len(keys) > 1:
-                name = safe_name(f"{name}_series-{key[-8:]}")
-            out.append((name, folder, "dicom", files, key, mod or None))
+            kept.append((folder, key, files, mod))
+    # a series is named after the highest folder under ``root`` (``root`` itself included) that
+    # holds no other volume: ``patient/study/series/`` is named ``patient``, as the user sees it
+    others = [c[1] for c in out] + [f for _, _, files, _ in kept for f in files[:1]]
+    for folder, key, files, mod in kept:
+        mine = set(files)
+        chain = [folder, *[p for p in folder.parents if p == root or root in p.parents]]
+        place = None
+        for candidate in reversed(chain):  # from root down to the series' own folder
+            if not any(p not in mine and (p == candidate or candidate in p.parents) for p in others):
+                place = candidate
+                break
+        name = volume_folder_name(place if place is not None else folder)
+        if place is None:  # shares its folder with another volume
+            name = safe_name(f"{name}_series-{key[-8:]}")
+        out.append((name, place if place is not None else folder, "dicom", files, key, mod or None))
     return out
 
 

@@ -63,6 +63,44 @@ def content_sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(to_json(listing).encode("utf-8")).hexdigest()
 
 
+SMALL_FILE_BYTES = 1 << 20
+
+
+def path_identity(path: str | os.PathLike) -> dict:
+    """What a configured file or folder holds, cheaply: a small file's SHA-256; a large file's
+    size and modification time; a folder's listing of those (hidden entries included). Base
+    weights of many gigabytes are identified by size and time, not read."""
+    path = Path(path)
+
+    def one(file: Path) -> list:
+        info = file.stat()
+        if info.st_size <= SMALL_FILE_BYTES:
+            return [info.st_size, file_sha256(file)]
+        return [info.st_size, info.st_mtime_ns]
+
+    if path.is_file():
+        return {"file": one(path)}
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return {"folder": [[p.relative_to(path).as_posix(), *one(p)] for p in files]}
+
+
+def with_path_identities(value: Any) -> Any:
+    """``value`` (nested dicts/lists) with every string that names an existing file or folder
+    replaced by ``{"path": text, **path_identity(text)}``."""
+    if isinstance(value, Mapping):
+        return {str(k): with_path_identities(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [with_path_identities(v) for v in value]
+    if isinstance(value, str) and value and len(value) < 4096:
+        try:
+            exists = Path(value).exists()
+        except (OSError, ValueError):
+            exists = False
+        if exists:
+            return {"path": value, **path_identity(value)}
+    return value
+
+
 def checkpoint_identities(paths: Mapping[str, str | os.PathLike]) -> list[CheckpointIdentity]:
     """``{stage: checkpoint path}`` → identities, sorted by stage. A folder holding
     ``model.safetensors`` (a project checkpoint) is identified by that file, as the evaluation's
