@@ -442,6 +442,40 @@ def test_scan_outputs_are_readable_under_umask_022(tmp_path, config, capsys):
     assert modes and set(modes.values()) == {0o644}, modes
 
 
+def test_a_demo_user_sees_no_server_paths_and_a_dotted_upload_stays_in_its_folder(tmp_path, stage_paths):
+    """The page header (the served checkpoints), the downloaded report.json and the folder a
+    scan of an upload named ``...nii.gz`` is written to."""
+    from minigpt4.config import load_config
+    from minigpt4.demo.app import DemoHandlers
+    from minigpt4.demo.service import DemoService, load_service
+    from minigpt4.inference.pipeline import CascadeSettings, SingleModel
+    from tests.test_demo import PANCREAS_Q, TUMOR_Q, ScriptedModel
+
+    paths, _ = stage_paths
+    service = load_service(load_config(scan_config(tmp_path, stage_paths)))
+    assert service.description and not any(str(Path(p).parent) in service.description for p in paths.values())
+    assert all(f"`{Path(p).name}`" in service.description for p in paths.values())
+
+    model = ScriptedModel({PANCREAS_Q: "{<25><25><75><75>}", TUMOR_Q: "{<40><40><60><60>}"})
+    weights = tmp_path / "weights" / "stage.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights")
+    service = DemoService(model, stages=SingleModel(model), cascade=CascadeSettings(threshold=0.0),
+                          checkpoints={"tumor_detection": str(weights)})
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    upload = nifti(tmp_path / "upload" / "...nii.gz", shape=(40, 48, 3))
+    h = DemoHandlers(service, workdir)
+    state, *_ = h.on_upload(str(upload), "paper", [], None)
+    *_, history, files = h.on_scan([], state)
+    assert files, history[-1]
+    folder = Path(files[0]).parent
+    assert folder.name == "volume" and folder.parent.parent == workdir, files  # never the workdir's root
+    report = strict_json(Path(files[0]))
+    assert [c["path"] for c in report["checkpoints"]] == ["stage.safetensors"]
+    assert str(tmp_path) not in Path(files[0]).read_text()
+
+
 # ----------------------------------------------------------------------------- 20: messages
 
 
