@@ -142,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     from minigpt4.config import load_config
     from minigpt4.inference.inputs import find_volumes
     from minigpt4.inference.volumes import scan_limits
-    from minigpt4.outputs import OutputFolder, check_no_foreign, check_output_folder
+    from minigpt4.outputs import OutputFolder, OutputFolderError, check_no_foreign, check_output_folder
     from minigpt4.scan_outputs import checkpoint_identities, collect_summary, shard, write_scan_json, write_summary
     from minigpt4.scan_outputs.run import SCAN_FORMAT
     from minigpt4.training.distributed import barrier, broadcast_object, cleanup, init_distributed
@@ -164,15 +164,21 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     scan_config = settings_fingerprint_config(cfg, settings, args.normalisation)
 
     # every rank checks --out before any rank writes: a refused folder stops them all, none waits
+    # the paths as given count too: an --out inside an input folder would be scanned by the next run
     manifest = check_output_folder(out, COMMAND, lambda m: m.get("command") == COMMAND, args.overwrite,
-                                   [e.path for e in inputs])
+                                   [*args.inputs, *(e.path for e in inputs)])
     check_no_foreign(out, manifest, [*TOP_LEVEL_FILES, *(e.name for e in inputs)], "scan.py")
+    for entry in inputs:  # a volume folder that is a link would take the outputs outside --out
+        target = out / entry.name
+        if target.is_symlink() or (target.exists() and target.resolve().parent != out.resolve()):
+            raise OutputFolderError(f"{target}: is a link to {target.resolve()}; scan.py writes only inside --out "
+                                    "(remove the link or choose another --out)")
     info = init_distributed(cfg.run.device)
     if info.is_main:
         print(f"scan.py: {found.summary()}", file=sys.stderr)
     try:
         mine = set(shard([entry.name for entry in inputs], info.rank, info.world_size))
-        folder = OutputFolder(out, COMMAND, overwrite=args.overwrite, inputs=[e.path for e in inputs])
+        folder = OutputFolder(out, COMMAND, overwrite=args.overwrite, inputs=[*args.inputs, *(e.path for e in inputs)])
         with contextlib.ExitStack() as stack:
             opened: Optional[str] = None
             if info.is_main:

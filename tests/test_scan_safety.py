@@ -144,6 +144,14 @@ def test_dot_dot_series_and_dotted_names_stay_inside_out(tmp_path, config, monke
     assert [r["volume"] for r in summary(tmp_path / "scans3")] == ["patient"]
 
 
+def test_out_inside_an_input_folder_is_refused(tmp_path, config, capsys):
+    """The next run would scan the outputs (boxes.nii.gz) as volumes."""
+    inputs = make_inputs(tmp_path / "in")
+    status, err = scan(config, [inputs], inputs / "scans", capsys=capsys)
+    assert status == 2 and "must not equal, contain or lie inside the input" in err, err
+    assert not (inputs / "scans").exists()
+
+
 def test_volume_names_are_unique_and_never_a_path():
     from minigpt4.inference.inputs import safe_name, unique_names, volume_folder_name
 
