@@ -370,6 +370,31 @@ def test_a_killed_scan_resumes_and_a_concurrent_one_is_told_it_is_busy(tmp_path,
     assert strict_json(out / "manifest.json")["status"] == "complete"
 
 
+@pytest.mark.slow
+def test_torchrun_into_a_busy_folder_gives_one_line_per_rank(tmp_path, config):
+    """Every rank says the folder is busy; none is left at a barrier rank 0 never reaches."""
+    from filelock import FileLock
+
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    write_json_atomic(out / "manifest.json", {"command": "scan", "status": "running"})
+    lock = FileLock(str(out / ".minigpt4.lock"), timeout=0)
+    lock.acquire()
+    try:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               str(REPO / "scan.py"), "--cfg-path", str(config), "--inputs", str(inputs), "--out",
+                               str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    assert proc.stderr.count("scan.py: error: ") == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("another run is writing into this folder") == 2, proc.stderr[-3000:]
+    assert "barrier" not in proc.stderr and 'minigpt4/' not in proc.stderr  # no trace from our code
+    assert sorted(p.name for p in out.iterdir()) == [".minigpt4.lock", "manifest.json"]
+
+
 # ----------------------------------------------------------------------------- 18: geometry
 
 
