@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import hashlib
 import io
 import json
@@ -44,6 +43,7 @@ sys.path.insert(0, str(REPO))
 import nibabel as nib  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from minigpt4.io import write_json_atomic  # noqa: E402
 from preprocessing import synthetic  # noqa: E402
 from tests._phantoms import small_volume  # noqa: E402
 from tests.tiny import random_checkpoints, tiny_model_config  # noqa: E402
@@ -507,7 +507,7 @@ def _(s):
     nifti(s / "in" / "a.nii.gz", 1)
     (s / "elsewhere").mkdir()
     (s / "out").mkdir()
-    (s / "out" / "manifest.json").write_text(json.dumps({"command": "scan", "status": "complete"}))
+    write_json_atomic(s / "out" / "manifest.json", {"command": "scan", "status": "complete"})
     os.symlink(s / "elsewhere", s / "out" / "a")
     return [s / "in"], [], None, ("writes only inside --out",)
 

@@ -252,6 +252,10 @@ def check_no_foreign(out: Path, manifest: Optional[dict], names: Iterable[str], 
 
 
 # ----------------------------------------------------------------------------- the lock
+_held_locks: set[str] = set()
+"""Lock files this process holds (:meth:`OutputFolder._acquire`)."""
+
+
 def check_not_busy(out: Path, option: str = "--out") -> None:
     """Refuse a folder whose lock another run holds (tried without waiting, released at once).
 
@@ -261,8 +265,8 @@ def check_not_busy(out: Path, option: str = "--out") -> None:
     from filelock import FileLock, Timeout
 
     lock_file = Path(out) / LOCK_NAME
-    if not lock_file.is_file():
-        return
+    if not lock_file.is_file() or os.path.realpath(lock_file) in _held_locks:
+        return  # no lock, or this process holds it (a command checking its own folder again)
     probe = FileLock(str(lock_file), timeout=0)
     try:
         probe.acquire()
@@ -338,6 +342,7 @@ class OutputFolder:
                 raise
             raise OSError(err.errno, err.strerror, str(self.path)) from None
         self._lock = lock
+        _held_locks.add(os.path.realpath(self.path / LOCK_NAME))
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_json_atomic(self.path / LOCK_OWNER_NAME, owner)
@@ -369,6 +374,7 @@ class OutputFolder:
                     pass
             self._lock.release()
             self._lock = None
+            _held_locks.discard(os.path.realpath(self.path / LOCK_NAME))
 
     def _cleanup(self) -> None:
         """Remove what this command created at the folder's top level (all of it when new)."""

@@ -9,7 +9,6 @@ tiny model and volumes of a few slices, and reads the files back with independen
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os

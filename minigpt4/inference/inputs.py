@@ -20,7 +20,6 @@ its output's top level (:data:`RESERVED_NAMES`), and is unique (``name-2``, ``na
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import stat
@@ -28,6 +27,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
+
+from minigpt4.io import file_sha256, to_json
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ZIP_SUFFIX = ".zip"
@@ -60,12 +61,10 @@ class VolumeInput:
     def content_sha256(self) -> str:
         """SHA-256 of what the reader reads: the file's bytes, or the series' files (their paths
         relative to :attr:`path` and their bytes), so adding, removing or changing one changes it."""
-        from minigpt4.io import file_sha256
-
         if self.kind != "dicom":
             return file_sha256(self.path)
         listing = sorted([os.path.relpath(p, self.path), file_sha256(p)] for p in self.files)
-        return hashlib.sha256(json.dumps(listing).encode("utf-8")).hexdigest()
+        return hashlib.sha256(to_json(listing).encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
