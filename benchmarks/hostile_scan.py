@@ -45,7 +45,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from minigpt4.io import write_json_atomic  # noqa: E402
 from preprocessing import synthetic  # noqa: E402
-from tests._phantoms import small_volume  # noqa: E402
+from tests._phantoms import rewrite_dicom_headers, small_volume  # noqa: E402
 from tests.tiny import random_checkpoints, tiny_model_config  # noqa: E402
 
 STAGES = ("pancreas_detection", "tumor_classification", "tumor_detection")
@@ -77,16 +77,7 @@ def series(folder: Path, seed: int = 2, slices: int = 3, patient: Optional[str] 
     return folder
 
 
-def edit(folder: Path, change: Callable, rename: Optional[Callable] = None) -> Path:
-    import pydicom
-
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        ds = pydicom.dcmread(str(path))
-        change(ds)
-        ds.save_as(str(path))
-        if rename is not None:
-            path.rename(rename(path))
-    return folder
+edit = rewrite_dicom_headers
 
 
 def zipped(path: Path, folder: Path, member=lambda p, k: f"series/{p.name}") -> Path:

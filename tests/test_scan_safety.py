@@ -38,7 +38,7 @@ from minigpt4.scan_outputs import (
     write_volume_outputs,
 )
 from preprocessing import synthetic
-from tests._phantoms import small_volume
+from tests._phantoms import rewrite_dicom_headers, small_volume
 from tests.test_scan import SPACING, STAGES, make_inputs, scan_config, strict_json
 from tests.tiny import random_checkpoints, tiny_model_config
 
@@ -81,16 +81,7 @@ def series(folder: Path, seed: int = 2, slices: int = 3, patient: str = "P2") ->
     return folder
 
 
-def rewrite_headers(folder: Path, change, rename=None) -> None:
-    """Apply ``change(dataset)`` to every DICOM file under ``folder`` (and ``rename(path)``)."""
-    import pydicom
-
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        ds = pydicom.dcmread(str(path))
-        change(ds)
-        ds.save_as(str(path))
-        if rename is not None:
-            path.rename(rename(path))
+rewrite_headers = rewrite_dicom_headers
 
 
 def tree(folder: Path) -> dict:
