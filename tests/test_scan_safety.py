@@ -151,6 +151,23 @@ def test_volume_names_are_unique_and_never_a_path():
     assert unique_names(["a", "A", "a", "manifest.json"]) == ["a", "A-2", "a-3", "manifest.json-2"]
 
 
+def test_find_volumes_says_what_it_skipped(tmp_path):
+    from minigpt4.inference.inputs import find_volumes
+
+    folder = tmp_path / "in"
+    nifti(folder / "a.nii.gz")
+    (folder / "notes.txt").write_text("x")
+    (folder / ".hidden.nii.gz").write_bytes((folder / "a.nii.gz").read_bytes())
+    series(tmp_path / "elsewhere")
+    (folder / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    found = find_volumes([folder])
+    assert [(v.name, v.kind) for v in found.volumes] == [("a", "nifti")]
+    assert [(s.path.name, s.reason.split(" (")[0]) for s in found.skipped] == [
+        ("link", "a link to a folder"), (".hidden.nii.gz", "hidden file"),
+        ("notes.txt", "not a NIfTI, zip or DICOM file")]
+    assert found.summary().startswith("found 1 volume(s): 1 NIfTI file; skipped 3: ")
+
+
 # ----------------------------------------------------------------------------- 13: foreign files
 
 

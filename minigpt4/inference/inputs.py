@@ -255,7 +255,9 @@ def _walk_folder(root: Path, skipped: list[Skipped]) -> list[tuple]:
         for d in sorted(dirs):
             if d.startswith("."):
                 skipped.append(Skipped(here / d, "hidden folder"))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            elif (here / d).is_symlink():
+                skipped.append(Skipped(here / d, "a link to a folder (not followed; give its target as an input)"))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (here / d).is_symlink())
         for name in sorted(files):
             path = here / name
             if name.startswith("."):
