@@ -429,7 +429,7 @@ def check_scan_geometry(affine: np.ndarray, name: str) -> None:
     Raises:
         InputError: naming the angle or the pixel sides and what to do.
     """
-    from preprocessing.volumes import axial_stored_axis
+    from nibabel.orientations import io_orientation
 
     axes = np.asarray(affine, dtype=np.float64)[:3, :3]
     sizes = np.sqrt((axes ** 2).sum(axis=0))
@@ -438,7 +438,7 @@ def check_scan_geometry(affine: np.ndarray, name: str) -> None:
         degrees = float(np.degrees(np.arccos(np.clip(cosines.min(), -1, 1))))
         raise InputError(f"{name}: oblique geometry (a voxel axis {degrees:.1f}° off the patient axes) is not "
                          "supported; resample the volume to axial slices first.")
-    axial = axial_stored_axis(affine)
+    axial = int(np.nonzero(io_orientation(affine)[:, 0] == 2)[0][0])  # the stored axis closest to head-feet
     side = sorted(float(sizes[i]) for i in range(3) if i != axial)
     if side[1] > MAX_PIXEL_ASPECT * side[0]:
         raise InputError(f"{name}: axial pixels of {side[0]:.2f} × {side[1]:.2f} mm ({side[1] / side[0]:.2f} : 1) "
