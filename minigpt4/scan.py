@@ -32,13 +32,6 @@ COMMAND = "scan"
 TOP_LEVEL_FILES = ("summary.csv", "scan.json")
 
 
-def discover(paths: Sequence[str | Path]) -> list:
-    """The volumes of ``--inputs`` (:func:`minigpt4.inference.inputs.find_volumes`' volumes)."""
-    from minigpt4.inference.inputs import find_volumes
-
-    return find_volumes(paths).volumes
-
-
 def scan_settings(cfg: Any, cfg_path: str):
     """:class:`~minigpt4.inference.pipeline.CascadeSettings` from the config's ``cascade``
     section. Threshold and aggregation must be set: the values ``eval_cascade.py`` chose on the

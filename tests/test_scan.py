@@ -19,7 +19,7 @@ from minigpt4.boxes import grid_to_pixel_inclusive
 from minigpt4.data.transforms import ImageTransform
 from minigpt4.inference.pipeline import SingleModel
 from minigpt4.inference.volumes import load_volume
-from minigpt4.scan import discover
+from minigpt4.inference.inputs import discover
 from minigpt4.scan_outputs import BOXES_FILE, DONE_FILE, MONTAGE_FILE, REPORT_FILE, SEG_FILE, read_dicom_source
 from preprocessing import synthetic
 from tests._phantoms import small_volume

@@ -143,11 +143,11 @@ def test_out_inside_an_input_folder_is_refused(tmp_path, config, capsys):
 
 
 def test_volume_names_are_unique_and_never_a_path():
-    from minigpt4.inference.inputs import safe_name, unique_names, volume_folder_name
+    from minigpt4.inference.inputs import safe_name, unique_names, volume_name
 
     assert [safe_name(t) for t in ("..", ".", "", "a/b", "a\\b", " .x. ", "\x00c")] == [
         "volume", "volume", "volume", "a_b", "a_b", "x", "_c"]
-    assert volume_folder_name("...nii.gz") == "volume" and volume_folder_name("case.NII.GZ") == "case"
+    assert volume_name("...nii.gz") == "volume" and volume_name("case.NII.GZ") == "case"
     assert unique_names(["a", "A", "a", "manifest.json"]) == ["a", "A-2", "a-3", "manifest.json-2"]
 
 

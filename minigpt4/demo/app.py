@@ -268,7 +268,7 @@ class DemoHandlers:
         import tempfile
 
         from minigpt4.inference.pipeline import VolumeResult
-        from minigpt4.inference.inputs import volume_folder_name
+        from minigpt4.inference.inputs import volume_name
         from minigpt4.scan_outputs import checkpoint_identities, fingerprint, write_volume_outputs
 
         if state.get("geometry") is None:
@@ -276,7 +276,7 @@ class DemoHandlers:
         if self._checkpoints is None:  # a user sees the checkpoints' names and hashes, never server paths
             self._checkpoints = [dataclasses.replace(c, path=Path(c.path).name)
                                  for c in checkpoint_identities(self.service.checkpoints)]
-        name = volume_folder_name(Path(state["name"]).name)  # `...nii.gz` → `volume`: never `..`
+        name = volume_name(Path(state["name"]).name)  # `...nii.gz` → `volume`: never `..`
         folder = Path(tempfile.mkdtemp(prefix="scan_", dir=self.workdir)) / name
         checkpoints = self._checkpoints
         settings = {"normalisation": state.get("normalisation"), **dataclasses.asdict(self.service.cascade)}

@@ -133,7 +133,7 @@ def unique_names(names: Sequence[str], taken: Iterable[str] = RESERVED_NAMES) ->
     return out
 
 
-def volume_folder_name(path: str | os.PathLike) -> str:
+def volume_name(path: str | os.PathLike) -> str:
     """The safe folder name of one input file or folder (its suffix stripped; a path such as
     ``.`` or ``..`` is named after the folder it resolves to)."""
     path = Path(path)
@@ -211,9 +211,9 @@ def find_volumes(paths: Sequence[str | os.PathLike]) -> Found:
         if stat.S_ISREG(mode):
             lower = path.name.lower()
             if is_nifti_name(lower):
-                candidates.append((volume_folder_name(path), path, "nifti", (), None, None))
+                candidates.append((volume_name(path), path, "nifti", (), None, None))
             elif lower.endswith(ZIP_SUFFIX):
-                candidates.append((volume_folder_name(path), path, "zip", (), None, None))
+                candidates.append((volume_name(path), path, "zip", (), None, None))
             elif is_dicom_file(path):
                 raise ValueError(f"{path}: a single DICOM image; give the folder holding its whole series")
             else:
@@ -242,6 +242,11 @@ def find_volumes(paths: Sequence[str | os.PathLike]) -> Found:
     found.volumes = [VolumeInput(name=n, path=c[1], kind=c[2], files=c[3], series_uid=c[4], modality=c[5])
                      for n, c in zip(names, unique)]
     return found
+
+
+def discover(paths: Sequence[str | os.PathLike]) -> list[VolumeInput]:
+    """The volumes of :func:`find_volumes` (for callers that do not report what was skipped)."""
+    return find_volumes(paths).volumes
 
 
 def _walk_folder(root: Path, skipped: list[Skipped]) -> list[tuple]:
@@ -275,10 +280,10 @@ def _walk_folder(root: Path, skipped: list[Skipped]) -> list[tuple]:
                 continue
             lower = name.lower()
             if is_nifti_name(lower):
-                out.append((volume_folder_name(path), path, "nifti", (), None, None))
+                out.append((volume_name(path), path, "nifti", (), None, None))
                 continue
             if lower.endswith(ZIP_SUFFIX):
-                out.append((volume_folder_name(path), path, "zip", (), None, None))
+                out.append((volume_name(path), path, "zip", (), None, None))
                 continue
             identity = _dicom_identity(path) if (is_dicom_file(path) or lower.endswith(".dcm")) else None
             if identity is None:
@@ -323,7 +328,7 @@ def _walk_folder(root: Path, skipped: list[Skipped]) -> list[tuple]:
             if not any(p not in mine and (p == candidate or candidate in p.parents) for p in others):
                 place = candidate
                 break
-        name = volume_folder_name(place if place is not None else folder)
+        name = volume_name(place if place is not None else folder)
         if place is None:  # shares its folder with another volume
             name = safe_name(f"{name}_series-{key[-8:]}")
         out.append((name, place if place is not None else folder, "dicom", files, key, mod or None))
