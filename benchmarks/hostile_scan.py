@@ -1,5 +1,5 @@
 """Careless and hostile input to ``scan.py`` (and the volume reader the demo shares): a probe that
-runs every case against the command line and sorts what happened (issue 25, items 12-20).
+runs every case against the command line and sorts what happened (issue 25, items 12-20; 51 cases).
 
 Each case builds its inputs in a fresh sandbox, runs ``scan.py`` (in-process through
 ``run_main``, or as a subprocess where a kill or a second concurrent run is part of the case)
@@ -563,6 +563,41 @@ def _(s):
 def _(s):
     nifti(s / "in" / "a.nii.gz", 1)
     return [s / "in"], ["RERUN", "--options", "model.seed=5"], None, None
+
+
+@case("unicode and spaces in the name")
+def _(s):
+    nifti(s / "in" / "Müller 7 (2).nii.gz", 1)
+    return [s / "in"], [], expect_volumes("Müller 7 (2)"), None
+
+
+@case("--out under a read-only folder")
+def _(s):
+    nifti(s / "in" / "a.nii.gz", 1)
+    (s / "ro").mkdir()
+    os.chmod(s / "ro", 0o555)
+    if os.access(s / "ro", os.W_OK):  # root ignores the mode: nothing to probe
+        os.chmod(s / "ro", 0o755)
+        return [s / "in"], [], expect_volumes("a"), None
+    return [s / "in"], ["--out", str(s / "ro" / "out")], None, ("ro",)
+
+
+@case("zip inside a zip")
+def _(s):
+    inner = zipped(s / "inner.zip", series(s / "src", 2))
+    with zipfile.ZipFile(s / "outer.zip", "w") as archive:
+        archive.write(inner, "inner.zip")
+    return [s / "outer.zip"], [], None, ("outer.zip",)
+
+
+@case("folder of PNG slices (a prepared dataset)")
+def _(s):
+    from PIL import Image
+
+    (s / "in").mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((40, 48), 10 * k, np.uint8)).save(s / "in" / f"slice_{k}.png")
+    return [s / "in"], [], None, ("no NIfTI file", "slice_0.png")
 
 
 # subprocess cases (kill -9 and a concurrent scan)
