@@ -23,6 +23,11 @@ from typing import Optional, Sequence
 from minigpt4.cli import error_message
 from minigpt4.outputs import OutputFolder, remove_created
 from preprocessing.volumes import VolumeError
+from preprocessing.pipeline import Options, prepare
+from preprocessing.synthetic import generate
+from preprocessing.output_folder import PREPARED_KINDS
+from preprocessing.tc import build_tc, import_tc
+from preprocessing.report import report
 
 
 def _label_map(items: Optional[Sequence[str]]) -> Optional[dict]:
@@ -131,8 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.command in ("msd", "nih", "abd"):
-        from preprocessing.pipeline import Options, prepare
-
         images = args.images if isinstance(args.images, list) else [args.images]
         opts = Options(dataset=args.command.upper(), images=images, labels=args.labels, out=args.out,
                        normalization=args.normalization, window=tuple(args.window), threshold=args.threshold,
@@ -144,18 +147,13 @@ def run(args: argparse.Namespace) -> int:
                        exclude_overlap_with=getattr(args, "exclude_overlap_with", None))
         prepare(opts)
     elif args.command == "synthetic":
-        from preprocessing.synthetic import generate
-
         with OutputFolder(args.out, "preprocessing synthetic", overwrite=True, owner="python -m preprocessing synthetic",
                           owns=lambda m: m.get("dataset") == "synthetic"):  # checked by generate; locked here
             res = generate(args.out, args.scheme, args.n, args.slices, args.size, args.orient, args.seed,
                            args.nih_format, overwrite=args.overwrite)
         print(f"next: python -m preprocessing {args.scheme} --images {res['images']} --labels {res['labels']} --out OUT")
     elif args.command in ("tc", "tc-import"):
-        from preprocessing.output_folder import PREPARED_KINDS
-        from preprocessing.tc import build_tc, import_tc
-
-        # the tc functions check the folder (output_folder.check_output_folder); this adds the lock and
+        # the tc functions check the folder (output_folder.check_prepared_folder); this adds the lock and
         # the removal of what a failed run created
         with OutputFolder(args.out, "preprocessing", overwrite=True, owner="python -m preprocessing",
                           owns=lambda m: m.get("dataset") in PREPARED_KINDS):
@@ -167,8 +165,6 @@ def run(args: argparse.Namespace) -> int:
                           val_ratio=args.val_ratio, seed=args.seed, overwrite=args.overwrite,
                           split_from=args.split_from)
     elif args.command == "report":
-        from preprocessing.report import report
-
         print(report(args.folders))
     return 0
 

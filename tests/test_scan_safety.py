@@ -26,7 +26,7 @@ import torch
 
 from minigpt4.cli import run_main
 from minigpt4.inference.pipeline import PatientResult, SliceResult, VolumeResult
-from minigpt4.inference.volumes import InputError, load_volume
+from minigpt4.inference.readers import InputError, load_volume
 from minigpt4.io import write_json_atomic
 from minigpt4.scan_outputs import (
     BOXES_FILE,

@@ -6,7 +6,7 @@
 Inputs (:func:`minigpt4.inference.inputs.find_volumes`): NIfTI files, zips of one DICOM
 series, DICOM files found by content (one volume per SeriesInstanceUID), or folders of those;
 what is found and what is skipped is said. Each volume is read by the inference reader
-(:func:`minigpt4.inference.volumes.load_volume`), scanned by
+(:func:`minigpt4.inference.readers.load_volume`), scanned by
 :func:`minigpt4.inference.pipeline.scan_slices` and written by
 :func:`minigpt4.scan_outputs.write_volume_outputs` under ``<out>/<volume>/``; ``summary.csv`` and
 ``scan.json`` cover every volume. One volume is in memory at a time. A volume already done with
@@ -14,7 +14,7 @@ the same input content, checkpoints and settings (the whole resolved ``model`` a
 config, :func:`settings_fingerprint_config`) is skipped. ``manifest.json`` is written first
 (``status: running``), so a scan stopped by kill -9, Ctrl-C or a full disk is resumed by running
 it again; a second scan into a folder being written is told so. Under torchrun the volumes are
-sharded by name (:func:`minigpt4.scan_outputs.shard`); each rank writes its own, rank 0 the
+sharded by name (:func:`minigpt4.distributed.shard`); each rank writes its own, rank 0 the
 summary after a barrier.
 """
 
@@ -22,11 +22,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from minigpt4.cli import USER_ERRORS, error_message
+from minigpt4.config import ConfigError, add_config_arguments, load_config
+from minigpt4.distributed import barrier, broadcast_object, cleanup, init_distributed, shard
+from minigpt4.inference.inputs import VolumeInput, find_volumes
+from minigpt4.inference.pipeline import CascadeSettings, scan_slices
+from minigpt4.inference.readers import load_volume, scan_limits
+from minigpt4.models.stages import load_stages, require_all_stages
+from minigpt4.outputs import OutputFolder, OutputFolderError, check_no_foreign, check_output_folder
+from minigpt4.progress import progress
+from minigpt4.scan_outputs import (
+    checkpoint_identities,
+    collect_summary,
+    fingerprint,
+    is_done,
+    write_scan_json,
+    write_summary,
+    write_volume_error,
+    write_volume_outputs,
+)
+from minigpt4.scan_outputs.run import SCAN_FORMAT, with_path_identities
 
 COMMAND = "scan"
 TOP_LEVEL_FILES = ("summary.csv", "scan.json")
@@ -36,9 +56,6 @@ def scan_settings(cfg: Any, cfg_path: str):
     """:class:`~minigpt4.inference.pipeline.CascadeSettings` from the config's ``cascade``
     section. Threshold and aggregation must be set: the values ``eval_cascade.py`` chose on the
     val volumes (its ``metrics.json`` ``selection``), never chosen here."""
-    from minigpt4.config import ConfigError
-    from minigpt4.inference.pipeline import CascadeSettings
-
     casc = cfg.cascade
     if casc.threshold is None:
         raise ConfigError(f"{cfg_path}: cascade.threshold is not set; scan.py needs the patient threshold "
@@ -50,15 +67,16 @@ def scan_settings(cfg: Any, cfg_path: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minigpt4.config import add_config_arguments
-
     parser = argparse.ArgumentParser(prog="scan.py", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     parser.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
                         help="NIfTI files, DICOM series folders or zips, or folders of them")
     parser.add_argument("--out", required=True, help="output folder (one subfolder per volume)")
-    parser.add_argument("--normalisation", choices=("paper", "window"), default="paper",
-                        help="slice normalisation, as the training PNGs were prepared (default paper)")
+    # --normalization is the spelling of `python -m preprocessing`; --normalisation (the spelling
+    # scan.py used first) is still accepted, so existing command lines keep working
+    parser.add_argument("--normalization", "--normalisation", dest="normalization", choices=("paper", "window"),
+                        default="paper", help="slice normalization, as the training PNGs were prepared "
+                                              "(default paper; --normalisation is accepted too)")
     parser.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                         help="a volume that cannot be read: stop (exit 2) or record it (error.json, summary row) "
                              "and go on")
@@ -68,8 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _slice_progress(name: str, n_slices: int):
-    from minigpt4.progress import progress
-
     bar = progress(n_slices, f"{name} slices", unit="slice", leave=False)
 
     def report(fraction: float, _description: str) -> None:
@@ -82,24 +98,17 @@ def _slice_progress(name: str, n_slices: int):
 
 def volume_fingerprint(entry: Any, checkpoints: list, scan_config: dict) -> str:
     """What decides a volume's outputs: the content the reader reads, the checkpoints, the settings."""
-    from minigpt4.scan_outputs import fingerprint
-
     return fingerprint([], checkpoints, scan_config, input_hashes=[entry.content_sha256()])
 
 
-def scan_volume(entry: Any, out: Path, stages: Any, settings: Any, normalisation: str, checkpoints: list,
-                scan_config: dict, fingerprint: str, limits: Any = None) -> str:
+def scan_volume_to_folder(entry: VolumeInput, out: Path, stages: Any, settings: Any, normalisation: str,
+                          checkpoints: list, scan_config: dict, volume_fingerprint: str, limits: Any = None) -> str:
     """Read, scan and write one volume unless it is already done; returns ``done``/``skipped``.
 
     Raises:
         ValueError, OSError: the volume cannot be read (``InputError``) or written.
     """
-    from minigpt4.inference.pipeline import scan_slices
-    from minigpt4.inference.volumes import load_volume, scan_limits
-    from minigpt4.scan_outputs import is_done, write_volume_outputs
-
     folder = out / entry.name
-    volume_fingerprint = fingerprint
     if folder.resolve().parent != out.resolve():  # the names are made safe; this is the last guard
         raise ValueError(f"{entry.path}: its output folder {folder} would lie outside --out {out}")
     if is_done(folder, volume_fingerprint):
@@ -118,10 +127,6 @@ def settings_fingerprint_config(cfg: Any, settings: Any, normalisation: str) -> 
     resolved operating point, and the normalisation. A value naming an existing file or folder
     (base weights, tokenizer, an operating-point file) also records what it holds
     (:func:`minigpt4.scan_outputs.run.path_identity`)."""
-    import dataclasses
-
-    from minigpt4.scan_outputs.run import with_path_identities
-
     cascade = {k: v for k, v in dataclasses.asdict(cfg.cascade).items() if k != "stages"}
     resolved = {"threshold": settings.threshold, "slice_threshold": settings.slice_threshold,
                 "aggregation": settings.aggregation, "top_k": settings.top_k, "crop_margin": settings.crop_margin,
@@ -132,29 +137,15 @@ def settings_fingerprint_config(cfg: Any, settings: Any, normalisation: str) -> 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Scan every input volume; returns the ``summary.csv`` rows (rank 0; other ranks: [])."""
-    from minigpt4.config import load_config
-    from minigpt4.inference.inputs import find_volumes
-    from minigpt4.inference.volumes import scan_limits
-    from minigpt4.outputs import OutputFolder, OutputFolderError, check_no_foreign, check_output_folder
-    from minigpt4.scan_outputs import checkpoint_identities, collect_summary, shard, write_scan_json, write_summary
-    from minigpt4.scan_outputs.run import SCAN_FORMAT
-    from minigpt4.training.distributed import barrier, broadcast_object, cleanup, init_distributed
-
     args = build_parser().parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
     settings = scan_settings(cfg, args.cfg_path)
-    paths = cfg.cascade.stages.configured()
-    missing = [s for s in ("pancreas_detection", "tumor_classification", "tumor_detection") if s not in paths]
-    if missing:
-        raise ValueError(f"{args.cfg_path}: cascade.stages.{missing[0]} is not set (all three stages are needed)")
-    for stage, path in paths.items():
-        if not Path(path).exists():
-            raise FileNotFoundError(f"cascade.stages.{stage}: checkpoint not found: {path}")
+    paths = require_all_stages(cfg.cascade.stages.configured(), args.cfg_path)
     found = find_volumes(args.inputs)  # every input checked before any model work
     inputs = found.volumes
     out = Path(args.out)
     checkpoints = checkpoint_identities(paths)
-    scan_config = settings_fingerprint_config(cfg, settings, args.normalisation)
+    scan_config = settings_fingerprint_config(cfg, settings, args.normalization)
 
     # every rank checks --out before any rank writes: a refused folder stops them all, none waits
     # the paths as given count too: an --out inside an input folder would be scanned by the next run
@@ -220,10 +211,6 @@ class OutputFolderClosed(ValueError):
 def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info, fingerprints,
                 limits) -> Optional[BaseException]:
     """This rank's volumes; returns the error that stopped it (``--on-error stop``) or None."""
-    from minigpt4.models.stages import load_stages
-    from minigpt4.progress import progress
-    from minigpt4.scan_outputs import write_volume_error
-
     stages = load_stages(cfg.model, paths, device=info.device)
     bar = progress(len(mine), "volumes" if info.world_size == 1 else f"volumes (rank {info.rank})", unit="volume")
     try:
@@ -231,7 +218,7 @@ def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan
             if entry.name not in mine:
                 continue
             try:
-                status = scan_volume(entry, out, stages, settings, args.normalisation, checkpoints, scan_config,
+                status = scan_volume_to_folder(entry, out, stages, settings, args.normalization, checkpoints, scan_config,
                                      fingerprints[entry.name], limits)
             except USER_ERRORS as err:
                 write_volume_error(out / entry.name, entry.name, error_message(err))

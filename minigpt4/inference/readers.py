@@ -22,6 +22,18 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from minigpt4.inference.geometry import geometry_from_volume
+from preprocessing.normalize import normalize_slice
+from preprocessing.volumes import (
+    VolumeError,
+    check_intensities,
+    decode_budget,
+    load_nifti,
+    read_dicom_headers,
+    read_dicom_series,
+    to_display,
+)
+
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".zip")
 NORMALISATIONS = ("paper", "window")
@@ -54,8 +66,6 @@ class Limits:
 def scan_limits() -> Limits:
     """``scan.py``'s limits: no upload caps (the files are the user's own), the decoding memory
     bounded by this machine's physical memory, and a CT's slice count and size."""
-    from preprocessing.volumes import decode_budget
-
     return Limits(max_volume_bytes=1 << 50, max_unzipped_bytes=1 << 50, max_zip_members=20000, max_slices=5000,
                   max_decode_bytes=decode_budget(), owner="scan.py's")
 
@@ -466,10 +476,6 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None, fil
         InputError: the preprocessing reader refused the file (the message says why), a DICOM
             series of another modality than CT, or :func:`check_scan_geometry`.
     """
-    from minigpt4.scan_outputs.geometry import geometry_from_volume
-    from preprocessing.volumes import (VolumeError, check_intensities, load_nifti, read_dicom_headers,
-                                       read_dicom_series, to_display)
-
     path = Path(path)
     name = name or path.name
     headers = None
@@ -499,8 +505,6 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None, fil
 
 def normalise_volume(hu: np.ndarray, method: str) -> np.ndarray:
     """(Z, H, W) HU → (Z, H, W) uint8 with the training normalisation, slice by slice."""
-    from preprocessing.normalize import normalize_slice
-
     out = np.empty(hu.shape, dtype=np.uint8)
     for k in range(hu.shape[0]):
         out[k] = normalize_slice(hu[k], method)
