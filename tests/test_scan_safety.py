@@ -377,6 +377,43 @@ def test_a_killed_scan_resumes_and_a_concurrent_one_is_told_it_is_busy(tmp_path,
     assert strict_json(out / "manifest.json")["status"] == "complete"
 
 
+def test_a_scan_stopped_by_a_full_disk_resumes(tmp_path, config, capsys, monkeypatch):
+    import errno
+
+    from minigpt4 import io as io_module
+    from minigpt4.scan_outputs import run as scan_run
+
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    real_nifti, real_bytes = scan_run.write_box_nifti, io_module.write_bytes_atomic
+    full = []
+
+    def nifti_on_a_filling_disk(path, *args, **kwargs):
+        if "b_series" in str(path):  # the disk fills while the second volume is written ...
+            full.append(path)
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_nifti(path, *args, **kwargs)
+
+    def bytes_on_a_filling_disk(path, data):  # ... and every later write fails too (error.json, summary, manifest)
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_bytes(path, data)
+
+    monkeypatch.setattr(scan_run, "write_box_nifti", nifti_on_a_filling_disk)
+    monkeypatch.setattr(io_module, "write_bytes_atomic", bytes_on_a_filling_disk)
+    status, err = scan(config, [inputs], out, capsys=capsys)
+    assert status == 2 and "no space left" in err and "Traceback" not in err, err
+    first = (out / "a_nifti" / REPORT_FILE).stat().st_mtime_ns
+    monkeypatch.setattr(scan_run, "write_box_nifti", real_nifti)
+    monkeypatch.setattr(io_module, "write_bytes_atomic", real_bytes)
+    status, err = scan(config, [inputs], out, capsys=capsys)
+    assert status == 0, err
+    assert (out / "a_nifti" / REPORT_FILE).stat().st_mtime_ns == first  # kept, not redone
+    assert [r["volume"] for r in summary(out)] == ["a_nifti", "b_series", "c_zip"]
+    assert not any(r["error"] for r in summary(out))
+
+
 @pytest.mark.slow
 def test_torchrun_into_a_busy_folder_gives_one_line_per_rank(tmp_path, config):
     """Every rank says the folder is busy; none is left at a barrier rank 0 never reaches."""

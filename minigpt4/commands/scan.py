@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 from minigpt4.cli import USER_ERRORS, error_message
 from minigpt4.config import ConfigError, add_config_arguments, load_config
-from minigpt4.distributed import barrier, broadcast_object, cleanup, init_distributed, shard
+from minigpt4.distributed import all_gather_objects, barrier, broadcast_object, cleanup, init_distributed, shard
 from minigpt4.inference.inputs import VolumeInput, find_volumes
 from minigpt4.inference.pipeline import CascadeSettings, scan_slices
 from minigpt4.inference.readers import load_volume, scan_limits
@@ -178,7 +178,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                 folder.write_manifest({"format": SCAN_FORMAT, "status": "running"})  # a killed run can resume
             barrier()  # the folder exists and is locked before any rank writes into it
             limits = scan_limits()
-            fingerprints = {e.name: volume_fingerprint(e, checkpoints, scan_config) for e in inputs}
+            # each rank hashes its own volumes' content; rank 0 needs every fingerprint for the summary
+            own = {e.name: volume_fingerprint(e, checkpoints, scan_config) for e in inputs if e.name in mine}
+            fingerprints = {name: fp for part in all_gather_objects(own) for name, fp in part.items()}
             try:
                 failure = _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info,
                                       fingerprints, limits)
