@@ -9,9 +9,10 @@ what is found and what is skipped is said. Each volume is read by the inference 
 (:func:`minigpt4.inference.readers.load_volume`), scanned by
 :func:`minigpt4.inference.pipeline.scan_slices` and written by
 :func:`minigpt4.scan_outputs.write_volume_outputs` under ``<out>/<volume>/``; ``summary.csv`` and
-``scan.json`` cover every volume. One volume is in memory at a time. A volume already done with
-the same input content, checkpoints and settings (the whole resolved ``model`` and ``cascade``
-config, :func:`settings_fingerprint_config`) is skipped. ``manifest.json`` is written first
+``scan.json`` and ``index.html`` (a page linking each volume's ``report.html``) cover every volume.
+One volume is in memory at a time. A volume already done with the same input content, checkpoints
+and settings (the whole resolved ``model`` and ``cascade`` config, :func:`settings_fingerprint_config`,
+plus the calibration map and training envelopes) is skipped. ``manifest.json`` is written first
 (``status: running``), so a scan stopped by kill -9, Ctrl-C or a full disk is resumed by running
 it again; a second scan into a folder being written is told so. Under torchrun the volumes are
 sharded by name (:func:`minigpt4.distributed.shard`); each rank writes its own, rank 0 the
@@ -30,6 +31,8 @@ from typing import Any, Optional, Sequence
 from minigpt4.cli import USER_ERRORS, error_message
 from minigpt4.config import ConfigError, add_config_arguments, load_config
 from minigpt4.distributed import all_gather_objects, barrier, broadcast_object, cleanup, init_distributed, shard
+from minigpt4.inference.calibration import configured_calibration
+from minigpt4.inference.fitness import check_fitness, fitness_summary, outside_validated_range, stage_envelopes
 from minigpt4.inference.inputs import VolumeInput, find_volumes
 from minigpt4.inference.pipeline import CascadeSettings, scan_slices
 from minigpt4.inference.readers import load_volume, scan_limits
@@ -46,10 +49,11 @@ from minigpt4.scan_outputs import (
     write_volume_error,
     write_volume_outputs,
 )
+from minigpt4.scan_outputs.html import INDEX_HTML, write_index_html
 from minigpt4.scan_outputs.run import SCAN_FORMAT, with_path_identities
 
 COMMAND = "scan"
-TOP_LEVEL_FILES = ("summary.csv", "scan.json")
+TOP_LEVEL_FILES = ("summary.csv", "scan.json", INDEX_HTML)
 
 
 def scan_settings(cfg: Any, cfg_path: str):
@@ -102,8 +106,14 @@ def volume_fingerprint(entry: Any, checkpoints: list, scan_config: dict) -> str:
 
 
 def scan_volume_to_folder(entry: VolumeInput, out: Path, stages: Any, settings: Any, normalisation: str,
-                          checkpoints: list, scan_config: dict, volume_fingerprint: str, limits: Any = None) -> str:
+                          checkpoints: list, scan_config: dict, volume_fingerprint: str, limits: Any = None,
+                          envelopes: Optional[dict] = None, calibration: Any = None,
+                          slice_calibration: Any = None) -> str:
     """Read, scan and write one volume unless it is already done; returns ``done``/``skipped``.
+
+    The input's fitness checks (against the stages' training ``envelopes``) and the calibrated
+    likelihood (``calibration``; None: an uncalibrated score) go into its report.json; a volume
+    outside the validated range is still answered, flagged, and named on stderr.
 
     Raises:
         ValueError, OSError: the volume cannot be read (``InputError``) or written.
@@ -115,9 +125,14 @@ def scan_volume_to_folder(entry: VolumeInput, out: Path, stages: Any, settings: 
         return "skipped"
     volume = load_volume(entry.path, normalisation, limits or scan_limits(), files=entry.files or None)
     result = scan_slices(stages, volume.slices, settings, _slice_progress(entry.name, volume.num_slices))
+    fitness = check_fitness(volume.acquisition, volume.dicom_headers, result.slices, volume.num_slices, envelopes)
+    if outside_validated_range(fitness):
+        print(f"warning: {entry.name}: {fitness_summary(fitness)}; the answer is given, flagged in report.json "
+              "and summary.csv", file=sys.stderr)
     write_volume_outputs(folder, volume=entry.name, source=str(entry.path), geometry=volume.geometry, result=result,
                          checkpoints=checkpoints, fingerprint=volume_fingerprint, slices=volume.slices,
-                         dicom_headers=volume.dicom_headers, extra={"config": scan_config})
+                         dicom_headers=volume.dicom_headers, extra={"config": scan_config}, fitness=fitness,
+                         calibration=calibration, slice_calibration=slice_calibration)
     return "done"
 
 
@@ -145,7 +160,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     inputs = found.volumes
     out = Path(args.out)
     checkpoints = checkpoint_identities(paths)
-    scan_config = settings_fingerprint_config(cfg, settings, args.normalization)
+    calibration, slice_calibration = configured_calibration(cfg.cascade)
+    judge = {"envelopes": stage_envelopes(paths), "calibration": calibration, "slice_calibration": slice_calibration}
+    scan_config = {**settings_fingerprint_config(cfg, settings, args.normalization),
+                   # a new map or envelope is another scan: the fingerprint covers them
+                   "calibration": None if calibration is None else {
+                       **calibration.as_dict(), "slice": None if slice_calibration is None else slice_calibration.as_dict()},
+                   "envelopes": {stage: note for stage, (_, note) in judge["envelopes"].items()}}
 
     # every rank checks --out before any rank writes: a refused folder stops them all, none waits
     # the paths as given count too: an --out inside an input folder would be scanned by the next run
@@ -183,13 +204,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
             fingerprints = {name: fp for part in all_gather_objects(own) for name, fp in part.items()}
             try:
                 failure = _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info,
-                                      fingerprints, limits)
+                                      fingerprints, limits, judge)
             finally:
                 barrier()  # every rank has written (or recorded) its volumes
             rows: list[dict] = []
             if info.is_main:
                 rows = collect_summary(out, [entry.name for entry in inputs], fingerprints)
                 write_summary(out / "summary.csv", rows)
+                write_index_html(out / INDEX_HTML, out, [e.name for e in inputs], [r["volume"] for r in rows if not r["error"]])
                 write_scan_json(out / "scan.json", scan_config, checkpoints, rows,
                                 extra={"inputs": {e.name: str(e.path) for e in inputs},
                                        "skipped": [s.as_dict() for s in found.skipped]})
@@ -211,7 +233,7 @@ class OutputFolderClosed(ValueError):
 
 
 def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info, fingerprints,
-                limits) -> Optional[BaseException]:
+                limits, judge) -> Optional[BaseException]:
     """This rank's volumes; returns the error that stopped it (``--on-error stop``) or None."""
     stages = load_stages(cfg.model, paths, device=info.device)
     bar = progress(len(mine), "volumes" if info.world_size == 1 else f"volumes (rank {info.rank})", unit="volume")
@@ -221,7 +243,7 @@ def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan
                 continue
             try:
                 status = scan_volume_to_folder(entry, out, stages, settings, args.normalization, checkpoints, scan_config,
-                                     fingerprints[entry.name], limits)
+                                               fingerprints[entry.name], limits, **judge)
             except USER_ERRORS as err:
                 write_volume_error(out / entry.name, entry.name, error_message(err))
                 if args.on_error == "stop":

@@ -32,7 +32,7 @@ from minigpt4.io import file_sha256, to_json
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ZIP_SUFFIX = ".zip"
-RESERVED_NAMES = frozenset({"summary.csv", "scan.json", "manifest.json", "report.html"})
+RESERVED_NAMES = frozenset({"summary.csv", "scan.json", "manifest.json", "index.html", "report.html"})
 """Names a scan writes at its output folder's top level: never a volume folder's name."""
 MAX_NAME_CHARS = 120
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:]+")

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from minigpt4.inference.geometry import geometry_from_volume
+from preprocessing.acquisition import measure_acquisition
 from preprocessing.normalize import normalize_slice
 from preprocessing.volumes import (
     VolumeError,
@@ -356,6 +357,10 @@ class Volume:
     dicom_headers: Optional[list] = None
     """DICOM input: the series' headers (pydicom Datasets without pixel data), header ``k`` =
     stored slice ``k`` (:func:`preprocessing.volumes.read_dicom_headers`' order), for a DICOM SEG."""
+    acquisition: Optional[dict] = None
+    """How it was acquired (:func:`preprocessing.acquisition.measure_acquisition` of its HU voxels):
+    what the fitness checks (:mod:`minigpt4.inference.fitness`) compare with the training envelope;
+    None when it could not be measured (the checks then say unknown)."""
 
     @property
     def num_slices(self) -> int:
@@ -457,7 +462,8 @@ def check_scan_geometry(affine: np.ndarray, name: str) -> None:
 
 
 def read_display_volume(path: str | os.PathLike, name: Optional[str] = None, files: Optional[Sequence[Path]] = None,
-                        display_root: str = "") -> tuple[np.ndarray, tuple[float, ...], Any, Optional[list]]:
+                        display_root: str = "") -> tuple[np.ndarray, tuple[float, ...], Any, Optional[list],
+                                                         Optional[dict]]:
     """A NIfTI file or a folder holding one DICOM series → HU slices in the display frame.
 
     Args:
@@ -467,10 +473,11 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None, fil
         display_root: prefix of a file's name inside ``path`` in messages (a zip's ``name:``).
 
     Returns:
-        ``(hu, spacing, geometry, headers)``: hu (Z, H, W) float32, slice k = display-frame slice k
+        ``(hu, spacing, geometry, headers, acquisition)``: hu (Z, H, W) float32, slice k = display-frame slice k
         (row = PNG row); spacing = voxel sizes (mm) of the stored axes; the input's
         :class:`~minigpt4.scan_outputs.VolumeGeometry`; the DICOM headers in stored slice order
-        (None for NIfTI), read once with the pixels.
+        (None for NIfTI), read once with the pixels; the acquisition record (None when it
+        could not be measured).
 
     Raises:
         InputError: the preprocessing reader refused the file (the message says why), a DICOM
@@ -500,7 +507,11 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None, fil
     if volume.slope != 1.0 or volume.inter != 0.0:
         hu = hu * np.float32(volume.slope) + np.float32(volume.inter)
     spacing = tuple(float(v) for v in np.sqrt((volume.affine[:3, :3] ** 2).sum(axis=0)))
-    return hu, spacing, geometry_from_volume(volume), headers
+    try:  # slice axis 0 of the display frame is the stored axial axis
+        acquisition = measure_acquisition(hu, volume.affine, 0, headers)
+    except (ValueError, FloatingPointError):
+        acquisition = None
+    return hu, spacing, geometry_from_volume(volume), headers, acquisition
 
 
 def normalise_volume(hu: np.ndarray, method: str) -> np.ndarray:
@@ -555,16 +566,16 @@ def load_volume(
             try:
                 safe_extract_dicom_zip(path, extract_dir, limits, members)
                 check_dicom_headers(extract_dir, shown, limits)
-                hu, spacing, geometry, headers = read_display_volume(extract_dir, shown)
+                hu, spacing, geometry, headers, acquisition = read_display_volume(extract_dir, shown)
             finally:
                 shutil.rmtree(extract_dir, ignore_errors=True)
         elif path.is_dir():
             listed = None if files is None else [Path(f) for f in files]
             check_dicom_headers(path, shown, limits, listed)
-            hu, spacing, geometry, headers = read_display_volume(path, shown, listed)
+            hu, spacing, geometry, headers, acquisition = read_display_volume(path, shown, listed)
         else:
             check_nifti_header(path, shown, limits)
-            hu, spacing, geometry, headers = read_display_volume(path, shown)
+            hu, spacing, geometry, headers, acquisition = read_display_volume(path, shown)
     except InputError as err:
         raise InputError(public_message(str(err), path, private, members)) from None
     except MemoryError:
@@ -588,4 +599,4 @@ def load_volume(
         )
     slices = normalise_volume(hu, normalisation)
     return Volume(name=shown, slices=slices, normalisation=normalisation, spacing=spacing, geometry=geometry,
-                  dicom_headers=headers)
+                  dicom_headers=headers, acquisition=acquisition)
