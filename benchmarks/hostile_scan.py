@@ -438,16 +438,26 @@ def _(s):
     return [s / "fake.zip"], [], None, ("fake.zip", "zip")
 
 
-@case("MR series")
+def flagged(name: str, check: str):
+    def judge_flag(out: Path, err: str) -> Optional[str]:
+        report = json.loads((out / name / "report.json").read_text())
+        failed = [c["check"] for c in report.get("fitness") or [] if c["status"] == "failed"]
+        return None if report.get("outside_validated_range") and check in failed else f"not flagged: {failed}"
+    return judge_flag
+
+
+@case("MR series (answered, flagged by the fitness checks)")
 def _(s):
-    return [edit(series(s / "mr", 2), lambda ds: setattr(ds, "Modality", "MR"))], [], None, ("modality MR",)
+    return [edit(series(s / "mr", 2), lambda ds: setattr(ds, "Modality", "MR"))], [], flagged("mr", "modality"), None
 
 
 @case("MR next to a CT")
 def _(s):
     edit(series(s / "in" / "mr", 2), lambda ds: setattr(ds, "Modality", "MR"))
     series(s / "in" / "ct", 3)
-    return [s / "in"], [], expect_volumes("in", skipped_names=("series",)), None
+    def check(out, err):
+        return expect_volumes("ct", "mr")(out, err) or flagged("mr", "modality")(out, err)
+    return [s / "in"], [], check, None
 
 
 @case("oblique NIfTI")

@@ -442,21 +442,25 @@ def test_torchrun_into_a_busy_folder_gives_one_line_per_rank(tmp_path, config):
 # ----------------------------------------------------------------------------- 18: geometry
 
 
-def test_an_mr_series_is_not_scanned_as_ct(tmp_path, config, capsys):
+def test_an_mr_series_is_flagged_not_answered_as_plain_ct(tmp_path, config, capsys):
+    """Issue 25.18 defers the modality to the fitness checks (issue 28.3): the MR series is
+    answered but flagged outside the validated range in report.json, summary.csv and on stderr;
+    next to a CT in one folder both are found, each its own volume."""
     def mr(ds):
         ds.Modality = "MR"
 
     both = tmp_path / "both"
-    folder = series(both / "mr")
-    rewrite_headers(folder, mr)
-    with pytest.raises(InputError, match="modality MR, not CT"):
-        load_volume(folder)
-    status, err = scan(config, [folder], tmp_path / "out", capsys=capsys)
-    assert status == 2 and "modality MR, not CT" in err and not (tmp_path / "out").exists(), err
+    rewrite_headers(series(both / "mr"), mr)
     series(both / "ct", seed=3, patient="P3")
-    status, err = scan(config, [both], tmp_path / "out2", capsys=capsys)
-    assert status == 0 and [r["volume"] for r in summary(tmp_path / "out2")] == ["both"], err  # its one CT
-    assert "modality MR" in strict_json(tmp_path / "out2" / "scan.json")["skipped"][0]["reason"]
+    status, err = scan(config, [both], tmp_path / "out", capsys=capsys)
+    assert status == 0, err
+    rows = {r["volume"]: r for r in summary(tmp_path / "out")}
+    assert sorted(rows) == ["ct", "mr"]
+    report = strict_json(tmp_path / "out" / "mr" / REPORT_FILE)
+    modality = {c["check"]: c for c in report["fitness"]}["modality"]
+    assert modality["status"] == "failed" and report["outside_validated_range"] is True
+    assert rows["mr"]["outside_validated_range"] == "true" and "modality" in rows["mr"]["failed_checks"]
+    assert "warning: mr: " in err and "modality" in err
 
 
 def test_oblique_nifti_is_refused_like_oblique_dicom(tmp_path):

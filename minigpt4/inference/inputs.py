@@ -6,9 +6,9 @@ skipped, each with its reason, so a command can say both:
 * a NIfTI file (``.nii`` / ``.nii.gz``) or a zip (one DICOM series) is one volume;
 * DICOM files are found by **content** (the ``DICM`` marker after the 128-byte preamble, or a
   ``.dcm`` name pydicom can read), whatever their extension, anywhere under a folder; they are
-  grouped into **one volume per SeriesInstanceUID**. A series of another modality than CT, a
-  single image (a scout) and non-image objects (dose reports, DICOMDIR) are skipped with the
-  reason;
+  grouped into **one volume per SeriesInstanceUID**. A single image (a scout) and non-image
+  objects (dose reports, DICOMDIR) are skipped with the reason; a series of another modality
+  than CT is scanned and flagged by the fitness checks (:mod:`minigpt4.inference.fitness`);
 * hidden files and folders (``.name``) and other files are skipped, and said so.
 
 Each volume gets an output folder name (:func:`safe_name`) that is never empty, ``.`` or
@@ -307,12 +307,7 @@ def _walk_folder(root: Path, skipped: list[Skipped]) -> list[tuple]:
     for folder, keys in by_folder.items():
         for key in sorted(keys):
             files = tuple(sorted(series[key]))
-            mod = modality.get(key, "")
-            if mod and mod != "CT":
-                skipped.append(Skipped(folder if len(keys) == 1 else files[0],
-                                       f"DICOM series of modality {mod}, not CT ({len(files)} image(s)); the model "
-                                       "reads CT only"))
-                continue
+            mod = modality.get(key, "")  # another modality than CT is scanned and flagged by the fitness checks
             if len(files) < 2:
                 skipped.append(Skipped(files[0], "a single DICOM image (a scout or key image?), not a CT series"))
                 continue

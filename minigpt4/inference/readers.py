@@ -480,8 +480,9 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None, fil
         could not be measured).
 
     Raises:
-        InputError: the preprocessing reader refused the file (the message says why), a DICOM
-            series of another modality than CT, or :func:`check_scan_geometry`.
+        InputError: the preprocessing reader refused the file (the message says why), or
+            :func:`check_scan_geometry` (a series of another modality than CT is read: the fitness
+            checks flag it, :mod:`minigpt4.inference.fitness`).
     """
     path = Path(path)
     name = name or path.name
@@ -489,9 +490,6 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None, fil
     try:
         if path.is_dir():
             found = read_dicom_headers(path, files=None if files is None else list(files))
-            modality = str(found[0][0][1].get("Modality", "") or "").upper()
-            if modality and modality != "CT":
-                raise InputError(f"{name}: a DICOM series of modality {modality}, not CT; the model reads CT only.")
             volume = read_dicom_series(path, headers=found)
             headers = [ds for _, ds in found[0]]
         else:
