@@ -111,8 +111,8 @@ def test_dot_dot_series_and_dotted_names_stay_inside_out(tmp_path, config, monke
     status, err = scan(config, [".."], tmp_path / "scans", capsys=capsys)
     assert status == 0, err
     assert {n: (tmp_path / n).read_bytes() for n in user} == user
-    assert sorted(p.name for p in (tmp_path / "scans").iterdir()) == ["manifest.json", "patient", "scan.json",
-                                                                      "summary.csv"]
+    assert sorted(p.name for p in (tmp_path / "scans").iterdir()) == ["index.html", "manifest.json", "patient",
+                                                                      "scan.json", "summary.csv"]
     assert [r["volume"] for r in summary(tmp_path / "scans")] == ["patient"]
     assert (tmp_path / "scans" / "patient" / DONE_FILE).is_file()
 
@@ -336,7 +336,8 @@ def test_a_seg_that_cannot_be_written_costs_the_seg_only(tmp_path):
     report = write_dicom_volume(series(tmp_path / "s"), tmp_path / "out", no_frame)
     assert report["dicom_seg"]["written"] is False and "FrameOfReferenceUID" in report["dicom_seg"]["error"]
     assert not (tmp_path / "out" / SEG_FILE).exists()
-    assert sorted(json.loads((tmp_path / "out" / DONE_FILE).read_text())["files"]) == [BOXES_FILE, REPORT_FILE]
+    done = json.loads((tmp_path / "out" / DONE_FILE).read_text())["files"]
+    assert SEG_FILE not in done and {BOXES_FILE, REPORT_FILE, "report.html"} <= set(done)
 
 
 # ----------------------------------------------------------------------------- 17: resume, busy
