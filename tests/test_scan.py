@@ -100,8 +100,11 @@ def test_discover_expands_folders_of_volumes(tmp_path):
     assert [e.name for e in discover([inputs / "b_series", inputs / "a_nifti.nii.gz"])] == ["a_nifti", "b_series"]
     with pytest.raises(ValueError, match=r"README.txt: not a CT volume"):
         discover([inputs / "README.txt"])
-    with pytest.raises(ValueError, match="two volumes named 'a_nifti'"):
-        discover([inputs, inputs / "a_nifti.nii.gz"])
+    # the same file named twice is one volume; two files of one name get unique folder names
+    assert [e.name for e in discover([inputs, inputs / "a_nifti.nii.gz"])] == ["a_nifti", "b_series", "c_zip"]
+    (inputs / "a_nifti.zip").write_bytes((inputs / "c_zip.zip").read_bytes())
+    assert [(e.name, e.path.name) for e in discover([inputs])][:2] == [("a_nifti", "a_nifti.nii.gz"),
+                                                                       ("a_nifti-2", "a_nifti.zip")]
     with pytest.raises(FileNotFoundError, match="missing: --inputs path not found"):
         discover([tmp_path / "missing"])
 

@@ -443,7 +443,8 @@ def test_dicom_seg_on_the_real_series(tmp_path):
     SliceResult = results_on(512, 512)
     a, b, c = (grid_to_pixel_inclusive(g, 512, 512) for g in ((39, 48, 58, 62), (41, 47, 60, 64), (49, 53, 52, 56)))
     results = [SliceResult(5, 0.4, pancreas_box=a), SliceResult(12, 0.7, pancreas_box=b, tumor_box=c)]
-    write_dicom_seg(tmp_path / SEG_FILE, geometry, results, headers, CHECKPOINTS)
+    generated: dict = {}
+    write_dicom_seg(tmp_path / SEG_FILE, geometry, results, headers, CHECKPOINTS, generated=generated)
     frames = read_seg_frames(tmp_path / SEG_FILE)
     expected = [(headers[5], 1, a), (headers[12], 1, b), (headers[12], 2, c)]
     # this anonymised series has empty SOPInstanceUIDs in its data sets: the file meta holds them
@@ -454,7 +455,11 @@ def test_dicom_seg_on_the_real_series(tmp_path):
         [float(v) for v in h.ImagePositionPatient] for h, _, _ in expected]
     seg = hd.seg.segread(str(tmp_path / SEG_FILE))
     assert seg.FrameOfReferenceUID == headers[0].FrameOfReferenceUID
-    assert seg.StudyInstanceUID == headers[0].StudyInstanceUID
+    # its Study/Series UIDs are empty too: generated (and returned, to be recorded), never empty references
+    assert headers[0].StudyInstanceUID == "" and set(generated) >= {"StudyInstanceUID"}
+    assert seg.StudyInstanceUID == generated["StudyInstanceUID"] != ""
+    referenced = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    assert referenced == (headers[0].SeriesInstanceUID or generated["SeriesInstanceUID"]) != ""
 
 
 # ----------------------------------------------------------------------------- montage.png
@@ -585,7 +590,6 @@ def test_failed_write_leaves_the_folder_unmarked(tmp_path, monkeypatch):
     kwargs = dict(volume="v", source="v", geometry=geometry, result=VolumeResult(rows, patient("tumor", 0.9)),
                   checkpoints=CHECKPOINTS, fingerprint="f" * 64)
     write_volume_outputs(tmp_path, **kwargs)
-    before = (tmp_path / REPORT_FILE).read_bytes()
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
@@ -595,7 +599,9 @@ def test_failed_write_leaves_the_folder_unmarked(tmp_path, monkeypatch):
         write_volume_outputs(tmp_path, **{**kwargs, "result": VolumeResult(rows, patient("tumor", 0.95))})
     assert not is_done(tmp_path, "f" * 64)
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
-    assert (tmp_path / REPORT_FILE).read_bytes() != before  # rewritten, but the folder is not marked done
+    # the report of the earlier run may remain, but the folder says it is being rewritten and is not done
+    assert (tmp_path / "incomplete.json").is_file() and not (tmp_path / DONE_FILE).exists()
+    assert collect_summary(tmp_path.parent, [tmp_path.name])[0]["error"].startswith("no complete output")
 
 
 # ----------------------------------------------------------------------------- sharding

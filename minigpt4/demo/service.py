@@ -433,7 +433,7 @@ def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limi
     resolved = resolve_device(device or cfg.run.device)
     stages = load_stages(cfg.model, stage_paths, device=resolved)
     calibration, slice_calibration = configured_calibration(cfg.cascade)
-    listed = "; ".join(f"{STAGE_LABELS[s]} `{p}`" for s, p in stage_paths.items())
+    listed = "; ".join(f"{STAGE_LABELS[s]} `{Path(p).name}`" for s, p in stage_paths.items())  # names, not paths
     description = (f"three stages on one base — {listed} (image {cfg.model.vision.image_size}px, LLaMA "
                    f"{cfg.model.text.num_layers}×{cfg.model.text.hidden_size}) on {resolved}; greedy decoding; "
                    f"volume scan: {settings.describe()}; "
@@ -481,7 +481,7 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
                 "--options model.ckpt=<checkpoint folder, .safetensors or .pth>"
             )
         warning = (
-            f"checkpoint <code>{ckpt}</code> not found: serving a tiny model with <b>random weights</b>; "
+            f"checkpoint <code>{Path(ckpt).name}</code> not found: serving a tiny model with <b>random weights</b>; "
             "its answers are meaningless. Run <code>./quickstart.sh</code> or pass "
             "<code>--options model.ckpt=PATH</code>."
         )
@@ -492,7 +492,7 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
     model = build_model(model_cfg, device=resolved)
     model.eval()
     sizes = f"image {model_cfg.vision.image_size}px, LLaMA {model_cfg.text.num_layers}×{model_cfg.text.hidden_size}"
-    served = ckpt if model_cfg.ckpt is not None else "random / base weights"
+    served = Path(ckpt).name if model_cfg.ckpt is not None else "random / base weights"  # a name, not a server path
     free_text = model_cfg.generation.free_text
     decoding = "greedy decoding" if free_text is None else f"greedy boxes and yes/no, free text: {free_text.strategy}"
     description = f"checkpoint `{served}` ({sizes}) on {resolved}; {decoding}."
