@@ -21,7 +21,6 @@ The figures come from tiny models on synthetic phantoms: they test the mechanism
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt4.boxes import box_iou  # noqa: E402
 from minigpt4.evaluation.stats import auc_score  # noqa: E402
+from minigpt4.io import write_json_atomic  # noqa: E402
 
 
 def measure(model, volumes: dict, batch_size: int) -> dict:
@@ -119,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"| AUC of P(no box) {figures['p_no_box_auc']:.3f} | {figures['wall_s']} s wall, {figures['cpu_s']} s CPU",
                   flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json_atomic(args.json, results)
     return 0
 
 

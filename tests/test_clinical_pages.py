@@ -260,7 +260,13 @@ def test_an_sr_that_fails_costs_only_the_sr(tmp_path, monkeypatch):
 def test_words_with_and_without_the_calibration_keys(tmp_path):
     _, geometry, _, result, _ = dicom_scan(tmp_path)
     plain = build_report("case", "case", geometry, result.patient, result.slices, CHECKPOINTS)
-    assert decision_text(plain) == "Pancreatic tumor (PDAC) suspected. A pancreas was found and assessed on 2 of 5 slices."
+    # the cascade's verdict line where report.json records it (issue 25.5), else the page's own words
+    assert plain["patient"]["verdict"].startswith("tumor suspected on the 2 slice(s) where a pancreas was found")
+    assert decision_text(plain) == plain["patient"]["verdict"][0].upper() + plain["patient"]["verdict"][1:] + "."
+    without_verdict = json.loads(json.dumps(plain))
+    del without_verdict["patient"]["verdict"]
+    assert decision_text(without_verdict) == ("Pancreatic tumor (PDAC) suspected. A pancreas was found and assessed "
+                                              "on 2 of 5 slices.")
     # build_report records the likelihood (no map here); a report of an older scan has no such key
     assert likelihood_text(plain) == "Uncalibrated score 0.900 (not a probability: no calibration map was applied)."
     older = json.loads(json.dumps(plain))
@@ -352,7 +358,7 @@ def test_report_and_index_pages_in_chromium(tmp_path):
 
     with browser_page((out / "calibrated" / REPORT_HTML).as_uri()) as page:
         text, shot = _rendered(page)
-        assert "Pancreatic tumor (PDAC) suspected" in text
+        assert "Tumor suspected on the 2 slice(s) where a pancreas was found" in text
         assert "Calibrated likelihood of PDAC: 62 % (method platt, fitted on val (40 volumes)); raw score 0.900." in text
         assert "OUTSIDE THE VALIDATED RANGE" in text and "slice thickness\tfailed\tSliceThickness = 5.0" in text
         assert "Research prototype, not a medical device" in text and "patient threshold 0.500" in text
