@@ -265,8 +265,9 @@ def test_words_with_and_without_the_calibration_keys(tmp_path):
     assert decision_text(plain) == plain["patient"]["verdict"][0].upper() + plain["patient"]["verdict"][1:] + "."
     without_verdict = json.loads(json.dumps(plain))
     del without_verdict["patient"]["verdict"]
+    # (the fixture's patient records 3 assessed slices: report.json's "assessed" is what the page counts)
     assert decision_text(without_verdict) == ("Pancreatic tumor (PDAC) suspected. A pancreas was found and assessed "
-                                              "on 2 of 5 slices.")
+                                              "on 2 of 3 slices.")
     # build_report records the likelihood (no map here); a report of an older scan has no such key
     assert likelihood_text(plain) == "Uncalibrated score 0.900 (not a probability: no calibration map was applied)."
     older = json.loads(json.dumps(plain))
