@@ -288,14 +288,19 @@ def test_words_with_and_without_the_calibration_keys(tmp_path):
     full["patient"]["likelihood"] = {"raw": 0.9, "calibrated": None, "calibration": None}
     assert likelihood_text(full) == "Uncalibrated score 0.900 (not a probability: no calibration map was applied)."
     assert "%" not in likelihood_text(full)
-    negative = build_report("c", "c", geometry, patient("no tumor", 0.1, boxed=2), result.slices, CHECKPOINTS)
+    negative = build_report("c", "c", geometry, patient("no tumor", 0.1, boxed=2, total=5), result.slices, CHECKPOINTS)
+    # the cascade's verdict line (issue 25.5) says how much was assessed
+    assert decision_text(negative) == "No tumor found on the 2 slice(s) where a pancreas was found (2 of 5 slice(s))."
+    del negative["patient"]["verdict"], negative["assessed"]  # a report without them: counted from the slices
     assert decision_text(negative) == ("No tumor found on the 2 slices where a pancreas was found (of 5); the rest of "
                                        "the volume was not assessed.")
     negative["assessed"] = {"slices_with_pancreas": 14, "slices_total": 80}  # issue 25.5's key wins where present
     assert decision_text(negative).startswith("No tumor found on the 14 slices where a pancreas was found (of 80)")
     negative["patient"]["verdict"] = "no tumor found on the 14 slice(s) where a pancreas was found (14 of 80 slice(s))"
     assert decision_text(negative) == "No tumor found on the 14 slice(s) where a pancreas was found (14 of 80 slice(s))."
-    inconclusive = build_report("c", "c", geometry, patient("inconclusive", 0.0, boxed=2), result.slices, CHECKPOINTS)
+    inconclusive = build_report("c", "c", geometry, patient("inconclusive", 0.0, boxed=2, total=5), result.slices,
+                                CHECKPOINTS)
+    del inconclusive["patient"]["verdict"], inconclusive["assessed"]
     assert decision_text(inconclusive).startswith("Inconclusive: a pancreas was found on only 2 of 5 slices")
     assert likelihood_text(inconclusive) == "No likelihood: there is no patient-level score."
     inconclusive["patient"]["verdict"] = "inconclusive: a pancreas was found on 2 of 5 slice(s), fewer than the 3 needed"
