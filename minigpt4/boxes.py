@@ -58,8 +58,22 @@ def format_box(grid_box: Sequence[int]) -> str:
 
 
 def box_answer(pixel_box: Sequence[float], width: int, height: int) -> str:
-    """The training answer for a pixel box: grid conversion + text format."""
+    """The training answer for a pixel box: grid conversion + text format (the empty pixel box
+    ``[0, 0, 0, 0]`` gives :data:`NO_BOX_ANSWER`)."""
     return format_box(pixel_to_grid(pixel_box, width, height))
+
+
+NO_BOX_ANSWER = format_box(EMPTY_BOX)
+"""``{<0><0><0><0>}``: the answer for "the target is not on this slice" (a stage-1 option trained on
+slices without pancreas, ``datasets.*.empty_share``). It keeps MiniGPT-v2's box syntax, so the
+release rule (:func:`parse_box`) reads it as a box of zero area: IoU 0 in scoring, "no box" in the
+cascade (:func:`says_absent`), never a guessed box."""
+
+
+def says_absent(text: Optional[str]) -> bool:
+    """True when an answer is the empty box (:data:`NO_BOX_ANSWER`, as parsed by :func:`parse_box`):
+    the model says the target is absent (a bad answer is not "absent": it is no answer)."""
+    return parse_box(text) == EMPTY_BOX
 
 
 SCORING_RULE = "release"
@@ -105,6 +119,8 @@ def box_problem(text: Optional[str]) -> Optional[str]:
     box = parse_box(text)
     if box is None:
         return "a number is too long to be a grid value"
+    if box == EMPTY_BOX:
+        return "it is the empty box: the model says the target is absent"
     if box[2] <= box[0] or box[3] <= box[1]:
         return "its corners are reversed or equal (zero area), so it scores IoU 0"
     return None

@@ -306,6 +306,11 @@ class DatasetConfig(Checked):
     organs: List[str] = checked(check=Check(lambda v: set(v) <= set(ORGANS), f"a subset of {list(ORGANS)}", numeric=False),
                                 default_factory=lambda: list(ORGANS))
     """organ_detection only: organs to keep."""
+    empty_share: float = checked(0.0, between(0, 0.9))
+    """pancreas_detection only, training split only: the share of training records that are slices
+    without pancreas, answered ``{<0><0><0><0>}`` (:data:`minigpt4.boxes.NO_BOX_ANSWER`), so stage 1
+    can say "no pancreas" on a whole volume. 0 = the paper (pancreas slices only; Table 1 configs);
+    the cascade's stage 1 uses 0.5 (README deviations). Needs a folder prepared with ``--all-slices``."""
 
 
 @dataclass
@@ -380,9 +385,11 @@ class RunConfig(Checked):
 
 
 CASCADE_STAGES = ("pancreas_detection", "tumor_classification", "tumor_detection")
-AGGREGATIONS = ("max", "top_k_mean")
-"""How the slices' P(tumor) of a volume become its patient score (:func:`minigpt4.inference.pipeline.aggregate`);
+AGGREGATIONS = ("max", "top_k_mean", "top_k_logit_mean", "mean")
+"""How the kept slices' P(tumor) of a volume become its patient score (:func:`minigpt4.inference.patient.aggregate`);
 ``cascade.aggregation`` may also be ``auto`` (chosen on val by ``eval_cascade.py``)."""
+Z_RULES = ("none", "largest_run")
+"""3-D consistency rules of the pancreas boxes (:func:`minigpt4.inference.patient.z_consistent`)."""
 
 
 @dataclass
@@ -417,12 +424,22 @@ class CascadeConfig(Checked):
     """Slice P(tumor) at or above which stage 3 is asked for a tumor box (and a TC slice is called
     "yes" in the slice accuracy); None = chosen on the ``val`` slices (Youden's J of slice P(tumor)
     against the slice's tumor label), separate from the patient ``threshold``."""
-    min_boxed_slices: int = checked(1, POSITIVE)
-    """A volume in which stage 1 gives a pancreas box on fewer slices is ``inconclusive`` (the model
-    did not look at a pancreas): never scored as "no tumor"."""
+    min_boxed_slices: Optional[int] = checked(None, POSITIVE)
+    """A volume in which fewer slices keep a pancreas box is ``inconclusive`` (the model did not look
+    at enough of a pancreas): never scored as "no tumor". None = chosen on the ``val`` volumes
+    (eval_cascade: half the median ground-truth pancreas extent, :func:`minigpt4.inference.patient.min_assessed_rule`)."""
     aggregation: str = checked("auto", one_of("auto", *AGGREGATIONS))
-    """Patient score from the slices' P(tumor): ``max``, ``top_k_mean`` (mean of the ``top_k``
-    largest) or ``auto`` (the one with the higher patient AUC on ``val``)."""
+    """Patient score from the kept slices' P(tumor): ``max``, ``top_k_mean`` (mean of the ``top_k``
+    largest), ``top_k_logit_mean`` (the same in logit space), ``mean`` (all kept slices) or ``auto``
+    (the one with the highest patient AUC on ``val``)."""
+    z_rule: str = checked("auto", one_of("auto", *Z_RULES))
+    """3-D consistency of stage 1's boxes: ``largest_run`` keeps only the largest run of adjacent
+    slices whose boxes overlap (isolated boxes dropped), ``none`` keeps all, ``auto`` = chosen on
+    ``val`` by patient AUC (eval_cascade; scan.py and the demo need a chosen one)."""
+    operating_point: Optional[str] = None
+    """scan.py / demo: the ``operating_point.json`` eval_cascade.py wrote (threshold, aggregation,
+    slice threshold, minimum assessed, 3-D rule, calibration, all chosen on val). Without it the
+    scan needs threshold, slice_threshold, aggregation and z_rule set explicitly."""
     top_k: int = checked(3, POSITIVE)
     crop_margin: int = checked(0, NON_NEGATIVE)
     """Pixels added around the predicted pancreas box: the ``--margin`` of the TC folder stage 2

@@ -217,6 +217,7 @@ def check_output_folder(out: Path, command: str, owns: Callable[[dict], bool], o
     check_folder_path(out, option)
     check_not_input(out, inputs, option)
     check_not_tracked(out, option)
+    check_not_busy(out, option)  # before the content: a run in progress explains a folder without manifest
     manifest = read_manifest(out)
     if manifest is not None:
         if isinstance(manifest, dict) and owns(manifest):
@@ -232,7 +233,51 @@ def check_output_folder(out: Path, command: str, owns: Callable[[dict], bool], o
     return None
 
 
+def check_no_foreign(out: Path, manifest: Optional[dict], names: Iterable[str], owner: str,
+                     option: str = "--out") -> None:
+    """Refuse to replace an existing ``names`` entry of ``out`` (relative paths) when ``manifest``
+    (what :func:`check_output_folder` returned) is None: a folder without the command's manifest
+    holds only other people's files. Callable before anything is created (every rank).
+
+    Raises:
+        OutputFolderError: naming the files.
+    """
+    if manifest is not None:
+        return
+    out = Path(out)
+    foreign = sorted(n for n in names if (out / n).exists() or (out / n).is_symlink())
+    if foreign:
+        raise OutputFolderError(f"{out}: would replace {len(foreign)} file(s) that {owner} did not write "
+                                f"({', '.join(foreign[:5])}); move them away or choose another {option}")
+
+
 # ----------------------------------------------------------------------------- the lock
+_held_locks: set[str] = set()
+"""Lock files this process holds (:meth:`OutputFolder._acquire`)."""
+
+
+def check_not_busy(out: Path, option: str = "--out") -> None:
+    """Refuse a folder whose lock another run holds (tried without waiting, released at once).
+
+    Raises:
+        FolderBusyError: "another run is writing into this folder (PID ... on host ...)".
+    """
+    from filelock import FileLock, Timeout
+
+    lock_file = Path(out) / LOCK_NAME
+    if not lock_file.is_file() or os.path.realpath(lock_file) in _held_locks:
+        return  # no lock, or this process holds it (a command checking its own folder again)
+    probe = FileLock(str(lock_file), timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        raise FolderBusyError(f"{out}: another run is writing into this folder ({_describe_owner(Path(out))}); "
+                              f"wait for it to finish or choose another {option}") from None
+    except OSError:  # unreadable lock: the real acquisition names the problem
+        return
+    probe.release()
+
+
 def _describe_owner(out: Path) -> str:
     try:
         info = json.loads((out / LOCK_OWNER_NAME).read_text(encoding="utf-8"))
@@ -297,6 +342,7 @@ class OutputFolder:
                 raise
             raise OSError(err.errno, err.strerror, str(self.path)) from None
         self._lock = lock
+        _held_locks.add(os.path.realpath(self.path / LOCK_NAME))
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_json_atomic(self.path / LOCK_OWNER_NAME, owner)
@@ -305,13 +351,7 @@ class OutputFolder:
     def check_no_foreign(self, names: Iterable[str]) -> None:
         """Refuse to replace an existing ``names`` entry (relative paths) that is not the command's
         own: in a folder without our manifest every existing file is someone else's."""
-        if self.manifest is not None:
-            return
-        foreign = sorted(n for n in names if (self.path / n).exists() or (self.path / n).is_symlink())
-        if foreign:
-            raise OutputFolderError(f"{self.path}: would replace {len(foreign)} file(s) that {self.owner or self.command} "
-                                    f"did not write ({', '.join(foreign[:5])}); move them away or choose another "
-                                    f"{self.option}")
+        check_no_foreign(self.path, self.manifest, names, self.owner or self.command, self.option)
 
     def write_manifest(self, content: dict) -> Path:
         """Write ``manifest.json`` = ``{"command": command, **content}`` atomically."""
@@ -334,6 +374,7 @@ class OutputFolder:
                     pass
             self._lock.release()
             self._lock = None
+            _held_locks.discard(os.path.realpath(self.path / LOCK_NAME))
 
     def _cleanup(self) -> None:
         """Remove what this command created at the folder's top level (all of it when new)."""

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from minigpt4.config import Config, ConfigError, load_config
-from minigpt4.io import file_sha256, read_json
+from minigpt4.io import file_sha256, read_json, to_json
 from minigpt4.models.checkpoints import PROVENANCE_KEY, PROVENANCE_NAME, read_metadata
 from preprocessing.sources import canonical_dataset, dataset_of_volume
 from preprocessing.splits import volume_stem
@@ -124,7 +124,7 @@ def bind(record_text: str, folder: Path, files: list[str]) -> str:
     """The provenance record (JSON text) with the sha256 of ``files`` (relative to ``folder``) added."""
     record = json.loads(record_text)
     record[BOUND_KEY] = {rel: file_sha256(folder / rel) for rel in sorted(files)}
-    return json.dumps(record, sort_keys=True)
+    return to_json(record, sort_keys=True, where="provenance.json")
 
 
 def check_binding(record_path: Path) -> Optional[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from minigpt4.io import read_json
-from preprocessing.slices import select_records
+from preprocessing.slices import select_records, select_with_empty
 from preprocessing.splits import SPLITS
 
 TASKS = ("pancreas_detection", "tumor_detection", "organ_detection", "tumor_classification")
@@ -50,7 +50,7 @@ def _annotation_file(root: Path, dataset: str, task: str, split: str) -> Path:
 
 
 def read_prepared(root: str | os.PathLike, task: str, split: str, threshold: Optional[float] = None,
-                  organs: Optional[Sequence[str]] = None) -> list[dict]:
+                  organs: Optional[Sequence[str]] = None, empty_share: float = 0.0) -> list[dict]:
     """Selected records of one task and split of a prepared folder.
 
     Args:
@@ -64,6 +64,10 @@ def read_prepared(root: str | os.PathLike, task: str, split: str, threshold: Opt
             Not available for tumor_classification (crops are made at preparation time).
         organs: organ_detection only: restrict to these organs (``liver``, ``kidney``,
             ``spleen``, ``pancreas``); selection and organ balancing are then redone among them.
+        empty_share: pancreas_detection only: add slices without pancreas (answer
+            :data:`minigpt4.boxes.NO_BOX_ANSWER`, ``no_target: True``) to make this share of the
+            records (:func:`preprocessing.slices.select_with_empty`); they need PNGs of every slice
+            (a folder prepared with ``--all-slices``). 0: the paper's selection.
 
     Returns:
         Records (dicts) with ``image`` as an absolute path string, ``q_id``, ``target``,
@@ -77,6 +81,8 @@ def read_prepared(root: str | os.PathLike, task: str, split: str, threshold: Opt
     root = Path(root).resolve()
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    if empty_share and task != "pancreas_detection":
+        raise ValueError(f"empty_share= only applies to pancreas_detection, not {task}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
     manifest = _manifest(root)
@@ -89,7 +95,7 @@ def read_prepared(root: str | os.PathLike, task: str, split: str, threshold: Opt
     if threshold is not None and task == "tumor_classification":
         raise ValueError("threshold re-selection is not available for tumor_classification: the crops are "
                          "chosen when the TC folder is made (python -m preprocessing tc --threshold ...)")
-    if threshold is None and organs is None:
+    if threshold is None and organs is None and not empty_share:
         path = _annotation_file(root, dataset, task, split)
         records = read_json(path)
     else:
@@ -102,7 +108,14 @@ def read_prepared(root: str | os.PathLike, task: str, split: str, threshold: Opt
             raise ValueError(f"{root / 'annotations' / 'split.json'}: no {split!r} list")
         target = {"pancreas_detection": "pancreas", "tumor_detection": "tumor", "organ_detection": "organs"}[task]
         seed = int(manifest["parameters"].get("seed", 42))
-        records = select_records(infos, split_doc[split], target, threshold, organs=organs, seed=seed)
+        if empty_share:
+            records = select_with_empty(infos, split_doc[split], target, threshold, empty_share, seed=seed)
+            n_empty = sum(bool(r.get("no_target")) for r in records)
+            if records and n_empty == 0:
+                raise ValueError(f"{root}: empty_share={empty_share} but the {split} split has no PNG of a slice without "
+                                 "pancreas; prepare the folder again with --all-slices")
+        else:
+            records = select_records(infos, split_doc[split], target, threshold, organs=organs, seed=seed)
         path = info_path
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a list of records")

@@ -192,22 +192,44 @@ def select_balanced(infos: Sequence[dict], volumes: Iterable[str], target: str, 
                     seed: int = 42) -> list[dict]:
     """Selected records plus as many target-free slices (box ``[0, 0, 0, 0]``) as possible up to
     the number of positives, drawn with a seeded generator from the split's negative slices that
-    have a PNG (``--balanced``)."""
+    have a PNG (``--balanced``): :func:`select_with_empty` at share 0.5."""
+    return select_with_empty(infos, volumes, target, threshold, 0.5, seed)
+
+
+def empty_count(n_positive: int, share: float) -> int:
+    """Slices without the target to add to ``n_positive`` selected ones so that they make ``share``
+    of the whole: ``round(n * share / (1 - share))`` (share 0.5: as many as the positives)."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"the share of slices without the target must be in [0, 1), got {share}")
+    return int(round(n_positive * share / (1.0 - share)))
+
+
+def select_with_empty(infos: Sequence[dict], volumes: Iterable[str], target: str, threshold: float,
+                      share: float, seed: int = 42) -> list[dict]:
+    """The selected records (:func:`select_records`) plus slices without any ``target`` pixel, so
+    that these make ``share`` of the result (:func:`empty_count`; all of them when the split holds
+    fewer). They are drawn with a seeded generator from the split's slices that have a PNG; their
+    ``bbox`` is ``[0, 0, 0, 0]`` (the answer :data:`minigpt4.boxes.NO_BOX_ANSWER`) and ``no_target``
+    is True. Slices with target pixels under the threshold are neither (they are not "absent").
+    Records are in volume/slice order with ``q_id`` 0..n-1."""
     positives = select_records(infos, volumes, target, threshold, seed=seed)
     wanted = set(volumes)
     negatives = sorted((r for r in infos if r["volume_name"] in wanted and r.get("image")
                         and r[f"pixels_{target}"] == 0),
                        key=lambda r: (r["volume_name"], r["slice_index"]))
+    n_empty = empty_count(len(positives), share)
     rng = np.random.default_rng(seed)
-    if len(negatives) > len(positives):
-        keep = sorted(rng.choice(len(negatives), size=len(positives), replace=False).tolist())
+    if len(negatives) > n_empty:
+        keep = sorted(rng.choice(len(negatives), size=n_empty, replace=False).tolist())
         negatives = [negatives[i] for i in keep]
-    rows = [(r["volume_name"], r["slice_index"], r, list(r[f"bbox_{target}"])) for r in positives]
-    rows += [(r["volume_name"], r["slice_index"], r, [0, 0, 0, 0]) for r in negatives]
+    rows = [(r["volume_name"], r["slice_index"], r, list(r[f"bbox_{target}"]), False) for r in positives]
+    rows += [(r["volume_name"], r["slice_index"], r, [0, 0, 0, 0], True) for r in negatives]
     rows.sort(key=lambda x: (x[0], x[1]))
     out = []
-    for q_id, (_, _, r, box) in enumerate(rows):
+    for q_id, (_, _, r, box, empty) in enumerate(rows):
         rec = {k: v for k, v in r.items() if k not in ("q_id", "target", "bbox")}
         rec.update(q_id=q_id, target=target, bbox=box)
+        if empty:
+            rec["no_target"] = True
         out.append(rec)
     return out

@@ -402,7 +402,8 @@ def _dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def read_dicom_headers(folder: str | os.PathLike) -> tuple[list[tuple[Path, pydicom.Dataset]], np.ndarray]:
+def read_dicom_headers(folder: str | os.PathLike, files: Optional[list] = None
+                       ) -> tuple[list[tuple[Path, pydicom.Dataset]], np.ndarray]:
     """The headers (no pixel data) of one DICOM series, in the order :func:`read_dicom_series`
     stacks its slices, and the series' affine.
 
@@ -413,6 +414,10 @@ def read_dicom_headers(folder: str | os.PathLike) -> tuple[list[tuple[Path, pydi
     Returns:
         ``(headers, affine)``: ``headers[k] = (path, dataset)`` is stored slice ``k``;
         affine (4, 4) voxel ``[column, row, slice]`` → RAS+ mm.
+
+    Args:
+        folder: the series' folder (read recursively, hidden files skipped).
+        files: read exactly these files instead (one series found among others by the caller).
 
     Raises:
         VolumeError: no DICOM files, several series, inconsistent or oblique orientation,
@@ -439,7 +444,7 @@ def _series_headers(folder: Path) -> list[tuple[Path, "pydicom.Dataset"]]:
     from pydicom.errors import InvalidDicomError
 
     headers, without_geometry = [], []
-    for path in _dicom_files(folder):
+    for path in (_dicom_files(folder) if files is None else [Path(f) for f in files]):
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError):

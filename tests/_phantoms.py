@@ -30,3 +30,16 @@ def small_volume(h: int = 16, w: int = 20, s: int = 5, seed: int = 0) -> tuple[n
     rng = np.random.default_rng(seed)
     hu = (rng.integers(-200, 300, size=(h, w, s))).astype(np.int16)
     return hu, np.zeros((h, w, s), dtype=np.uint8)
+
+
+def rewrite_dicom_headers(folder: Path, change, rename=None) -> Path:
+    """Apply ``change(dataset)`` to every DICOM file under ``folder`` (then ``rename(path)`` → new path)."""
+    import pydicom
+
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        ds = pydicom.dcmread(str(path))
+        change(ds)
+        ds.save_as(str(path))
+        if rename is not None:
+            path.rename(rename(path))
+    return Path(folder)

@@ -177,14 +177,20 @@ def test_patient_level_on_a_small_synthetic_case():
 
     val = rows("a", [0.9, 0.1, 0.1], [1, 0, 0]) + rows("b", [0.6, 0.5, 0.4], [0, 1, 1]) + rows("c", [0.7, 0.0, 0.0], [0, 0, 0])
     patients = operating_points.patient_scores(val, top_k=2)
-    assert patients[("MSD", "a")] == {"dataset": "MSD", "label": True, "scores": {"max": 0.9, "top_k_mean": pytest.approx(0.5)},
-                                      "n_boxed": 3, "inconclusive": False}
-    assert patients[("MSD", "b")]["scores"] == {"max": 0.6, "top_k_mean": pytest.approx(0.55)}
-    assert patients[("MSD", "c")]["scores"] == {"max": 0.7, "top_k_mean": pytest.approx(0.35)}
+    # logit-space top-2 mean: a: logit 0.9 = 2.197, logit 0.1 = -2.197 → mean 0 → 0.5; b: logit 0.6 = 0.405,
+    # logit 0.5 = 0 → sigmoid(0.20273) = 0.550510; c: logit 0.7 = 0.847, P 0 clipped to 1e-7 → logit -16.118 →
+    # sigmoid(-7.635) = 4.83e-4. mean of all three: 0.3667, 0.5, 0.2333
+    assert patients[("MSD", "a")] == {"dataset": "MSD", "label": True, "n_boxed": 3, "n_dropped": 0, "inconclusive": False,
+                                      "scores": {"max": 0.9, "top_k_mean": pytest.approx(0.5),
+                                                 "top_k_logit_mean": pytest.approx(0.5), "mean": pytest.approx(1.1 / 3)}}
+    assert patients[("MSD", "b")]["scores"] == {"max": 0.6, "top_k_mean": pytest.approx(0.55),
+                                                "top_k_logit_mean": pytest.approx(0.550510, abs=1e-6), "mean": pytest.approx(0.5)}
+    assert patients[("MSD", "c")]["scores"] == {"max": 0.7, "top_k_mean": pytest.approx(0.35),
+                                                "top_k_logit_mean": pytest.approx(4.83e-4, rel=1e-2), "mean": pytest.approx(0.7 / 3)}
     selection = operating_points.select_operating_point(patients, "auto", None)
-    # max: tumor 0.9, 0.6 vs healthy 0.7 → AUC 1/2; top-2 mean: 0.5, 0.55 vs 0.35 → AUC 1
-    assert selection["val_auc"] == {"max": 0.5, "top_k_mean": 1.0}
-    assert selection["aggregation"] == "top_k_mean"
+    # max: tumor 0.9, 0.6 vs healthy 0.7 → AUC 1/2; the three others rank both tumors above c → AUC 1
+    assert selection["val_auc"] == {"max": 0.5, "top_k_mean": 1.0, "top_k_logit_mean": 1.0, "mean": 1.0}
+    assert selection["aggregation"] == "top_k_mean"  # ties: the first in AGGREGATIONS
     assert selection["threshold"] == pytest.approx(0.5)  # lowest tumor score: sens 1, spec 1
     assert selection["thresholds"]["max"] == 0.9  # J: t=0.9 → 0.5, t=0.7 → −0.5, t=0.6 → 0
     metrics = operating_points.patient_metrics(patients, selection["thresholds"], n_boot=0, seed=0)["inconclusive_excluded"]
@@ -249,7 +255,7 @@ def test_eval_cascade_end_to_end(tmp_path, prepared):
                                        "inconclusive_as_positive", "inconclusive_excluded", "operating_points",
                                        "pancreas_iou_3d", "n_pancreas_volumes", "tumor_iou_3d", "n_tumor_volumes"}
     for mode in ("inconclusive_as_positive", "inconclusive_excluded"):
-        assert set(metrics["patient"][mode]) == {"n_volumes", "n_tumor", "max", "top_k_mean"}
+        assert set(metrics["patient"][mode]) == {"n_volumes", "n_tumor", "max", "top_k_mean", "top_k_logit_mean", "mean"}
         assert set(metrics["patient"][mode]["max"]) == {"threshold", "auc", "sensitivity", "specificity", "ci95"}
     assert set(metrics["patient"]["operating_points"]) == {"aggregation", "n_val_negative", "youden", "specificity_95",
                                                            "specificity_99"}
@@ -314,7 +320,8 @@ def test_demo_serves_three_stages_routes_tasks_and_scans_with_the_cascade(tmp_pa
     config = tmp_path / "demo.yaml"
     config.write_text(OmegaConf.to_yaml(OmegaConf.create({
         "model": OmegaConf.to_container(OmegaConf.structured(cfg)),
-        "cascade": {"stages": paths, "threshold": 0.3, "aggregation": "top_k_mean", "top_k": 2},
+        "cascade": {"stages": paths, "threshold": 0.3, "slice_threshold": 0.3, "aggregation": "top_k_mean", "top_k": 2,
+                    "z_rule": "none", "min_boxed_slices": 1},
         "run": {"device": "cpu"}})))
     service = load_service(load_config(config))
     assert service.stages is not None and service.warning is None

@@ -19,6 +19,7 @@ import torch
 import eval_cascade
 from minigpt4.evaluation import cascade, operating_points
 from minigpt4.inference import pipeline
+from minigpt4.inference.patient import AGGREGATIONS
 from minigpt4.provenance import check_cascade_leakage
 from tests.test_cascade import STAGES, _cascade_config, prepare_phantoms
 from tests.tiny import random_checkpoints, tiny_model_config
@@ -210,7 +211,7 @@ def test_slice_threshold_is_chosen_on_val_slices_apart_from_the_patient_threshol
         "n_val_slices_scored": 4, "n_val_tumor_slices_scored": 2, "slice_threshold": 0.4,
         "slice_threshold_rule": "Youden's J of slice P(tumor) on val"}
     assert operating_points.choose_slice_threshold(val, 0.7)["slice_threshold"] == 0.7
-    val_patients = {("NIH", "v"): {"dataset": "NIH", "label": False, "scores": {"max": 0.2, "top_k_mean": 0.2}, "n_boxed": 2,
+    val_patients = {("NIH", "v"): {"dataset": "NIH", "label": False, "scores": dict.fromkeys(AGGREGATIONS, 0.2), "n_boxed": 2,
                                    "inconclusive": False}}
     assert operating_points.select_operating_point(val_patients, "max", None)["threshold_rule"] == \
         "0.5: the conclusive val volumes hold one class only"  # not called Youden's J
@@ -286,6 +287,25 @@ def test_evaluate_gates_stage_3_with_the_slice_threshold_and_reports_inconclusiv
     tables = (tmp_path / "out" / "tables.md").read_text()
     assert "never scored as \"no tumor\"" in tables and "| as positive |" in tables and "| excluded |" in tables
     assert "0.876" in tables and "tumor AUC on TC slices with a predicted box" in tables
+    # issue 26 / 25.4: every rule considered has its val and test AUC; the chosen operating point is one file
+    assert [(r["z_rule"], r["aggregation"]) for r in metrics["rules"]] == [
+        (z, m) for z in ("none", "largest_run") for m in ("max", "top_k_mean", "top_k_logit_mean", "mean")]
+    assert sum(r["selected"] for r in metrics["rules"]) == 1
+    assert all({"val_auc", "test_auc_inconclusive_excluded", "test_auc_inconclusive_as_positive"} <= set(r)
+               for r in metrics["rules"])
+    # the isolated boxes of the other test volumes are dropped by largest_run, none dropped by none
+    assert metrics["z_rule"]["boxes"]["none"]["test"] == {"kept": 8 + len(test) - 1, "dropped": 0,
+                                                          "n_volumes": len(test), "n_inconclusive": len(test) - 1}
+    assert metrics["z_rule"]["boxes"]["largest_run"]["test"]["dropped"] == len(test) - 1
+    assert "## Patient rules considered" in tables and "kept /" in tables
+    point = json.loads((tmp_path / "out" / "operating_point.json").read_text())
+    assert set(point) == {"format", "chosen_on", "checkpoints", "aggregation", "top_k", "threshold", "slice_threshold",
+                          "min_assessed", "z_rule", "calibration"}
+    assert (point["format"], point["chosen_on"]["split"], point["chosen_on"]["n_volumes"]) == (1, "val", len(val))
+    assert (point["aggregation"], point["threshold"], point["slice_threshold"]) == ("top_k_mean", 1.0, t)
+    assert point["min_assessed"]["min_slices"] == 3 and point["calibration"] is None
+    assert point["z_rule"] == (None if metrics["selection"]["z_rule"] == "none" else
+                               {"name": "largest_run", "min_run": 2, "rule": point["z_rule"]["rule"]})
 
 
 def test_patient_result_is_inconclusive_below_the_configured_minimum():
@@ -308,7 +328,7 @@ def test_patient_metrics_count_inconclusive_volumes_both_ways():
                   "pancreas_box": (1, 1, 5, 5) if k < boxed else None} for k in range(4)]
     patients = operating_points.patient_scores(rows, top_k=2, min_boxed_slices=2)
     assert {k[1]: v["inconclusive"] for k, v in patients.items()} == {"t1": False, "t2": True, "n1": False, "n2": True}
-    m = operating_points.patient_metrics(patients, {"max": 0.5, "top_k_mean": 0.5}, n_boot=0, seed=0)
+    m = operating_points.patient_metrics(patients, dict.fromkeys(AGGREGATIONS, 0.5), n_boot=0, seed=0)
     assert (m["n_volumes"], m["n_tumor"], m["n_inconclusive"], m["n_inconclusive_tumor"]) == (4, 2, 2, 1)
     pos = m["inconclusive_as_positive"]["max"]
     # as positive: t1 0.9, t2 +inf vs n1 0.2, n2 +inf → pairs 1, 0, 1, ½ → AUC 0.625; n2 is a false positive
@@ -336,7 +356,7 @@ def test_screening_thresholds_by_hand():
 
 def test_operating_points_chosen_on_val_with_test_rates_and_the_99_percent_rule():
     def patients(scores: dict) -> dict:
-        return {("MSD", n): {"dataset": "MSD", "label": lab, "scores": {"max": s, "top_k_mean": s}, "n_boxed": 1,
+        return {("MSD", n): {"dataset": "MSD", "label": lab, "scores": dict.fromkeys(AGGREGATIONS, s), "n_boxed": 1,
                              "inconclusive": s is None} for n, (lab, s) in scores.items()}
 
     val = patients({**{f"n{k}": (False, k / 100) for k in range(20)}, "p1": (True, 0.185), "p2": (True, 0.5),
@@ -359,7 +379,7 @@ def test_operating_points_chosen_on_val_with_test_rates_and_the_99_percent_rule(
     table = cascade.cascade_tables({
         "slice": cascade.slice_metrics([], None), "selection": {**selection, "n_val_volumes": 24, "n_val_inconclusive": 1,
                                                                 "n_val_tumor": 3, "notes": [], "slice_threshold_rule": "x"},
-        "patient": {**operating_points.patient_metrics(test, {"max": 0.5, "top_k_mean": 0.5}, 0, 0), "operating_points": points,
+        "patient": {**operating_points.patient_metrics(test, dict.fromkeys(AGGREGATIONS, 0.5), 0, 0), "operating_points": points,
                     "pancreas_iou_3d": None, "n_pancreas_volumes": 0, "tumor_iou_3d": None, "n_tumor_volumes": 0},
         "top_k": 3, "min_boxed_slices": 1})
     assert "| specificity >= 99% | not chosen: val has 20 negative volume(s)" in table

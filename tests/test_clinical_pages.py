@@ -260,7 +260,14 @@ def test_an_sr_that_fails_costs_only_the_sr(tmp_path, monkeypatch):
 def test_words_with_and_without_the_calibration_keys(tmp_path):
     _, geometry, _, result, _ = dicom_scan(tmp_path)
     plain = build_report("case", "case", geometry, result.patient, result.slices, CHECKPOINTS)
-    assert decision_text(plain) == "Pancreatic tumor (PDAC) suspected. A pancreas was found and assessed on 2 of 5 slices."
+    # the cascade's verdict line where report.json records it (issue 25.5), else the page's own words
+    assert plain["patient"]["verdict"].startswith("tumor suspected on the 2 slice(s) where a pancreas was found")
+    assert decision_text(plain) == plain["patient"]["verdict"][0].upper() + plain["patient"]["verdict"][1:] + "."
+    without_verdict = json.loads(json.dumps(plain))
+    del without_verdict["patient"]["verdict"]
+    # (the fixture's patient records 3 assessed slices: report.json's "assessed" is what the page counts)
+    assert decision_text(without_verdict) == ("Pancreatic tumor (PDAC) suspected. A pancreas was found and assessed "
+                                              "on 2 of 3 slices.")
     # build_report records the likelihood (no map here); a report of an older scan has no such key
     assert likelihood_text(plain) == "Uncalibrated score 0.900 (not a probability: no calibration map was applied)."
     older = json.loads(json.dumps(plain))
@@ -281,14 +288,19 @@ def test_words_with_and_without_the_calibration_keys(tmp_path):
     full["patient"]["likelihood"] = {"raw": 0.9, "calibrated": None, "calibration": None}
     assert likelihood_text(full) == "Uncalibrated score 0.900 (not a probability: no calibration map was applied)."
     assert "%" not in likelihood_text(full)
-    negative = build_report("c", "c", geometry, patient("no tumor", 0.1, boxed=2), result.slices, CHECKPOINTS)
+    negative = build_report("c", "c", geometry, patient("no tumor", 0.1, boxed=2, total=5), result.slices, CHECKPOINTS)
+    # the cascade's verdict line (issue 25.5) says how much was assessed
+    assert decision_text(negative) == "No tumor found on the 2 slice(s) where a pancreas was found (2 of 5 slice(s))."
+    del negative["patient"]["verdict"], negative["assessed"]  # a report without them: counted from the slices
     assert decision_text(negative) == ("No tumor found on the 2 slices where a pancreas was found (of 5); the rest of "
                                        "the volume was not assessed.")
     negative["assessed"] = {"slices_with_pancreas": 14, "slices_total": 80}  # issue 25.5's key wins where present
     assert decision_text(negative).startswith("No tumor found on the 14 slices where a pancreas was found (of 80)")
     negative["patient"]["verdict"] = "no tumor found on the 14 slice(s) where a pancreas was found (14 of 80 slice(s))"
     assert decision_text(negative) == "No tumor found on the 14 slice(s) where a pancreas was found (14 of 80 slice(s))."
-    inconclusive = build_report("c", "c", geometry, patient("inconclusive", 0.0, boxed=2), result.slices, CHECKPOINTS)
+    inconclusive = build_report("c", "c", geometry, patient("inconclusive", 0.0, boxed=2, total=5), result.slices,
+                                CHECKPOINTS)
+    del inconclusive["patient"]["verdict"], inconclusive["assessed"]
     assert decision_text(inconclusive).startswith("Inconclusive: a pancreas was found on only 2 of 5 slices")
     assert likelihood_text(inconclusive) == "No likelihood: there is no patient-level score."
     inconclusive["patient"]["verdict"] = "inconclusive: a pancreas was found on 2 of 5 slice(s), fewer than the 3 needed"
@@ -352,7 +364,7 @@ def test_report_and_index_pages_in_chromium(tmp_path):
 
     with browser_page((out / "calibrated" / REPORT_HTML).as_uri()) as page:
         text, shot = _rendered(page)
-        assert "Pancreatic tumor (PDAC) suspected" in text
+        assert "Tumor suspected on the 2 slice(s) where a pancreas was found" in text
         assert "Calibrated likelihood of PDAC: 62 % (method platt, fitted on val (40 volumes)); raw score 0.900." in text
         assert "OUTSIDE THE VALIDATED RANGE" in text and "slice thickness\tfailed\tSliceThickness = 5.0" in text
         assert "Research prototype, not a medical device" in text and "patient threshold 0.500" in text

@@ -321,7 +321,9 @@ def cascade_server():
     assert cfg.model.ckpt is None and cfg.cascade.stages.configured()  # the documented three-stage mode
     stages = {"pancreas_detection": str(train_box_checkpoint(cfg, files["slice"], folder / "stage1"))}
     stages.update(random_checkpoints(folder, cfg.model, ["tumor_classification", "tumor_detection"]))
-    with serve(folder, [f"cascade.stages.{s}={p}" for s, p in stages.items()]) as (url, proc):
+    from tests.test_demo_messages import EXPLICIT_OPERATING_POINT
+
+    with serve(folder, [f"cascade.stages.{s}={p}" for s, p in stages.items()] + EXPLICIT_OPERATING_POINT) as (url, proc):
         yield {"url": url, "files": files}
 
 

@@ -274,6 +274,11 @@ def scan_through_handlers(service: DemoService, values, tmp_path: Path):
     return history[-1]["content"], table, plot
 
 
+EXPLICIT_OPERATING_POINT = ["cascade.operating_point=null", "cascade.threshold=0.5", "cascade.slice_threshold=0.5",
+                            "cascade.aggregation=max", "cascade.z_rule=none", "cascade.min_boxed_slices=1"]
+"""A complete operating point set by hand (the demo refuses a partial one)."""
+
+
 def three_stage_service(**cascade) -> tuple[DemoService, ScriptedStages]:
     stages = ScriptedStages()
     return DemoService(stages.model, stages=stages, cascade=CascadeSettings(**cascade)), stages
@@ -301,8 +306,8 @@ def test_boxes_with_low_p_tumor_are_no_tumor_found_with_what_was_assessed(tmp_pa
     assert text == (
         "Scanned 5 slices. Three stages: pancreas box (stage 1) → P(tumor) on its crop (stage 2) → tumor box "
         "(stage 3). Most suspicious: **slice 3**, P(tumor) = 0.549 (classified on the pancreas crop). Boxes: tumor "
-        "in red, pancreas in cyan. The viewer now shows that slice. Patient-level answer: **no tumor found** "
-        "(largest slice P(tumor) = 0.549, below the threshold 0.600; aggregation `max`); uncalibrated score 0.549 (not "
+        "in red, pancreas in cyan. The viewer now shows that slice. Patient-level answer: **no tumor found** on the 2 "
+        "slices where a pancreas was found (largest slice P(tumor) = 0.549, below the threshold 0.600; aggregation `max`); uncalibrated score 0.549 (not "
         "a probability: no calibration map was given). Assessed: 2 of 5 slices "
         "got a pancreas box; P(tumor) computed on 2 (2 on the pancreas crop); tumor box asked on 0 slices, found on 0. "
         "Input checks: no check failed: 1 passed, 6 unknown (modality, slice_thickness, pixel_spacing, orientation, "
@@ -317,7 +322,8 @@ def test_boxes_with_low_p_tumor_are_no_tumor_found_with_what_was_assessed(tmp_pa
                                          {"split": "val", "n_volumes": 40, "dataset": "MSD, NIH"})
     text, _, _ = scan_through_handlers(service, [10, 120, 60, 140, 20], tmp_path)
     assert text.endswith(
-        "Patient-level answer: **tumor suspected** (mean of the 2 largest slice P(tumor) = 0.510, at or above the "
+        "Patient-level answer: **tumor suspected** on the 2 slices where a pancreas was found (mean of the 2 largest "
+        "slice P(tumor) = 0.510, at or above the "
         "threshold 0.400; aggregation `top_k_mean`, top 2); calibrated likelihood 25 % (isotonic, fitted on val: 40 "
         "volumes of MSD, NIH); raw score 0.510. Assessed: 2 of 5 slices got a pancreas box; P(tumor) "
         "computed on 2 (2 on the pancreas crop); tumor box asked on 2 slices, found on 2. Input checks: no check "
@@ -395,7 +401,7 @@ def test_a_stage_loading_error_is_one_error_line_and_exit_2(tmp_path, monkeypatc
     monkeypatch.setattr(stage_module, "load_stages", refuse)
     monkeypatch.setattr(service_module, "load_stages", refuse)  # bound where it is used
     demo = import_demo_entry_point()
-    options = [f"cascade.stages.{stage}={folder}" for stage, folder in folders.items()]
+    options = [f"cascade.stages.{stage}={folder}" for stage, folder in folders.items()] + EXPLICIT_OPERATING_POINT
     status = cli.run_main(demo.main, ["--cfg-path", str(REPO / "eval_configs" / "demo_cpu.yaml"), "--options", *options],
                           prog="demo.py")
     captured = capsys.readouterr()

@@ -142,4 +142,4 @@ def test_settings_from_the_cascade_config():
     default = CascadeSettings.from_config(CascadeConfig())
     assert (default.threshold, default.stage3_gate, default.aggregation) == (0.5, 0.5, "max")
     assert settings.describe() == ("patient threshold 0.3 on the top_k_mean of slice P(tumor) (top 2), stage 3 asked "
-                                   "where slice P(tumor) >= 0.2; inconclusive when fewer than 3 slice(s) get a pancreas box")
+                                   "where slice P(tumor) >= 0.2; inconclusive when fewer than 3 slice(s) keep a pancreas box")

@@ -27,6 +27,9 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     classification = json.loads((tmp_path / "eval" / "stage2_tumor_classification" / "metrics.json").read_text())
     assert set(classification) >= {"accuracy", "precision", "recall", "f1", "auc"}
     assert (tmp_path / "runs" / "stage3_tumor_detection" / "checkpoint_best" / "model.safetensors").is_file()
+    # stage 1 of the cascade trains on slices without pancreas too (issue 26); Table 1's configs do not
+    assert "empty_share: 0.5" in (tmp_path / "configs" / "stage1_pancreas_detection.yaml").read_text()
+    assert "cascade.operating_point=" in printed
     assert "TINY model on SYNTHETIC phantoms" in printed
     # every stage's result is printed next to what an image-blind answer gets on the same records
     assert printed.count("vs image-blind baseline, constant box (mean training box per target): mean IoU") == 3
@@ -50,6 +53,12 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     for name in ("phantom", "phantom_dicom"):
         report = json.loads((scan / name / "report.json").read_text())
         assert report["config"]["threshold"] == cascade["selection"]["threshold"]
+        # the whole operating point eval_cascade chose on val, through its operating_point.json (issue 25.4)
+        assert report["config"]["slice_threshold"] == cascade["selection"]["slice_threshold"] is not None
+        assert report["config"]["z_rule"] == cascade["selection"]["z_rule"]
+        assert report["config"]["min_boxed_slices"] == cascade["min_assessed"]["min_slices"]
+        assert report["config"]["operating_point"] == str(tmp_path / "eval" / "cascade" / "operating_point.json")
+        assert report["patient"]["verdict"].count("slice(s)") >= 1 and "assessed" in report
         assert (scan / name / "boxes.nii.gz").is_file() and (scan / name / "report.html").is_file()
     # the same phantom read from NIfTI and from DICOM: the same slices, so the same answers
     nifti, dicom = (json.loads((scan / n / "report.json").read_text()) for n in ("phantom", "phantom_dicom"))

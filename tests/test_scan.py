@@ -63,7 +63,8 @@ def stage_paths(tmp_path_factory) -> tuple[dict, object]:
 def scan_config(tmp_path: Path, stage_paths) -> Path:
     paths, cfg = stage_paths
     doc = {"model": OmegaConf.to_container(OmegaConf.structured(cfg)),
-           "cascade": {"stages": paths, "threshold": 0.5, "aggregation": "max", "top_k": 3},
+           "cascade": {"stages": paths, "threshold": 0.5, "slice_threshold": 0.5, "aggregation": "max", "top_k": 3,
+                       "z_rule": "none", "min_boxed_slices": 1},
            "run": {"device": "cpu", "eval_batch_size": 8}}
     path = tmp_path / "scan.yaml"
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(doc)))
@@ -99,8 +100,11 @@ def test_discover_expands_folders_of_volumes(tmp_path):
     assert [e.name for e in discover([inputs / "b_series", inputs / "a_nifti.nii.gz"])] == ["a_nifti", "b_series"]
     with pytest.raises(ValueError, match=r"README.txt: not a CT volume"):
         discover([inputs / "README.txt"])
-    with pytest.raises(ValueError, match="two volumes named 'a_nifti'"):
-        discover([inputs, inputs / "a_nifti.nii.gz"])
+    # the same file named twice is one volume; two files of one name get unique folder names
+    assert [e.name for e in discover([inputs, inputs / "a_nifti.nii.gz"])] == ["a_nifti", "b_series", "c_zip"]
+    (inputs / "a_nifti.zip").write_bytes((inputs / "c_zip.zip").read_bytes())
+    assert [(e.name, e.path.name) for e in discover([inputs])][:2] == [("a_nifti", "a_nifti.nii.gz"),
+                                                                       ("a_nifti-2", "a_nifti.zip")]
     with pytest.raises(FileNotFoundError, match="missing: --inputs path not found"):
         discover([tmp_path / "missing"])
 
@@ -185,8 +189,13 @@ def test_scan_with_boxes_writes_seg_and_label_volumes(tmp_path, stage_paths, mon
         report = strict_json(out / name / REPORT_FILE)
         # no operating point with a map: the score is uncalibrated (issue 28.1)
         assert report["patient"] == {"decision": "tumor", "score": 0.75, "threshold": 0.5, "aggregation": "max",
-                                     "top_k": None, "n_slices_boxed": n_slices,
+                                     "top_k": None, "n_slices_boxed": n_slices, "verdict":
+                                     f"tumor suspected on the {n_slices} slice(s) where a pancreas was found "
+                                     f"({n_slices} of {n_slices} slice(s))",
                                      "likelihood": {"raw": 0.75, "calibrated": None, "calibration": None}}
+        assert report["assessed"] == {"slices_with_pancreas": n_slices, "slices_total": n_slices,
+                                      "slices_boxed_by_stage1": n_slices, "boxes_dropped_by_z_rule": 0,
+                                      "min_slices_required": 1, "enough": True}
         # boxes on every slice reach the first and last one; the random HU of the inputs hold no air (issue 28.3)
         checks = {c["check"]: c for c in report["fitness"]}
         assert checks["z_coverage"]["status"] == "failed" and "first and last slice" in checks["z_coverage"]["reason"]
@@ -220,9 +229,11 @@ def test_scan_with_boxes_writes_seg_and_label_volumes(tmp_path, stage_paths, mon
     assert not (out / "a_nifti" / "sr.dcm").exists() and strict_json(out / "a_nifti" / REPORT_FILE)["structured_report"] is None
     # the pages: one per volume, the index links them; no private path (the inputs live under tmp_path)
     index = (out / "index.html").read_text()
-    for name in ("a_nifti", "b_series", "c_zip"):
+    for name, n_slices in (("a_nifti", 4), ("b_series", 3), ("c_zip", 3)):
         page = (out / name / "report.html").read_text()
-        assert "Pancreatic tumor (PDAC) suspected" in page and str(tmp_path) not in page
+        # the cascade's verdict line, saying how much was assessed (issue 25.5), heads the page
+        assert f"Tumor suspected on the {n_slices} slice(s) where a pancreas was found" in page
+        assert str(tmp_path) not in page
         assert f'<a href="{name}/report.html">{name}</a>' in index
     assert str(tmp_path) not in index
     assert str(tmp_path).encode() not in (out / "b_series" / "sr.dcm").read_bytes()
@@ -335,7 +346,11 @@ def test_out_folder_rule_and_config_checks(tmp_path, stage_paths, capsys):
     assert "scan.py: error: " in err and "folder is not empty and has no manifest.json" in err
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     for option, message in (("cascade.threshold=null", "cascade.threshold is not set"),
-                            ("cascade.aggregation=auto", "cascade.aggregation is 'auto'")):
+                            ("cascade.aggregation=auto", "cascade.aggregation is 'auto'"),
+                            ("cascade.slice_threshold=null", "cascade.slice_threshold is not set"),  # issue 25.4
+                            ("cascade.z_rule=auto", "cascade.z_rule is 'auto'"),
+                            ("cascade.min_boxed_slices=null", "cascade.min_boxed_slices is not set"),
+                            (f"cascade.operating_point={tmp_path / 'none.json'}", "none.json not found")):
         assert run_main(scan.main, ["--cfg-path", str(config), "--inputs", str(inputs), "--out", str(tmp_path / "o"),
                                     "--options", option], prog="scan.py") == 2
         assert message in capsys.readouterr().err

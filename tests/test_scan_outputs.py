@@ -54,9 +54,12 @@ TUMOR = PatientResult(score=0.8, aggregation="max", top_k=3, threshold=0.5, deci
 SPACING = (0.8, 0.7, 2.5)  # rows, columns, slices (mm)
 
 
-def patient(decision: str, score: float, aggregation: str = "max", boxed: int = 1) -> PatientResult:
+def patient(decision: str, score: float, aggregation: str = "max", boxed: int = 1, total: int = 3) -> PatientResult:
+    from minigpt4.inference.patient import assessed
+
+    kept = [True] * boxed + [False] * (total - boxed)
     return PatientResult(score=score, aggregation=aggregation, top_k=3, threshold=0.5, decision=decision,
-                         n_slices_boxed=boxed)
+                         n_slices_boxed=boxed, assessed=assessed(kept, kept, 1))
 
 
 def results_on(width: int, height: int):
@@ -226,7 +229,10 @@ def test_report_json_is_strict_and_complete(tmp_path):
     report = strict_json(tmp_path / "case" / REPORT_FILE)
     assert report["patient"] == {"decision": "tumor", "score": 0.75, "threshold": 0.5, "aggregation": "max",
                                  "top_k": None, "n_slices_boxed": 1,
+                                 "verdict": "tumor suspected on the 1 slice(s) where a pancreas was found (1 of 3 slice(s))",
                                  "likelihood": {"raw": 0.75, "calibrated": None, "calibration": None}}
+    assert report["assessed"] == {"slices_with_pancreas": 1, "slices_total": 3, "slices_boxed_by_stage1": 1,
+                                  "boxes_dropped_by_z_rule": 0, "min_slices_required": 1, "enough": True}
     assert report["fitness"] is None and report["outside_validated_range"] is None  # not given: not recorded
     assert [s["slice"] for s in report["slices"]] == [0, 2, 4]
     assert [s["p_tumor"] for s in report["slices"]] == [None, 0.75, 0.25]
@@ -437,7 +443,8 @@ def test_dicom_seg_on_the_real_series(tmp_path):
     SliceResult = results_on(512, 512)
     a, b, c = (grid_to_pixel_inclusive(g, 512, 512) for g in ((39, 48, 58, 62), (41, 47, 60, 64), (49, 53, 52, 56)))
     results = [SliceResult(5, 0.4, pancreas_box=a), SliceResult(12, 0.7, pancreas_box=b, tumor_box=c)]
-    write_dicom_seg(tmp_path / SEG_FILE, geometry, results, headers, CHECKPOINTS)
+    generated: dict = {}
+    write_dicom_seg(tmp_path / SEG_FILE, geometry, results, headers, CHECKPOINTS, generated=generated)
     frames = read_seg_frames(tmp_path / SEG_FILE)
     expected = [(headers[5], 1, a), (headers[12], 1, b), (headers[12], 2, c)]
     # this anonymised series has empty SOPInstanceUIDs in its data sets: the file meta holds them
@@ -448,7 +455,11 @@ def test_dicom_seg_on_the_real_series(tmp_path):
         [float(v) for v in h.ImagePositionPatient] for h, _, _ in expected]
     seg = hd.seg.segread(str(tmp_path / SEG_FILE))
     assert seg.FrameOfReferenceUID == headers[0].FrameOfReferenceUID
-    assert seg.StudyInstanceUID == headers[0].StudyInstanceUID
+    # its Study/Series UIDs are empty too: generated (and returned, to be recorded), never empty references
+    assert headers[0].StudyInstanceUID == "" and set(generated) >= {"StudyInstanceUID"}
+    assert seg.StudyInstanceUID == generated["StudyInstanceUID"] != ""
+    referenced = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+    assert referenced == (headers[0].SeriesInstanceUID or generated["SeriesInstanceUID"]) != ""
 
 
 # ----------------------------------------------------------------------------- montage.png
@@ -502,10 +513,10 @@ def test_summary_and_scan_json_parse_strictly(tmp_path):
         table = list(reader)
     assert table[0] == list(SUMMARY_COLUMNS)
     assert table[1:] == [
-        ["a_case", "", "", "", "", "", "", "", "", 'a_case.nii.gz: corrupt, "truncated"\nfile'],
-        ["b_case", "no tumor", "0.125", "0.25", "true", "hu_sanity;z_coverage", "3", "1", "0", ""],
-        ["c_case", "inconclusive", "", "", "false", "", "3", "0", "", ""],
-        ["d_missing", "", "", "", "", "", "", "", "", f"no complete output in {tmp_path / 'd_missing'}"],
+        ["a_case", "", "", "", "", "", "", "", "", "", 'a_case.nii.gz: corrupt, "truncated"\nfile'],
+        ["b_case", "no tumor", "0.125", "0.25", "true", "hu_sanity;z_coverage", "3", "1", "1", "0", ""],  # 1: assessed
+        ["c_case", "inconclusive", "", "", "false", "", "3", "0", "0", "", ""],
+        ["d_missing", "", "", "", "", "", "", "", "", "", f"no complete output in {tmp_path / 'd_missing'}"],
     ]
     write_scan_json(tmp_path / "scan.json", {"threshold": 0.5, "aggregation": "max"}, CHECKPOINTS, rows)
     scan = strict_json(tmp_path / "scan.json")
@@ -579,7 +590,6 @@ def test_failed_write_leaves_the_folder_unmarked(tmp_path, monkeypatch):
     kwargs = dict(volume="v", source="v", geometry=geometry, result=VolumeResult(rows, patient("tumor", 0.9)),
                   checkpoints=CHECKPOINTS, fingerprint="f" * 64)
     write_volume_outputs(tmp_path, **kwargs)
-    before = (tmp_path / REPORT_FILE).read_bytes()
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
@@ -589,7 +599,9 @@ def test_failed_write_leaves_the_folder_unmarked(tmp_path, monkeypatch):
         write_volume_outputs(tmp_path, **{**kwargs, "result": VolumeResult(rows, patient("tumor", 0.95))})
     assert not is_done(tmp_path, "f" * 64)
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
-    assert (tmp_path / REPORT_FILE).read_bytes() != before  # rewritten, but the folder is not marked done
+    # the report of the earlier run may remain, but the folder says it is being rewritten and is not done
+    assert (tmp_path / "incomplete.json").is_file() and not (tmp_path / DONE_FILE).exists()
+    assert collect_summary(tmp_path.parent, [tmp_path.name])[0]["error"].startswith("no complete output")
 
 
 # ----------------------------------------------------------------------------- sharding

@@ -19,7 +19,7 @@ from minigpt4.outputs import OutputFolder, check_output_folder
 from minigpt4.provenance import check_cascade_leakage, stage_provenance
 
 CASCADE_OUTPUTS = ("predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "reliability.png",
-                   "config.yaml")
+                   "config.yaml", "operating_point.json")
 """What ``eval_cascade.py`` writes in ``run.output_dir`` (besides its ``manifest.json``)."""
 
 

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from minigpt4.boxes import box_answer
+from minigpt4.boxes import NO_BOX_ANSWER, box_answer
 from minigpt4.config import DETECTION_TASKS, ORGANS, TASKS, Config, ConfigError
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
 from preprocessing.layout import read_prepared
@@ -141,6 +141,8 @@ class TaskDataset(Dataset):
         record = self.records[index]
         if self.task == "tumor_classification":
             return str(record["answer"])
+        if record.get("no_target"):  # a slice without the target (datasets.*.empty_share)
+            return NO_BOX_ANSWER
         return box_answer(record["bbox"], int(record["width"]), int(record["height"]))
 
     def load_image(self, index: int) -> torch.Tensor:
@@ -226,7 +228,14 @@ def load_split_records(cfg: Config, split: str) -> list[tuple[str, str, float, l
         source = f"datasets.{name} ({ds.root}, {ds.task}, split {split})"
         # organs only for organ_detection and only when narrowed: any organs= makes the reader reselect
         narrowed = ds.task == "organ_detection" and sorted(ds.organs) != sorted(ORGANS)
-        records = read_prepared(ds.root, ds.task, split, threshold=ds.threshold, organs=list(ds.organs) if narrowed else None)
+        if ds.empty_share and ds.task != "pancreas_detection":
+            raise ConfigError(f"datasets.{name}.empty_share: only pancreas_detection trains on slices without its "
+                              f"target, not {ds.task}")
+        # slices without pancreas are added to the training split only: validation and evaluation
+        # score boxes on pancreas slices as the paper does (eval_cascade measures the false boxes)
+        empty = ds.empty_share if split == "train" else 0.0
+        records = read_prepared(ds.root, ds.task, split, threshold=ds.threshold,
+                                organs=list(ds.organs) if narrowed else None, empty_share=empty)
         check_records(records, ds.task, source=source)
         out.append((name, ds.task, float(ds.sample_ratio), records))
     return out

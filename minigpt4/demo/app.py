@@ -298,9 +298,10 @@ class DemoHandlers:
 
         if state.get("geometry") is None:
             return None
-        if self._checkpoints is None:
-            self._checkpoints = checkpoint_identities(self.service.checkpoints)
-        name = volume_name(Path(state["name"]))
+        if self._checkpoints is None:  # a user sees the checkpoints' names and hashes, never server paths
+            self._checkpoints = [dataclasses.replace(c, path=Path(c.path).name)
+                                 for c in checkpoint_identities(self.service.checkpoints)]
+        name = volume_name(Path(state["name"]).name)  # `...nii.gz` → `volume`: never `..`
         folder = Path(tempfile.mkdtemp(prefix="scan_", dir=self.workdir)) / name
         checkpoints = self._checkpoints
         settings = {"normalisation": state.get("normalisation"), **dataclasses.asdict(self.service.cascade)}
@@ -379,9 +380,9 @@ def build_app(service: DemoService, workdir: Optional[str | os.PathLike] = None)
         gr.Markdown(f"# {TITLE}")
         gr.HTML(NOTICE)
         if service.warning:
-            gr.HTML(_warning_html(service.warning))
+            gr.HTML(_warning_html(h.public(service.warning)))
         if service.description:
-            gr.Markdown(f"Serving: {service.description}", elem_id="model-description")
+            gr.Markdown(h.public(f"Serving: {service.description}"), elem_id="model-description")
         with gr.Row():
             with gr.Column(scale=5):
                 upload = gr.File(

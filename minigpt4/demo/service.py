@@ -26,6 +26,7 @@ from PIL import Image
 
 from minigpt4.boxes import EMPTY_BOX, box_problem, grid_to_pixel, parse_box, parse_yes_no
 from minigpt4.config import DecodingConfig
+from minigpt4.inference.operating_point import check_checkpoints, scan_settings
 from minigpt4.drawing import CYAN, RED, annotate
 from minigpt4.inference.calibration import CalibrationMap, configured_calibration, likelihood_entry, likelihood_text
 from minigpt4.inference.fitness import check_fitness, fitness_summary, stage_envelopes
@@ -163,22 +164,28 @@ class ScanResult:
             inconclusive = ("**inconclusive: no pancreas found on any slice** — this is not a negative result: the "
                             "model never looked at a pancreas")
         else:  # the pipeline may require more boxed slices than this
-            inconclusive = (f"**inconclusive: a pancreas box on only {boxed} of {len(self.rows)} slices** — this is "
+            needed = (p.assessed.get("min_slices_required") if p is not None else None) or None
+            kept = p.assessed.get("slices_with_pancreas", boxed) if p is not None and p.assessed else boxed
+            inconclusive = (f"**inconclusive: a pancreas box on only {kept} of {len(self.rows)} slices"
+                            f"{f' ({needed} needed)' if needed else ''}** — this is "
                             "not a negative result: too little of the pancreas was looked at")
         if p is None:  # one checkpoint: no patient-level answer (its P(tumor) may come from whole slices)
             if boxed:
                 return self.assessed_text()
             return (inconclusive + "; P(tumor) came from whole slices only, outside the classifier's training "
                     "distribution. " + self.assessed_text())
-        aggregation = f"aggregation `{p.aggregation}`" + (f", top {p.top_k}" if p.aggregation == "top_k_mean" else "")
+        aggregation = f"aggregation `{p.aggregation}`" + (f", top {p.top_k}" if p.aggregation.startswith("top_k") else "")
         if p.decision == "inconclusive":
             return (f"Patient-level answer: {inconclusive}, so the threshold {p.threshold:.3f} ({aggregation}) was not "
                     "applied. " + self.assessed_text())
-        how = "largest slice P(tumor)" if p.aggregation == "max" else f"mean of the {p.top_k} largest slice P(tumor)"
+        how = {"max": "largest slice P(tumor)", "top_k_mean": f"mean of the {p.top_k} largest slice P(tumor)",
+               "top_k_logit_mean": f"logit-space mean of the {p.top_k} largest slice P(tumor)",
+               "mean": "mean slice P(tumor)"}.get(p.aggregation, p.aggregation)
         verdict, side = ("tumor suspected", "at or above") if p.tumor else ("no tumor found", "below")
-        return (f"Patient-level answer: **{verdict}** ({how} = {p.score:.3f}, {side} the threshold "
-                f"{p.threshold:.3f}; {aggregation}); {likelihood_text(self.likelihood or likelihood_entry(p.score, None))}. "
-                + self.assessed_text())
+        seen = p.assessed.get("slices_with_pancreas", p.n_slices_boxed)
+        return (f"Patient-level answer: **{verdict}** on the {seen} slice{'' if seen == 1 else 's'} where a pancreas "
+                f"was found ({how} = {p.score:.3f}, {side} the threshold {p.threshold:.3f}; {aggregation}); "
+                f"{likelihood_text(self.likelihood or likelihood_entry(p.score, None))}. " + self.assessed_text())
 
     def fitness_text(self) -> str:
         """The fitness checks in words: ``**Outside the validated range**: ... failed (reason); ...``
@@ -419,16 +426,20 @@ def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limi
             return None
         stage, path = next(iter(absent.items()))
         raise FileNotFoundError(f"cascade.stages.{stage} {path} not found (cwd {Path.cwd()}); train the cascade first")
+    # the operating point eval_cascade chose on val (or a complete explicit one), before the model loads
+    settings, point = scan_settings(cfg.cascade, "demo config")
+    if point is not None:
+        check_checkpoints(point, stage_paths, "demo config")
     resolved = resolve_device(device or cfg.run.device)
     stages = load_stages(cfg.model, stage_paths, device=resolved)
-    settings = CascadeSettings.from_config(cfg.cascade)
     calibration, slice_calibration = configured_calibration(cfg.cascade)
-    listed = "; ".join(f"{STAGE_LABELS[s]} `{p}`" for s, p in stage_paths.items())
+    listed = "; ".join(f"{STAGE_LABELS[s]} `{Path(p).name}`" for s, p in stage_paths.items())  # names, not paths
     description = (f"three stages on one base — {listed} (image {cfg.model.vision.image_size}px, LLaMA "
                    f"{cfg.model.text.num_layers}×{cfg.model.text.hidden_size}) on {resolved}; greedy decoding; "
-                   f"volume scan: {settings.describe()}"
-                   f"{' (cascade.threshold unset: 0.5)' if cfg.cascade.threshold is None else ''}; set these to "
-                   "the values eval_cascade.py chose on the validation volumes (metrics.json selection).")
+                   f"volume scan: {settings.describe()}; "
+                   + ("the operating point eval_cascade.py chose on the validation volumes (cascade.operating_point)."
+                      if point is not None else "an operating point set by hand in the config, not one chosen by "
+                      "eval_cascade.py (set cascade.operating_point to its operating_point.json)."))
     return DemoService(
         stages.model, max_new_tokens=cfg.model.generation.max_new_tokens, text_decoding=cfg.model.generation.free_text,
         limits=limits, description=description, stages=stages, cascade=settings,
@@ -470,7 +481,7 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
                 "--options model.ckpt=<checkpoint folder, .safetensors or .pth>"
             )
         warning = (
-            f"checkpoint <code>{ckpt}</code> not found: serving a tiny model with <b>random weights</b>; "
+            f"checkpoint <code>{Path(ckpt).name}</code> not found: serving a tiny model with <b>random weights</b>; "
             "its answers are meaningless. Run <code>./quickstart.sh</code> or pass "
             "<code>--options model.ckpt=PATH</code>."
         )
@@ -481,7 +492,7 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
     model = build_model(model_cfg, device=resolved)
     model.eval()
     sizes = f"image {model_cfg.vision.image_size}px, LLaMA {model_cfg.text.num_layers}×{model_cfg.text.hidden_size}"
-    served = ckpt if model_cfg.ckpt is not None else "random / base weights"
+    served = Path(ckpt).name if model_cfg.ckpt is not None else "random / base weights"  # a name, not a server path
     free_text = model_cfg.generation.free_text
     decoding = "greedy decoding" if free_text is None else f"greedy boxes and yes/no, free text: {free_text.strategy}"
     description = f"checkpoint `{served}` ({sizes}) on {resolved}; {decoding}."

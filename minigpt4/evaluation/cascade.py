@@ -40,13 +40,19 @@ from minigpt4.distributed import all_gather_objects, rank_and_world_size, shard
 from minigpt4.evaluation.calibration import calibration_lines, cascade_calibration, reliability_figure
 from minigpt4.evaluation.stats import auc_score, safe_ratio
 from minigpt4.evaluation.operating_points import (
+    box_counts,
     choose_slice_threshold,
+    choose_z_rule,
     operating_points,
     patient_metrics,
     patient_scores,
+    rules_considered,
     select_operating_point,
 )
-from minigpt4.inference.pipeline import AGGREGATIONS, CascadeSettings, scan_slices
+from minigpt4.inference.operating_point import FILENAME as OPERATING_POINT
+from minigpt4.inference.operating_point import operating_point_record
+from minigpt4.inference.patient import AGGREGATIONS, Z_RULES, min_assessed_rule
+from minigpt4.inference.pipeline import CascadeSettings, scan_slices
 from minigpt4.config import ConfigError
 from minigpt4.evaluation.common import subsample
 from preprocessing.layout import read_volumes
@@ -305,8 +311,41 @@ def _cell(m: dict, name: str) -> str:
 
 def _too_few(min_boxed_slices: int) -> str:
     if min_boxed_slices <= 1:
-        return "no slice with a pancreas box"
-    return f"a pancreas box on fewer than {min_boxed_slices} slices (cascade.min_boxed_slices)"
+        return "no slice with a kept pancreas box"
+    return f"a kept pancreas box on fewer than {min_boxed_slices} slices"
+
+
+def rules_table(metrics: dict) -> list[str]:
+    """Every patient rule considered (3-D rule × aggregation): val AUC, which chose, and test AUC."""
+    from minigpt4.evaluation.tables import fmt
+
+    rules, z = metrics.get("rules"), metrics.get("z_rule")
+    if not rules:
+        return []
+
+    def auc(row: dict, mode: str) -> str:
+        ci = row.get(f"test_auc_{mode}_ci95")
+        return fmt(row[f"test_auc_{mode}"]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
+
+    lines = ["", "## Patient rules considered (chosen on val by patient AUC; test AUC shown, never used to choose)", "",
+             "| 3-D rule | aggregation | val AUC (conclusive val volumes) | test AUC, inconclusive excluded [95% CI] "
+             "| test AUC, inconclusive as positive [95% CI] |", "|---|---|---|---|---|"]
+    for row in rules:
+        mark = " **(selected)**" if row["selected"] else ""
+        lines.append(f"| {row['z_rule']} | {row['aggregation']}{mark} | {fmt(row['val_auc'])} "
+                     f"({row['n_val_volumes'] - row['n_val_inconclusive']}) | {auc(row, 'inconclusive_excluded')} "
+                     f"| {auc(row, 'inconclusive_as_positive')} |")
+    if z:
+        counts = "; ".join(f"`{name}`: val {c['val']['kept']} kept / {c['val']['dropped']} dropped, test "
+                           f"{c['test']['kept']} kept / {c['test']['dropped']} dropped" for name, c in z["boxes"].items())
+        lines += ["", f"3-D consistency rule selected: `{z['selected']}` (`largest_run`: only the largest run of >= 2 "
+                  f"adjacent slices whose pancreas boxes overlap is kept). Pancreas boxes {counts}."]
+    m = metrics.get("min_assessed") or {}
+    if m:
+        lines += ["", f"Minimum assessed: a conclusive answer needs >= {m['min_slices']} kept pancreas slices ({m['rule']}"
+                  + (f"; median extent {fmt(m.get('median_extent_slices'))} slices over {m.get('n_volumes')} val volumes"
+                     if m.get("median_extent_slices") is not None else "") + ")."]
+    return lines
 
 
 def cascade_tables(metrics: dict) -> str:
@@ -347,6 +386,7 @@ def cascade_tables(metrics: dict) -> str:
             mark = " (selected)" if method == sel["aggregation"] else ""
             lines.append(f"| {method}{mark} | {label} | {p[mode]['n_volumes']} ({p[mode]['n_tumor']}) | {fmt(m['threshold'])} "
                          f"| {_cell(m, 'auc')} | {_cell(m, 'sensitivity')} | {_cell(m, 'specificity')} |")
+    lines += rules_table(metrics)
     ops = p["operating_points"]
     lines += ["", f"{p['n_volumes']} test volumes, {p['n_tumor']} with tumor. "
               f"3-D IoU of the slice-box unions: pancreas {fmt(p['pancreas_iou_3d'])} ({p['n_pancreas_volumes']} volumes), "
@@ -428,14 +468,28 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
     batch = cfg.run.eval_batch_size
     start = time.perf_counter()
     val_rows = predict_split(stages, val_volumes, "val", None, casc.crop_margin, batch, False, _progress("val (stages 1-2)"))
-    val_patients = patient_scores(val_rows, casc.top_k, casc.min_boxed_slices)
-    selection = select_operating_point(val_patients, casc.aggregation, casc.threshold)
+    # how much pancreas a conclusive answer needs: configured, else from the val volumes' ground truth
+    extents = [sum(r.get("pixels_pancreas", 0) > 0 for r in recs) for recs in val_volumes.values()]
+    min_assessed = min_assessed_rule(extents, n_volumes=len(val_volumes)) if casc.min_boxed_slices is None else \
+        {"min_slices": int(casc.min_boxed_slices), "rule": "configured (cascade.min_boxed_slices)", "chosen_on": None}
+    min_slices = min_assessed["min_slices"]
+    # the 3-D rule and the aggregation, chosen together on val by patient AUC
+    z_rules = Z_RULES if casc.z_rule == "auto" else (casc.z_rule,)
+    val_by_z = {z: patient_scores(val_rows, casc.top_k, min_slices, z) for z in z_rules}
+    selections = {z: select_operating_point(val_by_z[z], casc.aggregation, casc.threshold) for z in z_rules}
+    z_rule = choose_z_rule(selections)
+    val_patients, selection = val_by_z[z_rule], selections[z_rule]
+    selection["z_rule"] = z_rule
+    selection["z_rule_rule"] = "configured (cascade.z_rule)" if casc.z_rule != "auto" else \
+        f"highest patient AUC on val of its selected aggregation (ties: the first of {', '.join(Z_RULES)})"
     selection.update(choose_slice_threshold(val_rows, casc.slice_threshold))
     rows = predict_split(stages, test_volumes, "test", selection["slice_threshold"], casc.crop_margin, batch, True,
                          _progress("test (stages 1-3)"))
-    patients = patient_scores(rows, casc.top_k, casc.min_boxed_slices)
+    test_by_z = {z: patient_scores(rows, casc.top_k, min_slices, z) for z in z_rules}
+    patients = test_by_z[z_rule]
     patient = patient_metrics(patients, selection["thresholds"], casc.bootstrap, cfg.run.seed)
     patient["operating_points"] = operating_points(val_patients, patients, selection, casc.bootstrap, cfg.run.seed)
+    rules = rules_considered(val_by_z, test_by_z, selections, z_rule, casc.bootstrap, cfg.run.seed)
     datasets = sorted({str(ds_name) for (ds_name, _) in {**val_patients, **patients}})
     calibration_map, calibration = cascade_calibration(val_patients, val_rows, patients, rows,
                                                        selection["aggregation"], datasets, cfg.run.seed)
@@ -443,25 +497,34 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
         "slice": slice_metrics(rows, selection["slice_threshold"]),
         "patient": {**patient, **volume_3d_metrics(test_volumes, rows)},
         "selection": selection,
+        "rules": rules,
+        "z_rule": {"selected": z_rule, "boxes": {z: {"val": box_counts(val_by_z[z]), "test": box_counts(test_by_z[z])}
+                                                 for z in z_rules}},
         "calibration": calibration,
         "top_k": casc.top_k,
-        "min_boxed_slices": casc.min_boxed_slices,
+        "min_boxed_slices": min_slices,
+        "min_assessed": min_assessed,
         "inconclusive": {"val": selection["n_val_inconclusive"], "test": patient["n_inconclusive"],
-                         "rule": _too_few(casc.min_boxed_slices)},
-        "volumes": {f"{d}/{v}": {"tumor": p["label"], "n_slices_boxed": p["n_boxed"], "inconclusive": p["inconclusive"],
-                                 **{m: round(s, 6) for m, s in p["scores"].items()}}
+                         "rule": _too_few(min_slices)},
+        "volumes": {f"{d}/{v}": {"tumor": p["label"], "n_slices_boxed": p["n_boxed"], "n_boxes_dropped": p["n_dropped"],
+                                 "inconclusive": p["inconclusive"], **{m: round(s, 6) for m, s in p["scores"].items()}}
                     for (d, v), p in patients.items()},
         "run": {"stages": {s: checkpoint_identity(p) for s, p in stages.sources.items()},
                 "datasets": sorted({str(ds.root) for ds in cfg.datasets.values()}),
                 "crop_margin": casc.crop_margin, "batch_size": batch, "seconds": round(time.perf_counter() - start, 3),
                 "decoding": "greedy, 1 beam, left padding", "environment": environment_identity(), **(source or {})},
     }
+    point = operating_point_record(selection, casc.top_k, min_assessed, z_rule, metrics["run"]["stages"],
+                                   len(val_volumes), "+".join(datasets))
+    point["calibration"] = calibration_map  # the calibration work's map (issue 28.1), chosen on val too
+
     if rank_and_world_size()[0] != 0:
         return metrics  # torchrun: rank 0 writes
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(out / "predictions.jsonl", rows)
     write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(out / OPERATING_POINT, point)
     write_text_atomic(out / "tables.md", cascade_tables(metrics))
     if make_figures:
         p_tumor_figure(rows, selection["slice_threshold"], out / "p_tumor_along_z.png")

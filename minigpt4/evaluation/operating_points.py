@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from minigpt4.evaluation.stats import auc_score, cluster_bootstrap, safe_ratio
-from minigpt4.inference.pipeline import AGGREGATIONS, aggregate
+from minigpt4.inference.patient import AGGREGATIONS, aggregate, z_consistent
 
 FALLBACK_THRESHOLD = 0.5
 
@@ -73,19 +73,26 @@ def screening_threshold(labels: Sequence[bool], scores: Sequence[float], specifi
 
 
 
-def patient_scores(rows: Sequence[dict], top_k: int, min_boxed_slices: int = 1) -> dict[tuple[str, str], dict]:
-    """``{(dataset, volume): {dataset, label, scores: {aggregation: score}, n_boxed, inconclusive}}``
-    from slice rows; ``inconclusive``: fewer than ``min_boxed_slices`` slices got a pancreas box."""
+def patient_scores(rows: Sequence[dict], top_k: int, min_boxed_slices: int = 1,
+                   z_rule: str = "none") -> dict[tuple[str, str], dict]:
+    """``{(dataset, volume): {dataset, label, scores: {aggregation: score}, n_boxed, n_dropped,
+    inconclusive}}`` from slice rows, as :func:`minigpt4.inference.pipeline.patient_result` decides:
+    the 3-D consistency rule ``z_rule`` keeps some pancreas boxes (:func:`z_consistent`; a dropped
+    box's P(tumor) does not count), ``n_boxed`` counts the kept ones and ``inconclusive`` is fewer
+    than ``min_boxed_slices`` kept. A volume's rows come in slice order (as eval_cascade writes them)."""
     by_volume: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         by_volume.setdefault((row["dataset"], row["volume_name"]), []).append(row)
     out = {}
     for key, vrows in by_volume.items():
-        ps = [r["p_tumor"] for r in vrows]
-        boxed = sum(r.get("pancreas_box") is not None for r in vrows)
+        boxes = [r.get("pancreas_box") for r in vrows]
+        keep = z_consistent(boxes, z_rule)
+        ps = [None if box is not None and not kept else r["p_tumor"] for r, box, kept in zip(vrows, boxes, keep)]
+        kept = sum(keep)
         out[key] = {"dataset": key[0], "label": any(r["has_tumor"] for r in vrows),
                     "scores": {m: aggregate(ps, m, top_k) for m in AGGREGATIONS},
-                    "n_boxed": boxed, "inconclusive": boxed < max(1, min_boxed_slices)}
+                    "n_boxed": kept, "n_dropped": sum(b is not None for b in boxes) - kept,
+                    "inconclusive": kept < max(1, min_boxed_slices)}
     return out
 
 
@@ -105,7 +112,8 @@ def _patient_arrays(patients: dict, method: str, mode: str) -> tuple[list, np.nd
 def select_operating_point(val_patients: dict, aggregation: str, threshold: Optional[float]) -> dict:
     """Aggregation and patient threshold from the conclusive validation volumes.
 
-    ``aggregation='auto'``: the one with the higher val AUC (``max`` on ties or when undefined).
+    ``aggregation='auto'``: the one with the highest val AUC (the first of :data:`AGGREGATIONS` on
+    ties, ``max`` when undefined).
     Per aggregation the threshold is ``threshold`` when given, else Youden's J on val (0.5 when
     val lacks a class, said in ``notes``). Inconclusive val volumes have no score to choose on.
     """
@@ -128,9 +136,8 @@ def select_operating_point(val_patients: dict, aggregation: str, threshold: Opti
         selection["thresholds"][method] = chosen
     if aggregation == "auto":
         aucs = selection["val_auc"]
-        top = aucs["top_k_mean"] if aucs["top_k_mean"] is not None else -1.0
-        aggregation = "top_k_mean" if top > (aucs["max"] if aucs["max"] is not None else -1.0) else "max"
-        selection["aggregation_rule"] = "higher patient AUC on val (max on ties)"
+        aggregation = max(AGGREGATIONS, key=lambda m: (-1.0 if aucs[m] is None else aucs[m], -AGGREGATIONS.index(m)))
+        selection["aggregation_rule"] = f"highest patient AUC on val (ties: the first of {', '.join(AGGREGATIONS)})"
     else:
         selection["aggregation_rule"] = "configured"
     selection["aggregation"] = aggregation
@@ -221,3 +228,43 @@ def operating_points(val_patients: dict, patients: dict, selection: dict, n_boot
                          for mode in INCONCLUSIVE_MODES}
         points[name] = point
     return points
+
+
+def choose_z_rule(selections: dict) -> str:
+    """The 3-D consistency rule whose selected aggregation has the highest val AUC; ties (or no AUC):
+    the first in ``selections``' order (:data:`minigpt4.inference.patient.Z_RULES`: ``none`` first)."""
+    def auc(z: str) -> float:
+        value = selections[z]["val_auc"][selections[z]["aggregation"]]
+        return -1.0 if value is None else value
+
+    names = list(selections)
+    return max(names, key=lambda z: (auc(z), -names.index(z)))
+
+
+def box_counts(patients: dict) -> dict:
+    """Pancreas boxes kept and dropped by the 3-D rule over a split's volumes."""
+    return {"kept": int(sum(p["n_boxed"] for p in patients.values())),
+            "dropped": int(sum(p["n_dropped"] for p in patients.values())),
+            "n_volumes": len(patients), "n_inconclusive": int(sum(p["inconclusive"] for p in patients.values()))}
+
+
+def rules_considered(val_by_z: dict, test_by_z: dict, selections: dict, chosen_z: str, n_boot: int, seed: int) -> list[dict]:
+    """Every (3-D rule, aggregation) considered: its val AUC (conclusive val volumes, what chose it)
+    and test AUC with volume bootstrap CIs in both inconclusive modes, so the choice on val can be
+    read against test without anyone choosing on test."""
+    out = []
+    for z, val_patients in val_by_z.items():
+        metrics = patient_metrics(test_by_z[z], selections[z]["thresholds"], n_boot, seed)
+        for method in AGGREGATIONS:
+            row = {"z_rule": z, "aggregation": method, "val_auc": selections[z]["val_auc"][method],
+                   "n_val_volumes": len(val_patients),
+                   "n_val_inconclusive": int(sum(p["inconclusive"] for p in val_patients.values())),
+                   "selected": z == chosen_z and method == selections[z]["aggregation"]}
+            for mode in INCONCLUSIVE_MODES:
+                m = metrics[mode][method]
+                row[f"test_auc_{mode}"] = m["auc"]
+                row[f"test_auc_{mode}_ci95"] = (m.get("ci95") or {}).get("auc")
+            row["n_test_volumes"] = metrics["n_volumes"]
+            row["n_test_inconclusive"] = metrics["n_inconclusive"]
+            out.append(row)
+    return out

@@ -24,11 +24,13 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 import numpy as np
 import torch
 
-from minigpt4.boxes import box_problem, grid_to_pixel, grid_to_pixel_inclusive, parse_box
-from minigpt4.config import AGGREGATIONS
+from minigpt4.boxes import NO_BOX_ANSWER, box_problem, grid_to_pixel, grid_to_pixel_inclusive, parse_box
+from minigpt4.inference.patient import AGGREGATIONS, Z_RULES, aggregate, assessed, verdict_line, z_consistent
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
 from preprocessing.tc import crop_box
 
+__all__ = ["AGGREGATIONS", "Z_RULES", "aggregate", "CascadeSettings", "SliceResult", "PatientResult", "VolumeResult",
+           "SingleModel", "answer_box", "cut_crop", "pancreas_crop", "run_stages", "scan_slices", "patient_result"]
 DECISIONS = ("tumor", "no tumor", "inconclusive")
 PixelBox = tuple[float, float, float, float]
 IntBox = tuple[int, int, int, int]
@@ -39,7 +41,7 @@ class CascadeSettings:
     """How the stages run on a volume and how its slices become a patient answer."""
 
     threshold: Optional[float] = 0.5  # patient: "tumor" where the aggregated P(tumor) >= it; None: stages 1–2 only
-    aggregation: str = "max"  # or top_k_mean
+    aggregation: str = "max"  # one of AGGREGATIONS (minigpt4.inference.patient)
     top_k: int = 3
     crop_margin: int = 0  # the TC folder's --margin
     batch_size: int = 8  # images per model call (fp32: the same answers; bf16 may move one: BENCHMARKS.md)
@@ -47,6 +49,8 @@ class CascadeSettings:
     max_new_tokens: Optional[int] = None  # detection budget; None: the model's generation.max_new_tokens
     min_boxed_slices: int = 1  # fewer slices with a pancreas box: the patient answer is "inconclusive"
     slice_threshold: Optional[float] = None  # stage 3 asked where a slice's P(tumor) >= it; None: ``threshold``
+    z_rule: str = "none"  # 3-D consistency of the pancreas boxes (minigpt4.inference.patient.Z_RULES)
+    confidence: bool = True  # stage 1's P(no box) per slice (one teacher-forced pass more per slice)
 
     @property
     def stage3_gate(self) -> Optional[float]:
@@ -62,14 +66,24 @@ class CascadeSettings:
         return cls(threshold=threshold, slice_threshold=cascade.slice_threshold,
                    aggregation="max" if cascade.aggregation == "auto" else cascade.aggregation,
                    top_k=cascade.top_k, crop_margin=cascade.crop_margin,
-                   min_boxed_slices=cascade.min_boxed_slices, **run)
+                   min_boxed_slices=cascade.min_boxed_slices or 1,
+                   z_rule="none" if cascade.z_rule == "auto" else cascade.z_rule, **run)
+
+    @classmethod
+    def from_operating_point(cls, point: dict, crop_margin: int = 0, **run) -> "CascadeSettings":
+        """The settings of an ``operating_point.json`` (:mod:`minigpt4.inference.operating_point`)."""
+        return cls(threshold=point["threshold"], slice_threshold=point["slice_threshold"],
+                   aggregation=point["aggregation"], top_k=point["top_k"], crop_margin=crop_margin,
+                   min_boxed_slices=point["min_assessed"]["min_slices"],
+                   z_rule=(point["z_rule"] or {}).get("name", "none"), **run)
 
     def describe(self) -> str:
         """The operating point in words (demo, scan reports)."""
         gate = "" if self.slice_threshold is None else f", stage 3 asked where slice P(tumor) >= {self.slice_threshold:g}"
+        z = "" if self.z_rule == "none" else f" ({self.z_rule} of adjacent overlapping pancreas boxes kept)"
         return (f"patient threshold {self.threshold:g} on the {self.aggregation} of slice P(tumor)"
-                f"{f' (top {self.top_k})' if self.aggregation == 'top_k_mean' else ''}{gate}; inconclusive when "
-                f"fewer than {max(1, self.min_boxed_slices)} slice(s) get a pancreas box")
+                f"{f' (top {self.top_k})' if self.aggregation.startswith('top_k') else ''}{gate}; inconclusive when "
+                f"fewer than {max(1, self.min_boxed_slices)} slice(s) keep a pancreas box{z}")
 
 
 class SingleModel:
@@ -103,6 +117,12 @@ class SliceResult:
     tumor_box: Optional[PixelBox] = None
     p_tumor_gt_crop: Optional[float] = None
     """Evaluation only: stage 2 on the ground-truth crop."""
+    p_no_box: Optional[float] = None
+    """Stage 1's confidence that the slice shows no pancreas: P(:data:`minigpt4.boxes.NO_BOX_ANSWER`)
+    under teacher forcing (None when not computed)."""
+    pancreas_kept: Optional[bool] = None
+    """False where the 3-D consistency rule dropped this slice's pancreas box (its P(tumor) and tumor
+    box then do not count); None before the rule ran."""
     tumor_answer_alone: Optional[str] = None
     """Evaluation only: stage 3 on a ground-truth tumor slice regardless of P(tumor)."""
     tumor_box_alone: Optional[PixelBox] = None
@@ -131,6 +151,7 @@ class SliceResult:
             return None if box is None else [round(v, 1) for v in box]
 
         return {"slice": self.slice_index, "p_tumor": None if self.p_tumor is None else round(self.p_tumor, 4),
+                "p_no_box": None if self.p_no_box is None else round(self.p_no_box, 4), "pancreas_kept": self.pancreas_kept,
                 "classified_on": self.classified_on, "pancreas_box": rounded(self.pancreas_box),
                 "tumor_box": rounded(self.tumor_box), "pancreas_answer": self.pancreas_answer,
                 "tumor_answer": self.tumor_answer}
@@ -148,7 +169,15 @@ class PatientResult:
     decision: str
     """One of :data:`DECISIONS`."""
     n_slices_boxed: int
-    """Slices where stage 1 found a pancreas box."""
+    """Slices whose pancreas box counts (kept by the 3-D consistency rule)."""
+    assessed: dict = field(default_factory=dict)
+    """:func:`minigpt4.inference.patient.assessed`: slices with pancreas, total, dropped, required."""
+
+    @property
+    def verdict(self) -> str:
+        """The verdict line with how much was assessed (never a bare "no tumor found")."""
+        return verdict_line(self.decision, self.assessed.get("slices_with_pancreas", self.n_slices_boxed),
+                            self.assessed.get("slices_total"), self.assessed.get("min_slices_required", 1))
 
     @property
     def tumor(self) -> bool:
@@ -244,9 +273,19 @@ def run_stages(stages: Any, slices: Sequence[np.ndarray], settings: CascadeSetti
 
     model = stages.use("pancreas_detection")
     for chunk in _batched(range(len(slices)), settings.batch_size):
+        # stage 1's own tower tokens serve its answer and its P(no box) (and stage 3, when shared)
+        confident = settings.confidence and hasattr(model, "answer_probability")  # scripted test models have none
+        tower = model.encode_tower(model_images(model, [slices[k] for k in chunk])) if shared or confident else None
         if shared:
-            towers.update(zip(chunk, model.encode_tower(model_images(model, [slices[k] for k in chunk]))))
-        for k, answer in zip(chunk, detect(model, chunk, pancreas_q)):
+            towers.update(zip(chunk, tower))
+        if confident:
+            p_empty = model.answer_probability(None, [pancreas_q] * len(chunk), [NO_BOX_ANSWER] * len(chunk),
+                                               tower_tokens=tower)
+            for k, p in zip(chunk, torch.as_tensor(p_empty).float().cpu().reshape(-1).tolist()):
+                rows[k].p_no_box = float(p)
+        answers = model.generate(None, [pancreas_q] * len(chunk), budget, tower_tokens=tower) if tower is not None \
+            else detect(model, chunk, pancreas_q)
+        for k, answer in zip(chunk, answers):
             height, width = slices[k].shape[:2]
             rows[k].pancreas_answer = answer
             found = answer_box(answer, width, height)
@@ -312,6 +351,7 @@ def scan_slices(stages: Any, slices: np.ndarray | Sequence[np.ndarray], settings
         with lock if lock is not None else contextlib.nullcontext():
             result.slices += run_stages(stages, [slices[k] for k in range(start, stop)], settings, start, gt_boxes,
                                         gt_tumor_slices[start:stop])
+    apply_z_rule(result.slices, settings.z_rule)
     if settings.threshold is not None:
         result.patient = patient_result(result.slices, settings)
     if progress is not None:
@@ -320,26 +360,27 @@ def scan_slices(stages: Any, slices: np.ndarray | Sequence[np.ndarray], settings
 
 
 # ----------------------------------------------------------------------------- patient level
-def aggregate(p_tumor: Sequence[Optional[float]], method: str, top_k: int) -> float:
-    """A volume's score from its slices' P(tumor) (None = slice without a crop, ignored).
-
-    ``max``: the largest; ``top_k_mean``: mean of the ``top_k`` largest (all when fewer);
-    0 when no slice has a P(tumor).
-    """
-    values = sorted((float(p) for p in p_tumor if p is not None), reverse=True)
-    if method not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {method!r}; expected one of {AGGREGATIONS}")
-    if not values:
-        return 0.0
-    return values[0] if method == "max" else float(np.mean(values[:top_k]))
+def apply_z_rule(slices: Sequence[SliceResult], rule: str) -> None:
+    """Mark each slice's pancreas box kept or dropped by the 3-D consistency rule (:func:`z_consistent`
+    on the volume's slices in order); a dropped slice's tumor box is cleared (its answer is kept)."""
+    ordered = sorted(slices, key=lambda s: s.slice_index)
+    keep = z_consistent([s.pancreas_box for s in ordered], rule)
+    for row, kept in zip(ordered, keep):
+        row.pancreas_kept = kept if row.pancreas_box is not None else None
+        if row.pancreas_box is not None and not kept:
+            row.tumor_box = None
 
 
 def patient_result(slices: Sequence[SliceResult], settings: CascadeSettings) -> PatientResult:
-    """The patient answer: ``inconclusive`` when fewer than ``min_boxed_slices`` (default 1) slices
-    got a pancreas box, else ``tumor`` where the aggregated P(tumor) >= threshold, ``no tumor`` below."""
-    score = aggregate([s.p_tumor for s in slices], settings.aggregation, settings.top_k)
-    boxed = sum(s.pancreas_box is not None for s in slices)
-    decision = "inconclusive" if boxed < max(1, settings.min_boxed_slices) else \
-        "tumor" if score >= settings.threshold else "no tumor"
+    """The patient answer from the slices whose pancreas box is kept (:func:`apply_z_rule`; all
+    boxes before it ran): ``inconclusive`` when fewer than ``min_boxed_slices`` are kept, else
+    ``tumor`` where the aggregated P(tumor) >= threshold, ``no tumor`` below."""
+    kept = [s.pancreas_box is not None and s.pancreas_kept is not False for s in slices]
+    # a dropped box's P(tumor) does not count (a single checkpoint's whole-slice P(tumor) still does)
+    score = aggregate([None if s.pancreas_kept is False else s.p_tumor for s in slices], settings.aggregation,
+                      settings.top_k)
+    seen = assessed(kept, [s.pancreas_box is not None for s in slices], max(1, settings.min_boxed_slices))
+    decision = "inconclusive" if not seen["enough"] else "tumor" if score >= settings.threshold else "no tumor"
     return PatientResult(score=score, aggregation=settings.aggregation, top_k=settings.top_k,
-                         threshold=settings.threshold, decision=decision, n_slices_boxed=boxed)
+                         threshold=settings.threshold, decision=decision, n_slices_boxed=seen["slices_with_pancreas"],
+                         assessed=seen)

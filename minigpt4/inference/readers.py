@@ -28,6 +28,7 @@ from preprocessing.normalize import normalize_slice
 from preprocessing.volumes import (
     VolumeError,
     check_intensities,
+    decode_budget,
     load_nifti,
     read_dicom_headers,
     read_dicom_series,
@@ -59,6 +60,15 @@ class Limits:
     max_decode_bytes: int = 4 * 1024**3
     """Memory a volume may take once decoded, estimated from its header before any voxel is read
     (:func:`decode_bytes`): a small ``.nii.gz`` of zeros can declare gigabytes of voxels."""
+    owner: str = "the demo's"
+    """Whose limits these are, in messages ("over the demo's limit of ...")."""
+
+
+def scan_limits() -> Limits:
+    """``scan.py``'s limits: no upload caps (the files are the user's own), the decoding memory
+    bounded by this machine's physical memory, and a CT's slice count and size."""
+    return Limits(max_volume_bytes=1 << 50, max_unzipped_bytes=1 << 50, max_zip_members=20000, max_slices=5000,
+                  max_decode_bytes=decode_budget(), owner="scan.py's")
 
 
 def decode_bytes(voxels: int, itemsize: int) -> int:
@@ -74,7 +84,7 @@ def _check_volume_geometry(name: str, n_slices: int, height: int, width: int, vo
                            limits: Limits) -> None:
     """The slice count, slice size and decoding memory a header declares, against ``limits``."""
     if n_slices > limits.max_slices:
-        raise InputError(f"{name}: {n_slices} slices, over the demo's limit of {limits.max_slices}.")
+        raise InputError(f"{name}: {n_slices} slices, over {limits.owner} limit of {limits.max_slices}.")
     if min(height, width) < limits.min_side or max(height, width) > limits.max_side:
         raise InputError(
             f"{name}: slices of {width}×{height} pixels are outside the accepted size "
@@ -84,7 +94,7 @@ def _check_volume_geometry(name: str, n_slices: int, height: int, width: int, vo
     if need > limits.max_decode_bytes:
         raise InputError(
             f"{name}: {n_slices} slices of {width}×{height} pixels need about {_size_text(need)} of memory "
-            f"to decode, over the demo's budget of {_size_text(limits.max_decode_bytes)}."
+            f"to decode, over {limits.owner} budget of {_size_text(limits.max_decode_bytes)}."
         )
 
 
@@ -131,7 +141,7 @@ def check_nifti_header(path: Path, name: str, limits: Limits) -> None:
     _check_volume_geometry(name, dims[axial], height, width, int(np.prod(dims, dtype=np.int64)), itemsize, limits)
 
 
-def check_dicom_headers(folder: Path, name: str, limits: Limits) -> None:
+def check_dicom_headers(folder: Path, name: str, limits: Limits, files: Optional[Sequence[Path]] = None) -> None:
     """Refuse a DICOM series that declares more than the demo accepts, before decoding pixels.
 
     Reads every file's header only (``stop_before_pixels``): image count (× NumberOfFrames),
@@ -143,7 +153,7 @@ def check_dicom_headers(folder: Path, name: str, limits: Limits) -> None:
     import pydicom
 
     n_slices, voxels, sizes = 0, 0, set()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()) if files is None else files:
         try:
             header = pydicom.dcmread(str(file), stop_before_pixels=True)
             rows, cols = int(header.Rows), int(header.Columns)
@@ -245,7 +255,7 @@ def upload_kind(path: str | os.PathLike) -> str:
     )
 
 
-def _check_file(path: Path, max_bytes: int) -> None:
+def _check_file(path: Path, max_bytes: int, owner: str = "the demo's") -> None:
     if not path.is_file():
         raise InputError(f"{path.name}: file not found (the upload may have expired; upload it again).")
     size = path.stat().st_size
@@ -253,7 +263,7 @@ def _check_file(path: Path, max_bytes: int) -> None:
         raise InputError(f"{path.name}: the file is empty.")
     if size > max_bytes:
         raise InputError(
-            f"{path.name}: {size / 1024**2:.1f} MB is over the demo's limit of {max_bytes / 1024**2:.0f} MB."
+            f"{path.name}: {size / 1024**2:.1f} MB is over {owner} limit of {max_bytes / 1024**2:.0f} MB."
         )
 
 
@@ -378,10 +388,16 @@ def safe_extract_dicom_zip(path: Path, dest: Path, limits: Limits, members_by_fi
                 f"{limits.max_unzipped_bytes / 1024**2:.0f} MB."
             )
         dest.mkdir(parents=True, exist_ok=True)
-        for number, member in enumerate(members):
-            if Path(member.filename).name.startswith("."):
+        bases = [Path(m.filename.replace("\\", "/")).name for m in members]
+        repeated = {b.lower() for b in bases if sum(x.lower() == b.lower() for x in bases) > 1}
+        for number, (member, base) in enumerate(zip(members, bases)):
+            if base.startswith("."):
                 continue  # macOS resource forks (__MACOSX/._x) and hidden files
-            target = dest / f"{number:06d}.dcm"
+            # the member's own file name, so messages name the user's file; a generated name only
+            # where that name repeats or could not be a plain file name (never a path)
+            plain = (base and base.lower() not in repeated and len(base) <= 120
+                     and not any(ord(c) < 32 or c in "/\\:" for c in base))
+            target = dest / (base if plain else f"{number:06d}.dcm")
             if members_by_file is not None:
                 members_by_file[target.name] = member.filename
             try:
@@ -392,12 +408,69 @@ def safe_extract_dicom_zip(path: Path, dest: Path, limits: Limits, members_by_fi
     return dest
 
 
-def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> tuple[np.ndarray, tuple[float, ...], Any, Optional[list], Optional[dict]]:
+# the preprocessing reader's advice names its own command-line options; scan.py and the demo have none
+_PREPROCESSING_HINTS = (
+    (re.compile(r", or, when you know how it is stored, give it to python -m preprocessing as --assume-orientation \S+"),
+     " with a converter that keeps the scanner's geometry (e.g. dcm2niix)"),
+    (re.compile(r"\s*\(python -m preprocessing [^)]*\)"), ""),
+    (re.compile(r"fix or drop the volume;?"), "fix or drop the volume"),
+)
+
+MAX_PIXEL_ASPECT = 1.25
+"""Largest ratio of an axial pixel's two sides accepted (CT acquires square axial pixels; a
+coronal or sagittal reformat with thick slices would reach the model squashed)."""
+OBLIQUE_COSINE = 0.999
+"""An axis whose direction is further from every patient axis than this cosine (about 2.6°) is
+oblique: the limit :func:`preprocessing.volumes.read_dicom_headers` applies to DICOM series,
+applied here to NIfTI affines too (one rule for both)."""
+
+
+def _reader_problem(err: Any, name: str, root: Path, display_root: str) -> str:
+    """A reader error as ``<name>: [<file>: ]<problem>``: a problem of one file inside a DICOM
+    folder names that file (relative to the folder), not only the folder."""
+    problem = err.problem
+    for pattern, replacement in _PREPROCESSING_HINTS:
+        problem = pattern.sub(replacement, problem)
+    where = Path(err.path)
+    if where != root and root in where.parents:
+        return f"{name}: {display_root}{where.relative_to(root).as_posix()}: {problem}"
+    return f"{name}: {problem}"
+
+
+def check_scan_geometry(affine: np.ndarray, name: str) -> None:
+    """One rule for NIfTI and DICOM: refuse an oblique volume and axial pixels that are not
+    square (within :data:`MAX_PIXEL_ASPECT`); the model would see tilted or squashed anatomy.
+
+    Raises:
+        InputError: naming the angle or the pixel sides and what to do.
+    """
+    from nibabel.orientations import io_orientation
+
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    sizes = np.sqrt((axes ** 2).sum(axis=0))
+    cosines = np.abs(axes / sizes).max(axis=0)
+    if float(cosines.min()) < OBLIQUE_COSINE:
+        degrees = float(np.degrees(np.arccos(np.clip(cosines.min(), -1, 1))))
+        raise InputError(f"{name}: oblique geometry (a voxel axis {degrees:.1f}° off the patient axes) is not "
+                         "supported; resample the volume to axial slices first.")
+    axial = int(np.nonzero(io_orientation(affine)[:, 0] == 2)[0][0])  # the stored axis closest to head-feet
+    side = sorted(float(sizes[i]) for i in range(3) if i != axial)
+    if side[1] > MAX_PIXEL_ASPECT * side[0]:
+        raise InputError(f"{name}: axial pixels of {side[0]:.2f} × {side[1]:.2f} mm ({side[1] / side[0]:.2f} : 1) "
+                         "would reach the model squashed (the volume is not stored as axial slices with square "
+                         "pixels); resample it to axial slices first.")
+
+
+def read_display_volume(path: str | os.PathLike, name: Optional[str] = None, files: Optional[Sequence[Path]] = None,
+                        display_root: str = "") -> tuple[np.ndarray, tuple[float, ...], Any, Optional[list],
+                                                         Optional[dict]]:
     """A NIfTI file or a folder holding one DICOM series → HU slices in the display frame.
 
     Args:
         path: ``.nii``/``.nii.gz`` file or a DICOM folder.
         name: the file name to show in messages (the upload's, not the temp path).
+        files: DICOM: the series' files (default: every DICOM file under ``path``).
+        display_root: prefix of a file's name inside ``path`` in messages (a zip's ``name:``).
 
     Returns:
         ``(hu, spacing, geometry, headers, acquisition)``: hu (Z, H, W) float32, slice k = display-frame slice k
@@ -407,21 +480,24 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> 
         could not be measured).
 
     Raises:
-        InputError: the preprocessing reader refused the file (the message says why).
+        InputError: the preprocessing reader refused the file (the message says why), or
+            :func:`check_scan_geometry` (a series of another modality than CT is read: the fitness
+            checks flag it, :mod:`minigpt4.inference.fitness`).
     """
     path = Path(path)
     name = name or path.name
     headers = None
     try:
         if path.is_dir():
-            found = read_dicom_headers(path)
+            found = read_dicom_headers(path, files=None if files is None else list(files))
             volume = read_dicom_series(path, headers=found)
             headers = [ds for _, ds in found[0]]
         else:
             volume = load_nifti(path, scaled=True)
+        check_scan_geometry(volume.affine, name)
         check_intensities(volume)  # NaN/Inf or non-HU values: refused like the preprocessing CLI does
     except VolumeError as err:
-        raise InputError(f"{name}: {err.problem}.") from None
+        raise InputError(_reader_problem(err, name, path, display_root).rstrip(".") + ".") from None
     if volume.array.ndim != 3 or min(volume.array.shape) == 0:
         raise InputError(f"{name}: expected a 3-D CT volume, got shape {tuple(volume.array.shape)}.")
     display = to_display(np.asarray(volume.array), volume.affine)  # (rows, cols, slices)
@@ -449,6 +525,7 @@ def load_volume(
     normalisation: str = "paper",
     limits: Limits = Limits(),
     workdir: Optional[str | os.PathLike] = None,
+    files: Optional[Sequence[str | os.PathLike]] = None,
 ) -> Volume:
     """Read a CT volume (NIfTI, a DICOM series folder, or a zip of one) for display and scanning.
 
@@ -461,6 +538,8 @@ def load_volume(
         path: ``.nii``, ``.nii.gz``, ``.zip`` or a folder holding one DICOM series.
         normalisation: ``paper`` or ``window``.
         workdir: private folder for the extracted DICOM files (a fresh temp folder when None).
+        files: a DICOM folder: read exactly these files (one series among others), e.g.
+            :class:`minigpt4.inference.inputs.VolumeInput` ``files``.
 
     Raises:
         InputError: wrong type, too large, unreadable, empty, not 3-D, too many slices.
@@ -471,49 +550,51 @@ def load_volume(
     if not path.is_dir():
         if upload_kind(path) != "volume":
             raise InputError(f"{path.name}: this is a slice image, not a volume.")
-        _check_file(path, limits.max_volume_bytes)
+        _check_file(path, limits.max_volume_bytes, limits.owner)
 
     # headers are checked against the limits before any voxel is decoded, and no message may
     # show the server's private temp paths (Gradio's upload folder, the extraction folder)
     private: list[Path] = [Path(workdir)] if workdir is not None else []
+    shown = path.name or Path(os.path.abspath(path)).name  # `.` and `..` by the folder they are
     members: dict[str, str] = {}
     try:
-        if path.name.lower().endswith(".zip"):
+        if shown.lower().endswith(".zip"):
             extract_dir = Path(tempfile.mkdtemp(prefix="dicom_", dir=workdir))
             private.insert(0, extract_dir)
             try:
                 safe_extract_dicom_zip(path, extract_dir, limits, members)
-                check_dicom_headers(extract_dir, path.name, limits)
-                hu, spacing, geometry, headers, acquisition = read_display_volume(extract_dir, path.name)
+                check_dicom_headers(extract_dir, shown, limits)
+                hu, spacing, geometry, headers, acquisition = read_display_volume(extract_dir, shown)
             finally:
                 shutil.rmtree(extract_dir, ignore_errors=True)
         elif path.is_dir():
-            check_dicom_headers(path, path.name, limits)
-            hu, spacing, geometry, headers, acquisition = read_display_volume(path, path.name)
+            listed = None if files is None else [Path(f) for f in files]
+            check_dicom_headers(path, shown, limits, listed)
+            hu, spacing, geometry, headers, acquisition = read_display_volume(path, shown, listed)
         else:
-            check_nifti_header(path, path.name, limits)
-            hu, spacing, geometry, headers, acquisition = read_display_volume(path, path.name)
+            check_nifti_header(path, shown, limits)
+            hu, spacing, geometry, headers, acquisition = read_display_volume(path, shown)
     except InputError as err:
         raise InputError(public_message(str(err), path, private, members)) from None
     except MemoryError:
-        raise InputError(f"{path.name}: not enough memory to decode this volume.") from None
+        raise InputError(f"{shown}: not enough memory to decode this volume.") from None
     except Exception as err:  # noqa: BLE001 - a reader failure is a message, without private paths
-        raise InputError(public_message(f"{path.name}: cannot read the volume ({type(err).__name__}: {err}).",
+        raise InputError(public_message(f"{shown}: cannot read the volume ({type(err).__name__}: {err}).",
                                         path, private, members)) from None
     if hu.ndim != 3:
-        raise InputError(f"{path.name}: expected a 3-D CT volume, got shape {tuple(hu.shape)}.")
+        raise InputError(f"{shown}: expected a 3-D CT volume, got shape {tuple(hu.shape)}.")
     if hu.shape[0] == 0 or hu.size == 0:
-        raise InputError(f"{path.name}: the volume has no slices.")
+        raise InputError(f"{shown}: the volume has no slices.")
     if hu.shape[0] > limits.max_slices:
-        raise InputError(f"{path.name}: {hu.shape[0]} slices, over the demo's limit of {limits.max_slices}.")
+        raise InputError(f"{shown}: {hu.shape[0]} slices, over {limits.owner} limit of {limits.max_slices}.")
     if not np.isfinite(hu).all() or float(hu.max()) - float(hu.min()) <= 0:
-        raise InputError(f"{path.name}: the volume is empty (constant or non-finite values).")
+        raise InputError(f"{shown}: the volume is empty (constant or non-finite values).")
     height, width = hu.shape[1:]
     if min(height, width) < limits.min_side or max(height, width) > limits.max_side:
         raise InputError(
-            f"{path.name}: slices of {width}×{height} pixels are outside the accepted size "
+            f"{shown}: slices of {width}×{height} pixels are outside the accepted size "
             f"({limits.min_side}–{limits.max_side} pixels per side)."
         )
     slices = normalise_volume(hu, normalisation)
-    return Volume(name=path.name, slices=slices, normalisation=normalisation, spacing=spacing, geometry=geometry,
+    return Volume(name=shown, slices=slices, normalisation=normalisation, spacing=spacing, geometry=geometry,
                   dicom_headers=headers, acquisition=acquisition)

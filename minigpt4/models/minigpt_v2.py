@@ -492,6 +492,28 @@ class MiniGPTPancreas(LoraAdapterStack, nn.Module):
         return answers
 
     @torch.no_grad()
+    def answer_log_probability(
+        self, images: Optional[torch.Tensor], instructions: Sequence[str], answers: Sequence[str],
+        tower_tokens: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """log P(answer) under teacher forcing, shape (B,): the sum of the log-probabilities of the
+        answer's tokens and its ``</s>`` (the stream :meth:`forward` trains on)."""
+        out = self(images, instructions, answers, tower_tokens=tower_tokens)
+        rows = (out.labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)[0].to(out.logits.device)
+        token_log_p = torch.log_softmax(out.logits.float(), dim=-1).gather(1, out.targets[:, None])[:, 0]
+        total = torch.zeros(out.labels.shape[0], dtype=torch.float32, device=out.logits.device)
+        return total.index_add_(0, rows, token_log_p)
+
+    def answer_probability(
+        self, images: Optional[torch.Tensor], instructions: Sequence[str], answers: Sequence[str],
+        tower_tokens: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """P(answer) = exp(:meth:`answer_log_probability`), shape (B,). With
+        :data:`minigpt4.boxes.NO_BOX_ANSWER` it is stage 1's P(no box), the confidence that a slice
+        shows no pancreas (an untrained model's P of a 15-token answer underflows to 0)."""
+        return self.answer_log_probability(images, instructions, answers, tower_tokens).exp()
+
+    @torch.no_grad()
     def yes_probability(
         self, images: Optional[torch.Tensor], questions: Sequence[str], tower_tokens: Optional[torch.Tensor] = None
     ) -> torch.Tensor:

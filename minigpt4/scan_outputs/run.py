@@ -2,8 +2,11 @@
 ``summary.csv``, ``scan.json`` and content fingerprints.
 
 A volume folder ``<out>/<volume>/`` holds either its outputs plus ``done.json`` (the
-fingerprint of what produced them and the files written), or ``error.json`` (why it failed).
-``done.json`` is written last, so a folder interrupted mid-way is never taken as done.
+fingerprint of what produced them and the files written), or ``error.json`` (why it failed),
+or ``incomplete.json`` (written first, removed when ``done.json`` is written: a run was
+interrupted there). ``done.json`` is written last, so a folder interrupted mid-way is never
+taken as done. A folder holding output names but none of these markers is someone else's: it is
+never written into or cleaned (:class:`~minigpt4.outputs.OutputFolderError`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import pydicom
 from minigpt4.inference.pipeline import VolumeResult
 from minigpt4.identity import CheckpointIdentity, content_sha256, package_versions
 from minigpt4.inference.geometry import VolumeGeometry
-from minigpt4.io import to_json, write_json_atomic, write_text_atomic
+from minigpt4.io import file_sha256, to_json, write_json_atomic, write_text_atomic
+from minigpt4.outputs import OutputFolderError
 from minigpt4.scan_outputs.html import REPORT_HTML, write_report_html
 from minigpt4.scan_outputs.sr import write_dicom_sr
 from minigpt4.scan_outputs.volume_files import (
@@ -35,22 +39,63 @@ from minigpt4.scan_outputs.volume_files import (
 
 DONE_FILE = "done.json"
 ERROR_FILE = "error.json"
+INCOMPLETE_FILE = "incomplete.json"
+MARKERS = (DONE_FILE, ERROR_FILE, INCOMPLETE_FILE)
 REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE = "report.json", "boxes.nii.gz", "seg.dcm", "montage.png"
 SR_FILE = "sr.dcm"
 VOLUME_FILES = (REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE, SR_FILE, REPORT_HTML)
 SUMMARY_COLUMNS = ("volume", "decision", "score", "likelihood", "outside_validated_range", "failed_checks", "n_slices",
-                   "n_boxed", "most_suspicious_slice", "error")
+                   "n_boxed", "slices_with_pancreas", "most_suspicious_slice", "error")
 """``score``: the raw patient score; ``likelihood``: the calibrated one (empty without a map: the
 score is uncalibrated); ``outside_validated_range``: true / false (empty: not recorded);
-``failed_checks``: the failed fitness checks, ``;``-separated."""
+``failed_checks``: the failed fitness checks, ``;``-separated; ``slices_with_pancreas``: the slices
+whose pancreas box the patient answer rests on (report.json ``assessed``)."""
 SCAN_FORMAT = "minigpt-pancreas-scan/1"
 
 
 # ----------------------------------------------------------------------------- content hashes
 
 
+SMALL_FILE_BYTES = 1 << 20
+
+
+def path_identity(path: str | os.PathLike) -> dict:
+    """What a configured file or folder holds, cheaply: a small file's SHA-256; a large file's
+    size and modification time; a folder's listing of those (hidden entries included). Base
+    weights of many gigabytes are identified by size and time, not read."""
+    path = Path(path)
+
+    def one(file: Path) -> list:
+        info = file.stat()
+        if info.st_size <= SMALL_FILE_BYTES:
+            return [info.st_size, file_sha256(file)]
+        return [info.st_size, info.st_mtime_ns]
+
+    if path.is_file():
+        return {"file": one(path)}
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return {"folder": [[p.relative_to(path).as_posix(), *one(p)] for p in files]}
+
+
+def with_path_identities(value: Any) -> Any:
+    """``value`` (nested dicts/lists) with every string that names an existing file or folder
+    replaced by ``{"path": text, **path_identity(text)}``."""
+    if isinstance(value, Mapping):
+        return {str(k): with_path_identities(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [with_path_identities(v) for v in value]
+    if isinstance(value, str) and value and len(value) < 4096:
+        try:
+            exists = Path(value).exists()
+        except (OSError, ValueError):
+            exists = False
+        if exists:
+            return {"path": value, **path_identity(value)}
+    return value
+
+
 def fingerprint(inputs: Sequence[str | os.PathLike], checkpoints: Sequence[CheckpointIdentity],
-                cfg: Mapping[str, Any]) -> str:
+                cfg: Mapping[str, Any], input_hashes: Sequence[str] = ()) -> str:
     """What decides a volume's outputs, as one SHA-256 hex string.
 
     Args:
@@ -59,9 +104,11 @@ def fingerprint(inputs: Sequence[str | os.PathLike], checkpoints: Sequence[Check
         checkpoints: the stages' identities (their sha256s count, not their paths).
         cfg: the config values that change the outputs (threshold, aggregation, normalisation,
             decoding, ...), JSON-serialisable.
+        input_hashes: content hashes of inputs the caller hashed itself (e.g. the files of one
+            DICOM series among others: :meth:`minigpt4.inference.inputs.VolumeInput.content_sha256`).
     """
     payload = {
-        "inputs": [content_sha256(p) for p in inputs],
+        "inputs": [content_sha256(p) for p in inputs] + [str(h) for h in input_hashes],
         "checkpoints": sorted([c.stage, c.sha256] for c in checkpoints),
         "config": cfg,
     }
@@ -97,12 +144,37 @@ def mark_done(out_dir: str | os.PathLike, fingerprint: str, files: Sequence[str]
     return path
 
 
-def _start_volume(out_dir: Path) -> set[str]:
-    """Unmark a volume folder before (re)writing it; returns the names of the output files a
-    previous run may have left (this module's names and those its ``done.json`` lists)."""
+def is_volume_folder(out_dir: str | os.PathLike) -> bool:
+    """True when a scan wrote ``out_dir`` (it holds ``done.json``, ``error.json`` or
+    ``incomplete.json``)."""
+    return any((Path(out_dir) / name).is_file() for name in MARKERS)
+
+
+def foreign_files(out_dir: str | os.PathLike) -> list[str]:
+    """The output names (``report.json`` ...) in ``out_dir`` that no scan wrote: all that exist
+    when the folder holds none of the markers (:func:`is_volume_folder`)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or is_volume_folder(out_dir):
+        return []
+    return sorted(n for n in VOLUME_FILES if (out_dir / n).exists() or (out_dir / n).is_symlink())
+
+
+def _start_volume(out_dir: Path, volume: str) -> set[str]:
+    """Mark a volume folder as being (re)written (``incomplete.json``); returns the names of the
+    output files a previous run may have left (this module's names and those its ``done.json``
+    lists).
+
+    Raises:
+        OutputFolderError: the folder holds output names that no scan wrote (kept untouched).
+    """
+    foreign = foreign_files(out_dir)
+    if foreign:
+        raise OutputFolderError(f"{out_dir}: holds {', '.join(foreign)} that scan.py did not write (no {DONE_FILE}); "
+                                "move them away or choose another --out")
     marker = _read_marker(out_dir) or {}
     listed = marker.get("files", []) if isinstance(marker.get("files"), list) else []
     previous = {str(n) for n in listed if isinstance(n, str) and Path(n).name == n and n not in ("", ".", "..")}
+    write_json_atomic(out_dir / INCOMPLETE_FILE, {"volume": volume, "note": "being written; a re-run rewrites it"})
     for name in (DONE_FILE, ERROR_FILE):
         (out_dir / name).unlink(missing_ok=True)
     return previous | set(VOLUME_FILES)
@@ -128,7 +200,8 @@ def write_volume_outputs(out_dir: str | os.PathLike, *, volume: str, source: str
     are given and a slice has a P(tumor). An SR that cannot be written costs only the SR:
     ``report.json`` ``structured_report`` says why (``{"file": null, "error": ...}``; written:
     ``{"file": "sr.dcm", "error": null}``; no DICOM input: the key is null) and the other files
-    are written. Output files of a previous run that this one does not rewrite are removed;
+    are written. Likewise a SEG: ``report.json`` ``dicom_seg`` says whether it was written, why
+    not, and which identifiers the series lacked and were generated for it. Output files of a previous run that this one does not rewrite are removed;
     ``done.json`` comes last. Any other failure leaves the folder unmarked (never half-written files).
 
     Returns:
@@ -136,16 +209,27 @@ def write_volume_outputs(out_dir: str | os.PathLike, *, volume: str, source: str
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    previous = _start_volume(out_dir)
+    previous = _start_volume(out_dir, volume)
     results = result.slices
     report = build_report(volume, source, geometry, result.patient, results, checkpoints, extra, fitness=fitness,
                           calibration=calibration, slice_calibration=slice_calibration)
     written = [write_box_nifti(out_dir / BOXES_FILE, geometry, results).name]
     seg = None
     if dicom_headers is not None:
-        seg = write_dicom_seg(out_dir / SEG_FILE, geometry, results, dicom_headers, checkpoints, software_version)
+        generated: dict = {}
+        try:
+            seg = write_dicom_seg(out_dir / SEG_FILE, geometry, results, dicom_headers, checkpoints, software_version,
+                                  generated=generated)
+            error = None
+        except Exception as err:  # noqa: BLE001 - a SEG the series' headers cannot give costs the SEG only
+            seg, error = None, f"{type(err).__name__}: {err}"
         if seg is not None:
             written.append(seg.name)
+        if error:
+            print(f"warning: {volume}: {SEG_FILE} not written: {error}", file=sys.stderr)
+        report["dicom_seg"] = {"written": seg is not None, "error": error,
+                               "note": None if seg is not None or error else "no slice has a box",
+                               "generated_identifiers": generated}
     if slices is not None:
         montage = write_montage(out_dir / MONTAGE_FILE, slices, results, n=montage_size)
         if montage is not None:
@@ -163,6 +247,7 @@ def write_volume_outputs(out_dir: str | os.PathLike, *, volume: str, source: str
     for name in previous - set(written):
         (out_dir / name).unlink(missing_ok=True)
     mark_done(out_dir, fingerprint, written)
+    (out_dir / INCOMPLETE_FILE).unlink(missing_ok=True)
     return written
 
 
@@ -181,15 +266,19 @@ def _write_sr(path: Path, report: dict, dicom_headers: Sequence[Any], seg: Optio
     return {"file": SR_FILE, "error": None}
 
 
-def write_volume_error(out_dir: str | os.PathLike, volume: str, message: str) -> Path:
+def write_volume_error(out_dir: str | os.PathLike, volume: str, message: str) -> Optional[Path]:
     """Record a failed volume (``error.json``: ``{"volume", "error"}``) and unmark its folder;
-    the files of an earlier successful run are removed so they cannot be mistaken for this one's."""
+    the files of an earlier successful run are removed so they cannot be mistaken for this one's.
+    A folder holding files no scan wrote is left untouched (returns None)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in _start_volume(out_dir):
+    if foreign_files(out_dir):
+        return None
+    for name in _start_volume(out_dir, volume):
         (out_dir / name).unlink(missing_ok=True)
     path = out_dir / ERROR_FILE
     write_json_atomic(path, {"volume": volume, "error": str(message)})
+    (out_dir / INCOMPLETE_FILE).unlink(missing_ok=True)
     return path
 
 
@@ -207,6 +296,7 @@ def summary_row(report: Mapping[str, Any]) -> dict:
             "outside_validated_range": None if outside is None else str(bool(outside)).lower(),
             "failed_checks": None if fitness is None else ";".join(c["check"] for c in fitness if c["status"] == "failed"),
             "n_slices": report["counts"]["n_slices"], "n_boxed": report["counts"]["n_boxed"],
+            "slices_with_pancreas": (report.get("assessed") or {}).get("slices_with_pancreas"),
             "most_suspicious_slice": report["most_suspicious_slice"], "error": None}
 
 
@@ -214,15 +304,26 @@ def error_row(volume: str, message: str) -> dict:
     return {**{key: None for key in SUMMARY_COLUMNS}, "volume": volume, "error": str(message)}
 
 
-def collect_summary(out_root: str | os.PathLike, volumes: Sequence[str]) -> list[dict]:
+def collect_summary(out_root: str | os.PathLike, volumes: Sequence[str],
+                    fingerprints: Optional[Mapping[str, str]] = None) -> list[dict]:
     """Summary rows of ``volumes`` (sorted by name) from their folders under ``out_root``: the
     ``report.json`` of a folder marked done, else its ``error.json``, else an error saying it
-    has no complete output. What rank 0 calls after the ranks have written their volumes."""
+    has no complete output. What rank 0 calls after the ranks have written their volumes.
+
+    Args:
+        fingerprints: ``{volume: fingerprint}`` of this run: a folder marked done under another
+            fingerprint (other settings, weights or input content) is not listed as this run's
+            answer but as an error saying so.
+    """
     rows = []
     for volume in sorted(volumes):
         folder = Path(out_root) / volume
         marker = _read_marker(folder)
-        if marker is not None and REPORT_FILE in marker.get("files", []) and (folder / REPORT_FILE).is_file():
+        if (marker is not None and fingerprints is not None and volume in fingerprints
+                and marker.get("fingerprint") != fingerprints[volume]):
+            rows.append(error_row(volume, "not scanned in this run: its outputs were made with other settings, "
+                                          "weights or input content"))
+        elif marker is not None and REPORT_FILE in marker.get("files", []) and (folder / REPORT_FILE).is_file():
             rows.append(summary_row(json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))))
         elif (folder / ERROR_FILE).is_file():
             rows.append(error_row(volume, json.loads((folder / ERROR_FILE).read_text(encoding="utf-8"))["error"]))

@@ -90,6 +90,8 @@ def build_report(volume: str, source: str, geometry: VolumeGeometry, patient: Op
             "p_tumor_calibrated": calibrate_slices([r.p_tumor], slice_calibration)[0],
             "classified_on": r.classified_on,
             "pancreas_answer": r.pancreas_answer,
+            "p_no_box": None if r.p_no_box is None else float(r.p_no_box),
+            "pancreas_kept": r.pancreas_kept,
             "pancreas_box": None if pancreas is None else _box_entry(geometry, pancreas, k),
             "tumor_answer": r.tumor_answer,
             "tumor_box": None if tumor is None else _box_entry(geometry, tumor, k),
@@ -102,9 +104,10 @@ def build_report(volume: str, source: str, geometry: VolumeGeometry, patient: Op
         "patient": None if patient is None else {
             "decision": patient.decision, "score": None if inconclusive else float(patient.score),
             "threshold": float(patient.threshold), "aggregation": patient.aggregation,
-            "top_k": patient.top_k if patient.aggregation == "top_k_mean" else None,
-            "n_slices_boxed": int(patient.n_slices_boxed),
+            "top_k": patient.top_k if patient.aggregation.startswith("top_k") else None,
+            "n_slices_boxed": int(patient.n_slices_boxed), "verdict": patient.verdict,
             "likelihood": likelihood_entry(None if inconclusive else float(patient.score), calibration)},
+        "assessed": None if patient is None else dict(patient.assessed),
         "most_suspicious_slice": most_suspicious(results),
         "counts": {"n_slices": geometry.n_slices, "n_results": len(rows),
                    "n_classified": sum(r.p_tumor is not None for r in results),
@@ -212,19 +215,50 @@ SOURCE_TYPE2_ATTRIBUTES = ("PatientID", "PatientName", "PatientBirthDate", "Pati
                            "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
 
 
-def source_header(header: Any) -> Any:
-    """The header as highdicom needs it: absent :data:`SOURCE_TYPE2_ATTRIBUTES` set empty, and
-    an empty SOPClassUID/SOPInstanceUID (seen in anonymised series) taken from the file meta
-    (MediaStorageSOP...UID, the same identity). A copy when anything changes."""
+GENERATED_IDENTIFIERS = ("StudyInstanceUID", "SeriesInstanceUID")
+"""Identifiers a SEG must reference; generated (and recorded) when a series lacks them."""
+
+
+def missing_identifiers(source_headers: Sequence[Any], slice_thickness: float) -> dict:
+    """What the SEG writer needs and the series does not hold: ``{attribute: generated value}``
+    for an absent or empty StudyInstanceUID / SeriesInstanceUID (UIDs derived from the series'
+    SOPInstanceUIDs, so the same series always gets the same ones) and SliceThickness (the
+    spacing between the series' slices, ``slice_thickness``). One value for the whole series."""
+    from pydicom.uid import generate_uid
+
+    instances = sorted(str(h.get("SOPInstanceUID", "") or "")
+                       or str((getattr(h, "file_meta", None) or {}).get("MediaStorageSOPInstanceUID", "") or "")
+                       for h in source_headers)
+    generated: dict[str, Any] = {}
+    for name in GENERATED_IDENTIFIERS:
+        if not all(str(h.get(name, "") or "") for h in source_headers):
+            generated[name] = str(generate_uid(entropy_srcs=[*instances, name]))
+    if not all(str(h.get("SliceThickness", "") or "") for h in source_headers):
+        generated["SliceThickness"] = round(float(slice_thickness), 6)
+    return generated
+
+
+def source_header(header: Any, generated: Optional[dict] = None) -> Any:
+    """The header as highdicom needs it: absent :data:`SOURCE_TYPE2_ATTRIBUTES` set empty, an
+    empty SOPClassUID/SOPInstanceUID (seen in anonymised series) taken from the file meta
+    (MediaStorageSOP...UID, the same identity), the ``generated`` identifiers of
+    :func:`missing_identifiers` filled in, and an empty SpecificCharacterSet dropped (an empty
+    value means the default repertoire). A copy when anything changes."""
     import copy
 
+    generated = {k: v for k, v in (generated or {}).items() if not str(header.get(k, "") or "")}
     missing = [name for name in SOURCE_TYPE2_ATTRIBUTES if name not in header]
     meta = getattr(header, "file_meta", None) or {}
     from_meta = [(name, meta.get(f"MediaStorage{name}")) for name in ("SOPClassUID", "SOPInstanceUID")
                  if not str(header.get(name, "") or "")]
-    if not missing and not from_meta:
+    empty_charset = "SpecificCharacterSet" in header and not str(header.SpecificCharacterSet or "").strip()
+    if not missing and not from_meta and not generated and not empty_charset:
         return header
     header = copy.deepcopy(header)
+    if empty_charset:
+        del header.SpecificCharacterSet
+    for name, value in generated.items():
+        setattr(header, name, value)
     for name in missing:
         setattr(header, name, "")
     for name, value in from_meta:
@@ -246,7 +280,7 @@ def installed_version() -> str:
 
 def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: Sequence[SliceResult],
                     source_headers: Sequence[Any], checkpoints: Sequence[CheckpointIdentity],
-                    software_version: str = "") -> Optional[Path]:
+                    software_version: str = "", generated: Optional[dict] = None) -> Optional[Path]:
     """A DICOM Segmentation (highdicom, BINARY) of the boxes over the source series.
 
     Two segments, ``pancreas box`` (1) and ``tumor box`` (2), one frame per boxed slice per
@@ -258,6 +292,8 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
         source_headers: the series' headers as :func:`read_dicom_source` returns them
             (header ``k`` = stored slice ``k``).
         software_version: recorded in the SEG; the installed minigpt-pancreas version when empty.
+        generated: receives the identifiers the series lacked and the SEG was given
+            (:func:`missing_identifiers`), to be recorded next to it.
 
     Returns:
         The path, or None (nothing written) when no slice has a box.
@@ -286,9 +322,14 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
                              f"{found.tolist()} mm, not at stored slice {k} ({np.round(expected, 3).tolist()} mm): "
                              "headers and geometry come from different series or orders")
     if not str(getattr(first, "FrameOfReferenceUID", "") or ""):
-        raise ValueError(f"DICOM series {getattr(first, 'SeriesInstanceUID', '?')} has no FrameOfReferenceUID, "
+        raise ValueError(f"DICOM series {first.get('SeriesInstanceUID', '') or '(no SeriesInstanceUID)'} has no "
+                         "FrameOfReferenceUID, "
                          "so a DICOM SEG cannot be placed over it")
-    content = to_json([str(first.SeriesInstanceUID), [c.sha256 for c in checkpoints], slices,
+    filled = missing_identifiers(source_headers, step)
+    if generated is not None:
+        generated.update(filled)
+    series_uid = str(first.get("SeriesInstanceUID", "") or "") or filled["SeriesInstanceUID"]
+    content = to_json([series_uid, [c.sha256 for c in checkpoints], slices,
                           hashlib.sha256(masks.tobytes()).hexdigest()])
     algorithm = hd.AlgorithmIdentificationSequence(
         name="MiniGPT-Pancreas cascade", version=software_version,
@@ -307,7 +348,7 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm),
     ]
     seg = hd.seg.Segmentation(
-        source_images=[source_header(source_headers[k]) for k in slices],
+        source_images=[source_header(source_headers[k], filled) for k in slices],
         pixel_array=masks,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
