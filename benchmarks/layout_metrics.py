@@ -9,7 +9,6 @@ The layer order is the one ``tests/test_imports.py`` declares (``LAYERS``); the 
 
 from __future__ import annotations
 
-import ast
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -17,23 +16,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_imports import LAYERS, import_edges, layer_of, unit_of  # noqa: E402
+from test_imports import LAYERS, import_edges, layer_of, long_functions, unit_of  # noqa: E402
 
 
 def main() -> None:
     files = sorted((ROOT / "minigpt4").rglob("*.py")) + sorted((ROOT / "preprocessing").rglob("*.py"))
     per_unit: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    long_functions = []
     for path in files:
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
         text = path.read_text()
         per_unit[unit_of(module)][0] += 1
         per_unit[unit_of(module)][1] += len(text.splitlines())
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = node.end_lineno - node.lineno + 1
-                if length > 80:
-                    long_functions.append((length, f"{module}.{node.name}"))
     print("files and lines per package (top-level modules of minigpt4 each count as their own unit):")
     for unit, (n, lines) in sorted(per_unit.items()):
         print(f"  {unit:40s} {n:3d} files {lines:6d} lines")
@@ -54,8 +47,10 @@ def main() -> None:
     print(f"package pairs importing each other: {len(pairs)}")
     for a, b in sorted(pairs):
         print(f"  {a} <-> {b}")
-    print(f"functions over 80 lines: {len(long_functions)}")
-    for length, name in sorted(long_functions, reverse=True):
+    # the check of tests/test_imports.py (methods and nested functions named Class.method, outer.inner)
+    long = long_functions()
+    print(f"functions over 80 lines: {len(long)}")
+    for name, length in sorted(long.items(), key=lambda item: (-item[1], item[0])):
         print(f"  {length:4d} {name}")
     print(f"layers: {LAYERS}")
 

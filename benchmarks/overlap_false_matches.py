@@ -4,7 +4,7 @@ Generates ``--per-scheme`` distinct phantoms of each scheme (MSD, NIH, ABD; 64×
 voxels; seeds 0..N-1 for MSD, N..2N-1 for NIH, 2N..3N-1 for ABD: an NIH and an ABD phantom of one
 seed are the same image, a true match) and compares every pair with :func:`preprocessing.overlap.same_scan`
 (distinct phantoms must never match), then the eight modified copies the issue lists of
-``--copies`` phantoms (each must match). Prints, for the README:
+``--copies`` phantoms (each must match). Prints, for docs/DATA.md:
 
 * false matches / pairs, and the largest match fraction of a distinct pair (threshold 0.9);
 * the largest slice correlations of distinct phantoms (coarse 16×16 signature, fine lattice) and

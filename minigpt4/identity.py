@@ -36,16 +36,22 @@ def content_sha256(path: str | os.PathLike) -> str:
 
 
 def checkpoint_identities(paths: Mapping[str, str | os.PathLike]) -> list[CheckpointIdentity]:
-    """``{stage: checkpoint path}`` → identities, sorted by stage. A folder holding
-    ``model.safetensors`` (a project checkpoint) is identified by that file, as the evaluation's
-    ``metrics.json`` identifies it; another file or folder by :func:`content_sha256`."""
-    identities = []
-    for stage, path in sorted(paths.items()):
-        target = Path(path)
-        if target.is_dir() and (target / "model.safetensors").is_file():
-            target = target / "model.safetensors"
-        identities.append(CheckpointIdentity(stage=str(stage), path=str(path), sha256=content_sha256(target)))
-    return identities
+    """``{stage: checkpoint path}`` → identities, sorted by stage. A checkpoint folder is identified
+    by its tensor file (:func:`weights_file`), as the evaluation's ``metrics.json`` identifies it;
+    another file or folder by :func:`content_sha256`."""
+    return [CheckpointIdentity(stage=str(stage), path=str(path), sha256=content_sha256(weights_file(path)))
+            for stage, path in sorted(paths.items())]
+
+
+def weights_file(path: str | os.PathLike) -> Path:
+    """The file that identifies a checkpoint: the ``model.safetensors`` of a project checkpoint
+    folder or the ``adapter_model.safetensors`` of a PEFT export, else ``path`` itself (a weights
+    file, or a folder hashed whole by :func:`content_sha256`)."""
+    target = Path(path)
+    if target.is_dir():
+        return next((target / name for name in ("model.safetensors", "adapter_model.safetensors")
+                     if (target / name).is_file()), target)
+    return target
 
 
 def package_versions() -> dict:
@@ -78,10 +84,7 @@ def checkpoint_identity(path: Optional[str]) -> Optional[dict]:
     export); None when no checkpoint is configured."""
     if path is None:
         return None
-    target = Path(path)
-    if target.is_dir():  # the tensor file of a checkpoint folder, or of a PEFT export
-        target = next((target / name for name in ("model.safetensors", "adapter_model.safetensors")
-                       if (target / name).is_file()), target)
+    target = weights_file(path)
     info: dict[str, Any] = {"path": str(path), "resolved": str(target.resolve())}
     if target.is_file():
         stat = target.stat()

@@ -13,7 +13,7 @@ informative slices of the one have a slice of the other within ±2 positions who
 correlates ≥ :data:`SLICE_CORRELATION` with it, under one of the 8 in-plane / axial mirrorings
 (mirrored copies). Cheap checks come first: equal in-plane size, slice counts within 5 %, voxel
 spacing within 5 %, and the correlation of the whole-volume mean signatures. The thresholds and
-the false-match rate measured on phantoms are in the README (preprocessing section) and
+the false-match rate measured on phantoms are in docs/DATA.md (the overlap paragraph) and
 ``benchmarks/overlap_false_matches.py``.
 
 Matched ABD volumes are kept out of ABD val/test (they go to train) and listed in the manifest's

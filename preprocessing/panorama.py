@@ -84,39 +84,9 @@ def discover(opts: Options, sheet: dict[str, clinical.Study], log=print) -> tupl
         (unpaired or misnamed files, studies missing from the sheet); notes for the manifest
         (``sheet_rows_without_files``, ``manual_replaced_automatic``, ``mixed_label_sources``).
     """
-    image_dirs = [_need_dir(p, "--images") for p in opts.images]
     problems: list[dict] = []
-    images: dict[str, tuple[Path, str]] = {}
-    for folder in image_dirs:
-        for p in _visible(folder):
-            if not p.is_file() or not (volumes.is_nifti(p) or volumes.is_mha(p)):
-                continue
-            m = IMAGE_NAME.fullmatch(p.name)
-            if not m:
-                problems.append(_problem(p.name, p, "not named <patient>_<study>_0000.nii.gz (or .mha) as PANORAMA's "
-                                                    "images are; rename it or move it out of --images"))
-                continue
-            study = m["study"]
-            if study in images:
-                raise PreparationError(f"{images[study][0]} and {p}: two images for study {study}; keep one")
-            images[study] = (p, "mha" if m["ext"] == "mha" else "nifti")
-    if not images:
-        raise PreparationError(f"{', '.join(map(str, opts.images))}: no PANORAMA images found (expected "
-                               "<patient>_<study>_0000.nii.gz or .mha files)")
-    labels: dict[str, dict[str, Path]] = {}
-    for source, folder in opts.labels:
-        folder = _need_dir(folder, f"--labels ({source})")
-        for p in _visible(folder):
-            if not p.is_file() or not volumes.is_nifti(p):
-                continue
-            m = LABEL_NAME.fullmatch(p.name)
-            if not m:
-                problems.append(_problem(p.name, p, "not named <patient>_<study>.nii.gz as PANORAMA's labels are"))
-                continue
-            earlier = labels.setdefault(m["study"], {}).get(source)
-            if earlier is not None:
-                raise PreparationError(f"{earlier} and {p}: two {source} labels for study {m['study']}; keep one")
-            labels[m["study"]][source] = p
+    images = _find_images(opts, problems)
+    labels = _find_labels(opts, problems)
     jobs, replaced = [], []
     for study in sorted(set(images) | set(labels)):
         by_source = labels.get(study, {})
@@ -269,3 +239,45 @@ def prepare_panorama(opts: Options, log=print) -> dict:
 
     manifest = prepare(opts, log=log, discover_fn=discover_fn, split_fn=split_fn)
     return manifest
+
+
+def _find_images(opts: Options, problems: list[dict]) -> dict[str, tuple[Path, str]]:
+    """:func:`discover`'s ``{study: (image file, "nifti" | "mha")}`` of ``--images``; misnamed files go to ``problems``."""
+    image_dirs = [_need_dir(p, "--images") for p in opts.images]
+    images: dict[str, tuple[Path, str]] = {}
+    for folder in image_dirs:
+        for p in _visible(folder):
+            if not p.is_file() or not (volumes.is_nifti(p) or volumes.is_mha(p)):
+                continue
+            m = IMAGE_NAME.fullmatch(p.name)
+            if not m:
+                problems.append(_problem(p.name, p, "not named <patient>_<study>_0000.nii.gz (or .mha) as PANORAMA's "
+                                                    "images are; rename it or move it out of --images"))
+                continue
+            study = m["study"]
+            if study in images:
+                raise PreparationError(f"{images[study][0]} and {p}: two images for study {study}; keep one")
+            images[study] = (p, "mha" if m["ext"] == "mha" else "nifti")
+    if not images:
+        raise PreparationError(f"{', '.join(map(str, opts.images))}: no PANORAMA images found (expected "
+                               "<patient>_<study>_0000.nii.gz or .mha files)")
+    return images
+
+
+def _find_labels(opts: Options, problems: list[dict]) -> dict[str, dict[str, Path]]:
+    """:func:`discover`'s ``{study: {label source: file}}`` of ``--labels``; misnamed files go to ``problems``."""
+    labels: dict[str, dict[str, Path]] = {}
+    for source, folder in opts.labels:
+        folder = _need_dir(folder, f"--labels ({source})")
+        for p in _visible(folder):
+            if not p.is_file() or not volumes.is_nifti(p):
+                continue
+            m = LABEL_NAME.fullmatch(p.name)
+            if not m:
+                problems.append(_problem(p.name, p, "not named <patient>_<study>.nii.gz as PANORAMA's labels are"))
+                continue
+            earlier = labels.setdefault(m["study"], {}).get(source)
+            if earlier is not None:
+                raise PreparationError(f"{earlier} and {p}: two {source} labels for study {m['study']}; keep one")
+            labels[m["study"]][source] = p
+    return labels

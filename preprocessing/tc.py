@@ -138,15 +138,7 @@ def build_tc(msd, nih, out, variant: str = "paper", margin: int = 0, threshold: 
     from PIL import Image
 
     t0 = time.perf_counter()
-    if variant not in VARIANTS:
-        raise ValueError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    if variant == "paper" and not nih:
-        raise ValueError("--variant paper needs --nih (a prepared NIH folder); use --variant msd-only without it")
-    if (variant == "panorama") != bool(panorama) or (variant == "panorama" and (msd or nih)):
-        raise ValueError("--panorama (a prepared PANORAMA folder) goes with --variant panorama, alone (no --msd/--nih); "
-                         "the other variants need --msd")
-    if variant != "panorama" and not msd:
-        raise ValueError(f"--variant {variant} needs --msd (a prepared MSD folder)")
+    _check_variant_arguments(variant, msd, nih, panorama)
     slices._check_threshold(threshold)
     out = Path(out)
     extra = {}
@@ -355,3 +347,16 @@ def import_tc(images, out, csv_path: Optional[str] = None, test_ratio: float = 0
              "volume_name": r["volume_name"], "slice_index": r["slice_index"],
              "slice_id": f"{r['volume_name']}_slice_{r['slice_index']}", "width": width, "height": height})
     return _finish(out, params, per_split, split_doc, t0, {}, state)
+
+
+def _check_variant_arguments(variant: str, msd, nih, panorama) -> None:
+    """:func:`build_tc`: the source folders that ``variant`` needs, and only those."""
+    if variant not in VARIANTS:
+        raise ValueError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if variant == "paper" and not nih:
+        raise ValueError("--variant paper needs --nih (a prepared NIH folder); use --variant msd-only without it")
+    if (variant == "panorama") != bool(panorama) or (variant == "panorama" and (msd or nih)):
+        raise ValueError("--panorama (a prepared PANORAMA folder) goes with --variant panorama, alone (no --msd/--nih); "
+                         "the other variants need --msd")
+    if variant != "panorama" and not msd:
+        raise ValueError(f"--variant {variant} needs --msd (a prepared MSD folder)")

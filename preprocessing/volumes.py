@@ -423,12 +423,26 @@ def read_dicom_headers(folder: str | os.PathLike, files: Optional[list] = None
         VolumeError: no DICOM files, several series, inconsistent or oblique orientation,
             missing or duplicated slices.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise VolumeError(folder, "DICOM folder not found")
+    headers = _series_headers(folder)
+    row_cos, col_cos, normal = _series_orientation(folder, headers)
+    headers, positions, step = _order_along_normal(folder, headers, normal)
+    spacing = [float(v) for v in headers[0][1].PixelSpacing]  # [between rows, between columns]
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * spacing[1]
+    lps[:3, 1] = col_cos * spacing[0]
+    lps[:3, 2] = normal * step
+    lps[:3, 3] = positions[0]
+    return headers, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS → RAS
+
+
+def _series_headers(folder: Path) -> list[tuple[Path, "pydicom.Dataset"]]:
+    """The image headers of the one series in ``folder`` (unordered); see :func:`read_dicom_headers`."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     headers, without_geometry = [], []
     for path in (_dicom_files(folder) if files is None else [Path(f) for f in files]):
         try:
@@ -455,6 +469,12 @@ def read_dicom_headers(folder: str | os.PathLike, files: Optional[list] = None
     if len(series) > 1:
         raise VolumeError(folder, f"mixed series: {len(series)} SeriesInstanceUIDs in one folder "
                                   f"({', '.join(s[-12:] for s in series[:4])}...); keep one series per folder")
+    return headers
+
+
+def _series_orientation(folder: Path, headers: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(row_cos, col_cos, normal)`` in LPS, after checking that every slice shares PixelSpacing and
+    ImageOrientationPatient and that the series is axial, not oblique."""
     spacings = np.array([[float(v) for v in ds.PixelSpacing] for _, ds in headers])
     odd = np.nonzero(~np.all(np.isclose(spacings, spacings[0], rtol=1e-4, atol=1e-6), axis=1))[0]
     if odd.size:
@@ -473,35 +493,34 @@ def read_dicom_headers(folder: str | os.PathLike, files: Optional[list] = None
     normal = np.cross(row_cos, col_cos)
     if np.argmax(np.abs(normal)) != 2:
         raise VolumeError(folder, "not an axial series (slice normal is not head-feet)")
+    return row_cos, col_cos, normal
+
+
+def _order_along_normal(folder: Path, headers: list, normal: np.ndarray) -> tuple[list, np.ndarray, float]:
+    """``(headers, positions, slice step)`` ordered by ImagePositionPatient along ``normal``, after
+    checking for duplicated, missing or sheared slices."""
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in headers])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     along = along[order]
     headers = [headers[i] for i in order]
     positions = positions[order]
-    if len(headers) > 1:
-        gaps = np.diff(along)
-        if np.any(gaps < 1e-3):
-            i = int(np.nonzero(gaps < 1e-3)[0][0])
-            raise VolumeError(folder, f"duplicated slice position: {headers[i][0].name} and {headers[i + 1][0].name} "
-                                      f"both at {along[i]:.2f} mm along the slice normal; remove one of them")
-        step = float(np.median(gaps))
-        if np.any(np.abs(gaps - step) > 0.1 * step):
-            worst = int(np.argmax(np.abs(gaps - step)))
-            raise VolumeError(folder, f"missing slice or uneven spacing: gap of {gaps[worst]:.2f} mm after "
-                                      f"{headers[worst][0].name} where the series spacing is {step:.2f} mm")
-        in_plane = positions - np.outer(along, normal)
-        if not np.allclose(in_plane, in_plane[0], atol=0.01 * step + 1e-3):
-            raise VolumeError(folder, "slice positions do not lie on a straight line along the normal (sheared series)")
-    else:
-        step = float(getattr(headers[0][1], "SliceThickness", 1.0) or 1.0)
-    spacing = [float(v) for v in headers[0][1].PixelSpacing]  # [between rows, between columns]
-    lps = np.eye(4)
-    lps[:3, 0] = row_cos * spacing[1]
-    lps[:3, 1] = col_cos * spacing[0]
-    lps[:3, 2] = normal * step
-    lps[:3, 3] = positions[0]
-    return headers, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS → RAS
+    if len(headers) == 1:
+        return headers, positions, float(getattr(headers[0][1], "SliceThickness", 1.0) or 1.0)
+    gaps = np.diff(along)
+    if np.any(gaps < 1e-3):
+        i = int(np.nonzero(gaps < 1e-3)[0][0])
+        raise VolumeError(folder, f"duplicated slice position: {headers[i][0].name} and {headers[i + 1][0].name} "
+                                  f"both at {along[i]:.2f} mm along the slice normal; remove one of them")
+    step = float(np.median(gaps))
+    if np.any(np.abs(gaps - step) > 0.1 * step):
+        worst = int(np.argmax(np.abs(gaps - step)))
+        raise VolumeError(folder, f"missing slice or uneven spacing: gap of {gaps[worst]:.2f} mm after "
+                                  f"{headers[worst][0].name} where the series spacing is {step:.2f} mm")
+    in_plane = positions - np.outer(along, normal)
+    if not np.allclose(in_plane, in_plane[0], atol=0.01 * step + 1e-3):
+        raise VolumeError(folder, "slice positions do not lie on a straight line along the normal (sheared series)")
+    return headers, positions, step
 
 
 def read_dicom_series(folder: str | os.PathLike, dtype=np.float32, headers: Optional[tuple] = None) -> Volume:

@@ -397,7 +397,7 @@ def test_overlap_finds_a_modified_copy_and_not_another_phantom(variant, tmp_path
 
 
 def test_overlap_never_matches_different_phantoms_of_one_family():
-    """All pairs of 24 distinct ABD phantoms: no match (the README's false-match figure uses 90)."""
+    """All pairs of 24 distinct ABD phantoms: no match (docs/DATA.md's false-match figure uses 90)."""
     import itertools
 
     from preprocessing.overlap import fingerprint_array, match_fraction, same_scan

@@ -252,11 +252,16 @@ def classification_context(cfg: Config, records: Sequence[dict], rows: Sequence[
 
 
 # ----------------------------------------------------------------------------- outputs
-def write_detection_outputs(out: Path, rows: list[dict], metrics: dict, label: str, make_figures: bool = True) -> None:
+def _write_rows_metrics_table(out: Path, rows: list[dict], metrics: dict, table: str) -> None:
+    """What every evaluation writes: ``predictions.jsonl``, ``metrics.json`` and ``tables.md``."""
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(out / "predictions.jsonl", rows)
     write_json_atomic(out / "metrics.json", metrics)
-    write_text_atomic(out / "tables.md", tables.detection_table(metrics, label))
+    write_text_atomic(out / "tables.md", table)
+
+
+def write_detection_outputs(out: Path, rows: list[dict], metrics: dict, label: str, make_figures: bool = True) -> None:
+    _write_rows_metrics_table(out, rows, metrics, tables.detection_table(metrics, label))
     if make_figures and rows:
         figures.detection_examples(rows, out / "examples.png")
         figures.box_heatmaps(rows, out / "box_heatmaps.png", title=metrics.get("task") or "")
@@ -264,10 +269,7 @@ def write_detection_outputs(out: Path, rows: list[dict], metrics: dict, label: s
 
 
 def write_classification_outputs(out: Path, rows: list[dict], metrics: dict, label: str, make_figures: bool = True) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(out / "predictions.jsonl", rows)
-    write_json_atomic(out / "metrics.json", metrics)
-    write_text_atomic(out / "tables.md", tables.classification_table(metrics, label))
+    _write_rows_metrics_table(out, rows, metrics, tables.classification_table(metrics, label))
     if make_figures and rows:
         figures.roc_figure(rows, out / "roc_curve.png", metrics.get("auc"))
         figures.confusion_figure(metrics["confusion_matrix"], out / "confusion_matrix.png")

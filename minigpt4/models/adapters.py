@@ -82,6 +82,38 @@ class LoraAdapterStack:
                 do not fit the weight or disagree with ``r``/``targets``.
         """
         where = source or "adapter"
+        lora, rank, found = self._checked_lora_tensors(where, name, tensors, r, targets)
+        config = PeftLoraConfig(
+            r=rank, lora_alpha=float(alpha), lora_dropout=self.cfg.lora.dropout if trainable else 0.0,
+            bias="none", task_type="CAUSAL_LM",
+            target_modules=sorted(lora),  # exact module paths: only the modules the tensors cover
+        )
+        active_before = self.active_adapters()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.llama_model.add_adapter(name, config)
+        with torch.no_grad():
+            for module_path, pair in lora.items():
+                layer = self.llama.get_submodule(module_path)
+                for ab, factors in (("A", layer.lora_A), ("B", layer.lora_B)):
+                    # fp32 factors on any base (older peft casts new adapters to a bf16 base's dtype)
+                    factors[name].to(torch.float32)
+                    weight = factors[name].weight
+                    weight.copy_(pair[ab].to(weight.device, weight.dtype))
+        self._adapters[name] = {
+            "name": name, "targets": found, "r": config.r, "alpha": float(alpha),
+            "source": source, "sha256": sha256, "trainable": False,
+        }
+        if trainable:
+            self._adapters[self._trainable_adapter]["trainable"] = False
+            self._adapters[name]["trainable"] = True
+            self._trainable_adapter = name
+        self.set_active_adapters(active_before + [name] if active else active_before)
+        return dict(self._adapters[name], active=active)
+
+    def _checked_lora_tensors(self, where: str, name: str, tensors: dict, r: Optional[int],
+                              targets: Optional[Sequence[str]]) -> tuple[dict, int, list[str]]:
+        """:meth:`add_lora_adapter`'s checks: ``(lora factors by module path, rank, short target names)``."""
         if not _ADAPTER_NAME_RE.match(name) or name in self._adapters:
             raise ValueError(f"{where}: adapter name {name!r} is invalid or already used ({sorted(self._adapters)})")
         lora, rest = split_lora_tensors(tensors)
@@ -110,33 +142,7 @@ class LoraAdapterStack:
             raise ValueError(f"{where}: LoRA ranks {sorted(ranks)} (expected one rank{'' if r is None else f', {r}'})")
         if targets is not None and sorted(targets) != found:
             raise ValueError(f"{where}: LoRA targets {found} in the tensors, but {sorted(targets)} declared")
-        config = PeftLoraConfig(
-            r=ranks.pop(), lora_alpha=float(alpha), lora_dropout=self.cfg.lora.dropout if trainable else 0.0,
-            bias="none", task_type="CAUSAL_LM",
-            target_modules=sorted(lora),  # exact module paths: only the modules the tensors cover
-        )
-        active_before = self.active_adapters()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            self.llama_model.add_adapter(name, config)
-        with torch.no_grad():
-            for module_path, pair in lora.items():
-                layer = self.llama.get_submodule(module_path)
-                for ab, factors in (("A", layer.lora_A), ("B", layer.lora_B)):
-                    # fp32 factors on any base (older peft casts new adapters to a bf16 base's dtype)
-                    factors[name].to(torch.float32)
-                    weight = factors[name].weight
-                    weight.copy_(pair[ab].to(weight.device, weight.dtype))
-        self._adapters[name] = {
-            "name": name, "targets": found, "r": config.r, "alpha": float(alpha),
-            "source": source, "sha256": sha256, "trainable": False,
-        }
-        if trainable:
-            self._adapters[self._trainable_adapter]["trainable"] = False
-            self._adapters[name]["trainable"] = True
-            self._trainable_adapter = name
-        self.set_active_adapters(active_before + [name] if active else active_before)
-        return dict(self._adapters[name], active=active)
+        return lora, ranks.pop(), found
 
     def set_active_adapters(self, names: Sequence[str]) -> None:
         """Make exactly ``names`` take part in the forward pass (their deltas add up).

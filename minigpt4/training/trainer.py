@@ -48,7 +48,6 @@ import logging
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,243 +234,278 @@ def train(cfg: Config, overwrite: bool = False, allow_unknown_provenance: bool =
     ancestors', :func:`minigpt4.provenance.training_provenance`);
     ``allow_unknown_provenance`` accepts starting weights of an older own format that record none.
     """
-    run = cfg.run
-    dist_info = D.init_distributed(run.device)
-    device, main = dist_info.device, dist_info.is_main
-    output_dir = Path(run.output_dir)
-    out_folder = None
+    dist_info = D.init_distributed(cfg.run.device)
     try:
-        if main:  # checked, created and locked before anything else: a second run stops here
-            out_folder = _claim_output_dir(output_dir, overwrite).__enter__()
-        # ---- checks first: nothing heavy happens before these pass
+        # rank 0 checks, creates and locks the folder before anything else (a second run stops
+        # here); leaving with an error removes what this run created unless a checkpoint exists
+        claim = _claim_output_dir(Path(cfg.run.output_dir), overwrite) if dist_info.is_main else contextlib.nullcontext()
+        with claim as out_folder:
+            run = _TrainingRun(cfg, dist_info, out_folder)
+            run.check(allow_unknown_provenance)
+            run.build()
+            run.restore()
+            return run.loop()
+    finally:
+        D.cleanup()
+
+
+class _TrainingRun:
+    """The state of one :func:`train` call, built in order: checks → model and data → restored
+    state → loop (steps, then validation and checkpoints at each epoch's end)."""
+
+    def __init__(self, cfg: Config, dist_info, out_folder: Optional[OutputFolder]):
+        self.cfg, self.run, self.dist = cfg, cfg.run, dist_info
+        self.device, self.main = dist_info.device, dist_info.is_main
+        self.output_dir = Path(cfg.run.output_dir)
+        self.out_folder = out_folder  # None on every rank but 0
+        self.step, self.best_score, self.best_epoch = 0, None, None
+
+    # ---- 1. checks first: nothing heavy happens before these pass
+    def check(self, allow_unknown_provenance: bool) -> None:
+        cfg, run = self.cfg, self.run
         check_prompt_wording(cfg)
-        mismatch = precision_mismatch(resolve_dtype(cfg.model.dtype, device), _amp_dtype(run.amp, device))
-        if mismatch and main:
+        self.amp_dtype = _amp_dtype(run.amp, self.device)
+        mismatch = precision_mismatch(resolve_dtype(cfg.model.dtype, self.device), self.amp_dtype)
+        if mismatch and self.main:
             log.warning(mismatch)
         check_weight_files(cfg)
-        train_sets = load_split_records(cfg, "train")
-        val_sets = load_split_records(cfg, "val") if run.validate else []
+        self.train_sets = load_split_records(cfg, "train")
+        self.val_sets = load_split_records(cfg, "val") if run.validate else []
+        self.provenance = training_provenance(cfg, allow_unknown_provenance)  # recorded in every checkpoint
+        self.envelope = training_envelope(cfg)  # ... with the acquisition range of the train volumes
+        self.resume_from = resolve_resume(run.resume, self.output_dir)
+        if self.resume_from is not None:
+            check_resume_config(cfg, self.resume_from)
+        if self.main:
+            self.out_folder.check_no_foreign([n for n in os.listdir(self.output_dir) if TRAIN_OUTPUTS.fullmatch(n)])
+            if not self.out_folder.manifest:
+                self.out_folder.write_manifest({"written_by": "train.py"})
+            save_config(cfg, self.output_dir / "config.yaml")
 
-        provenance = training_provenance(cfg, allow_unknown_provenance)  # recorded in every checkpoint
-        envelope = training_envelope(cfg)  # ... with the acquisition range of the train volumes
-        resume_from = resolve_resume(run.resume, output_dir)
-        if resume_from is not None:
-            check_resume_config(cfg, resume_from)
-        amp_dtype = _amp_dtype(run.amp, device)
-
-        if main:
-            out_folder.check_no_foreign([n for n in os.listdir(output_dir) if TRAIN_OUTPUTS.fullmatch(n)])
-            if not out_folder.manifest:
-                out_folder.write_manifest({"written_by": "train.py"})
-            save_config(cfg, output_dir / "config.yaml")
-
-        # ---- model, data, optimisation
-
+    # ---- 2. model, data, optimisation
+    def build(self) -> None:
+        cfg, run, dist_info = self.cfg, self.run, self.dist
         seed_everything(run.seed)
-        model = build_model(cfg.model, device)
-        if resume_from is not None:
-            load_weights(model, resume_from)
-        datasets = [
+        self.model = model = build_model(cfg.model, self.device)
+        if self.resume_from is not None:
+            load_weights(model, self.resume_from)
+        self.datasets = [
             TaskDataset(records, task, model.image_transform, train=True, seed=run.seed, check=False,
                         cache=run.cache_images)
-            for _, task, _, records in train_sets
+            for _, task, _, records in self.train_sets
         ]
-        feature_folder, val_feature_cache = None, None
+        self.feature_folder, self.val_feature_cache = None, None
         if run.cache_visual_features:
-            feature_folder = attach_feature_cache(model, datasets, cfg, amp_dtype, dist_info.rank, dist_info.world_size)
-            if run.validate and main:  # validation runs on rank 0, without autocast
-
-                val_feature_cache = configured_feature_cache(cfg, model, autocast_dtype=None)
+            self.feature_folder = attach_feature_cache(model, self.datasets, cfg, self.amp_dtype, dist_info.rank,
+                                                       dist_info.world_size)
+            if run.validate and self.main:  # validation runs on rank 0, without autocast
+                self.val_feature_cache = configured_feature_cache(cfg, model, autocast_dtype=None)
         if run.compile:
             model.compile_regions(pad_to_multiple_of=run.compile_pad_to_multiple_of)
-        plan = MixPlan(
-            [len(d) for d in datasets],
-            [ratio for _, _, ratio, _ in train_sets],
+        self.plan = MixPlan(
+            [len(d) for d in self.datasets],
+            [ratio for _, _, ratio, _ in self.train_sets],
             micro_batch=run.batch_size,
             accum=run.grad_accum_steps,
             world=dist_info.world_size,
             seed=run.seed,
             iters_per_epoch=run.iters_per_epoch,
         )
-        spe = plan.steps_per_epoch
-        optimizer = build_optimizer(model, cfg)
-        schedule = WarmupCosineSchedule(
-            optimizer, run.max_epoch * spe, run.init_lr, run.min_lr, run.warmup_lr, run.warmup_steps
+        self.spe = self.plan.steps_per_epoch
+        self.optimizer = build_optimizer(model, cfg)
+        self.schedule = WarmupCosineSchedule(
+            self.optimizer, run.max_epoch * self.spe, run.init_lr, run.min_lr, run.warmup_lr, run.warmup_steps
         )
-        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
 
-        step, best_score, best_epoch = 0, None, None
+    # ---- 3. resuming: optimizer, schedule, GradScaler, RNGs and step as they were saved
+    def restore(self) -> None:
+        run, dist_info, resume_from = self.run, self.dist, self.resume_from
         seed_everything(run.seed + dist_info.rank)  # dropout differs per rank, as in LAVIS
-        if resume_from is not None:
-            state = load_training_state(resume_from / TRAINING_STATE)
-            if state.get("steps_per_epoch") != spe:
-                raise ValueError(
-                    f"cannot resume from {resume_from}: it has {state.get('steps_per_epoch')} steps per epoch, "
-                    f"this config gives {spe} (batch size, world size, iters_per_epoch or data changed)"
-                )
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            step = int(state["step"])
-            best_score, best_epoch = state["best"]["score"], state["best"]["epoch"]
-            rngs = state["rng"]
-            if len(rngs) == dist_info.world_size:
-                set_rng_state(rngs[dist_info.rank])
-            else:  # another world size: per-rank streams cannot be continued, reseed by step
-                seed_everything(run.seed + dist_info.rank + step)
-            if main:
-                _truncate_jsonl(output_dir / "log.jsonl", lambda row: row.get("step", 0) <= step)
-                _truncate_jsonl(output_dir / "val_metrics.jsonl", lambda row: row.get("step", 0) <= step)
-
-        train_model: torch.nn.Module = model
-        if dist_info.enabled:
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
+        if resume_from is None:
+            return
+        state = load_training_state(resume_from / TRAINING_STATE)
+        if state.get("steps_per_epoch") != self.spe:
+            raise ValueError(
+                f"cannot resume from {resume_from}: it has {state.get('steps_per_epoch')} steps per epoch, "
+                f"this config gives {self.spe} (batch size, world size, iters_per_epoch or data changed)"
             )
-        mixed = MixedDataset(datasets)
-        result = TrainResult(output_dir=output_dir, step=step, epoch=step // spe, resumed_from=resume_from,
-                             best_score=best_score, best_epoch=best_epoch)
-        if main:
-            _append_jsonl(output_dir / "log.jsonl", {
-                "kind": "start", "step": step, "epoch": step // spe, "steps_per_epoch": spe,
-                "global_batch": plan.global_batch, "world_size": dist_info.world_size,
-                "train_records": [len(d) for d in datasets], "resumed_from": resume_from, "device": str(device),
-                "feature_cache": feature_folder, "compile": run.compile,
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = step = int(state["step"])
+        self.best_score, self.best_epoch = state["best"]["score"], state["best"]["epoch"]
+        rngs = state["rng"]
+        if len(rngs) == dist_info.world_size:
+            set_rng_state(rngs[dist_info.rank])
+        else:  # another world size: per-rank streams cannot be continued, reseed by step
+            seed_everything(run.seed + dist_info.rank + step)
+        if self.main:
+            _truncate_jsonl(self.output_dir / "log.jsonl", lambda row: row.get("step", 0) <= step)
+            _truncate_jsonl(self.output_dir / "val_metrics.jsonl", lambda row: row.get("step", 0) <= step)
+
+    # ---- 4. the loop: epochs of steps, each epoch ended by validation and checkpoints
+    def loop(self) -> TrainResult:
+        run, dist_info, spe = self.run, self.dist, self.spe
+        self.train_model: torch.nn.Module = self.model
+        if dist_info.enabled:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        mixed = MixedDataset(self.datasets)
+        result = TrainResult(output_dir=self.output_dir, step=self.step, epoch=self.step // spe,
+                             resumed_from=self.resume_from, best_score=self.best_score, best_epoch=self.best_epoch)
+        if self.main:
+            _append_jsonl(self.output_dir / "log.jsonl", {
+                "kind": "start", "step": self.step, "epoch": self.step // spe, "steps_per_epoch": spe,
+                "global_batch": self.plan.global_batch, "world_size": dist_info.world_size,
+                "train_records": [len(d) for d in self.datasets], "resumed_from": self.resume_from,
+                "device": str(self.device), "feature_cache": self.feature_folder, "compile": run.compile,
             })
-
-        def save(name: str, epoch: int) -> Optional[Path]:
-            """Gather every rank's RNG, then rank 0 writes the checkpoint."""
-            rngs = [rng_state()]
-            if dist_info.enabled:
-                gathered: list = [None] * dist_info.world_size
-                torch.distributed.all_gather_object(gathered, rngs[0])
-                rngs = gathered
-            folder = None
-            if main:
-                state = {
-                    "format": STATE_FORMAT,
-                    "epoch": epoch,
-                    "step": step,
-                    "steps_per_epoch": spe,
-                    "data": {"consumed": plan.consumed_before(step), "global_batch": plan.global_batch,
-                             "world_size": dist_info.world_size, "seed": run.seed},
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else {},
-                    "rng": rngs,
-                    "best": {"score": best_score, "epoch": best_epoch},
-                }
-                folder = write_checkpoint(model, cfg, output_dir, name, state, provenance, envelope)
-                out_folder.keep()  # resumable from here: a later failure keeps the folder
-            D.barrier()
-            return folder
-
         total_steps = run.max_epoch * spe
         stop_at = total_steps if run.max_steps is None else min(total_steps, run.max_steps)
-        train_model.train()
-        while step < stop_at:
-            epoch = step // spe
+        self.train_model.train()
+        while self.step < stop_at:
+            epoch = self.step // spe
             epoch_end = (epoch + 1) * spe
             last = min(epoch_end, stop_at)
-            loader = DataLoader(
-                mixed,
-                batch_sampler=plan.batches(step, last, dist_info.rank),
-                collate_fn=collate_samples,
-                num_workers=run.num_workers,
-                pin_memory=device.type == "cuda",
-                # own generator: creating an iterator would otherwise draw from the global torch
-                # RNG and make a resumed run (new loader mid-epoch) diverge from a straight one
-                generator=torch.Generator().manual_seed(run.seed + step),
-            )
-            batches = iter(loader)
-            epoch_losses: list[float] = []
+            batches = iter(self._loader(mixed, last))
             epoch_start = time.perf_counter()
-            bar = _progress(last - step, epoch, main)
-            while step < last:
-                t0 = time.perf_counter()
-                micro = [next(batches) for _ in range(run.grad_accum_steps)]
-                t_data = time.perf_counter() - t0
-                lr = schedule.apply()
-                step_loss = torch.zeros((), device=device)
-                for index, batch in enumerate(micro):
-                    # DDP: all-reduce gradients only on the last micro-batch
-                    sync = index == len(micro) - 1 or not dist_info.enabled
-                    context = contextlib.nullcontext() if sync else train_model.no_sync()
-                    with context:
-                        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                            images, tower_tokens = _visual_inputs(batch, device)
-                            # only the loss is kept: the answer logits are not held through backward
-                            loss = train_model(images, batch["instructions"], batch["answers"], tower_tokens=tower_tokens).loss
-                        loss = loss / run.grad_accum_steps
-                        (scaler.scale(loss) if scaler is not None else loss).backward()
-                    step_loss += loss.detach()
-                # every rank sees the same mean, so all stop together, before the update
-                loss_value = float(D.all_reduce_mean(step_loss))
-                _check_loss(loss_value, step + 1, epoch, output_dir)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                schedule.advance()
-                step += 1
-                elapsed = time.perf_counter() - t0
-                samples_per_s = plan.global_batch / elapsed
-                epoch_losses.append(loss_value)
-                result.losses.append((step, loss_value))
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}", refresh=False)
-                    bar.update(1)  # after the postfix: a log line shows this step's loss
-                if main and (step % run.log_interval == 0 or step == last):
-                    _append_jsonl(output_dir / "log.jsonl", {
-                        "kind": "step", "epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
-                        "samples_per_s": samples_per_s, "data_fraction": t_data / elapsed, "time": time.time(),
-                    })
-            if bar is not None:
-                bar.close()
-            del batches, loader
-
-            if step < epoch_end:  # stopped by run.max_steps inside the epoch: resumable checkpoint
-                save(f"checkpoint_step_{step}", epoch)
+            epoch_losses = self._train_steps(batches, epoch, last, result.losses)
+            del batches
+            if self.step < epoch_end:  # stopped by run.max_steps inside the epoch: resumable checkpoint
+                self._save(f"checkpoint_step_{self.step}", epoch)
                 break
-            # ---- end of epoch: validate (rank 0), checkpoint, best
-            score, per_task, is_best = None, None, False
-            if run.validate and main:
-                score, per_task = _validate(model, val_sets, cfg, val_feature_cache)
-                is_best = best_score is None or score > best_score
-                if is_best:
-                    best_score, best_epoch = score, epoch
-            D.barrier()
-            best_score, best_epoch = D.broadcast_object((best_score, best_epoch))
-            folder = save(f"checkpoint_epoch_{epoch}", epoch + 1)
-            if main:
-                if is_best or (not run.validate):
-                    copy_as_best(folder, output_dir)  # without validation: the latest epoch
-                if run.validate:
-                    _append_jsonl(output_dir / "val_metrics.jsonl", {
-                        "epoch": epoch, "step": step, "score": score, "best": is_best, "tasks": per_task,
-                    })
-                _append_jsonl(output_dir / "log.jsonl", {
-                    "kind": "epoch", "epoch": epoch, "step": step,
-                    "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None,
-                    "val_score": score, "best_score": best_score, "best_epoch": best_epoch,
-                    "epoch_time_s": time.perf_counter() - epoch_start,
-                })
-            D.barrier()
-        result.step, result.epoch = step, step // spe
-        result.best_score, result.best_epoch = best_score, best_epoch
+            self._end_epoch(epoch, epoch_losses, epoch_start)
+        result.step, result.epoch = self.step, self.step // spe
+        result.best_score, result.best_epoch = self.best_score, self.best_epoch
         return result
-    except BaseException:
-        if out_folder is not None:  # removes what this run created (unless a checkpoint exists)
-            out_folder.__exit__(*sys.exc_info())
-            out_folder = None
-        raise
-    finally:
-        if out_folder is not None:
-            out_folder.__exit__(None, None, None)
-        D.cleanup()
+
+    def _loader(self, mixed: MixedDataset, last: int) -> DataLoader:
+        """The batches of steps ``self.step`` … ``last`` (exclusive) for this rank."""
+        return DataLoader(
+            mixed,
+            batch_sampler=self.plan.batches(self.step, last, self.dist.rank),
+            collate_fn=collate_samples,
+            num_workers=self.run.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # own generator: creating an iterator would otherwise draw from the global torch
+            # RNG and make a resumed run (new loader mid-epoch) diverge from a straight one
+            generator=torch.Generator().manual_seed(self.run.seed + self.step),
+        )
+
+    def _train_steps(self, batches, epoch: int, last: int, losses: list) -> list[float]:
+        """Optimizer steps until ``last``; appends ``(step, loss)`` to ``losses``, returns this call's losses."""
+        run, output_dir = self.run, self.output_dir
+        epoch_losses: list[float] = []
+        bar = _progress(last - self.step, epoch, self.main)
+        while self.step < last:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(run.grad_accum_steps)]
+            t_data = time.perf_counter() - t0
+            lr = self.schedule.apply()
+            loss_value = self._forward_backward(micro)
+            _check_loss(loss_value, self.step + 1, epoch, output_dir)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.schedule.advance()
+            self.step += 1
+            elapsed = time.perf_counter() - t0
+            samples_per_s = self.plan.global_batch / elapsed
+            epoch_losses.append(loss_value)
+            losses.append((self.step, loss_value))
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}", refresh=False)
+                bar.update(1)  # after the postfix: a log line shows this step's loss
+            if self.main and (self.step % run.log_interval == 0 or self.step == last):
+                _append_jsonl(output_dir / "log.jsonl", {
+                    "kind": "step", "epoch": epoch, "step": self.step, "loss": loss_value, "lr": lr,
+                    "samples_per_s": samples_per_s, "data_fraction": t_data / elapsed, "time": time.time(),
+                })
+        if bar is not None:
+            bar.close()
+        return epoch_losses
+
+    def _forward_backward(self, micro: list) -> float:
+        """Accumulate the gradients of one optimizer step's micro-batches; the mean loss over ranks."""
+        device, amp_dtype, dist_info = self.device, self.amp_dtype, self.dist
+        step_loss = torch.zeros((), device=device)
+        for index, batch in enumerate(micro):
+            # DDP: all-reduce gradients only on the last micro-batch
+            sync = index == len(micro) - 1 or not dist_info.enabled
+            context = contextlib.nullcontext() if sync else self.train_model.no_sync()
+            with context:
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    images, tower_tokens = _visual_inputs(batch, device)
+                    # only the loss is kept: the answer logits are not held through backward
+                    loss = self.train_model(images, batch["instructions"], batch["answers"],
+                                            tower_tokens=tower_tokens).loss
+                loss = loss / self.run.grad_accum_steps
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            step_loss += loss.detach()
+        # every rank sees the same mean, so all stop together, before the update
+        return float(D.all_reduce_mean(step_loss))
+
+    # ---- 5. end of epoch: validate (rank 0), checkpoint, best
+    def _end_epoch(self, epoch: int, epoch_losses: list[float], epoch_start: float) -> None:
+        run, output_dir = self.run, self.output_dir
+        score, per_task, is_best = None, None, False
+        if run.validate and self.main:
+            score, per_task = _validate(self.model, self.val_sets, self.cfg, self.val_feature_cache)
+            is_best = self.best_score is None or score > self.best_score
+            if is_best:
+                self.best_score, self.best_epoch = score, epoch
+        D.barrier()
+        self.best_score, self.best_epoch = D.broadcast_object((self.best_score, self.best_epoch))
+        folder = self._save(f"checkpoint_epoch_{epoch}", epoch + 1)
+        if self.main:
+            if is_best or (not run.validate):
+                copy_as_best(folder, output_dir)  # without validation: the latest epoch
+            if run.validate:
+                _append_jsonl(output_dir / "val_metrics.jsonl", {
+                    "epoch": epoch, "step": self.step, "score": score, "best": is_best, "tasks": per_task,
+                })
+            _append_jsonl(output_dir / "log.jsonl", {
+                "kind": "epoch", "epoch": epoch, "step": self.step,
+                "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None,
+                "val_score": score, "best_score": self.best_score, "best_epoch": self.best_epoch,
+                "epoch_time_s": time.perf_counter() - epoch_start,
+            })
+        D.barrier()
+
+    def _save(self, name: str, epoch: int) -> Optional[Path]:
+        """Gather every rank's RNG, then rank 0 writes the checkpoint."""
+        dist_info, run = self.dist, self.run
+        rngs = [rng_state()]
+        if dist_info.enabled:
+            gathered: list = [None] * dist_info.world_size
+            torch.distributed.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        folder = None
+        if self.main:
+            state = {
+                "format": STATE_FORMAT,
+                "epoch": epoch,
+                "step": self.step,
+                "steps_per_epoch": self.spe,
+                "data": {"consumed": self.plan.consumed_before(self.step), "global_batch": self.plan.global_batch,
+                         "world_size": dist_info.world_size, "seed": run.seed},
+                "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "rng": rngs,
+                "best": {"score": self.best_score, "epoch": self.best_epoch},
+            }
+            folder = write_checkpoint(self.model, self.cfg, self.output_dir, name, state, self.provenance,
+                                      self.envelope)
+            self.out_folder.keep()  # resumable from here: a later failure keeps the folder
+        D.barrier()
+        return folder
 
 
 def _check_loss(loss: float, step: int, epoch: int, output_dir: Path) -> None:
