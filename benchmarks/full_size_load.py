@@ -495,7 +495,7 @@ def phase_step(folder: Path, s: Sizes) -> dict:
     import train as train_entry
     import transformers
 
-    from minigpt4.models import minigpt_v2
+    from minigpt4.training import trainer  # build_model as the trainer imported it (module-top import)
 
     # the reduced folder's index leaves layers 2… out of shards that hold them: HF would list each
     verbosity = transformers.logging.get_verbosity()
@@ -528,8 +528,8 @@ def phase_step(folder: Path, s: Sizes) -> dict:
         seen["active_adapters"] = model.active_adapters()
         seen["adapter_stack"] = model.adapter_stack()
 
-    original = minigpt_v2.build_model
-    minigpt_v2.build_model = capture
+    original = trainer.build_model
+    trainer.build_model = capture
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     hook = register_optimizer_step_pre_hook(before_step)
@@ -540,7 +540,7 @@ def phase_step(folder: Path, s: Sizes) -> dict:
             step_s = time.perf_counter() - t0
     finally:
         hook.remove()
-        minigpt_v2.build_model = original
+        trainer.build_model = original
         transformers.logging.set_verbosity(verbosity)
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["kind"] == "step"]

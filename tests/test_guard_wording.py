@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import eval_detection
+from minigpt4.config import AGGREGATIONS
 from minigpt4.evaluation import cascade, operating_points
 from tests.test_eval_entrypoints import QUICKSTART_EVAL
 
@@ -12,14 +13,14 @@ from tests.test_eval_entrypoints import QUICKSTART_EVAL
 def _table(rows: list[dict]) -> str:
     selection = {"aggregation": "max", "threshold": 0.5, "threshold_rule": "r", "n_val_volumes": 2,
                  "n_val_inconclusive": 0, "n_val_tumor": 1, "notes": [], "slice_threshold_rule": "x"}
-    test = {("MSD", "a"): {"dataset": "MSD", "label": True, "scores": {"max": 0.9, "top_k_mean": 0.9}, "n_boxed": 3,
+    test = {("MSD", "a"): {"dataset": "MSD", "label": True, "scores": dict.fromkeys(AGGREGATIONS, 0.9), "n_boxed": 3,
                            "inconclusive": False},
-            ("NIH", "b"): {"dataset": "NIH", "label": False, "scores": {"max": 0.1, "top_k_mean": 0.1}, "n_boxed": 3,
+            ("NIH", "b"): {"dataset": "NIH", "label": False, "scores": dict.fromkeys(AGGREGATIONS, 0.1), "n_boxed": 3,
                            "inconclusive": False}}
     points = operating_points.operating_points(test, test, selection, n_boot=0, seed=0)
     return cascade.cascade_tables({
         "slice": cascade.slice_metrics(rows, 0.5), "selection": selection,
-        "patient": {**operating_points.patient_metrics(test, {"max": 0.5, "top_k_mean": 0.5}, 0, 0),
+        "patient": {**operating_points.patient_metrics(test, dict.fromkeys(AGGREGATIONS, 0.5), 0, 0),
                     "operating_points": points, "pancreas_iou_3d": None, "n_pancreas_volumes": 0, "tumor_iou_3d": None,
                     "n_tumor_volumes": 0},
         "top_k": 3, "min_boxed_slices": 1})
@@ -34,12 +35,11 @@ def test_the_ground_truth_crop_row_says_how_it_differs_from_table_2():
 
 
 def test_no_conclusive_val_volume_is_not_called_one_class():
-    inconclusive = {("NIH", "v"): {"dataset": "NIH", "label": False, "scores": {"max": 0.0, "top_k_mean": 0.0},
+    inconclusive = {("NIH", "v"): {"dataset": "NIH", "label": False, "scores": dict.fromkeys(AGGREGATIONS, 0.0),
                                    "n_boxed": 0, "inconclusive": True}}
     selection = operating_points.select_operating_point(inconclusive, "max", None)
     assert selection["threshold_rule"] == "0.5: no val volume is conclusive"
-    assert selection["notes"] == ["max: no val volume is conclusive: threshold 0.5",
-                                  "top_k_mean: no val volume is conclusive: threshold 0.5"]
+    assert selection["notes"] == [f"{method}: no val volume is conclusive: threshold 0.5" for method in AGGREGATIONS]
     assert operating_points.choose_slice_threshold([{"p_tumor": None, "has_tumor": True}], None)[
         "slice_threshold_rule"] == "no val slice has a P(tumor): 0.5"
 

@@ -144,7 +144,8 @@ def settings_fingerprint_config(cfg: Any, settings: Any, normalisation: str) -> 
     cascade = {k: v for k, v in dataclasses.asdict(cfg.cascade).items() if k != "stages"}
     resolved = {"threshold": settings.threshold, "slice_threshold": settings.slice_threshold,
                 "aggregation": settings.aggregation, "top_k": settings.top_k, "crop_margin": settings.crop_margin,
-                "min_boxed_slices": settings.min_boxed_slices, "z_rule": settings.z_rule, "normalisation": normalisation,
+                "min_boxed_slices": settings.min_boxed_slices, "z_rule": settings.z_rule,
+                "operating_point": cfg.cascade.operating_point, "normalisation": normalisation,
                 "max_new_tokens": cfg.model.generation.max_new_tokens}
     return {**resolved, **with_path_identities({"model": dataclasses.asdict(cfg.model), "cascade": cascade})}
 
