@@ -4,6 +4,8 @@ Subcommands:
   msd        MSD Task07 (imagesTr/, labelsTr/; 1 pancreas, 2 tumor)
   nih        NIH Pancreas-CT (DICOM series folders or NIfTI images; labels label00XX.nii.gz)
   abd        AbdomenCT-1K (Case_XXXXX_0000.nii.gz + Case_XXXXX.nii.gz; 1 liver, 2 kidney, 3 spleen, 4 pancreas)
+  panorama   PANORAMA (<patient>_<study>_0000.nii.gz|.mha; manual_labels/ + automatic_labels/, values 0-6;
+             clinical_information.xlsx): split by patient, stratified by PDAC
   tc         tumor-classification crops from prepared MSD and NIH folders
   tc-import  a TC folder from existing crops (the release's PNGs or a CSV)
   synthetic  synthetic abdominal CT phantoms in a dataset's file layout
@@ -92,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
                            help="MSD / NIH folders: ABD volumes that are the same scans (by content) stay out of "
                                 "ABD val/test and are listed in the manifest")
         _common(p)
+    p = sub.add_parser("panorama", help="prepare PANORAMA studies (split by patient)")
+    p.add_argument("--images", required=True, nargs="+", help="folders of <patient>_<study>_0000.nii.gz / .mha")
+    p.add_argument("--labels", required=True, nargs="+", metavar="DIR",
+                   help="manual_labels/ and/or automatic_labels/ (or manual=DIR automatic=DIR); a manual label "
+                        "is preferred over an automatic one")
+    p.add_argument("--clinical", required=True, help="clinical_information.xlsx as published (or a CSV export)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--exclude-overlap-with", nargs="+", metavar="PREPARED_OR_RAW_DIR",
+                   help="MSD / NIH folders: studies that are the same scans (by content) go to train under their "
+                        "MSD/NIH name; sheet-flagged MSD/NIH studies without a match are in no split")
+    p.add_argument("--assume-orientation", metavar="CODES",
+                   help="axis codes of NIfTI files whose header has no orientation (qform_code = sform_code = 0)")
+    _common(p)
     p = sub.add_parser("tc", help="tumor-classification crops from prepared MSD and NIH folders")
     p.add_argument("--msd", required=True)
     p.add_argument("--nih", help="prepared NIH folder (variant paper)")
@@ -115,13 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepared MSD / NIH folders: each crop volume keeps the cascade's split (no leakage)")
     p = sub.add_parser("synthetic", help="synthetic CT phantoms in a dataset's file layout")
     p.add_argument("--out", required=True)
-    p.add_argument("--scheme", choices=("msd", "nih", "abd"), required=True)
-    p.add_argument("--n", type=int, default=12)
+    p.add_argument("--scheme", choices=("msd", "nih", "abd", "panorama"), required=True)
+    p.add_argument("--n", type=int, default=12, help="volumes (panorama: patients)")
     p.add_argument("--slices", type=int, default=24)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--orient", default="RAS", help="storage orientation (nibabel axis codes), e.g. RAS, LPS, LAS")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nih-format", choices=("dicom", "nifti"), default="dicom")
+    p.add_argument("--image-format", choices=("nifti", "mha"), default="nifti", help="panorama: image files")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty folder without manifest.json (its own files are kept)")
     p = sub.add_parser("report", help="slices per threshold (Appendix Table 1)")
@@ -143,11 +159,29 @@ def run(args: argparse.Namespace) -> int:
                        assume_orientation=args.assume_orientation,
                        exclude_overlap_with=getattr(args, "exclude_overlap_with", None))
         prepare(opts)
+    elif args.command == "panorama":
+        from preprocessing.panorama import label_folders, prepare_panorama
+        from preprocessing.pipeline import Options
+
+        opts = Options(dataset="PANORAMA", images=args.images, labels=label_folders(args.labels), out=args.out,
+                       normalization=args.normalization, window=tuple(args.window), threshold=args.threshold,
+                       test_ratio=args.test_ratio, val_ratio=args.val_ratio, seed=args.seed,
+                       balanced=args.balanced, all_slices=args.all_slices, on_error=args.on_error,
+                       workers=args.workers, overwrite=args.overwrite, assume_orientation=args.assume_orientation,
+                       exclude_overlap_with=args.exclude_overlap_with, clinical=args.clinical)
+        prepare_panorama(opts)
     elif args.command == "synthetic":
+        from preprocessing import synthetic_panorama
         from preprocessing.synthetic import generate
 
         with OutputFolder(args.out, "preprocessing synthetic", overwrite=True, owner="python -m preprocessing synthetic",
                           owns=lambda m: m.get("dataset") == "synthetic"):  # checked by generate; locked here
+            if args.scheme == "panorama":
+                res = synthetic_panorama.generate(args.out, args.n, args.slices, args.size, args.orient, args.seed,
+                                                  args.image_format, overwrite=args.overwrite)
+                print(f"next: python -m preprocessing panorama --images {res['images']} --labels "
+                      f"{' '.join(res['labels'])} --clinical {res['clinical']} --out OUT")
+                return 0
             res = generate(args.out, args.scheme, args.n, args.slices, args.size, args.orient, args.seed,
                            args.nih_format, overwrite=args.overwrite)
         print(f"next: python -m preprocessing {args.scheme} --images {res['images']} --labels {res['labels']} --out OUT")

@@ -14,11 +14,11 @@ from preprocessing.slices import select_records
 from preprocessing.splits import SPLITS
 
 TASKS = ("pancreas_detection", "tumor_detection", "organ_detection", "tumor_classification")
-DATASETS = ("MSD", "NIH", "ABD", "TC")
+DATASETS = ("MSD", "NIH", "ABD", "TC", "PANORAMA")
 # task → datasets whose folders hold it
 TASK_DATASETS = {
-    "pancreas_detection": ("MSD", "NIH"),
-    "tumor_detection": ("MSD",),
+    "pancreas_detection": ("MSD", "NIH", "PANORAMA"),
+    "tumor_detection": ("MSD", "PANORAMA"),
     "organ_detection": ("ABD",),
     "tumor_classification": ("TC",),
 }
@@ -45,7 +45,7 @@ def dataset_name(root: str | os.PathLike) -> str:
 
 
 def _annotation_file(root: Path, dataset: str, task: str, split: str) -> Path:
-    prefix = "MSD_tumor" if task == "tumor_detection" else dataset
+    prefix = f"{dataset}_tumor" if task == "tumor_detection" else dataset
     return root / "annotations" / f"{prefix}_{split}.json"
 
 

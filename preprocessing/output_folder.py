@@ -33,7 +33,7 @@ def versions() -> dict:
 
 # Options that say how a run behaves, not what it writes: a re-run may change them freely.
 RUN_OPTIONS = ("on_error", "workers", "overwrite", "progress")
-PREPARED_KINDS = ("MSD", "NIH", "ABD", "TC")
+PREPARED_KINDS = ("MSD", "NIH", "ABD", "TC", "PANORAMA")
 OWN_PNG = re.compile(r"slices/(?P<volume>.+)_slice_\d+\.png")
 _TEMP = re.compile(r"\..+\.tmp")  # minigpt4.io.atomic_path leftovers of an interrupted run
 

@@ -131,12 +131,13 @@ def fingerprint_array(hu: np.ndarray, affine: np.ndarray) -> Fingerprint:
 
 
 def volume_fingerprint(image: str, kind: str) -> Fingerprint:
-    """Fingerprint of a NIfTI file or DICOM series folder (``kind``: nifti | dicom).
+    """Fingerprint of a NIfTI / MHA file or DICOM series folder (``kind``: nifti | dicom | mha).
 
     Raises:
         VolumeError: the file cannot be read (names it).
     """
-    vol = volumes.read_dicom_series(image) if kind == "dicom" else volumes.load_nifti(image)
+    vol = volumes.read_dicom_series(image) if kind == "dicom" else volumes.load_mha(image) if kind == "mha" \
+        else volumes.load_nifti(image)
     array = np.asarray(vol.array)
     if vol.slope != 1.0 or vol.inter != 0.0:  # signatures clip in HU
         array = array.astype(np.float32) * np.float32(vol.slope) + np.float32(vol.inter)

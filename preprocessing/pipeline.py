@@ -40,6 +40,8 @@ DEFAULT_LABELS = {
     "MSD": {"pancreas": 1, "tumor": 2},
     "NIH": {"pancreas": 1},
     "ABD": {"liver": 1, "kidney": 2, "spleen": 3, "pancreas": 4},
+    # the PANORAMA label release's values (preprocessing/panorama.py): pancreas = 1 | 4 | 5, tumor = 1
+    "PANORAMA": {"lesion": 1, "veins": 2, "arteries": 3, "parenchyma": 4, "duct": 5, "bile_duct": 6},
 }
 PNG_COMPRESS_LEVEL = 6  # PIL's default; the benchmark floor uses the same
 
@@ -50,7 +52,8 @@ class Options:
 
     dataset: str
     images: list
-    labels: str
+    labels: object
+    """One label folder (MSD/NIH/ABD); PANORAMA: a list of ``(source, folder)`` (manual / automatic)."""
     out: str
     normalization: str = "paper"
     window: tuple = normalize.DEFAULT_WINDOW
@@ -68,14 +71,17 @@ class Options:
     overwrite: bool = False
     assume_orientation: Optional[str] = None
     exclude_overlap_with: Optional[list] = None
-    """Folders (prepared or raw) whose scans must stay out of this dataset's val/test (ABD)."""
+    """Folders (prepared or raw) whose scans must stay out of this dataset's val/test (ABD, PANORAMA)."""
+    clinical: Optional[str] = None
+    """PANORAMA: the clinical sheet (``clinical_information.xlsx`` or a CSV export)."""
 
     def parameters(self) -> dict:
         """What determines the output (on_error/workers/overwrite only say how to run)."""
         params = {
             "dataset": self.dataset,
             "images": [str(Path(p).resolve()) for p in self.images],
-            "labels": str(Path(self.labels).resolve()),
+            "labels": (str(Path(self.labels).resolve()) if isinstance(self.labels, (str, os.PathLike))
+                       else [[source, str(Path(p).resolve())] for source, p in self.labels]),
             "normalization": self.normalization,
             "window": [float(v) for v in self.window],
             "threshold": float(self.threshold),
@@ -92,7 +98,15 @@ class Options:
             params["all_slices"] = True
         if self.exclude_overlap_with:
             params["exclude_overlap_with"] = [str(Path(p).resolve()) for p in self.exclude_overlap_with]
+        if self.clinical:
+            params["clinical"] = str(Path(self.clinical).resolve())
         return params
+
+    def label_folders(self) -> list[str]:
+        """Every label folder of the run."""
+        if isinstance(self.labels, (str, os.PathLike)):
+            return [str(self.labels)]
+        return [str(p) for _, p in self.labels]
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -102,9 +116,9 @@ class Options:
 class Job:
     dataset: str
     volume_name: str
-    image: str  # NIfTI file or DICOM folder
+    image: str  # NIfTI / MHA file or DICOM folder
     label: str
-    kind: str  # "nifti" | "dicom"
+    kind: str  # "nifti" | "dicom" | "mha"
     label_map: dict = field(default_factory=dict)
     strict_labels: bool = True
     normalization: str = "paper"
@@ -114,6 +128,8 @@ class Job:
     seed: int = 42
     assume_orientation: Optional[str] = None
     all_slices: bool = False
+    extra: dict = field(default_factory=dict)
+    """Fields added to every slice record of the volume (PANORAMA: the clinical sheet's values)."""
 
 
 NO_PATIENT_NUMBER = "no 4-digit patient number in the name (expected e.g. PANCREAS_0001 or label0001.nii.gz)"
@@ -259,6 +275,10 @@ def target_masks(dataset: str, label_d: np.ndarray, label_map: dict) -> dict[str
     if dataset == "MSD":
         tumor = label_d == label_map["tumor"]
         return {"pancreas": (label_d == label_map["pancreas"]) | tumor, "tumor": tumor}
+    if dataset == "PANORAMA":  # a lesion lies in the pancreas, as MSD's tumor (SPEC §9)
+        tumor = label_d == label_map["lesion"]
+        return {"pancreas": np.isin(label_d, [label_map["lesion"], label_map["parenchyma"], label_map["duct"]]),
+                "tumor": tumor}
     masks = {t: label_d == label_map[t] for t in slices.DATASET_TARGETS[dataset]}
     if dataset == "ABD":
         masks["kidney"] = _right_component(masks["kidney"])
@@ -274,8 +294,9 @@ def _check_label_values(job: Job, label: np.ndarray) -> None:
         return
     bad = sorted(set(np.unique(label).tolist()) - set(allowed))
     if bad:
-        raise VolumeError(job.label, f"unexpected label values {bad[:10]} (expected {allowed} for {job.dataset}; "
-                                     "use --label-map for other label schemes)")
+        hint = "" if job.dataset == "PANORAMA" else "; use --label-map for other label schemes"
+        raise VolumeError(job.label, f"unexpected label values {bad[:10]} (expected {allowed} for {job.dataset}"
+                                     f"{hint})")
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -305,6 +326,8 @@ def process_volume(job: Job) -> dict:
     try:
         if job.kind == "dicom":
             image = volumes.read_dicom_series(job.image)
+        elif job.kind == "mha":
+            image = volumes.load_mha(job.image)
         else:
             image = volumes.load_nifti(job.image, assume_orientation=job.assume_orientation)
         volumes.check_intensities(image)
@@ -323,6 +346,8 @@ def process_volume(job: Job) -> dict:
     image_d = apply_orientation(image.array, transform)
     masks = target_masks(job.dataset, label_d, job.label_map)
     records = slices.volume_records(job.dataset, job.volume_name, masks)
+    for record in records:
+        record.update(job.extra)
     present = np.zeros(label_d.shape[2], dtype=bool)
     for m in masks.values():
         present |= m.any(axis=(0, 1))
@@ -357,8 +382,8 @@ def process_volume(job: Job) -> dict:
 def _selection_sets(dataset: str) -> list[tuple[str, str]]:
     """(file prefix, target) of the selected sets; the first is the dataset's main task."""
     sets = [(dataset, "organs" if dataset == "ABD" else "pancreas")]
-    if dataset == "MSD":
-        sets.append(("MSD_tumor", "tumor"))
+    if "tumor" in slices.DATASET_TARGETS[dataset]:
+        sets.append((f"{dataset}_tumor", "tumor"))
     return sets
 
 
@@ -428,8 +453,14 @@ def check_label_map(dataset: str, label_map: dict) -> None:
                                + "); each target needs its own label number")
 
 
-def prepare(opts: Options, log=print) -> dict:
-    """Run the msd / nih / abd pipeline. Returns the manifest.
+def prepare(opts: Options, log=print, discover_fn=None, split_fn=None) -> dict:
+    """Run the msd / nih / abd pipeline (PANORAMA: :func:`preprocessing.panorama.prepare_panorama`
+    passes its own discovery and split). Returns the manifest.
+
+    Args:
+        discover_fn: ``opts → (jobs, problems)`` (default :func:`discover`).
+        split_fn: ``(prepared volume names, overlap found or None) → (split dict, manifest additions)``
+            (default: :func:`preprocessing.splits.split_volumes` by volume, matched scans kept in train).
 
     Raises:
         FileNotFoundError: an input folder is missing.
@@ -449,14 +480,15 @@ def prepare(opts: Options, log=print) -> dict:
         volumes.orientation_codes(opts.assume_orientation)
     out = Path(opts.out)
     params = opts.parameters()
-    jobs, problems = discover(opts)  # first: a missing input folder is the error to report
+    jobs, problems = (discover_fn or discover)(opts)  # first: a missing input folder is the error to report
     if opts.exclude_overlap_with:
         check_overlap_sources(opts, jobs)
-    owned = check_output_folder(out, params, opts.overwrite, inputs=[*opts.images, opts.labels], kinds=(ds,))
+    inputs = [*opts.images, *opts.label_folders(), *([opts.clinical] if opts.clinical else [])]
+    owned = check_output_folder(out, params, opts.overwrite, inputs=inputs, kinds=(ds,))
     # checked above; the lock keeps a second run out, a failure removes what this run created
     with outputs.OutputFolder(out, "preprocessing", overwrite=True, owner="python -m preprocessing",
                               owns=lambda m: m.get("dataset") in PREPARED_KINDS):
-        return _prepare_into(opts, out, params, jobs, problems, owned, log, t_start)
+        return _prepare_into(opts, out, params, jobs, problems, owned, log, t_start, split_fn)
 
 
 def check_overlap_sources(opts: Options, jobs: Sequence[Job]) -> None:
@@ -488,7 +520,7 @@ def check_overlap_sources(opts: Options, jobs: Sequence[Job]) -> None:
 
 
 def _prepare_into(opts: Options, out: Path, params: dict, jobs: list, problems: list, owned: set,
-                  log, t_start: float) -> dict:
+                  log, t_start: float, split_fn=None) -> dict:
     """:func:`prepare` once the output folder is checked and locked."""
     ds = opts.dataset
     ours = (out / "manifest.json").is_file()
@@ -530,13 +562,16 @@ def _prepare_into(opts: Options, out: Path, params: dict, jobs: list, problems: 
     done = sorted({r["volume_name"] for r in infos})
     if not done:
         raise PreparationError(f"{out}: no volume could be prepared ({len(skipped)} skipped)")
-    overlap_found = None
+    overlap_found, manifest_extra = None, {}
     if opts.exclude_overlap_with:  # the same scans in other datasets: never in this val/test
         own = [(j.volume_name, j.image, j.kind) for j in jobs if j.volume_name in set(done)]
         sources = [folder_volumes(folder) for folder in opts.exclude_overlap_with]
         overlap_found = overlap.find_overlap(own, sources, workers)
-        split = overlap.split_keeping_in_train(done, list(overlap_found), opts.test_ratio, opts.val_ratio, opts.seed)
         log(f"{ds}: {len(overlap_found)} volume(s) are scans of {', '.join(map(str, opts.exclude_overlap_with))}: kept in train")
+    if split_fn is not None:
+        split, manifest_extra = split_fn(done, overlap_found)
+    elif overlap_found is not None:
+        split = overlap.split_keeping_in_train(done, list(overlap_found), opts.test_ratio, opts.val_ratio, opts.seed)
     else:
         split = splits.split_volumes(done, opts.test_ratio, opts.val_ratio, opts.seed)
     check_splits_not_empty(out, ds, infos, split, opts.threshold, opts.seed, without_target)
@@ -563,6 +598,7 @@ def _prepare_into(opts: Options, out: Path, params: dict, jobs: list, problems: 
     }
     if overlap_found is not None:
         manifest["overlap"] = overlap_found
+    manifest.update(manifest_extra)
     write_json_atomic(out / "manifest.json", manifest)
     empty_note = f" ({', '.join(without_target[:5])}{', ...' if len(without_target) > 5 else ''})" \
         if without_target else ""

@@ -22,6 +22,7 @@ DATASET_TARGETS = {
     "MSD": ("pancreas", "tumor"),
     "NIH": ("pancreas",),
     "ABD": ("liver", "kidney", "spleen", "pancreas"),
+    "PANORAMA": ("pancreas", "tumor"),
 }
 ORGANS = DATASET_TARGETS["ABD"]
 

@@ -37,6 +37,8 @@ LABELS = {
     "msd": {"pancreas": 1, "tumor": 2},
     "nih": {"pancreas": 1},
     "abd": {"liver": 1, "kidney": 2, "spleen": 3, "pancreas": 4},
+    # PANORAMA's values (preprocessing.panorama.LABELS): 1 PDAC lesion, 3 arteries, 4 parenchyma, 5 duct
+    "panorama": {"tumor": 1, "aorta": 3, "pancreas": 4, "duct": 5},
 }
 
 
@@ -67,15 +69,19 @@ def _paint(image, label, centre, radii, value, label_value=0, angle=0.0, z_range
         label[block][inside] = label_value
 
 
-def phantom(size: int = 128, n_slices: int = 24, seed: int = 0, scheme: str = "msd"):
+def phantom(size: int = 128, n_slices: int = 24, seed: int = 0, scheme: str = "msd", tumor=None):
     """One phantom in the display frame.
+
+    Args:
+        tumor: paint the hypodense tumor (default: for ``msd`` only). ``panorama`` phantoms also
+            label the aorta (arteries) and a hypodense duct inside the pancreas.
 
     Returns:
         hu (size, size, n_slices) int16, label (size, size, n_slices) uint8 (scheme's label
         numbers), spacing (row mm, col mm, slice mm).
     """
     if scheme not in LABELS:
-        raise ValueError(f"unknown scheme {scheme!r}; choose msd, nih or abd")
+        raise ValueError(f"unknown scheme {scheme!r}; choose msd, nih, abd or panorama")
     if size < 32 or n_slices < 4:
         raise ValueError(f"phantom too small: size {size} (>= 32), slices {n_slices} (>= 4)")
     rng = np.random.default_rng(seed)
@@ -108,14 +114,17 @@ def phantom(size: int = 128, n_slices: int = 24, seed: int = 0, scheme: str = "m
     for col in (0.33, 0.67):  # both kidneys; "kidney" in ABD is made of the right one later
         _paint(image, label, c(0.66, col + jitter(0.01), 0.45 + jitter(0.05)), r(0.06, 0.045, 0.18), 150.0, organ("kidney"))
     _paint(image, None, c(0.73, 0.5, 0.5), r(0.06, 0.06, 10.0), 650.0)  # vertebra
-    _paint(image, None, c(0.61, 0.54, 0.5), r(0.025, 0.025, 10.0), 180.0)  # aorta
+    _paint(image, label, c(0.61, 0.54, 0.5), r(0.025, 0.025, 10.0), 180.0, organ("aorta"))
     # Pancreas: elongated, draped over the aorta and spine, tilted (tail up towards the spleen on
     # the image right); its size, tilt and position relative to the spine vary too.
     p_centre = c(0.53 + jitter(0.03), 0.52 + jitter(0.03), 0.5 + jitter(0.12))
     p_radii = r(float(rng.uniform(0.025, 0.045)), float(rng.uniform(0.12, 0.18)), float(rng.uniform(0.12, 0.25)))
     angle = float(rng.uniform(-0.45, 0.1))
     _paint(image, label, p_centre, p_radii, 110.0, organ("pancreas"), angle=angle)
-    if scheme == "msd":
+    if organ("duct"):  # a thin fluid-filled duct along the gland's long axis (draws nothing from rng)
+        d_radii = (max(0.6, 0.2 * p_radii[0]), 0.8 * p_radii[1], 0.8 * p_radii[2])
+        _paint(image, label, p_centre, d_radii, 5.0, organ("duct"), angle=angle)
+    if scheme == "msd" if tumor is None else tumor:
         t = float(rng.uniform(-0.5, 0.5)) * p_radii[1]
         t_centre = (p_centre[0] + np.sin(angle) * t, p_centre[1] + np.cos(angle) * t, p_centre[2] + jitter(0.3) * p_radii[2])
         t_r = float(rng.uniform(0.7, 1.0)) * p_radii[0]
@@ -300,7 +309,7 @@ def generate(out, scheme: str = "msd", n: int = 12, n_slices: int = 24, size: in
     elif scheme == "abd":
         img_dir, lab_dir = out / "images", out / "masks"
     else:
-        raise ValueError(f"unknown scheme {scheme!r}; choose msd, nih or abd")
+        raise ValueError(f"unknown scheme {scheme!r}; choose msd, nih, abd or panorama")
     planned = _planned_files(scheme, n, n_slices, nih_format)
     owned = _start_output(out, planned, overwrite)
     out.mkdir(parents=True, exist_ok=True)

@@ -223,6 +223,55 @@ def load_nifti(path: str | os.PathLike, scaled: bool = False, assume_orientation
                   slope=slope, inter=inter)
 
 
+def is_mha(path) -> bool:
+    """A MetaImage file (``.mha``, grand-challenge's format; ``.mhd`` + raw data too)."""
+    return Path(path).name.lower().endswith((".mha", ".mhd"))
+
+
+def load_mha(path: str | os.PathLike) -> Volume:
+    """Read a MetaImage (``.mha`` / ``.mhd``) volume with SimpleITK into the stored frame.
+
+    ITK holds the voxels as (z, y, x) and the geometry in LPS: the array is transposed to
+    (x, y, z) (NIfTI's voxel order) and the affine built as ``diag(-1, -1, 1) @ [D·diag(spacing) | origin]``.
+
+    Raises:
+        VolumeError: missing, unreadable, not 3-D, or a singular direction matrix (names the file).
+    """
+    import SimpleITK as sitk  # heavy (an ITK build); only needed for .mha inputs
+
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeError(path, "file not found")
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = tuple(int(v) for v in reader.GetSize())
+        if len(size) != 3 or reader.GetNumberOfComponents() != 1:
+            raise VolumeError(path, f"expected a 3-D scalar volume, got size {size} with "
+                                    f"{reader.GetNumberOfComponents()} component(s)")
+        need = int(np.prod(size, dtype=np.int64)) * 8
+        if need > decode_budget():
+            raise VolumeError(path, f"the header declares {'x'.join(map(str, size))} voxels, more than this machine's "
+                                    "memory can decode; crop or resample the volume, or check its header")
+        image = reader.Execute()
+    except VolumeError:
+        raise
+    except RuntimeError as err:  # SimpleITK reports every read failure as RuntimeError
+        first = str(err).strip().splitlines()
+        raise VolumeError(path, f"corrupt or unreadable MetaImage file ({first[-1] if first else err})") from None
+    array = np.transpose(sitk.GetArrayViewFromImage(image), (2, 1, 0)).copy()
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing
+    lps[:3, 3] = image.GetOrigin()
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise VolumeError(path, "invalid (singular or non-finite) direction/spacing")
+    return Volume(array=array, affine=affine, path=str(path))
+
+
 # Hounsfield units a CT can hold (int16 and uint16 - 1024 storage); a value outside is not HU.
 HU_RANGE = (-32768.0, 65535.0)
 
