@@ -315,6 +315,29 @@ def _negatives(job: Job, candidates: np.ndarray, n: int) -> np.ndarray:
     return np.sort(rng.choice(candidates, size=min(n, candidates.size), replace=False))
 
 
+def read_pair(job: Job) -> tuple[volumes.Volume, np.ndarray]:
+    """A job's image and its label in the image's stored voxel order, checked (intensities, label
+    geometry and values): what :func:`process_volume` prepares from, and what ``eval_cascade.py``
+    scores detection maps against (the reference lesions in the CT's own geometry).
+
+    Raises:
+        VolumeError: naming the file and the problem.
+    """
+    if job.kind == "dicom":
+        image = volumes.read_dicom_series(job.image)
+    elif job.kind == "mha":
+        image = volumes.load_mha(job.image)
+    else:
+        image = volumes.load_nifti(job.image, assume_orientation=job.assume_orientation)
+    volumes.check_intensities(image)
+    label_vol = volumes.load_nifti(job.label, assume_orientation=job.assume_orientation)
+    label = volumes.label_array(label_vol)
+    label = volumes.align_label_to_image(label, label_vol.affine, image.array.shape, image.affine,
+                                         job.label, job.image)
+    _check_label_values(job, label)
+    return image, label
+
+
 def process_volume(job: Job) -> dict:
     """Load, check, compute records and write PNGs for one volume.
 
@@ -324,18 +347,7 @@ def process_volume(job: Job) -> dict:
     """
     t0 = time.perf_counter()
     try:
-        if job.kind == "dicom":
-            image = volumes.read_dicom_series(job.image)
-        elif job.kind == "mha":
-            image = volumes.load_mha(job.image)
-        else:
-            image = volumes.load_nifti(job.image, assume_orientation=job.assume_orientation)
-        volumes.check_intensities(image)
-        label_vol = volumes.load_nifti(job.label, assume_orientation=job.assume_orientation)
-        label = volumes.label_array(label_vol)
-        label = volumes.align_label_to_image(label, label_vol.affine, image.array.shape, image.affine,
-                                             job.label, job.image)
-        _check_label_values(job, label)
+        image, label = read_pair(job)
     except VolumeError as err:
         return {"volume": job.volume_name, "error": {"file": err.path, "problem": err.problem}}
     t1 = time.perf_counter()

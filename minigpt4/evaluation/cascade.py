@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from minigpt4.boxes import box_iou
+from minigpt4.evaluation.panorama import panorama_table
 from minigpt4.evaluation.stats import auc_score, safe_ratio
 from minigpt4.evaluation.operating_points import (
     choose_slice_threshold,
@@ -164,6 +165,8 @@ def score_volume(records: Sequence[dict], results: Sequence[dict], split: str) -
                "has_pancreas": has_pancreas, "has_tumor": has_tumor, "tc_label": tc_label(rec),
                "gt_pancreas_box": list(rec["bbox_pancreas"]) if has_pancreas else None,
                "gt_tumor_box": list(rec["bbox_tumor"]) if has_tumor else None, **res}
+        if rec.get("patient_label"):  # PANORAMA: the sheet's patient truth
+            row["patient_label"] = rec["patient_label"]
         row["pancreas_iou"] = (box_iou(res["pancreas_box"], rec["bbox_pancreas"]) if res["pancreas_box"] else 0.0) \
             if has_pancreas else None
         row["tumor_iou"] = (box_iou(res["tumor_box"], rec["bbox_tumor"]) if res["tumor_box"] else 0.0) if has_tumor else None
@@ -406,7 +409,8 @@ def p_tumor_figure(rows: Sequence[dict], threshold: float, path: Path, columns: 
 
 
 # ----------------------------------------------------------------------------- main
-CASCADE_OUTPUTS = ("predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "config.yaml")
+CASCADE_OUTPUTS = ("predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "config.yaml",
+                   "detection_maps", "panorama_curves.png")
 """What ``eval_cascade.py`` writes in ``run.output_dir`` (besides its ``manifest.json``)."""
 
 
@@ -457,6 +461,41 @@ def check_cascade_leakage(cfg: Any, allow_unknown: bool = False) -> list:
     return reports
 
 
+def source_jobs(cfg: Any) -> dict:
+    """``{dataset: {volume: Job}}``: the raw CT and label files of the configured folders."""
+    from preprocessing.layout import dataset_name
+    from preprocessing.sources import prepared_jobs
+
+    return {dataset_name(root): prepared_jobs(root) for root in dict.fromkeys(str(ds.root) for ds in cfg.datasets.values())}
+
+
+def panorama_section(cfg: Any, volumes: dict, rows: Sequence[dict], patients: dict, aggregation: str, out: Path,
+                     make_figures: bool = True) -> dict:
+    """Detection maps of the test volumes (``detection_maps/<volume>.nii.gz``) scored the PANORAMA
+    way (:mod:`minigpt4.evaluation.panorama`): the ``panorama`` section of ``metrics.json``.
+    The patient likelihood is the selected aggregation's score (0 where no slice was classified:
+    an inconclusive volume has no better number, and PANORAMA scores every study)."""
+    from minigpt4.evaluation.panorama import (
+        DETECTION_MAPS, SHEET_TRUTH, VOXEL_TRUTH, cascade_cases, check_sources, panorama_figure, score_cases)
+
+    jobs = source_jobs(cfg)
+    check_sources(volumes, jobs)
+    likelihoods = {key: patients[key]["scores"][aggregation] for key in volumes}
+    sheet = all(records[0].get("patient_label") for records in volumes.values())
+    section, scored = score_cases(cascade_cases(volumes, rows, likelihoods, jobs, out), cfg.cascade.bootstrap,
+                                  cfg.run.seed, SHEET_TRUTH if sheet else VOXEL_TRUTH)
+    written = {f"{name}.nii.gz" for _, name in volumes}
+    for stale in (out / DETECTION_MAPS).glob("*.nii.gz"):  # an earlier run's volumes (the folder is ours)
+        if stale.name not in written:
+            stale.unlink()
+    if make_figures:
+        panorama_figure(scored, out / "panorama_curves.png")
+    section.update({"likelihood": f"patient score: {aggregation} of slice P(tumor)",
+                    "n_inconclusive": sum(patients[key]["inconclusive"] for key in volumes),
+                    "detection_maps": DETECTION_MAPS})
+    return section
+
+
 def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[dict] = None,
              volumes: Optional[tuple[dict, dict]] = None) -> dict:
     """Choose the operating points on ``val``, run the cascade on ``test``, write every output.
@@ -505,9 +544,10 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
         return metrics  # torchrun: rank 0 writes
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    metrics["panorama"] = panorama_section(cfg, test_volumes, rows, patients, selection["aggregation"], out, make_figures)
     write_jsonl_atomic(out / "predictions.jsonl", rows)
     write_json_atomic(out / "metrics.json", metrics)
-    write_text_atomic(out / "tables.md", cascade_tables(metrics))
+    write_text_atomic(out / "tables.md", cascade_tables(metrics) + "\n" + panorama_table(metrics["panorama"]))
     if make_figures:
         p_tumor_figure(rows, selection["slice_threshold"], out / "p_tumor_along_z.png")
     save_config(cfg, out / "config.yaml")
@@ -540,6 +580,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not volumes[1]:
         roots = ", ".join(dict.fromkeys(str(ds.root) for ds in cfg.datasets.values()))
         raise ValueError(f"{roots}: the test split holds no volume (annotations/split.json); nothing to evaluate")
+    from minigpt4.evaluation.panorama import check_sources
+
+    check_sources(volumes[1], source_jobs(cfg))  # the detection maps need every test CT and label file
     check_stage_tasks(cfg.cascade.stages.configured())  # checkpoint headers only
     check_cascade_leakage(cfg, args.allow_unknown_provenance)
     out = Path(cfg.run.output_dir)

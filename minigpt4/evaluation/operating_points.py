@@ -75,7 +75,8 @@ def screening_threshold(labels: Sequence[bool], scores: Sequence[float], specifi
 
 def patient_scores(rows: Sequence[dict], top_k: int, min_boxed_slices: int = 1) -> dict[tuple[str, str], dict]:
     """``{(dataset, volume): {dataset, label, scores: {aggregation: score}, n_boxed, inconclusive}}``
-    from slice rows; ``inconclusive``: fewer than ``min_boxed_slices`` slices got a pancreas box."""
+    from slice rows (``label``: the rows' ``patient_label`` where they carry one (PANORAMA), else
+    whether a slice holds tumor voxels); ``inconclusive``: fewer than ``min_boxed_slices`` slices got a pancreas box."""
     by_volume: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         by_volume.setdefault((row["dataset"], row["volume_name"]), []).append(row)
@@ -83,7 +84,9 @@ def patient_scores(rows: Sequence[dict], top_k: int, min_boxed_slices: int = 1) 
     for key, vrows in by_volume.items():
         ps = [r["p_tumor"] for r in vrows]
         boxed = sum(r.get("pancreas_box") is not None for r in vrows)
-        out[key] = {"dataset": key[0], "label": any(r["has_tumor"] for r in vrows),
+        # PANORAMA: the clinical sheet's patient label (a PDAC study without lesion voxels is PDAC)
+        label = vrows[0]["patient_label"] == "PDAC" if vrows[0].get("patient_label") else any(r["has_tumor"] for r in vrows)
+        out[key] = {"dataset": key[0], "label": label,
                     "scores": {m: aggregate(ps, m, top_k) for m in AGGREGATIONS},
                     "n_boxed": boxed, "inconclusive": boxed < max(1, min_boxed_slices)}
     return out

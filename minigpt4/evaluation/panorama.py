@@ -24,12 +24,13 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 with contextlib.redirect_stdout(io.StringIO()):  # picai_eval prints a banner on import
-    from picai_eval import Metrics, evaluate as picai_evaluate
+    from picai_eval import Metrics
+    from picai_eval.eval import evaluate_case
 
 MIN_OVERLAP = 0.10
 """PANORAMA's hit criterion: a candidate hits a reference lesion at IoU >= 0.10 (picai_eval's default)."""
@@ -38,6 +39,8 @@ ANCHORS = (
     ("PANORAMA AI (Alves et al., Lancet Oncology 2025)", "AUROC 0.92 (95 % CI 0.90–0.93)", "1,130 patients of the hidden test set"),
     ("68 radiologists (same study)", "AUROC 0.88 (95 % CI 0.85–0.91)", "391-patient subset of the hidden test set"),
 )
+SHEET_TRUTH = "patient_label of the clinical sheet (PDAC | non-PDAC), not the label voxels"
+VOXEL_TRUTH = "tumor voxels in the label (MSD / NIH have no patient sheet)"
 ANCHOR_NOTE = ("The anchors are PANORAMA's hidden test set (other patients, another reader study): they are not our "
                "test split of the public training set, so they give the scale, not a comparison on the same cases.")
 
@@ -89,57 +92,68 @@ def bootstrap_ci(metrics: Metrics, n: int, seed: int) -> dict:
     return {"auroc": ci(auroc), "ap": ci(ap), "score": ci(score), "n_bootstrap": n, "skipped": skipped, "seed": seed}
 
 
-def score_cases(cases: Sequence[PanoramaCase], n_bootstrap: int = 1000, seed: int = 42) -> tuple[dict, Metrics]:
+def score_cases(cases: Iterable[PanoramaCase], n_bootstrap: int = 1000, seed: int = 42,
+                truth: str = SHEET_TRUTH) -> tuple[dict, Metrics]:
     """The ``panorama`` section of ``metrics.json`` and picai_eval's Metrics (for the figures).
 
+    ``cases`` may be a generator: each study is matched (``picai_eval.eval.evaluate_case``, as
+    ``picai_eval.evaluate`` does per case) as it comes, so only one study's volumes are held.
     Returns ``auroc`` / ``ap`` / ``score`` (None where undefined: AUROC needs both patient
-    classes, AP a reference lesion), ``ci95``, counts, the lesion list's TP/FP/FN counts at
-    any likelihood, the criterion, and the studies whose sheet label and label voxels disagree.
+    classes, AP a reference lesion), ``ci95``, counts, the lesion list's hits / false positives /
+    missed lesions, the criterion, the studies whose sheet label and label voxels disagree, and
+    the matching time per study.
 
     Raises:
         ValueError: no case, a name twice, a map and mask of different shapes, a negative or
             non-finite map value or likelihood (naming the study).
     """
-    if not cases:
-        raise ValueError("PANORAMA scoring: no study to score")
-    names = [c.name for c in cases]
-    if len(set(names)) != len(names):
-        raise ValueError(f"PANORAMA scoring: study names given twice: {sorted({n for n in names if names.count(n) > 1})}")
+    lesion_results: dict[str, list] = {}
+    target: dict[str, int] = {}
+    pred: dict[str, float] = {}
+    without, with_voxels = [], []
+    seconds = []
     for c in cases:
+        if c.name in lesion_results:
+            raise ValueError(f"PANORAMA scoring: study {c.name} given twice")
         if c.detection_map.shape != c.lesions.shape:
             raise ValueError(f"{c.name}: detection map {c.detection_map.shape} and reference {c.lesions.shape} differ in shape")
         if not np.all(np.isfinite(c.detection_map)) or c.detection_map.min(initial=0) < 0:
             raise ValueError(f"{c.name}: the detection map holds negative or non-finite values")
         if not np.isfinite(c.likelihood) or c.likelihood < 0:
             raise ValueError(f"{c.name}: patient likelihood {c.likelihood!r} is not a finite value >= 0")
-    start = time.perf_counter()
-    lesion_level = picai_evaluate(
-        y_det=[np.asarray(c.detection_map, dtype=np.float32) for c in cases],
-        y_true=[(np.asarray(c.lesions) > 0).astype(np.int32) for c in cases],
-        subject_list=names, min_overlap=MIN_OVERLAP, overlap_func=OVERLAP, num_parallel_calls=1)
-    seconds = time.perf_counter() - start
-    metrics = Metrics(lesion_results=lesion_level.lesion_results, lesion_weight=lesion_level.lesion_weight,
-                      case_target={c.name: int(bool(c.pdac)) for c in cases},
-                      case_pred={c.name: float(c.likelihood) for c in cases})
+        start = time.perf_counter()
+        lesions = np.asarray(c.lesions) > 0
+        results, *_ = evaluate_case(np.asarray(c.detection_map, dtype=np.float32), lesions.astype(np.int32),
+                                    min_overlap=MIN_OVERLAP, overlap_func=OVERLAP)
+        seconds.append(time.perf_counter() - start)
+        lesion_results[c.name] = results
+        target[c.name], pred[c.name] = int(bool(c.pdac)), float(c.likelihood)
+        if c.pdac and not lesions.any():
+            without.append(c.name)
+        if not c.pdac and lesions.any():
+            with_voxels.append(c.name)
+    if not lesion_results:
+        raise ValueError("PANORAMA scoring: no study to score")
+    metrics = Metrics(lesion_results=lesion_results, case_target=target, case_pred=pred)
     flat = metrics.lesion_results_flat
     n_lesions = sum(int(t) for t, *_ in flat)
-    auroc = float(metrics.auroc) if _both_classes(list(metrics.case_target.values())) else None
-    ap = float(metrics.AP) if n_lesions else None
+    auroc = float(metrics.auroc) if _both_classes(list(target.values())) else None
+    ap = float(metrics.AP) + 0.0 if n_lesions else None  # + 0.0: picai's -sum(...) gives -0.0 for no hit
     result = {
         "auroc": auroc, "ap": ap,
         "score": None if auroc is None or ap is None else (auroc + ap) / 2,
         "ci95": bootstrap_ci(metrics, n_bootstrap, seed),
-        "n_studies": len(cases), "n_pdac": sum(bool(c.pdac) for c in cases),
+        "n_studies": len(target), "n_pdac": sum(target.values()),
         "n_reference_lesions": n_lesions,
         "n_candidates": sum(1 for t, p, _ in flat if p > 0),
         "n_true_positive": sum(1 for t, p, _ in flat if t and p > 0),
         "n_false_positive": sum(1 for t, p, _ in flat if not t),
         "n_missed": sum(1 for t, p, _ in flat if t and p == 0),
         "criterion": {"overlap": OVERLAP, "min_overlap": MIN_OVERLAP, "scorer": "picai_eval", "version": _version()},
-        "patient_truth": "patient_label of the clinical sheet (PDAC | non-PDAC), not the label voxels",
-        "pdac_without_lesion_voxels": sorted(c.name for c in cases if c.pdac and not np.any(c.lesions)),
-        "non_pdac_with_lesion_voxels": sorted(c.name for c in cases if not c.pdac and np.any(c.lesions)),
-        "seconds_lesion_matching": round(seconds, 4),
+        "patient_truth": truth,
+        "pdac_without_lesion_voxels": sorted(without),
+        "non_pdac_with_lesion_voxels": sorted(with_voxels),
+        "seconds_matching_per_study": round(float(np.mean(seconds)), 6),
     }
     return result, metrics
 
@@ -223,3 +237,66 @@ def panorama_table(section: dict) -> str:
         lines.append(f"Non-PDAC by the sheet but label-1 voxels in the label (scored non-PDAC at patient level; their "
                      f"label-1 voxels count as lesions): {', '.join(section['non_pdac_with_lesion_voxels'])}.")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- eval_cascade.py
+DETECTION_MAPS = "detection_maps"
+"""``eval_cascade.py``'s folder of ``<volume>.nii.gz`` detection maps in the run folder."""
+
+
+def check_sources(volumes: dict, jobs: dict) -> None:
+    """Every test volume has its raw image and label (before the model is loaded).
+
+    Args:
+        volumes: ``{(dataset, volume): records}`` (:func:`minigpt4.evaluation.cascade.load_volumes`).
+        jobs: ``{dataset: {volume: Job}}`` (:func:`preprocessing.sources.prepared_jobs` per folder).
+    Raises:
+        FileNotFoundError: naming the volumes whose files are gone.
+    """
+    missing = [f"{d}/{v}" for d, v in volumes if v not in jobs.get(d, {})]
+    if missing:
+        raise FileNotFoundError(f"the CT/label files of {len(missing)} test volume(s) were not found where their folder "
+                                f"was prepared from ({', '.join(missing[:5])}): the detection maps are written in each "
+                                "CT's geometry and scored against its label file")
+
+
+def cascade_cases(volumes: dict, rows: Sequence[dict], likelihoods: dict, jobs: dict,
+                  out: Path) -> Iterator[PanoramaCase]:
+    """One :class:`PanoramaCase` per test volume, writing ``out/detection_maps/<volume>.nii.gz``.
+
+    Args:
+        volumes: ``{(dataset, volume): records}``; rows: ``predictions.jsonl`` rows (stage-3 boxes).
+        likelihoods: ``{(dataset, volume): patient likelihood}`` (the selected aggregation's score).
+        jobs: ``{dataset: {volume: Job}}``.
+    Raises:
+        ValueError: a CT whose slices are not those of the prepared folder (re-prepared since?).
+    """
+    from dataclasses import fields
+
+    from minigpt4.inference.pipeline import SliceResult
+    from minigpt4.scan_outputs import geometry_from_volume
+    from minigpt4.scan_outputs.detection_map import volume_detection_map, write_detection_map
+    from preprocessing.pipeline import read_pair, target_masks
+    from preprocessing.slices import DATASET_TARGETS
+
+    keys = [f.name for f in fields(SliceResult)]
+    by_volume: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        by_volume.setdefault((row["dataset"], row["volume_name"]), []).append(row)
+    for (dataset, name), records in volumes.items():
+        job = jobs[dataset][name]
+        image, label = read_pair(job)
+        geometry = geometry_from_volume(image)
+        expected = (records[0]["height"], records[0]["width"], len(records))
+        if tuple(geometry.display_shape) != expected:
+            raise ValueError(f"{job.image}: {geometry.display_shape} display voxels, but the prepared folder has "
+                             f"{len(records)} slices of {records[0]['width']}x{records[0]['height']}: prepare it again")
+        results = [SliceResult(**{k: row[k] for k in keys if k in row}) for row in by_volume.get((dataset, name), [])]
+        dmap, _ = volume_detection_map(geometry, results)
+        write_detection_map(out / DETECTION_MAPS / f"{name}.nii.gz", dmap, geometry.affine)
+        if "tumor" in DATASET_TARGETS[dataset]:
+            lesions = target_masks(dataset, label, job.label_map)["tumor"]
+        else:
+            lesions = np.zeros(label.shape, dtype=bool)
+        pdac = records[0]["patient_label"] == "PDAC" if dataset == "PANORAMA" else bool(lesions.any())
+        yield PanoramaCase(name, dmap, lesions, float(likelihoods[(dataset, name)]), pdac)
