@@ -2,8 +2,9 @@
 
     python scan.py --cfg-path eval_configs/scan.yaml --inputs CT/ case7.nii.gz --out scans/
     torchrun --nproc-per-node 4 scan.py --cfg-path eval_configs/scan.yaml --inputs CT/ --out scans/
+    python scan.py --cfg-path eval_configs/scan.yaml --grand-challenge   # PANORAMA's algorithm interface
 
-Inputs (:func:`discover`): NIfTI files, DICOM series folders (:func:`is_series_folder`),
+Inputs (:func:`discover`): NIfTI / ``.mha`` / ``.nrrd`` files, DICOM series folders (:func:`is_series_folder`),
 zips of one series, or folders of those. Each volume is read by the inference reader
 (:func:`minigpt4.inference.volumes.load_volume`), scanned by
 :func:`minigpt4.inference.pipeline.scan_slices` and written by
@@ -11,7 +12,9 @@ zips of one series, or folders of those. Each volume is read by the inference re
 ``scan.json`` cover every volume. One volume is in memory at a time. A volume already done with
 the same input content, checkpoints and settings is skipped. Under torchrun the volumes are
 sharded by name (:func:`minigpt4.scan_outputs.shard`); each rank writes its own, rank 0 the
-summary after a barrier.
+summary after a barrier. ``--grand-challenge`` (:func:`grand_challenge`): the one CT of
+``/input/images/venous-ct/`` (``--inputs``) → ``/output/pdac-likelihood.json`` and
+``/output/images/pdac-detection-map/detection_map.mha`` (``--out``), as PANORAMA's baseline algorithm.
 """
 
 from __future__ import annotations
@@ -24,8 +27,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from minigpt4.cli import USER_ERRORS, error_message
+from minigpt4.inference.volumes import ITK_SUFFIXES
 
 COMMAND = "scan"
+GC_INPUT = "/input/images/venous-ct"
+GC_OUTPUT = "/output"
+GC_LIKELIHOOD = "pdac-likelihood.json"
+GC_DETECTION_MAP = "images/pdac-detection-map/detection_map.mha"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ZIP_SUFFIX = ".zip"
 
@@ -38,16 +46,16 @@ class ScanInput:
 
 
 def volume_name(path: Path) -> str:
-    """The output folder name of an input: without ``.nii.gz`` / ``.nii`` / ``.zip``."""
+    """The output folder name of an input: without ``.nii.gz`` / ``.nii`` / ``.mha`` / ``.nrrd`` / ``.zip``."""
     lower = path.name.lower()
-    for suffix in (".nii.gz", ".nii", ZIP_SUFFIX):
+    for suffix in (".nii.gz", ".nii", *ITK_SUFFIXES, ZIP_SUFFIX):
         if lower.endswith(suffix):
             return path.name[: -len(suffix)]
     return path.name
 
 
 def _is_volume_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith((*NIFTI_SUFFIXES, ZIP_SUFFIX))
+    return path.is_file() and path.name.lower().endswith((*NIFTI_SUFFIXES, *ITK_SUFFIXES, ZIP_SUFFIX))
 
 
 def is_series_folder(path: Path) -> bool:
@@ -78,7 +86,7 @@ def discover(paths: Sequence[str | Path]) -> list[ScanInput]:
             raise FileNotFoundError(f"{path}: --inputs path not found")
         if path.is_file():
             if not _is_volume_file(path):
-                raise ValueError(f"{path}: not a CT volume (expected .nii, .nii.gz, a DICOM .zip or a folder)")
+                raise ValueError(f"{path}: not a CT volume (expected .nii, .nii.gz, .mha, .nrrd, a DICOM .zip or a folder)")
             found.append(ScanInput(volume_name(path), path))
         elif is_series_folder(path):
             found.append(ScanInput(path.name, path))
@@ -119,9 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="scan.py", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
-    parser.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
-                        help="NIfTI files, DICOM series folders or zips, or folders of them")
-    parser.add_argument("--out", required=True, help="output folder (one subfolder per volume)")
+    parser.add_argument("--inputs", nargs="+", metavar="PATH",
+                        help="NIfTI / .mha / .nrrd files, DICOM series folders or zips, or folders of them "
+                             f"(--grand-challenge: default {GC_INPUT})")
+    parser.add_argument("--out", help=f"output folder (one subfolder per volume; --grand-challenge: default {GC_OUTPUT})")
+    parser.add_argument("--grand-challenge", action="store_true",
+                        help="PANORAMA's algorithm interface: the one CT in --inputs → <out>/pdac-likelihood.json "
+                             "(one float) and <out>/images/pdac-detection-map/detection_map.mha, nothing else")
     parser.add_argument("--normalisation", choices=("paper", "window"), default="paper",
                         help="slice normalisation, as the training PNGs were prepared (default paper)")
     parser.add_argument("--on-error", choices=("stop", "skip"), default="stop",
@@ -176,7 +188,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     from minigpt4.scan_outputs.run import SCAN_FORMAT
     from minigpt4.training.distributed import barrier, cleanup, init_distributed
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.grand_challenge:
+        args.inputs, args.out = args.inputs or [GC_INPUT], args.out or GC_OUTPUT
+    elif not args.inputs or not args.out:
+        parser.error("--inputs and --out are required (or --grand-challenge)")
     cfg = load_config(args.cfg_path, args.options)
     settings = scan_settings(cfg, args.cfg_path)
     paths = cfg.cascade.stages.configured()
@@ -187,6 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         if not Path(path).exists():
             raise FileNotFoundError(f"cascade.stages.{stage}: checkpoint not found: {path}")
     inputs = discover(args.inputs)  # every input checked before any model work
+    if args.grand_challenge:
+        return [grand_challenge(inputs, Path(args.out), cfg, paths, settings, args.normalisation)]
     out = Path(args.out)
     checkpoints = checkpoint_identities(paths)
     scan_config = {"threshold": settings.threshold, "slice_threshold": settings.slice_threshold,
@@ -226,6 +245,43 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         return rows
     finally:
         cleanup()
+
+
+def grand_challenge(inputs: Sequence[ScanInput], out: Path, cfg: Any, paths: dict, settings: Any,
+                    normalisation: str) -> dict:
+    """PANORAMA's algorithm interface (the layout of its baseline algorithm): the one CT of the
+    job → ``<out>/pdac-likelihood.json`` (one JSON float: the patient score, the aggregated slice
+    P(tumor), 0 when no slice was classified) and ``<out>/images/pdac-detection-map/detection_map.mha``
+    (the stage-3 boxes as 3-D lesion candidates of one likelihood each, in the CT's geometry:
+    :mod:`minigpt4.scan_outputs.detection_map`). Both written atomically; nothing else is
+    written (the container's ``/output`` belongs to the platform: no manifest, no report).
+
+    Raises:
+        ValueError: not exactly one volume in the input (one job = one CT, one float).
+    """
+    from minigpt4.inference.pipeline import scan_slices
+    from minigpt4.inference.volumes import load_volume
+    from minigpt4.io import write_json_atomic
+    from minigpt4.models.stages import load_stages
+    from minigpt4.scan_outputs.detection_map import volume_detection_map, write_detection_map
+    from minigpt4.training.distributed import resolve_device
+
+    if len(inputs) != 1:
+        raise ValueError(f"--grand-challenge: expected one CT in the input, found {len(inputs)}"
+                         f"{' (' + ', '.join(e.path.name for e in inputs[:5]) + ')' if inputs else ''}")
+    entry = inputs[0]
+    volume = load_volume(entry.path, normalisation)
+    stages = load_stages(cfg.model, paths, device=resolve_device(cfg.run.device, 0))
+    result = scan_slices(stages, volume.slices, settings, _slice_progress(entry.name, volume.num_slices))
+    dmap, candidates = volume_detection_map(volume.geometry, result.slices)
+    likelihood = float(result.patient.score)
+    write_detection_map(out / GC_DETECTION_MAP, dmap, volume.geometry.affine)
+    write_json_atomic(out / GC_LIKELIHOOD, likelihood)
+    print(f"scan.py --grand-challenge: {entry.path.name}: PDAC likelihood {likelihood:.4f} ({result.patient.decision}), "
+          f"{len(candidates)} lesion candidate(s); wrote {out / GC_LIKELIHOOD} and {out / GC_DETECTION_MAP}",
+          file=sys.stderr)
+    return {"volume": entry.name, "likelihood": likelihood, "decision": result.patient.decision,
+            "candidates": [c.as_dict() for c in candidates]}
 
 
 def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info) -> Optional[BaseException]:

@@ -23,7 +23,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".zip")
+ITK_SUFFIXES = (".mha", ".nrrd")
+"""Read with SimpleITK (:func:`preprocessing.volumes.load_mha`): grand-challenge's ``.mha`` and NRRD."""
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".zip", *ITK_SUFFIXES)
 NORMALISATIONS = ("paper", "window")
 
 
@@ -377,10 +379,10 @@ def safe_extract_dicom_zip(path: Path, dest: Path, limits: Limits, members_by_fi
 
 
 def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> tuple[np.ndarray, tuple[float, ...], Any, Optional[list]]:
-    """A NIfTI file or a folder holding one DICOM series → HU slices in the display frame.
+    """A NIfTI / ``.mha`` / ``.nrrd`` file or a folder holding one DICOM series → HU slices in the display frame.
 
     Args:
-        path: ``.nii``/``.nii.gz`` file or a DICOM folder.
+        path: ``.nii``/``.nii.gz``/``.mha``/``.nrrd`` file or a DICOM folder.
         name: the file name to show in messages (the upload's, not the temp path).
 
     Returns:
@@ -393,7 +395,7 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> 
         InputError: the preprocessing reader refused the file (the message says why).
     """
     from minigpt4.scan_outputs.geometry import geometry_from_volume
-    from preprocessing.volumes import (VolumeError, check_intensities, load_nifti, read_dicom_headers,
+    from preprocessing.volumes import (VolumeError, check_intensities, load_mha, load_nifti, read_dicom_headers,
                                        read_dicom_series, to_display)
 
     path = Path(path)
@@ -404,6 +406,8 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> 
             found = read_dicom_headers(path)
             volume = read_dicom_series(path, headers=found)
             headers = [ds for _, ds in found[0]]
+        elif path.name.lower().endswith(ITK_SUFFIXES):
+            volume = load_mha(path)
         else:
             volume = load_nifti(path, scaled=True)
         check_intensities(volume)  # NaN/Inf or non-HU values: refused like the preprocessing CLI does
@@ -435,7 +439,7 @@ def load_volume(
     limits: Limits = Limits(),
     workdir: Optional[str | os.PathLike] = None,
 ) -> Volume:
-    """Read a CT volume (NIfTI, a DICOM series folder, or a zip of one) for display and scanning.
+    """Read a CT volume (NIfTI, ``.mha`` / ``.nrrd``, a DICOM series folder, or a zip of one) for display and scanning.
 
     Orientation and normalisation come from :mod:`preprocessing` (the same functions that wrote
     the training PNGs): slices are reoriented from the affine to radiological display (anterior
@@ -443,7 +447,7 @@ def load_volume(
     2–98 % clip + histogram equalisation; ``window``: HU window [-150, 250]).
 
     Args:
-        path: ``.nii``, ``.nii.gz``, ``.zip`` or a folder holding one DICOM series.
+        path: ``.nii``, ``.nii.gz``, ``.mha``, ``.nrrd``, ``.zip`` or a folder holding one DICOM series.
         normalisation: ``paper`` or ``window``.
         workdir: private folder for the extracted DICOM files (a fresh temp folder when None).
 

@@ -7,7 +7,6 @@ stored voxel order and geometry of the input CT, written as NIfTI (``.nii.gz``, 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -55,17 +54,7 @@ def write_detection_map(path: str | os.PathLike, volume: np.ndarray, affine: np.
 
         write_nifti(path, array, affine)
         return path
-    import SimpleITK as sitk  # lazy: only the grand-challenge format needs it
+    from preprocessing.synthetic_panorama import write_mha  # the phantoms' .mha writer: one LPS conversion
 
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    lps = np.diag([-1.0, -1.0, 1.0])
-    image.SetSpacing([float(v) for v in spacing])
-    image.SetOrigin([float(v) for v in lps @ affine[:3, 3]])
-    image.SetDirection([float(v) for v in (lps @ affine[:3, :3] / spacing).ravel()])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
-        tmp = Path(folder) / path.name  # SimpleITK picks the writer by suffix
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-        os.replace(tmp, path)
+    write_mha(path, array, affine)
     return path
