@@ -108,10 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="axis codes of NIfTI files whose header has no orientation (qform_code = sform_code = 0)")
     _common(p)
     p = sub.add_parser("tc", help="tumor-classification crops from prepared MSD and NIH folders")
-    p.add_argument("--msd", required=True)
+    p.add_argument("--msd", help="prepared MSD folder (variants paper, msd-only)")
     p.add_argument("--nih", help="prepared NIH folder (variant paper)")
+    p.add_argument("--panorama", help="prepared PANORAMA folder (variant panorama: PDAC lesion slices = yes, "
+                                      "non-PDAC patients' pancreas slices = no; same scanners)")
     p.add_argument("--out", required=True)
-    p.add_argument("--variant", choices=("paper", "msd-only"), default="paper")
+    p.add_argument("--variant", choices=("paper", "msd-only", "panorama"), default=None,
+                   help="default: panorama with --panorama, else paper")
     p.add_argument("--margin", type=int, default=0, help="pixels added around the pancreas box")
     p.add_argument("--threshold", type=float, default=0.0,
                    help="crop slices with pancreas bbox ratio > threshold (default 0: every slice with a box)")
@@ -194,8 +197,10 @@ def run(args: argparse.Namespace) -> int:
         with OutputFolder(args.out, "preprocessing", overwrite=True, owner="python -m preprocessing",
                           owns=lambda m: m.get("dataset") in PREPARED_KINDS):
             if args.command == "tc":
-                build_tc(args.msd, args.nih, args.out, variant=args.variant, margin=args.margin,
-                         threshold=args.threshold, seed=args.seed, workers=args.workers, overwrite=args.overwrite)
+                variant = args.variant or ("panorama" if args.panorama else "paper")
+                build_tc(args.msd, args.nih, args.out, variant=variant, margin=args.margin,
+                         threshold=args.threshold, seed=args.seed, workers=args.workers, overwrite=args.overwrite,
+                         panorama=args.panorama)
             else:
                 import_tc(args.images, args.out, csv_path=args.csv, test_ratio=args.test_ratio,
                           val_ratio=args.val_ratio, seed=args.seed, overwrite=args.overwrite,

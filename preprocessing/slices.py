@@ -25,6 +25,12 @@ DATASET_TARGETS = {
     "PANORAMA": ("pancreas", "tumor"),
 }
 ORGANS = DATASET_TARGETS["ABD"]
+# Per-volume keys some datasets add after ``image`` (PANORAMA: the clinical sheet's values,
+# preprocessing.clinical.Study.record_fields, and which label folder the label came from).
+EXTRA_KEYS = {
+    "PANORAMA": ("patient_id", "patient_label", "reference_standard", "study_date", "patient_age", "patient_sex",
+                 "scanner", "label_source"),
+}
 
 
 def record_keys(dataset: str) -> list[str]:
@@ -34,7 +40,7 @@ def record_keys(dataset: str) -> list[str]:
         keys += [f"pixels_{t}", f"{t}_pixels_ratio", f"max_pixels_{t}"]
     for t in DATASET_TARGETS[dataset]:
         keys += [f"bbox_{t}", f"{t}_bbox_ratio", f"max_bbox_{t}"]
-    return keys + ["width", "height", "image"]
+    return keys + ["width", "height", "image", *EXTRA_KEYS.get(dataset, ())]
 
 
 def slice_boxes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

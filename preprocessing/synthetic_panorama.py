@@ -39,7 +39,7 @@ def plan(n_patients: int, studies: int = 2, msd_flagged: int = 0) -> list[dict]:
     """The phantom set: ``[{"patient", "study", "pdac", "source", "level"}, ...]`` in writing order.
 
     Half the patients (rounded up) are PDAC; the first patient of each class has ``studies``
-    studies; the last PDAC patient's labels are automatic (as 194 of PANORAMA's 676 PDAC cases),
+    studies; the last of several PDAC patients has automatic labels (as 194 of PANORAMA's 676 PDAC cases),
     every other PDAC label manual, every non-PDAC label automatic. ``msd_flagged`` extra non-PDAC
     patients have level ``MSD_dataset``.
     """
@@ -54,7 +54,7 @@ def plan(n_patients: int, studies: int = 2, msd_flagged: int = 0) -> list[dict]:
         first_of_class = i in (0, n_pdac)
         patient = str(FIRST_PATIENT + i)
         for k in range(1, (studies if first_of_class and i < n_patients else 1) + 1):
-            source = "manual" if pdac and i != n_pdac - 1 else "automatic"
+            source = "manual" if pdac and (i != n_pdac - 1 or n_pdac == 1) else "automatic"
             level = "MSD_dataset" if i >= n_patients else "histopathology" if pdac else "radiology"
             rows.append({"patient": patient, "study": f"{patient}_{k:05d}", "pdac": pdac, "source": source,
                          "level": level})
@@ -122,7 +122,8 @@ def generate(out, n_patients: int = 8, n_slices: int = 12, size: int = 64, orien
     rows = plan(n_patients, studies, msd_flagged)
     planned = _planned_files(rows, image_format)
     owned = synthetic._start_output(out, planned, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    for folder in ("images", "manual_labels", "automatic_labels"):  # both label folders, as released
+        (out / folder).mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "manifest.json", {"dataset": "synthetic", "status": "incomplete",
                                               "files": sorted(owned | set(planned))})
     for i, row in enumerate(rows):

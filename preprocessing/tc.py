@@ -4,7 +4,10 @@
 the pancreas-detection selection (:func:`preprocessing.slices.select_records`, ``pancreas``,
 ``ratio > threshold``) of each split; ``paper`` variant: MSD slices with tumor pixels → ``yes``,
 NIH slices → ``no``; ``msd-only``: MSD slices with tumor → ``yes``, MSD slices without → ``no``
-(no scanner/phase confound). Per split the larger class is down-sampled (seeded) to the smaller.
+(no scanner/phase confound); ``panorama``: from a prepared PANORAMA folder, slices with PDAC lesion
+voxels (label 1) of PDAC patients → ``yes``, pancreas slices of non-PDAC patients → ``no`` (same
+centres and scanners; a PDAC patient's slices without lesion are not used). Per split the larger
+class is down-sampled (seeded) to the smaller.
 Every crop keeps the split of its source volume, so no volume crosses splits between stages.
 
 ``import_tc``: a TC folder from existing crops (the release's ``PANCREAS_00XX_slice_K.png`` = NIH/no,
@@ -101,13 +104,30 @@ def _finish(out: Path, params: dict, per_split: dict, split_doc: dict, t0: float
     return manifest
 
 
+VARIANTS = ("paper", "msd-only", "panorama")
+
+
+def _yes_no(variant: str, cand: dict) -> tuple[list, list]:
+    """``(yes, no)`` lists of ``(dataset, record)`` among a split's candidate slices."""
+    if variant == "panorama":
+        yes = [("PANORAMA", r) for r in cand["PANORAMA"] if r["pixels_tumor"] > 0 and r["patient_label"] == "PDAC"]
+        no = [("PANORAMA", r) for r in cand["PANORAMA"] if r["patient_label"] == "non-PDAC" and r["pixels_tumor"] == 0]
+        return yes, no
+    yes = [("MSD", r) for r in cand["MSD"] if r["pixels_tumor"] > 0]
+    if variant == "paper":
+        return yes, [("NIH", r) for r in cand["NIH"]]
+    return yes, [("MSD", r) for r in cand["MSD"] if r["pixels_tumor"] == 0]
+
+
 def build_tc(msd, nih, out, variant: str = "paper", margin: int = 0, threshold: float = 0.0, seed: int = 42,
-             workers: int = 1, overwrite: bool = False) -> dict:
-    """Crop the pancreas box of selected slices of prepared MSD (and NIH) folders.
+             workers: int = 1, overwrite: bool = False, panorama=None) -> dict:
+    """Crop the pancreas box of selected slices of prepared MSD (and NIH) folders, or of a PANORAMA folder.
 
     Args:
         msd: prepared MSD folder. nih: prepared NIH folder (``paper`` variant only).
-        variant: ``paper`` (MSD tumor = yes, NIH = no) or ``msd-only``.
+        variant: ``paper`` (MSD tumor = yes, NIH = no), ``msd-only`` or ``panorama`` (``panorama``
+            folder: PDAC lesion slices = yes, non-PDAC patients' pancreas slices = no).
+        panorama: prepared PANORAMA folder (``panorama`` variant only).
         margin: pixels added on each side of the inclusive pancreas box (clipped to the slice).
         threshold: candidate slices have ``pancreas_bbox_ratio > threshold``.
 
@@ -117,30 +137,40 @@ def build_tc(msd, nih, out, variant: str = "paper", margin: int = 0, threshold: 
     from PIL import Image
 
     t0 = time.perf_counter()
-    if variant not in ("paper", "msd-only"):
-        raise ValueError(f"--variant must be paper or msd-only, got {variant!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     if variant == "paper" and not nih:
         raise ValueError("--variant paper needs --nih (a prepared NIH folder); use --variant msd-only without it")
+    if (variant == "panorama") != bool(panorama) or (variant == "panorama" and (msd or nih)):
+        raise ValueError("--panorama (a prepared PANORAMA folder) goes with --variant panorama, alone (no --msd/--nih); "
+                         "the other variants need --msd")
+    if variant != "panorama" and not msd:
+        raise ValueError(f"--variant {variant} needs --msd (a prepared MSD folder)")
     slices._check_threshold(threshold)
     out = Path(out)
-    msd_root, _, msd_infos, msd_split = _prepared(msd, "MSD")
-    sources = {"MSD": (msd_root, msd_infos, msd_split)}
+    extra = {}
+    if variant == "panorama":
+        pan_root, pan_manifest, pan_infos, pan_split = _prepared(panorama, "PANORAMA")
+        sources = {"PANORAMA": (pan_root, pan_infos, pan_split)}
+        if pan_manifest.get("overlap"):  # studies that are MSD/NIH scans keep that identity (leakage keys)
+            extra["overlap"] = pan_manifest["overlap"]
+    else:
+        msd_root, _, msd_infos, msd_split = _prepared(msd, "MSD")
+        sources = {"MSD": (msd_root, msd_infos, msd_split)}
     if variant == "paper":
         nih_root, _, nih_infos, nih_split = _prepared(nih, "NIH")
         sources["NIH"] = (nih_root, nih_infos, nih_split)
-    params = {"variant": variant, "msd": str(msd_root), "nih": str(sources["NIH"][0]) if "NIH" in sources else None,
+    params = {"variant": variant, "msd": str(sources["MSD"][0]) if "MSD" in sources else None,
+              "nih": str(sources["NIH"][0]) if "NIH" in sources else None,
               "margin": int(margin), "threshold": float(threshold), "seed": int(seed)}
+    if variant == "panorama":
+        params["panorama"] = str(sources["PANORAMA"][0])
     rng = np.random.default_rng(seed)
     chosen = {}
     for s in splits.SPLITS:
         cand = {ds: slices.select_records(infos, split[s], "pancreas", threshold, seed=seed)
                 for ds, (_, infos, split) in sources.items()}
-        yes = [("MSD", r) for r in cand["MSD"] if r["pixels_tumor"] > 0]
-        if variant == "paper":
-            no = [("NIH", r) for r in cand["NIH"]]
-        else:
-            no = [("MSD", r) for r in cand["MSD"] if r["pixels_tumor"] == 0]
-        chosen[s] = _balance(yes, no, rng)
+        chosen[s] = _balance(*_yes_no(variant, cand), rng)
     planned = {slices.png_name(r["volume_name"], r["slice_index"])
                for yes, no in chosen.values() for _, r in yes + no}
     state = _start(out, params, overwrite, [v[0] for v in sources.values()], planned)
@@ -169,7 +199,7 @@ def build_tc(msd, nih, out, variant: str = "paper", margin: int = 0, threshold: 
             v for ds in sources for v in sources[ds][2][s]))
     split_doc["volume_datasets"] = volume_datasets(
         [{"dataset": ds, "volume_name": v} for ds in sources for s in splits.SPLITS for v in sources[ds][2][s]])
-    return _finish(out, params, per_split, split_doc, t0, {}, state)
+    return _finish(out, params, per_split, split_doc, t0, extra, state)
 
 
 def _read_csv(images: Path, csv_path: Path) -> list[dict]:

@@ -21,8 +21,11 @@ is refused.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import sys
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +231,33 @@ def is_mha(path) -> bool:
     return Path(path).name.lower().endswith((".mha", ".mhd"))
 
 
+@contextlib.contextmanager
+def _stderr_captured():
+    """Collect what C++ code writes to file descriptor 2 meanwhile (yields a list, filled on exit)."""
+    said: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            said.extend(line.strip() for line in sink.read().decode(errors="replace").splitlines() if line.strip())
+
+
+def _itk_reason(message: str, said: list[str]) -> str:
+    """One readable reason from an ITK exception and what ITK printed: "Unable to determine ImageIO
+    reader", "data not read completely (ideal = 6963 : actual = 3306)"."""
+    printed = " ".join(line.split(": ", 1)[-1] if line.startswith("MetaImage:") else line for line in said)
+    for line in message.splitlines():
+        if "sitk::ERROR:" in line:
+            return line.split("sitk::ERROR:", 1)[1].strip().split(' for "', 1)[0]
+    return printed or (message.strip().splitlines() or ["unknown error"])[-1]
+
+
 def load_mha(path: str | os.PathLike) -> Volume:
     """Read a MetaImage (``.mha`` / ``.mhd``) volume with SimpleITK into the stored frame.
 
@@ -242,24 +272,25 @@ def load_mha(path: str | os.PathLike) -> Volume:
     path = Path(path)
     if not path.is_file():
         raise VolumeError(path, "file not found")
+    said: list[str] = []
     try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        size = tuple(int(v) for v in reader.GetSize())
-        if len(size) != 3 or reader.GetNumberOfComponents() != 1:
-            raise VolumeError(path, f"expected a 3-D scalar volume, got size {size} with "
-                                    f"{reader.GetNumberOfComponents()} component(s)")
-        need = int(np.prod(size, dtype=np.int64)) * 8
-        if need > decode_budget():
-            raise VolumeError(path, f"the header declares {'x'.join(map(str, size))} voxels, more than this machine's "
-                                    "memory can decode; crop or resample the volume, or check its header")
-        image = reader.Execute()
+        with _stderr_captured() as said:  # ITK's MetaIO writes its reason to stderr, not into the exception
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            size = tuple(int(v) for v in reader.GetSize())
+            if len(size) != 3 or reader.GetNumberOfComponents() != 1:
+                raise VolumeError(path, f"expected a 3-D scalar volume, got size {size} with "
+                                        f"{reader.GetNumberOfComponents()} component(s)")
+            need = int(np.prod(size, dtype=np.int64)) * 8
+            if need > decode_budget():
+                raise VolumeError(path, f"the header declares {'x'.join(map(str, size))} voxels, more than this "
+                                        "machine's memory can decode; crop or resample the volume, or check its header")
+            image = reader.Execute()
     except VolumeError:
         raise
     except RuntimeError as err:  # SimpleITK reports every read failure as RuntimeError
-        first = str(err).strip().splitlines()
-        raise VolumeError(path, f"corrupt or unreadable MetaImage file ({first[-1] if first else err})") from None
+        raise VolumeError(path, f"corrupt or unreadable MetaImage file ({_itk_reason(str(err), said)})") from None
     array = np.transpose(sitk.GetArrayViewFromImage(image), (2, 1, 0)).copy()
     spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -304,11 +335,18 @@ def label_array(volume: Volume) -> np.ndarray:
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise VolumeError(volume.path, "label map has NaN/Inf values")
     if not np.issubdtype(data.dtype, np.integer):
-        rounded = np.rint(data)
-        if not np.array_equal(rounded, data):
-            raise VolumeError(volume.path, "label map has non-integer values")
-        data = rounded
-    return data if np.issubdtype(data.dtype, np.integer) else data.astype(np.int32)
+        # float labels (PANORAMA's are float64): checked and converted a few slices at a time, so
+        # no second float copy of the whole volume is made
+        out = np.empty(data.shape, dtype=np.int32, order="F" if data.flags.f_contiguous else "C")
+        step = 8
+        for start in range(0, max(1, data.shape[-1]), step):
+            chunk = data[..., start:start + step]
+            rounded = np.rint(chunk)
+            if not np.array_equal(rounded, chunk):
+                raise VolumeError(volume.path, "label map has non-integer values")
+            out[..., start:start + step] = rounded
+        return out
+    return data
 
 
 # ----------------------------------------------------------------------------- grids

@@ -1,9 +1,9 @@
 """Leakage between datasets: no volume a model trained on may be in the set it is evaluated on.
 
 Each prepared folder splits its own volumes (``annotations/split.json``), but the cascade's datasets
-share scans: a TC crop comes from an MSD or NIH volume, and AbdomenCT-1K holds MSD and NIH scans
-(found by content, ``python -m preprocessing abd --exclude-overlap-with``, listed in its manifest's
-``overlap``). A volume is therefore named by its *source*: ``(dataset, volume_name)`` with the
+share scans: a TC crop comes from an MSD or NIH volume, and AbdomenCT-1K and PANORAMA hold MSD and
+NIH scans (found by content, ``python -m preprocessing abd|panorama --exclude-overlap-with``, listed in
+the manifest's ``overlap``; PANORAMA studies are keyed ``("PANORAMA", "<patient>_<study>")`` otherwise). A volume is therefore named by its *source*: ``(dataset, volume_name)`` with the
 dataset of the scan's origin (``MSD``, ``NIH``; ``ABD`` only for ABD's own scans).
 
 **Provenance.** Every checkpoint the trainer saves records, in its safetensors header
@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 Key = tuple  # (source dataset, volume_name)
 PROVENANCE_SCHEMA = "minigpt-pancreas-provenance/1"
-_SOURCE_BY_NAME = ((re.compile(r"^PANCREAS_\d+$"), "NIH"), (re.compile(r"^pancreas_\d+$"), "MSD"))
+_SOURCE_BY_NAME = ((re.compile(r"^PANCREAS_\d+$"), "NIH"), (re.compile(r"^pancreas_\d+$"), "MSD"),
+                   (re.compile(r"^\d+_\d{5}$"), "PANORAMA"))  # PANORAMA's <patient>_<study>
 
 
 class LeakageError(ValueError):

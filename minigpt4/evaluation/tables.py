@@ -227,6 +227,9 @@ _VARIANT_NOTES = {
              "(different scanners and phases), so the source alone predicts the class.",
     "msd-only": "TC folder variant `msd-only`: both classes come from MSD (tumor vs tumor-free slices), "
                 "no source confound.",
+    "panorama": "TC folder variant `panorama`: `yes` = PANORAMA slices with PDAC lesion voxels, `no` = pancreas "
+                "slices of non-PDAC patients from the same centres and scanners: no scanner confound, so the "
+                "baseline's score there is what crop size and intensity alone say about PDAC.",
 }
 
 
@@ -270,7 +273,8 @@ def classification_table(metrics: dict, label: str) -> str:
             base = f.get("baseline") or {}
             folder_rows.append([name, f.get("variant") or "?", str(f["n"]), f.get("accuracy"), f.get("auc"),
                                 base.get("accuracy"), base.get("auc")])
-        parts += ["", "#### Per TC folder (the `msd-only` variant has both classes from MSD: no source confound)", "",
+        parts += ["", "#### Per TC folder (`msd-only`: both classes from MSD; `panorama`: both from PANORAMA's "
+                  "scanners; neither has the source confound)", "",
                   _table(["Folder", "Variant", "n", "Model accuracy", "Model AUC", "Baseline accuracy", "Baseline AUC"],
                          folder_rows)]
     cm = metrics["confusion_matrix"]
