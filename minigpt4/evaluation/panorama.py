@@ -2,8 +2,8 @@
 
 Per study (volume) the cascade gives a **patient PDAC likelihood** (the aggregated slice
 P(tumor)) and a **detection map** (:mod:`minigpt4.scan_outputs.detection_map`: connected lesion
-candidates, one likelihood each, in the CT's geometry). ``picai_eval.evaluate`` matches each
-map's candidates to the reference lesions (label 1) with PANORAMA's overlap criterion, IoU >= 0.10
+candidates, one likelihood each, in the CT's geometry). ``picai_eval`` (``evaluate_case``, what
+``picai_eval.evaluate`` runs per case) matches each map's candidates to the reference lesions (label 1) with PANORAMA's overlap criterion, IoU >= 0.10
 (``min_overlap=0.10, overlap_func="IoU"``, picai_eval's defaults), giving the lesion-level
 TP / FP / FN list; the lesion-level **average precision** is computed on it. The patient level
 is scored as PANORAMA scores it: the **AUROC** of the patient likelihood (not the map's maximum)
