@@ -7,8 +7,10 @@ both written as ``.nii.gz``. Timed, best of ``--repeats``, per study:
 
 * **floor**: read both files with nibabel (decompress + decode), as any scorer must;
 * **matching**: :func:`minigpt4.evaluation.panorama.score_cases` on the arrays in memory
-  (picai_eval's connected components, IoU of every candidate with every lesion, assignment),
-  bootstrap off; the ratio matching / floor is reported;
+  (picai_eval's connected components, IoU of every candidate with every lesion, assignment,
+  inside the box holding every non-zero voxel), bootstrap off; the ratio matching / floor is reported;
+* **whole volume**: ``picai_eval.eval.evaluate_case`` on the whole arrays, as ``picai_eval.evaluate``
+  runs it (same lesion list, checked);
 * **bootstrap**: the 1,000-resample CIs over all studies (once, not per study).
 
     python benchmarks/bench_panorama_eval.py                     # 6 studies of 512x512x120
@@ -33,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minigpt4.evaluation.panorama import PanoramaCase, score_cases  # noqa: E402
+from minigpt4.evaluation.panorama import PanoramaCase, evaluate_case, score_cases  # noqa: E402
 from minigpt4.io import to_json, write_json_atomic  # noqa: E402
 from minigpt4.scan_outputs.detection_map import write_detection_map  # noqa: E402
 from preprocessing.synthetic import write_nifti  # noqa: E402
@@ -81,20 +83,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         files = [make_study(folder, i, args.size, args.slices, args.candidates, args.seed) for i in range(args.studies)]
         warm = np.zeros((8, 8, 8), np.float32)
         score_cases([PanoramaCase("warm-up", warm, warm > 0, 0.5, True)], n_bootstrap=0)  # imports, first calls
-        floor, matching = [], []
-        cases = []
+        floor, matching, whole = [], [], []
+        cases, same = [], True
         for i, (map_path, label_path) in enumerate(files):
-            best_read, best_match = float("inf"), float("inf")
+            best_read, best_match, best_whole = float("inf"), float("inf"), float("inf")
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 dmap, label = read_pair(map_path, label_path)
                 best_read = min(best_read, time.perf_counter() - start)
                 case = PanoramaCase(f"s{i}", dmap, label == 1, likelihood=0.5 + 0.05 * i, pdac=i % 2 == 0)
                 start = time.perf_counter()
-                score_cases([case], n_bootstrap=0)
+                _, metrics = score_cases([case], n_bootstrap=0)
                 best_match = min(best_match, time.perf_counter() - start)
+                start = time.perf_counter()
+                reference, *_ = evaluate_case(dmap, (label == 1).astype(np.int32))
+                best_whole = min(best_whole, time.perf_counter() - start)
+                same = same and sorted(reference) == sorted(metrics.lesion_results[f"s{i}"])
             floor.append(best_read)
             matching.append(best_match)
+            whole.append(best_whole)
             cases.append(case)
         start = time.perf_counter()
         section, _ = score_cases(cases, n_bootstrap=args.bootstrap, seed=args.seed)
@@ -105,6 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "floor_read_s_per_study": float(np.mean(floor)),
         "matching_s_per_study": float(np.mean(matching)),
         "ratio_matching_to_floor": float(np.mean(matching) / np.mean(floor)),
+        "whole_volume_s_per_study": float(np.mean(whole)),
+        "ratio_whole_volume_to_floor": float(np.mean(whole) / np.mean(floor)),
+        "same_lesion_list_as_whole_volume": same,
         "all_studies_with_bootstrap_s": all_s, "bootstrap": args.bootstrap,
         "check": {"auroc": section["auroc"], "ap": section["ap"], "n_true_positive": section["n_true_positive"]},
     }

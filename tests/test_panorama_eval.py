@@ -152,3 +152,19 @@ def test_detection_map_files_read_back(tmp_path, suffix):
         # ITK's physical point of voxel (i, j, k) is the LPS version of nibabel's RAS point
         ras = affine @ np.array([3, 5, 2, 1.0])
         assert np.allclose(img.TransformIndexToPhysicalPoint((3, 5, 2)), [-ras[0], -ras[1], ras[2]])
+
+
+def test_matching_inside_the_foreground_box_equals_the_whole_volume():
+    from picai_eval.eval import evaluate_case
+
+    from minigpt4.evaluation.panorama import foreground_box
+
+    for case in _cases():
+        box = foreground_box(case.detection_map, case.lesions > 0)
+        whole, *_ = evaluate_case(case.detection_map, case.lesions)
+        cropped, *_ = evaluate_case(case.detection_map[box], case.lesions[box])
+        assert sorted(whole) == sorted(cropped)
+    a = _cases()[0]
+    assert foreground_box(a.detection_map, a.lesions > 0) == (slice(4, 8), slice(4, 8), slice(2, 6))
+    empty = np.zeros(SHAPE, np.float32)
+    assert foreground_box(empty, empty > 0) == (slice(0, 1),) * 3
