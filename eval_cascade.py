@@ -18,21 +18,10 @@ Several GPUs: ``torchrun --nproc-per-node N eval_cascade.py ...`` shards the vol
 (by name, as ``scan.py``); rank 0 gathers the rows, scores and writes.
 """
 
-from __future__ import annotations
+import sys
 
-from typing import Optional, Sequence
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run the cascade evaluation; returns the metrics written to ``metrics.json``."""
-    from minigpt4.evaluation.cascade import main as run
-
-    return run(argv)
-
+from minigpt4.cli import run_main
+from minigpt4.commands.eval_cascade import main
 
 if __name__ == "__main__":
-    import sys
-
-    from minigpt4.cli import run_main
-
     sys.exit(run_main(main, prog="eval_cascade.py"))

@@ -14,21 +14,10 @@ Limits: the TC set's classes come from different datasets (NIH = no, MSD = yes);
 per-dataset numbers show how much of the accuracy that confound can explain.
 """
 
-from __future__ import annotations
+import sys
 
-from typing import Optional, Sequence
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run the evaluation; returns the metrics written to ``metrics.json``."""
-    from minigpt4.evaluation.runner import main as run
-
-    return run("classification", argv)
-
+from minigpt4.cli import run_main
+from minigpt4.commands.evaluate import classification_main as main
 
 if __name__ == "__main__":
-    import sys
-
-    from minigpt4.cli import run_main
-
     sys.exit(run_main(main, prog="eval_classification.py"))

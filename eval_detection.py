@@ -15,21 +15,10 @@ config lists several detection tasks). Records and images are checked before the
 Limits: one process, one device; ``--checkpoints`` evaluates one task.
 """
 
-from __future__ import annotations
+import sys
 
-from typing import Optional, Sequence
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run the evaluation; returns the metrics written to ``metrics.json``."""
-    from minigpt4.evaluation.runner import main as run
-
-    return run("detection", argv)
-
+from minigpt4.cli import run_main
+from minigpt4.commands.evaluate import detection_main as main
 
 if __name__ == "__main__":
-    import sys
-
-    from minigpt4.cli import run_main
-
     sys.exit(run_main(main, prog="eval_detection.py"))

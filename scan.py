@@ -6,21 +6,10 @@ input) and montage.png; summary.csv and scan.json across volumes (see README "Sc
     python scan.py --cfg-path eval_configs/scan_cpu.yaml --inputs quickstart_output/scan_input --out quickstart_output/scan
 """
 
-from __future__ import annotations
+import sys
 
-from typing import Optional, Sequence
-
-
-def main(argv: Optional[Sequence[str]] = None) -> list:
-    """Scan the inputs; returns the summary rows (rank 0)."""
-    from minigpt4.scan import main as run
-
-    return run(argv)
-
+from minigpt4.cli import run_main
+from minigpt4.commands.scan import main
 
 if __name__ == "__main__":
-    import sys
-
-    from minigpt4.cli import run_main
-
     sys.exit(run_main(main, prog="scan.py"))

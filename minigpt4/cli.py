@@ -1,7 +1,8 @@
 """What every entry point does around its ``main(argv)``: logging, and errors as one line.
 
-``train.py``, ``eval_detection.py``, ``eval_classification.py``, ``demo.py`` and
-``python -m minigpt4.inspect`` end with ``sys.exit(run_main(main, prog=...))``. Their ``main``
+Every top-level script (``train.py``, ``eval_detection.py``, ``eval_classification.py``,
+``eval_cascade.py``, ``scan.py``, ``demo.py``) and ``python -m minigpt4.export|inspect|quickstart``
+ends with ``sys.exit(run_main(main, prog=...))``, ``main`` from :mod:`minigpt4.commands`. Their ``main``
 functions raise (so tests can assert the exception); :func:`run_main` turns the errors a user
 can fix — a bad config, a missing or unreadable file, a folder that cannot be written (ENOSPC,
 EROFS, EACCES, EPERM, ENOTDIR, EEXIST: the path and a hint) — into
@@ -20,6 +21,8 @@ import logging
 import os
 import sys
 from typing import Callable, Optional, Sequence
+
+from minigpt4.outputs import remove_created
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 """Errors with a message meant for the user: ``ConfigError`` and every input check raise
@@ -45,7 +48,7 @@ def add_debug_argument(parser) -> None:
 
 def add_provenance_argument(parser) -> None:
     """``--allow-unknown-provenance`` (``train.py``, the eval scripts): accept an own checkpoint
-    saved without recorded provenance (see :mod:`minigpt4.evaluation.leakage`)."""
+    saved without recorded provenance (see :mod:`minigpt4.provenance`)."""
     parser.add_argument("--allow-unknown-provenance", action="store_true",
                         help="accept an own checkpoint that records no training provenance (older format): it is "
                              "then checked against its config.yaml and today's folders instead of refused")
@@ -80,8 +83,6 @@ def error_message(err: BaseException) -> str:
 
 def _remove_created() -> None:
     """Remove what the failed command created (minigpt4.outputs tracks it)."""
-    from minigpt4.outputs import remove_created
-
     remove_created()
 
 

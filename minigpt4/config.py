@@ -28,6 +28,8 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from minigpt4.cli import add_debug_argument
+
 TASKS = ("pancreas_detection", "tumor_detection", "organ_detection", "tumor_classification")
 DETECTION_TASKS = ("pancreas_detection", "tumor_detection", "organ_detection")
 ORGANS = ("liver", "kidney", "spleen", "pancreas")
@@ -378,7 +380,9 @@ class RunConfig(Checked):
 
 
 CASCADE_STAGES = ("pancreas_detection", "tumor_classification", "tumor_detection")
-AGGREGATIONS = ("auto", "max", "top_k_mean")
+AGGREGATIONS = ("max", "top_k_mean")
+"""How the slices' P(tumor) of a volume become its patient score (:func:`minigpt4.inference.pipeline.aggregate`);
+``cascade.aggregation`` may also be ``auto`` (chosen on val by ``eval_cascade.py``)."""
 
 
 @dataclass
@@ -416,7 +420,7 @@ class CascadeConfig(Checked):
     min_boxed_slices: int = checked(1, POSITIVE)
     """A volume in which stage 1 gives a pancreas box on fewer slices is ``inconclusive`` (the model
     did not look at a pancreas): never scored as "no tumor"."""
-    aggregation: str = checked("auto", one_of(*AGGREGATIONS))
+    aggregation: str = checked("auto", one_of("auto", *AGGREGATIONS))
     """Patient score from the slices' P(tumor): ``max``, ``top_k_mean`` (mean of the ``top_k``
     largest) or ``auto`` (the one with the higher patient AUC on ``val``)."""
     top_k: int = checked(3, POSITIVE)
@@ -570,6 +574,5 @@ def add_config_arguments(parser) -> None:
         metavar="KEY=VALUE",
         help="override config keys, e.g. run.batch_size=4 datasets.tc.root=data/TC",
     )
-    from minigpt4.cli import add_debug_argument  # every entry point: errors as one line unless --debug
 
     add_debug_argument(parser)

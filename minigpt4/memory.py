@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from minigpt4.config import DETECTION_TASKS, Config, ModelConfig
+from minigpt4.models.llama import llama_config
 
 GIB = 2**30
 BUDGET_GIB = 39.5
@@ -276,7 +277,6 @@ def measure_layer_saved_bytes(
     from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
-    from minigpt4.models.llama import llama_config
 
     text = dataclasses.replace(cfg.text, num_layers=1, vocab_size=128)
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]

@@ -23,6 +23,7 @@ import sentencepiece as spm
 
 from minigpt4.io import to_json, write_bytes_atomic
 from minigpt4.utils import cache_dir
+from minigpt4 import prompts
 
 TINY_VOCAB_SIZE = 512
 # Special ids follow LLaMA-2 (unk 0, bos 1, eos 2); the tiny model also has a real pad piece.
@@ -98,7 +99,6 @@ class Tokenizer:
 def tiny_training_text() -> list[str]:
     """The sentences the tiny tokenizer is trained on (deterministic)."""
     # Local import: prompts imports torch only, no cycle, but keep this module light to import.
-    from minigpt4 import prompts
 
     lines: list[str] = []
     for target in prompts.TARGET_NAMES.values():

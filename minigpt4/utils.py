@@ -97,11 +97,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (works on the meta device)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def cache_dir(sub: Optional[str] = None) -> str:
     """The project's cache folder: ``$MINIGPT_PANCREAS_CACHE`` or ``~/.cache/minigpt-pancreas``."""
     root = os.environ.get("MINIGPT_PANCREAS_CACHE") or os.path.join(

@@ -25,6 +25,13 @@ from typing import Optional, Sequence
 from minigpt4.cli import error_message
 from minigpt4.outputs import OutputFolder, remove_created
 from preprocessing.volumes import VolumeError
+from preprocessing.pipeline import Options, prepare
+from preprocessing.panorama import label_folders, prepare_panorama
+from preprocessing import synthetic_panorama
+from preprocessing.synthetic import generate
+from preprocessing.output_folder import PREPARED_KINDS
+from preprocessing.tc import build_tc, import_tc
+from preprocessing.report import report
 
 
 def _label_map(items: Optional[Sequence[str]]) -> Optional[dict]:
@@ -150,8 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.command in ("msd", "nih", "abd"):
-        from preprocessing.pipeline import Options, prepare
-
         images = args.images if isinstance(args.images, list) else [args.images]
         opts = Options(dataset=args.command.upper(), images=images, labels=args.labels, out=args.out,
                        normalization=args.normalization, window=tuple(args.window), threshold=args.threshold,
@@ -163,9 +168,6 @@ def run(args: argparse.Namespace) -> int:
                        exclude_overlap_with=getattr(args, "exclude_overlap_with", None))
         prepare(opts)
     elif args.command == "panorama":
-        from preprocessing.panorama import label_folders, prepare_panorama
-        from preprocessing.pipeline import Options
-
         opts = Options(dataset="PANORAMA", images=args.images, labels=label_folders(args.labels), out=args.out,
                        normalization=args.normalization, window=tuple(args.window), threshold=args.threshold,
                        test_ratio=args.test_ratio, val_ratio=args.val_ratio, seed=args.seed,
@@ -174,9 +176,6 @@ def run(args: argparse.Namespace) -> int:
                        exclude_overlap_with=args.exclude_overlap_with, clinical=args.clinical)
         prepare_panorama(opts)
     elif args.command == "synthetic":
-        from preprocessing import synthetic_panorama
-        from preprocessing.synthetic import generate
-
         with OutputFolder(args.out, "preprocessing synthetic", overwrite=True, owner="python -m preprocessing synthetic",
                           owns=lambda m: m.get("dataset") == "synthetic"):  # checked by generate; locked here
             if args.scheme == "panorama":
@@ -189,10 +188,7 @@ def run(args: argparse.Namespace) -> int:
                            args.nih_format, overwrite=args.overwrite)
         print(f"next: python -m preprocessing {args.scheme} --images {res['images']} --labels {res['labels']} --out OUT")
     elif args.command in ("tc", "tc-import"):
-        from preprocessing.output_folder import PREPARED_KINDS
-        from preprocessing.tc import build_tc, import_tc
-
-        # the tc functions check the folder (output_folder.check_output_folder); this adds the lock and
+        # the tc functions check the folder (output_folder.check_prepared_folder); this adds the lock and
         # the removal of what a failed run created
         with OutputFolder(args.out, "preprocessing", overwrite=True, owner="python -m preprocessing",
                           owns=lambda m: m.get("dataset") in PREPARED_KINDS):
@@ -206,8 +202,6 @@ def run(args: argparse.Namespace) -> int:
                           val_ratio=args.val_ratio, seed=args.seed, overwrite=args.overwrite,
                           split_from=args.split_from)
     elif args.command == "report":
-        from preprocessing.report import report
-
         print(report(args.folders))
     return 0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from minigpt4.progress import progress
+
 
 class WorkerDied(ValueError):
     """A pool worker died (killed, out of memory) instead of returning or raising."""
@@ -16,8 +18,6 @@ def run_jobs(jobs: Sequence, worker, workers: int, desc: str = "volumes"):
     Shows progress on stderr (:func:`minigpt4.progress.progress`: a bar on a terminal, a line
     every 5 % in a log). Results keep the order of ``jobs``.
     """
-    from minigpt4.progress import progress
-
     bar = progress(len(jobs), desc, unit="volume")
     results = []
     try:

@@ -57,7 +57,7 @@ def owned_files(out: Path, manifest: dict) -> set[str]:
     return owned
 
 
-def check_output_folder(out: Path, parameters: dict, overwrite: bool, inputs: Sequence = (),
+def check_prepared_folder(out: Path, parameters: dict, overwrite: bool, inputs: Sequence = (),
                         kinds: Sequence[str] = PREPARED_KINDS) -> set[str]:
     """Check that a run may write into ``out``; returns the files there that earlier runs wrote.
 

@@ -18,7 +18,7 @@ the false-match rate measured on phantoms are in the README (preprocessing secti
 
 Matched ABD volumes are kept out of ABD val/test (they go to train) and listed in the manifest's
 ``overlap`` as ``{abd_volume: {"dataset", "volume", "file"}}``; the leakage check
-(:mod:`minigpt4.evaluation.leakage`) reads that list. Which folders hold the scans is the
+(:mod:`minigpt4.provenance`) reads that list. Which folders hold the scans is the
 pipeline's business (:func:`preprocessing.pipeline.folder_volumes`); this module only compares.
 """
 

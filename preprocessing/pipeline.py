@@ -29,7 +29,7 @@ from preprocessing.output_folder import (
     PREPARED_KINDS,
     PreparationError,
     check_no_foreign,
-    check_output_folder,
+    check_prepared_folder,
     clean_stale,
     owned_files,
     versions,
@@ -500,7 +500,7 @@ def prepare(opts: Options, log=print, discover_fn=None, split_fn=None) -> dict:
     if opts.exclude_overlap_with:
         check_overlap_sources(opts, jobs)
     inputs = [*opts.images, *opts.label_folders(), *([opts.clinical] if opts.clinical else [])]
-    owned = check_output_folder(out, params, opts.overwrite, inputs=inputs, kinds=(ds,))
+    owned = check_prepared_folder(out, params, opts.overwrite, inputs=inputs, kinds=(ds,))
     # checked above; the lock keeps a second run out, a failure removes what this run created
     with outputs.OutputFolder(out, "preprocessing", overwrite=True, owner="python -m preprocessing",
                               owns=lambda m: m.get("dataset") in PREPARED_KINDS):

@@ -21,16 +21,17 @@ Layouts: ``msd`` → ``imagesTr/pancreas_XXX.nii.gz`` + ``labelsTr/`` (1 pancrea
 
 from __future__ import annotations
 
-import gzip
 import io
 from pathlib import Path
 
 import numpy as np
-
-import nibabel as nib
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
 from minigpt4.io import write_bytes_atomic
+from minigpt4.nifti_io import write_nifti
+from minigpt4 import outputs
+from preprocessing.output_folder import PreparationError
+from minigpt4.io import write_json_atomic
 
 DISPLAY_CODES = ("P", "L", "S")
 LABELS = {
@@ -190,15 +191,6 @@ def modified_copy(variant: str, hu: np.ndarray, spacing, seed: int = 5) -> tuple
     raise ValueError(f"unknown copy variant {variant!r}; choose one of {COPY_VARIANTS}")
 
 
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    """Atomic ``.nii.gz`` write (gzip level 1: the phantoms are regenerated, not archived; gzip
-    header time 0, so the same array gives the same bytes)."""
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    write_bytes_atomic(path, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
-
-
 def write_dicom_series(folder: Path, hu: np.ndarray, spacing, patient: str, seed: int) -> None:
     """Display-frame HU volume → axial DICOM series (uint16 + RescaleIntercept −1024).
 
@@ -269,9 +261,6 @@ def _start_output(out: Path, planned: list[str], overwrite: bool) -> set[str]:
     returns the files an earlier ``generate`` wrote here (its ``manifest.json`` lists them);
     refuses a non-empty folder without that manifest unless ``overwrite``, and never replaces
     a file it did not write."""
-    from minigpt4 import outputs
-    from preprocessing.output_folder import PreparationError
-
     try:
         old = outputs.check_output_folder(out, "preprocessing synthetic", lambda m: m.get("dataset") == "synthetic",
                                           overwrite, owner="python -m preprocessing synthetic")
@@ -296,8 +285,6 @@ def generate(out, scheme: str = "msd", n: int = 12, n_slices: int = 24, size: in
         ``{"images": folder, "labels": folder, "volumes": [names]}`` (the arguments for
         ``python -m preprocessing <scheme>``).
     """
-    from minigpt4.io import write_json_atomic
-
     out = Path(out)
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")

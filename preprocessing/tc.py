@@ -69,10 +69,10 @@ ANNOTATIONS = {f"annotations/TC_{s}.json" for s in splits.SPLITS} | {"annotation
 
 
 def _start(out: Path, params: dict, overwrite: bool, inputs, planned: set[str]) -> dict:
-    """Check the output folder (see :func:`output_folder.check_output_folder`) and mark it in progress;
+    """Check the output folder (see :func:`output_folder.check_prepared_folder`) and mark it in progress;
     returns what :func:`_finish` needs to remove only files of earlier runs."""
     ours = (out / "manifest.json").is_file()
-    owned = output_folder.check_output_folder(out, params, overwrite, inputs=inputs, kinds=("TC",))
+    owned = output_folder.check_prepared_folder(out, params, overwrite, inputs=inputs, kinds=("TC",))
     planned = set(planned) | ANNOTATIONS
     output_folder.check_no_foreign(out, owned, lambda rel: rel in planned)
     (out / "annotations").mkdir(parents=True, exist_ok=True)

@@ -110,12 +110,6 @@ def to_display(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return apply_orientation(array, display_transform(affine))
 
 
-def axial_stored_axis(affine: np.ndarray) -> int:
-    """Index of the stored array axis that is the axial (inferior/superior) one."""
-    start = io_orientation(affine)
-    return int([i for i in range(3) if int(start[i, 0]) == 2][0])
-
-
 # ----------------------------------------------------------------------------- NIfTI
 
 

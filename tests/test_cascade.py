@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from minigpt4.config import ConfigError
+import eval_cascade
 from minigpt4.evaluation import cascade, operating_points
 from minigpt4.inference import pipeline
 from minigpt4.io import read_json, read_jsonl
@@ -224,7 +225,6 @@ def _cascade_config(tmp_path: Path, prepared: dict, paths: dict, cfg, threshold=
 
 
 def test_eval_cascade_end_to_end(tmp_path, prepared):
-    import eval_cascade
     from preprocessing.layout import read_volumes
 
     torch.set_num_threads(1)
@@ -271,7 +271,6 @@ def test_eval_cascade_end_to_end(tmp_path, prepared):
 
 
 def test_eval_cascade_refuses_folders_without_all_slices(tmp_path):
-    import eval_cascade
     from preprocessing import pipeline, synthetic
 
     raw = synthetic.generate(tmp_path / "raw", "msd", 5, 8, 64, "RAS", 0, "nifti", log=lambda *a: None)

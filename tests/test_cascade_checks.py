@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+import eval_cascade
 from minigpt4.evaluation import cascade, operating_points
 from minigpt4.inference import pipeline
+from minigpt4.provenance import check_cascade_leakage
 from tests.test_cascade import STAGES, _cascade_config, prepare_phantoms
 from tests.tiny import random_checkpoints, tiny_model_config
 
@@ -34,9 +36,11 @@ def _no_model(*args, **kwargs):
 @pytest.fixture()
 def no_model(monkeypatch):
     """Fail the test if eval_cascade gets as far as building the stages."""
+    import minigpt4.commands.eval_cascade as eval_cascade_command
     import minigpt4.models.stages as stages
 
     monkeypatch.setattr(stages, "load_stages", _no_model)
+    monkeypatch.setattr(eval_cascade_command, "load_stages", _no_model)  # bound where it is used
     monkeypatch.setattr(stages, "build_model", _no_model)
 
 
@@ -51,7 +55,7 @@ def _save(folder: Path, provenance=None, tasks=None) -> str:
 def _provenance(tmp_path: Path, name: str, datasets: dict, init_from=None) -> dict:
     """What the trainer records for a run on ``datasets`` ({name: (root, task)}) from ``init_from``."""
     from minigpt4.config import Config, DatasetConfig
-    from minigpt4.evaluation.leakage import training_provenance
+    from minigpt4.provenance import training_provenance
 
     cfg = Config(datasets={n: DatasetConfig(root=str(r), task=t) for n, (r, t) in datasets.items()})
     cfg.run.output_dir = str(tmp_path / "runs" / name)
@@ -63,9 +67,8 @@ def _provenance(tmp_path: Path, name: str, datasets: dict, init_from=None) -> di
 def test_eval_cascade_stops_on_a_stage_trained_on_cascade_test_volumes(tmp_path, prepared, no_model, capsys):
     """The issue's case: a TC folder imported without --split-from puts every cascade test volume into
     stage 2's train split; stage 3, trained from stage 2, inherits the leak through its recorded chain."""
-    import eval_cascade
     from minigpt4.cli import run_main
-    from minigpt4.evaluation.leakage import LeakageError, split_keys
+    from minigpt4.provenance import LeakageError, split_keys
     from preprocessing.tc import import_tc
 
     import_tc(prepared["TC"] / "slices", tmp_path / "TC_imported", test_ratio=0, val_ratio=0)  # everything → train
@@ -99,27 +102,27 @@ def test_eval_cascade_stops_on_a_stage_trained_on_cascade_test_volumes(tmp_path,
 
 def test_cascade_leakage_passes_honest_stages_and_needs_provenance(tmp_path, prepared):
     from minigpt4.config import load_config
-    from minigpt4.evaluation.leakage import ProvenanceError
+    from minigpt4.provenance import ProvenanceError
 
     s1 = _save(tmp_path / "s1", _provenance(tmp_path, "s1", {"msd": (prepared["MSD"], "pancreas_detection")}))
     s2 = _save(tmp_path / "s2", _provenance(tmp_path, "s2", {"tc": (prepared["TC"], "tumor_classification")}, init_from=s1))
     s3 = _save(tmp_path / "s3", _provenance(tmp_path, "s3", {}, init_from=s2))
     config = _cascade_config(tmp_path, prepared, dict(zip(STAGES, (s1, s2, s3))), tiny_model_config())
-    reports = cascade.check_cascade_leakage(load_config(config))  # build_tc inherits the cascade's split
+    reports = check_cascade_leakage(load_config(config))  # build_tc inherits the cascade's split
     assert len(reports) == 6 and all(not r.leaks for r in reports)  # 3 stages × val, test
     assert [len(r.runs) for r in reports[:3]] == [1, 2, 3]  # each stage's recorded chain
     bare = _save(tmp_path / "bare")  # an own checkpoint that records no provenance
     config = _cascade_config(tmp_path, prepared, dict(zip(STAGES, (s1, bare, s3))), tiny_model_config())
     with pytest.raises(ProvenanceError, match="without recorded provenance"):
-        cascade.check_cascade_leakage(load_config(config))
-    cascade.check_cascade_leakage(load_config(config), allow_unknown=True)  # --allow-unknown-provenance
+        check_cascade_leakage(load_config(config))
+    check_cascade_leakage(load_config(config), allow_unknown=True)  # --allow-unknown-provenance
 
 
 # ----------------------------------------------------------------------------- 19.5 stage identity
 def test_checkpoints_record_their_task_and_stages_refuse_the_wrong_one(tmp_path, monkeypatch, caplog):
     import minigpt4.models.stages as stages
     from minigpt4.config import Config, DatasetConfig
-    from minigpt4.evaluation.leakage import PROVENANCE_SCHEMA
+    from minigpt4.provenance import PROVENANCE_SCHEMA
     from minigpt4.models.checkpoints import TASKS_KEY, checkpoint_tasks, read_metadata
     from minigpt4.models.minigpt_v2 import build_model
     from minigpt4.training.state import write_checkpoint
@@ -162,7 +165,6 @@ def test_checkpoints_record_their_task_and_stages_refuse_the_wrong_one(tmp_path,
 
 
 def test_eval_cascade_refuses_a_wrong_stage_before_the_model(tmp_path, prepared, no_model, capsys):
-    import eval_cascade
     from minigpt4.cli import run_main
 
     paths = random_checkpoints(tmp_path / "ckpt", tiny_model_config(), STAGES)
@@ -252,10 +254,9 @@ class ScriptedStages(pipeline.SingleModel):
 
 def test_evaluate_gates_stage_3_with_the_slice_threshold_and_reports_inconclusive_volumes(tmp_path, prepared, monkeypatch):
     from minigpt4.config import load_config
-    from minigpt4.evaluation import common
     from minigpt4.io import read_jsonl
 
-    monkeypatch.setattr(common, "checkpoint_identity", lambda path: {"path": path})
+    monkeypatch.setattr(cascade, "checkpoint_identity", lambda path: {"path": path})
     paths = random_checkpoints(tmp_path / "ckpt", tiny_model_config(), STAGES)
     config = _cascade_config(tmp_path, prepared, paths, tiny_model_config(), threshold=1.0)  # no volume called tumor
     cfg = load_config(config, ["cascade.min_boxed_slices=3", "cascade.aggregation=top_k_mean"])
@@ -382,7 +383,6 @@ def test_a_nan_p_yes_stops_naming_the_volume_and_first_slice(tmp_path, prepared)
 
 # ----------------------------------------------------------------------------- 19.3 / 19.1 output folder, empty test
 def test_eval_cascade_refuses_a_foreign_output_folder_and_an_empty_test_split(tmp_path, prepared, no_model):
-    import eval_cascade
     from minigpt4.outputs import OutputFolderError
 
     paths = random_checkpoints(tmp_path / "ckpt", tiny_model_config(), STAGES)

@@ -18,8 +18,9 @@ from PIL import Image
 
 from minigpt4.data.transforms import ImageTransform
 from minigpt4.demo.app import DemoHandlers, build_app, parse_size
-from minigpt4.demo.service import QUICK_TASKS, RED, DemoService, annotate, display_scale, make_private_workdir
-from minigpt4.inference.volumes import InputError, Limits, load_slice, load_volume, upload_kind
+from minigpt4.demo.service import QUICK_TASKS, DemoService, make_private_workdir
+from minigpt4.drawing import RED, annotate, display_scale
+from minigpt4.inference.readers import InputError, Limits, load_slice, load_volume, upload_kind
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -366,7 +367,7 @@ def nifti_header_only(path: Path, shape: tuple, dtype, affine=None) -> Path:
 def test_volume_headers_are_checked_before_any_voxel_is_decoded(tmp_path, monkeypatch):
     import tracemalloc
 
-    from minigpt4.inference import volumes as volume_io
+    from minigpt4.inference import readers as volume_io
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("the volume was decoded before its header was checked")
@@ -419,7 +420,7 @@ def test_volume_errors_do_not_reveal_private_paths(tmp_path, monkeypatch):
         load_volume(cut, workdir=tmp_path)
     assert str(truncated.value).startswith("cut.nii: ") and str(tmp_path) not in str(truncated.value)
     # any reader failure naming an extracted file: the zip member's name, not the temp path
-    from minigpt4.inference import volumes as volume_io
+    from minigpt4.inference import readers as volume_io
     from preprocessing import synthetic
 
     hu, _, spacing = synthetic.phantom(size=64, n_slices=4, seed=1)

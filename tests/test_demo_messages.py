@@ -23,7 +23,7 @@ import torch
 from minigpt4.demo.app import DemoHandlers
 from minigpt4.demo.service import DemoService, make_private_workdir
 from minigpt4.inference.pipeline import CascadeSettings
-from minigpt4.inference.volumes import public_message
+from minigpt4.inference.readers import public_message
 from tests.test_demo import PANCREAS_Q, ScriptedModel, gray_slice, import_demo_entry_point, save, write_nifti
 
 REPO = Path(__file__).resolve().parents[1]
@@ -365,6 +365,7 @@ def test_a_stage_loading_error_is_one_error_line_and_exit_2(tmp_path, monkeypatc
     """demo.py in three-stage mode, when load_stages refuses a checkpoint (e.g. the wrong task):
     one ``demo.py: error:`` line, exit status 2, no traceback."""
     from minigpt4 import cli
+    from minigpt4.demo import service as service_module
     from minigpt4.models import stages as stage_module
 
     folders = {}
@@ -378,6 +379,7 @@ def test_a_stage_loading_error_is_one_error_line_and_exit_2(tmp_path, monkeypatc
         raise ValueError(message)
 
     monkeypatch.setattr(stage_module, "load_stages", refuse)
+    monkeypatch.setattr(service_module, "load_stages", refuse)  # bound where it is used
     demo = import_demo_entry_point()
     options = [f"cascade.stages.{stage}={folder}" for stage, folder in folders.items()]
     status = cli.run_main(demo.main, ["--cfg-path", str(REPO / "eval_configs" / "demo_cpu.yaml"), "--options", *options],

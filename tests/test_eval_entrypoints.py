@@ -164,12 +164,16 @@ class _NoModel(Exception):
 @pytest.fixture
 def forbid_model(monkeypatch):
     """Any attempt to build a model fails the test: errors must come before it."""
+    import minigpt4.commands.evaluate as evaluate_command
     import minigpt4.models.minigpt_v2 as mv2
+    import minigpt4.training.trainer as trainer_module
 
     def refuse(*args, **kwargs):
         raise _NoModel("build_model was called")
 
     monkeypatch.setattr(mv2, "build_model", refuse)
+    monkeypatch.setattr(evaluate_command, "build_model", refuse)  # bound where they are used
+    monkeypatch.setattr(trainer_module, "build_model", refuse)
 
 
 def test_missing_image_fails_before_the_model_is_loaded(synthetic, trained, tmp_path, forbid_model):

@@ -44,7 +44,7 @@ def _records(tmp_path: Path) -> list[dict]:
 
 
 def test_baseline_config_uses_the_release_wording_the_others_the_paper():
-    from minigpt4.evaluation.runner import eval_prompts
+    from minigpt4.commands.evaluate import eval_prompts
 
     baseline = load_config(ROOT / "eval_configs" / "minigptv2_baseline.yaml")
     assert baseline.model.prompts.wording == "release" and baseline.run.eval_instruction is None

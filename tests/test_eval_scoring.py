@@ -330,7 +330,7 @@ def test_grid_ceiling_and_threshold_rows_in_table1():
 
 
 def test_an_abd_file_of_pancreas_rows_is_table4():
-    from minigpt4.evaluation.runner import infer_detection_task
+    from minigpt4.commands.evaluate import infer_detection_task
 
     rows = [{"dataset": "ABD", "target": "pancreas"}]
     assert infer_detection_task(rows, []) == "organ_detection"

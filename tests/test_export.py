@@ -12,8 +12,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from minigpt4.evaluation.leakage import PROVENANCE_SCHEMA, LeakageError, check_checkpoint_against
-from minigpt4.export import main as export_main
+from minigpt4.provenance import PROVENANCE_SCHEMA, LeakageError, check_checkpoint_against
+from minigpt4.commands.export import main as export_main
 from minigpt4.models.checkpoints import load_weights, save_checkpoint
 from minigpt4.models.minigpt_v2 import build_model
 from tests.test_adapters import forward_logits, save_tiny_llama

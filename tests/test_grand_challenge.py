@@ -14,7 +14,7 @@ import torch
 
 from minigpt4.boxes import grid_to_pixel_inclusive
 from minigpt4.inference.pipeline import SingleModel
-from minigpt4.inference.volumes import load_volume
+from minigpt4.inference.readers import load_volume
 from preprocessing import synthetic
 from preprocessing.synthetic_panorama import write_mha
 from tests._phantoms import small_volume
@@ -57,10 +57,10 @@ def test_grand_challenge_mode(tmp_path, stage_paths, monkeypatch):  # noqa: F811
     import SimpleITK as sitk
 
     import scan
-    from minigpt4.models import stages as stage_module
+    from minigpt4.commands import scan as scan_command
 
     torch.set_num_threads(1)
-    monkeypatch.setattr(stage_module, "load_stages", lambda *args, **kwargs: SingleModel(AlwaysBoxes()))
+    monkeypatch.setattr(scan_command, "load_stages", lambda *args, **kwargs: SingleModel(AlwaysBoxes()))
     inputs = tmp_path / "input" / "images" / "venous-ct"
     ct = _ct(inputs)
     out = tmp_path / "output"

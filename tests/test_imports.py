@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,3 +124,121 @@ def test_no_import_circles_in_preprocessing():
     # pipeline uses overlap and the output-folder rules, never the reverse (issue 20's split)
     assert graph["preprocessing.pipeline"] >= {"preprocessing.overlap", "preprocessing.output_folder"}
     assert cycles(graph) == []
+
+
+# --- Layers (issue 24) ----------------------------------------------------------------------
+# The layer order, declared once, top (imports anything below) to bottom (imports nothing of the
+# project above it). A "unit" is a package folder of minigpt4 (``minigpt4.evaluation``), a
+# top-level module of minigpt4 (``minigpt4.boxes``) or the ``preprocessing`` package as a whole.
+# Units in one layer may import each other's modules but no two units may import each other.
+LAYERS: list[set[str]] = [
+    # the ``python -m minigpt4.export|inspect|quickstart`` modules are entry points: they call a command
+    {"minigpt4.export", "minigpt4.inspect", "minigpt4.quickstart"},
+    {"minigpt4.commands"},
+    {"minigpt4.demo", "minigpt4.evaluation", "minigpt4.training"},
+    {"minigpt4.scan_outputs"},
+    {"minigpt4.inference", "minigpt4.drawing"},
+    # provenance reads checkpoints' records and the prepared layout (models, data)
+    {"minigpt4.provenance"},
+    {"minigpt4.models", "minigpt4.memory"},
+    {"minigpt4.data", "minigpt4.tokenizer"},
+    # the preprocessing command and library (prepares the layout that data/ reads)
+    {"preprocessing"},
+    {"minigpt4", "minigpt4.config", "minigpt4.boxes", "minigpt4.prompts", "minigpt4.io", "minigpt4.outputs",
+     "minigpt4.utils", "minigpt4.cli", "minigpt4.progress", "minigpt4.identity", "minigpt4.nifti_io",
+     "minigpt4.distributed"},
+]
+
+PACKAGES = ("minigpt4", "preprocessing")
+
+
+class Edge(NamedTuple):
+    source: str
+    target: str
+    local: bool  # the import statement is inside a function
+
+
+def unit_of(module: str) -> str:
+    """``minigpt4.evaluation.tables`` → ``minigpt4.evaluation``; ``preprocessing.x`` → ``preprocessing``."""
+    parts = module.split(".")
+    if parts[0] != "minigpt4":
+        return parts[0]
+    return ".".join(parts[:2])
+
+
+def layer_of(unit: str) -> int:
+    for index, layer in enumerate(LAYERS):
+        if unit in layer:
+            return index
+    raise KeyError(f"{unit} is in no layer of tests/test_imports.py LAYERS: add it where it belongs")
+
+
+def _imports_with_scope(tree: ast.AST):
+    """``(node, inside_function)`` for every import node, leaving out ``if TYPE_CHECKING:``."""
+    stack = [(tree, False)]
+    while stack:
+        node, local = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend((child, local) for child in node.orelse)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node, local
+        inner = local or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        stack.extend((child, inner) for child in ast.iter_child_nodes(node))
+
+
+def import_edges(root: Path = ROOT, packages=PACKAGES) -> list[Edge]:
+    """Every import of a project module by a project module (across the packages), one per name."""
+    modules: dict[str, Path] = {}
+    for package in packages:
+        modules.update(module_names(root / package))
+    edges = []
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        for node, local in _imports_with_scope(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                base = node.module or ""
+                if node.level:
+                    anchor = name.split(".") if is_package else name.split(".")[:-1]
+                    anchor = anchor[: len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    edges.append(Edge(name, target, local))
+    return edges
+
+
+def layer_violations(edges: list[Edge]) -> tuple[list[str], list[str]]:
+    """(imports from a lower layer to a higher one, unit pairs that import each other)."""
+    upward = sorted({f"{e.source} -> {e.target}" + (" (in a function)" if e.local else "") for e in edges
+                     if layer_of(unit_of(e.source)) > layer_of(unit_of(e.target))})
+    unit_edges = {(unit_of(e.source), unit_of(e.target)) for e in edges}
+    mutual = sorted(f"{a} <-> {b}" for a, b in unit_edges if a < b and (b, a) in unit_edges)
+    return upward, mutual
+
+
+def test_the_layer_checker_finds_upward_and_mutual_imports(tmp_path):
+    for unit in ("minigpt4/models", "minigpt4/evaluation", "minigpt4/training"):
+        (tmp_path / unit).mkdir(parents=True)
+        (tmp_path / unit / "__init__.py").write_text("")
+    (tmp_path / "minigpt4" / "__init__.py").write_text("")
+    (tmp_path / "minigpt4" / "models" / "m.py").write_text("def f():\n    from minigpt4.evaluation import e\n")
+    (tmp_path / "minigpt4" / "evaluation" / "e.py").write_text("from ..training import t\nfrom minigpt4.models.m import f\n")
+    (tmp_path / "minigpt4" / "training" / "t.py").write_text("import minigpt4.evaluation.e\n")
+    edges = import_edges(tmp_path, ("minigpt4",))
+    assert Edge("minigpt4.models.m", "minigpt4.evaluation.e", True) in edges
+    upward, mutual = layer_violations(edges)
+    assert upward == ["minigpt4.models.m -> minigpt4.evaluation.e (in a function)"]
+    assert mutual == ["minigpt4.evaluation <-> minigpt4.models", "minigpt4.evaluation <-> minigpt4.training"]
+
+
+def test_every_import_runs_down_the_layers():
+    edges = import_edges()
+    assert len(edges) > 100  # the checker sees the real imports
+    upward, mutual = layer_violations(edges)
+    assert upward == [] and mutual == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minigpt4.inspect import main
+from minigpt4.commands.inspect import main
 
 
 def run(capsys, tmp_path: Path, options=()):

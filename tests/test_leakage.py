@@ -1,4 +1,4 @@
-"""Leakage between datasets (minigpt4/evaluation/leakage.py): hand-made split.json files where a
+"""Leakage between datasets (minigpt4/provenance.py): hand-made split.json files where a
 test volume of one dataset is a training volume of another, directly or up the checkpoint chain,
 checked against the provenance each checkpoint records (not against today's folders)."""
 
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from minigpt4.config import load_config
-from minigpt4.evaluation.leakage import (
+from minigpt4.provenance import (
     LeakageError,
     ProvenanceError,
     check_checkpoint_against,
@@ -152,7 +152,7 @@ def test_own_checkpoint_without_provenance_is_refused_unless_allowed(folders, tm
     assert str(info.value).startswith(f"{old / 'model.safetensors'}: checkpoint without recorded provenance")
     assert "--allow-unknown-provenance" in str(info.value)
     # allowed: checked against its config.yaml and today's folders (MSD pancreas_001 is in TC test)
-    with caplog.at_level(logging.WARNING, logger="minigpt4.evaluation.leakage"):
+    with caplog.at_level(logging.WARNING, logger="minigpt4.provenance"):
         with pytest.raises(LeakageError, match="MSD pancreas_001 is in the evaluated test set but trained on by "
                                                r"datasets.msd of checkpoint .*today's folder"):
             check_checkpoint_against(old, tc_test, allow_unknown=True)
@@ -183,7 +183,7 @@ def test_own_checkpoint_without_provenance_is_refused_unless_allowed(folders, tm
 def test_foreign_checkpoint_logs_provenance_unknown(folders, tmp_path, caplog):
     stage3 = tmp_path / "checkpoint_stage3.pth"
     torch.save({"model": {"llama_proj.bias": torch.zeros(2)}}, stage3)
-    with caplog.at_level(logging.WARNING, logger="minigpt4.evaluation.leakage"):
+    with caplog.at_level(logging.WARNING, logger="minigpt4.provenance"):
         report = check_checkpoint_against(stage3, split_keys(folders["tc"], "test"), label="stage pancreas_detection")
     line = f"provenance unknown: {stage3} (a foreign checkpoint (checkpoint_stage3.pth)); the leakage check cannot tell " \
            "which volumes it was trained on"
@@ -213,7 +213,7 @@ def test_chain_ancestor_train_volume_is_caught_from_the_record(folders, tmp_path
 
 
 def test_eval_parser_has_the_provenance_flag():
-    from minigpt4.evaluation.runner import build_parser
+    from minigpt4.commands.evaluate import build_parser
 
     for kind in ("detection", "classification"):
         parser = build_parser(kind)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from minigpt4.config import ModelConfig, load_config
-from minigpt4.inspect import main as inspect_main
-from minigpt4.inspect import model_report
+from minigpt4.commands.inspect import main as inspect_main
+from minigpt4.commands.inspect import model_report
 from minigpt4.memory import (
     BUDGET_GIB,
     EXPECTED_ERROR,

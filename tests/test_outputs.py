@@ -24,7 +24,7 @@ import torch
 import minigpt4
 import preprocessing
 from minigpt4.cli import run_main
-from minigpt4.export import main as export_main
+from minigpt4.commands.export import main as export_main
 from minigpt4.models.checkpoints import load_weights, save_checkpoint
 from minigpt4.models.minigpt_v2 import build_model
 from minigpt4.outputs import FolderBusyError, OutputFolder, OutputFolderError

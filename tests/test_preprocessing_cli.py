@@ -248,7 +248,7 @@ def test_tc_import_release_names_csv_and_ratios(tmp_path):
 def test_tc_import_csv_keys_meet_the_source_volumes(tmp_path):
     """The paper's JSON naming (``dataset=MSD, volume=pancreas_002.nii.gz``): the key is the record's
     dataset and the volume stem, so it meets MSD's own ``('MSD', 'pancreas_002')``."""
-    from minigpt4.evaluation.leakage import split_keys
+    from minigpt4.provenance import split_keys
     from preprocessing.tc import import_tc
 
     other = tmp_path / "crops"

@@ -151,7 +151,7 @@ def test_nifti_without_orientation_is_refused_unless_assumed(tmp_path, capsys, o
 
 
 def test_demo_volume_reader_refuses_a_nifti_without_orientation(tmp_path):
-    from minigpt4.inference.volumes import InputError, read_display_volume
+    from minigpt4.inference.readers import InputError, read_display_volume
 
     img, _ = write_pair(tmp_path, "pancreas_001", *_with_pancreas())
     _strip_orientation(img)

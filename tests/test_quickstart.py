@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from minigpt4.quickstart import main
+from minigpt4.commands.quickstart import main
 from tests._markdown import markdown_tables
 
 
@@ -70,7 +70,7 @@ def test_printed_demo_command_installs_gradio_when_it_is_missing(monkeypatch, tm
     import shutil
     import tomllib
 
-    from minigpt4 import quickstart
+    from minigpt4.commands import quickstart
 
     monkeypatch.chdir(quickstart.REPO)
     monkeypatch.setattr(shutil, "which", lambda name: sys.executable if name == "python" else None)

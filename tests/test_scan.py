@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 from minigpt4.boxes import grid_to_pixel_inclusive
 from minigpt4.data.transforms import ImageTransform
+from minigpt4.inference.inputs import discover
 from minigpt4.inference.pipeline import SingleModel
-from minigpt4.inference.volumes import load_volume
-from minigpt4.scan import discover
+from minigpt4.inference.readers import load_volume
 from minigpt4.scan_outputs import BOXES_FILE, DONE_FILE, MONTAGE_FILE, REPORT_FILE, SEG_FILE, read_dicom_source
 from preprocessing import synthetic
 from tests._phantoms import small_volume
@@ -173,9 +173,9 @@ def test_scan_with_boxes_writes_seg_and_label_volumes(tmp_path, stage_paths, mon
     import pydicom
 
     import scan
-    from minigpt4.models import stages as stage_module
+    from minigpt4.commands import scan as scan_command
 
-    monkeypatch.setattr(stage_module, "load_stages", lambda *args, **kwargs: SingleModel(AlwaysBoxes()))
+    monkeypatch.setattr(scan_command, "load_stages", lambda *args, **kwargs: SingleModel(AlwaysBoxes()))
     inputs = make_inputs(tmp_path / "in")
     out = tmp_path / "out"
     scan.main(["--cfg-path", str(scan_config(tmp_path, stage_paths)), "--inputs", str(inputs), "--out", str(out)])
@@ -205,9 +205,9 @@ def test_scan_with_boxes_writes_seg_and_label_volumes(tmp_path, stage_paths, mon
 def test_on_error_skip_records_a_broken_volume_and_stop_exits_2(tmp_path, stage_paths, monkeypatch, capsys):
     import scan
     from minigpt4.cli import run_main
-    from minigpt4.models import stages as stage_module
+    from minigpt4.commands import scan as scan_command
 
-    monkeypatch.setattr(stage_module, "load_stages", lambda *args, **kwargs: SingleModel(AlwaysBoxes()))
+    monkeypatch.setattr(scan_command, "load_stages", lambda *args, **kwargs: SingleModel(AlwaysBoxes()))
     inputs = make_inputs(tmp_path / "in")
     (inputs / "broken.nii.gz").write_bytes((inputs / "a_nifti.nii.gz").read_bytes()[:200])  # truncated
     config = scan_config(tmp_path, stage_paths)
@@ -314,3 +314,13 @@ def test_out_folder_rule_and_config_checks(tmp_path, stage_paths, capsys):
                                     "--options", option], prog="scan.py") == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_scan_takes_normalization_in_both_spellings():
+    """``--normalization`` as ``python -m preprocessing`` spells it; ``--normalisation`` still works."""
+    from minigpt4.commands.scan import build_parser
+
+    base = ["--cfg-path", "eval_configs/scan_cpu.yaml", "--inputs", "a.nii.gz", "--out", "out"]
+    assert build_parser().parse_args(base).normalization == "paper"
+    assert build_parser().parse_args([*base, "--normalization", "window"]).normalization == "window"
+    assert build_parser().parse_args([*base, "--normalisation", "window"]).normalization == "window"

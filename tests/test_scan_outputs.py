@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from minigpt4.distributed import rank_and_world_size, shard
 from minigpt4.scan_outputs import (
     BOXES_FILE,
     DONE_FILE,
@@ -30,9 +31,7 @@ from minigpt4.scan_outputs import (
     geometry_from_image,
     geometry_from_volume,
     is_done,
-    rank_and_world_size,
     read_dicom_source,
-    shard,
     write_box_nifti,
     write_dicom_seg,
     write_montage,

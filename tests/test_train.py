@@ -183,7 +183,7 @@ def test_stage_starts_from_previous_best(data, tmp_path):
 def test_init_from_without_provenance_is_refused_unless_allowed(data, tmp_path):
     """An own checkpoint of the older format (no provenance) as init_from: refused before training;
     with --allow-unknown-provenance the run trains and records that ancestor as not recorded."""
-    from minigpt4.evaluation.leakage import ProvenanceError
+    from minigpt4.provenance import ProvenanceError
     from minigpt4.models.checkpoints import save_checkpoint
     from minigpt4.models.minigpt_v2 import build_model
 

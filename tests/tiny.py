@@ -68,7 +68,7 @@ def random_checkpoints(folder, cfg: ModelConfig, names, seed: int = 100) -> dict
     from pathlib import Path
 
     from minigpt4.config import TASKS
-    from minigpt4.evaluation.leakage import PROVENANCE_SCHEMA
+    from minigpt4.provenance import PROVENANCE_SCHEMA
     from minigpt4.models.checkpoints import save_checkpoint
     from minigpt4.models.minigpt_v2 import build_model
 

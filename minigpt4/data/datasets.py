@@ -27,8 +27,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from minigpt4.boxes import box_answer
-from minigpt4.config import DETECTION_TASKS, TASKS
+from minigpt4.config import DETECTION_TASKS, ORGANS, TASKS, Config, ConfigError
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
+from preprocessing.layout import read_prepared
 
 __all__ = ["TaskDataset", "MixedDataset", "collate_samples", "check_records"]
 
@@ -209,3 +210,23 @@ def collate_samples(samples: Sequence[dict]) -> dict:
         "answers": [s["answer"] for s in samples],
         "records": [s["record"] for s in samples],
     }
+
+
+def load_split_records(cfg: Config, split: str) -> list[tuple[str, str, float, list[dict]]]:
+    """``(name, task, sample_ratio, records)`` for every configured dataset, checked.
+
+    Raises:
+        ConfigError: no dataset configured.
+        FileNotFoundError / ValueError: missing folder or images, empty split (named).
+    """
+    if not cfg.datasets:
+        raise ConfigError("no datasets configured: add at least one entry under 'datasets:'")
+    out = []
+    for name, ds in cfg.datasets.items():
+        source = f"datasets.{name} ({ds.root}, {ds.task}, split {split})"
+        # organs only for organ_detection and only when narrowed: any organs= makes the reader reselect
+        narrowed = ds.task == "organ_detection" and sorted(ds.organs) != sorted(ORGANS)
+        records = read_prepared(ds.root, ds.task, split, threshold=ds.threshold, organs=list(ds.organs) if narrowed else None)
+        check_records(records, ds.task, source=source)
+        out.append((name, ds.task, float(ds.sample_ratio), records))
+    return out

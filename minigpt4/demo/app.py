@@ -9,7 +9,7 @@ Every handler turns bad input and model failures into a chat message (:class:`In
 messages verbatim, anything else as "the model could not process ..." with the traceback logged
 server-side; a guard around every handler catches what its own checks miss), so the app never
 crashes on an upload and no traceback reaches the user. Every text a handler shows passes through
-:func:`minigpt4.inference.volumes.public_message`, which strips the server's private paths (the
+:func:`minigpt4.inference.readers.public_message`, which strips the server's private paths (the
 upload's temp path, the private workdir, Gradio's temp dir, the temp dir, caches, the home
 folder). Scripted endpoints (``gradio_client``) are stateless: ``/ask``, ``/classify``,
 ``/scan_volume``. The UI's own events are ``api_visibility="private"``: hidden from the API page
@@ -31,8 +31,12 @@ from typing import Any, Optional
 import gradio as gr
 import numpy as np
 
-from minigpt4.demo.service import QUICK_TASKS, DemoService, ScanResult, annotate, display_scale, make_private_workdir
-from minigpt4.inference.volumes import NORMALISATIONS, InputError, load_slice, load_volume, public_message, upload_kind
+from minigpt4.demo.service import QUICK_TASKS, DemoService, ScanResult, make_private_workdir
+from minigpt4.drawing import annotate, display_scale
+from minigpt4.inference.readers import NORMALISATIONS, InputError, load_slice, load_volume, public_message, upload_kind
+from minigpt4.inference.pipeline import VolumeResult
+from minigpt4.inference.inputs import volume_name
+from minigpt4.scan_outputs import checkpoint_identities, fingerprint, write_volume_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -267,9 +271,6 @@ class DemoHandlers:
         into a fresh folder of the private workdir; None without the upload's geometry."""
         import tempfile
 
-        from minigpt4.inference.pipeline import VolumeResult
-        from minigpt4.scan import volume_name
-        from minigpt4.scan_outputs import checkpoint_identities, fingerprint, write_volume_outputs
 
         if state.get("geometry") is None:
             return None

@@ -2,7 +2,7 @@
 
 :class:`DemoService` answers one instruction about one slice (``ask``, ``classify``) and scans a
 volume with the inference pipeline (:func:`minigpt4.inference.pipeline.scan_slices`); files are
-read by :mod:`minigpt4.inference.volumes`; :func:`annotate` draws boxes. Generation is greedy:
+read by :mod:`minigpt4.inference.readers`; :func:`minigpt4.drawing.annotate` draws boxes. Generation is greedy:
 detection answers must be reproducible (the release's sampling only ever served free text).
 
 Limits: each question is answered on its own (the model was fine-tuned on single-turn prompts),
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import math
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -23,16 +22,18 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from minigpt4.boxes import EMPTY_BOX, box_problem, grid_to_pixel, parse_box, parse_yes_no
 from minigpt4.config import DecodingConfig
+from minigpt4.drawing import CYAN, RED, annotate
 from minigpt4.inference.pipeline import CascadeSettings, PatientResult, SingleModel, SliceResult, model_images, scan_slices
-from minigpt4.inference.volumes import InputError, Limits
+from minigpt4.inference.readers import InputError, Limits
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
+from minigpt4.models.stages import load_stages, missing_stages
+from minigpt4.utils import resolve_device
+from minigpt4.models.minigpt_v2 import build_model
 
-RED = (255, 0, 0)
-CYAN = (0, 200, 255)
 
 # quick-button tasks: key → (button label, instruction); one prompt builder for all of them
 QUICK_TASKS: dict[str, tuple[str, str]] = {
@@ -43,49 +44,6 @@ QUICK_TASKS: dict[str, tuple[str, str]] = {
     "kidney": ("Locate the kidney", detection_instruction(TARGET_NAMES["kidney"])),
     "spleen": ("Locate the spleen", detection_instruction(TARGET_NAMES["spleen"])),
 }
-
-
-
-# ----------------------------------------------------------------------------------------------
-# drawing
-
-
-def annotate(
-    image: np.ndarray,
-    boxes: Sequence[tuple[Sequence[float], tuple[int, int, int]]] = (),
-    scale: int = 1,
-) -> Image.Image:
-    """Draw pixel boxes on a slice.
-
-    Args:
-        image: (H, W) uint8 grayscale or (H, W, 3) uint8 RGB.
-        boxes: ``(pixel_box, rgb_colour)`` pairs; a pixel box is ``(x1, y1, x2, y2)`` in pixels
-            of ``image`` (continuous, as :func:`minigpt4.boxes.grid_to_pixel` returns it).
-        scale: integer zoom (nearest neighbour) applied before drawing, so small slices are shown
-            larger with thin lines; boxes are scaled with the image.
-
-    Returns:
-        An RGB PIL image of size (W·scale, H·scale) with each box outlined; the line is about
-        0.5 % of the image side (at least 2 pixels) and is drawn inside the box's extent.
-    """
-    picture = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
-    if scale != 1:
-        if int(scale) != scale or scale < 1:
-            raise ValueError(f"scale must be a positive integer, got {scale!r}")
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
-    draw = ImageDraw.Draw(picture)
-    line = max(2, round(min(picture.size) / 200))
-    for box, colour in boxes:
-        x1, y1, x2, y2 = (float(v) * scale for v in box)
-        if x2 <= x1 or y2 <= y1:
-            continue
-        draw.rectangle([x1, y1, x2, y2], outline=tuple(colour), width=line)
-    return picture
-
-
-def display_scale(height: int, width: int, min_side: int = 384) -> int:
-    """Integer zoom that shows a slice at least ``min_side`` pixels wide/high in the viewer."""
-    return max(1, math.ceil(min_side / max(height, width)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,8 +116,6 @@ def describe_answer(answer: Answer, width: int, height: int) -> str:
         head = f"**{verdict}**" if verdict else "Unclear answer (neither yes nor no)"
         return f"{head} — model probability P(yes) = {answer.p_yes:.3f}. Model answer: {raw_md}"
     return raw
-
-
 
 
 @dataclass
@@ -419,11 +375,7 @@ def _is_random_init(model_cfg: Any) -> bool:
 def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limits: Limits) -> Optional[DemoService]:
     """Three-stage mode (``cascade.stages``, no ``model.ckpt``); None when a tiny random-init
     model lacks a stage checkpoint (the caller then serves random weights with a warning)."""
-    from minigpt4.config import CASCADE_STAGES
-    from minigpt4.models.stages import load_stages
-    from minigpt4.utils import resolve_device
-
-    missing = [s for s in CASCADE_STAGES if s not in stage_paths]
+    missing = missing_stages(stage_paths)
     if missing:
         raise ValueError(f"cascade.stages.{missing[0]} is not set: the three-stage demo needs all three stages "
                          "(or set model.ckpt to serve one checkpoint for every task)")
@@ -466,9 +418,6 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
     Raises:
         FileNotFoundError: the checkpoint (full-size model) or a configured weight file is missing.
     """
-    from minigpt4.models.minigpt_v2 import build_model
-    from minigpt4.utils import resolve_device
-
     model_cfg = cfg.model
     stage_paths = cfg.cascade.stages.configured() if hasattr(cfg, "cascade") else {}
     if stage_paths and model_cfg.ckpt is None:

@@ -17,7 +17,7 @@ and, separately, stage 3's slice gate (Youden's J of slice P(tumor)). Outputs in
 test slice), ``metrics.json`` (``slice``, ``patient``, ``selection``, ``inconclusive``,
 ``volumes``, ``run``), ``tables.md``, ``p_tumor_along_z.png``, ``config.yaml``, ``manifest.json``.
 Before the model is loaded: each stage's recorded task, the data, a non-empty test split and
-the leakage guard for every stage and its recorded ancestors (:func:`check_cascade_leakage`).
+the leakage guard for every stage and its recorded ancestors (:func:`minigpt4.provenance.check_cascade_leakage`).
 3-D boxes: x, y continuous as in 2-D scoring (no +1), z covers whole slices (slice k spans [k, k + 1)).
 
 Limits: volumes come from prepared folders written with ``--all-slices`` (the default
@@ -27,10 +27,7 @@ are confounded with the source dataset (MSD volumes nearly all hold a tumor, NIH
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -39,7 +36,17 @@ import numpy as np
 from PIL import Image
 
 from minigpt4.boxes import box_iou
-from minigpt4.evaluation.panorama import panorama_table
+from minigpt4.distributed import all_gather_objects, rank_and_world_size, shard
+from minigpt4.evaluation.panorama import (
+    DETECTION_MAPS,
+    SHEET_TRUTH,
+    VOXEL_TRUTH,
+    cascade_cases,
+    check_sources,
+    panorama_figure,
+    panorama_table,
+    score_cases,
+)
 from minigpt4.evaluation.stats import auc_score, safe_ratio
 from minigpt4.evaluation.operating_points import (
     choose_slice_threshold,
@@ -49,6 +56,16 @@ from minigpt4.evaluation.operating_points import (
     select_operating_point,
 )
 from minigpt4.inference.pipeline import AGGREGATIONS, CascadeSettings, scan_slices
+from minigpt4.config import ConfigError
+from minigpt4.evaluation.common import subsample
+from preprocessing.layout import dataset_name, read_volumes
+from preprocessing.sources import prepared_jobs
+from minigpt4.evaluation.tables import fmt
+from minigpt4.evaluation.figures import _save
+from minigpt4.progress import progress_callback
+from minigpt4.config import save_config
+from minigpt4.identity import checkpoint_identity, environment_identity
+from minigpt4.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 # ----------------------------------------------------------------------------- 3-D boxes
 def box_3d(slice_boxes: Sequence[tuple[int, Sequence[float]]]) -> Optional[tuple[float, ...]]:
@@ -204,10 +221,6 @@ def load_volumes(cfg: Any, split: str) -> dict[tuple[str, str], list[dict]]:
         ConfigError: no dataset configured.
         FileNotFoundError: a slice has no PNG (the folder was prepared without ``--all-slices``).
     """
-    from minigpt4.config import ConfigError
-    from minigpt4.evaluation.common import subsample
-    from preprocessing.layout import read_volumes
-
     roots = list(dict.fromkeys(str(ds.root) for ds in cfg.datasets.values()))
     if not roots:
         raise ConfigError("eval_cascade needs datasets: the prepared MSD and NIH folders (task pancreas_detection)")
@@ -236,14 +249,12 @@ def _read_slices(records: Sequence[dict]) -> list[np.ndarray]:
 def predict_split(stages: Any, volumes: dict, split: str, threshold: Optional[float], margin: int, batch_size: int,
                   with_truth_runs: bool, progress: Optional[Callable[[int, int], None]] = None) -> list[dict]:
     """Scored prediction rows of every slice of ``volumes``; ``threshold`` gates stage 3 per slice.
-    Under torchrun each rank scans its share of the volumes (:func:`minigpt4.scan_outputs.shard` by
+    Under torchrun each rank scans its share of the volumes (:func:`minigpt4.distributed.shard` by
     ``dataset/volume``) and every rank gets all rows, in the order of one process.
 
     Raises:
         FloatingPointError: stage 2 gave a non-finite P(yes), naming the volume and its first such slice.
     """
-    from minigpt4.scan_outputs import rank_and_world_size, shard
-    from minigpt4.training.distributed import all_gather_objects
 
     settings = CascadeSettings(threshold=threshold, crop_margin=margin, batch_size=batch_size)
     rank, world = rank_and_world_size()
@@ -295,8 +306,6 @@ PANDA_NOTE = ("For context only (other data, other model): PANDA (Cao et al., Na
 
 
 def _cell(m: dict, name: str) -> str:
-    from minigpt4.evaluation.tables import fmt
-
     ci = (m.get("ci95") or {}).get(name)
     return fmt(m[name]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
 
@@ -308,8 +317,6 @@ def _too_few(min_boxed_slices: int) -> str:
 
 
 def cascade_tables(metrics: dict) -> str:
-    from minigpt4.evaluation.tables import fmt
-
     s, p, sel = metrics["slice"], metrics["patient"], metrics["selection"]
     t = fmt(s["slice_threshold"])
     lines = [
@@ -378,7 +385,6 @@ def p_tumor_figure(rows: Sequence[dict], threshold: float, path: Path, columns: 
     """P(tumor) along z per test volume: GT tumor slices shaded red, pancreas slices marked below."""
     from matplotlib.figure import Figure
 
-    from minigpt4.evaluation.figures import _save
 
     by_volume: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
@@ -408,64 +414,12 @@ def p_tumor_figure(rows: Sequence[dict], threshold: float, path: Path, columns: 
     return _save(fig, path)
 
 
-# ----------------------------------------------------------------------------- main
-CASCADE_OUTPUTS = ("predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "config.yaml",
-                   "detection_maps", "panorama_curves.png")
-"""What ``eval_cascade.py`` writes in ``run.output_dir`` (besides its ``manifest.json``)."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from minigpt4.cli import add_provenance_argument
-    from minigpt4.config import add_config_arguments
-
-    parser = argparse.ArgumentParser(prog="eval_cascade.py", description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser)
-    add_provenance_argument(parser)
-    parser.add_argument("--no-figures", action="store_true", help="skip the P(tumor) figure")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty run.output_dir no evaluation wrote (its files are kept)")
-    return parser
-
-
 def _progress(label: str):
-    from minigpt4.progress import progress_callback
-
     return progress_callback(label, unit="volume")
-
-
-def check_cascade_leakage(cfg: Any, allow_unknown: bool = False) -> list:
-    """No stage, nor any ancestor its recorded provenance names (``init_from`` chains), trained on
-    a val or test volume of the cascade's folders (or validated on a test volume).
-
-    Reads checkpoint headers and split files only. Returns the per-stage reports.
-
-    Raises:
-        LeakageError: every stage, checkpoint and volume that leaks, one block per stage and split.
-        ProvenanceError: an own checkpoint without provenance, unless ``allow_unknown``.
-    """
-    from minigpt4.evaluation.leakage import LeakageError, check_checkpoint_against, split_keys
-
-    errors, reports = [], []
-    for split in ("val", "test"):
-        evaluated: dict[tuple, str] = {}
-        for name, ds in cfg.datasets.items():
-            for key in sorted(split_keys(ds.root, split)):
-                evaluated.setdefault(key, f"the cascade's {split} split (datasets.{name})")
-        for stage, path in cfg.cascade.stages.configured().items():
-            try:
-                reports.append(check_checkpoint_against(path, evaluated, allow_unknown, split, label=f"stage {stage}"))
-            except LeakageError as err:
-                errors.append(str(err))
-    if errors:
-        raise LeakageError("\n".join(errors))
-    return reports
 
 
 def source_jobs(cfg: Any) -> dict:
     """``{dataset: {volume: Job}}``: the raw CT and label files of the configured folders."""
-    from preprocessing.layout import dataset_name
-    from preprocessing.sources import prepared_jobs
-
     return {dataset_name(root): prepared_jobs(root) for root in dict.fromkeys(str(ds.root) for ds in cfg.datasets.values())}
 
 
@@ -475,9 +429,6 @@ def panorama_section(cfg: Any, volumes: dict, rows: Sequence[dict], patients: di
     way (:mod:`minigpt4.evaluation.panorama`): the ``panorama`` section of ``metrics.json``.
     The patient likelihood is the selected aggregation's score (0 where no slice was classified:
     an inconclusive volume has no better number, and PANORAMA scores every study)."""
-    from minigpt4.evaluation.panorama import (
-        DETECTION_MAPS, SHEET_TRUTH, VOXEL_TRUTH, cascade_cases, check_sources, panorama_figure, score_cases)
-
     jobs = source_jobs(cfg)
     check_sources(volumes, jobs)
     likelihoods = {key: patients[key]["scores"][aggregation] for key in volumes}
@@ -503,10 +454,6 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
     Args:
         volumes: ``(val, test)`` from :func:`load_volumes` when already read.
     """
-    from minigpt4.config import save_config
-    from minigpt4.evaluation.common import checkpoint_identity, environment_identity
-    from minigpt4.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
-
     casc = cfg.cascade
     val_volumes, test_volumes = volumes or (load_volumes(cfg, "val"), load_volumes(cfg, "test"))
     if not test_volumes:
@@ -538,8 +485,6 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
                 "crop_margin": casc.crop_margin, "batch_size": batch, "seconds": round(time.perf_counter() - start, 3),
                 "decoding": "greedy, 1 beam, left padding", "environment": environment_identity(), **(source or {})},
     }
-    from minigpt4.scan_outputs import rank_and_world_size
-
     if rank_and_world_size()[0] != 0:
         return metrics  # torchrun: rank 0 writes
     out = Path(cfg.run.output_dir)
@@ -551,58 +496,4 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
     if make_figures:
         p_tumor_figure(rows, selection["slice_threshold"], out / "p_tumor_along_z.png")
     save_config(cfg, out / "config.yaml")
-    return metrics
-
-
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """``eval_cascade.py --cfg-path eval_configs/cascade.yaml``; returns the metrics written.
-
-    Everything that can be checked without the model is checked first (seconds): the stages are
-    configured and exist, every val/test slice has a PNG, the test split is not empty, each
-    checkpoint records its stage's task (a warning where it records none), no stage (or its ancestors) trained on a val/test volume,
-    and ``run.output_dir`` may be written (:class:`minigpt4.outputs.OutputFolder`).
-    """
-    from minigpt4.config import ConfigError, load_config
-    from minigpt4.models.stages import check_stage_tasks, load_stages
-    from minigpt4.outputs import OutputFolder, check_output_folder
-    from minigpt4.training.distributed import cleanup, init_distributed
-
-    args = build_parser().parse_args(argv)
-    cfg = load_config(args.cfg_path, args.options)
-    missing = [s for s in ("pancreas_detection", "tumor_classification", "tumor_detection")
-               if getattr(cfg.cascade.stages, s) is None]
-    if missing:
-        raise ConfigError(f"{args.cfg_path}: cascade.stages.{missing[0]} is not set (all three stages are needed)")
-    for stage, path in cfg.cascade.stages.configured().items():
-        if not Path(path).exists():
-            raise FileNotFoundError(f"cascade.stages.{stage}: checkpoint not found: {path}")
-    volumes = load_volumes(cfg, "val"), load_volumes(cfg, "test")  # fail on data before loading the model
-    if not volumes[1]:
-        roots = ", ".join(dict.fromkeys(str(ds.root) for ds in cfg.datasets.values()))
-        raise ValueError(f"{roots}: the test split holds no volume (annotations/split.json); nothing to evaluate")
-    from minigpt4.evaluation.panorama import check_sources
-
-    check_sources(volumes[1], source_jobs(cfg))  # the detection maps need every test CT and label file
-    check_stage_tasks(cfg.cascade.stages.configured())  # checkpoint headers only
-    check_cascade_leakage(cfg, args.allow_unknown_provenance)
-    out = Path(cfg.run.output_dir)
-    # every rank checks the folder before any rank starts: a refused folder stops them all, none waits
-    check_output_folder(out, "eval_cascade", lambda manifest: manifest.get("command") == "eval_cascade",
-                        args.overwrite, option="run.output_dir", owner="eval_cascade.py")
-    info = init_distributed(cfg.run.device)  # torchrun: the volumes are sharded across ranks
-    try:
-        folder = OutputFolder(out, "eval_cascade", option="run.output_dir", owner="eval_cascade.py",
-                              overwrite=args.overwrite)
-        with folder if info.is_main else contextlib.nullcontext():  # rank 0 locks and writes
-            if info.is_main:
-                folder.check_no_foreign(CASCADE_OUTPUTS)
-                if not folder.manifest:
-                    folder.write_manifest({"written_by": "eval_cascade.py"})
-            stages = load_stages(cfg.model, cfg.cascade.stages.configured(), device=info.device, check_tasks=False)
-            metrics = evaluate(cfg, stages, not args.no_figures,
-                               {"config": str(args.cfg_path), "options": list(args.options)}, volumes)
-    finally:
-        cleanup()
-    if info.is_main:
-        print(cascade_tables(metrics), file=sys.stderr)
     return metrics

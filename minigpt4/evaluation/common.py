@@ -8,15 +8,13 @@ evaluation sees exactly the transform and the fixed instruction that training us
 from __future__ import annotations
 
 import contextlib
-import os
-import platform
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
 from minigpt4.config import DETECTION_TASKS
-from minigpt4.io import file_sha256
+from minigpt4.data.datasets import check_records as check_dataset_records
+from minigpt4.data.datasets import TaskDataset, collate_samples
 
 # Keys evaluation needs on top of what TaskDataset checks (identity of every prediction row).
 _EVAL_KEYS = ("q_id", "dataset", "volume_name", "slice_index")
@@ -33,8 +31,6 @@ def check_records(records: Sequence[dict], task: str, source: str = "records") -
         ValueError: unknown task, empty or malformed records, duplicated id (names ``source``).
         FileNotFoundError: image files are missing (the first few are listed).
     """
-    from minigpt4.data.datasets import check_records as check_dataset_records
-
     check_dataset_records(records, task, source)
     seen: set[tuple[Any, Any]] = set()
     for number, record in enumerate(records):
@@ -105,8 +101,6 @@ def iter_batches(
     ``instruction``: detection instruction template (``run.eval_instruction``), None = the default;
     ``question``: the yes/no question of classification, None = the default.
     """
-    from minigpt4.data.datasets import TaskDataset, collate_samples  # training engineer's module
-
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     # records were checked by the caller (check_records) or come from the trainer's datasets
@@ -138,31 +132,3 @@ def eval_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def checkpoint_identity(path: Optional[str]) -> Optional[dict]:
-    """Path, size, mtime and sha256 of the weights being evaluated (a file, or the
-    ``model.safetensors`` of a checkpoint folder); None when no checkpoint is configured."""
-    if path is None:
-        return None
-    target = Path(path)
-    if target.is_dir() and (target / "model.safetensors").is_file():
-        target = target / "model.safetensors"
-    info: dict[str, Any] = {"path": str(path), "resolved": str(target.resolve())}
-    if target.is_file():
-        stat = target.stat()
-        info.update(size=stat.st_size, mtime=stat.st_mtime, sha256=file_sha256(target))
-    else:
-        info["exists"] = False
-    return info
-
-
-def environment_identity() -> dict:
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "host": platform.node(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "pid": os.getpid(),
-    }

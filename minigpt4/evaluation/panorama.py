@@ -23,11 +23,21 @@ import contextlib
 import functools
 import io
 import time
-from dataclasses import dataclass
+from importlib.metadata import version
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
+
+from minigpt4.evaluation.figures import _save
+from minigpt4.evaluation.tables import fmt
+from minigpt4.inference.geometry import geometry_from_volume
+from minigpt4.inference.pipeline import SliceResult
+from minigpt4.scan_outputs.detection_map import volume_detection_map, write_detection_map
+from preprocessing.pipeline import read_pair, target_masks
+from preprocessing.slices import DATASET_TARGETS
 
 with contextlib.redirect_stdout(io.StringIO()):  # picai_eval prints a banner on import
     from picai_eval import Metrics
@@ -176,17 +186,11 @@ def score_cases(cases: Iterable[PanoramaCase], n_bootstrap: int = 1000, seed: in
 
 @functools.lru_cache(maxsize=None)
 def _version() -> str:
-    from importlib.metadata import version
-
     return version("picai_eval")
 
 
 def panorama_figure(metrics: Metrics, path: Path) -> Path:
     """FROC (lesion sensitivity vs false positives per study), patient ROC and lesion PR in one PNG."""
-    from matplotlib.figure import Figure
-
-    from minigpt4.evaluation.figures import _save
-
     fig = Figure(figsize=(10.5, 3.4))
     ax = fig.add_subplot(1, 3, 1)
     if any(t for t, *_ in metrics.lesion_results_flat):
@@ -224,8 +228,6 @@ def panorama_figure(metrics: Metrics, path: Path) -> Path:
 
 def panorama_table(section: dict) -> str:
     """``tables.md``'s PANORAMA part: ours (with CIs) beside the challenge's anchors."""
-    from minigpt4.evaluation.tables import fmt
-
     ci = section.get("ci95") or {}
 
     def cell(name: str) -> str:
@@ -288,14 +290,6 @@ def cascade_cases(volumes: dict, rows: Sequence[dict], likelihoods: dict, jobs: 
     Raises:
         ValueError: a CT whose slices are not those of the prepared folder (re-prepared since?).
     """
-    from dataclasses import fields
-
-    from minigpt4.inference.pipeline import SliceResult
-    from minigpt4.scan_outputs import geometry_from_volume
-    from minigpt4.scan_outputs.detection_map import volume_detection_map, write_detection_map
-    from preprocessing.pipeline import read_pair, target_masks
-    from preprocessing.slices import DATASET_TARGETS
-
     keys = [f.name for f in fields(SliceResult)]
     by_volume: dict[tuple[str, str], list[dict]] = {}
     for row in rows:

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from minigpt4.boxes import box_problem, grid_to_pixel, grid_to_pixel_inclusive, parse_box
+from minigpt4.config import AGGREGATIONS
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
+from preprocessing.tc import crop_box
 
-AGGREGATIONS = ("max", "top_k_mean")
 DECISIONS = ("tumor", "no tumor", "inconclusive")
 PixelBox = tuple[float, float, float, float]
 IntBox = tuple[int, int, int, int]
@@ -180,11 +181,15 @@ def cut_crop(pixels: np.ndarray, pixel_box: Sequence[int], margin: int = 0) -> t
     Returns:
         ``(crop (h, w), crop_box)`` with the inclusive crop box of :func:`preprocessing.tc.crop_box`.
     """
-    from preprocessing.tc import crop_box
-
     height, width = pixels.shape[:2]
     x1, y1, x2, y2 = crop_box(pixel_box, width, height, margin)
     return pixels[y1:y2 + 1, x1:x2 + 1], (x1, y1, x2, y2)
+
+
+def grid_box_crop(image: np.ndarray, grid: Sequence[int], margin: int = 0) -> tuple[np.ndarray, IntBox]:
+    """``(crop, inclusive pixel box cut)`` of a slice at a 0–100 grid box (:func:`cut_crop`)."""
+    height, width = image.shape[:2]
+    return cut_crop(image, grid_to_pixel_inclusive(grid, width, height), margin)
 
 
 def pancreas_crop(image: np.ndarray, answer: str, margin: int = 0) -> Optional[np.ndarray]:
@@ -192,7 +197,7 @@ def pancreas_crop(image: np.ndarray, answer: str, margin: int = 0) -> Optional[n
     answer holds no box with an area."""
     height, width = image.shape[:2]
     found = answer_box(answer, width, height)
-    return None if found is None else cut_crop(image, grid_to_pixel_inclusive(found[0], width, height), margin)[0]
+    return None if found is None else grid_box_crop(image, found[0], margin)[0]
 
 
 # ----------------------------------------------------------------------------- running the stages
@@ -250,10 +255,8 @@ def run_stages(stages: Any, slices: Sequence[np.ndarray], settings: CascadeSetti
 
     crops: list[tuple[int, str, np.ndarray]] = []
     for k, row in enumerate(rows):
-        height, width = slices[k].shape[:2]
         if row.pancreas_grid is not None:
-            crop, row.crop_box = cut_crop(slices[k], grid_to_pixel_inclusive(row.pancreas_grid, width, height),
-                                          settings.crop_margin)
+            crop, row.crop_box = grid_box_crop(slices[k], row.pancreas_grid, settings.crop_margin)
             crops.append((k, "p_tumor", crop))
         elif settings.whole_slice_fallback:
             crops.append((k, "p_tumor", slices[k]))

@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from peft import LoraConfig as PeftLoraConfig
 
-from minigpt4.models.checkpoints import split_lora_tensors, stable_name
+from minigpt4.models.lora_names import split_lora_tensors, stable_name
 
 _ADAPTER_PARAM_RE = re.compile(r"\.lora_[AB]\.(?P<adapter>[^.]+)\.weight$")
 _ADAPTER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -45,46 +45,14 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
+
 from minigpt4.io import file_sha256, read_json, save_safetensors_atomic, to_json, write_text_atomic
+from minigpt4.models.lora_names import LORA_KEY_PREFIX, LORA_KEY_RE, split_lora_tensors, stable_name
 
 if TYPE_CHECKING:  # annotations only: the model imports this module (no import circle)
     from minigpt4.models.minigpt_v2 import MiniGPTPancreas
 
 log = logging.getLogger(__name__)
-
-PEFT_ADAPTER = "default"
-"""peft's name of the trainable adapter."""
-
-
-def stable_name(name: str, adapter: str = PEFT_ADAPTER) -> str:
-    """A parameter name without peft's adapter segment (``lora_A.default.weight`` → ``lora_A.weight``).
-
-    This is also the naming of peft 0.2, used by the MiniGPT-v2 and MiniGPT-Pancreas releases.
-    Only the segment after ``lora_A``/``lora_B`` is removed, whatever the adapter is called.
-    """
-    return re.sub(rf"\.(lora_[AB])\.{re.escape(adapter)}\.", r".\1.", name)
-
-
-LORA_KEY_PREFIX = "llama_model.base_model.model."
-"""Prefix of LoRA tensor names in the peft-0.2 layout (``<prefix><module>.lora_{A,B}.weight``)."""
-_LORA_KEY_RE = re.compile(r"^llama_model\.base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-
-
-def split_lora_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """``({module path: {"A": A, "B": B}}, other tensors)`` from peft-0.2 names.
-
-    ``llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` goes to
-    ``lora["model.layers.0.self_attn.q_proj"]["A"]``; A is (r, in), B is (out, r).
-    """
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    rest = {}
-    for name, value in state.items():
-        match = _LORA_KEY_RE.match(name)
-        if match:
-            lora.setdefault(match["module"], {})[match["ab"]] = value
-        else:
-            rest[name] = value
-    return lora, rest
 
 
 WEIGHTS_NAME = "model.safetensors"
@@ -113,7 +81,6 @@ STAGE3_SOURCE = (
     "(https://github.com/Vision-CAIR/MiniGPT-4, 'MiniGPT-v2 (after stage-3)', ~100 MB)"
 )
 
-_LORA_RE = re.compile(r"^llama_model\.base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _MERGED_RE = re.compile(r"^merged_lora\.(?P<index>\d+)\.(?P<name>.+)$")  # legacy (format /1)
 _STACKED_RE = re.compile(r"^lora_adapters\.(?P<adapter>[A-Za-z0-9_]+)\.(?P<name>.+)$")
 
@@ -161,7 +128,7 @@ def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], con
         config: the :class:`~minigpt4.config.Config` (or ``ModelConfig``/dict) to store beside;
             default ``model.cfg``.
         provenance: the volumes the weights were trained and validated on, with those of their
-            ancestors (:func:`minigpt4.evaluation.leakage.training_provenance`). In the tensor
+            ancestors (:func:`minigpt4.provenance.training_provenance`). In the tensor
             file's header, so it travels with the file (``checkpoint_best`` is a copy) and reads
             back without a model (:func:`read_metadata`). A checkpoint without it has unknown
             provenance and the leakage guard refuses it unless told otherwise.
@@ -499,7 +466,7 @@ def _read_peft_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"{folder / PEFT_CONFIG_NAME}: only plain LoRA adapters are supported (got {got})")
     tensors, _ = _read_project(folder / PEFT_WEIGHTS_NAME)
     ours = {LORA_KEY_PREFIX + k[len(PEFT_KEY_PREFIX):]: v for k, v in tensors.items() if k.startswith(PEFT_KEY_PREFIX)}
-    bad = [k for k in tensors if not k.startswith(PEFT_KEY_PREFIX)] + [k for k in ours if not _LORA_RE.match(k)]
+    bad = [k for k in tensors if not k.startswith(PEFT_KEY_PREFIX)] + [k for k in ours if not LORA_KEY_RE.match(k)]
     if bad:
         raise ValueError(f"{folder / PEFT_WEIGHTS_NAME}: not LoRA factors in peft's naming, e.g. {bad[:3]}")
     return config, ours
@@ -547,12 +514,12 @@ def load_weights(model: MiniGPTPancreas, path: Union[str, os.PathLike], lora_alp
             "stacked as a frozen adapter (alpha=%s); the base weights stay unchanged",
             path, report.lora_targets_in_file, len(file_lora), trainable["targets"], trainable["r"], alpha,
         )
-        lora_state = {n: v for n, v in state.items() if _LORA_RE.match(n)}
+        lora_state = {n: v for n, v in state.items() if LORA_KEY_RE.match(n)}
         stack_frozen_adapter(model, lora_state, alpha, _adapter_name(path), str(path),
                              file_sha256(contents.weights_file), report)
-        expected = [n for n in params if not _LORA_RE.match(n)]
+        expected = [n for n in params if not LORA_KEY_RE.match(n)]
     else:
-        to_load.update({n: v for n, v in state.items() if _LORA_RE.match(n)})
+        to_load.update({n: v for n, v in state.items() if LORA_KEY_RE.match(n)})
         expected = list(params)
 
     report.missing = sorted(n for n in expected if n not in to_load and n not in optional)

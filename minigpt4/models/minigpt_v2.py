@@ -51,12 +51,14 @@ from transformers import LlamaForCausalLM
 from minigpt4.config import DecodingConfig, ModelConfig
 from minigpt4.data.transforms import ImageTransform
 from minigpt4.models.adapters import LoraAdapterStack
-from minigpt4.models.checkpoints import PEFT_ADAPTER, stable_name
 from minigpt4.models.eva_vit import EvaViT, cast_vision_weights, load_eva_weights
 from minigpt4.models.llama import llama_config, load_llama
+from minigpt4.models.lora_names import PEFT_ADAPTER, stable_name
 from minigpt4.prompts import IGNORE_INDEX, build_prompt_tokens, pad_prompt_batch
 from minigpt4.tokenizer import Tokenizer, load_tokenizer
 from minigpt4.utils import resolve_device, resolve_dtype
+from minigpt4.tokenizer import casing_piece_ids
+from minigpt4.models.checkpoints import load_weights as load_checkpoint_weights
 
 log = logging.getLogger(__name__)
 
@@ -501,8 +503,6 @@ class MiniGPTPancreas(LoraAdapterStack, nn.Module):
         (``yes Yes YES``, with and without the leading-space piece; :func:`casing_piece_ids`), and
         likewise P(no): an untuned model answering ``Yes`` puts its mass on ``▁Yes``, not ``▁yes``.
         """
-        from minigpt4.tokenizer import casing_piece_ids
-
         assert self.tokenizer is not None
         yes_ids, no_ids = casing_piece_ids(self.tokenizer, "yes"), casing_piece_ids(self.tokenizer, "no")
         if not yes_ids or not no_ids:
@@ -583,7 +583,6 @@ def build_model(
     if load_weights:
         if cfg.vision.weights is not None:
             load_eva_weights(model.visual_encoder, cfg.vision.weights, device=device)
-        from minigpt4.models.checkpoints import load_weights as load_checkpoint_weights
 
         for path in (cfg.init_from, cfg.ckpt):
             if path is not None:

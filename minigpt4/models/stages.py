@@ -31,15 +31,40 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Mapping, Union
 
 import torch
 from torch import nn
 
-from minigpt4.config import CASCADE_STAGES, ModelConfig
+from minigpt4.config import CASCADE_STAGES, ConfigError, ModelConfig
 from minigpt4.models.minigpt_v2 import MiniGPTPancreas, build_model
+from minigpt4.models.checkpoints import load_weights, read_checkpoint
+from minigpt4.models.checkpoints import checkpoint_tasks
 
 log = logging.getLogger(__name__)
+
+
+def missing_stages(checkpoints: Mapping[str, object]) -> list[str]:
+    """The cascade stages (in cascade order) that ``{stage: checkpoint}`` leaves unset."""
+    return [stage for stage in CASCADE_STAGES if checkpoints.get(stage) is None]
+
+
+def require_all_stages(checkpoints: Mapping[str, str], where: str) -> dict[str, str]:
+    """The rule of the three-stage commands (``scan.py``, ``eval_cascade.py``): all three stages
+    configured, and each checkpoint present. Returns ``{stage: checkpoint}`` in cascade order.
+
+    Raises:
+        ConfigError: a stage is not set (``where`` names the config file).
+        FileNotFoundError: a configured checkpoint does not exist.
+    """
+    missing = missing_stages(checkpoints)
+    if missing:
+        raise ConfigError(f"{where}: cascade.stages.{missing[0]} is not set (all three stages are needed)")
+    for stage in CASCADE_STAGES:
+        if not Path(checkpoints[stage]).exists():
+            raise FileNotFoundError(f"cascade.stages.{stage}: checkpoint not found: {checkpoints[stage]}")
+    return {stage: checkpoints[stage] for stage in CASCADE_STAGES}
 
 
 class StageModels:
@@ -78,8 +103,6 @@ class StageModels:
         The stage's LoRA becomes the frozen named adapter ``name``; frozen adapters its checkpoint
         stacks (e.g. MiniGPT-v2 stage 3) are shared with the stages that carry the same tensors.
         """
-        from minigpt4.models.checkpoints import load_weights, read_checkpoint
-
         model = self.model
         if name in self._proj:
             raise ValueError(f"stage {name!r} is already loaded")
@@ -169,8 +192,6 @@ def check_stage_tasks(checkpoints: Mapping[str, str]) -> list[str]:
         StageTaskError: naming every stage whose checkpoint was trained for another task, with both tasks.
         FileNotFoundError: a checkpoint is missing.
     """
-    from minigpt4.models.checkpoints import checkpoint_tasks
-
     wrong, warnings = [], []
     for stage, path in checkpoints.items():
         tasks = checkpoint_tasks(path)

@@ -14,7 +14,9 @@ import numpy as np
 
 from minigpt4.inference.lesions import LesionCandidate, detection_map, lesion_candidates, to_stored, tumor_boxes
 from minigpt4.inference.pipeline import SliceResult
-from minigpt4.scan_outputs.geometry import VolumeGeometry, check_results
+from minigpt4.inference.geometry import VolumeGeometry, check_results
+from minigpt4.nifti_io import write_nifti
+from preprocessing.synthetic_panorama import write_mha  # the one RAS → LPS .mha writer (the phantoms' too)
 
 MAP_SUFFIXES = (".nii.gz", ".mha")
 
@@ -50,11 +52,7 @@ def write_detection_map(path: str | os.PathLike, volume: np.ndarray, affine: np.
     array = np.asarray(volume, dtype=np.float32)
     affine = np.asarray(affine, dtype=np.float64)
     if suffix == ".nii.gz":
-        from preprocessing.synthetic import write_nifti  # the phantoms' writer: qform = sform = affine, code 1
-
-        write_nifti(path, array, affine)
+        write_nifti(path, array, affine)  # qform = sform = affine, code 1
         return path
-    from preprocessing.synthetic_panorama import write_mha  # the phantoms' .mha writer: one LPS conversion
-
     write_mha(path, array, affine)
     return path

@@ -1,5 +1,5 @@
 """Across volumes: one volume's folder as a unit (written, marked done, skipped when done),
-``summary.csv``, ``scan.json``, content fingerprints and torchrun sharding.
+``summary.csv``, ``scan.json`` and content fingerprints.
 
 A volume folder ``<out>/<volume>/`` holds either its outputs plus ``done.json`` (the
 fingerprint of what produced them and the files written), or ``error.json`` (why it failed).
@@ -13,16 +13,14 @@ import hashlib
 import io
 import json
 import os
-import platform
-from collections import Counter
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from minigpt4.inference.pipeline import VolumeResult
-from minigpt4.io import file_sha256, to_json, write_json_atomic, write_text_atomic
-from minigpt4.scan_outputs.geometry import CheckpointIdentity, VolumeGeometry
-from minigpt4.scan_outputs.volume import (
+from minigpt4.identity import CheckpointIdentity, content_sha256, package_versions
+from minigpt4.inference.geometry import VolumeGeometry
+from minigpt4.io import to_json, write_json_atomic, write_text_atomic
+from minigpt4.scan_outputs.volume_files import (
     build_report,
     write_box_nifti,
     write_dicom_seg,
@@ -36,38 +34,9 @@ REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE = "report.json", "boxes.nii.gz",
 VOLUME_FILES = (REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE)
 SUMMARY_COLUMNS = ("volume", "decision", "score", "n_slices", "n_boxed", "most_suspicious_slice", "error")
 SCAN_FORMAT = "minigpt-pancreas-scan/1"
-VERSION_PACKAGES = ("minigpt-pancreas", "numpy", "nibabel", "pydicom", "highdicom", "pillow", "torch",
-                    "transformers", "peft")
 
 
 # ----------------------------------------------------------------------------- content hashes
-
-
-def content_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes; of a folder, of its files' relative paths and SHA-256s (sorted,
-    hidden files skipped), so adding, removing, renaming or changing a file changes it."""
-    path = Path(path)
-    if path.is_file():
-        return file_sha256(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not found")
-    files = sorted(p for p in path.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    listing = [[p.relative_to(path).as_posix(), file_sha256(p)] for p in files]
-    return hashlib.sha256(to_json(listing).encode("utf-8")).hexdigest()
-
-
-def checkpoint_identities(paths: Mapping[str, str | os.PathLike]) -> list[CheckpointIdentity]:
-    """``{stage: checkpoint path}`` → identities, sorted by stage. A folder holding
-    ``model.safetensors`` (a project checkpoint) is identified by that file, as the evaluation's
-    ``metrics.json`` identifies it; another file or folder by :func:`content_sha256`."""
-    identities = []
-    for stage, path in sorted(paths.items()):
-        target = Path(path)
-        if target.is_dir() and (target / "model.safetensors").is_file():
-            target = target / "model.safetensors"
-        identities.append(CheckpointIdentity(stage=str(stage), path=str(path), sha256=content_sha256(target)))
-    return identities
 
 
 def fingerprint(inputs: Sequence[str | os.PathLike], checkpoints: Sequence[CheckpointIdentity],
@@ -229,17 +198,6 @@ def write_summary(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) ->
 # ----------------------------------------------------------------------------- scan.json
 
 
-def package_versions() -> dict:
-    """Python and the versions of the packages that shape the outputs (None: not installed)."""
-    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
-    for name in VERSION_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def write_scan_json(path: str | os.PathLike, config: Mapping[str, Any], checkpoints: Sequence[CheckpointIdentity],
                     rows: Sequence[Mapping[str, Any]], extra: Optional[dict] = None) -> Path:
     """``scan.json``: ``{format, config, versions, checkpoints, counts, ...extra}``; counts from
@@ -263,33 +221,3 @@ def write_scan_json(path: str | os.PathLike, config: Mapping[str, Any], checkpoi
 # ----------------------------------------------------------------------------- sharding
 
 
-def rank_and_world_size() -> tuple[int, int]:
-    """``(rank, world_size)``: from torch.distributed when a process group is initialised, else
-    from the ``RANK``/``WORLD_SIZE`` environment variables torchrun sets, else ``(0, 1)``."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return int(dist.get_rank()), int(dist.get_world_size())
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    try:
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ValueError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
-                         "are not integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    return rank, world
-
-
-def shard(names: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """The volumes of one rank: ``sorted(names)[rank::world_size]`` (round-robin by sorted name,
-    so every volume goes to exactly one rank, whatever order the inputs were listed in)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
-    ordered = sorted(names)
-    duplicated = sorted(name for name, count in Counter(ordered).items() if count > 1)
-    if duplicated:
-        raise ValueError(f"volume names must be unique (they name the output folders): {duplicated}")
-    return ordered[rank::world_size]

@@ -3,9 +3,9 @@
 Bad input fails in seconds, not after loading 7 B parameters: the prompt wording
 (:func:`check_prompt_wording`), a half-precision mismatch between ``model.dtype`` and ``run.amp``
 (:func:`precision_mismatch`, a warning), every weight file the config names
-(:func:`check_weight_files`), every dataset's records and images (:func:`load_split_records`, also
-the evaluation scripts' reader of datasets) and, when resuming, that the run's saved config
-trains the same thing (:func:`check_resume_config`).
+(:func:`check_weight_files`) and, when resuming, that the run's saved config
+trains the same thing (:func:`check_resume_config`). Every dataset's records and images are
+checked by :func:`minigpt4.data.datasets.load_split_records`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ from typing import Any, Optional
 
 import torch
 
-from minigpt4.config import ORGANS, Config, ConfigError
-from minigpt4.data.datasets import check_records
+from minigpt4.config import Config, ConfigError
 from minigpt4.utils import dtype_name
+from minigpt4.models.checkpoints import STAGE3_SOURCE
+from minigpt4.models.eva_vit import EVA_SOURCE
+from minigpt4.models.llama import LLAMA_SOURCE
 
 __all__ = [
     "check_prompt_wording",
     "precision_mismatch",
     "check_weight_files",
-    "load_split_records",
     "resume_config_differences",
     "check_resume_config",
     "RESUME_COMPARED_RUN_KEYS",
@@ -78,35 +79,9 @@ def check_weight_files(cfg: Config) -> None:
 
 def _weights_source(key: str) -> str:
     """``"; get <where the README says>"`` for a config key naming downloadable weights, else ``""``."""
-    from minigpt4.models.checkpoints import STAGE3_SOURCE
-    from minigpt4.models.eva_vit import EVA_SOURCE
-    from minigpt4.models.llama import LLAMA_SOURCE
-
     sources = {"model.vision.weights": EVA_SOURCE, "model.text.path": LLAMA_SOURCE,
                "model.text.tokenizer": f"tokenizer.model from {LLAMA_SOURCE}", "model.init_from": STAGE3_SOURCE}
     return f"; get {sources[key]} (README, 'Weights')" if key in sources else ""
-
-
-def load_split_records(cfg: Config, split: str) -> list[tuple[str, str, float, list[dict]]]:
-    """``(name, task, sample_ratio, records)`` for every configured dataset, checked.
-
-    Raises:
-        ConfigError: no dataset configured.
-        FileNotFoundError / ValueError: missing folder or images, empty split (named).
-    """
-    from preprocessing.layout import read_prepared  # the one reader of prepared folders
-
-    if not cfg.datasets:
-        raise ConfigError("no datasets configured: add at least one entry under 'datasets:'")
-    out = []
-    for name, ds in cfg.datasets.items():
-        source = f"datasets.{name} ({ds.root}, {ds.task}, split {split})"
-        # organs only for organ_detection and only when narrowed: any organs= makes the reader reselect
-        narrowed = ds.task == "organ_detection" and sorted(ds.organs) != sorted(ORGANS)
-        records = read_prepared(ds.root, ds.task, split, threshold=ds.threshold, organs=list(ds.organs) if narrowed else None)
-        check_records(records, ds.task, source=source)
-        out.append((name, ds.task, float(ds.sample_ratio), records))
-    return out
 
 
 RESUME_COMPARED_RUN_KEYS = (

@@ -20,6 +20,7 @@ import torch
 
 from minigpt4.config import Config
 from minigpt4.io import torch_save_atomic, write_text_atomic
+from minigpt4.models.checkpoints import save_checkpoint
 
 __all__ = [
     "TRAINING_STATE",
@@ -94,8 +95,6 @@ def _replace_folder(tmp: Path, final: Path) -> None:
 
 def write_checkpoint(model: torch.nn.Module, cfg: Config, output_dir: Path, name: str, state: dict,
                      provenance: Optional[dict] = None) -> Path:
-    from minigpt4.models.checkpoints import save_checkpoint
-
     final = output_dir / name
     tmp = output_dir / f".{name}.tmp"
     if tmp.exists():

@@ -58,15 +58,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from minigpt4 import distributed as D
 from minigpt4.config import Config, check_feature_cache, save_config
-from minigpt4.data.datasets import MixedDataset, TaskDataset, collate_samples
+from minigpt4.data.datasets import MixedDataset, TaskDataset, collate_samples, load_split_records
 from minigpt4.io import read_jsonl, to_json, write_jsonl_atomic
-from minigpt4.training import distributed as D
 from minigpt4.training.checks import (
     check_prompt_wording,
     check_resume_config,
     check_weight_files,
-    load_split_records,
     precision_mismatch,
 )
 from minigpt4.training.sampler import MixPlan
@@ -81,6 +80,13 @@ from minigpt4.training.state import (
     write_checkpoint,
 )
 from minigpt4.utils import resolve_dtype, rng_state, seed_everything, set_rng_state
+from minigpt4.data.feature_cache import configured_feature_cache
+from minigpt4.evaluation import validation_score
+from minigpt4.outputs import OutputFolder
+from minigpt4.provenance import training_provenance
+from minigpt4.models.minigpt_v2 import build_model
+from minigpt4.models.checkpoints import load_weights
+from minigpt4.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +173,6 @@ def attach_feature_cache(model, datasets: list, cfg: Config, amp_dtype: Optional
     ``<output_dir>/feature_cache``) are not encoded again: a resumed run or a later stage with the
     same frozen EVA reuses them. Returns the folder of this tower's entries.
     """
-    from minigpt4.data.feature_cache import configured_feature_cache
-
     check_feature_cache(cfg)
     cache = configured_feature_cache(cfg, model, autocast_dtype=amp_dtype)
     for dataset in datasets:
@@ -186,8 +190,6 @@ def _validate(model: torch.nn.Module, val_sets: list, cfg: Config, feature_cache
     ``feature_cache`` (``run.cache_visual_features``, no autocast: validation runs without it)
     keeps the validation images' tower tokens from the first epoch's validation to the next.
     """
-    from minigpt4.evaluation import validation_score
-
     by_task: dict[str, list[dict]] = {}
     for _, task, _, records in val_sets:
         by_task.setdefault(task, []).extend(records)
@@ -213,8 +215,6 @@ TRAIN_OUTPUTS = re.compile(r"(config\.yaml|log\.jsonl|val_metrics\.jsonl|checkpo
 
 def _claim_output_dir(output_dir: Path, overwrite: bool):
     """The :class:`minigpt4.outputs.OutputFolder` of a training run (see :func:`train`)."""
-    from minigpt4.outputs import OutputFolder
-
     def legacy(folder: Path) -> bool:  # a run of a version before manifests: resumable, so ours
         return (folder / LATEST_POINTER).is_file() and (folder / "config.yaml").is_file()
 
@@ -231,7 +231,7 @@ def train(cfg: Config, overwrite: bool = False, allow_unknown_provenance: bool =
     before its first checkpoint removes what it created.
 
     Every checkpoint records the run's provenance (the volumes of its train/val splits and its
-    ancestors', :func:`minigpt4.evaluation.leakage.training_provenance`);
+    ancestors', :func:`minigpt4.provenance.training_provenance`);
     ``allow_unknown_provenance`` accepts starting weights of an older own format that record none.
     """
     run = cfg.run
@@ -250,7 +250,6 @@ def train(cfg: Config, overwrite: bool = False, allow_unknown_provenance: bool =
         check_weight_files(cfg)
         train_sets = load_split_records(cfg, "train")
         val_sets = load_split_records(cfg, "val") if run.validate else []
-        from minigpt4.evaluation.leakage import training_provenance
 
         provenance = training_provenance(cfg, allow_unknown_provenance)  # recorded in every checkpoint
         resume_from = resolve_resume(run.resume, output_dir)
@@ -265,13 +264,10 @@ def train(cfg: Config, overwrite: bool = False, allow_unknown_provenance: bool =
             save_config(cfg, output_dir / "config.yaml")
 
         # ---- model, data, optimisation
-        from minigpt4.models.minigpt_v2 import build_model
 
         seed_everything(run.seed)
         model = build_model(cfg.model, device)
         if resume_from is not None:
-            from minigpt4.models.checkpoints import load_weights
-
             load_weights(model, resume_from)
         datasets = [
             TaskDataset(records, task, model.image_transform, train=True, seed=run.seed, check=False,
@@ -282,7 +278,6 @@ def train(cfg: Config, overwrite: bool = False, allow_unknown_provenance: bool =
         if run.cache_visual_features:
             feature_folder = attach_feature_cache(model, datasets, cfg, amp_dtype, dist_info.rank, dist_info.world_size)
             if run.validate and main:  # validation runs on rank 0, without autocast
-                from minigpt4.data.feature_cache import configured_feature_cache
 
                 val_feature_cache = configured_feature_cache(cfg, model, autocast_dtype=None)
         if run.compile:
@@ -501,6 +496,5 @@ def _visual_inputs(batch: dict, device: torch.device) -> tuple:
 def _progress(total: int, epoch: int, main: bool):
     if not main:
         return None
-    from minigpt4.progress import progress  # a tqdm bar on a terminal, a few lines in a log
 
     return progress(total, f"epoch {epoch}", unit="step", leave=False)

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from minigpt4.inference.pipeline import DECISIONS, IntBox as PixelBox, PatientResult, SliceResult
+from preprocessing.volumes import display_transform
 
 
 @dataclass(frozen=True, eq=False)
@@ -105,7 +106,6 @@ def geometry_from_affine(affine: np.ndarray, shape: Sequence[int]) -> VolumeGeom
     :func:`preprocessing.volumes.to_display` does (its own orientation transform)."""
     from nibabel.orientations import inv_ornt_aff
 
-    from preprocessing.volumes import display_transform
 
     shape = tuple(int(v) for v in shape[:3])
     mapping = inv_ornt_aff(display_transform(np.asarray(affine, dtype=np.float64)), shape)
@@ -136,19 +136,6 @@ def slice_boxes(geometry: VolumeGeometry, row: SliceResult) -> tuple[Optional[Pi
     """``(pancreas, tumor)`` inclusive pixel boxes of a slice result on this geometry's slices."""
     height, width, _ = geometry.display_shape
     return row.inclusive_boxes(width, height)
-
-
-@dataclass(frozen=True)
-class CheckpointIdentity:
-    """One stage's weights: ``stage`` (e.g. ``pancreas_detection``), ``path`` as configured and
-    ``sha256`` of its content (:func:`minigpt4.scan_outputs.checkpoint_identities`)."""
-
-    stage: str
-    path: str
-    sha256: str
-
-    def as_dict(self) -> dict:
-        return {"stage": self.stage, "path": self.path, "sha256": self.sha256}
 
 
 def _finite(value: float, what: str) -> float:

@@ -1,4 +1,6 @@
-"""Process-group helpers for ``torchrun`` (DDP): NCCL on GPU, gloo on CPU.
+"""Process-group helpers for ``torchrun`` (DDP): NCCL on GPU, gloo on CPU; the one place that
+reads ``RANK`` / ``WORLD_SIZE`` (:func:`env_rank_and_world_size`) and splits work across ranks
+(:func:`shard`). Used by training, the cascade evaluation and ``scan.py``.
 
 A plain ``python train.py`` is a world of one and never touches ``torch.distributed``.
 """
@@ -7,14 +9,17 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections import Counter
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 from minigpt4 import utils
 
-__all__ = ["DistInfo", "init_distributed", "resolve_device", "barrier", "all_reduce_mean", "broadcast_object",
+__all__ = ["DistInfo", "init_distributed", "rank_device", "rank_and_world_size", "env_rank_and_world_size", "shard", "barrier", "all_reduce_mean", "broadcast_object",
+           
            "all_gather_objects", "cleanup"]
 
 
@@ -34,7 +39,7 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def rank_device(name: str, local_rank: int = 0) -> torch.device:
     """``run.device`` → a device (``minigpt4.utils.resolve_device``); under torchrun a bare
     ``auto``/``cuda`` becomes ``cuda:<local rank>``."""
     device = utils.resolve_device(name)
@@ -45,10 +50,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def init_distributed(device_name: str = "auto") -> DistInfo:
     """Join the process group when started by torchrun (``WORLD_SIZE`` > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = env_rank_and_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = rank_device(device_name, local_rank)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -97,3 +101,36 @@ def all_gather_objects(obj) -> list:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """``(rank, world_size)``: from torch.distributed when a process group is initialised, else
+    from the ``RANK``/``WORLD_SIZE`` environment variables torchrun sets, else ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    return env_rank_and_world_size()
+
+
+def env_rank_and_world_size() -> tuple[int, int]:
+    """``(rank, world_size)`` from the ``RANK``/``WORLD_SIZE`` environment variables torchrun
+    sets, else ``(0, 1)``; the one parser of them (:func:`init_distributed` uses it too)."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} "
+                         "are not integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    return rank, world
+
+
+def shard(names: Sequence[str], rank: int, world_size: int) -> list[str]:
+    """The volumes of one rank: ``sorted(names)[rank::world_size]`` (round-robin by sorted name,
+    so every volume goes to exactly one rank, whatever order the inputs were listed in)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
+    ordered = sorted(names)
+    duplicated = sorted(name for name, count in Counter(ordered).items() if count > 1)
+    if duplicated:
+        raise ValueError(f"volume names must be unique (they name the output folders): {duplicated}")
+    return ordered[rank::world_size]

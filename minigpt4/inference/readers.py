@@ -22,6 +22,18 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from minigpt4.inference.geometry import geometry_from_volume
+from preprocessing.normalize import normalize_slice
+from preprocessing.volumes import (
+    VolumeError,
+    check_intensities,
+    load_mha,
+    load_nifti,
+    read_dicom_headers,
+    read_dicom_series,
+    to_display,
+)
+
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ITK_SUFFIXES = (".mha", ".nrrd")
 """Read with SimpleITK (:func:`preprocessing.volumes.load_mha`): grand-challenge's ``.mha`` and NRRD."""
@@ -394,10 +406,6 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> 
     Raises:
         InputError: the preprocessing reader refused the file (the message says why).
     """
-    from minigpt4.scan_outputs.geometry import geometry_from_volume
-    from preprocessing.volumes import (VolumeError, check_intensities, load_mha, load_nifti, read_dicom_headers,
-                                       read_dicom_series, to_display)
-
     path = Path(path)
     name = name or path.name
     headers = None
@@ -425,8 +433,6 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> 
 
 def normalise_volume(hu: np.ndarray, method: str) -> np.ndarray:
     """(Z, H, W) HU → (Z, H, W) uint8 with the training normalisation, slice by slice."""
-    from preprocessing.normalize import normalize_slice
-
     out = np.empty(hu.shape, dtype=np.uint8)
     for k in range(hu.shape[0]):
         out[k] = normalize_slice(hu[k], method)

@@ -24,21 +24,29 @@ from typing import Any, Optional, Sequence
 
 from minigpt4.config import DETECTION_TASKS, ORGANS, Config, ConfigError, DecodingConfig, add_config_arguments, load_config, save_config
 from minigpt4.cli import add_provenance_argument
+from minigpt4.data.datasets import load_split_records
 from minigpt4.evaluation import figures, tables
 from minigpt4.evaluation.classification import classification_metrics, predict_classification
 from minigpt4.evaluation.classification import rescore_rows as rescore_classification
 from minigpt4.evaluation.common import (
     check_records,
-    checkpoint_identity,
-    environment_identity,
     select_ids,
     subsample,
 )
 from minigpt4.evaluation.detection import detection_metrics, predict_detection, primary_score, recorded_threshold
 from minigpt4.evaluation.detection import rescore_rows as rescore_detection
-from minigpt4.evaluation.leakage import check_evaluation
+from minigpt4.provenance import check_evaluation
+from minigpt4.identity import checkpoint_identity, environment_identity
 from minigpt4.io import file_sha256, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from minigpt4.prompts import prompt_wording
+from minigpt4.outputs import OutputFolder
+from minigpt4.evaluation.baselines import BASELINE_NAME, histogram_baseline_metrics
+from minigpt4.evaluation.classification import summarize
+from minigpt4.progress import progress_callback
+from minigpt4.data.feature_cache import configured_feature_cache
+from minigpt4.models.minigpt_v2 import build_model
+from minigpt4.training.checks import check_weight_files
+from minigpt4.models.checkpoints import load_weights
 
 CLASSIFICATION = "tumor_classification"
 _EPOCH_RE = re.compile(r"^checkpoint_epoch_(\d+)$")
@@ -74,8 +82,6 @@ EVAL_OUTPUTS = re.compile(r"(predictions\.jsonl|metrics\.json|tables\.md|config\
 def _claim_output_dir(cfg: Config, kind: str, overwrite: bool):
     """``run.output_dir`` under :mod:`minigpt4.outputs`: new, empty or an evaluation's own
     (``manifest.json``), locked while this evaluation writes; a failure removes what it created."""
-    from minigpt4.outputs import OutputFolder
-
     return OutputFolder(Path(cfg.run.output_dir), f"eval_{kind}", option="run.output_dir",
                         owner=f"eval_{kind}.py", overwrite=overwrite)
 
@@ -100,7 +106,6 @@ def load_task_records(cfg: Config, task: str, split: str, q_ids: Optional[Sequen
     Returns:
         ``(records, summary)`` with ``summary[name] = {root, task, threshold, n}``.
     """
-    from minigpt4.training.checks import load_split_records  # the trainer's reader of datasets
 
     subset = dataclasses.replace(cfg, datasets={n: d for n, d in cfg.datasets.items() if d.task == task})
     records, summary = [], {}
@@ -224,9 +229,6 @@ def classification_context(cfg: Config, records: Sequence[dict], rows: Sequence[
     folders and scored on ``records`` (``baseline``), each folder's variant (``tc_variant``), and,
     when the config holds several TC folders (e.g. the paper's set and the ``msd-only`` variant),
     the model's and the baseline's metrics per folder (``per_folder``)."""
-    from minigpt4.evaluation.baselines import BASELINE_NAME, histogram_baseline_metrics
-    from minigpt4.evaluation.classification import summarize
-
     names = [n for n, d in cfg.datasets.items() if d.task == CLASSIFICATION]
     roots = {n: cfg.datasets[n].root for n in names}
     variants = {n: tc_variant(roots[n], [r for r in records if _in_folder(r, roots[n])]) for n in names}
@@ -271,8 +273,6 @@ def write_classification_outputs(out: Path, rows: list[dict], metrics: dict, lab
 
 
 def _progress(task: str):
-    from minigpt4.progress import progress_callback
-
     return progress_callback(task, unit="sample")
 
 
@@ -280,15 +280,11 @@ def _feature_cache(cfg: Config, model: Any):
     """``run.cache_visual_features``: the cache of the loaded tower (no autocast, like evaluation), else None."""
     if not cfg.run.cache_visual_features:
         return None
-    from minigpt4.data.feature_cache import configured_feature_cache
 
     return configured_feature_cache(cfg, model, autocast_dtype=None)
 
 
 def _build_model(cfg: Config):
-    from minigpt4.models.minigpt_v2 import build_model
-    from minigpt4.training.checks import check_weight_files
-
     check_weight_files(cfg)
     return build_model(cfg.model, device=cfg.run.device)
 
@@ -349,8 +345,6 @@ def epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 
 def _evaluate_checkpoints(args: argparse.Namespace, cfg: Config, task: str) -> dict:
-    from minigpt4.models.checkpoints import load_weights
-
     found = epoch_checkpoints(Path(args.checkpoints))
     missing = [str(p) for _, p in found if not (p / "model.safetensors").is_file()]
     if missing:
@@ -472,3 +466,13 @@ def _run(args: argparse.Namespace, cfg: Config, kind: str) -> dict:
         print(f"{task} ({split}, n = {len(rows)}): {'accuracy' if task == CLASSIFICATION else 'weighted mean IoU'} "
               f"{tables.fmt(headline)} -> {out}", file=sys.stderr)
     return results[tasks[0]] if len(tasks) == 1 else results
+
+
+def detection_main(argv: Optional[Sequence[str]] = None) -> dict:
+    """``eval_detection.py``: returns the metrics written to ``metrics.json``."""
+    return main("detection", argv)
+
+
+def classification_main(argv: Optional[Sequence[str]] = None) -> dict:
+    """``eval_classification.py``: returns the metrics written to ``metrics.json``."""
+    return main("classification", argv)

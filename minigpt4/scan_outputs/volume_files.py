@@ -16,15 +16,19 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from minigpt4.inference.pipeline import PatientResult, SliceResult
-from minigpt4.io import to_json, write_json_atomic
-from minigpt4.scan_outputs.geometry import (
-    CheckpointIdentity,
+from minigpt4.drawing import CYAN, RED, annotate, display_scale
+from minigpt4.identity import CheckpointIdentity
+from minigpt4.inference.geometry import (
     VolumeGeometry,
     check_results,
     geometry_from_affine,
     slice_boxes,
 )
+from minigpt4.inference.pipeline import PatientResult, SliceResult
+from minigpt4.io import to_json, write_json_atomic
+from minigpt4.nifti_io import write_nifti
+from preprocessing.volumes import read_dicom_headers
+from minigpt4.io import atomic_path
 
 REPORT_FORMAT = "minigpt-pancreas-scan-report/1"
 PANCREAS_LABEL, TUMOR_LABEL = 1, 2
@@ -129,8 +133,6 @@ def box_label_volume(geometry: VolumeGeometry, results: Sequence[SliceResult]) -
 def write_box_nifti(path: str | os.PathLike, geometry: VolumeGeometry, results: Sequence[SliceResult]) -> Path:
     """``boxes.nii.gz``: :func:`box_label_volume` with the input's own shape and affine (qform and
     sform, code 1), so it opens over the CT in 3D Slicer / ITK-SNAP. Atomic."""
-    from preprocessing.synthetic import write_nifti
-
     check_results_geometry_only(geometry, results)
     write_nifti(Path(path), box_label_volume(geometry, results), geometry.affine)
     return Path(path)
@@ -152,8 +154,6 @@ def read_dicom_source(folder: str | os.PathLike) -> tuple[VolumeGeometry, list]:
     Raises:
         preprocessing.volumes.VolumeError: as the reader does (mixed series, oblique, gaps...).
     """
-    from preprocessing.volumes import read_dicom_headers
-
     headers, affine = read_dicom_headers(folder)
     first = headers[0][1]
     geometry = geometry_from_affine(affine, (int(first.Columns), int(first.Rows), len(headers)))
@@ -247,7 +247,6 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    from minigpt4.io import atomic_path
 
     check_results_geometry_only(geometry, results)
     if not software_version:
@@ -320,7 +319,7 @@ def write_montage(path: str | os.PathLike, slices: Any, results: Sequence[SliceR
                   columns: int = 4, min_side: int = 256) -> Optional[Path]:
     """``montage.png``: the ``n`` slices with the highest P(tumor) (highest first, lower slice
     first on ties), each with its pancreas (cyan) and tumor (red) box and a caption
-    ``slice k  P(tumor) p``. Drawn with the demo's :func:`annotate`. Atomic.
+    ``slice k  P(tumor) p``. Drawn with :func:`minigpt4.drawing.annotate`, as the demo draws. Atomic.
 
     Args:
         slices: indexable by display slice ``k`` → (H, W) uint8, the normalised slice the model saw
@@ -332,8 +331,6 @@ def write_montage(path: str | os.PathLike, slices: Any, results: Sequence[SliceR
     """
     from PIL import Image, ImageDraw
 
-    from minigpt4.io import atomic_path
-    from minigpt4.demo.service import CYAN, RED, annotate, display_scale
 
     chosen = sorted((r for r in results if r.p_tumor is not None), key=lambda r: (-float(r.p_tumor), r.slice_index))[:n]
     if not chosen:

@@ -38,6 +38,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 from minigpt4.config import Config, ConfigError, load_config
 from minigpt4.io import read_json
 from preprocessing.splits import volume_stem
+from minigpt4.models.checkpoints import PROVENANCE_KEY, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,6 @@ def checkpoint_runs(path: Union[str, Path], allow_unknown: bool = False, _seen: 
         ProvenanceError: an own checkpoint without provenance and not ``allow_unknown``, or an
             unreadable provenance record.
     """
-    from minigpt4.models.checkpoints import PROVENANCE_KEY, read_metadata
-
     path = os.path.abspath(path)
     seen = set() if _seen is None else _seen
     seen.add(path)
@@ -343,3 +342,29 @@ def check_evaluation(cfg: Config, names: Sequence[str], split: str, weights: Uni
     the recorded provenance of the evaluated weights (a path or several, e.g. init_from and ckpt)."""
     paths = [weights] if isinstance(weights, (str, Path)) else list(weights or [])
     check_split(cfg, names, split, paths, "this config", allow_unknown)
+
+
+def check_cascade_leakage(cfg: Config, allow_unknown: bool = False) -> list:
+    """No stage, nor any ancestor its recorded provenance names (``init_from`` chains), trained on
+    a val or test volume of the cascade's folders (or validated on a test volume).
+
+    Reads checkpoint headers and split files only. Returns the per-stage reports.
+
+    Raises:
+        LeakageError: every stage, checkpoint and volume that leaks, one block per stage and split.
+        ProvenanceError: an own checkpoint without provenance, unless ``allow_unknown``.
+    """
+    errors, reports = [], []
+    for split in ("val", "test"):
+        evaluated: dict[tuple, str] = {}
+        for name, ds in cfg.datasets.items():
+            for key in sorted(split_keys(ds.root, split)):
+                evaluated.setdefault(key, f"the cascade's {split} split (datasets.{name})")
+        for stage, path in cfg.cascade.stages.configured().items():
+            try:
+                reports.append(check_checkpoint_against(path, evaluated, allow_unknown, split, label=f"stage {stage}"))
+            except LeakageError as err:
+                errors.append(str(err))
+    if errors:
+        raise LeakageError("\n".join(errors))
+    return reports

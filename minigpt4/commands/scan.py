@@ -4,14 +4,14 @@
     torchrun --nproc-per-node 4 scan.py --cfg-path eval_configs/scan.yaml --inputs CT/ --out scans/
     python scan.py --cfg-path eval_configs/scan.yaml --grand-challenge   # PANORAMA's algorithm interface
 
-Inputs (:func:`discover`): NIfTI / ``.mha`` / ``.nrrd`` files, DICOM series folders (:func:`is_series_folder`),
+Inputs (:func:`minigpt4.inference.inputs.discover`): NIfTI / ``.mha`` / ``.nrrd`` files, DICOM series folders,
 zips of one series, or folders of those. Each volume is read by the inference reader
-(:func:`minigpt4.inference.volumes.load_volume`), scanned by
+(:func:`minigpt4.inference.readers.load_volume`), scanned by
 :func:`minigpt4.inference.pipeline.scan_slices` and written by
 :func:`minigpt4.scan_outputs.write_volume_outputs` under ``<out>/<volume>/``; ``summary.csv`` and
 ``scan.json`` cover every volume. One volume is in memory at a time. A volume already done with
 the same input content, checkpoints and settings is skipped. Under torchrun the volumes are
-sharded by name (:func:`minigpt4.scan_outputs.shard`); each rank writes its own, rank 0 the
+sharded by name (:func:`minigpt4.distributed.shard`); each rank writes its own, rank 0 the
 summary after a barrier. ``--grand-challenge`` (:func:`grand_challenge`): the one CT of
 ``/input/images/venous-ct/`` (``--inputs``) → ``/output/pdac-likelihood.json`` and
 ``/output/images/pdac-detection-map/detection_map.mha`` (``--out``), as PANORAMA's baseline algorithm.
@@ -22,96 +22,43 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from minigpt4.cli import USER_ERRORS, error_message
-from minigpt4.inference.volumes import ITK_SUFFIXES
+from minigpt4.config import ConfigError, add_config_arguments, load_config
+from minigpt4.distributed import barrier, cleanup, init_distributed, rank_device, shard
+from minigpt4.inference.inputs import ScanInput, discover
+from minigpt4.inference.pipeline import CascadeSettings, scan_slices
+from minigpt4.inference.readers import load_volume
+from minigpt4.io import write_json_atomic
+from minigpt4.models.stages import load_stages, require_all_stages
+from minigpt4.outputs import OutputFolder, check_output_folder
+from minigpt4.progress import progress
+from minigpt4.scan_outputs import (
+    checkpoint_identities,
+    collect_summary,
+    fingerprint,
+    is_done,
+    write_scan_json,
+    write_summary,
+    write_volume_error,
+    write_volume_outputs,
+)
+from minigpt4.scan_outputs.detection_map import volume_detection_map, write_detection_map
+from minigpt4.scan_outputs.run import SCAN_FORMAT
 
 COMMAND = "scan"
 GC_INPUT = "/input/images/venous-ct"
 GC_OUTPUT = "/output"
 GC_LIKELIHOOD = "pdac-likelihood.json"
 GC_DETECTION_MAP = "images/pdac-detection-map/detection_map.mha"
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ZIP_SUFFIX = ".zip"
-
-
-@dataclass(frozen=True)
-class ScanInput:
-    name: str
-    """The volume's name: its output folder (``case7.nii.gz`` → ``case7``; a folder's name)."""
-    path: Path
-
-
-def volume_name(path: Path) -> str:
-    """The output folder name of an input: without ``.nii.gz`` / ``.nii`` / ``.mha`` / ``.nrrd`` / ``.zip``."""
-    lower = path.name.lower()
-    for suffix in (".nii.gz", ".nii", *ITK_SUFFIXES, ZIP_SUFFIX):
-        if lower.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.name
-
-
-def _is_volume_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith((*NIFTI_SUFFIXES, *ITK_SUFFIXES, ZIP_SUFFIX))
-
-
-def is_series_folder(path: Path) -> bool:
-    """One DICOM series: a folder holding ``.dcm`` files, or a chain of single subfolders down to
-    one (the ``patient/study/series/`` layout of TCIA downloads)."""
-    if not path.is_dir():
-        return False
-    children = [p for p in path.iterdir() if not p.name.startswith(".")]
-    if any(p.is_file() and p.name.lower().endswith(".dcm") for p in children):
-        return True
-    folders = [p for p in children if p.is_dir()]
-    return len(folders) == 1 and not any(_is_volume_file(p) for p in children) and is_series_folder(folders[0])
-
-
-def discover(paths: Sequence[str | Path]) -> list[ScanInput]:
-    """The volumes of ``--inputs``, sorted by name: a NIfTI or zip file is one volume, a DICOM
-    series folder is one, any other folder is expanded one level (its NIfTIs, zips and series
-    folders; other files are ignored).
-
-    Raises:
-        FileNotFoundError: an input does not exist.
-        ValueError: an input file of another type, a folder without volumes, two volumes of one name.
-    """
-    found: list[ScanInput] = []
-    for item in paths:
-        path = Path(item)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: --inputs path not found")
-        if path.is_file():
-            if not _is_volume_file(path):
-                raise ValueError(f"{path}: not a CT volume (expected .nii, .nii.gz, .mha, .nrrd, a DICOM .zip or a folder)")
-            found.append(ScanInput(volume_name(path), path))
-        elif is_series_folder(path):
-            found.append(ScanInput(path.name, path))
-        else:
-            inside = [ScanInput(volume_name(p), p) for p in sorted(path.iterdir()) if not p.name.startswith(".")
-                      and (_is_volume_file(p) or is_series_folder(p))]
-            if not inside:
-                raise ValueError(f"{path}: no NIfTI file, DICOM zip or DICOM series folder in it")
-            found += inside
-    by_name: dict[str, Path] = {}
-    for entry in found:
-        if entry.name in by_name:
-            raise ValueError(f"{by_name[entry.name]} and {entry.path}: two volumes named {entry.name!r} "
-                             "(the name is the output folder); rename one")
-        by_name[entry.name] = entry.path
-    return sorted(found, key=lambda entry: entry.name)
 
 
 def scan_settings(cfg: Any, cfg_path: str):
     """:class:`~minigpt4.inference.pipeline.CascadeSettings` from the config's ``cascade``
     section. Threshold and aggregation must be set: the values ``eval_cascade.py`` chose on the
     val volumes (its ``metrics.json`` ``selection``), never chosen here."""
-    from minigpt4.config import ConfigError
-    from minigpt4.inference.pipeline import CascadeSettings
-
     casc = cfg.cascade
     if casc.threshold is None:
         raise ConfigError(f"{cfg_path}: cascade.threshold is not set; scan.py needs the patient threshold "
@@ -123,8 +70,6 @@ def scan_settings(cfg: Any, cfg_path: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minigpt4.config import add_config_arguments
-
     parser = argparse.ArgumentParser(prog="scan.py", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     parser.add_argument("--inputs", nargs="+", metavar="PATH",
@@ -134,8 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grand-challenge", action="store_true",
                         help="PANORAMA's algorithm interface: the one CT in --inputs → <out>/pdac-likelihood.json "
                              "(one float) and <out>/images/pdac-detection-map/detection_map.mha, nothing else")
-    parser.add_argument("--normalisation", choices=("paper", "window"), default="paper",
-                        help="slice normalisation, as the training PNGs were prepared (default paper)")
+    # --normalization is the spelling of `python -m preprocessing`; --normalisation (the spelling
+    # scan.py used first) is still accepted, so existing command lines keep working
+    parser.add_argument("--normalization", "--normalisation", dest="normalization", choices=("paper", "window"),
+                        default="paper", help="slice normalization, as the training PNGs were prepared "
+                                              "(default paper; --normalisation is accepted too)")
     parser.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                         help="a volume that cannot be read: stop (exit 2) or record it (error.json, summary row) "
                              "and go on")
@@ -145,8 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _slice_progress(name: str, n_slices: int):
-    from minigpt4.progress import progress
-
     bar = progress(n_slices, f"{name} slices", unit="slice", leave=False)
 
     def report(fraction: float, _description: str) -> None:
@@ -157,16 +103,13 @@ def _slice_progress(name: str, n_slices: int):
     return report
 
 
-def scan_volume(entry: ScanInput, out: Path, stages: Any, settings: Any, normalisation: str, checkpoints: list,
+def scan_volume_to_folder(entry: ScanInput, out: Path, stages: Any, settings: Any, normalisation: str, checkpoints: list,
                 scan_config: dict) -> str:
     """Read, scan and write one volume unless it is already done; returns ``done``/``skipped``.
 
     Raises:
         ValueError, OSError: the volume cannot be read (``InputError``) or written.
     """
-    from minigpt4.inference.pipeline import scan_slices
-    from minigpt4.inference.volumes import load_volume
-    from minigpt4.scan_outputs import fingerprint, is_done, write_volume_outputs
 
     folder = out / entry.name
     volume_fingerprint = fingerprint([entry.path], checkpoints, scan_config)
@@ -182,12 +125,6 @@ def scan_volume(entry: ScanInput, out: Path, stages: Any, settings: Any, normali
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Scan every input volume; returns the ``summary.csv`` rows (rank 0; other ranks: [])."""
-    from minigpt4.config import load_config
-    from minigpt4.outputs import OutputFolder, check_output_folder
-    from minigpt4.scan_outputs import checkpoint_identities, collect_summary, shard, write_scan_json, write_summary
-    from minigpt4.scan_outputs.run import SCAN_FORMAT
-    from minigpt4.training.distributed import barrier, cleanup, init_distributed
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.grand_challenge:
@@ -196,21 +133,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         parser.error("--inputs and --out are required (or --grand-challenge)")
     cfg = load_config(args.cfg_path, args.options)
     settings = scan_settings(cfg, args.cfg_path)
-    paths = cfg.cascade.stages.configured()
-    missing = [s for s in ("pancreas_detection", "tumor_classification", "tumor_detection") if s not in paths]
-    if missing:
-        raise ValueError(f"{args.cfg_path}: cascade.stages.{missing[0]} is not set (all three stages are needed)")
-    for stage, path in paths.items():
-        if not Path(path).exists():
-            raise FileNotFoundError(f"cascade.stages.{stage}: checkpoint not found: {path}")
+    paths = require_all_stages(cfg.cascade.stages.configured(), args.cfg_path)
     inputs = discover(args.inputs)  # every input checked before any model work
     if args.grand_challenge:
-        return [grand_challenge(inputs, Path(args.out), cfg, paths, settings, args.normalisation)]
+        return [grand_challenge(inputs, Path(args.out), cfg, paths, settings, args.normalization)]
     out = Path(args.out)
     checkpoints = checkpoint_identities(paths)
     scan_config = {"threshold": settings.threshold, "slice_threshold": settings.slice_threshold,
                    "aggregation": settings.aggregation, "top_k": settings.top_k, "crop_margin": settings.crop_margin,
-                   "min_boxed_slices": settings.min_boxed_slices, "normalisation": args.normalisation,
+                   "min_boxed_slices": settings.min_boxed_slices, "normalisation": args.normalization,
                    "max_new_tokens": cfg.model.generation.max_new_tokens}
 
     # every rank checks --out before any rank writes: a refused folder stops them all, none waits
@@ -259,19 +190,12 @@ def grand_challenge(inputs: Sequence[ScanInput], out: Path, cfg: Any, paths: dic
     Raises:
         ValueError: not exactly one volume in the input (one job = one CT, one float).
     """
-    from minigpt4.inference.pipeline import scan_slices
-    from minigpt4.inference.volumes import load_volume
-    from minigpt4.io import write_json_atomic
-    from minigpt4.models.stages import load_stages
-    from minigpt4.scan_outputs.detection_map import volume_detection_map, write_detection_map
-    from minigpt4.training.distributed import resolve_device
-
     if len(inputs) != 1:
         raise ValueError(f"--grand-challenge: expected one CT in the input, found {len(inputs)}"
                          f"{' (' + ', '.join(e.path.name for e in inputs[:5]) + ')' if inputs else ''}")
     entry = inputs[0]
     volume = load_volume(entry.path, normalisation)
-    stages = load_stages(cfg.model, paths, device=resolve_device(cfg.run.device, 0))
+    stages = load_stages(cfg.model, paths, device=rank_device(cfg.run.device, 0))
     result = scan_slices(stages, volume.slices, settings, _slice_progress(entry.name, volume.num_slices))
     dmap, candidates = volume_detection_map(volume.geometry, result.slices)
     likelihood = float(result.patient.score)
@@ -286,10 +210,6 @@ def grand_challenge(inputs: Sequence[ScanInput], out: Path, cfg: Any, paths: dic
 
 def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info) -> Optional[BaseException]:
     """This rank's volumes; returns the error that stopped it (``--on-error stop``) or None."""
-    from minigpt4.models.stages import load_stages
-    from minigpt4.progress import progress
-    from minigpt4.scan_outputs import write_volume_error
-
     stages = load_stages(cfg.model, paths, device=info.device)
     bar = progress(len(mine), "volumes" if info.world_size == 1 else f"volumes (rank {info.rank})", unit="volume")
     try:
@@ -297,7 +217,7 @@ def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan
             if entry.name not in mine:
                 continue
             try:
-                status = scan_volume(entry, out, stages, settings, args.normalisation, checkpoints, scan_config)
+                status = scan_volume_to_folder(entry, out, stages, settings, args.normalization, checkpoints, scan_config)
             except USER_ERRORS as err:
                 write_volume_error(out / entry.name, entry.name, error_message(err))
                 if args.on_error == "stop":
