@@ -268,7 +268,7 @@ def test_msd_scans_inside_panorama_keep_their_msd_identity(tmp_path, capsys):
     config that trains on PANORAMA and tests on that MSD volume; a study the sheet flags as MSD
     that no folder matches is in no split."""
     from minigpt4.config import load_config
-    from minigpt4.evaluation.leakage import LeakageError, check_training_config, split_keys
+    from minigpt4.provenance import LeakageError, check_training_config, split_keys
     from preprocessing import synthetic
 
     size, slices = 40, 8
@@ -315,7 +315,7 @@ def test_tc_from_panorama_and_the_histogram_baseline(raw_set, tmp_path):
     from PIL import Image
 
     from minigpt4.evaluation.baselines import histogram_baseline_metrics
-    from minigpt4.evaluation.leakage import split_keys
+    from minigpt4.provenance import split_keys
     from preprocessing.layout import read_prepared
 
     prepared = tmp_path / "PANORAMA"
