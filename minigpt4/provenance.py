@@ -3,8 +3,9 @@
 Each prepared folder splits its own volumes (``annotations/split.json``), but the cascade's datasets
 share scans: a TC crop comes from an MSD or NIH volume, and AbdomenCT-1K and PANORAMA hold MSD and
 NIH scans (found by content, ``python -m preprocessing abd|panorama --exclude-overlap-with``, listed in
-the manifest's ``overlap``; PANORAMA studies are keyed ``("PANORAMA", "<patient>_<study>")`` otherwise). A volume is therefore named by its *source*: ``(dataset, volume_name)`` with the
-dataset of the scan's origin (``MSD``, ``NIH``; ``ABD`` only for ABD's own scans).
+the manifest's ``overlap``). A volume is therefore named by its *source*: ``(dataset, volume_name)``
+with the dataset of the scan's origin (``MSD``, ``NIH``; ``ABD`` / ``PANORAMA`` only for their own
+scans: ``("PANORAMA", "<patient>_<study>")``).
 
 **Provenance.** Every checkpoint the trainer saves records, in its safetensors header
 (:data:`minigpt4.models.checkpoints.PROVENANCE_KEY`), the keys it was trained and validated on and

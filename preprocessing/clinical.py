@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import openpyxl  # the published sheet is .xlsx (openpyxl is also pandas' .xlsx reader)
+from openpyxl.utils.exceptions import InvalidFileException
+
 COLUMNS = ("PANORAMA_patient_id", "PANORAMA_study_id", "anonymized_study_date", "patient_age", "patient_sex",
            "scanner", "label", "level")
 """The published columns, in the published order."""
@@ -100,9 +103,6 @@ def _age(value):
 
 
 def _rows_xlsx(path: Path) -> list[list]:
-    import openpyxl  # the published sheet is .xlsx; openpyxl is the reader pandas uses too
-    from openpyxl.utils.exceptions import InvalidFileException
-
     try:
         book = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except (InvalidFileException, OSError, KeyError, ValueError) as err:
@@ -193,8 +193,6 @@ def _published_row(study: Study) -> list:
 
 def xlsx_bytes(studies: Sequence[Study]) -> bytes:
     """The sheet as PANORAMA publishes it (one worksheet, the published columns and cell types)."""
-    import openpyxl
-
     book = openpyxl.Workbook()
     sheet = book.active
     sheet.title = "Sheet1"

@@ -12,11 +12,13 @@ class WorkerDied(ValueError):
     """A pool worker died (killed, out of memory) instead of returning or raising."""
 
 
-def run_jobs(jobs: Sequence, worker, workers: int, desc: str = "volumes"):
+def run_jobs(jobs: Sequence, worker, workers: int, desc: str = "volumes", stop_when=None):
     """Map ``worker`` over jobs, in-process for one worker, else with a fork/spawn pool.
 
     Shows progress on stderr (:func:`minigpt4.progress.progress`: a bar on a terminal, a line
-    every 5 % in a log). Results keep the order of ``jobs``.
+    every 5 % in a log). Results keep the order of ``jobs``. ``stop_when(result)`` true: the
+    results so far are returned at once, the jobs not started are dropped (``--on-error fail``
+    names a bad volume without first preparing the thousands after it).
     """
     bar = progress(len(jobs), desc, unit="volume")
     results = []
@@ -25,6 +27,8 @@ def run_jobs(jobs: Sequence, worker, workers: int, desc: str = "volumes"):
             for job in jobs:
                 results.append(worker(job))
                 bar.update(1)
+                if stop_when is not None and stop_when(results[-1]):
+                    break
             return results
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -39,6 +43,10 @@ def run_jobs(jobs: Sequence, worker, workers: int, desc: str = "volumes"):
                 for job, future in zip(jobs, futures):
                     results.append(future.result())
                     bar.update(1)
+                    if stop_when is not None and stop_when(results[-1]):
+                        for pending in futures:
+                            pending.cancel()
+                        break
             except BrokenProcessPool:
                 raise WorkerDied(
                     f"a worker process died while preparing {desc} (killed, e.g. out of memory) at "

@@ -100,6 +100,9 @@ def discover(opts: Options, sheet: dict[str, clinical.Study], log=print) -> tupl
             if study in images:
                 raise PreparationError(f"{images[study][0]} and {p}: two images for study {study}; keep one")
             images[study] = (p, "mha" if m["ext"] == "mha" else "nifti")
+    if not images:
+        raise PreparationError(f"{', '.join(map(str, opts.images))}: no PANORAMA images found (expected "
+                               "<patient>_<study>_0000.nii.gz or .mha files)")
     labels: dict[str, dict[str, Path]] = {}
     for source, folder in opts.labels:
         folder = _need_dir(folder, f"--labels ({source})")
@@ -210,6 +213,26 @@ def split_by_patient(studies: Sequence[str], sheet: dict[str, clinical.Study], o
     return out
 
 
+def lesion_mismatches(studies: Sequence[str], sheet: dict[str, clinical.Study], infos: Sequence[dict],
+                      log=print) -> dict:
+    """Where the label and the sheet disagree (the sheet stays the patient truth): PDAC studies whose
+    label has no lesion voxel (an automatic label that missed it) and non-PDAC studies with lesion
+    voxels. Each kind is said once (a note) and returned for the manifest."""
+    lesion = {s: 0 for s in studies}
+    for record in infos:
+        lesion[record["volume_name"]] = lesion.get(record["volume_name"], 0) + int(record["pixels_tumor"])
+    pdac_without = sorted(s for s in studies if sheet[s].patient_label == "PDAC" and lesion[s] == 0)
+    non_pdac_with = {s: lesion[s] for s in sorted(studies) if sheet[s].patient_label == "non-PDAC" and lesion[s] > 0}
+    if pdac_without:
+        log(f"note: {len(pdac_without)} PDAC stud{'y has' if len(pdac_without) == 1 else 'ies have'} no lesion "
+            f"(label 1) voxel ({', '.join(pdac_without[:NOTE_LIMIT])}); they stay PDAC: the sheet is the patient truth")
+    if non_pdac_with:
+        log(f"note: {len(non_pdac_with)} non-PDAC stud{'y has' if len(non_pdac_with) == 1 else 'ies have'} lesion "
+            "(label 1) voxels (" + ", ".join(f"{s}: {n}" for s, n in list(non_pdac_with.items())[:NOTE_LIMIT])
+            + "); they stay non-PDAC, and their lesion slices give no tumor classification crop")
+    return {"pdac_without_lesion_voxels": pdac_without, "non_pdac_with_lesion_voxels": non_pdac_with}
+
+
 def prepare_panorama(opts: Options, log=print) -> dict:
     """Run ``python -m preprocessing panorama``. Returns the manifest.
 
@@ -232,13 +255,14 @@ def prepare_panorama(opts: Options, log=print) -> dict:
         found.update(notes)
         return jobs, problems
 
-    def split_fn(done: list[str], overlap_found: Optional[dict]):
+    def split_fn(done: list[str], overlap_found: Optional[dict], infos: list[dict]):
         split = split_by_patient(done, sheet, overlap_found, opts.test_ratio, opts.val_ratio, opts.seed)
         if split["excluded"]:
             log(f"{DATASET}: {len(split['excluded'])} stud{'y' if len(split['excluded']) == 1 else 'ies'} flagged "
                 "MSD_dataset/NIH_dataset by the sheet and not matched by content: in no split (split.json 'excluded'"
                 f"{'' if opts.exclude_overlap_with else '; give --exclude-overlap-with MSD NIH to keep them in train'})")
         counts = {label: sum(1 for s in done if sheet[s].patient_label == label) for label in clinical.PATIENT_LABELS}
+        found.update(lesion_mismatches(done, sheet, infos, log))
         return split, {"clinical": {"sheet": str(Path(opts.clinical).resolve()), "studies_in_sheet": len(sheet),
                                     "prepared_by_label": counts, **found},
                        "excluded": split["excluded"]}

@@ -475,7 +475,8 @@ def prepare(opts: Options, log=print, discover_fn=None, split_fn=None) -> dict:
 
     Args:
         discover_fn: ``opts → (jobs, problems)`` (default :func:`discover`).
-        split_fn: ``(prepared volume names, overlap found or None) → (split dict, manifest additions)``
+        split_fn: ``(prepared volume names, overlap found or None, slice records) → (split dict,
+            manifest additions)``
             (default: :func:`preprocessing.splits.split_volumes` by volume, matched scans kept in train).
 
     Raises:
@@ -559,7 +560,8 @@ def _prepare_into(opts: Options, out: Path, params: dict, jobs: list, problems: 
                                               "files": sorted(owned), "volumes_in_progress": sorted(names)})
     workers = max(1, int(opts.workers or os.cpu_count() or 1))
     log(f"{ds}: {len(jobs)} volumes, {workers} worker(s) → {out}")
-    results = run_jobs(jobs, process_volume, workers)
+    results = run_jobs(jobs, process_volume, workers,
+                       stop_when=(lambda res: "error" in res) if opts.on_error == "fail" else None)
     skipped = list(problems)
     infos, written, timings, without_target = [], set(), {"read_s": 0.0, "stats_s": 0.0, "write_s": 0.0}, []
     for job, res in zip(jobs, results):
@@ -585,7 +587,7 @@ def _prepare_into(opts: Options, out: Path, params: dict, jobs: list, problems: 
         overlap_found = overlap.find_overlap(own, sources, workers)
         log(f"{ds}: {len(overlap_found)} volume(s) are scans of {', '.join(map(str, opts.exclude_overlap_with))}: kept in train")
     if split_fn is not None:
-        split, manifest_extra = split_fn(done, overlap_found)
+        split, manifest_extra = split_fn(done, overlap_found, infos)
     elif overlap_found is not None:
         split = overlap.split_keeping_in_train(done, list(overlap_found), opts.test_ratio, opts.val_ratio, opts.seed)
     else:

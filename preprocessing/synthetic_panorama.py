@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt4.io import write_bytes_atomic, write_json_atomic
+from minigpt4.io import atomic_path, write_bytes_atomic, write_json_atomic
 from preprocessing import clinical, synthetic
 
 FIRST_PATIENT = 900001
@@ -78,8 +78,6 @@ def sheet_rows(rows: list[dict], seed: int = 0) -> list[clinical.Study]:
 def write_mha(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     """Atomic ``.mha`` write of a stored-frame array (X, Y, Z) and its RAS affine (axis-aligned)."""
     import SimpleITK as sitk  # heavy optional dependency (grand-challenge's .mha); only for .mha files
-
-    from minigpt4.io import atomic_path
 
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :]

@@ -251,6 +251,15 @@ def test_sheet_problems_name_file_and_row(raw, tmp_path, capsys):
     assert "broken.xlsx: cannot read the clinical sheet" in error_line(capsys)
 
 
+def test_no_images_at_all(raw, tmp_path, capsys):
+    for p in (raw / "images").iterdir():
+        p.unlink()
+    assert run(raw, tmp_path / "prepared") == 2
+    assert "images: no PANORAMA images found (expected <patient>_<study>_0000.nii.gz or .mha files)" \
+        in error_line(capsys)
+    assert not (tmp_path / "prepared").exists()
+
+
 def test_label_folder_of_unknown_kind(raw, tmp_path, capsys):
     (raw / "manual_labels").rename(raw / "labels_a")
     assert preprocessing_main(["panorama", "--images", str(raw / "images"), "--labels", str(raw / "labels_a"),
@@ -410,3 +419,84 @@ def test_split_by_patient_is_seeded_stratified_and_keeps_patients_whole():
     assert where["300002_00001"] == "train" and split["kept_in_train"] == ["300002_00001"]
     assert split["study_patient"]["100047_00003"] == "100047"
     assert split != split_by_patient(list(sheet), sheet, overlap, 0.2, 0.1, seed=4)
+
+
+def test_label_and_sheet_disagreements_are_notes(raw, tmp_path, capsys):
+    """The sheet is the patient truth: a PDAC study whose (automatic) label has no lesion voxel stays
+    PDAC, a non-PDAC study with lesion voxels stays non-PDAC; both are said and recorded."""
+    path = raw / "automatic_labels" / "900002_00001.nii.gz"  # PDAC, automatic label: remove its lesion
+    img = nib.load(path)
+    data = np.asarray(img.dataobj).copy()
+    data[data == 1] = 4
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+    path = raw / "automatic_labels" / "900004_00001.nii.gz"  # non-PDAC: 3 lesion voxels in the parenchyma
+    img = nib.load(path)
+    data = np.asarray(img.dataobj).copy()
+    for i, j, k in np.argwhere(data == 4)[:3]:
+        data[i, j, k] = 1
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+    out = tmp_path / "prepared"
+    assert run(raw, out) == 0
+    printed = capsys.readouterr().out
+    assert ("note: 1 PDAC study has no lesion (label 1) voxel (900002_00001); they stay PDAC: the sheet is the "
+            "patient truth") in printed
+    assert "note: 1 non-PDAC study has lesion (label 1) voxels (900004_00001: 3); they stay non-PDAC" in printed
+    clinical_notes = read(out, "manifest.json")["clinical"]
+    assert clinical_notes["pdac_without_lesion_voxels"] == ["900002_00001"]
+    assert clinical_notes["non_pdac_with_lesion_voxels"] == {"900004_00001": 3}
+    infos = read(out, "annotations/PANORAMA_slices_info.json")
+    assert {r["patient_label"] for r in infos if r["volume_name"] == "900002_00001"} == {"PDAC"}
+
+
+def test_table2_shows_the_baseline_per_folder_for_the_paper_set_and_panorama(raw_set, tmp_path):
+    """eval_classification.py over the paper's kind of TC folder (MSD yes / NIH no) and a PANORAMA
+    one: the model and the crop-size + histogram baseline per folder, with the variants named."""
+    import eval_classification
+    from PIL import Image
+
+    from preprocessing.tc import import_tc
+
+    prepared = tmp_path / "PANORAMA"
+    assert run(raw_set, prepared, "--test-ratio", "0.5", "--val-ratio", "0") == 0
+    assert preprocessing_main(["tc", "--panorama", str(prepared), "--out", str(tmp_path / "TC_PANORAMA"),
+                               "--workers", "1"]) == 0
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    rng = np.random.default_rng(1)
+    lines = ["image,dataset,volume,slice_index,answer"]
+    for v in range(6):  # the paper's confound in miniature: MSD crops bright and yes, NIH dark and no
+        name = f"c{v}.png"
+        Image.fromarray(rng.integers(0, 100, (20, 24), dtype=np.uint8) + (120 if v % 2 else 0)).save(crops / name)
+        lines.append(f"{name},{'MSD' if v % 2 else 'NIH'},{'pancreas_%03d' % v if v % 2 else 'PANCREAS_%04d' % v},1,"
+                     f"{'yes' if v % 2 else 'no'}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    import_tc(crops, tmp_path / "TC", csv_path=str(tmp_path / "labels.csv"), test_ratio=0.5, val_ratio=0.0, seed=0)
+    config = Path(__file__).resolve().parents[1] / "eval_configs" / "tc_cpu.yaml"
+    m = eval_classification.main(["--cfg-path", str(config), "--options", f"datasets.tc.root={tmp_path / 'TC'}",
+                                  f"datasets.tc_panorama.root={tmp_path / 'TC_PANORAMA'}",
+                                  "datasets.tc_panorama.task=tumor_classification", "model.ckpt=null",
+                                  f"run.output_dir={tmp_path / 'out'}", "--bootstrap", "0", "--no-figures"])
+    assert m["tc_variant"] == {"tc": "paper", "tc_panorama": "panorama"}
+    folder = m["per_folder"]["tc_panorama"]
+    assert folder["n"] == len(read(tmp_path / "TC_PANORAMA", "annotations/TC_test.json"))
+    assert 0.0 <= folder["baseline"]["accuracy"] <= 1.0
+    text = (tmp_path / "out" / "tables.md").read_text()
+    assert f"| tc_panorama | panorama | {folder['n']} | {folder['accuracy']:.3f} |" in text
+    assert "TC folder variant `panorama`: `yes` = PANORAMA slices with PDAC lesion voxels" in text
+
+
+def test_on_error_fail_stops_at_the_first_bad_study(raw, tmp_path, capsys, monkeypatch):
+    """The full release has an unreadable label: the default --on-error fail names it without
+    first preparing every study after it."""
+    from preprocessing import pipeline
+
+    seen = []
+    real = pipeline.process_volume
+    monkeypatch.setattr(pipeline, "process_volume", lambda job: seen.append(job.volume_name) or real(job))
+    _truncate(raw / "manual_labels" / "900001_00002.nii.gz")  # the 2nd of 6 studies in name order
+    assert run(raw, tmp_path / "prepared") == 2
+    assert "manual_labels/900001_00002.nii.gz: corrupt or truncated NIfTI file" in error_line(capsys)
+    assert seen == ["900001_00001", "900001_00002"]
+    seen.clear()
+    assert run(raw, tmp_path / "skipping", "--on-error", "skip") == 0
+    assert len(seen) == 6

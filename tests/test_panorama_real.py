@@ -165,7 +165,7 @@ def test_manual_labels_are_manual_and_sheet_values_arrive(prepared):
 
 
 def test_split_by_patient_and_msd_nih_rows(prepared):
-    out, by_study, _ = prepared
+    out, by_study, hand = prepared
     split = json.loads((out / "annotations" / "split.json").read_text())
     where = {s: name for name in ("train", "val", "test") for s in split[name]}
     # the two studies of patient 100417 land in one split
@@ -178,4 +178,11 @@ def test_split_by_patient_and_msd_nih_rows(prepared):
     assert set(where) | set(split["excluded"]) == set(by_study)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["excluded"] == split["excluded"]
+    # where the label and the sheet disagree, from the hand computation
+    lesion_voxels = {s: int(t["tumor"][0].sum()) for s, t in hand.items()}
+    labels = {s: next(iter(r.values()))["patient_label"] for s, r in by_study.items()}
+    assert manifest["clinical"]["pdac_without_lesion_voxels"] == sorted(
+        s for s in labels if labels[s] == "PDAC" and lesion_voxels[s] == 0)
+    assert manifest["clinical"]["non_pdac_with_lesion_voxels"] == {
+        s: lesion_voxels[s] for s in sorted(labels) if labels[s] == "non-PDAC" and lesion_voxels[s] > 0}
     assert manifest["clinical"]["sheet_rows_without_files"]["count"] == 2238 - 12
