@@ -8,8 +8,9 @@ a multiple of 64), bf16 autocast, MiniGPT-v2's stage-3 q,v LoRA stacked frozen a
 
 1. the default of ``train_configs/stage1_pancreas_detection.yaml``: batch 8 × accumulation 2,
    no checkpointing, eager; 2. the same compiled (``run.compile``: regional compilation);
-3. the batch-16 / feature-cache / checkpointing variants (partial = every 3rd layer), eager
-   and compiled. Eager cases that follow a compiled one run under ``model.eager_layers()``.
+3. every eager variant (feature cache, batch 16 with partial = every 3rd layer / no / full
+   checkpointing); 4. the same variants compiled. Eager cases that follow a compiled one run
+   under ``model.eager_layers()``.
 
 ``--cascade``: the clinician's wait. The three-stage cascade at full size (one base + three
 stage checkpoints with random LoRA and ``llama_proj``, loaded with
@@ -21,9 +22,14 @@ Results survive any stop: the JSON is rewritten atomically after every case with
 ``"complete": false`` until the end, and SIGTERM/SIGINT write what is done. One deadline
 (``$MINIGPT_DEADLINE``, epoch seconds, from ``benchmarks/gpu/run_device.sh``; else
 ``--deadline-s`` from the start) is respected: a case starts only with :data:`CASE_MIN_S` left,
-one that compiles or recompiles (a new batch / checkpointing / cache combination) only with
-:data:`COMPILE_MIN_S`; after a compile error the remaining compiled cases are skipped. A case
-fails (not the run) when a loss is not finite.
+one that compiles or recompiles (a new batch / checkpointing combination; the feature cache
+reuses the graphs) only with :data:`COMPILE_MIN_S`; after a compile error the remaining compiled
+cases are skipped. A case fails when a loss is not finite.
+
+Exit status (:func:`outcome`): 0 when every case ran, or when the only cases left out were
+skipped for the deadline (the compile matrix does not fit one device call: that is expected, and
+``"outcome": "deadline"`` says so); 1 when a case failed (an error, a non-finite loss, a compile
+error) or a signal stopped the run (``"failed"``, ``"interrupted"``).
 
 Model FLOPs (:func:`train_flops`, per sample, of the tokens actually run): frozen EVA forward
 (39 blocks, as the model runs them: BLIP-2 drops EVA-CLIP-g's 40th), ``llama_proj`` forward +
@@ -128,32 +134,28 @@ class Case:
 
     @property
     def graph_key(self) -> tuple:
-        """Cases with the same key share compiled graphs; a new key compiles or recompiles."""
-        return self.batch, self.checkpoint_every > 0, self.feature_cache
+        """Cases with the same key share compiled graphs; a new key compiles or recompiles. The
+        feature cache is not part of it: it skips the ViT and hands the LLaMA layers the same
+        shapes, so a cache variant needs no new compile budget."""
+        return self.batch, self.checkpoint_every > 0
 
 
 def cases(compile_modes: Sequence[bool] = (False, True), dry_run: bool = False) -> list[Case]:
     """The benchmark matrix in order of value: the default config eager, the same compiled, then
-    the variants (batch 16 with partial / full / no checkpointing, the feature cache), eager
-    before compiled within each.
+    every eager variant (the feature cache, batch 16 with partial / no / full checkpointing), then
+    the compiled variants: an eager case never waits behind a compile the deadline may cut.
 
     ``dry_run``: batches divided by 8 and the compiled cases reduced to the default one (each
     new shape would recompile the tiny layers, which is slow on a CPU and proves nothing more).
     """
     div = 8 if dry_run else 1
-    default = (8 // div, 2, 0)
+    default = (8 // div, 2, 0, False)  # (batch, accum, every, cache)
     variants = [(8 // div, 2, 0, True), (16 // div, 1, PARTIAL_EVERY, False), (16 // div, 1, 0, False),
                 (16 // div, 1, 1, False), (16 // div, 1, PARTIAL_EVERY, True), (16 // div, 1, 0, True),
                 (16 // div, 1, 1, True)]
-    order = [(*default, False), *variants]  # (batch, accum, every, cache)
-    matrix = []
-    for b, a, every, cache in order:
-        for compiled in (False, True):
-            if compiled in compile_modes:
-                matrix.append(Case(b, a, every, compiled, cache))
-    # the default eager, then compiled, before anything else
-    first = [Case(*default, False, False), Case(*default, True, False)]
-    matrix = [c for c in first if c.compile in compile_modes] + [c for c in matrix if c not in first]
+    first = [Case(*default[:3], compiled, default[3]) for compiled in (False, True)]
+    rest = [Case(b, a, every, compiled, cache) for compiled in (False, True) for b, a, every, cache in variants]
+    matrix = [c for c in first + rest if c.compile in compile_modes]
     if dry_run:
         matrix = [c for c in matrix if not c.compile or c == first[1]]
     return matrix
@@ -411,11 +413,30 @@ def training_matrix(args, device: str, until: Optional[float]) -> dict:
             result["stopped"] = f"deadline: {len(cut)} of {len(result['rows'])} cases skipped"
     except Stopped as stop:
         result["stopped"] = f"{stop} after {len(result['rows'])} cases"
+        result["interrupted"] = True
         if current is not None:
             result["rows"].append(_skip(current, f"interrupted by {stop}") | {"status": "interrupted"})
+    except Exception as err:  # the build (or the bookkeeping) failed: recorded, then raised
+        result["error"] = f"{type(err).__name__}: {err}"[:500]
+        raise
     finally:
+        result["outcome"] = outcome(result)
         _write(args.json, result)
     return result
+
+
+def outcome(result: dict) -> str:
+    """``"complete"``, ``"deadline"`` (only the deadline left cases out: not an error),
+    ``"failed"`` (a case or the build failed) or ``"interrupted"`` (SIGTERM/SIGINT)."""
+    if result.get("interrupted"):
+        return "interrupted"
+    if result.get("error") or any(r.get("status") == "failed" for r in result.get("rows", [])):
+        return "failed"
+    return "complete" if result.get("complete") else "deadline"
+
+
+EXIT_STATUS = {"complete": 0, "deadline": 0, "failed": 1, "interrupted": 1}
+"""The process exit status of each :func:`outcome`."""
 
 
 # ----------------------------------------------------------------------------- the clinician's wait
@@ -538,7 +559,14 @@ def cascade_wait(args, device: str, until: Optional[float]) -> dict:
         result["complete"] = True
     except Stopped as stop:
         result["stopped"] = str(stop)
+        result["interrupted"] = True
+    except Exception as err:
+        result["error"] = f"{type(err).__name__}: {err}"[:500]
+        raise
     finally:
+        if result.get("skipped"):
+            result["stopped"] = result["skipped"]
+        result["outcome"] = outcome(result)
         _write(args.json, result)
     return result
 
@@ -585,7 +613,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             signal.signal(signum, handler)
     print()
     print(render_cascade(result) if args.cascade else render_gpu_table(result))
-    return 0 if result["complete"] else 1
+    print(f"outcome: {result['outcome']}" + (f" ({result['stopped']})" if result.get("stopped") else ""))
+    return EXIT_STATUS[result["outcome"]]
 
 
 if __name__ == "__main__":

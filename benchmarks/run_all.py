@@ -485,7 +485,9 @@ NOTES_BEFORE = {
     "eval": (
         "`benchmarks/bench_eval.py` times `minigpt4.evaluation.predict_detection` end to end (PNG loading, image "
         "transform, left-padded batched greedy generation, decoding, scoring) on generated 512×512 slices, batch "
-        "size 1 vs 16 in one run, and checks that the batched answers equal the one-by-one answers. Random "
+        "size 1 vs 16 in one run, and checks that the batched answers equal the one-by-one answers (fp32 here; "
+        "in bf16 a batch may move an answer by a rounding effect: compared within a tolerance and checked again in "
+        "fp32, see the GPU section). Random "
         "weights: speed does not depend on them, answer lengths do (the table gives the mean)."),
     "tc": (
         "`benchmarks/tc_baselines.py` scores simple baselines on the real TC crops (`../shared/data/tc_crops`, "
@@ -518,8 +520,9 @@ GPU_TEXT = (
     "bf16 autocast) with 448×448 images, the paper's detection prompt and 40 answer tokens (322 tokens with the "
     "LLaMA-2 tokenizer; 384 when compiled, padded to a multiple of 64). Cases in order of value: the default "
     "of `train_configs/stage1_pancreas_detection.yaml` (batch 8 × accumulation 2, eager), the same compiled, then "
-    "batch 16 with activation checkpointing every 3rd layer / off / every layer and the frozen-ViT feature cache, "
-    "eager and compiled. Each case records its losses (a non-finite one fails the case), the allocated and reserved "
+    "every eager variant (the frozen-ViT feature cache, batch 16 with activation checkpointing every 3rd layer / off "
+    "/ every layer), then the same compiled (the feature cache reuses its batch's compiled graphs: no new compile "
+    "budget). Each case records its losses (a non-finite one fails the case), the allocated and reserved "
     "peaks next to the memory model's predictions (`python -m minigpt4.inspect --memory`, `minigpt4/memory.py`) "
     "and model FLOP utilisation of the tokens actually run (≈ 10.9 TFLOP per sample at 322 tokens: frozen EVA "
     "forward, LLaMA forward + activation gradients, attention backward 2× its forward, LoRA terms, `lm_head` at "
@@ -527,10 +530,19 @@ GPU_TEXT = (
     "H100 SXM and H200 SXM 989 TFLOP/s; any other card: no MFU). `--cascade` times the clinician's wait: the "
     "three-stage cascade (one base + three random stage checkpoints, `load_stages`) scanning a 100-slice 512² "
     "volume with every slice through all three stages, with its TFLOP count (goal ≤ 10 s on one H200). "
-    "`benchmarks/gpu/run_device.sh` runs the matrix, a 30-step full-size `train.py` run, full-size evaluation at "
-    "batch 16 vs 1 (a differing answer fails the step) and the cascade in one call of the GPU machine under one "
-    "deadline (`--deadline-s`, default 520 s); every step and case rewrites its JSON as soon as it finishes "
-    "(`\"complete\": false` until the end, also on SIGTERM). `--dry-run` checks it all on a CPU at tiny widths.")
+    "`benchmarks/gpu/run_device.sh` runs the matrix, a 30-step full-size `train.py` run (its losses recorded, "
+    "whether they fall written down, only a non-finite one fails), full-size evaluation at batch 16 vs 1 (bf16 "
+    "answers compared exactly and within one grid unit / the same yes/no, both recorded; batch 1 vs 16 in fp32 on 8 "
+    "samples decides: bf16 may move an answer by a rounding effect, fp32 must not) and the cascade in one call of "
+    "the GPU machine under one deadline (`--deadline-s`, default 520 s); every step and case (and every "
+    "`bench_eval` row) rewrites its JSON as soon as it finishes (`\"complete\": false` until the end, also on "
+    "SIGTERM), result files mode 0644, the pre-flight imports torch, transformers and peft and records their "
+    "versions. Exit status 0 also when only the deadline left cases or steps out (`device_run.json`: `\"outcome\": "
+    "\"deadline\"`, `cut_by_deadline`), 1 when a step failed (`failed_steps`). The device call's timeout comes "
+    "from the device time left: `bash benchmarks/gpu/run_device.sh --plan --budget-left-s <budget_left_s>` prints "
+    "`timeout_s` = min(600, budget left − 120 s for the start and the transfers) and the `--deadline-s` to pass "
+    "(timeout_s − 40 s to stop the last step and return the files); below 60 s of run it says not to start. "
+    "`--dry-run` checks it all on a CPU at tiny widths.")
 
 
 def render_report(run: dict, results: dict[str, Optional[dict]], gpu: dict[str, Optional[dict]]) -> str:

@@ -73,13 +73,15 @@ class CheckpointIdentity:
 
 
 def checkpoint_identity(path: Optional[str]) -> Optional[dict]:
-    """Path, size, mtime and sha256 of the weights being evaluated (a file, or the
-    ``model.safetensors`` of a checkpoint folder); None when no checkpoint is configured."""
+    """Path, size, mtime and sha256 of the weights being evaluated (a file, the
+    ``model.safetensors`` of a checkpoint folder or the ``adapter_model.safetensors`` of a PEFT
+    export); None when no checkpoint is configured."""
     if path is None:
         return None
     target = Path(path)
-    if target.is_dir() and (target / "model.safetensors").is_file():
-        target = target / "model.safetensors"
+    if target.is_dir():  # the tensor file of a checkpoint folder, or of a PEFT export
+        target = next((target / name for name in ("model.safetensors", "adapter_model.safetensors")
+                       if (target / name).is_file()), target)
     info: dict[str, Any] = {"path": str(path), "resolved": str(target.resolve())}
     if target.is_file():
         stat = target.stat()

@@ -131,6 +131,21 @@ def prompt_text(instruction: str, wording: str = "paper") -> str:
     return before + IMAGE_PLACEHOLDER + after.format(instruction)
 
 
+def token_recipe(num_image_tokens: int, wording: str = "paper") -> list[str]:
+    """Python lines that build the token stream :func:`build_prompt_tokens` builds (for a PEFT
+    user outside this project, e.g. an export's README): they need ``tok`` (``encode`` without BOS,
+    ``bos_id``, ``pad_id``) and ``instruction``, and leave ``ids`` (placeholders where the visual
+    tokens go) and ``image_slots``. Generated from :data:`WORDINGS`, so it cannot drift."""
+    layout = prompt_wording(wording)
+    before, after = layout.prompt.split(IMAGE_PLACEHOLDER)
+    return [
+        f"before = [tok.bos_id] * {layout.bos_count} + tok.encode({before!r})",
+        f"after = tok.encode({after!r}.format(instruction))",
+        f"image_slots = range(len(before), len(before) + {num_image_tokens})  # the visual tokens go here",
+        f"ids = before + [tok.pad_id] * {num_image_tokens} + after",
+    ]
+
+
 class TextTokenizer(Protocol):
     bos_id: int
     eos_id: int

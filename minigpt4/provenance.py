@@ -30,23 +30,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from minigpt4.config import Config, ConfigError, load_config
-from minigpt4.io import read_json
+from minigpt4.io import file_sha256, read_json
+from minigpt4.models.checkpoints import PROVENANCE_KEY, PROVENANCE_NAME, read_metadata
+from preprocessing.sources import canonical_dataset, dataset_of_volume
 from preprocessing.splits import volume_stem
-from minigpt4.models.checkpoints import PROVENANCE_KEY, read_metadata
 
 log = logging.getLogger(__name__)
 
 Key = tuple  # (source dataset, volume_name)
 PROVENANCE_SCHEMA = "minigpt-pancreas-provenance/1"
-_SOURCE_BY_NAME = ((re.compile(r"^PANCREAS_\d+$"), "NIH"), (re.compile(r"^pancreas_\d+$"), "MSD"),
-                   (re.compile(r"^\d+_\d{5}$"), "PANORAMA"))  # PANORAMA's <patient>_<study>
 
 
 class LeakageError(ValueError):
@@ -54,10 +52,7 @@ class LeakageError(ValueError):
 
 
 def _source_of(name: str, default: str) -> str:
-    for pattern, dataset in _SOURCE_BY_NAME:
-        if pattern.match(name):
-            return dataset
-    return default
+    return dataset_of_volume(name) or default
 
 
 class ProvenanceError(ValueError):
@@ -93,14 +88,81 @@ def split_keys(root: str, split: str) -> set[Key]:
 
 def _tc_sources(folder: Path, split_doc: dict) -> dict[str, str]:
     """``{volume_name: source dataset}`` of a TC folder (``split.json`` or the records)."""
+    # a folder imported before CSV names were checked may say Task07_Pancreas / Pancreas-CT: read as MSD / NIH
     if isinstance(split_doc.get("volume_datasets"), dict):
-        return {str(k): str(v) for k, v in split_doc["volume_datasets"].items()}
+        return {str(k): canonical_dataset(str(v)) or str(v) for k, v in split_doc["volume_datasets"].items()}
     sources = {}
     for path in sorted((folder / "annotations").glob("TC_*.json")):
         for record in read_json(path):
             if isinstance(record, dict) and record.get("dataset") and record.get("volume_name"):
-                sources.setdefault(volume_stem(record["volume_name"]), str(record["dataset"]).strip().upper())
+                sources.setdefault(volume_stem(record["volume_name"]), canonical_dataset(str(record["dataset"]))
+                                  or str(record["dataset"]).strip().upper())
     return sources
+
+
+# ----------------------------------------------------------------------------- binding
+# A project checkpoint keeps its record in the tensor file's own header, so it cannot describe
+# other tensors. A PEFT export keeps it in provenance.json beside the tensor files: that record
+# names the sha256 of every tensor file the export wrote (BOUND_KEY) and check_binding refuses a
+# record whose files changed since (an earlier export's record left beside other weights). An own
+# checkpoint that lost its record still says it is ours through the files around it
+# (own_checkpoint_marks).
+BOUND_KEY = "weights_sha256"
+"""Key of ``provenance.json`` (an export's record): ``{tensor file relative to the folder: sha256}``."""
+
+OWN_MARKS = ("config.yaml", "adapter_stack.json", "training_state.pt")
+"""Files this project writes beside its weights (a checkpoint folder: ``config.yaml`` and, for the
+latest, ``training_state.pt``; an export: ``adapter_stack.json``)."""
+
+
+def tensor_files(folder: Path) -> list[str]:
+    """Every ``.safetensors`` file of an export folder (its sub-folders' adapters too), relative."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors") if p.is_file())
+
+
+def bind(record_text: str, folder: Path, files: list[str]) -> str:
+    """The provenance record (JSON text) with the sha256 of ``files`` (relative to ``folder``) added."""
+    record = json.loads(record_text)
+    record[BOUND_KEY] = {rel: file_sha256(folder / rel) for rel in sorted(files)}
+    return json.dumps(record, sort_keys=True)
+
+
+def check_binding(record_path: Path) -> Optional[str]:
+    """Why the record at ``record_path`` does not describe the tensor files beside it; None when
+    every file it names has the recorded sha256 and no tensor file is left out."""
+    folder = record_path.parent
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"unreadable ({err})"
+    bound = record.get(BOUND_KEY) if isinstance(record, dict) else None
+    if not isinstance(bound, dict) or not bound:
+        return "it names no weights (written before records were bound to their weights' sha256)"
+    for rel in sorted(set(tensor_files(folder)) - set(bound)):
+        return f"{rel} is not among the weights it describes"
+    for rel, digest in sorted(bound.items()):
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel}, which it describes, is missing"
+        actual = file_sha256(path)
+        if actual != digest:
+            return f"it describes {rel} with sha256 {str(digest)[:12]}…, the file there has {actual[:12]}…"
+    return None
+
+
+def own_checkpoint_marks(weights_file: Path) -> list[str]:
+    """The files beside ``weights_file`` that say this project wrote it (:data:`OWN_MARKS`, or an
+    export's ``manifest.json``); empty for a foreign file."""
+    folder = weights_file.parent
+    marks = [name for name in OWN_MARKS if (folder / name).is_file()]
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            if json.loads(manifest.read_text(encoding="utf-8")).get("command") == "export":
+                marks.append("manifest.json")
+        except (OSError, ValueError, AttributeError):
+            pass
+    return marks
 
 
 # ----------------------------------------------------------------------------- provenance records
@@ -170,13 +232,25 @@ def checkpoint_runs(path: Union[str, Path], allow_unknown: bool = False, _seen: 
     seen = set() if _seen is None else _seen
     seen.add(path)
     kind, weights_file, metadata = read_metadata(path)
-    if kind != "project" and PROVENANCE_KEY not in metadata:
+    if kind == "peft" and PROVENANCE_KEY in metadata:  # an export's record must describe these very weights
+        stale = check_binding(weights_file.parent / PROVENANCE_NAME)
+        if stale is not None:
+            if not allow_unknown:
+                raise ProvenanceError(
+                    f"{weights_file.parent / PROVENANCE_NAME}: this provenance record does not belong to the weights "
+                    f"beside it: {stale}. Export the checkpoint again (python -m minigpt4.export), or pass "
+                    "--allow-unknown-provenance to evaluate them as of unknown provenance")
+            return [{"checkpoint": path, "unknown": f"provenance.json does not describe these weights: {stale}"}]
+    marks = own_checkpoint_marks(weights_file) if weights_file.suffix == ".safetensors" else []
+    if kind != "project" and PROVENANCE_KEY not in metadata and not marks:
         what = "a PEFT adapter folder without provenance.json" if kind == "peft" else \
             f"a foreign checkpoint ({weights_file.name})"
         return [{"checkpoint": path, "unknown": what}]
     if PROVENANCE_KEY in metadata:  # our checkpoint, or our PEFT export of one
         try:
             record = json.loads(metadata[PROVENANCE_KEY])
+            if kind == "peft" and isinstance(record, dict) and record.get("unknown"):  # an export of a foreign file
+                return [{"checkpoint": path, "unknown": str(record["unknown"])}]
             runs = record["runs"]
             if record.get("schema") != PROVENANCE_SCHEMA or not runs or not all(isinstance(r, dict) for r in runs):
                 raise ValueError(f"schema {record.get('schema')!r}, {len(runs)} runs")
@@ -184,8 +258,11 @@ def checkpoint_runs(path: Union[str, Path], allow_unknown: bool = False, _seen: 
             raise ProvenanceError(f"{weights_file}: unreadable provenance record ({err})") from None
         return [{**runs[0], "checkpoint": path}] + runs[1:]
     if not allow_unknown:
+        why = "saved before provenance was recorded" if kind == "project" else \
+            f"{', '.join(marks)} beside it say{'s' if len(marks) == 1 else ''} this project wrote it, but " + (
+                "its provenance.json is missing" if kind == "peft" else "its header records no provenance (re-saved?)")
         raise ProvenanceError(
-            f"{weights_file}: checkpoint without recorded provenance (saved before provenance was recorded): which "
+            f"{weights_file}: checkpoint without recorded provenance ({why}): which "
             "volumes it was trained on is unknown, so leakage cannot be checked. Retrain it, or pass "
             "--allow-unknown-provenance to check it against its config.yaml and today's folders instead")
     cfg = _checkpoint_config(path)
@@ -230,6 +307,29 @@ class ProvenanceReport:
     """One line per ancestor (or the checkpoint itself) of unknown or unrecorded provenance."""
     leaks: list[str] = field(default_factory=list)
     """One line per evaluated volume the chain trained (or, for test, validated) on."""
+    label: Optional[str] = None
+    """Who was checked (e.g. ``"stage tumor_detection"``)."""
+
+
+def provenance_status(report: ProvenanceReport) -> dict:
+    """What ``metrics.json`` records of one checkpoint's provenance: ``{"status": "recorded" |
+    "not recorded" (an older own checkpoint, checked against its config.yaml and today's folders) |
+    "unknown" (the leakage check could not tell what it trained on), "lines": [...]}``."""
+    runs = report.runs
+    status = "unknown" if any("unknown" in r for r in runs) else \
+        "not recorded" if any(r.get("recorded") is False for r in runs) else "recorded"
+    return {"status": status, "lines": list(report.unknown)}
+
+
+def provenance_table_lines(weights: Mapping[str, dict]) -> list[str]:
+    """``tables.md`` lines for each stage (or ``model.ckpt`` / ``model.init_from``) whose provenance
+    is not recorded (:func:`provenance_status`); none when all are."""
+    lines = [f"- **{name}: provenance {entry['status']}**: " + "; ".join(entry.get("lines") or [])
+             for name, entry in weights.items() if entry.get("status") != "recorded"]
+    if not lines:
+        return []
+    return ["## Provenance", "", "The leakage check could not verify these weights against the volumes they were "
+            "trained on: an evaluated volume may be one of them.", "", *lines, ""]
 
 
 def _run_label(run: dict, index: int, checkpoint: Optional[str]) -> str:
@@ -296,7 +396,7 @@ def check_checkpoint_against(checkpoint_path: Union[str, Path], evaluated_keys: 
     """
     checkpoint = os.path.abspath(checkpoint_path)
     runs = checkpoint_runs(checkpoint, allow_unknown)
-    report = ProvenanceReport(checkpoint, runs, _log_unknown(runs, label or f"checkpoint {checkpoint}"))
+    report = ProvenanceReport(checkpoint, runs, _log_unknown(runs, label or f"checkpoint {checkpoint}"), label=label)
     if split != "train":
         report.leaks = _leaks(runs, _as_mapping(evaluated_keys, split), split, checkpoint)
     if raise_on_leak:
@@ -305,16 +405,18 @@ def check_checkpoint_against(checkpoint_path: Union[str, Path], evaluated_keys: 
 
 
 def check_split(cfg: Config, names: Sequence[str], split: str, weights: Sequence[str], label: str,
-                allow_unknown: bool = False) -> None:
+                allow_unknown: bool = False) -> list[ProvenanceReport]:
     """Stop when a volume of ``split`` of the datasets ``names`` was used for training, by this
     config (its datasets' train splits now) or by the recorded chain of each of ``weights``.
 
+    Returns:
+        One report per checked weight file (its provenance: :func:`provenance_status`).
     Raises:
         LeakageError: listing each leaked volume, where it is evaluated and who trained on it.
         ProvenanceError: see :func:`check_checkpoint_against`.
     """
     if split == "train":
-        return
+        return []
     evaluated: dict[Key, str] = {}
     for name in names:
         try:
@@ -326,9 +428,10 @@ def check_split(cfg: Config, names: Sequence[str], split: str, weights: Sequence
     leaks = _leaks([this_config], {k: v for k, v in evaluated.items()}, "train", None)
     # a missing file is reported by the weight check with its config key (model.ckpt=...), which
     # stops the run before anything is trained or evaluated
-    for path in dict.fromkeys(str(w) for w in weights if w and Path(w).exists()):
-        leaks += check_checkpoint_against(path, evaluated, allow_unknown, split, raise_on_leak=False).leaks
-    _raise_leaks(leaks, split)
+    reports = [check_checkpoint_against(path, evaluated, allow_unknown, split, label=path, raise_on_leak=False)
+               for path in dict.fromkeys(str(w) for w in weights if w and Path(w).exists())]
+    _raise_leaks(leaks + [line for report in reports for line in report.leaks], split)
+    return reports
 
 
 def check_training_config(cfg: Config, allow_unknown: bool = False) -> None:
@@ -338,11 +441,12 @@ def check_training_config(cfg: Config, allow_unknown: bool = False) -> None:
 
 
 def check_evaluation(cfg: Config, names: Sequence[str], split: str, weights: Union[None, str, Sequence[str]],
-                     allow_unknown: bool = False) -> None:
+                     allow_unknown: bool = False) -> list[ProvenanceReport]:
     """Eval scripts: the evaluated split of ``names`` against this config's training volumes and
-    the recorded provenance of the evaluated weights (a path or several, e.g. init_from and ckpt)."""
+    the recorded provenance of the evaluated weights (a path or several, e.g. init_from and ckpt);
+    returns one report per weight file (``label``: its path)."""
     paths = [weights] if isinstance(weights, (str, Path)) else list(weights or [])
-    check_split(cfg, names, split, paths, "this config", allow_unknown)
+    return check_split(cfg, names, split, paths, "this config", allow_unknown)
 
 
 def check_cascade_leakage(cfg: Config, allow_unknown: bool = False) -> list:
@@ -369,3 +473,17 @@ def check_cascade_leakage(cfg: Config, allow_unknown: bool = False) -> list:
     if errors:
         raise LeakageError("\n".join(errors))
     return reports
+
+
+def stage_provenance(reports: Sequence[ProvenanceReport]) -> dict:
+    """``{stage: {"status", "lines"}}`` from :func:`check_cascade_leakage`'s reports (the worst of
+    a stage's val and test checks): ``metrics.json`` ``run.provenance``, and a section of
+    ``tables.md`` when not all are recorded (:func:`provenance_table_lines`)."""
+    order = ("recorded", "not recorded", "unknown")
+    stages: dict[str, dict] = {}
+    for report in reports:
+        stage = str(report.label).removeprefix("stage ")
+        entry = provenance_status(report)
+        if stage not in stages or order.index(entry["status"]) > order.index(stages[stage]["status"]):
+            stages[stage] = entry
+    return stages

@@ -148,3 +148,27 @@ def read_volumes(root: str | os.PathLike, split: str) -> dict[str, list[dict]]:
             rec["image"] = str(root / rec["image"]) if rec.get("image") else None
             volumes.setdefault(rec["volume_name"], []).append(rec)
     return {name: sorted(recs, key=lambda r: r["slice_index"]) for name, recs in sorted(volumes.items())}
+
+
+def read_acquisition(root: str | os.PathLike) -> dict[str, dict]:
+    """``{volume_name: acquisition record}`` of a prepared folder (``<DS>_acquisition.json``,
+    :func:`preprocessing.acquisition.measure_acquisition`); a TC folder gives those of the MSD / NIH
+    folders its crops come from (``split.json`` ``sources`` of ``tc``, ``inherited_from`` of
+    ``tc-import --split-from``). Empty when none is recorded (folders prepared before issue 28, TC folders
+    made from the release's crops): the envelope then says "not recorded" for those volumes.
+
+    Raises:
+        FileNotFoundError / ValueError: not a complete prepared folder (as :func:`read_prepared`).
+    """
+    root = Path(root).resolve()
+    dataset = _manifest(root)["dataset"]
+    if dataset == "TC":
+        split_doc = read_json(root / "annotations" / "split.json")
+        records: dict[str, dict] = {}
+        for folder in (split_doc.get("inherited_from") or split_doc.get("sources") or {}).values():
+            source = Path(folder) if Path(folder).is_absolute() else root / folder
+            if (source / "manifest.json").is_file():
+                records.update(read_acquisition(source))
+        return records
+    path = root / "annotations" / f"{dataset}_acquisition.json"
+    return read_json(path) if path.is_file() else {}

@@ -22,7 +22,7 @@ import numpy as np
 
 from minigpt4 import outputs
 from minigpt4.io import atomic_path, read_json, write_json_atomic
-from preprocessing import normalize, overlap, slices, splits, volumes
+from preprocessing import acquisition, normalize, overlap, slices, splits, volumes
 from preprocessing.jobs import run_jobs
 from preprocessing.output_folder import (
     OWN_PNG,
@@ -319,16 +319,20 @@ def _negatives(job: Job, candidates: np.ndarray, n: int) -> np.ndarray:
     return np.sort(rng.choice(candidates, size=min(n, candidates.size), replace=False))
 
 
-def read_pair(job: Job) -> tuple[volumes.Volume, np.ndarray]:
-    """A job's image and its label in the image's stored voxel order, checked (intensities, label
-    geometry and values): what :func:`process_volume` prepares from, and what ``eval_cascade.py``
-    scores detection maps against (the reference lesions in the CT's own geometry).
+def read_pair(job: Job) -> tuple[volumes.Volume, np.ndarray, Optional[list]]:
+    """A job's image, its label in the image's stored voxel order, checked (intensities, label
+    geometry and values), and the DICOM headers in stored slice order (None for a file): what
+    :func:`process_volume` prepares from, and what ``eval_cascade.py`` scores detection maps
+    against (the reference lesions in the CT's own geometry).
 
     Raises:
         VolumeError: naming the file and the problem.
     """
+    headers = None
     if job.kind == "dicom":
-        image = volumes.read_dicom_series(job.image)
+        found = volumes.read_dicom_headers(job.image)
+        image = volumes.read_dicom_series(job.image, headers=found)
+        headers = [ds for _, ds in found[0]]
     elif job.kind == "mha":
         image = volumes.load_mha(job.image)
     else:
@@ -339,7 +343,7 @@ def read_pair(job: Job) -> tuple[volumes.Volume, np.ndarray]:
     label = volumes.align_label_to_image(label, label_vol.affine, image.array.shape, image.affine,
                                          job.label, job.image)
     _check_label_values(job, label)
-    return image, label
+    return image, label, headers
 
 
 def process_volume(job: Job) -> dict:
@@ -351,10 +355,15 @@ def process_volume(job: Job) -> dict:
     """
     t0 = time.perf_counter()
     try:
-        image, label = read_pair(job)
+        image, label, headers = read_pair(job)
     except VolumeError as err:
         return {"volume": job.volume_name, "error": {"file": err.path, "problem": err.problem}}
     t1 = time.perf_counter()
+    try:
+        scan = acquisition.measure_acquisition(image.array, image.affine, acquisition.stored_slice_axis(image.affine),
+                                               headers, image.slope, image.inter)
+    except ValueError as err:  # recorded as unmeasured: the envelope counts it as "not recorded"
+        scan = {"schema": acquisition.ACQUISITION_SCHEMA, "unmeasured": str(err)}
     transform = volumes.display_transform(image.affine)
     from nibabel.orientations import apply_orientation
 
@@ -388,7 +397,7 @@ def process_volume(job: Job) -> dict:
         records[k]["image"] = rel
     t3 = time.perf_counter()
     return {"volume": job.volume_name, "records": records, "written": len(write),
-            "has_target": bool(present.any()),
+            "has_target": bool(present.any()), "acquisition": scan,
             "timings": {"read_s": t1 - t0, "stats_s": t2 - t1, "write_s": t3 - t2}}
 
 
@@ -403,9 +412,15 @@ def _selection_sets(dataset: str) -> list[tuple[str, str]]:
     return sets
 
 
+def acquisition_file(dataset: str) -> str:
+    """The prepared folder's per-volume acquisition records (``{volume: record}``,
+    :func:`preprocessing.acquisition.measure_acquisition`), what training's envelope is made of."""
+    return f"annotations/{dataset}_acquisition.json"
+
+
 def annotation_files(dataset: str, balanced: bool) -> set[str]:
     """Relative paths of every annotation file a run writes."""
-    names = {f"annotations/{dataset}_slices_info.json", "annotations/split.json"}
+    names = {f"annotations/{dataset}_slices_info.json", "annotations/split.json", acquisition_file(dataset)}
     for prefix, target in _selection_sets(dataset):
         names.update(f"annotations/{prefix}_{s}.json" for s in splits.SPLITS)
         if balanced and target != "organs":
@@ -564,6 +579,7 @@ def _prepare_into(opts: Options, out: Path, params: dict, jobs: list, problems: 
                        stop_when=(lambda res: "error" in res) if opts.on_error == "fail" else None)
     skipped = list(problems)
     infos, written, timings, without_target = [], set(), {"read_s": 0.0, "stats_s": 0.0, "write_s": 0.0}, []
+    scans: dict[str, dict] = {}
     for job, res in zip(jobs, results):
         if "error" in res:
             if opts.on_error == "fail":
@@ -572,6 +588,7 @@ def _prepare_into(opts: Options, out: Path, params: dict, jobs: list, problems: 
             log(f"skipped {job.volume_name}: {res['error']['file']}: {res['error']['problem']}")
             continue
         infos.extend(res["records"])
+        scans[job.volume_name] = res["acquisition"]
         written.update(r["image"] for r in res["records"] if r["image"])
         if not res["has_target"]:
             without_target.append(job.volume_name)
@@ -598,9 +615,10 @@ def _prepare_into(opts: Options, out: Path, params: dict, jobs: list, problems: 
             log(f"warning: the {s} split got no volume (--{s}-ratio {ratio:g} of {len(done)} volume(s) rounds to 0)")
     write_json_atomic(ann / f"{ds}_slices_info.json", infos)
     write_json_atomic(ann / "split.json", split)
+    write_json_atomic(out / acquisition_file(ds), dict(sorted(scans.items())))
     counts = write_selections(ann, ds, infos, split, opts.threshold, opts.seed, opts.balanced)
     files = written | {f"annotations/{ds}_slices_info.json", "annotations/split.json"} \
-        | {f"annotations/{k}.json" for k in counts}
+        | {f"annotations/{k}.json" for k in counts} | {acquisition_file(ds)}
     # Every existing PNG of this run's volumes is ours (check_no_foreign refused foreign ones),
     # including those of a volume that failed half-way.
     removed = clean_stale(out, owned | owned_files(out, {"files": [], "volumes_in_progress": names}), files,

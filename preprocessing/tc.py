@@ -33,6 +33,7 @@ import numpy as np
 
 from minigpt4.io import read_json, write_bytes_atomic, write_json_atomic
 from preprocessing import layout, output_folder, pipeline, slices, splits
+from preprocessing.sources import source_dataset
 
 _RELEASE_NAME = re.compile(r"^(?P<volume>(?P<prefix>PANCREAS|pancreas)_\d+)_slice_(?P<k>\d+)\.png$")
 
@@ -220,9 +221,13 @@ def _read_csv(images: Path, csv_path: Path) -> list[dict]:
                 k = int(row["slice_index"])
             except ValueError:
                 raise ValueError(f"{csv_path}:{line}: slice_index is not an integer: {row['slice_index']!r}") from None
-            dataset, volume = row["dataset"].strip().upper(), splits.volume_stem(row["volume"])
-            if not dataset or not volume:
-                raise ValueError(f"{csv_path}:{line}: empty dataset or volume")
+            volume = splits.volume_stem(row["volume"])
+            if not volume:
+                raise ValueError(f"{csv_path}:{line}: column 'volume' is empty")
+            try:  # MSD / NIH by a known name (Task07_Pancreas, Pancreas-CT, ...): the leakage check's keys
+                dataset = source_dataset(row["dataset"] or "", volume)
+            except ValueError as err:
+                raise ValueError(f"{csv_path}:{line}: {err}") from None
             # the paper's JSON names volumes as files (pancreas_002.nii.gz): keys use the stem, as the source folder does
             rows.append({"file": images / row["image"], "dataset": dataset, "volume_name": volume,
                          "slice_index": k, "answer": answer})

@@ -233,7 +233,8 @@ def test_eval_cascade_end_to_end(tmp_path, prepared):
     config = _cascade_config(tmp_path, prepared, paths, cfg, threshold=0.0, slice_threshold=0.0)  # stage 3 on every boxed slice
     metrics = eval_cascade.main(["--cfg-path", str(config)])
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} >= {"predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "config.yaml"}
+    assert {p.name for p in out.iterdir()} >= {"predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png",
+                                              "reliability.png", "config.yaml"}
     rows = read_jsonl(out / "predictions.jsonl")
     test_slices = sum(len(v) for ds in ("MSD", "NIH") for v in read_volumes(prepared[ds], "test").values())
     assert len(rows) == test_slices  # every slice of every test volume, also those without pancreas
@@ -253,6 +254,20 @@ def test_eval_cascade_end_to_end(tmp_path, prepared):
     assert set(metrics["patient"]["operating_points"]) == {"aggregation", "n_val_negative", "youden", "specificity_95",
                                                            "specificity_99"}
     assert set(metrics["inconclusive"]) == {"val", "test", "rule"}
+    # calibration (issue 28.1): chosen on val, Brier / ECE before and after on the conclusive test volumes
+    cal = metrics["calibration"]
+    assert set(cal) == {"brier", "ece", "n_test_volumes", "test_volumes", "patient", "slice", "map"}
+    conclusive = [v for v in metrics["volumes"].values() if not v["inconclusive"]]
+    labels = np.array([v["tumor"] for v in conclusive], float)
+    raw = np.array([v[metrics["selection"]["aggregation"]] for v in conclusive])
+    assert cal["n_test_volumes"] == len(conclusive)
+    if conclusive:
+        assert cal["brier"]["before"] == pytest.approx(np.mean((raw - labels) ** 2), abs=1e-5)
+    else:  # random tiny stages box no pancreas: every test volume is inconclusive, nothing to score
+        assert cal["brier"] == {"before": None, "after": None}
+    if cal["map"] is None:  # the phantoms' val split is too small to fit one: said, and nothing "after"
+        assert cal["brier"]["after"] is None and "needed to choose and fit a map" in cal["patient"]["selection"]["reason"]
+    assert (out / "reliability.png").is_file() and "## Calibration" in (out / "tables.md").read_text()
     assert (out / "manifest.json").is_file() and read_json(out / "manifest.json")["command"] == "eval_cascade"
     assert metrics["selection"]["threshold_rule"] == "configured (cascade.threshold)"
     # threshold 0: stage 3 is asked on every slice that got a pancreas box, and only there

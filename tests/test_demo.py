@@ -556,8 +556,12 @@ def test_volume_upload_slider_and_scan(tmp_path, handlers):
 
     import nibabel as nib
 
-    assert [Path(f).name for f in files] == ["report.json", "boxes.nii.gz"]
+    assert [Path(f).name for f in files] == ["report.json", "boxes.nii.gz", "montage.png", "report.html"]
     assert all(Path(f).is_relative_to(tmp_path) for f in files)  # the private workdir
+    # one checkpoint: no patient score, so no likelihood; fitness not recorded by this scan
+    assert history[-1]["content"].endswith("\n\nAmong the scan files below: `report.html` (a page to read).")
+    assert "likelihood" not in history[-1]["content"].lower()  # no patient answer, so no likelihood
+    assert str(tmp_path) not in Path(files[3]).read_text()
     report = json.loads(Path(files[0]).read_text(), parse_constant=lambda name: pytest.fail(name))
     assert report["volume"] == "vol" and report["patient"] is None and len(report["slices"]) == 5
     # grid 40..60 of 64 px as inclusive pixels: ceil(40·0.64) = 26 .. ceil(61·0.64) − 1 = 39
@@ -585,6 +589,12 @@ def test_three_stage_scan_through_the_handlers_gives_the_patient_answer(tmp_path
         assert expected in history[-1]["content"] and plot is not None and len(table) == 5
 
 
+def report_score(path) -> str:
+    import json
+
+    return f"{json.loads(Path(path).read_text())['patient']['score']:.3f}"
+
+
 def test_scan_of_a_dicom_upload_offers_report_boxes_and_seg(tmp_path):
     """Three-stage mode on a zipped DICOM series: the download holds report.json (patient
     answer), boxes.nii.gz over the series and a DICOM SEG referencing the uploaded images."""
@@ -610,9 +620,24 @@ def test_scan_of_a_dicom_upload_offers_report_boxes_and_seg(tmp_path):
     h = DemoHandlers(service, workdir)
     state, *_ = h.on_upload(str(archive), "paper", [], None)
     *_, history, files = h.on_scan([], state)
-    assert [Path(f).name for f in files] == ["report.json", "boxes.nii.gz", "seg.dcm"], history[-1]
+    assert [Path(f).name for f in files] == ["report.json", "boxes.nii.gz", "seg.dcm", "montage.png", "sr.dcm",
+                                             "report.html"], history[-1]
+    # the likelihood said once, in the scan's own words, never as a percentage
+    assert history[-1]["content"].count(f"uncalibrated score {report_score(files[0])}") == 1, history[-1]
+    assert "%" not in history[-1]["content"]
+    assert ("Among the scan files below: `report.html` (a page to read) and `sr.dcm` (a DICOM structured report "
+            "for a PACS).") in history[-1]["content"]
     report = json.loads(Path(files[0]).read_text(), parse_constant=lambda name: pytest.fail(name))
     assert report["patient"]["decision"] == "tumor" and report["source"] == "series.zip"
+    # issue 28: the uncalibrated score and the upload's fitness checks, in the file and in the chat
+    assert report["patient"]["likelihood"] == {"raw": report["patient"]["score"], "calibrated": None, "calibration": None}
+    status = {c["check"]: c["status"] for c in report["fitness"]}
+    assert status == {"modality": "passed", "slice_thickness": "unknown", "pixel_spacing": "unknown",
+                      "orientation": "passed", "hu_sanity": "passed", "z_coverage": "failed", "contrast": "unknown"}
+    assert report["outside_validated_range"] is True  # boxes on every slice: the series may cut the pancreas off
+    assert "**Outside the validated range** — the answer is given but was not validated for such a scan: " \
+           "z_coverage: pancreas boxes reach the first and last slice" in history[-1]["content"]
+    assert "uncalibrated score" in history[-1]["content"] and "%" not in history[-1]["content"]
     assert report["checkpoints"] == [{"stage": "tumor_detection", "path": str(weights),
                                       "sha256": hashlib.sha256(b"weights").hexdigest()}]
     geometry, headers = read_dicom_source(tmp_path / "series.dcm.d")
@@ -623,6 +648,8 @@ def test_scan_of_a_dicom_upload_offers_report_boxes_and_seg(tmp_path):
     referenced = {f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
                   for f in seg.PerFrameFunctionalGroupsSequence}
     assert referenced == {h.SOPInstanceUID for h in headers}
+    sr = pydicom.dcmread(files[4])  # the SR beside it, in the same study (its content: tests/test_clinical_pages.py)
+    assert sr.Modality == "SR" and sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == seg.StudyInstanceUID
 
 
 # ------------------------------------------------------------------------------------------------

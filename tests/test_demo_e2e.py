@@ -343,5 +343,11 @@ def test_browser_three_stage_demo_scans_a_volume(cascade_server):
         page.locator("#scan-volume").click()
         page.get_by_text("Patient-level answer:").wait_for(timeout=60_000)
         wait_for_scan_table(page, r"pancreas crop|no pancreas box", 5)
+        # the likelihood and fitness words of report.html, and the page among the downloads (NIfTI: no sr.dcm)
+        page.locator("#chat").get_by_text("Fitness checks: not recorded.").wait_for(timeout=30_000)
+        chat = page.locator("#chat").inner_text()
+        assert "uncalibrated score" in chat or "No likelihood: there is no patient-level score." in chat
+        page.locator("#scan-files").get_by_text("report.html").wait_for(timeout=30_000)
+        assert "sr.dcm" not in page.locator("#scan-files").inner_text().replace("seg.dcm and sr.dcm", "")
         page.screenshot(path=str(ARTIFACTS / "demo_e2e_cascade.png"), full_page=True)
     assert (ARTIFACTS / "demo_e2e_cascade.png").stat().st_size > 10_000

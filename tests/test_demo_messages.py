@@ -287,7 +287,8 @@ def test_no_pancreas_box_anywhere_is_inconclusive_never_no_tumor(tmp_path):
         "(stage 3). No slice was classified, so none is most suspicious. Patient-level answer: **inconclusive: no "
         "pancreas found on any slice** — this is not a negative result: the model never looked at a pancreas, so the "
         "threshold 0.600 (aggregation `max`) was not applied. Assessed: 0 of 5 slices got a pancreas box, so no "
-        "slice was classified and none was asked for a tumor box.")
+        "slice was classified and none was asked for a tumor box. Input checks: no check failed: 0 passed, 7 unknown "
+        "(modality, slice_thickness, pixel_spacing, orientation, hu_sanity, z_coverage, contrast).")
     assert "no tumor" not in text.lower()
     assert [row[1:3] for row in table] == [["", "no pancreas box"]] * 5
     assert stages.by_stage["tumor_classification"].calls == [] and stages.by_stage["tumor_detection"].calls == []
@@ -301,16 +302,26 @@ def test_boxes_with_low_p_tumor_are_no_tumor_found_with_what_was_assessed(tmp_pa
         "Scanned 5 slices. Three stages: pancreas box (stage 1) → P(tumor) on its crop (stage 2) → tumor box "
         "(stage 3). Most suspicious: **slice 3**, P(tumor) = 0.549 (classified on the pancreas crop). Boxes: tumor "
         "in red, pancreas in cyan. The viewer now shows that slice. Patient-level answer: **no tumor found** "
-        "(largest slice P(tumor) = 0.549, below the threshold 0.600; aggregation `max`). Assessed: 2 of 5 slices "
-        "got a pancreas box; P(tumor) computed on 2 (2 on the pancreas crop); tumor box asked on 0 slices, found on 0.")
+        "(largest slice P(tumor) = 0.549, below the threshold 0.600; aggregation `max`); uncalibrated score 0.549 (not "
+        "a probability: no calibration map was given). Assessed: 2 of 5 slices "
+        "got a pancreas box; P(tumor) computed on 2 (2 on the pancreas crop); tumor box asked on 0 slices, found on 0. "
+        "Input checks: no check failed: 1 passed, 6 unknown (modality, slice_thickness, pixel_spacing, orientation, "
+        "hu_sanity, contrast).")
     assert [row[1] for row in table] == ["", 0.471, "", 0.549, ""]
     # lower the operating point: the same slices make a suspected tumor, stage 3 asked on both
+    # with a calibration map (issue 28.1) the likelihood stands beside the raw score, naming the val set
+    from minigpt4.inference.calibration import CalibrationMap
+
     service, _ = three_stage_service(threshold=0.4, aggregation="top_k_mean", top_k=2)
+    service.calibration = CalibrationMap("isotonic", {"x": [0.0, 1.0], "y": [0.0, 0.5]},
+                                         {"split": "val", "n_volumes": 40, "dataset": "MSD, NIH"})
     text, _, _ = scan_through_handlers(service, [10, 120, 60, 140, 20], tmp_path)
     assert text.endswith(
         "Patient-level answer: **tumor suspected** (mean of the 2 largest slice P(tumor) = 0.510, at or above the "
-        "threshold 0.400; aggregation `top_k_mean`, top 2). Assessed: 2 of 5 slices got a pancreas box; P(tumor) "
-        "computed on 2 (2 on the pancreas crop); tumor box asked on 2 slices, found on 2.")
+        "threshold 0.400; aggregation `top_k_mean`, top 2); calibrated likelihood 25 % (isotonic, fitted on val: 40 "
+        "volumes of MSD, NIH); raw score 0.510. Assessed: 2 of 5 slices got a pancreas box; P(tumor) "
+        "computed on 2 (2 on the pancreas crop); tumor box asked on 2 slices, found on 2. Input checks: no check "
+        "failed: 1 passed, 6 unknown (modality, slice_thickness, pixel_spacing, orientation, hu_sanity, contrast).")
 
 
 def test_inconclusive_with_too_few_boxed_slices_says_how_many(tmp_path):
@@ -340,11 +351,14 @@ def test_single_checkpoint_scan_without_any_box_is_inconclusive(tmp_path):
         "tumor in red, pancreas in cyan. The viewer now shows that slice. **inconclusive: no pancreas found on any "
         "slice** — this is not a negative result: the model never looked at a pancreas; P(tumor) came from whole "
         "slices only, outside the classifier's training distribution. Assessed: 0 of 3 slices got a pancreas box; "
-        "P(tumor) computed on 3 (0 on the pancreas crop, 3 on the whole slice); tumor box asked on 3 slices, found on 0.")
+        "P(tumor) computed on 3 (0 on the pancreas crop, 3 on the whole slice); tumor box asked on 3 slices, found on 0. "
+        "Input checks: no check failed: 0 passed, 7 unknown (modality, slice_thickness, pixel_spacing, orientation, "
+        "hu_sanity, z_coverage, contrast).")
     assert "no tumor" not in text.lower()
     text, _, _ = scan_through_handlers(service, [10, 160, 90], tmp_path)
     assert text.endswith("Assessed: 1 of 3 slices got a pancreas box; P(tumor) computed on 3 (1 on the pancreas crop, "
-                         "2 on the whole slice); tumor box asked on 3 slices, found on 1.")
+                         "2 on the whole slice); tumor box asked on 3 slices, found on 1. Input checks: no check failed: "
+                         "1 passed, 6 unknown (modality, slice_thickness, pixel_spacing, orientation, hu_sanity, contrast).")
     assert "inconclusive" not in text
 
 

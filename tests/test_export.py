@@ -14,7 +14,8 @@ from transformers import LlamaForCausalLM
 
 from minigpt4.provenance import PROVENANCE_SCHEMA, LeakageError, check_checkpoint_against
 from minigpt4.commands.export import main as export_main
-from minigpt4.models.checkpoints import load_weights, save_checkpoint
+from minigpt4.io import file_sha256
+from minigpt4.models.checkpoints import checkpoint_envelope, load_weights, save_checkpoint
 from minigpt4.models.minigpt_v2 import build_model
 from tests.test_adapters import forward_logits, save_tiny_llama
 from tests.test_checkpoints import PREFIX, release_state, save_release_pth
@@ -34,7 +35,8 @@ def test_export_round_trip_through_peft_and_back(tmp_path, capsys):
                 p.normal_(0, 0.2)
     provenance = {"schema": PROVENANCE_SCHEMA, "runs": [{"run": "/runs/x", "datasets": {"msd": {
         "root": "/data/MSD", "task": "pancreas_detection", "train": [["MSD", "pancreas_001"]], "val": []}}}]}
-    save_checkpoint(model, tmp_path / "ckpt", provenance=provenance)
+    envelope = {"schema": 1, "n_volumes": 1, "n_recorded": 1, "slice_thickness_mm": {"min": 2.5, "max": 2.5, "median": 2.5}}
+    save_checkpoint(model, tmp_path / "ckpt", provenance=provenance, envelope=envelope)
 
     assert export_main(["--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "peft")]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -50,7 +52,12 @@ def test_export_round_trip_through_peft_and_back(tmp_path, capsys):
     projection = load_file(str(out / "llama_proj.safetensors"))
     assert torch.equal(projection["llama_proj.weight"], model.llama_proj.weight)
     # the training provenance travels with the export, and the leakage guard reads it there
-    assert json.loads((out / "provenance.json").read_text()) == provenance
+    record = json.loads((out / "provenance.json").read_text())  # bound to the exported tensor files
+    assert record == {**provenance, "weights_sha256": {
+        rel: file_sha256(out / rel) for rel in ("adapter_model.safetensors", "checkpoint_stage3/adapter_model.safetensors",
+                                                "llama_proj.safetensors")}}
+    assert checkpoint_envelope(out) == (envelope, "recorded: 1 of 1 training volumes")  # and the envelope
+    assert "envelope.json" in json.loads((out / "manifest.json").read_text())["files"]
     with pytest.raises(LeakageError, match=f"MSD pancreas_001 is in the evaluated test set but trained on by "
                                            f"datasets.msd of checkpoint {out} "):
         check_checkpoint_against(out, {("MSD", "pancreas_001")})
@@ -91,10 +98,11 @@ def test_export_of_a_release_pth_and_errors(tmp_path, capsys):
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["lora_alpha"] == 16
     assert config["base_model_name_or_path"] == "meta-llama/Llama-2-7b-chat-hf"
     assert json.loads((tmp_path / "out" / "adapter_stack.json").read_text())[0]["name"] == "default"
-    # a foreign file records no provenance, so neither does its export: the guard says so
-    assert not (tmp_path / "out" / "provenance.json").exists()
+    # a foreign file records no provenance: its export's record says so (bound to its weights), the guard logs it
+    assert json.loads((tmp_path / "out" / "provenance.json").read_text())["unknown"] == \
+        "exported from a foreign checkpoint (release.pth)"
     assert check_checkpoint_against(tmp_path / "out", set()).unknown[0].startswith(
-        f"provenance unknown: {tmp_path / 'out'} (a PEFT adapter folder without provenance.json)")
+        f"provenance unknown: {tmp_path / 'out'} (exported from a foreign checkpoint (release.pth))")
     model = build_model(tiny_model_config(ckpt=str(tmp_path / "out"), **{"lora.target_modules": ["q_proj", "v_proj"]}))
     state = release_state(("q_proj", "v_proj"))
     assert all(torch.equal(model.trainable_state_dict()[k], v) for k, v in state.items())

@@ -41,7 +41,8 @@ def _json(path):
 def test_layout_and_manifest(prepared):
     root = prepared["msd"]
     ann = root / "annotations"
-    expected = {"MSD_slices_info.json", "split.json"} | {f"MSD_{s}.json" for s in ("train", "val", "test")} \
+    expected = {"MSD_slices_info.json", "split.json", "MSD_acquisition.json"} \
+        | {f"MSD_{s}.json" for s in ("train", "val", "test")} \
         | {f"MSD_tumor_{s}.json" for s in ("train", "val", "test")}
     assert {p.name for p in ann.iterdir()} == expected
     manifest = _json(root / "manifest.json")

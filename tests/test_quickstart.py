@@ -52,16 +52,18 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     assert f"cascade.stages.tumor_detection={tmp_path / 'runs' / 'stage3_tumor_detection' / 'checkpoint_best'}" in printed
     # scan.py on one new volume, as a NIfTI and as a DICOM series, at the cascade's val operating point
     scan = tmp_path / "scan"
-    assert sorted(p.name for p in scan.iterdir()) == ["manifest.json", "phantom", "phantom_dicom", "scan.json", "summary.csv"]
+    assert sorted(p.name for p in scan.iterdir()) == ["index.html", "manifest.json", "phantom", "phantom_dicom", "scan.json",
+                                                      "summary.csv"]
     for name in ("phantom", "phantom_dicom"):
         report = json.loads((scan / name / "report.json").read_text())
         assert report["config"]["threshold"] == cascade["selection"]["threshold"]
-        assert (scan / name / "boxes.nii.gz").is_file()
+        assert (scan / name / "boxes.nii.gz").is_file() and (scan / name / "report.html").is_file()
     # the same phantom read from NIfTI and from DICOM: the same slices, so the same answers
     nifti, dicom = (json.loads((scan / n / "report.json").read_text()) for n in ("phantom", "phantom_dicom"))
     assert [(s["p_tumor"], s["pancreas_answer"]) for s in nifti["slices"]] == \
         [(s["p_tumor"], s["pancreas_answer"]) for s in dicom["slices"]]
-    assert f"scan outputs (report.json, boxes.nii.gz over the CT, seg.dcm for DICOM, montage.png): {scan}" in printed
+    assert (f"scan outputs (report.json, boxes.nii.gz over the CT, seg.dcm and sr.dcm for DICOM, montage.png, "
+            f"report.html; index.html across volumes): {scan}") in printed
 
 
 def test_printed_demo_command_installs_gradio_when_it_is_missing(monkeypatch, tmp_path):

@@ -134,7 +134,7 @@ def test_scan_writes_every_volume_and_skips_what_is_done(tmp_path, stage_paths):
     rows = scan.main(["--cfg-path", str(config), "--inputs", str(inputs), "--out", str(out)])
     assert [r["volume"] for r in rows] == ["a_nifti", "b_series", "c_zip"] and not any(r["error"] for r in rows)
     assert {p.name for p in out.iterdir()} == {"a_nifti", "b_series", "c_zip", "summary.csv", "scan.json",
-                                               "manifest.json"}
+                                               "index.html", "manifest.json"}
     checkpoints = strict_json(out / "scan.json")["checkpoints"]
     assert [c["stage"] for c in checkpoints] == sorted(STAGES) and all(len(c["sha256"]) == 64 for c in checkpoints)
     sources = {"a_nifti": inputs / "a_nifti.nii.gz", "b_series": inputs / "b_series", "c_zip": inputs / "c_zip.zip"}
@@ -183,8 +183,17 @@ def test_scan_with_boxes_writes_seg_and_label_volumes(tmp_path, stage_paths, mon
     tumor = grid_to_pixel_inclusive(TUMOR_GRID, 48, 40)
     for name, n_slices in (("a_nifti", 4), ("b_series", 3), ("c_zip", 3)):
         report = strict_json(out / name / REPORT_FILE)
+        # no operating point with a map: the score is uncalibrated (issue 28.1)
         assert report["patient"] == {"decision": "tumor", "score": 0.75, "threshold": 0.5, "aggregation": "max",
-                                     "top_k": None, "n_slices_boxed": n_slices}
+                                     "top_k": None, "n_slices_boxed": n_slices,
+                                     "likelihood": {"raw": 0.75, "calibrated": None, "calibration": None}}
+        # boxes on every slice reach the first and last one; the random HU of the inputs hold no air (issue 28.3)
+        checks = {c["check"]: c for c in report["fitness"]}
+        assert checks["z_coverage"]["status"] == "failed" and "first and last slice" in checks["z_coverage"]["reason"]
+        assert checks["hu_sanity"]["status"] == "failed" and report["outside_validated_range"] is True
+        # the stages' checkpoints were saved without an envelope: thickness cannot be judged, and says why
+        assert checks["slice_thickness"]["status"] == "unknown" and "records no envelope" in checks["slice_thickness"]["reason"]
+        assert checks["modality"]["status"] == ("unknown" if name == "a_nifti" else "passed")
         assert [s["pancreas_box"]["pixels"] for s in report["slices"]] == [list(pancreas)] * n_slices
         assert [s["tumor_box"]["pixels"] for s in report["slices"]] == [list(tumor)] * n_slices
         label = np.asarray(nib.load(str(out / name / BOXES_FILE)).dataobj)
@@ -193,6 +202,10 @@ def test_scan_with_boxes_writes_seg_and_label_volumes(tmp_path, stage_paths, mon
         assert int((label == 2).sum()) == n_slices * tumor_voxels
         assert int((label == 1).sum()) == n_slices * (pancreas_voxels - tumor_voxels)  # the tumor box wins
         assert (out / name / MONTAGE_FILE).is_file()
+    with open(out / "summary.csv", newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["outside_validated_range"], r["failed_checks"], r["likelihood"]) for r in table] == \
+        [("true", "hu_sanity;z_coverage", "")] * 3
     assert not (out / "a_nifti" / SEG_FILE).exists()  # NIfTI input: no SEG
     for name, source in (("b_series", inputs / "b_series"), ("c_zip", tmp_path / "zip_source")):
         seg = pydicom.dcmread(str(out / name / SEG_FILE))
@@ -200,6 +213,19 @@ def test_scan_with_boxes_writes_seg_and_label_volumes(tmp_path, stage_paths, mon
         referenced = {frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
                       for frame in seg.PerFrameFunctionalGroupsSequence}
         assert referenced == {pydicom.dcmread(str(p)).SOPInstanceUID for p in source.rglob("*.dcm")}
+        # the SR beside it (tests/test_clinical_pages.py reads its content), recorded in report.json
+        sr = pydicom.dcmread(str(out / name / "sr.dcm"))
+        assert sr.Modality == "SR" and sr.StudyInstanceUID == seg.StudyInstanceUID
+        assert strict_json(out / name / REPORT_FILE)["structured_report"] == {"file": "sr.dcm", "error": None}
+    assert not (out / "a_nifti" / "sr.dcm").exists() and strict_json(out / "a_nifti" / REPORT_FILE)["structured_report"] is None
+    # the pages: one per volume, the index links them; no private path (the inputs live under tmp_path)
+    index = (out / "index.html").read_text()
+    for name in ("a_nifti", "b_series", "c_zip"):
+        page = (out / name / "report.html").read_text()
+        assert "Pancreatic tumor (PDAC) suspected" in page and str(tmp_path) not in page
+        assert f'<a href="{name}/report.html">{name}</a>' in index
+    assert str(tmp_path) not in index
+    assert str(tmp_path).encode() not in (out / "b_series" / "sr.dcm").read_bytes()
 
 
 def test_on_error_skip_records_a_broken_volume_and_stop_exits_2(tmp_path, stage_paths, monkeypatch, capsys):
@@ -324,3 +350,26 @@ def test_scan_takes_normalization_in_both_spellings():
     assert build_parser().parse_args(base).normalization == "paper"
     assert build_parser().parse_args([*base, "--normalization", "window"]).normalization == "window"
     assert build_parser().parse_args([*base, "--normalisation", "window"]).normalization == "window"
+
+
+def test_scan_with_a_calibration_map_reports_the_likelihood_beside_the_raw_score(tmp_path, stage_paths, monkeypatch):
+    """The operating point's calibration (here given directly: cascade.operating_point is the
+    cascade work's key) reaches report.json, summary.csv and the scan's fingerprint."""
+    import scan
+    from minigpt4.commands import scan as scan_command
+    from minigpt4.inference.calibration import CalibrationMap
+
+    patient = CalibrationMap("isotonic", {"x": [0.0, 1.0], "y": [0.0, 0.4]}, {"split": "val", "n_volumes": 12, "dataset": "MSD+NIH"})
+    per_slice = CalibrationMap("platt", {"a": 0.0, "b": 0.0}, target="slice P(tumor)")
+    monkeypatch.setattr(scan_command, "load_stages", lambda *args, **kwargs: SingleModel(AlwaysBoxes()))
+    monkeypatch.setattr(scan_command, "configured_calibration", lambda cascade: (patient, per_slice))
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    scan.main(["--cfg-path", str(scan_config(tmp_path, stage_paths)), "--inputs", str(inputs), "--out", str(out)])
+    report = strict_json(out / "a_nifti" / REPORT_FILE)
+    assert report["patient"]["likelihood"] == {"raw": 0.75, "calibrated": 0.3,  # 0.75 × 0.4
+                                               "calibration": {"method": "isotonic", "fitted_on": "val: 12 volumes of MSD+NIH"}}
+    assert {s["p_tumor_calibrated"] for s in report["slices"]} == {0.5}
+    assert report["config"]["calibration"]["method"] == "isotonic"  # part of the fingerprint: a new map rescans
+    with open(out / "summary.csv", newline="", encoding="utf-8") as handle:
+        assert [r["likelihood"] for r in csv.DictReader(handle)] == ["0.3"] * 3

@@ -40,7 +40,9 @@ from minigpt4.scan_outputs import (
     write_volume_error,
     write_volume_outputs,
 )
+from minigpt4.scan_outputs.html import REPORT_HTML
 from minigpt4.boxes import format_box, grid_to_pixel, grid_to_pixel_inclusive, pixel_to_grid
+from minigpt4.inference.calibration import CalibrationMap
 from minigpt4.inference.pipeline import PatientResult, SliceResult, VolumeResult
 from preprocessing import synthetic
 from preprocessing.volumes import to_display
@@ -220,10 +222,12 @@ def test_report_json_is_strict_and_complete(tmp_path):
     written = write_volume_outputs(tmp_path / "case", volume="case", source="in/case.nii.gz", geometry=geometry,
                                    result=VolumeResult(results, patient("tumor", 0.75)),
                                    checkpoints=CHECKPOINTS, fingerprint="f" * 64)
-    assert written == [REPORT_FILE, BOXES_FILE]
+    assert written == [REPORT_FILE, BOXES_FILE, REPORT_HTML]
     report = strict_json(tmp_path / "case" / REPORT_FILE)
     assert report["patient"] == {"decision": "tumor", "score": 0.75, "threshold": 0.5, "aggregation": "max",
-                                 "top_k": None, "n_slices_boxed": 1}
+                                 "top_k": None, "n_slices_boxed": 1,
+                                 "likelihood": {"raw": 0.75, "calibrated": None, "calibration": None}}
+    assert report["fitness"] is None and report["outside_validated_range"] is None  # not given: not recorded
     assert [s["slice"] for s in report["slices"]] == [0, 2, 4]
     assert [s["p_tumor"] for s in report["slices"]] == [None, 0.75, 0.25]
     assert report["most_suspicious_slice"] == 2
@@ -480,10 +484,16 @@ def test_summary_and_scan_json_parse_strictly(tmp_path):
     write_volume_outputs(tmp_path / "b_case", volume="b_case", source="b.nii.gz", geometry=geometry,
                          result=VolumeResult([SliceResult(0, 0.125, (1, 1, 4, 4)), SliceResult(1, 0.0625)],
                                              patient("no tumor", 0.125, "top_k_mean")),
-                         checkpoints=CHECKPOINTS, fingerprint="1" * 64)
+                         checkpoints=CHECKPOINTS, fingerprint="1" * 64,
+                         fitness=[{"check": "hu_sanity", "status": "failed", "values": {}, "reason": "r"},
+                                  {"check": "modality", "status": "unknown", "values": {}, "reason": "r"},
+                                  {"check": "z_coverage", "status": "failed", "values": {}, "reason": "r"}],
+                         calibration=CalibrationMap("isotonic", {"x": [0.0, 0.25], "y": [0.0, 0.5]}))
     write_volume_outputs(tmp_path / "c_case", volume="c_case", source="c.nii.gz", geometry=geometry,
                          result=VolumeResult([SliceResult(k, None) for k in range(3)], patient("inconclusive", 0.0, boxed=0)),
-                         checkpoints=CHECKPOINTS, fingerprint="2" * 64)
+                         checkpoints=CHECKPOINTS, fingerprint="2" * 64,
+                         fitness=[{"check": "modality", "status": "passed", "values": {}, "reason": "r"}],
+                         calibration=CalibrationMap("platt", {"a": 1.0, "b": 0.0}))
     write_volume_error(tmp_path / "a_case", "a_case", 'a_case.nii.gz: corrupt, "truncated"\nfile')
     rows = collect_summary(tmp_path, ["c_case", "a_case", "b_case", "d_missing"])
     write_summary(tmp_path / "summary.csv", rows)
@@ -492,10 +502,10 @@ def test_summary_and_scan_json_parse_strictly(tmp_path):
         table = list(reader)
     assert table[0] == list(SUMMARY_COLUMNS)
     assert table[1:] == [
-        ["a_case", "", "", "", "", "", 'a_case.nii.gz: corrupt, "truncated"\nfile'],
-        ["b_case", "no tumor", "0.125", "3", "1", "0", ""],
-        ["c_case", "inconclusive", "", "3", "0", "", ""],
-        ["d_missing", "", "", "", "", "", f"no complete output in {tmp_path / 'd_missing'}"],
+        ["a_case", "", "", "", "", "", "", "", "", 'a_case.nii.gz: corrupt, "truncated"\nfile'],
+        ["b_case", "no tumor", "0.125", "0.25", "true", "hu_sanity;z_coverage", "3", "1", "0", ""],
+        ["c_case", "inconclusive", "", "", "false", "", "3", "0", "", ""],
+        ["d_missing", "", "", "", "", "", "", "", "", f"no complete output in {tmp_path / 'd_missing'}"],
     ]
     write_scan_json(tmp_path / "scan.json", {"threshold": 0.5, "aggregation": "max"}, CHECKPOINTS, rows)
     scan = strict_json(tmp_path / "scan.json")
@@ -545,7 +555,7 @@ def test_fingerprint_and_is_done(tmp_path):
     assert not is_done(out, base)                                        # nothing written yet
     write_volume_outputs(out, fingerprint=base, slices=np.zeros((3, 8, 10), np.uint8), **kwargs)
     assert is_done(out, base)
-    assert strict_json(out / DONE_FILE)["files"] == sorted([REPORT_FILE, BOXES_FILE, MONTAGE_FILE])
+    assert strict_json(out / DONE_FILE)["files"] == sorted([REPORT_FILE, BOXES_FILE, MONTAGE_FILE, REPORT_HTML])
     assert not is_done(out, fingerprint([ct], checkpoints, {**cfg, "threshold": 0.6}))
     ct.write_bytes(b"volume bytes, changed")
     assert not is_done(out, fingerprint([ct], checkpoints, cfg))         # the input changed
@@ -574,7 +584,7 @@ def test_failed_write_leaves_the_folder_unmarked(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(run, "write_box_nifti", fail)
+    monkeypatch.setattr(run, "write_report_html", fail)  # the last file before done.json
     with pytest.raises(OSError, match="disk full"):
         write_volume_outputs(tmp_path, **{**kwargs, "result": VolumeResult(rows, patient("tumor", 0.95))})
     assert not is_done(tmp_path, "f" * 64)
@@ -622,3 +632,23 @@ def test_output_files_do_not_depend_on_where_they_are_written(tmp_path):
     write_volume_outputs(tmp_path / "rank1" / "v", **kwargs)
     for name in (REPORT_FILE, BOXES_FILE):
         assert (tmp_path / "rank0" / "v" / name).read_bytes() == (tmp_path / "rank1" / "v" / name).read_bytes()
+
+
+def test_report_carries_the_calibrated_likelihood_and_the_fitness_checks():
+    """Issue 28: ``patient.likelihood`` (raw beside calibrated, naming the val set), slice P(tumor)
+    calibrated, ``fitness`` and ``outside_validated_range`` as given."""
+    geometry = geometry_from_affine(np.diag([0.7, 0.8, 2.5, 1.0]), (14, 12, 5))
+    SliceResult = results_on(14, 12)
+    platt = CalibrationMap("platt", {"a": 0.0, "b": float(np.log(3))}, {"split": "val", "n_volumes": 20, "dataset": "MSD, NIH"})
+    halve = CalibrationMap("isotonic", {"x": [0.0, 1.0], "y": [0.0, 0.5]}, target="slice P(tumor)")
+    checks = [{"check": "slice_thickness", "status": "failed", "values": {"value": 5.0}, "reason": "5 mm"}]
+    report = build_report("case", "case.nii.gz", geometry, patient("tumor", 0.75),
+                          [SliceResult(2, 0.75, (1, 1, 5, 5)), SliceResult(3, None)], CHECKPOINTS,
+                          fitness=checks, calibration=platt, slice_calibration=halve)
+    assert report["patient"]["likelihood"] == {"raw": 0.75, "calibrated": 0.75,
+                                               "calibration": {"method": "platt", "fitted_on": "val: 20 volumes of MSD, NIH"}}
+    assert [s["p_tumor_calibrated"] for s in report["slices"]] == [0.375, None]
+    assert report["fitness"] == checks and report["outside_validated_range"] is True
+    inconclusive = build_report("case", "case.nii.gz", geometry, patient("inconclusive", 0.0, boxed=0),
+                                [SliceResult(3, None)], CHECKPOINTS, fitness=[], calibration=platt)
+    assert inconclusive["patient"]["likelihood"] is None and inconclusive["outside_validated_range"] is False

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import train as train_entry
 from minigpt4.config import ConfigError, load_config
 from minigpt4.io import write_json_atomic
-from minigpt4.models.checkpoints import PROVENANCE_KEY, read_metadata
+from minigpt4.models.checkpoints import PROVENANCE_KEY, checkpoint_envelope, read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "train_configs" / "quickstart_cpu.yaml"
@@ -90,6 +90,16 @@ def test_smoke_run_writes_documented_outputs(data, tmp_path):
         synthetic = record["runs"][0]["datasets"]["synthetic"]
         assert synthetic["train"] == [["MSD", v] for v in split["train"]]
         assert synthetic["val"] == [["MSD", v] for v in split["val"]] and split["val"]
+    # ... and the acquisition range of its train volumes (issue 28.2), from the prepared folder's records
+    acquisition = json.loads((data / "annotations" / "MSD_acquisition.json").read_text())
+    assert set(acquisition) == set(split["train"]) | set(split["val"]) | set(split["test"])
+    envelope, note = checkpoint_envelope(out / "checkpoint_best")
+    train = [acquisition[v] for v in split["train"]]
+    assert envelope["n_volumes"] == envelope["n_recorded"] == len(split["train"]) and note.startswith("recorded")
+    assert envelope["slice_thickness_mm"]["min"] == min(r["slice_thickness_mm"] for r in train)
+    assert envelope["in_plane_spacing_mm"]["max"] == max(max(r["in_plane_spacing_mm"]) for r in train)
+    assert envelope["hu_percentiles"]["p50"]["max"] == max(r["hu_percentiles"]["p50"] for r in train)
+    assert envelope["manufacturer"] == {"not recorded": len(train)}  # a NIfTI does not say
 
 
 def test_resume_is_exact(data, tmp_path):

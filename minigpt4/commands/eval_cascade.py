@@ -17,10 +17,10 @@ from minigpt4.evaluation.cascade import cascade_tables, evaluate, load_volumes, 
 from minigpt4.evaluation.panorama import check_sources
 from minigpt4.models.stages import check_stage_tasks, load_stages, require_all_stages
 from minigpt4.outputs import OutputFolder, check_output_folder
-from minigpt4.provenance import check_cascade_leakage
+from minigpt4.provenance import check_cascade_leakage, stage_provenance
 
-CASCADE_OUTPUTS = ("predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "config.yaml",
-                   "detection_maps", "panorama_curves.png")
+CASCADE_OUTPUTS = ("predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "reliability.png",
+                   "config.yaml", "detection_maps", "panorama_curves.png")
 """What ``eval_cascade.py`` writes in ``run.output_dir`` (besides its ``manifest.json``)."""
 
 
@@ -51,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise ValueError(f"{roots}: the test split holds no volume (annotations/split.json); nothing to evaluate")
     check_sources(volumes[1], source_jobs(cfg))  # the detection maps need every test CT and label file
     check_stage_tasks(cfg.cascade.stages.configured())  # checkpoint headers only
-    check_cascade_leakage(cfg, args.allow_unknown_provenance)
+    provenance = stage_provenance(check_cascade_leakage(cfg, args.allow_unknown_provenance))
     out = Path(cfg.run.output_dir)
     # every rank checks the folder before any rank starts: a refused folder stops them all, none waits
     check_output_folder(out, "eval_cascade", lambda manifest: manifest.get("command") == "eval_cascade",
@@ -67,7 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     folder.write_manifest({"written_by": "eval_cascade.py"})
             stages = load_stages(cfg.model, cfg.cascade.stages.configured(), device=info.device, check_tasks=False)
             metrics = evaluate(cfg, stages, not args.no_figures,
-                               {"config": str(args.cfg_path), "options": list(args.options)}, volumes)
+                               {"config": str(args.cfg_path), "options": list(args.options),
+                                "provenance": provenance}, volumes)
     finally:
         cleanup()
     if info.is_main:

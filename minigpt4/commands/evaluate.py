@@ -34,8 +34,9 @@ from minigpt4.evaluation.common import (
     subsample,
 )
 from minigpt4.evaluation.detection import detection_metrics, predict_detection, primary_score, recorded_threshold
+from minigpt4.evaluation.detection import threshold_unknown_reason
 from minigpt4.evaluation.detection import rescore_rows as rescore_detection
-from minigpt4.provenance import check_evaluation
+from minigpt4.provenance import check_evaluation, provenance_status, provenance_table_lines
 from minigpt4.identity import checkpoint_identity, environment_identity
 from minigpt4.io import file_sha256, read_json, read_jsonl, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from minigpt4.prompts import prompt_wording
@@ -322,6 +323,7 @@ def _rescore(args: argparse.Namespace, cfg: Config, kind: str) -> dict:
         metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
         # the file's own record, never the config's folders: those may have been re-prepared since
         metrics["threshold"] = recorded_threshold(rows)
+        metrics["threshold_unknown"] = threshold_unknown_reason(rows)  # why it is None: not recorded, or mixed
         metrics["run"] = identity
         write_detection_outputs(out, rows, metrics, f"re-scored {path.name}", not args.no_figures)
     else:
@@ -436,9 +438,13 @@ def _run(args: argparse.Namespace, cfg: Config, kind: str) -> dict:
         return _evaluate_checkpoints(args, cfg, tasks[0])
     split = args.split or cfg.run.eval_split
     loaded = {t: load_task_records(cfg, t, split, args.q_ids, args.max_samples) for t in tasks}  # before the model
+    weights = {"model.init_from": cfg.model.init_from, "model.ckpt": cfg.model.ckpt}
+    provenance: dict[str, dict] = {}
     for task in tasks:  # no volume the weights (or this config) trained on may be evaluated
-        check_evaluation(cfg, [n for n, d in cfg.datasets.items() if d.task == task], split,
-                         [cfg.model.init_from, cfg.model.ckpt], args.allow_unknown_provenance)
+        for report in check_evaluation(cfg, [n for n, d in cfg.datasets.items() if d.task == task], split,
+                                       list(weights.values()), args.allow_unknown_provenance):
+            key = next(k for k, p in weights.items() if p is not None and str(p) == report.label)
+            provenance[key] = provenance_status(report)
     model = _build_model(cfg)
     feature_cache = _feature_cache(cfg, model)
     root = Path(cfg.run.output_dir)
@@ -458,8 +464,12 @@ def _run(args: argparse.Namespace, cfg: Config, kind: str) -> dict:
             metrics = detection_metrics(rows, task, n_boot=args.bootstrap, seed=cfg.run.seed)
             metrics["threshold"] = common_threshold(datasets)
         metrics["run"] = run_identity(cfg, args, model, split, datasets, batch, time.perf_counter() - start, len(rows))
+        metrics["run"]["provenance"] = provenance  # per weight file: recorded / not recorded / unknown
         writer = write_classification_outputs if task == CLASSIFICATION else write_detection_outputs
         writer(out, rows, metrics, checkpoint_label(cfg), not args.no_figures)
+        unknown = provenance_table_lines(provenance)
+        if unknown:  # said first: these figures may include volumes the weights trained on
+            write_text_atomic(out / "tables.md", "\n".join(unknown) + "\n" + (out / "tables.md").read_text(encoding="utf-8"))
         save_config(cfg, out / "config.yaml")
         results[task] = metrics
         headline = metrics["accuracy"] if task == CLASSIFICATION else metrics["weighted"]["mean_iou"]

@@ -16,7 +16,11 @@ stage-3 or release ``.pth``). ``--out`` receives:
   adapter (e.g. MiniGPT-v2's stage-3 q,v LoRA under a q,k run), which must be active too;
 * ``adapter_stack.json`` (the stack: names, targets, r, alpha, source, sha256) and ``README.md``;
 * ``provenance.json`` when the checkpoint records its training provenance (the volumes it and its
-  ancestors were trained and validated on; the leakage guard reads it from the exported folder too).
+  ancestors were trained and validated on; the leakage guard reads it from the exported folder too),
+  bound to the exported weights by their sha256 (``weights_sha256``, checked when it is read:
+  :mod:`minigpt4.provenance`); for a foreign checkpoint (a ``.pth``) the record
+  says its provenance is unknown; an own checkpoint without provenance gets none (the guard then
+  refuses the export as it refuses the checkpoint), and an earlier export's record is removed.
 * ``manifest.json``: ``{"command": "export", "status": "complete", "files": {path: bytes}}``,
   written first as ``incomplete`` and last as complete: the loader refuses a partial export.
 
@@ -39,9 +43,11 @@ import torch
 from omegaconf import OmegaConf
 
 from minigpt4.cli import add_debug_argument, run_main
-from minigpt4.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
+from minigpt4.io import save_safetensors_atomic, to_json, write_json_atomic, write_text_atomic
 from minigpt4.models.checkpoints import (
     CONFIG_NAME,
+    ENVELOPE_KEY,
+    ENVELOPE_NAME,
     PEFT_CONFIG_NAME,
     PEFT_KEY_PREFIX,
     PEFT_WEIGHTS_NAME,
@@ -55,10 +61,14 @@ from minigpt4.models.checkpoints import (
 )
 from minigpt4.models.lora_names import LORA_KEY_PREFIX, split_lora_tensors
 from minigpt4.outputs import MANIFEST_NAME, OutputFolder
+from minigpt4.prompts import TARGET_NAMES, TRAINING_PROMPT, detection_instruction, token_recipe
+from minigpt4.provenance import PROVENANCE_SCHEMA, bind, check_binding, own_checkpoint_marks
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL = "meta-llama/Llama-2-7b-chat-hf"
+EXPORT_IMAGE_TOKENS = 256
+"""Visual tokens of the exported model (448² image, 14-px patches → 1024 tower tokens, merged by 4)."""
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(\w+)$")
 
 
@@ -177,9 +187,16 @@ def _export_into(folder: OutputFolder, contents, base_model: Optional[str]) -> N
                     contents.path, len(other), other[:5])
 
     adapter_files = [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
+    provenance = _provenance_record(contents.path)
     planned = adapter_files + [PROJECTION_NAME, STACK_NAME, "README.md", MANIFEST_NAME] + ([VISION_NAME] if vision else [])
     planned += [f"{frozen['name']}/{name}" for frozen in contents.frozen for name in adapter_files]
-    folder.check_no_foreign(planned + [f["name"] for f in contents.frozen])
+    metadata = read_metadata(contents.path)[2] if contents.format == "project" else {}
+    if ENVELOPE_KEY in metadata:  # the training envelope travels with the weights (scan's fitness checks)
+        planned.append(ENVELOPE_NAME)
+    planned += [PROVENANCE_NAME] if provenance is not None else []
+    # an earlier export's provenance.json must never describe these weights: ours to replace or remove
+    folder.check_no_foreign(planned + [f["name"] for f in contents.frozen] + [PROVENANCE_NAME])
+    (out / PROVENANCE_NAME).unlink(missing_ok=True)
     earlier = dict((folder.manifest or {}).get("files") or {})
     # first: a folder with this manifest is not loadable until the final one replaces it
     folder.write_manifest({"status": "incomplete", "files": {**earlier, **{rel: None for rel in planned}}})
@@ -196,15 +213,37 @@ def _export_into(folder: OutputFolder, contents, base_model: Optional[str]) -> N
                       "alpha": frozen["alpha"], "source": frozen["source"], "sha256": frozen["sha256"],
                       "trainable": False, "active": frozen["active"]})
     write_json_atomic(out / STACK_NAME, stack)
-    if contents.format == "project":  # the leakage guard's record travels with the weights
-        _, _, metadata = read_metadata(contents.path)
-        if PROVENANCE_KEY in metadata:
-            write_text_atomic(out / PROVENANCE_NAME, metadata[PROVENANCE_KEY])
+    if provenance is not None:  # bound to the tensor files just written (their sha256)
+        weights = [rel for rel in planned if rel.endswith(".safetensors")]
+        write_text_atomic(out / PROVENANCE_NAME, bind(provenance, out, weights))
+    if ENVELOPE_KEY in metadata:
+        write_text_atomic(out / ENVELOPE_NAME, metadata[ENVELOPE_KEY])
     write_text_atomic(out / "README.md", _readme(out, base_model, stack, bool(vision)))
     for rel in sorted(set(earlier) - set(planned)):  # an earlier export's files this one does not write
         (out / rel).unlink(missing_ok=True)
     files = {rel: (out / rel).stat().st_size for rel in planned if rel != MANIFEST_NAME}
     folder.write_manifest({"status": "complete", "files": files})
+
+
+def _provenance_record(path: Path) -> Optional[str]:
+    """What the export's ``provenance.json`` says before it is bound to the written weights: the
+    checkpoint's own record; for a foreign checkpoint (MiniGPT-v2, the release) a record that its
+    provenance is unknown; None for an own checkpoint without provenance (no record: the leakage
+    guard refuses the export as it refuses the checkpoint, unless ``--allow-unknown-provenance``)."""
+    kind, weights_file, metadata = read_metadata(path)
+    if PROVENANCE_KEY in metadata:
+        if kind == "peft" and check_binding(weights_file.parent / PROVENANCE_NAME) is not None:
+            return None  # a stale record is never carried into a new binding
+        return metadata[PROVENANCE_KEY]
+    if kind == "foreign" and not own_checkpoint_marks(weights_file):
+        return to_json({"schema": PROVENANCE_SCHEMA, "runs": [],
+                        "unknown": f"exported from a foreign checkpoint ({weights_file.name})"})
+    return None
+
+
+def _spaces_before_inst() -> int:
+    head = TRAINING_PROMPT.split("[/INST]")[0]
+    return len(head) - len(head.rstrip(" "))
 
 
 def _readme(out: Path, base_model: str, stack: list[dict], vision: bool) -> str:
@@ -244,8 +283,20 @@ def _readme(out: Path, base_model: str, stack: list[dict], vision: bool) -> str:
         ]
     lines += [
         "Visual tokens: EVA ViT-g features (B, 1024, 1408) without CLS, each run of 4 consecutive tokens "
-        "concatenated (B, 256, 5632), then `llama_proj`; they fill the 256 slots between `<Img>` and `</Img>` "
-        "of `<s>[INST] <Img>…</Img> {instruction} [/INST]` (see the project's minigpt4/prompts.py).",
+        f"concatenated (B, {EXPORT_IMAGE_TOKENS}, 5632), then `llama_proj`. The prompt is the token stream the "
+        "weights were trained on (MiniGPT-v2's training stream): the text before and after the image encoded "
+        "separately, each with SentencePiece's dummy-prefix space and no BOS, one BOS in front, "
+        f"{_spaces_before_inst()} spaces before `[/INST]` (with the LLaMA-2 tokenizer an extra `▁`, "
+        "id 29871). A prompt written as one string (`<s>[INST] <Img>…</Img> {instruction} [/INST]`) is another "
+        "stream and changes the answers. With `tok` a LLaMA-2 SentencePiece tokenizer whose `encode` adds no BOS:",
+        "",
+        "```python",
+        f"instruction = {detection_instruction(TARGET_NAMES['pancreas'])!r}",
+        *token_recipe(EXPORT_IMAGE_TOKENS),
+        "# embed `ids`, put the projected visual tokens at `image_slots`, and generate",
+        "```",
+        "",
+        "(generated from the project's `minigpt4/prompts.py`, `build_prompt_tokens`).",
         "",
         "Back into the project: `model.ckpt=DIR` (or `model.init_from=DIR`). `adapter_stack.json` lists the adapters.",
         "",

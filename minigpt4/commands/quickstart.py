@@ -16,7 +16,8 @@
    (detection maps, patient AUROC + lesion AP with picai_eval: the ``panorama`` section);
 5. ``scan.py`` (``eval_configs/scan_cpu.yaml``) on one new synthetic volume, written as a NIfTI
    and as a DICOM series, at the operating point the cascade evaluation chose on val: per volume
-   ``report.json``, ``boxes.nii.gz``, ``seg.dcm`` (DICOM), ``montage.png``; ``summary.csv``;
+   ``report.json``, ``boxes.nii.gz``, ``seg.dcm`` and ``sr.dcm`` (DICOM), ``montage.png``,
+   ``report.html``; ``summary.csv`` and ``index.html``;
 6. the final checkpoint and the ``python demo.py ...`` line that serves it.
 
 Each stage's config is ``train_configs/quickstart_cpu.yaml`` with that stage's datasets and
@@ -275,7 +276,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"detection maps: {panorama_dir / 'detection_maps'}\n")
     print("## scan.py on a new volume (as a NIfTI and as a DICOM series)\n")
     print((scan_dir / "summary.csv").read_text())
-    print(f"scan outputs (report.json, boxes.nii.gz over the CT, seg.dcm for DICOM, montage.png): {scan_dir}")
+    print(f"scan outputs (report.json, boxes.nii.gz over the CT, seg.dcm and sr.dcm for DICOM, montage.png, "
+          f"report.html; index.html across volumes): {scan_dir}")
     final = best["stage3_tumor_detection"]
     demo_config = REPO / "eval_configs" / "demo_cpu.yaml"
     print(f"\nfinal checkpoint (stage 3, tumor detection): {final}")

@@ -9,7 +9,8 @@ zips of one series, or folders of those. Each volume is read by the inference re
 (:func:`minigpt4.inference.readers.load_volume`), scanned by
 :func:`minigpt4.inference.pipeline.scan_slices` and written by
 :func:`minigpt4.scan_outputs.write_volume_outputs` under ``<out>/<volume>/``; ``summary.csv`` and
-``scan.json`` cover every volume. One volume is in memory at a time. A volume already done with
+``scan.json`` and ``index.html`` (a page linking each volume's ``report.html``) cover every volume.
+One volume is in memory at a time. A volume already done with
 the same input content, checkpoints and settings is skipped. Under torchrun the volumes are
 sharded by name (:func:`minigpt4.distributed.shard`); each rank writes its own, rank 0 the
 summary after a barrier. ``--grand-challenge`` (:func:`grand_challenge`): the one CT of
@@ -28,6 +29,8 @@ from typing import Any, Optional, Sequence
 from minigpt4.cli import USER_ERRORS, error_message
 from minigpt4.config import ConfigError, add_config_arguments, load_config
 from minigpt4.distributed import barrier, cleanup, init_distributed, rank_device, shard
+from minigpt4.inference.calibration import configured_calibration
+from minigpt4.inference.fitness import check_fitness, fitness_summary, outside_validated_range, stage_envelopes
 from minigpt4.inference.inputs import ScanInput, discover
 from minigpt4.inference.pipeline import CascadeSettings, scan_slices
 from minigpt4.inference.readers import load_volume
@@ -46,6 +49,7 @@ from minigpt4.scan_outputs import (
     write_volume_outputs,
 )
 from minigpt4.scan_outputs.detection_map import volume_detection_map, write_detection_map
+from minigpt4.scan_outputs.html import INDEX_HTML, write_index_html
 from minigpt4.scan_outputs.run import SCAN_FORMAT
 
 COMMAND = "scan"
@@ -104,8 +108,13 @@ def _slice_progress(name: str, n_slices: int):
 
 
 def scan_volume_to_folder(entry: ScanInput, out: Path, stages: Any, settings: Any, normalisation: str, checkpoints: list,
-                scan_config: dict) -> str:
+                          scan_config: dict, envelopes: Optional[dict] = None, calibration: Any = None,
+                          slice_calibration: Any = None) -> str:
     """Read, scan and write one volume unless it is already done; returns ``done``/``skipped``.
+
+    The input's fitness checks (against the stages' training ``envelopes``) and the calibrated
+    likelihood (``calibration``; None: an uncalibrated score) go into its report.json; a volume
+    outside the validated range is still answered, flagged, and named on stderr.
 
     Raises:
         ValueError, OSError: the volume cannot be read (``InputError``) or written.
@@ -117,9 +126,14 @@ def scan_volume_to_folder(entry: ScanInput, out: Path, stages: Any, settings: An
         return "skipped"
     volume = load_volume(entry.path, normalisation)
     result = scan_slices(stages, volume.slices, settings, _slice_progress(entry.name, volume.num_slices))
+    fitness = check_fitness(volume.acquisition, volume.dicom_headers, result.slices, volume.num_slices, envelopes)
+    if outside_validated_range(fitness):
+        print(f"warning: {entry.name}: {fitness_summary(fitness)}; the answer is given, flagged in report.json "
+              "and summary.csv", file=sys.stderr)
     write_volume_outputs(folder, volume=entry.name, source=str(entry.path), geometry=volume.geometry, result=result,
                          checkpoints=checkpoints, fingerprint=volume_fingerprint, slices=volume.slices,
-                         dicom_headers=volume.dicom_headers, extra={"config": scan_config})
+                         dicom_headers=volume.dicom_headers, extra={"config": scan_config}, fitness=fitness,
+                         calibration=calibration, slice_calibration=slice_calibration)
     return "done"
 
 
@@ -139,10 +153,16 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         return [grand_challenge(inputs, Path(args.out), cfg, paths, settings, args.normalization)]
     out = Path(args.out)
     checkpoints = checkpoint_identities(paths)
+    calibration, slice_calibration = configured_calibration(cfg.cascade)
+    judge = {"envelopes": stage_envelopes(paths), "calibration": calibration, "slice_calibration": slice_calibration}
     scan_config = {"threshold": settings.threshold, "slice_threshold": settings.slice_threshold,
                    "aggregation": settings.aggregation, "top_k": settings.top_k, "crop_margin": settings.crop_margin,
                    "min_boxed_slices": settings.min_boxed_slices, "normalisation": args.normalization,
-                   "max_new_tokens": cfg.model.generation.max_new_tokens}
+                   "max_new_tokens": cfg.model.generation.max_new_tokens,
+                   # a new map or envelope is another scan: the fingerprint covers them
+                   "calibration": None if calibration is None else {
+                       **calibration.as_dict(), "slice": None if slice_calibration is None else slice_calibration.as_dict()},
+                   "envelopes": {stage: note for stage, (_, note) in judge["envelopes"].items()}}
 
     # every rank checks --out before any rank writes: a refused folder stops them all, none waits
     check_output_folder(out, COMMAND, lambda manifest: manifest.get("command") == COMMAND, args.overwrite,
@@ -156,13 +176,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
                 folder.keep()  # finished volumes are marked done: a failure keeps them, a re-run continues
             barrier()  # the folder exists and is locked before any rank writes into it
             try:
-                failure = _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info)
+                failure = _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info,
+                                      judge)
             finally:
                 barrier()  # every rank has written (or recorded) its volumes
             rows: list[dict] = []
             if info.is_main:
                 rows = collect_summary(out, [entry.name for entry in inputs])
                 write_summary(out / "summary.csv", rows)
+                write_index_html(out / INDEX_HTML, out, [e.name for e in inputs], [r["volume"] for r in rows if not r["error"]])
                 write_scan_json(out / "scan.json", scan_config, checkpoints, rows,
                                 extra={"inputs": {e.name: str(e.path) for e in inputs}})
                 failed = [row for row in rows if row["error"]]
@@ -208,7 +230,8 @@ def grand_challenge(inputs: Sequence[ScanInput], out: Path, cfg: Any, paths: dic
             "candidates": [c.as_dict() for c in candidates]}
 
 
-def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info) -> Optional[BaseException]:
+def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan_config, info,
+                judge) -> Optional[BaseException]:
     """This rank's volumes; returns the error that stopped it (``--on-error stop``) or None."""
     stages = load_stages(cfg.model, paths, device=info.device)
     bar = progress(len(mine), "volumes" if info.world_size == 1 else f"volumes (rank {info.rank})", unit="volume")
@@ -217,7 +240,8 @@ def _scan_shard(inputs, mine, out, cfg, paths, settings, args, checkpoints, scan
             if entry.name not in mine:
                 continue
             try:
-                status = scan_volume_to_folder(entry, out, stages, settings, args.normalization, checkpoints, scan_config)
+                status = scan_volume_to_folder(entry, out, stages, settings, args.normalization, checkpoints, scan_config,
+                                               **judge)
             except USER_ERRORS as err:
                 write_volume_error(out / entry.name, entry.name, error_message(err))
                 if args.on_error == "stop":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
+import json
 import logging
 import os
 import shutil
@@ -141,6 +142,22 @@ def _scan_plot(result: ScanResult, current: Optional[int] = None):
     return fig
 
 
+def scan_files_text(report: dict, names: list[str]) -> str:
+    """The chat message that goes with the scan's files: what the page and the SR are, and an SR
+    that could not be written. The likelihood and the fitness checks are already in the scan's
+    own message (:meth:`ScanResult.chat_text`), so they are not said twice."""
+    lines = []
+    offered = [f"`{name}` ({what})" for name, what in (("report.html", "a page to read"),
+                                                         ("sr.dcm", "a DICOM structured report for a PACS"))
+               if name in names]
+    if offered:
+        lines.append(f"Among the scan files below: {' and '.join(offered)}.")
+    structured = report.get("structured_report") or {}
+    if structured.get("error"):
+        lines.append(f"⚠️ sr.dcm could not be written: {structured['error']}")
+    return "\n\n".join(lines)
+
+
 def _scan_table(result: ScanResult) -> list[list]:
     def fmt(box):
         return "" if box is None else "[" + ", ".join(str(round(v)) for v in box) + "]"
@@ -193,7 +210,7 @@ class DemoHandlers:
         count, height, width = slices.shape
         state.update(name=name, kind=kind, slices=slices, index=count // 2, path=str(path), normalisation=normalisation)
         if kind == "volume":  # the scan's files are written in the upload's own geometry
-            state.update(geometry=volume.geometry, dicom_headers=volume.dicom_headers)
+            state.update(geometry=volume.geometry, dicom_headers=volume.dicom_headers, acquisition=volume.acquisition)
         if kind == "slice":
             text = f"Loaded slice **{name}** ({width}×{height}). Ask a question or press a task button."
             slider = hidden_slider
@@ -249,7 +266,8 @@ class DemoHandlers:
             history.append({"role": "assistant", "content": self.public(message)})
             return state, _render(state), gr.update(), None, None, history, None
         try:
-            result = self.service.scan_volume(state["slices"], progress=lambda f, d: progress(f, desc=d))
+            result = self.service.scan_volume(state["slices"], progress=lambda f, d: progress(f, desc=d),
+                                              acquisition=state.get("acquisition"), dicom_headers=state.get("dicom_headers"))
         except Exception as err:  # noqa: BLE001
             history.append({"role": "assistant", "content": self.error_text(err, state.get("path"))})
             return state, _render(state), gr.update(), None, None, history, None
@@ -257,20 +275,26 @@ class DemoHandlers:
         state["boxes"] = {r.slice_index: result.boxes_for(r.slice_index) for r in result.rows}
         best = result.most_suspicious
         state["index"] = best
-        history.append({"role": "assistant", "content": self.public(result.chat_text(), state.get("path"))})
+        text, failure = result.chat_text(), None
         try:
             files = self.scan_files(state, result)
+            if files:  # the page and the SR among the downloads (and an SR that failed)
+                report = json.loads(Path(files[0]).read_text(encoding="utf-8"))
+                extra = scan_files_text(report, [Path(f).name for f in files])
+                text += "\n\n" + extra if extra else ""
         except Exception as err:  # noqa: BLE001 - the scan on screen stays; only the files failed
-            files = None
-            history.append({"role": "assistant", "content": self.error_text(err, state.get("path"))})
+            files, failure = None, err
+        history.append({"role": "assistant", "content": self.public(text, state.get("path"))})
+        if failure is not None:
+            history.append({"role": "assistant", "content": self.error_text(failure, state.get("path"))})
         return state, _render(state), gr.update(value=best), _scan_plot(result), _scan_table(result), history, files
 
     def scan_files(self, state: dict, result: ScanResult) -> Optional[list[str]]:
-        """The scan's ``report.json``, ``boxes.nii.gz`` (and ``seg.dcm`` for a DICOM upload with a
-        box), written as ``scan.py`` writes them (:func:`minigpt4.scan_outputs.write_volume_outputs`)
-        into a fresh folder of the private workdir; None without the upload's geometry."""
+        """The scan's ``report.json`` (first), ``boxes.nii.gz``, ``montage.png``, ``report.html`` (and
+        ``seg.dcm`` with a box, ``sr.dcm``, for a DICOM upload), written as ``scan.py`` writes them
+        (:func:`minigpt4.scan_outputs.write_volume_outputs`) into a fresh folder of the private
+        workdir; None without the upload's geometry."""
         import tempfile
-
 
         if state.get("geometry") is None:
             return None
@@ -284,7 +308,8 @@ class DemoHandlers:
             folder, volume=name, source=state["name"], geometry=state["geometry"],
             result=VolumeResult(result.rows, result.patient), checkpoints=checkpoints,
             fingerprint=fingerprint([state["path"]], checkpoints, settings), dicom_headers=state.get("dicom_headers"),
-            extra={"config": settings})
+            extra={"config": settings}, fitness=result.fitness, calibration=self.service.calibration,
+            slice_calibration=self.service.slice_calibration, slices=state["slices"])
         return [str(folder / file) for file in written]
 
     @staticmethod
@@ -322,7 +347,8 @@ class DemoHandlers:
             if path is None:
                 raise InputError("no volume file given.")
             volume = load_volume(path, normalisation or "paper", self.limits, self.workdir)
-            result = self.service.scan_volume(volume.slices, progress=lambda f, d: progress(f, desc=d))
+            result = self.service.scan_volume(volume.slices, progress=lambda f, d: progress(f, desc=d),
+                                              acquisition=volume.acquisition, dicom_headers=volume.dicom_headers)
         except Exception as err:  # noqa: BLE001
             return self.error_text(err, path), [], None
         best = result.most_suspicious
@@ -391,8 +417,9 @@ def build_app(service: DemoService, workdir: Optional[str | os.PathLike] = None)
             scan_plot = gr.Plot(label="P(tumor) per slice", elem_id="scan-plot")
             scan_table = gr.Dataframe(headers=SCAN_HEADERS, label="Per-slice results", interactive=False, elem_id="scan-table",
                                       max_height=300)
-        scan_files = gr.File(label="Scan files: report.json, boxes.nii.gz (opens over the CT in 3D Slicer / ITK-SNAP), "
-                                   "seg.dcm for DICOM uploads", file_count="multiple", interactive=False,
+        scan_files = gr.File(label="Scan files: report.html (a page to read), report.json, boxes.nii.gz (opens over the "
+                                   "CT in 3D Slicer / ITK-SNAP), montage.png; for DICOM uploads seg.dcm and sr.dcm "
+                                   "(DICOM structured report)", file_count="multiple", interactive=False,
                              elem_id="scan-files")
 
         private: dict = {"api_visibility": "private"}

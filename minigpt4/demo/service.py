@@ -27,6 +27,8 @@ from PIL import Image
 from minigpt4.boxes import EMPTY_BOX, box_problem, grid_to_pixel, parse_box, parse_yes_no
 from minigpt4.config import DecodingConfig
 from minigpt4.drawing import CYAN, RED, annotate
+from minigpt4.inference.calibration import CalibrationMap, configured_calibration, likelihood_entry, likelihood_text
+from minigpt4.inference.fitness import check_fitness, fitness_summary, stage_envelopes
 from minigpt4.inference.pipeline import CascadeSettings, PatientResult, SingleModel, SliceResult, model_images, scan_slices
 from minigpt4.inference.readers import InputError, Limits
 from minigpt4.prompts import TARGET_NAMES, classification_question, detection_instruction
@@ -124,6 +126,10 @@ class ScanResult:
     patient: Optional[PatientResult] = None
     """Three-stage mode: the volume's answer (single checkpoint: None, its P(tumor) may come from
     whole slices, outside the classifier's training distribution)."""
+    likelihood: Optional[dict] = None
+    """report.json ``patient.likelihood`` (:func:`minigpt4.inference.calibration.likelihood_entry`)."""
+    fitness: Optional[list] = None
+    """The input's fitness checks (:func:`minigpt4.inference.fitness.check_fitness`); None: not run."""
 
     @property
     def most_suspicious(self) -> int:
@@ -171,7 +177,19 @@ class ScanResult:
         how = "largest slice P(tumor)" if p.aggregation == "max" else f"mean of the {p.top_k} largest slice P(tumor)"
         verdict, side = ("tumor suspected", "at or above") if p.tumor else ("no tumor found", "below")
         return (f"Patient-level answer: **{verdict}** ({how} = {p.score:.3f}, {side} the threshold "
-                f"{p.threshold:.3f}; {aggregation}). " + self.assessed_text())
+                f"{p.threshold:.3f}; {aggregation}); {likelihood_text(self.likelihood or likelihood_entry(p.score, None))}. "
+                + self.assessed_text())
+
+    def fitness_text(self) -> str:
+        """The fitness checks in words: ``**Outside the validated range**: ... failed (reason); ...``
+        or ``Within the validated range ...``; empty when the checks were not run."""
+        if self.fitness is None:
+            return ""
+        failed = [c for c in self.fitness if c["status"] == "failed"]
+        if not failed:
+            return f"Input checks: {fitness_summary(self.fitness)}."
+        return ("**Outside the validated range** — the answer is given but was not validated for such a scan: "
+                + "; ".join(f"{c['check']}: {c['reason']}" for c in failed) + ".")
 
     def chat_text(self) -> str:
         """The chat message after "Scan volume" (Markdown)."""
@@ -183,14 +201,15 @@ class ScanResult:
         else:
             look = (f" Most suspicious: **slice {row.slice_index}**, P(tumor) = {row.p_tumor:.3f} (classified on the "
                     f"{row.classified_on}). Boxes: tumor in red, pancreas in cyan. The viewer now shows that slice.")
-        return f"Scanned {len(self.rows)} slices.{stages}{look} {self.patient_text()}".strip()
+        return f"Scanned {len(self.rows)} slices.{stages}{look} {self.patient_text()} {self.fitness_text()}".strip()
 
     def summary_text(self, name: str) -> str:
         """The ``/scan_volume`` endpoint's summary (plain text)."""
         row = self.rows[self.most_suspicious]
         look = ("no slice was classified" if row.p_tumor is None
                 else f"most suspicious slice {row.slice_index} (P(tumor) = {row.p_tumor:.3f})")
-        return f"{name}: {len(self.rows)} slices scanned; {look}. {self.patient_text().replace('**', '')}".strip()
+        text = f"{name}: {len(self.rows)} slices scanned; {look}. {self.patient_text()} {self.fitness_text()}"
+        return text.replace("**", "").strip()
 
     def boxes_for(self, slice_index: int) -> list[tuple[tuple[float, ...], tuple[int, int, int]]]:
         row = self.rows[slice_index]
@@ -223,6 +242,9 @@ class DemoService:
             ``crop_margin`` in both modes, the whole operating point in three-stage mode.
         checkpoints: ``{stage: checkpoint path}`` of the served weights (their sha256s go into
             the scan's ``report.json``).
+        calibration, slice_calibration: the maps of the patient score and slice P(tumor) (the
+            operating point's ``calibration``); None: the score is shown as an uncalibrated score.
+        envelopes: ``{stage: (training envelope or None, note)}`` the fitness checks compare with.
     """
 
     def __init__(
@@ -239,6 +261,9 @@ class DemoService:
         stages: Any = None,
         cascade: Optional[CascadeSettings] = None,
         checkpoints: Optional[dict] = None,
+        calibration: Optional[CalibrationMap] = None,
+        slice_calibration: Optional[CalibrationMap] = None,
+        envelopes: Optional[dict] = None,
     ) -> None:
         self.model = model
         self.stages = stages
@@ -251,6 +276,8 @@ class DemoService:
         self.description = description
         self.scan_batch_size = scan_batch_size
         self.checkpoints = dict(checkpoints or {})
+        self.calibration, self.slice_calibration = calibration, slice_calibration
+        self.envelopes = dict(envelopes or {})
         self._lock = threading.Lock()
 
     # -- low level ---------------------------------------------------------------------------
@@ -338,6 +365,8 @@ class DemoService:
         self,
         slices: np.ndarray,
         progress: Optional[Callable[[float, str], None]] = None,
+        acquisition: Optional[dict] = None,
+        dicom_headers: Optional[list] = None,
     ) -> ScanResult:
         """The cascade on every slice (:func:`minigpt4.inference.pipeline.scan_slices`).
 
@@ -349,6 +378,8 @@ class DemoService:
         Args:
             slices: (Z, H, W) uint8 normalised slices.
             progress: called as ``progress(fraction_done, description)``.
+            acquisition, dicom_headers: the volume's (:class:`minigpt4.inference.readers.Volume`), for
+                the fitness checks (unknown where absent).
         """
         if slices.ndim != 3 or slices.shape[0] == 0:
             raise InputError("the volume has no slices to scan.")
@@ -358,7 +389,10 @@ class DemoService:
                     else dataclasses.replace(self.cascade, **run))
         stages = SingleModel(self.model) if single else self.stages
         result = scan_slices(stages, slices, settings, progress, lock=self._lock, chunk=self.scan_batch_size)
-        return ScanResult(result.slices, None if single else result.patient)
+        patient = None if single else result.patient
+        score = None if patient is None or patient.decision == "inconclusive" else float(patient.score)
+        fitness = check_fitness(acquisition, dicom_headers, result.slices, int(slices.shape[0]), self.envelopes)
+        return ScanResult(result.slices, patient, likelihood_entry(score, self.calibration), fitness)
 
 
 def make_private_workdir(prefix: str = "minigpt_pancreas_demo_") -> Path:
@@ -388,6 +422,7 @@ def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limi
     resolved = resolve_device(device or cfg.run.device)
     stages = load_stages(cfg.model, stage_paths, device=resolved)
     settings = CascadeSettings.from_config(cfg.cascade)
+    calibration, slice_calibration = configured_calibration(cfg.cascade)
     listed = "; ".join(f"{STAGE_LABELS[s]} `{p}`" for s, p in stage_paths.items())
     description = (f"three stages on one base — {listed} (image {cfg.model.vision.image_size}px, LLaMA "
                    f"{cfg.model.text.num_layers}×{cfg.model.text.hidden_size}) on {resolved}; greedy decoding; "
@@ -397,7 +432,8 @@ def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limi
     return DemoService(
         stages.model, max_new_tokens=cfg.model.generation.max_new_tokens, text_decoding=cfg.model.generation.free_text,
         limits=limits, description=description, stages=stages, cascade=settings,
-        checkpoints=dict(stage_paths),
+        checkpoints=dict(stage_paths), calibration=calibration, slice_calibration=slice_calibration,
+        envelopes=stage_envelopes(stage_paths),
     )
 
 
@@ -458,4 +494,5 @@ def load_service(cfg: Any, device: Optional[str] = None, limits: Limits = Limits
         description=description,
         cascade=CascadeSettings(crop_margin=cfg.cascade.crop_margin) if hasattr(cfg, "cascade") else None,
         checkpoints={"model": model_cfg.ckpt} if model_cfg.ckpt is not None else None,
+        envelopes=stage_envelopes({"model": model_cfg.ckpt}) if model_cfg.ckpt is not None else None,
     )

@@ -60,7 +60,7 @@ def validation_score(
         records: selected records of the ``val`` split (several datasets may be mixed).
         task: one of ``pancreas_detection``, ``tumor_detection``, ``organ_detection``,
             ``tumor_classification``.
-        batch_size: generation batch size (does not change the result).
+        batch_size: generation batch size (the same result in fp32; in bf16 a rounding effect may move an answer).
         max_samples: evaluate a deterministic, evenly spaced subset of this many records.
         feature_cache: a :class:`~minigpt4.data.feature_cache.VisualFeatureCache` without
             autocast: each image goes through the frozen tower at the first validation only.

@@ -37,6 +37,7 @@ from PIL import Image
 
 from minigpt4.boxes import box_iou
 from minigpt4.distributed import all_gather_objects, rank_and_world_size, shard
+from minigpt4.evaluation.calibration import calibration_lines, cascade_calibration, reliability_figure
 from minigpt4.evaluation.panorama import (
     DETECTION_MAPS,
     SHEET_TRUTH,
@@ -59,10 +60,11 @@ from minigpt4.inference.pipeline import AGGREGATIONS, CascadeSettings, scan_slic
 from minigpt4.config import ConfigError
 from minigpt4.evaluation.common import subsample
 from preprocessing.layout import dataset_name, read_volumes
-from preprocessing.sources import prepared_jobs
+from preprocessing.raw_files import prepared_jobs
 from minigpt4.evaluation.tables import fmt
 from minigpt4.evaluation.figures import _save
 from minigpt4.progress import progress_callback
+from minigpt4.provenance import provenance_table_lines
 from minigpt4.config import save_config
 from minigpt4.identity import checkpoint_identity, environment_identity
 from minigpt4.io import write_json_atomic, write_jsonl_atomic, write_text_atomic
@@ -300,6 +302,10 @@ def check_finite(results: Sequence[Any], records: Sequence[dict], where: str, ch
 
 # ----------------------------------------------------------------------------- outputs
 PAPER_TC_ACCURACY = 0.876
+TC_GT_CROP_DIFFERENCES = ("Table 2; not the same measure: the paper balanced the classes by down-sampling and "
+                          "scored the model's own yes/no, here every TC slice counts, unbalanced, and yes = P(yes) >= "
+                          "a slice threshold chosen on val slices")
+"""What differs between the ground-truth-crop accuracy row and the paper's Table 2 accuracy."""
 """Table 2 of the paper: tumor classification accuracy on ground-truth crops (MSD tumor vs NIH)."""
 PANDA_NOTE = ("For context only (other data, other model): PANDA (Cao et al., Nature Medicine 2023) reported "
               "sensitivity 92.9 % at specificity 99.9 % on 20,530 consecutive patients.")
@@ -327,7 +333,7 @@ def cascade_tables(metrics: dict) -> str:
         f"| tumor classification accuracy on TC slices at slice threshold {t}, crops from the predicted box (no box = no) "
         f"| {fmt(s['tc_accuracy_predicted_crops'])} | {s['n_tc_slices']} ({s['n_tc_tumor_slices']} tumor) | {PAPER_TC_ACCURACY} (Table 2, accuracy, GT crops, MSD tumor vs NIH) |",
         f"| tumor classification accuracy on TC slices at slice threshold {t}, crops from the ground-truth box "
-        f"| {fmt(s['tc_accuracy_gt_crops'])} | {s['n_tc_slices_gt_crop']} | {PAPER_TC_ACCURACY} (same task and inputs as Table 2) |",
+        f"| {fmt(s['tc_accuracy_gt_crops'])} | {s['n_tc_slices_gt_crop']} | {PAPER_TC_ACCURACY} ({TC_GT_CROP_DIFFERENCES}) |",
         f"| tumor AUC on TC slices, crops from the predicted box (no box: P = 0) | {fmt(s['tc_auc_predicted_crops'])} | {s['n_tc_slices']} ({s['n_tc_tumor_slices']} tumor) | not reported |",
         f"| tumor AUC on TC slices with a predicted box | {fmt(s['tc_auc_predicted_crops_boxed'])} | {s['n_tc_slices_boxed']} ({s['n_tc_tumor_slices_boxed']} tumor) | not reported |",
         f"| tumor AUC on TC slices, crops from the ground-truth box | {fmt(s['tc_auc_gt_crops'])} | {s['n_tc_slices_gt_crop']} | not reported |",
@@ -378,7 +384,10 @@ def cascade_tables(metrics: dict) -> str:
               f"allowed (>= 20 negatives for 95 %, >= 100 for 99 %); otherwise no threshold is given. {PANDA_NOTE}", ""]
     for note in sel["notes"]:
         lines.append(f"Note: {note}.")
-    return "\n".join(lines) + "\n"
+    if "calibration" in metrics:
+        lines += [""] + calibration_lines(metrics["calibration"])
+    provenance = provenance_table_lines((metrics.get("run") or {}).get("provenance") or {})
+    return "\n".join((provenance + [""] if provenance else []) + lines) + "\n"
 
 
 def p_tumor_figure(rows: Sequence[dict], threshold: float, path: Path, columns: int = 4) -> Path:
@@ -469,10 +478,14 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
     patients = patient_scores(rows, casc.top_k, casc.min_boxed_slices)
     patient = patient_metrics(patients, selection["thresholds"], casc.bootstrap, cfg.run.seed)
     patient["operating_points"] = operating_points(val_patients, patients, selection, casc.bootstrap, cfg.run.seed)
+    datasets = sorted({str(ds_name) for (ds_name, _) in {**val_patients, **patients}})
+    calibration_map, calibration = cascade_calibration(val_patients, val_rows, patients, rows,
+                                                       selection["aggregation"], datasets, cfg.run.seed)
     metrics = {
         "slice": slice_metrics(rows, selection["slice_threshold"]),
         "patient": {**patient, **volume_3d_metrics(test_volumes, rows)},
         "selection": selection,
+        "calibration": calibration,
         "top_k": casc.top_k,
         "min_boxed_slices": casc.min_boxed_slices,
         "inconclusive": {"val": selection["n_val_inconclusive"], "test": patient["n_inconclusive"],
@@ -495,5 +508,7 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
     write_text_atomic(out / "tables.md", cascade_tables(metrics) + "\n" + panorama_table(metrics["panorama"]))
     if make_figures:
         p_tumor_figure(rows, selection["slice_threshold"], out / "p_tumor_along_z.png")
+        reliability_figure({"patient score": calibration["patient"], "slice P(tumor)": calibration["slice"]},
+                           out / "reliability.png")
     save_config(cfg, out / "config.yaml")
     return metrics

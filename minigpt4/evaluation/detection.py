@@ -113,6 +113,18 @@ def recorded_threshold(rows: Sequence[dict]) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def threshold_unknown_reason(rows: Sequence[dict]) -> Optional[str]:
+    """Why :func:`recorded_threshold` is None, in words for the tables: ``"not recorded"`` (a row
+    lacks it) or ``"mixed: rows selected at 10 %, 60 %"``; None when the rows share one."""
+    values = [row.get("selection_threshold") for row in rows]
+    if any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
+        return "not recorded"
+    distinct = sorted(set(values))
+    if len(distinct) > 1:
+        return "mixed: rows selected at " + ", ".join(f"{round(v * 100):g} %" for v in distinct)
+    return None
+
+
 def summarize(rows: Sequence[dict]) -> dict[str, Any]:
     """``{n, n_parsed, mean_iou, mean_iou_parsed, parse_rate, acc_at_0.5, grid_ceiling}`` over rows.
 
@@ -215,8 +227,9 @@ def predict_detection(
 ) -> list[dict]:
     """Greedy batched generation over ``records`` and one scored row per record (same order).
 
-    Batch size does not change the rows: the model generates with left padding and the rows are
-    scored one by one.
+    The model generates with left padding and the rows are scored one by one: in fp32 the batch
+    size does not change the rows; in bf16/fp16 a batch runs other kernels and may, rarely, move
+    an answer (a rounding effect, measured by ``benchmarks/bench_eval.py``; see BENCHMARKS.md).
 
     Args:
         model: a MiniGPTPancreas (``encode_tower``, ``generate(None, instructions,

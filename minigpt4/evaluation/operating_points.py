@@ -127,7 +127,7 @@ def select_operating_point(val_patients: dict, aggregation: str, threshold: Opti
         if chosen is None:
             chosen = FALLBACK_THRESHOLD
             fallback.add(method)
-            selection["notes"].append(f"{method}: the conclusive val volumes hold one class only: threshold {FALLBACK_THRESHOLD}")
+            selection["notes"].append(f"{method}: {_no_choice(labels.size)}: threshold {FALLBACK_THRESHOLD}")
         selection["thresholds"][method] = chosen
     if aggregation == "auto":
         aucs = selection["val_auc"]
@@ -139,8 +139,14 @@ def select_operating_point(val_patients: dict, aggregation: str, threshold: Opti
     selection["aggregation"] = aggregation
     selection["threshold"] = selection["thresholds"][aggregation]
     selection["threshold_rule"] = "configured (cascade.threshold)" if threshold is not None else \
-        f"{FALLBACK_THRESHOLD}: the conclusive val volumes hold one class only" if aggregation in fallback else "Youden's J on val"
+        f"{FALLBACK_THRESHOLD}: {_no_choice(selection['n_val_volumes'] - n_inconclusive)}" if aggregation in fallback \
+        else "Youden's J on val"
     return selection
+
+
+def _no_choice(n_conclusive: int) -> str:
+    """Why no threshold could be chosen on the val volumes."""
+    return "no val volume is conclusive" if n_conclusive == 0 else "the conclusive val volumes hold one class only"
 
 
 def choose_slice_threshold(val_rows: Sequence[dict], configured: Optional[float]) -> dict:
@@ -154,8 +160,8 @@ def choose_slice_threshold(val_rows: Sequence[dict], configured: Optional[float]
         return {**out, "slice_threshold": float(configured), "slice_threshold_rule": "configured (cascade.slice_threshold)"}
     chosen = choose_threshold(labels, [r["p_tumor"] for r in scored]) if scored else None
     if chosen is None:
-        return {**out, "slice_threshold": FALLBACK_THRESHOLD,
-                "slice_threshold_rule": f"val slices with a P(tumor) hold one class only: {FALLBACK_THRESHOLD}"}
+        why = "val slices with a P(tumor) hold one class only" if scored else "no val slice has a P(tumor)"
+        return {**out, "slice_threshold": FALLBACK_THRESHOLD, "slice_threshold_rule": f"{why}: {FALLBACK_THRESHOLD}"}
     return {**out, "slice_threshold": chosen, "slice_threshold_rule": "Youden's J of slice P(tumor) on val"}
 
 

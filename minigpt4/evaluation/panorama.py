@@ -296,7 +296,7 @@ def cascade_cases(volumes: dict, rows: Sequence[dict], likelihoods: dict, jobs: 
         by_volume.setdefault((row["dataset"], row["volume_name"]), []).append(row)
     for (dataset, name), records in volumes.items():
         job = jobs[dataset][name]
-        image, label = read_pair(job)
+        image, label, _ = read_pair(job)
         geometry = geometry_from_volume(image)
         expected = (records[0]["height"], records[0]["width"], len(records))
         if tuple(geometry.display_shape) != expected:

@@ -96,14 +96,14 @@ def _percent(threshold: float) -> str:
     return f"{round(threshold * 100):g} %"
 
 
-def threshold_title(threshold: Optional[float]) -> str:
-    """Which slices were evaluated, for a table title."""
+def threshold_title(threshold: Optional[float], why: Optional[str] = None) -> str:
+    """Which slices were evaluated, for a table title (``why`` it is unknown, when it is)."""
     if threshold is None:
-        return "selection threshold unknown"
+        return f"selection threshold unknown ({why})" if why else "selection threshold unknown"
     return f"slices with pancreas box ratio > {_percent(threshold)}"
 
 
-def paper_pancreas_rows(threshold: Optional[float]) -> tuple[list[tuple[str, float, float, float]], str]:
+def paper_pancreas_rows(threshold: Optional[float], why: Optional[str] = None) -> tuple[list[tuple[str, float, float, float]], str]:
     """The paper's ``(name, NIH, MSD, Average)`` rows that match the evaluated threshold, and a note
     saying which they are.
 
@@ -120,7 +120,7 @@ def paper_pancreas_rows(threshold: Optional[float]) -> tuple[list[tuple[str, flo
     if paper_t is not None:
         rows.append((f"Threshold {_percent(paper_t)}, paper (appendix Table 2, 10 epochs)", *PAPER_THRESHOLDS[paper_t]))
     if threshold is None:
-        note = "The evaluated selection threshold is unknown (not recorded): the paper's rows are those at 60 %."
+        note = f"The evaluated selection threshold is unknown ({why or 'not recorded'}): the paper's rows are those at 60 %."
     elif paper_t is None:
         note = f"The paper has no row for threshold {_percent(threshold)} (its study used 0 %, 10 %, …, 90 %)."
     elif at_60:
@@ -143,7 +143,8 @@ def pancreas_table(metrics: dict, label: str) -> str:
     header = ["Model", *[c for d in names for c in (d, f"{d} {PARSED}")], "Average", f"Average {PARSED}",
               "Parse rate", "IoU ≥ 0.5"]
     threshold = metrics.get("threshold")
-    paper, note = paper_pancreas_rows(threshold)
+    why = metrics.get("threshold_unknown")
+    paper, note = paper_pancreas_rows(threshold, why)
     rows: list[list[Any]] = []
     for name, nih, msd, avg in paper:
         values = {"NIH": nih, "MSD": msd}
@@ -154,7 +155,7 @@ def pancreas_table(metrics: dict, label: str) -> str:
     rows.append([CEILING_ROW, *[v for d in names for v in (_ds(metrics, d, "grid_ceiling"), None)],
                  w.get("grid_ceiling"), None, None, None])
     lines = [
-        f"### Table 1 — pancreas detection (IoU), {threshold_title(threshold)}", "",
+        f"### Table 1 — pancreas detection (IoU), {threshold_title(threshold, why)}", "",
         _table(header, rows), "",
         DIVISOR_NOTE,
         _parse_note(metrics),

@@ -42,7 +42,7 @@ class CascadeSettings:
     aggregation: str = "max"  # or top_k_mean
     top_k: int = 3
     crop_margin: int = 0  # the TC folder's --margin
-    batch_size: int = 8  # images per model call (does not change the answers)
+    batch_size: int = 8  # images per model call (fp32: the same answers; bf16 may move one: BENCHMARKS.md)
     whole_slice_fallback: bool = False  # one checkpoint: classify the whole slice when stage 1 has no box
     max_new_tokens: Optional[int] = None  # detection budget; None: the model's generation.max_new_tokens
     min_boxed_slices: int = 1  # fewer slices with a pancreas box: the patient answer is "inconclusive"

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from minigpt4.inference.geometry import geometry_from_volume
+from preprocessing.acquisition import measure_acquisition
 from preprocessing.normalize import normalize_slice
 from preprocessing.volumes import (
     VolumeError,
@@ -349,6 +350,10 @@ class Volume:
     dicom_headers: Optional[list] = None
     """DICOM input: the series' headers (pydicom Datasets without pixel data), header ``k`` =
     stored slice ``k`` (:func:`preprocessing.volumes.read_dicom_headers`' order), for a DICOM SEG."""
+    acquisition: Optional[dict] = None
+    """How it was acquired (:func:`preprocessing.acquisition.measure_acquisition` of its HU voxels):
+    what the fitness checks (:mod:`minigpt4.inference.fitness`) compare with the training envelope;
+    None when it could not be measured (the checks then say unknown)."""
 
     @property
     def num_slices(self) -> int:
@@ -390,7 +395,7 @@ def safe_extract_dicom_zip(path: Path, dest: Path, limits: Limits, members_by_fi
     return dest
 
 
-def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> tuple[np.ndarray, tuple[float, ...], Any, Optional[list]]:
+def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> tuple[np.ndarray, tuple[float, ...], Any, Optional[list], Optional[dict]]:
     """A NIfTI / ``.mha`` / ``.nrrd`` file or a folder holding one DICOM series → HU slices in the display frame.
 
     Args:
@@ -398,10 +403,11 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> 
         name: the file name to show in messages (the upload's, not the temp path).
 
     Returns:
-        ``(hu, spacing, geometry, headers)``: hu (Z, H, W) float32, slice k = display-frame slice k
+        ``(hu, spacing, geometry, headers, acquisition)``: hu (Z, H, W) float32, slice k = display-frame slice k
         (row = PNG row); spacing = voxel sizes (mm) of the stored axes; the input's
         :class:`~minigpt4.scan_outputs.VolumeGeometry`; the DICOM headers in stored slice order
-        (None for NIfTI), read once with the pixels.
+        (None for NIfTI), read once with the pixels; the acquisition record (None when it
+        could not be measured).
 
     Raises:
         InputError: the preprocessing reader refused the file (the message says why).
@@ -428,7 +434,11 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None) -> 
     if volume.slope != 1.0 or volume.inter != 0.0:
         hu = hu * np.float32(volume.slope) + np.float32(volume.inter)
     spacing = tuple(float(v) for v in np.sqrt((volume.affine[:3, :3] ** 2).sum(axis=0)))
-    return hu, spacing, geometry_from_volume(volume), headers
+    try:  # slice axis 0 of the display frame is the stored axial axis
+        acquisition = measure_acquisition(hu, volume.affine, 0, headers)
+    except (ValueError, FloatingPointError):
+        acquisition = None
+    return hu, spacing, geometry_from_volume(volume), headers, acquisition
 
 
 def normalise_volume(hu: np.ndarray, method: str) -> np.ndarray:
@@ -479,15 +489,15 @@ def load_volume(
             try:
                 safe_extract_dicom_zip(path, extract_dir, limits, members)
                 check_dicom_headers(extract_dir, path.name, limits)
-                hu, spacing, geometry, headers = read_display_volume(extract_dir, path.name)
+                hu, spacing, geometry, headers, acquisition = read_display_volume(extract_dir, path.name)
             finally:
                 shutil.rmtree(extract_dir, ignore_errors=True)
         elif path.is_dir():
             check_dicom_headers(path, path.name, limits)
-            hu, spacing, geometry, headers = read_display_volume(path, path.name)
+            hu, spacing, geometry, headers, acquisition = read_display_volume(path, path.name)
         else:
             check_nifti_header(path, path.name, limits)
-            hu, spacing, geometry, headers = read_display_volume(path, path.name)
+            hu, spacing, geometry, headers, acquisition = read_display_volume(path, path.name)
     except InputError as err:
         raise InputError(public_message(str(err), path, private, members)) from None
     except MemoryError:
@@ -511,4 +521,4 @@ def load_volume(
         )
     slices = normalise_volume(hu, normalisation)
     return Volume(name=path.name, slices=slices, normalisation=normalisation, spacing=spacing, geometry=geometry,
-                  dicom_headers=headers)
+                  dicom_headers=headers, acquisition=acquisition)

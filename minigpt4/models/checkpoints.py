@@ -72,7 +72,12 @@ PROVENANCE_KEY = "provenance"
 TASKS_KEY = "tasks"
 """Safetensors metadata key of the tasks a checkpoint was trained for (JSON list, e.g.
 ``["pancreas_detection"]``; see :func:`checkpoint_tasks`)."""
+ENVELOPE_KEY = "envelope"
+"""Safetensors metadata key of the training envelope: the acquisition range of the training volumes
+(JSON, :func:`minigpt4.training.envelope.training_envelope`; read with :func:`checkpoint_envelope`)."""
 PROVENANCE_NAME = "provenance.json"
+ENVELOPE_NAME = "envelope.json"
+"""The training envelope in a PEFT export folder (as :data:`PROVENANCE_NAME` is the provenance)."""
 """The same record in a PEFT export folder (``python -m minigpt4.export``)."""
 MINIGPT_V2_LORA_ALPHA = 16
 """α of the MiniGPT-v2 stage-3 and MiniGPT-Pancreas release adapters (r = 64 is read from the shapes)."""
@@ -113,7 +118,8 @@ class LoadReport:
 
 # ---------------------------------------------------------------------- saving
 def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], config: Any = None,
-                    provenance: Optional[dict] = None, tasks: Optional[Sequence[str]] = None) -> Path:
+                    provenance: Optional[dict] = None, tasks: Optional[Sequence[str]] = None,
+                    envelope: Optional[dict] = None) -> Path:
     """Write ``folder/model.safetensors`` (trainable tensors + frozen adapters) and ``folder/config.yaml``.
 
     Each file is written to a temporary name and renamed into place; the tensors come last, so
@@ -132,6 +138,8 @@ def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], con
             file's header, so it travels with the file (``checkpoint_best`` is a copy) and reads
             back without a model (:func:`read_metadata`). A checkpoint without it has unknown
             provenance and the leakage guard refuses it unless told otherwise.
+        envelope: the acquisition range of the training volumes (metadata key ``envelope``),
+            what a scan's fitness checks compare the input with.
     Returns:
         The path of ``model.safetensors``.
     """
@@ -157,6 +165,8 @@ def save_checkpoint(model: MiniGPTPancreas, folder: Union[str, os.PathLike], con
     }
     if provenance is not None:
         metadata[PROVENANCE_KEY] = to_json(provenance, sort_keys=True)
+    if envelope is not None:
+        metadata[ENVELOPE_KEY] = to_json(envelope, sort_keys=True, where="checkpoint metadata envelope")
     if tasks is not None:
         metadata[TASKS_KEY] = to_json(sorted(set(tasks)), where="checkpoint metadata tasks")
     path = folder / WEIGHTS_NAME
@@ -179,7 +189,8 @@ def read_metadata(path: Union[str, os.PathLike]) -> tuple[str, Path, dict[str, s
 
     ``kind`` is ``"project"`` (a safetensors file this project wrote: its metadata has
     ``format`` = ``minigpt-pancreas/...``), ``"peft"`` (a PEFT adapter folder; its metadata holds
-    ``provenance`` when the folder has :data:`PROVENANCE_NAME`, as our exports do), or ``"foreign"``
+    ``provenance`` when the folder has :data:`PROVENANCE_NAME`, as our exports do, and ``envelope``
+    from :data:`ENVELOPE_NAME`), or ``"foreign"``
     (anything else: the MiniGPT-v2 stage-3 ``.pth``, a release ``.pth``, another safetensors
     file, whose metadata is empty).
 
@@ -188,8 +199,8 @@ def read_metadata(path: Union[str, os.PathLike]) -> tuple[str, Path, dict[str, s
     """
     path = resolve_checkpoint_path(path)
     if path.name == PEFT_WEIGHTS_NAME and (path.parent / PEFT_CONFIG_NAME).is_file():
-        record = path.parent / PROVENANCE_NAME
-        return "peft", path, {PROVENANCE_KEY: record.read_text(encoding="utf-8")} if record.is_file() else {}
+        records = {key: path.parent / name for key, name in ((PROVENANCE_KEY, PROVENANCE_NAME), (ENVELOPE_KEY, ENVELOPE_NAME))}
+        return "peft", path, {key: file.read_text(encoding="utf-8") for key, file in records.items() if file.is_file()}
     if path.suffix != ".safetensors":
         return "foreign", path, {}
     try:
@@ -228,6 +239,27 @@ def checkpoint_tasks(path: Union[str, os.PathLike]) -> Optional[list[str]]:
     except (ValueError, AttributeError, IndexError, TypeError):
         tasks = []
     return tasks or None
+
+
+def checkpoint_envelope(path: Union[str, os.PathLike]) -> tuple[Optional[dict], str]:
+    """``(envelope, note)``: the training envelope a checkpoint records (header only), or None with
+    the reason: ``"none: a foreign checkpoint ..."``, ``"none: not recorded ..."``.
+
+    Raises:
+        FileNotFoundError: nothing there. ValueError: an unreadable header or envelope record.
+    """
+    kind, weights_file, metadata = read_metadata(path)
+    if kind == "foreign":
+        return None, f"none: {weights_file.name} is a foreign checkpoint (its training data are not recorded)"
+    if ENVELOPE_KEY not in metadata:
+        return None, f"none: {weights_file.name} records no envelope (trained before issue 28 or exported without it)"
+    try:
+        envelope = json.loads(metadata[ENVELOPE_KEY])
+        if not isinstance(envelope, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        raise ValueError(f"{weights_file}: unreadable '{ENVELOPE_KEY}' record ({err})") from None
+    return envelope, f"recorded: {envelope.get('n_recorded', '?')} of {envelope.get('n_volumes', '?')} training volumes"
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:

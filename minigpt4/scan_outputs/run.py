@@ -13,13 +13,18 @@ import hashlib
 import io
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
+
+import pydicom
 
 from minigpt4.inference.pipeline import VolumeResult
 from minigpt4.identity import CheckpointIdentity, content_sha256, package_versions
 from minigpt4.inference.geometry import VolumeGeometry
 from minigpt4.io import to_json, write_json_atomic, write_text_atomic
+from minigpt4.scan_outputs.html import REPORT_HTML, write_report_html
+from minigpt4.scan_outputs.sr import write_dicom_sr
 from minigpt4.scan_outputs.volume_files import (
     build_report,
     write_box_nifti,
@@ -31,8 +36,13 @@ from minigpt4.scan_outputs.volume_files import (
 DONE_FILE = "done.json"
 ERROR_FILE = "error.json"
 REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE = "report.json", "boxes.nii.gz", "seg.dcm", "montage.png"
-VOLUME_FILES = (REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE)
-SUMMARY_COLUMNS = ("volume", "decision", "score", "n_slices", "n_boxed", "most_suspicious_slice", "error")
+SR_FILE = "sr.dcm"
+VOLUME_FILES = (REPORT_FILE, BOXES_FILE, SEG_FILE, MONTAGE_FILE, SR_FILE, REPORT_HTML)
+SUMMARY_COLUMNS = ("volume", "decision", "score", "likelihood", "outside_validated_range", "failed_checks", "n_slices",
+                   "n_boxed", "most_suspicious_slice", "error")
+"""``score``: the raw patient score; ``likelihood``: the calibrated one (empty without a map: the
+score is uncalibrated); ``outside_validated_range``: true / false (empty: not recorded);
+``failed_checks``: the failed fitness checks, ``;``-separated."""
 SCAN_FORMAT = "minigpt-pancreas-scan/1"
 
 
@@ -102,17 +112,24 @@ def write_volume_outputs(out_dir: str | os.PathLike, *, volume: str, source: str
                          result: VolumeResult, checkpoints: Sequence[CheckpointIdentity], fingerprint: str,
                          slices: Any = None, dicom_headers: Optional[Sequence[Any]] = None,
                          montage_size: int = 8, software_version: str = "",
-                         extra: Optional[dict] = None) -> list[str]:
+                         extra: Optional[dict] = None, fitness: Optional[Sequence[dict]] = None,
+                         calibration: Any = None, slice_calibration: Any = None) -> list[str]:
     """Write one volume's files into ``out_dir`` and mark it done.
 
     ``result`` is what :func:`minigpt4.inference.pipeline.scan_slices` returned (``patient`` None:
     no patient answer, e.g. one checkpoint for every stage).
 
-    Writes ``report.json`` and ``boxes.nii.gz`` always; ``seg.dcm`` when ``dicom_headers`` (the
-    source series, :func:`~minigpt4.scan_outputs.read_dicom_source`) are given and a slice has
-    a box; ``montage.png`` when ``slices`` (display slice ``k`` → (H, W) uint8) are given and a
-    slice has a P(tumor). Output files of a previous run that this one does not rewrite are removed;
-    ``done.json`` comes last. A failure leaves the folder unmarked (never half-written files).
+    ``fitness``, ``calibration`` and ``slice_calibration`` go into ``report.json``
+    (:func:`~minigpt4.scan_outputs.volume_files.build_report`).
+    Writes ``report.json``, ``boxes.nii.gz`` and ``report.html`` always; ``seg.dcm`` when
+    ``dicom_headers`` (the source series, :func:`~minigpt4.scan_outputs.read_dicom_source`) are
+    given and a slice has a box; ``sr.dcm`` (:func:`~minigpt4.scan_outputs.sr.write_dicom_sr`)
+    for every DICOM input; ``montage.png`` when ``slices`` (display slice ``k`` → (H, W) uint8)
+    are given and a slice has a P(tumor). An SR that cannot be written costs only the SR:
+    ``report.json`` ``structured_report`` says why (``{"file": null, "error": ...}``; written:
+    ``{"file": "sr.dcm", "error": null}``; no DICOM input: the key is null) and the other files
+    are written. Output files of a previous run that this one does not rewrite are removed;
+    ``done.json`` comes last. Any other failure leaves the folder unmarked (never half-written files).
 
     Returns:
         The names of the files written (without ``done.json``).
@@ -121,9 +138,10 @@ def write_volume_outputs(out_dir: str | os.PathLike, *, volume: str, source: str
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _start_volume(out_dir)
     results = result.slices
-    report = build_report(volume, source, geometry, result.patient, results, checkpoints, extra)
-    written = [write_report(out_dir / REPORT_FILE, report).name,
-               write_box_nifti(out_dir / BOXES_FILE, geometry, results).name]
+    report = build_report(volume, source, geometry, result.patient, results, checkpoints, extra, fitness=fitness,
+                          calibration=calibration, slice_calibration=slice_calibration)
+    written = [write_box_nifti(out_dir / BOXES_FILE, geometry, results).name]
+    seg = None
     if dicom_headers is not None:
         seg = write_dicom_seg(out_dir / SEG_FILE, geometry, results, dicom_headers, checkpoints, software_version)
         if seg is not None:
@@ -132,10 +150,35 @@ def write_volume_outputs(out_dir: str | os.PathLike, *, volume: str, source: str
         montage = write_montage(out_dir / MONTAGE_FILE, slices, results, n=montage_size)
         if montage is not None:
             written.append(montage.name)
+    if dicom_headers is not None:
+        report["structured_report"] = _write_sr(out_dir / SR_FILE, report, dicom_headers, seg, software_version)
+        if report["structured_report"]["file"]:
+            written.append(SR_FILE)
+    else:
+        report["structured_report"] = None
+    written.insert(0, write_report(out_dir / REPORT_FILE, report).name)
+    montage_path = out_dir / MONTAGE_FILE if MONTAGE_FILE in written else None
+    written.append(write_report_html(out_dir / REPORT_HTML, report, montage_path,
+                                     files=[name for name in written if name != MONTAGE_FILE]).name)
     for name in previous - set(written):
         (out_dir / name).unlink(missing_ok=True)
     mark_done(out_dir, fingerprint, written)
     return written
+
+
+def _write_sr(path: Path, report: dict, dicom_headers: Sequence[Any], seg: Optional[Path],
+              software_version: str) -> dict:
+    """Write ``sr.dcm``; returns the ``structured_report`` entry of ``report.json``. Any failure
+    is recorded there instead of failing the volume: the answer and the other files stand."""
+    try:
+        seg_dataset = None if seg is None else pydicom.dcmread(str(seg), stop_before_pixels=True)
+        write_dicom_sr(path, report, dicom_headers, seg_dataset, software_version)
+    except Exception as err:  # noqa: BLE001 - highdicom raises many kinds; the SR alone is lost
+        path.unlink(missing_ok=True)
+        message = f"{type(err).__name__}: {err}"
+        print(f"warning: {report.get('volume')}: {SR_FILE} not written: {message}", file=sys.stderr)
+        return {"file": None, "error": message}
+    return {"file": SR_FILE, "error": None}
 
 
 def write_volume_error(out_dir: str | os.PathLike, volume: str, message: str) -> Path:
@@ -156,14 +199,19 @@ def write_volume_error(out_dir: str | os.PathLike, volume: str, message: str) ->
 def summary_row(report: Mapping[str, Any]) -> dict:
     """A ``summary.csv`` row from a ``report.json`` dict."""
     patient = report["patient"] or {"decision": None, "score": None}
+    likelihood = patient.get("likelihood") or {}
+    fitness = report.get("fitness")
+    outside = report.get("outside_validated_range")
     return {"volume": report["volume"], "decision": patient["decision"], "score": patient["score"],
+            "likelihood": likelihood.get("calibrated"),
+            "outside_validated_range": None if outside is None else str(bool(outside)).lower(),
+            "failed_checks": None if fitness is None else ";".join(c["check"] for c in fitness if c["status"] == "failed"),
             "n_slices": report["counts"]["n_slices"], "n_boxed": report["counts"]["n_boxed"],
             "most_suspicious_slice": report["most_suspicious_slice"], "error": None}
 
 
 def error_row(volume: str, message: str) -> dict:
-    return {"volume": volume, "decision": None, "score": None, "n_slices": None, "n_boxed": None,
-            "most_suspicious_slice": None, "error": str(message)}
+    return {**{key: None for key in SUMMARY_COLUMNS}, "volume": volume, "error": str(message)}
 
 
 def collect_summary(out_root: str | os.PathLike, volumes: Sequence[str]) -> list[dict]:

@@ -18,6 +18,8 @@ import numpy as np
 
 from minigpt4.drawing import CYAN, RED, annotate, display_scale
 from minigpt4.identity import CheckpointIdentity
+from minigpt4.inference.calibration import CalibrationMap, calibrate_slices, likelihood_entry
+from minigpt4.inference.fitness import outside_validated_range
 from minigpt4.inference.geometry import (
     VolumeGeometry,
     check_results,
@@ -59,7 +61,9 @@ def most_suspicious(results: Sequence[SliceResult]) -> Optional[int]:
 
 def build_report(volume: str, source: str, geometry: VolumeGeometry, patient: Optional[PatientResult],
                  results: Sequence[SliceResult], checkpoints: Sequence[CheckpointIdentity],
-                 extra: Optional[dict] = None) -> dict:
+                 extra: Optional[dict] = None, *, fitness: Optional[Sequence[dict]] = None,
+                 calibration: Optional[CalibrationMap] = None,
+                 slice_calibration: Optional[CalibrationMap] = None) -> dict:
     """The content of ``report.json`` (a JSON-ready dict; see the module docstring for the frames).
 
     Args:
@@ -69,6 +73,11 @@ def build_report(volume: str, source: str, geometry: VolumeGeometry, patient: Op
         results: the pipeline's :class:`~minigpt4.inference.pipeline.SliceResult` per slice the
             model was run on (any order; written sorted by slice).
         extra: more top-level keys (e.g. ``{"config": {...}}``); may not replace the standard ones.
+        fitness: the input's fitness checks (:func:`minigpt4.inference.fitness.check_fitness`):
+            ``fitness`` and ``outside_validated_range`` (both null when not given: not recorded).
+        calibration: the patient score's map (``patient.likelihood``: raw and calibrated, or
+            ``calibrated`` null: an uncalibrated score); ``slice_calibration`` P(tumor)'s
+            (``p_tumor_calibrated`` per slice).
     """
     check_results(geometry, patient, results)
     rows = []
@@ -78,6 +87,7 @@ def build_report(volume: str, source: str, geometry: VolumeGeometry, patient: Op
         rows.append({
             "slice": k,
             "p_tumor": None if r.p_tumor is None else float(r.p_tumor),
+            "p_tumor_calibrated": calibrate_slices([r.p_tumor], slice_calibration)[0],
             "classified_on": r.classified_on,
             "pancreas_answer": r.pancreas_answer,
             "pancreas_box": None if pancreas is None else _box_entry(geometry, pancreas, k),
@@ -93,13 +103,16 @@ def build_report(volume: str, source: str, geometry: VolumeGeometry, patient: Op
             "decision": patient.decision, "score": None if inconclusive else float(patient.score),
             "threshold": float(patient.threshold), "aggregation": patient.aggregation,
             "top_k": patient.top_k if patient.aggregation == "top_k_mean" else None,
-            "n_slices_boxed": int(patient.n_slices_boxed)},
+            "n_slices_boxed": int(patient.n_slices_boxed),
+            "likelihood": likelihood_entry(None if inconclusive else float(patient.score), calibration)},
         "most_suspicious_slice": most_suspicious(results),
         "counts": {"n_slices": geometry.n_slices, "n_results": len(rows),
                    "n_classified": sum(r.p_tumor is not None for r in results),
                    "n_boxed": sum(any(b is not None for b in slice_boxes(geometry, r)) for r in results)},
         "geometry": geometry.as_dict(),
         "checkpoints": [c.as_dict() for c in checkpoints],
+        "fitness": None if fitness is None else [dict(c) for c in fitness],
+        "outside_validated_range": None if fitness is None else outside_validated_range(fitness),
         "slices": rows,
     }
     for key, value in (extra or {}).items():
@@ -199,7 +212,7 @@ SOURCE_TYPE2_ATTRIBUTES = ("PatientID", "PatientName", "PatientBirthDate", "Pati
                            "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
 
 
-def _seg_source(header: Any) -> Any:
+def source_header(header: Any) -> Any:
     """The header as highdicom needs it: absent :data:`SOURCE_TYPE2_ATTRIBUTES` set empty, and
     an empty SOPClassUID/SOPInstanceUID (seen in anonymised series) taken from the file meta
     (MediaStorageSOP...UID, the same identity). A copy when anything changes."""
@@ -219,6 +232,16 @@ def _seg_source(header: Any) -> Any:
             raise ValueError(f"DICOM header without {name} (neither in the data set nor in its file meta)")
         setattr(header, name, value)
     return header
+
+
+def installed_version() -> str:
+    """The installed minigpt-pancreas version ("unknown" for a source checkout not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("minigpt-pancreas")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: Sequence[SliceResult],
@@ -249,13 +272,7 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
 
 
     check_results_geometry_only(geometry, results)
-    if not software_version:
-        from importlib import metadata
-
-        try:
-            software_version = metadata.version("minigpt-pancreas")
-        except metadata.PackageNotFoundError:  # a source checkout that is not installed
-            software_version = "unknown"
+    software_version = software_version or installed_version()
     first = source_headers[0]
     slices, masks = seg_frames(geometry, results, len(source_headers), int(first.Rows), int(first.Columns))
     if not slices:
@@ -290,7 +307,7 @@ def write_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry, results: 
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm),
     ]
     seg = hd.seg.Segmentation(
-        source_images=[_seg_source(source_headers[k]) for k in slices],
+        source_images=[source_header(source_headers[k]) for k in slices],
         pixel_array=masks,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

@@ -94,14 +94,15 @@ def _replace_folder(tmp: Path, final: Path) -> None:
 
 
 def write_checkpoint(model: torch.nn.Module, cfg: Config, output_dir: Path, name: str, state: dict,
-                     provenance: Optional[dict] = None) -> Path:
+                     provenance: Optional[dict] = None, envelope: Optional[dict] = None) -> Path:
     final = output_dir / name
     tmp = output_dir / f".{name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         # the tasks it learned, so a cascade can refuse it for another stage (models/stages.py)
-        save_checkpoint(model, tmp, cfg, provenance, tasks=[ds.task for ds in cfg.datasets.values()])
+        save_checkpoint(model, tmp, cfg, provenance, tasks=[ds.task for ds in cfg.datasets.values()],
+                        envelope=envelope)
         torch_save_atomic(tmp / TRAINING_STATE, state)  # a full disk: an OSError naming the file
     except OSError as err:  # name the checkpoint the user will look for, not its temporary folder
         if err.filename is None or not str(err.filename).startswith(str(tmp)):

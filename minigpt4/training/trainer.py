@@ -68,6 +68,7 @@ from minigpt4.training.checks import (
     check_weight_files,
     precision_mismatch,
 )
+from minigpt4.training.envelope import training_envelope
 from minigpt4.training.sampler import MixPlan
 from minigpt4.training.schedule import WarmupCosineSchedule
 from minigpt4.training.state import (
@@ -252,6 +253,7 @@ def train(cfg: Config, overwrite: bool = False, allow_unknown_provenance: bool =
         val_sets = load_split_records(cfg, "val") if run.validate else []
 
         provenance = training_provenance(cfg, allow_unknown_provenance)  # recorded in every checkpoint
+        envelope = training_envelope(cfg)  # ... with the acquisition range of the train volumes
         resume_from = resolve_resume(run.resume, output_dir)
         if resume_from is not None:
             check_resume_config(cfg, resume_from)
@@ -360,7 +362,7 @@ def train(cfg: Config, overwrite: bool = False, allow_unknown_provenance: bool =
                     "rng": rngs,
                     "best": {"score": best_score, "epoch": best_epoch},
                 }
-                folder = write_checkpoint(model, cfg, output_dir, name, state, provenance)
+                folder = write_checkpoint(model, cfg, output_dir, name, state, provenance, envelope)
                 out_folder.keep()  # resumable from here: a later failure keeps the folder
             D.barrier()
             return folder
