@@ -319,6 +319,33 @@ def _negatives(job: Job, candidates: np.ndarray, n: int) -> np.ndarray:
     return np.sort(rng.choice(candidates, size=min(n, candidates.size), replace=False))
 
 
+def read_pair(job: Job) -> tuple[volumes.Volume, np.ndarray, Optional[list]]:
+    """A job's image, its label in the image's stored voxel order, checked (intensities, label
+    geometry and values), and the DICOM headers in stored slice order (None for a file): what
+    :func:`process_volume` prepares from, and what ``eval_cascade.py`` scores detection maps
+    against (the reference lesions in the CT's own geometry).
+
+    Raises:
+        VolumeError: naming the file and the problem.
+    """
+    headers = None
+    if job.kind == "dicom":
+        found = volumes.read_dicom_headers(job.image)
+        image = volumes.read_dicom_series(job.image, headers=found)
+        headers = [ds for _, ds in found[0]]
+    elif job.kind == "mha":
+        image = volumes.load_mha(job.image)
+    else:
+        image = volumes.load_nifti(job.image, assume_orientation=job.assume_orientation)
+    volumes.check_intensities(image)
+    label_vol = volumes.load_nifti(job.label, assume_orientation=job.assume_orientation)
+    label = volumes.label_array(label_vol)
+    label = volumes.align_label_to_image(label, label_vol.affine, image.array.shape, image.affine,
+                                         job.label, job.image)
+    _check_label_values(job, label)
+    return image, label, headers
+
+
 def process_volume(job: Job) -> dict:
     """Load, check, compute records and write PNGs for one volume.
 
@@ -328,21 +355,7 @@ def process_volume(job: Job) -> dict:
     """
     t0 = time.perf_counter()
     try:
-        headers = None
-        if job.kind == "dicom":
-            found = volumes.read_dicom_headers(job.image)
-            image = volumes.read_dicom_series(job.image, headers=found)
-            headers = [ds for _, ds in found[0]]
-        elif job.kind == "mha":
-            image = volumes.load_mha(job.image)
-        else:
-            image = volumes.load_nifti(job.image, assume_orientation=job.assume_orientation)
-        volumes.check_intensities(image)
-        label_vol = volumes.load_nifti(job.label, assume_orientation=job.assume_orientation)
-        label = volumes.label_array(label_vol)
-        label = volumes.align_label_to_image(label, label_vol.affine, image.array.shape, image.affine,
-                                             job.label, job.image)
-        _check_label_values(job, label)
+        image, label, headers = read_pair(job)
     except VolumeError as err:
         return {"volume": job.volume_name, "error": {"file": err.path, "problem": err.problem}}
     t1 = time.perf_counter()

@@ -44,7 +44,14 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     tables = markdown_tables(printed)
     assert markdown_tables(printed.split("## Patient level (test volumes)")[1])[0].header[0] != ""
     written = {p: markdown_tables(p.read_text()) for p in (tmp_path / "eval").rglob("tables.md")}
-    assert len(written) == 5 and all(written.values()) and len(tables) >= 5
+    assert len(written) == 6 and all(written.values()) and len(tables) >= 6
+    # the PANORAMA path: phantoms prepared, the cascade's evaluation scored the PANORAMA way
+    panorama = json.loads((tmp_path / "eval" / "cascade_panorama" / "metrics.json").read_text())["panorama"]
+    assert set(panorama) >= {"auroc", "ap", "score", "ci95", "n_studies", "patient_truth"}
+    assert "clinical sheet" in panorama["patient_truth"] and panorama["n_studies"] > 0
+    maps = sorted((tmp_path / "eval" / "cascade_panorama" / "detection_maps").iterdir())
+    assert len(maps) == panorama["n_studies"]
+    assert "## PANORAMA scoring (picai_eval)" in printed and "0.92 (95 % CI 0.90–0.93)" in printed
     assert f"cascade.stages.tumor_detection={tmp_path / 'runs' / 'stage3_tumor_detection' / 'checkpoint_best'}" in printed
     # scan.py on one new volume, as a NIfTI and as a DICOM series, at the cascade's val operating point
     scan = tmp_path / "scan"

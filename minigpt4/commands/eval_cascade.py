@@ -13,13 +13,14 @@ from typing import Optional, Sequence
 from minigpt4.cli import add_provenance_argument
 from minigpt4.config import add_config_arguments, load_config
 from minigpt4.distributed import cleanup, init_distributed
-from minigpt4.evaluation.cascade import cascade_tables, evaluate, load_volumes
+from minigpt4.evaluation.cascade import cascade_tables, evaluate, load_volumes, source_jobs
+from minigpt4.evaluation.panorama import check_sources
 from minigpt4.models.stages import check_stage_tasks, load_stages, require_all_stages
 from minigpt4.outputs import OutputFolder, check_output_folder
 from minigpt4.provenance import check_cascade_leakage, stage_provenance
 
 CASCADE_OUTPUTS = ("predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "reliability.png",
-                   "config.yaml", "operating_point.json")
+                   "config.yaml", "operating_point.json", "detection_maps", "panorama_curves.png")
 """What ``eval_cascade.py`` writes in ``run.output_dir`` (besides its ``manifest.json``)."""
 
 
@@ -48,6 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not volumes[1]:
         roots = ", ".join(dict.fromkeys(str(ds.root) for ds in cfg.datasets.values()))
         raise ValueError(f"{roots}: the test split holds no volume (annotations/split.json); nothing to evaluate")
+    check_sources(volumes[1], source_jobs(cfg))  # the detection maps need every test CT and label file
     check_stage_tasks(cfg.cascade.stages.configured())  # checkpoint headers only
     provenance = stage_provenance(check_cascade_leakage(cfg, args.allow_unknown_provenance))
     out = Path(cfg.run.output_dir)

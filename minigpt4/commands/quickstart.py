@@ -12,7 +12,9 @@
 4. evaluation with ``eval_detection.py`` / ``eval_classification.py``'s code on the test
    volumes: the paper-style tables are printed and written with the figures; then the clinical
    cascade (``eval_cascade.py``, ``eval_configs/cascade_cpu.yaml``): the three stages on one base
-   over every slice of the test volumes, with per-patient results;
+   over every slice of the test volumes, with per-patient results; then the same stages on a
+   PANORAMA-format phantom set (``python -m preprocessing panorama``), scored the PANORAMA way
+   (detection maps, patient AUROC + lesion AP with picai_eval: the ``panorama`` section);
 5. ``scan.py`` (``eval_configs/scan_cpu.yaml``) on one new synthetic volume, written as a NIfTI
    and as a DICOM series, at the operating point the cascade evaluation chose on val (its
    ``operating_point.json``, ``cascade.operating_point``): per volume
@@ -55,6 +57,8 @@ SCAN_CONFIG = REPO / "eval_configs" / "scan_cpu.yaml"
 # (scheme, phantoms) of each synthetic dataset: (full run, --smoke). Hundreds of volumes, because
 # a model that sees a few dozen memorises their boxes instead of learning to read the image.
 PHANTOMS = {"msd": (500, 6), "nih": (300, 6), "abd": (150, 6)}
+# PANORAMA-format phantom patients (full run, --smoke): scored the PANORAMA way, never trained on
+PANORAMA_PATIENTS = (40, 8)
 # (slices, pixels) of each phantom: (full run, --smoke); 112 px = the tiny model's input size
 PHANTOM_SHAPE = ((12, 112), (12, 64))
 
@@ -101,6 +105,31 @@ def make_data(out: Path, smoke: bool, workers: int) -> dict[str, Path]:
     _run_cli(preprocessing_main, ["tc", "--msd", str(prepared["MSD"]), "--nih", str(prepared["NIH"]),
                                   "--out", str(prepared["TC"]), "--workers", str(workers), "--overwrite"])
     return prepared
+
+
+def make_panorama(out: Path, smoke: bool, workers: int) -> Path:
+    """PANORAMA-format phantoms (PDAC and non-PDAC patients from one "scanner", a patient with two
+    studies, the clinical sheet) → ``python -m preprocessing panorama --all-slices``; returns the folder."""
+    from preprocessing import synthetic_panorama
+    from preprocessing.__main__ import main as preprocessing_main
+
+    slices, size = PHANTOM_SHAPE[1] if smoke else PHANTOM_SHAPE[0]
+    raw = synthetic_panorama.generate(out / "raw" / "PANORAMA", PANORAMA_PATIENTS[1 if smoke else 0], slices, size,
+                                      "LPS", 0, log=print, overwrite=True)
+    target = out / "data" / "PANORAMA"
+    _run_cli(preprocessing_main, ["panorama", "--images", str(raw["images"]), "--labels", *map(str, raw["labels"]),
+                                  "--clinical", str(raw["clinical"]), "--out", str(target), "--all-slices",
+                                  "--workers", str(workers), "--overwrite"])
+    return target
+
+
+def panorama_cascade_config(out: Path, panorama: Path) -> Path:
+    """``cascade_cpu.yaml`` with the PANORAMA folder as its only dataset (written to ``<out>/configs/``)."""
+    cfg = load_config(CASCADE_CONFIG)
+    cfg.datasets = {"panorama": DatasetConfig(root=str(panorama), task="pancreas_detection")}
+    path = out / "configs" / "cascade_panorama.yaml"
+    save_config(cfg, path)
+    return path
 
 
 def stage_plan(data: dict[str, Path]) -> list[tuple[str, dict[str, DatasetConfig], Optional[str]]]:
@@ -219,6 +248,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cascade_dir = out / "eval" / "cascade"
     _run_cli(lambda argv: 0 if cascade_main(argv) is not None else 1, [
         "--cfg-path", str(CASCADE_CONFIG), "--options", *cascade_options(data, best, cascade_dir, args.smoke)])
+    # the same stages on PANORAMA-format phantoms, scored the PANORAMA way (detection maps, picai_eval)
+    panorama_dir = out / "eval" / "cascade_panorama"
+    stage_options = [o for o in cascade_options(data, best, panorama_dir, args.smoke)
+                     if not o.startswith(("datasets.", "cascade.max_volumes"))]
+    _run_cli(lambda argv: 0 if cascade_main(argv) is not None else 1, [
+        "--cfg-path", str(panorama_cascade_config(out, make_panorama(out, args.smoke, args.workers))),
+        "--options", *stage_options])
     # scan.py on a new volume (NIfTI and DICOM) at the operating point the cascade chose on val
 
     scan_dir = out / "scan"
@@ -242,6 +278,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"tiny model {shown} vs image-blind baseline, {what} {value:.3f}")
     print("\n## the clinical cascade: stage 1 → crop from the predicted box → stage 2 → stage 3, every test slice\n")
     print((cascade_dir / "tables.md").read_text())
+    print("## the same cascade on PANORAMA-format phantoms (never trained on), scored the PANORAMA way\n")
+    panorama_tables = (panorama_dir / "tables.md").read_text()
+    print(panorama_tables[panorama_tables.index("## PANORAMA scoring"):])
+    print(f"detection maps: {panorama_dir / 'detection_maps'}\n")
     print("## scan.py on a new volume (as a NIfTI and as a DICOM series)\n")
     print((scan_dir / "summary.csv").read_text())
     print(f"scan outputs (report.json, boxes.nii.gz over the CT, seg.dcm and sr.dcm for DICOM, montage.png, "

@@ -2,10 +2,11 @@
 
     python scan.py --cfg-path eval_configs/scan.yaml --inputs CT/ case7.nii.gz --out scans/
     torchrun --nproc-per-node 4 scan.py --cfg-path eval_configs/scan.yaml --inputs CT/ --out scans/
+    python scan.py --cfg-path eval_configs/scan.yaml --grand-challenge   # PANORAMA's algorithm interface
 
-Inputs (:func:`minigpt4.inference.inputs.find_volumes`): NIfTI files, zips of one DICOM
-series, DICOM files found by content (one volume per SeriesInstanceUID), or folders of those;
-what is found and what is skipped is said. Each volume is read by the inference reader
+Inputs (:func:`minigpt4.inference.inputs.find_volumes`): NIfTI / ``.mha`` / ``.nrrd`` files, zips of
+one DICOM series, DICOM files found by content (one volume per SeriesInstanceUID), or folders of
+those; what is found and what is skipped is said. Each volume is read by the inference reader
 (:func:`minigpt4.inference.readers.load_volume`), scanned by
 :func:`minigpt4.inference.pipeline.scan_slices` and written by
 :func:`minigpt4.scan_outputs.write_volume_outputs` under ``<out>/<volume>/``; ``summary.csv`` and
@@ -16,7 +17,9 @@ plus the calibration map and training envelopes) is skipped. ``manifest.json`` i
 (``status: running``), so a scan stopped by kill -9, Ctrl-C or a full disk is resumed by running
 it again; a second scan into a folder being written is told so. Under torchrun the volumes are
 sharded by name (:func:`minigpt4.distributed.shard`); each rank writes its own, rank 0 the
-summary after a barrier.
+summary after a barrier. ``--grand-challenge`` (:func:`grand_challenge`): the one CT of
+``/input/images/venous-ct/`` (``--inputs``) → ``/output/pdac-likelihood.json`` and
+``/output/images/pdac-detection-map/detection_map.mha`` (``--out``), as PANORAMA's baseline algorithm.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any, Optional, Sequence
 
 from minigpt4.cli import USER_ERRORS, error_message
 from minigpt4.config import add_config_arguments, load_config
-from minigpt4.distributed import all_gather_objects, barrier, broadcast_object, cleanup, init_distributed, shard
+from minigpt4.distributed import all_gather_objects, barrier, broadcast_object, cleanup, init_distributed, rank_device, shard
 from minigpt4.inference.calibration import configured_calibration
 from minigpt4.inference.fitness import check_fitness, fitness_summary, outside_validated_range, stage_envelopes
 from minigpt4.inference.inputs import VolumeInput, find_volumes
@@ -38,6 +41,7 @@ from minigpt4.inference.operating_point import check_checkpoints
 from minigpt4.inference.operating_point import scan_settings as resolve_operating_point
 from minigpt4.inference.pipeline import scan_slices
 from minigpt4.inference.readers import load_volume, scan_limits
+from minigpt4.io import write_json_atomic
 from minigpt4.models.stages import load_stages, require_all_stages
 from minigpt4.outputs import OutputFolder, OutputFolderError, check_no_foreign, check_output_folder
 from minigpt4.progress import progress
@@ -51,11 +55,16 @@ from minigpt4.scan_outputs import (
     write_volume_error,
     write_volume_outputs,
 )
+from minigpt4.scan_outputs.detection_map import volume_detection_map, write_detection_map
 from minigpt4.scan_outputs.html import INDEX_HTML, write_index_html
 from minigpt4.scan_outputs.run import SCAN_FORMAT, with_path_identities
 
 COMMAND = "scan"
 TOP_LEVEL_FILES = ("summary.csv", "scan.json", INDEX_HTML)
+GC_INPUT = "/input/images/venous-ct"
+GC_OUTPUT = "/output"
+GC_LIKELIHOOD = "pdac-likelihood.json"
+GC_DETECTION_MAP = "images/pdac-detection-map/detection_map.mha"
 
 
 def scan_settings(cfg: Any, cfg_path: str):
@@ -72,9 +81,13 @@ def scan_settings(cfg: Any, cfg_path: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scan.py", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
-    parser.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
-                        help="NIfTI files, DICOM series folders or zips, or folders of them")
-    parser.add_argument("--out", required=True, help="output folder (one subfolder per volume)")
+    parser.add_argument("--inputs", nargs="+", metavar="PATH",
+                        help="NIfTI / .mha / .nrrd files, DICOM series folders or zips, or folders of them "
+                             f"(--grand-challenge: default {GC_INPUT})")
+    parser.add_argument("--out", help=f"output folder (one subfolder per volume; --grand-challenge: default {GC_OUTPUT})")
+    parser.add_argument("--grand-challenge", action="store_true",
+                        help="PANORAMA's algorithm interface: the one CT in --inputs → <out>/pdac-likelihood.json "
+                             "(one float) and <out>/images/pdac-detection-map/detection_map.mha, nothing else")
     # --normalization is the spelling of `python -m preprocessing`; --normalisation (the spelling
     # scan.py used first) is still accepted, so existing command lines keep working
     parser.add_argument("--normalization", "--normalisation", dest="normalization", choices=("paper", "window"),
@@ -152,12 +165,19 @@ def settings_fingerprint_config(cfg: Any, settings: Any, normalisation: str) -> 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Scan every input volume; returns the ``summary.csv`` rows (rank 0; other ranks: [])."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.grand_challenge:
+        args.inputs, args.out = args.inputs or [GC_INPUT], args.out or GC_OUTPUT
+    elif not args.inputs or not args.out:
+        parser.error("--inputs and --out are required (or --grand-challenge)")
     cfg = load_config(args.cfg_path, args.options)
     settings = scan_settings(cfg, args.cfg_path)
     paths = require_all_stages(cfg.cascade.stages.configured(), args.cfg_path)
     found = find_volumes(args.inputs)  # every input checked before any model work
     inputs = found.volumes
+    if args.grand_challenge:
+        return [grand_challenge(inputs, Path(args.out), cfg, paths, settings, args.normalization)]
     out = Path(args.out)
     checkpoints = checkpoint_identities(paths)
     calibration, slice_calibration = configured_calibration(cfg.cascade)
@@ -226,6 +246,36 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         return rows
     finally:
         cleanup()
+
+
+def grand_challenge(inputs: Sequence[VolumeInput], out: Path, cfg: Any, paths: dict, settings: Any,
+                    normalisation: str) -> dict:
+    """PANORAMA's algorithm interface (the layout of its baseline algorithm): the one CT of the
+    job → ``<out>/pdac-likelihood.json`` (one JSON float: the patient score, the aggregated slice
+    P(tumor), 0 when no slice was classified) and ``<out>/images/pdac-detection-map/detection_map.mha``
+    (the stage-3 boxes as 3-D lesion candidates of one likelihood each, in the CT's geometry:
+    :mod:`minigpt4.scan_outputs.detection_map`). Both written atomically; nothing else is
+    written (the container's ``/output`` belongs to the platform: no manifest, no report).
+
+    Raises:
+        ValueError: not exactly one volume in the input (one job = one CT, one float).
+    """
+    if len(inputs) != 1:
+        raise ValueError(f"--grand-challenge: expected one CT in the input, found {len(inputs)}"
+                         f"{' (' + ', '.join(e.path.name for e in inputs[:5]) + ')' if inputs else ''}")
+    entry = inputs[0]
+    volume = load_volume(entry.path, normalisation, scan_limits(), files=entry.files or None)
+    stages = load_stages(cfg.model, paths, device=rank_device(cfg.run.device, 0))
+    result = scan_slices(stages, volume.slices, settings, _slice_progress(entry.name, volume.num_slices))
+    dmap, candidates = volume_detection_map(volume.geometry, result.slices)
+    likelihood = float(result.patient.score)
+    write_detection_map(out / GC_DETECTION_MAP, dmap, volume.geometry.affine)
+    write_json_atomic(out / GC_LIKELIHOOD, likelihood)
+    print(f"scan.py --grand-challenge: {entry.path.name}: PDAC likelihood {likelihood:.4f} ({result.patient.decision}), "
+          f"{len(candidates)} lesion candidate(s); wrote {out / GC_LIKELIHOOD} and {out / GC_DETECTION_MAP}",
+          file=sys.stderr)
+    return {"volume": entry.name, "likelihood": likelihood, "decision": result.patient.decision,
+            "candidates": [c.as_dict() for c in candidates]}
 
 
 class OutputFolderClosed(ValueError):

@@ -38,6 +38,16 @@ from PIL import Image
 from minigpt4.boxes import box_iou
 from minigpt4.distributed import all_gather_objects, rank_and_world_size, shard
 from minigpt4.evaluation.calibration import calibration_lines, cascade_calibration, reliability_figure
+from minigpt4.evaluation.panorama import (
+    DETECTION_MAPS,
+    SHEET_TRUTH,
+    VOXEL_TRUTH,
+    cascade_cases,
+    check_sources,
+    panorama_figure,
+    panorama_table,
+    score_cases,
+)
 from minigpt4.evaluation.stats import auc_score, safe_ratio
 from minigpt4.evaluation.operating_points import (
     box_counts,
@@ -55,7 +65,8 @@ from minigpt4.inference.patient import AGGREGATIONS, Z_RULES, min_assessed_rule
 from minigpt4.inference.pipeline import CascadeSettings, scan_slices
 from minigpt4.config import ConfigError
 from minigpt4.evaluation.common import subsample
-from preprocessing.layout import read_volumes
+from preprocessing.layout import dataset_name, read_volumes
+from preprocessing.raw_files import prepared_jobs
 from minigpt4.evaluation.tables import fmt
 from minigpt4.evaluation.figures import _save
 from minigpt4.progress import progress_callback
@@ -179,6 +190,8 @@ def score_volume(records: Sequence[dict], results: Sequence[dict], split: str) -
                "has_pancreas": has_pancreas, "has_tumor": has_tumor, "tc_label": tc_label(rec),
                "gt_pancreas_box": list(rec["bbox_pancreas"]) if has_pancreas else None,
                "gt_tumor_box": list(rec["bbox_tumor"]) if has_tumor else None, **res}
+        if rec.get("patient_label"):  # PANORAMA: the sheet's patient truth
+            row["patient_label"] = rec["patient_label"]
         row["pancreas_iou"] = (box_iou(res["pancreas_box"], rec["bbox_pancreas"]) if res["pancreas_box"] else 0.0) \
             if has_pancreas else None
         row["tumor_iou"] = (box_iou(res["tumor_box"], rec["bbox_tumor"]) if res["tumor_box"] else 0.0) if has_tumor else None
@@ -454,6 +467,35 @@ def _progress(label: str):
     return progress_callback(label, unit="volume")
 
 
+def source_jobs(cfg: Any) -> dict:
+    """``{dataset: {volume: Job}}``: the raw CT and label files of the configured folders."""
+    return {dataset_name(root): prepared_jobs(root) for root in dict.fromkeys(str(ds.root) for ds in cfg.datasets.values())}
+
+
+def panorama_section(cfg: Any, volumes: dict, rows: Sequence[dict], patients: dict, aggregation: str, out: Path,
+                     make_figures: bool = True) -> dict:
+    """Detection maps of the test volumes (``detection_maps/<volume>.nii.gz``) scored the PANORAMA
+    way (:mod:`minigpt4.evaluation.panorama`): the ``panorama`` section of ``metrics.json``.
+    The patient likelihood is the selected aggregation's score (0 where no slice was classified:
+    an inconclusive volume has no better number, and PANORAMA scores every study)."""
+    jobs = source_jobs(cfg)
+    check_sources(volumes, jobs)
+    likelihoods = {key: patients[key]["scores"][aggregation] for key in volumes}
+    sheet = all(records[0].get("patient_label") for records in volumes.values())
+    section, scored = score_cases(cascade_cases(volumes, rows, likelihoods, jobs, out), cfg.cascade.bootstrap,
+                                  cfg.run.seed, SHEET_TRUTH if sheet else VOXEL_TRUTH)
+    written = {f"{name}.nii.gz" for _, name in volumes}
+    for stale in (out / DETECTION_MAPS).glob("*.nii.gz"):  # an earlier run's volumes (the folder is ours)
+        if stale.name not in written:
+            stale.unlink()
+    if make_figures:
+        panorama_figure(scored, out / "panorama_curves.png")
+    section.update({"likelihood": f"patient score: {aggregation} of slice P(tumor)",
+                    "n_inconclusive": sum(patients[key]["inconclusive"] for key in volumes),
+                    "detection_maps": DETECTION_MAPS})
+    return section
+
+
 def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[dict] = None,
              volumes: Optional[tuple[dict, dict]] = None) -> dict:
     """Choose the operating points on ``val``, run the cascade on ``test``, write every output.
@@ -522,10 +564,11 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
         return metrics  # torchrun: rank 0 writes
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    metrics["panorama"] = panorama_section(cfg, test_volumes, rows, patients, selection["aggregation"], out, make_figures)
     write_jsonl_atomic(out / "predictions.jsonl", rows)
     write_json_atomic(out / "metrics.json", metrics)
     write_json_atomic(out / OPERATING_POINT, point)
-    write_text_atomic(out / "tables.md", cascade_tables(metrics))
+    write_text_atomic(out / "tables.md", cascade_tables(metrics) + "\n" + panorama_table(metrics["panorama"]))
     if make_figures:
         p_tumor_figure(rows, selection["slice_threshold"], out / "p_tumor_along_z.png")
         reliability_figure({"patient score": calibration["patient"], "slice P(tumor)": calibration["slice"]},

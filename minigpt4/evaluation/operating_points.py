@@ -79,7 +79,9 @@ def patient_scores(rows: Sequence[dict], top_k: int, min_boxed_slices: int = 1,
     inconclusive}}`` from slice rows, as :func:`minigpt4.inference.pipeline.patient_result` decides:
     the 3-D consistency rule ``z_rule`` keeps some pancreas boxes (:func:`z_consistent`; a dropped
     box's P(tumor) does not count), ``n_boxed`` counts the kept ones and ``inconclusive`` is fewer
-    than ``min_boxed_slices`` kept. A volume's rows come in slice order (as eval_cascade writes them)."""
+    than ``min_boxed_slices`` kept. ``label``: the rows' ``patient_label`` where they carry one
+    (PANORAMA: the clinical sheet's, so a PDAC study without lesion voxels is PDAC), else whether a
+    slice holds tumor voxels. A volume's rows come in slice order (as eval_cascade writes them)."""
     by_volume: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         by_volume.setdefault((row["dataset"], row["volume_name"]), []).append(row)
@@ -89,7 +91,9 @@ def patient_scores(rows: Sequence[dict], top_k: int, min_boxed_slices: int = 1,
         keep = z_consistent(boxes, z_rule)
         ps = [None if box is not None and not kept else r["p_tumor"] for r, box, kept in zip(vrows, boxes, keep)]
         kept = sum(keep)
-        out[key] = {"dataset": key[0], "label": any(r["has_tumor"] for r in vrows),
+        # PANORAMA: the clinical sheet's patient label (a PDAC study without lesion voxels is PDAC)
+        label = vrows[0]["patient_label"] == "PDAC" if vrows[0].get("patient_label") else any(r["has_tumor"] for r in vrows)
+        out[key] = {"dataset": key[0], "label": label,
                     "scores": {m: aggregate(ps, m, top_k) for m in AGGREGATIONS},
                     "n_boxed": kept, "n_dropped": sum(b is not None for b in boxes) - kept,
                     "inconclusive": kept < max(1, min_boxed_slices)}

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from minigpt4.inference.readers import ITK_SUFFIXES
 from minigpt4.io import file_sha256, to_json
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -47,7 +48,7 @@ class VolumeInput:
     path: Path
     """The NIfTI or zip file, or the folder holding the DICOM series' files."""
     kind: str
-    """``nifti``, ``zip`` or ``dicom``."""
+    """``nifti``, ``itk`` (``.mha`` / ``.nrrd``, read with SimpleITK), ``zip`` or ``dicom``."""
     files: tuple[Path, ...] = ()
     """DICOM: exactly the series' files (the reader reads these and nothing else)."""
     series_uid: Optional[str] = None
@@ -90,7 +91,7 @@ class Found:
         kinds = defaultdict(int)
         for v in self.volumes:
             kinds[v.kind] += 1
-        words = {"nifti": "NIfTI file", "zip": "DICOM zip", "dicom": "DICOM series"}
+        words = {"nifti": "NIfTI file", "itk": "MHA/NRRD file", "zip": "DICOM zip", "dicom": "DICOM series"}
         found = ", ".join(f"{n} {words[k]}{'s' if n > 1 else ''}" for k, n in sorted(kinds.items())) or "nothing"
         text = f"found {len(self.volumes)} volume(s): {found}"
         if self.skipped:
@@ -101,9 +102,9 @@ class Found:
 
 
 def strip_volume_suffix(name: str) -> str:
-    """``case7.nii.gz`` → ``case7`` (also ``.nii`` and ``.zip``, any case)."""
+    """``case7.nii.gz`` → ``case7`` (also ``.nii``, ``.mha``, ``.nrrd`` and ``.zip``, any case)."""
     lower = name.lower()
-    for suffix in (*NIFTI_SUFFIXES, ZIP_SUFFIX):
+    for suffix in (*NIFTI_SUFFIXES, *ITK_SUFFIXES, ZIP_SUFFIX):
         if lower.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -212,13 +213,15 @@ def find_volumes(paths: Sequence[str | os.PathLike]) -> Found:
             lower = path.name.lower()
             if is_nifti_name(lower):
                 candidates.append((volume_name(path), path, "nifti", (), None, None))
+            elif lower.endswith(ITK_SUFFIXES):
+                candidates.append((volume_name(path), path, "itk", (), None, None))
             elif lower.endswith(ZIP_SUFFIX):
                 candidates.append((volume_name(path), path, "zip", (), None, None))
             elif is_dicom_file(path):
                 raise ValueError(f"{path}: a single DICOM image; give the folder holding its whole series")
             else:
-                raise ValueError(f"{path}: not a CT volume (expected .nii, .nii.gz, a DICOM .zip, a DICOM series "
-                                 "folder or a folder of those)")
+                raise ValueError(f"{path}: not a CT volume (expected .nii, .nii.gz, .mha, .nrrd, a DICOM .zip, a "
+                                 "DICOM series folder or a folder of those)")
             continue
         before = len(found.skipped)
         inside = _walk_folder(path, found.skipped)
@@ -282,12 +285,15 @@ def _walk_folder(root: Path, skipped: list[Skipped]) -> list[tuple]:
             if is_nifti_name(lower):
                 out.append((volume_name(path), path, "nifti", (), None, None))
                 continue
+            if lower.endswith(ITK_SUFFIXES):
+                out.append((volume_name(path), path, "itk", (), None, None))
+                continue
             if lower.endswith(ZIP_SUFFIX):
                 out.append((volume_name(path), path, "zip", (), None, None))
                 continue
             identity = _dicom_identity(path) if (is_dicom_file(path) or lower.endswith(".dcm")) else None
             if identity is None:
-                skipped.append(Skipped(path, "not a NIfTI, zip or DICOM file"))
+                skipped.append(Skipped(path, "not a NIfTI, MHA/NRRD, zip or DICOM file"))
                 continue
             uid, mod, is_image = identity
             key = uid or f"(no SeriesInstanceUID) {here}"

@@ -29,6 +29,7 @@ from preprocessing.volumes import (
     VolumeError,
     check_intensities,
     decode_budget,
+    load_mha,
     load_nifti,
     read_dicom_headers,
     read_dicom_series,
@@ -36,7 +37,9 @@ from preprocessing.volumes import (
 )
 
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".zip")
+ITK_SUFFIXES = (".mha", ".nrrd")
+"""Read with SimpleITK (:func:`preprocessing.volumes.load_mha`): grand-challenge's ``.mha`` and NRRD."""
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".zip", *ITK_SUFFIXES)
 NORMALISATIONS = ("paper", "window")
 
 
@@ -464,10 +467,10 @@ def check_scan_geometry(affine: np.ndarray, name: str) -> None:
 def read_display_volume(path: str | os.PathLike, name: Optional[str] = None, files: Optional[Sequence[Path]] = None,
                         display_root: str = "") -> tuple[np.ndarray, tuple[float, ...], Any, Optional[list],
                                                          Optional[dict]]:
-    """A NIfTI file or a folder holding one DICOM series → HU slices in the display frame.
+    """A NIfTI / ``.mha`` / ``.nrrd`` file or a folder holding one DICOM series → HU slices in the display frame.
 
     Args:
-        path: ``.nii``/``.nii.gz`` file or a DICOM folder.
+        path: ``.nii``/``.nii.gz``/``.mha``/``.nrrd`` file or a DICOM folder.
         name: the file name to show in messages (the upload's, not the temp path).
         files: DICOM: the series' files (default: every DICOM file under ``path``).
         display_root: prefix of a file's name inside ``path`` in messages (a zip's ``name:``).
@@ -492,6 +495,8 @@ def read_display_volume(path: str | os.PathLike, name: Optional[str] = None, fil
             found = read_dicom_headers(path, files=None if files is None else list(files))
             volume = read_dicom_series(path, headers=found)
             headers = [ds for _, ds in found[0]]
+        elif path.name.lower().endswith(ITK_SUFFIXES):
+            volume = load_mha(path)
         else:
             volume = load_nifti(path, scaled=True)
         check_scan_geometry(volume.affine, name)
@@ -527,7 +532,7 @@ def load_volume(
     workdir: Optional[str | os.PathLike] = None,
     files: Optional[Sequence[str | os.PathLike]] = None,
 ) -> Volume:
-    """Read a CT volume (NIfTI, a DICOM series folder, or a zip of one) for display and scanning.
+    """Read a CT volume (NIfTI, ``.mha`` / ``.nrrd``, a DICOM series folder, or a zip of one) for display and scanning.
 
     Orientation and normalisation come from :mod:`preprocessing` (the same functions that wrote
     the training PNGs): slices are reoriented from the affine to radiological display (anterior
@@ -535,7 +540,7 @@ def load_volume(
     2–98 % clip + histogram equalisation; ``window``: HU window [-150, 250]).
 
     Args:
-        path: ``.nii``, ``.nii.gz``, ``.zip`` or a folder holding one DICOM series.
+        path: ``.nii``, ``.nii.gz``, ``.mha``, ``.nrrd``, ``.zip`` or a folder holding one DICOM series.
         normalisation: ``paper`` or ``window``.
         workdir: private folder for the extracted DICOM files (a fresh temp folder when None).
         files: a DICOM folder: read exactly these files (one series among others), e.g.
