@@ -426,7 +426,7 @@ def read_dicom_headers(folder: str | os.PathLike, files: Optional[list] = None
     folder = Path(folder)
     if not folder.is_dir():
         raise VolumeError(folder, "DICOM folder not found")
-    headers = _series_headers(folder)
+    headers = _series_headers(folder, files)
     row_cos, col_cos, normal = _series_orientation(folder, headers)
     headers, positions, step = _order_along_normal(folder, headers, normal)
     spacing = [float(v) for v in headers[0][1].PixelSpacing]  # [between rows, between columns]
@@ -438,8 +438,9 @@ def read_dicom_headers(folder: str | os.PathLike, files: Optional[list] = None
     return headers, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS → RAS
 
 
-def _series_headers(folder: Path) -> list[tuple[Path, "pydicom.Dataset"]]:
-    """The image headers of the one series in ``folder`` (unordered); see :func:`read_dicom_headers`."""
+def _series_headers(folder: Path, files: Optional[list] = None) -> list[tuple[Path, "pydicom.Dataset"]]:
+    """The image headers of the one series in ``folder`` (or of exactly ``files``; unordered); see
+    :func:`read_dicom_headers`."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
