@@ -164,7 +164,7 @@ def test_find_volumes_says_what_it_skipped(tmp_path):
     assert [(v.name, v.kind) for v in found.volumes] == [("a", "nifti")]
     assert [(s.path.name, s.reason.split(" (")[0]) for s in found.skipped] == [
         ("link", "a link to a folder"), (".hidden.nii.gz", "hidden file"),
-        ("notes.txt", "not a NIfTI, zip or DICOM file")]
+        ("notes.txt", "not a NIfTI, MHA/NRRD, zip or DICOM file")]
     assert found.summary().startswith("found 1 volume(s): 1 NIfTI file; skipped 3: ")
 
 

@@ -163,14 +163,20 @@ def settings_fingerprint_config(cfg: Any, settings: Any, normalisation: str) -> 
     return {**resolved, **with_path_identities({"model": dataclasses.asdict(cfg.model), "cascade": cascade})}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
-    """Scan every input volume; returns the ``summary.csv`` rows (rank 0; other ranks: [])."""
+def _parse_arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """The command line; ``--grand-challenge`` fills ``--inputs`` / ``--out`` with the platform's paths."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.grand_challenge:
         args.inputs, args.out = args.inputs or [GC_INPUT], args.out or GC_OUTPUT
     elif not args.inputs or not args.out:
         parser.error("--inputs and --out are required (or --grand-challenge)")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    """Scan every input volume; returns the ``summary.csv`` rows (rank 0; other ranks: [])."""
+    args = _parse_arguments(argv)
     cfg = load_config(args.cfg_path, args.options)
     settings = scan_settings(cfg, args.cfg_path)
     paths = require_all_stages(cfg.cascade.stages.configured(), args.cfg_path)

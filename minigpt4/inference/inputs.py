@@ -145,6 +145,15 @@ def volume_name(path: str | os.PathLike) -> str:
 # ----------------------------------------------------------------------------- file types
 
 
+def _file_kind(lower_name: str) -> Optional[str]:
+    """``nifti`` / ``itk`` / ``zip`` for a volume file's (lower-case) name, else None."""
+    if is_nifti_name(lower_name):
+        return "nifti"
+    if lower_name.endswith(ITK_SUFFIXES):
+        return "itk"
+    return "zip" if lower_name.endswith(ZIP_SUFFIX) else None
+
+
 def is_nifti_name(name: str) -> bool:
     return name.lower().endswith(NIFTI_SUFFIXES)
 
@@ -282,14 +291,9 @@ def _walk_folder(root: Path, skipped: list[Skipped]) -> list[tuple]:
                 skipped.append(Skipped(path, f"{special}, not a file"))
                 continue
             lower = name.lower()
-            if is_nifti_name(lower):
-                out.append((volume_name(path), path, "nifti", (), None, None))
-                continue
-            if lower.endswith(ITK_SUFFIXES):
-                out.append((volume_name(path), path, "itk", (), None, None))
-                continue
-            if lower.endswith(ZIP_SUFFIX):
-                out.append((volume_name(path), path, "zip", (), None, None))
+            kind = _file_kind(lower)
+            if kind is not None:
+                out.append((volume_name(path), path, kind, (), None, None))
                 continue
             identity = _dicom_identity(path) if (is_dicom_file(path) or lower.endswith(".dcm")) else None
             if identity is None:
