@@ -390,7 +390,7 @@ def test_run_device_deadline_leaves_a_partial_json(tmp_path):
     status = json.loads((out / "device_run.json").read_text())
     assert status["complete"] is False and status["stopped"] == "deadline (45 s)" and status["deadline_s"] == 45
     assert status["outcome"] == "deadline" and status["failed_steps"] == []
-    assert "gpu_full_size" in status["cut_by_deadline"] and "cascade_full_size" in status["cut_by_deadline"]
+    assert "gpu_full_size" in status["cut_by_deadline"]  # its compiled case never fits 45 s
     steps = {s["step"]: s for s in status["steps"]}
     matrix_step = steps["gpu_full_size"]
     matrix = json.loads((out / "gpu_full_size.json").read_text())
@@ -401,7 +401,12 @@ def test_run_device_deadline_leaves_a_partial_json(tmp_path):
     else:  # a case overran its deadline on a loaded CPU: the step's time limit stopped it (SIGTERM, JSON flushed)
         assert matrix_step["returncode"] == 124 and matrix_step["note"].startswith("stopped at its limit of")
         assert matrix["stopped"].startswith("SIGTERM after")
-    assert steps["cascade_full_size"]["note"].startswith("skipped: deadline")
+    # the later steps run while time is left: on a fast CPU they all fit, on a loaded one they are cut
+    cascade_step = steps["cascade_full_size"]
+    if cascade_step["note"].startswith("skipped: deadline"):
+        assert "cascade_full_size" in status["cut_by_deadline"] and not (out / "cascade_full_size.json").exists()
+    else:
+        assert cascade_step["returncode"] == 0 and (out / "cascade_full_size.json").is_file()
     assert all(oct(p.stat().st_mode & 0o777) == "0o644" for p in out.iterdir())  # readable by others
     assert matrix["complete"] is False
     finished = [r for r in matrix["rows"] if r["status"] == "ok"]
@@ -410,7 +415,6 @@ def test_run_device_deadline_leaves_a_partial_json(tmp_path):
     # the compiled default needs 90 s for its compile: skipped, said why
     compiled = next(r for r in matrix["rows"] if r["compile"])
     assert compiled["status"] == "skipped" and "a compile or recompile needs 90 s" in compiled["skipped"]
-    assert not (out / "cascade_full_size.json").exists()
 
 
 @pytest.mark.slow
