@@ -269,24 +269,24 @@ def test_words_with_and_without_the_calibration_keys(tmp_path):
     assert decision_text(without_verdict) == ("Pancreatic tumor (PDAC) suspected. A pancreas was found and assessed "
                                               "on 2 of 3 slices.")
     # build_report records the likelihood (no map here); a report of an older scan has no such key
-    assert likelihood_text(plain) == "Uncalibrated score 0.900 (not a probability: no calibration map was applied)."
+    assert likelihood_text(plain) == "Uncalibrated score 0.900 (not a probability: no calibration map was given)."
     older = json.loads(json.dumps(plain))
     del older["patient"]["likelihood"]
     assert likelihood_text(older) == ("Likelihood: not recorded; uncalibrated score 0.900 (not a probability: no "
-                                      "calibration map was applied).")
+                                      "calibration map was given).")
     assert fitness_text(plain) == "Fitness checks: not recorded."
     # the calibration step writes the keys as null where nothing was recorded: the same words
     nulls = {**plain, "fitness": None, "outside_validated_range": None,
              "patient": {**plain["patient"], "likelihood": {"raw": 0.9, "calibrated": None, "calibration": None}}}
     assert fitness_text(nulls) == "Fitness checks: not recorded."
-    assert likelihood_text(nulls) == "Uncalibrated score 0.900 (not a probability: no calibration map was applied)."
+    assert likelihood_text(nulls) == "Uncalibrated score 0.900 (not a probability: no calibration map was given)."
     full = calibrated(plain)
-    assert likelihood_text(full) == "Calibrated likelihood of PDAC: 62 % (method platt, fitted on val (40 volumes)); raw score 0.900."
+    assert likelihood_text(full) == "Calibrated likelihood 62 % (platt, fitted on val (40 volumes)); raw score 0.900."
     assert fitness_text(full) == ("Fitness checks: OUTSIDE THE VALIDATED RANGE (the answer is given, but this scan is "
                                   "unlike the training data); failed: slice thickness; could not be checked: contrast phase.")
     # a likelihood recorded without a map: still no percentage
     full["patient"]["likelihood"] = {"raw": 0.9, "calibrated": None, "calibration": None}
-    assert likelihood_text(full) == "Uncalibrated score 0.900 (not a probability: no calibration map was applied)."
+    assert likelihood_text(full) == "Uncalibrated score 0.900 (not a probability: no calibration map was given)."
     assert "%" not in likelihood_text(full)
     negative = build_report("c", "c", geometry, patient("no tumor", 0.1, boxed=2, total=5), result.slices, CHECKPOINTS)
     # the cascade's verdict line (issue 25.5) says how much was assessed
@@ -365,7 +365,7 @@ def test_report_and_index_pages_in_chromium(tmp_path):
     with browser_page((out / "calibrated" / REPORT_HTML).as_uri()) as page:
         text, shot = _rendered(page)
         assert "Tumor suspected on the 2 slice(s) where a pancreas was found" in text
-        assert "Calibrated likelihood of PDAC: 62 % (method platt, fitted on val (40 volumes)); raw score 0.900." in text
+        assert "Calibrated likelihood 62 % (platt, fitted on val (40 volumes)); raw score 0.900." in text
         assert "OUTSIDE THE VALIDATED RANGE" in text and "slice thickness\tfailed\tSliceThickness = 5.0" in text
         assert "Research prototype, not a medical device" in text and "patient threshold 0.500" in text
         assert page.evaluate("document.querySelector('#montage').naturalWidth") > 0  # the inline PNG decoded
@@ -382,7 +382,7 @@ def test_report_and_index_pages_in_chromium(tmp_path):
         rows = page.locator("#volumes tbody tr")
         assert rows.count() == 3
         assert rows.nth(0).inner_text().split("\t")[0] == "broken" and "x.nii.gz: truncated" in rows.nth(0).inner_text()
-        assert "Calibrated likelihood of PDAC: 62 %" in rows.nth(1).inner_text()
+        assert "Calibrated likelihood 62 %" in rows.nth(1).inner_text()
         assert "outside the validated range" in rows.nth(1).inner_text()
         assert "fitness not recorded" in rows.nth(2).inner_text()
         assert str(tmp_path) not in page.content()

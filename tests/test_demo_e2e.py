@@ -349,8 +349,8 @@ def test_browser_three_stage_demo_scans_a_volume(cascade_server):
         # the downloads (NIfTI: no sr.dcm)
         page.locator("#chat").get_by_text("Among the scan files below:", exact=False).wait_for(timeout=30_000)
         chat = page.locator("#chat").inner_text()
-        # no calibration map is served: never a "likelihood of PDAC" percentage (an inconclusive scan has no score)
-        assert "Patient-level answer:" in chat and "likelihood of PDAC" not in chat
+        # no calibration map is served: never a "calibrated likelihood" percentage (an inconclusive scan has no score)
+        assert "Patient-level answer:" in chat and "calibrated likelihood" not in chat
         assert "uncalibrated score" in chat or "inconclusive" in chat
         page.locator("#scan-files").get_by_text("report.html").wait_for(timeout=30_000)
         assert "sr.dcm" not in page.locator("#scan-files").inner_text().replace("seg.dcm and sr.dcm", "")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 from urllib.parse import quote
 
+from minigpt4.inference.calibration import likelihood_entry, likelihood_text as likelihood_words
 from minigpt4.io import write_text_atomic
 
 REPORT_HTML, INDEX_HTML = "report.html", "index.html"
@@ -81,22 +82,20 @@ def decision_text(report: Mapping[str, Any]) -> str:
 
 
 def likelihood_text(report: Mapping[str, Any]) -> str:
-    """The likelihood in words: the calibrated one (as a percentage, naming its calibration)
-    beside the raw score, or the raw score called an "uncalibrated score"."""
+    """The likelihood in words, as a sentence: the words of
+    :func:`minigpt4.inference.calibration.likelihood_text` (the one owner of that wording: a
+    percentage only with a calibration map), or that the report records none."""
     patient = report.get("patient")
     if patient is None or patient.get("decision") == "inconclusive":
         return "No likelihood: there is no patient-level score."
     likelihood = patient.get("likelihood")
-    raw = (likelihood or {}).get("raw", patient.get("score"))
-    raw_text = NOT_RECORDED if raw is None else f"{float(raw):.3f}"
-    if isinstance(likelihood, Mapping) and likelihood.get("calibrated") is not None:
-        calibration = likelihood.get("calibration") or {}
-        how = ", ".join(f"{key.replace('_', ' ')} {calibration[key]}" for key in ("method", "fitted_on")
-                        if calibration.get(key)) or "calibration not described"
-        return (f"Calibrated likelihood of PDAC: {100 * float(likelihood['calibrated']):.0f} % ({how}); "
-                f"raw score {raw_text}.")
-    head = "Uncalibrated score" if likelihood is not None else "Likelihood: not recorded; uncalibrated score"
-    return f"{head} {raw_text} (not a probability: no calibration map was applied)."
+    if not isinstance(likelihood, Mapping):  # a report of an older scan: the raw score only
+        raw = patient.get("score")
+        if raw is None:
+            return f"Likelihood: {NOT_RECORDED}."
+        return f"Likelihood: {NOT_RECORDED}; {likelihood_words(likelihood_entry(raw, None))}."
+    words = likelihood_words(likelihood)
+    return words[0].upper() + words[1:] + "."
 
 
 def fitness_text(report: Mapping[str, Any]) -> str:
