@@ -231,9 +231,11 @@ def load_split_records(cfg: Config, split: str) -> list[tuple[str, str, float, l
         if ds.empty_share and ds.task != "pancreas_detection":
             raise ConfigError(f"datasets.{name}.empty_share: only pancreas_detection trains on slices without its "
                               f"target, not {ds.task}")
-        # slices without pancreas are added to the training split only: validation and evaluation
-        # score boxes on pancreas slices as the paper does (eval_cascade measures the false boxes)
-        empty = ds.empty_share if split == "train" else 0.0
+        # slices without pancreas are added to the training and validation splits (validation then
+        # credits a correct "no pancreas", so checkpoint_best is not a model that boxes every slice,
+        # minigpt4.evaluation.validation_score); test evaluation scores boxes on pancreas slices as the
+        # paper does (eval_cascade measures the false boxes on whole volumes)
+        empty = ds.empty_share if split in ("train", "val") else 0.0
         records = read_prepared(ds.root, ds.task, split, threshold=ds.threshold,
                                 organs=list(ds.organs) if narrowed else None, empty_share=empty)
         check_records(records, ds.task, source=source)

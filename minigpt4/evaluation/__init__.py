@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+from minigpt4.boxes import says_absent
 from minigpt4.config import DETECTION_TASKS, TASKS
 from minigpt4.evaluation.classification import (
     classification_metrics,
@@ -67,7 +68,8 @@ def validation_score(
 
     Returns:
         ``(score, metrics)``: detection → weighted mean IoU over datasets (unparseable = 0) and
-        :func:`detection_metrics` without bootstrap; classification → accuracy (invalid answers
+        :func:`detection_metrics` without bootstrap (records of slices without the target,
+        ``no_target``: see :func:`_score_with_absent`); classification → accuracy (invalid answers
         wrong) and :func:`classification_metrics` without bootstrap or AUC.
     """
     if task not in TASKS:
@@ -77,8 +79,26 @@ def validation_score(
         raise ValueError(f"validation_score: no records for task {task!r}")
     if task in DETECTION_TASKS:
         rows = predict_detection(model, selected, task, batch_size, feature_cache=feature_cache)
-        metrics = detection_metrics(rows, task, n_boot=0)
-        return primary_score(metrics), metrics
+        if not any(record.get("no_target") for record in selected):
+            metrics = detection_metrics(rows, task, n_boot=0)
+            return primary_score(metrics), metrics
+        return _score_with_absent(rows, [bool(record.get("no_target")) for record in selected], task)
     rows = predict_classification(model, selected, batch_size, with_probability=False, feature_cache=feature_cache)
     metrics = classification_metrics(rows, n_boot=0)
     return float(metrics["accuracy"]), metrics
+
+
+def _score_with_absent(rows: list[dict], no_target: list[bool], task: str) -> tuple[float, dict]:
+    """Validation of a stage 1 trained with slices without pancreas (``datasets.*.empty_share``):
+    the score is the mean IoU on the pancreas slices (no box: 0) times the share of the slices
+    without pancreas answered :data:`~minigpt4.boxes.NO_BOX_ANSWER`. A product, so that a model
+    that boxes every slice and one that boxes none both score 0 (a mean would give the second 0.5,
+    more than most useful models). ``metrics`` keeps the IoU metrics of the pancreas slices alone."""
+    present = [row for row, empty in zip(rows, no_target) if not empty]
+    absent = [row for row, empty in zip(rows, no_target) if empty]
+    said_absent = sum(says_absent(row["answer"]) for row in absent)
+    metrics = detection_metrics(present, task, n_boot=0) if present else {"task": task, "n": 0}
+    metrics["no_target"] = {"n": len(absent), "said_absent": int(said_absent),
+                            "boxed_share": 1.0 - said_absent / len(absent)}
+    metrics["score_rule"] = "mean IoU on pancreas slices x share of slices without pancreas answered 'no pancreas'"
+    return (primary_score(metrics) if present else 0.0) * (said_absent / len(absent)), metrics
