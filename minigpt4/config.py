@@ -307,7 +307,7 @@ class DatasetConfig(Checked):
                                 default_factory=lambda: list(ORGANS))
     """organ_detection only: organs to keep."""
     empty_share: float = checked(0.0, between(0, 0.9))
-    """pancreas_detection only, training split only: the share of training records that are slices
+    """pancreas_detection only, training and validation splits: the share of records that are slices
     without pancreas, answered ``{<0><0><0><0>}`` (:data:`minigpt4.boxes.NO_BOX_ANSWER`), so stage 1
     can say "no pancreas" on a whole volume. 0 = the paper (pancreas slices only; Table 1 configs);
     the cascade's stage 1 uses 0.5 (README deviations). Needs a folder prepared with ``--all-slices``."""
@@ -449,6 +449,11 @@ class CascadeConfig(Checked):
     max_volumes: Optional[int] = checked(None, POSITIVE)
     """Scan at most this many volumes per folder and split (evenly spaced by name; quick runs such
     as the quickstart); None = all."""
+    compare_pancreas_detection: Optional[str] = None
+    """eval_cascade.py: another stage-1 checkpoint (e.g. the paper-faithful one, trained on pancreas
+    slices only) run through the same cascade — the same stages 2-3 and volumes, its rules chosen on
+    val alike — and shown beside this one (tables.md "Stage 1 compared", metrics.json
+    ``stage1_compared``), so the effect of the stage-1 change is a measured difference. None = no comparison."""
 
 
 @dataclass

@@ -44,6 +44,15 @@ def dataset_name(root: str | os.PathLike) -> str:
     return _manifest(Path(root))["dataset"]
 
 
+def read_normalization(root: str | os.PathLike) -> Optional[dict]:
+    """How a prepared folder's slices were normalised: ``{"method": "paper" | "window", "window":
+    [lo, hi]}`` from its manifest; None when the manifest does not record it."""
+    parameters = _manifest(Path(root)).get("parameters") or {}
+    if "normalization" not in parameters:
+        return None
+    return {"method": parameters["normalization"], "window": [float(v) for v in parameters.get("window") or (-150.0, 250.0)]}
+
+
 def _annotation_file(root: Path, dataset: str, task: str, split: str) -> Path:
     prefix = f"{dataset}_tumor" if task == "tumor_detection" else dataset
     return root / "annotations" / f"{prefix}_{split}.json"

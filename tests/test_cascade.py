@@ -18,6 +18,7 @@ from minigpt4.config import ConfigError
 import eval_cascade
 from minigpt4.evaluation import cascade, operating_points
 from minigpt4.inference import pipeline
+from minigpt4.evaluation.tables import fmt
 from minigpt4.io import read_json, read_jsonl
 from tests.tiny import random_checkpoints, tiny_images, tiny_model_config
 
@@ -247,7 +248,7 @@ def test_eval_cascade_end_to_end(tmp_path, prepared):
     assert any(not r["has_pancreas"] for r in rows)
     assert set(metrics["slice"]) == {
         "n_slices", "pancreas_iou", "n_pancreas_slices", "pancreas_box_rate", "false_box_rate",
-        "n_slices_without_pancreas", "slice_threshold", "tc_accuracy_predicted_crops", "tc_accuracy_gt_crops",
+        "n_slices_without_pancreas", "p_no_box_auc", "slice_threshold", "tc_accuracy_predicted_crops", "tc_accuracy_gt_crops",
         "tc_auc_predicted_crops", "n_tc_slices", "n_tc_tumor_slices", "tc_auc_predicted_crops_boxed", "n_tc_slices_boxed",
         "n_tc_tumor_slices_boxed", "tc_auc_gt_crops", "n_tc_slices_gt_crop",
         "tumor_iou", "tumor_iou_stage3_alone", "n_tumor_slices", "tumor_asked_rate"}
@@ -276,6 +277,8 @@ def test_eval_cascade_end_to_end(tmp_path, prepared):
     assert (out / "reliability.png").is_file() and "## Calibration" in (out / "tables.md").read_text()
     assert (out / "manifest.json").is_file() and read_json(out / "manifest.json")["command"] == "eval_cascade"
     assert metrics["selection"]["threshold_rule"] == "configured (cascade.threshold)"
+    # the scan and the demo prepare a volume as these folders were prepared (the phantoms: the paper's)
+    assert read_json(out / "operating_point.json")["normalization"] == {"method": "paper", "window": [-150.0, 250.0]}
     # threshold 0: stage 3 is asked on every slice that got a pancreas box, and only there
     assert all(r["tumor_asked"] == (r["pancreas_box"] is not None) for r in rows)
     # the rows' numbers are the metrics' numbers
@@ -289,6 +292,33 @@ def test_eval_cascade_end_to_end(tmp_path, prepared):
 
     subset = cascade.load_volumes(load_config(config, ["cascade.max_volumes=1"]), "test")
     assert sorted(d for d, _ in subset) == ["MSD", "NIH"]
+
+
+def test_eval_cascade_shows_a_compared_stage1_beside_its_own(tmp_path, prepared):
+    """``cascade.compare_pancreas_detection``: the other stage 1 through the same stages 2-3; its
+    column equals what eval_cascade reports with that stage 1 alone."""
+    from tests.tiny import random_checkpoints
+
+    torch.set_num_threads(1)
+    cfg = tiny_model_config(max_new_tokens=6, **{"vision.trainable": True})
+    paths = random_stage_checkpoints(tmp_path / "ckpt", cfg)
+    other = random_checkpoints(tmp_path / "other", cfg, ["pancreas_detection"], seed=7)["pancreas_detection"]
+    (tmp_path / "alone").mkdir()
+    alone = eval_cascade.main(["--cfg-path", str(_cascade_config(tmp_path / "alone", prepared, {**paths, "pancreas_detection": other}, cfg))])
+    config = _cascade_config(tmp_path, prepared, paths, cfg)
+    metrics = eval_cascade.main(["--cfg-path", str(config), "--options", f"cascade.compare_pancreas_detection={other}"])
+    compared = metrics["stage1_compared"]
+    assert compared["baseline"] == cascade._stage1_summary(alone) and compared["this"] == cascade._stage1_summary(metrics)
+    assert compared["baseline"]["checkpoint"]["path"] == other and compared["this"]["checkpoint"]["path"] == paths["pancreas_detection"]
+    assert compared["baseline"]["false_box_rate"] == alone["slice"]["false_box_rate"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["stage1_compared"] == json.loads(json.dumps(compared))
+    table = (tmp_path / "out" / "tables.md").read_text().split("## Stage 1 compared")[1]
+    assert "| compared: `other` | this cascade: `ckpt` |" in table.splitlines()[2]
+    assert f"| false box rate (slices without pancreas given a box) | {fmt(alone['slice']['false_box_rate'])} " in table
+    assert not (tmp_path / "out" / "stage1_compared").exists()  # the comparison run writes nothing of its own
+    with pytest.raises(FileNotFoundError, match="cascade.compare_pancreas_detection: .*missing not found"):
+        eval_cascade.main(["--cfg-path", str(config), "--overwrite", "--options",
+                           f"cascade.compare_pancreas_detection={tmp_path / 'missing'}"])
 
 
 def test_eval_cascade_refuses_folders_without_all_slices(tmp_path):
@@ -326,6 +356,18 @@ def test_demo_serves_three_stages_routes_tasks_and_scans_with_the_cascade(tmp_pa
     service = load_service(load_config(config))
     assert service.stages is not None and service.warning is None
     assert "stage 2 (tumor classification)" in service.description
+    assert service.normalization == "paper"  # no operating point file: nothing recorded, the paper's
+    # an operating point chosen on windowed folders: the demo offers that normalisation first
+    from minigpt4.inference.operating_point import operating_point_record
+    from minigpt4.inference.patient import min_assessed_rule
+
+    point = operating_point_record({"aggregation": "max", "threshold": 0.3, "slice_threshold": 0.3}, 2,
+                                   min_assessed_rule([2]), "none", {}, 4, "MSD+NIH", {"method": "window", "window": [-150.0, 250.0]})
+    (tmp_path / "operating_point.json").write_text(json.dumps(point))
+    windowed = load_service(load_config(config, ["cascade.threshold=null", "cascade.slice_threshold=null",
+                                                 "cascade.min_boxed_slices=null",
+                                                 f"cascade.operating_point={tmp_path / 'operating_point.json'}"]))
+    assert windowed.normalization == "window"
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, size=(64, 64), dtype=np.uint8)
     pixels = model_images(service.model, [image])

@@ -300,7 +300,7 @@ def test_evaluate_gates_stage_3_with_the_slice_threshold_and_reports_inconclusiv
     assert "## Patient rules considered" in tables and "kept /" in tables
     point = json.loads((tmp_path / "out" / "operating_point.json").read_text())
     assert set(point) == {"format", "chosen_on", "checkpoints", "aggregation", "top_k", "threshold", "slice_threshold",
-                          "min_assessed", "z_rule", "calibration"}
+                          "min_assessed", "z_rule", "calibration", "normalization"}
     assert (point["format"], point["chosen_on"]["split"], point["chosen_on"]["n_volumes"]) == (1, "val", len(val))
     assert (point["aggregation"], point["threshold"], point["slice_threshold"]) == ("top_k_mean", 1.0, t)
     assert point["min_assessed"]["min_slices"] == 3 and point["calibration"] is None

@@ -81,6 +81,29 @@ def test_a_stage1_training_set_with_negatives_has_the_intended_share_and_answers
         selection.empty_count(4, 1.0)
 
 
+def test_validation_multiplies_pancreas_iou_by_the_share_of_correct_no_pancreas_answers(monkeypatch):
+    import minigpt4.evaluation as evaluation
+
+    # two pancreas slices (exact box: IoU 1; a miss: IoU 0) and three empty ones (two said absent, one boxed)
+    records = [{"image": f"{k}.png", "target": "pancreas", "bbox": [0, 0, 50, 50] if k < 2 else [0, 0, 0, 0],
+                "width": 100, "height": 100, "dataset": "MSD", "volume_name": "v", "slice_index": k,
+                **({"no_target": True} if k >= 2 else {})} for k in range(5)]
+    answers = ["{<0><0><50><50>}", "{<60><60><90><90>}", NO_BOX_ANSWER, NO_BOX_ANSWER, "{<10><10><20><20>}"]
+    monkeypatch.setattr(evaluation, "predict_detection", lambda model, selected, task, batch_size, feature_cache=None: [
+        evaluation.detection_row(r, a) for r, a in zip(selected, answers)])
+    score, metrics = evaluation.validation_score(None, records, "pancreas_detection", batch_size=8)
+    assert score == pytest.approx(0.5 * 2 / 3)  # mean IoU x share said absent
+    assert metrics["no_target"] == {"n": 3, "said_absent": 2, "boxed_share": pytest.approx(1 / 3)}
+    assert metrics["n"] == 2 and metrics["weighted"]["mean_iou"] == pytest.approx(0.5)
+    # without slices lacking pancreas: the paper's score, the mean IoU
+    score, metrics = evaluation.validation_score(None, records[:2], "pancreas_detection", batch_size=8)
+    assert score == pytest.approx(0.5) and "no_target" not in metrics
+    # a model that says "no pancreas" everywhere scores 0, not the share of empty slices
+    monkeypatch.setattr(evaluation, "predict_detection", lambda model, selected, task, batch_size, feature_cache=None: [
+        evaluation.detection_row(r, NO_BOX_ANSWER) for r in selected])
+    assert evaluation.validation_score(None, records, "pancreas_detection", batch_size=8)[0] == 0.0
+
+
 def test_empty_share_is_a_checked_option_of_pancreas_detection_only():
     from minigpt4.config import DatasetConfig
     from preprocessing.layout import read_prepared
@@ -258,11 +281,49 @@ def test_a_scan_config_without_the_whole_operating_point_is_refused(tmp_path):
     ({"aggregation": "auto"}, "aggregation 'auto' is not one of"),
     ({"min_assessed": {"min_slices": 0}}, "min_assessed.min_slices must be a positive integer"),
     ({"z_rule": {"name": "median"}}, "z_rule must be null or have a name"),
+    ({"normalization": {"method": "clahe", "window": [-150, 250]}}, "normalization must be null or"),
+    ({"normalization": "window"}, "normalization must be null or"),
 ])
 def test_a_broken_operating_point_file_is_named(tmp_path, change, message):
     path, _ = _point(tmp_path, **change)
     with pytest.raises(ConfigError, match=f"operating_point.json: {message}"):
         op.read_operating_point(path)
+
+
+def test_the_scan_normalises_as_the_operating_points_folders_were_prepared(tmp_path):
+    windowed = {"method": "window", "window": [-150.0, 250.0]}
+    path, record = _point(tmp_path, normalization=windowed)
+    point = op.read_operating_point(path)
+    assert op.scan_normalization(point, None, "scan.yaml") == "window"  # recorded: used without being asked
+    assert op.scan_normalization(point, "window", "scan.yaml") == "window"
+    with pytest.raises(ConfigError, match="scan.yaml: --normalization paper, but the operating point was chosen on "
+                                          "slices prepared with --normalization window"):
+        op.scan_normalization(point, "paper", "scan.yaml")
+    with pytest.raises(ConfigError, match="windowed to \\[-100.0, 200.0\\] HU; scan.py windows to \\[-150.0, 250.0\\]"):
+        op.scan_normalization({**point, "normalization": {"method": "window", "window": [-100.0, 200.0]}}, None, "scan.yaml")
+    # not recorded (an older file, or no operating point): what was asked, else the paper's
+    assert op.scan_normalization({**point, "normalization": None}, "window", "x") == "window"
+    assert op.scan_normalization(None, None, "x") == "paper"
+    assert op.operating_point_record({"aggregation": "max", "threshold": 0.5, "slice_threshold": 0.5}, 3,
+                                     min_assessed_rule([4]), "none", {}, 1, "MSD")["normalization"] is None
+
+
+def test_the_cascade_folders_must_share_one_normalization(tmp_path):
+    from minigpt4.config import Config, DatasetConfig
+    from minigpt4.evaluation.cascade import folders_normalization
+
+    roots = {}
+    for name, method in (("a", "window"), ("b", "window"), ("c", "paper")):
+        roots[name] = tmp_path / name
+        roots[name].mkdir()
+        (roots[name] / "manifest.json").write_text(json.dumps({"dataset": "MSD", "status": "complete", "parameters": {
+            "normalization": method, "window": [-150, 250]}}))
+    cfg = Config()
+    cfg.datasets = {n: DatasetConfig(root=str(roots[n]), task="pancreas_detection") for n in ("a", "b")}
+    assert folders_normalization(cfg) == {"method": "window", "window": [-150.0, 250.0]}
+    cfg.datasets["c"] = DatasetConfig(root=str(roots["c"]), task="pancreas_detection")
+    with pytest.raises(ConfigError, match="different slice normalisations \\(datasets.a: window .* datasets.c: paper"):
+        folders_normalization(cfg)
 
 
 def test_an_operating_point_of_other_weights_is_refused(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,6 +23,20 @@ from minigpt4.provenance import check_cascade_leakage, stage_provenance
 CASCADE_OUTPUTS = ("predictions.jsonl", "metrics.json", "tables.md", "p_tumor_along_z.png", "reliability.png",
                    "config.yaml", "operating_point.json", "detection_maps", "panorama_curves.png")
 """What ``eval_cascade.py`` writes in ``run.output_dir`` (besides its ``manifest.json``)."""
+
+
+def compared_config(cfg):
+    """The config of the comparison run (``cascade.compare_pancreas_detection`` as stage 1, nothing
+    else changed), or None when no comparison is configured."""
+    other = cfg.cascade.compare_pancreas_detection
+    if other is None:
+        return None
+    if not Path(other).exists():
+        raise FileNotFoundError(f"cascade.compare_pancreas_detection: {other} not found")
+    baseline = copy.deepcopy(cfg)
+    baseline.cascade.stages.pancreas_detection = other
+    baseline.cascade.compare_pancreas_detection = None
+    return baseline
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
     require_all_stages(cfg.cascade.stages.configured(), args.cfg_path)
+    baseline_cfg = compared_config(cfg)
     volumes = load_volumes(cfg, "val"), load_volumes(cfg, "test")  # fail on data before loading the model
     if not volumes[1]:
         roots = ", ".join(dict.fromkeys(str(ds.root) for ds in cfg.datasets.values()))
@@ -52,6 +68,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     check_sources(volumes[1], source_jobs(cfg))  # the detection maps need every test CT and label file
     check_stage_tasks(cfg.cascade.stages.configured())  # checkpoint headers only
     provenance = stage_provenance(check_cascade_leakage(cfg, args.allow_unknown_provenance))
+    if baseline_cfg is not None:
+        check_stage_tasks({"pancreas_detection": baseline_cfg.cascade.stages.pancreas_detection})
+        check_cascade_leakage(baseline_cfg, args.allow_unknown_provenance)
     out = Path(cfg.run.output_dir)
     # every rank checks the folder before any rank starts: a refused folder stops them all, none waits
     check_output_folder(out, "eval_cascade", lambda manifest: manifest.get("command") == "eval_cascade",
@@ -65,10 +84,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 folder.check_no_foreign(CASCADE_OUTPUTS)
                 if not folder.manifest:
                     folder.write_manifest({"written_by": "eval_cascade.py"})
+            compared = None
+            if baseline_cfg is not None:  # the same cascade with the other stage 1, nothing written
+                baseline = load_stages(cfg.model, baseline_cfg.cascade.stages.configured(), device=info.device,
+                                       check_tasks=False)
+                compared = evaluate(baseline_cfg, baseline, False, None, volumes, write=False)
+                del baseline
             stages = load_stages(cfg.model, cfg.cascade.stages.configured(), device=info.device, check_tasks=False)
             metrics = evaluate(cfg, stages, not args.no_figures,
                                {"config": str(args.cfg_path), "options": list(args.options),
-                                "provenance": provenance}, volumes)
+                                "provenance": provenance}, volumes, compared=compared)
     finally:
         cleanup()
     if info.is_main:

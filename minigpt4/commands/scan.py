@@ -37,7 +37,7 @@ from minigpt4.distributed import all_gather_objects, barrier, broadcast_object, 
 from minigpt4.inference.calibration import configured_calibration
 from minigpt4.inference.fitness import check_fitness, fitness_summary, outside_validated_range, stage_envelopes
 from minigpt4.inference.inputs import VolumeInput, find_volumes
-from minigpt4.inference.operating_point import check_checkpoints
+from minigpt4.inference.operating_point import check_checkpoints, scan_normalization
 from minigpt4.inference.operating_point import scan_settings as resolve_operating_point
 from minigpt4.inference.pipeline import scan_slices
 from minigpt4.inference.readers import load_volume, scan_limits
@@ -68,14 +68,15 @@ GC_DETECTION_MAP = "images/pdac-detection-map/detection_map.mha"
 
 
 def scan_settings(cfg: Any, cfg_path: str):
-    """:class:`~minigpt4.inference.pipeline.CascadeSettings` from the config's ``cascade`` section:
+    """``(settings, operating point or None)``: the
+    :class:`~minigpt4.inference.pipeline.CascadeSettings` from the config's ``cascade`` section:
     ``cascade.operating_point`` (the ``operating_point.json`` eval_cascade.py wrote, checked against
     the stages' weights) or the complete explicit set; never chosen here
     (:func:`minigpt4.inference.operating_point.scan_settings`)."""
     settings, point = resolve_operating_point(cfg.cascade, cfg_path, batch_size=cfg.run.eval_batch_size)
     if point is not None:
         check_checkpoints(point, cfg.cascade.stages.configured(), cfg_path)
-    return settings
+    return settings, point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     # --normalization is the spelling of `python -m preprocessing`; --normalisation (the spelling
     # scan.py used first) is still accepted, so existing command lines keep working
     parser.add_argument("--normalization", "--normalisation", dest="normalization", choices=("paper", "window"),
-                        default="paper", help="slice normalization, as the training PNGs were prepared "
-                                              "(default paper; --normalisation is accepted too)")
+                        default=None, help="slice normalization, as the training PNGs were prepared (default: the "
+                                           "one cascade.operating_point records, else paper; --normalisation is "
+                                           "accepted too)")
     parser.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                         help="a volume that cannot be read: stop (exit 2) or record it (error.json, summary row) "
                              "and go on")
@@ -178,7 +180,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     """Scan every input volume; returns the ``summary.csv`` rows (rank 0; other ranks: [])."""
     args = _parse_arguments(argv)
     cfg = load_config(args.cfg_path, args.options)
-    settings = scan_settings(cfg, args.cfg_path)
+    settings, point = scan_settings(cfg, args.cfg_path)
+    args.normalization = scan_normalization(point, args.normalization, args.cfg_path)
     paths = require_all_stages(cfg.cascade.stages.configured(), args.cfg_path)
     found = find_volumes(args.inputs)  # every input checked before any model work
     inputs = found.volumes

@@ -347,7 +347,7 @@ class DemoHandlers:
         try:
             if path is None:
                 raise InputError("no volume file given.")
-            volume = load_volume(path, normalisation or "paper", self.limits, self.workdir)
+            volume = load_volume(path, normalisation or self.service.normalization, self.limits, self.workdir)
             result = self.service.scan_volume(volume.slices, progress=lambda f, d: progress(f, desc=d),
                                               acquisition=volume.acquisition, dicom_headers=volume.dicom_headers)
         except Exception as err:  # noqa: BLE001
@@ -392,7 +392,7 @@ def build_app(service: DemoService, workdir: Optional[str | os.PathLike] = None)
                     elem_id="upload",
                 )
                 normalisation = gr.Radio(
-                    list(NORMALISATIONS), value="paper", label="Volume normalisation",
+                    list(NORMALISATIONS), value=service.normalization, label="Volume normalisation",
                     info="paper: 2–98 % clip + histogram equalisation; window: HU [-150, 250]",
                 )
                 slider = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="slice-slider")
@@ -445,7 +445,7 @@ def build_app(service: DemoService, workdir: Optional[str | os.PathLike] = None)
         with gr.Group(visible=False):
             api_file = gr.File(label="image or volume file", type="filepath")
             api_text = gr.Textbox(label="instruction")
-            api_norm = gr.Radio(list(NORMALISATIONS), value="paper", label="normalisation")
+            api_norm = gr.Radio(list(NORMALISATIONS), value=service.normalization, label="normalisation")
             api_answer = gr.Textbox(label="answer")
             api_image = gr.Image(label="annotated slice", type="pil", format="png")
             api_prob = gr.Number(label="P(yes)")

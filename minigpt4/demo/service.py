@@ -26,7 +26,7 @@ from PIL import Image
 
 from minigpt4.boxes import EMPTY_BOX, box_problem, grid_to_pixel, parse_box, parse_yes_no
 from minigpt4.config import DecodingConfig
-from minigpt4.inference.operating_point import check_checkpoints, scan_settings
+from minigpt4.inference.operating_point import check_checkpoints, scan_normalization, scan_settings
 from minigpt4.drawing import CYAN, RED, annotate
 from minigpt4.inference.calibration import CalibrationMap, configured_calibration, likelihood_entry, likelihood_text
 from minigpt4.inference.fitness import check_fitness, fitness_summary, stage_envelopes
@@ -252,6 +252,8 @@ class DemoService:
         calibration, slice_calibration: the maps of the patient score and slice P(tumor) (the
             operating point's ``calibration``); None: the score is shown as an uncalibrated score.
         envelopes: ``{stage: (training envelope or None, note)}`` the fitness checks compare with.
+        normalization: the volume normalisation offered first: the one the operating point's folders
+            were prepared with (:func:`minigpt4.inference.operating_point.scan_normalization`).
     """
 
     def __init__(
@@ -271,6 +273,7 @@ class DemoService:
         calibration: Optional[CalibrationMap] = None,
         slice_calibration: Optional[CalibrationMap] = None,
         envelopes: Optional[dict] = None,
+        normalization: str = "paper",
     ) -> None:
         self.model = model
         self.stages = stages
@@ -285,6 +288,7 @@ class DemoService:
         self.checkpoints = dict(checkpoints or {})
         self.calibration, self.slice_calibration = calibration, slice_calibration
         self.envelopes = dict(envelopes or {})
+        self.normalization = normalization
         self._lock = threading.Lock()
 
     # -- low level ---------------------------------------------------------------------------
@@ -430,6 +434,7 @@ def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limi
     settings, point = scan_settings(cfg.cascade, "demo config")
     if point is not None:
         check_checkpoints(point, stage_paths, "demo config")
+    normalization = scan_normalization(point, None, "demo config")
     resolved = resolve_device(device or cfg.run.device)
     stages = load_stages(cfg.model, stage_paths, device=resolved)
     calibration, slice_calibration = configured_calibration(cfg.cascade)
@@ -444,7 +449,7 @@ def _load_stage_service(cfg: Any, stage_paths: dict, device: Optional[str], limi
         stages.model, max_new_tokens=cfg.model.generation.max_new_tokens, text_decoding=cfg.model.generation.free_text,
         limits=limits, description=description, stages=stages, cascade=settings,
         checkpoints=dict(stage_paths), calibration=calibration, slice_calibration=slice_calibration,
-        envelopes=stage_envelopes(stage_paths),
+        envelopes=stage_envelopes(stage_paths), normalization=normalization,
     )
 
 

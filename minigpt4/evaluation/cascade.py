@@ -65,7 +65,7 @@ from minigpt4.inference.patient import AGGREGATIONS, Z_RULES, min_assessed_rule
 from minigpt4.inference.pipeline import CascadeSettings, scan_slices
 from minigpt4.config import ConfigError
 from minigpt4.evaluation.common import subsample
-from preprocessing.layout import dataset_name, read_volumes
+from preprocessing.layout import dataset_name, read_normalization, read_volumes
 from preprocessing.raw_files import prepared_jobs
 from minigpt4.evaluation.tables import fmt
 from minigpt4.evaluation.figures import _save
@@ -161,6 +161,7 @@ def slice_metrics(rows: Sequence[dict], slice_threshold: Optional[float] = None)
         "pancreas_box_rate": safe_ratio(sum(r["pancreas_box"] is not None for r in pancreas), len(pancreas)),
         "false_box_rate": safe_ratio(sum(r["pancreas_box"] is not None for r in empty), len(empty)),
         "n_slices_without_pancreas": len(empty),
+        "p_no_box_auc": _no_box_auc(rows),
         "slice_threshold": slice_threshold,
         "tc_accuracy_predicted_crops": accuracy(tc, "p_tumor"),
         "tc_accuracy_gt_crops": accuracy(gt, "p_tumor_gt_crop"),
@@ -177,6 +178,34 @@ def slice_metrics(rows: Sequence[dict], slice_threshold: Optional[float] = None)
         "n_tumor_slices": len(tumor),
         "tumor_asked_rate": safe_ratio(sum(r["tumor_asked"] for r in rows), len(rows)),
     }
+
+
+def folders_normalization(cfg: Any) -> Optional[dict]:
+    """The slice normalisation every configured folder was prepared with (operating_point.json
+    ``normalization``: scan.py and the demo prepare a volume the same way); None when a folder does
+    not record it.
+
+    Raises:
+        ConfigError: the folders were prepared differently (the cascade would see two kinds of slices).
+    """
+    found = {name: read_normalization(ds.root) for name, ds in cfg.datasets.items()}
+    if any(v is None for v in found.values()):
+        return None
+    if len({(v["method"], tuple(v["window"])) for v in found.values()}) > 1:
+        listed = ", ".join(f"datasets.{n}: {v['method']} {v['window']}" for n, v in found.items())
+        raise ConfigError(f"the cascade's folders were prepared with different slice normalisations ({listed}); "
+                          "prepare them alike")
+    return next(iter(found.values()))
+
+
+def _no_box_auc(rows: Sequence[dict]) -> Optional[float]:
+    """AUC of stage 1's P(no box) for "this slice shows no pancreas" (its use as a confidence);
+    None when it was not computed or one class is missing."""
+    scored = [r for r in rows if r.get("p_no_box") is not None]
+    labels = np.asarray([not r["has_pancreas"] for r in scored], dtype=bool)
+    if not scored or labels.all() or not labels.any():
+        return None
+    return auc_score(labels, [r["p_no_box"] for r in scored])
 
 
 def score_volume(records: Sequence[dict], results: Sequence[dict], split: str) -> list[dict]:
@@ -361,6 +390,61 @@ def rules_table(metrics: dict) -> list[str]:
     return lines
 
 
+def _stage1_summary(metrics: dict) -> dict:
+    s, sel = metrics["slice"], metrics["selection"]
+    patient = metrics["patient"]
+    chosen = {mode: patient[mode][sel["aggregation"]] for mode in ("inconclusive_as_positive", "inconclusive_excluded")}
+    return {"checkpoint": metrics["run"]["stages"]["pancreas_detection"],
+            "false_box_rate": s["false_box_rate"], "n_slices_without_pancreas": s["n_slices_without_pancreas"],
+            "pancreas_box_rate": s["pancreas_box_rate"], "pancreas_iou": s["pancreas_iou"],
+            "n_pancreas_slices": s["n_pancreas_slices"], "p_no_box_auc": s.get("p_no_box_auc"),
+            "tc_auc_predicted_crops": s["tc_auc_predicted_crops"], "n_tc_slices": s["n_tc_slices"],
+            "z_rule": sel["z_rule"], "aggregation": sel["aggregation"],
+            "n_inconclusive": patient["n_inconclusive"], "n_volumes": patient["n_volumes"],
+            "patient": {mode: {"n_volumes": patient[mode]["n_volumes"], "auc": m.get("auc"),
+                               "ci95": {"auc": (m.get("ci95") or {}).get("auc")}}
+                        for mode, m in chosen.items()}}
+
+
+def stage1_comparison(baseline: dict, this: dict) -> dict:
+    """Two evaluations that differ only in stage 1 (same stages 2-3, same volumes, rules chosen on
+    val for each alike), side by side: ``{"baseline": summary, "this": summary}``."""
+    return {"baseline": _stage1_summary(baseline), "this": _stage1_summary(this),
+            "note": "the same stages 2-3, val and test volumes; each cascade's 3-D rule, aggregation and thresholds "
+                    "chosen on val alike"}
+
+
+def stage1_comparison_lines(comparison: dict) -> list[str]:
+    """tables.md: the compared stage 1 (``cascade.compare_pancreas_detection``) beside this one."""
+    base, this = comparison["baseline"], comparison["this"]
+
+    def patient(summary: dict, mode: str) -> str:
+        m = summary["patient"][mode]
+        return _cell(m, "auc") + f" ({m['n_volumes']} volumes)"
+
+    def name(summary: dict) -> str:
+        source = summary["checkpoint"]
+        return Path(str(source.get("path") if isinstance(source, dict) else source)).parent.name or "?"
+
+    rows = [
+        ("false box rate (slices without pancreas given a box)",
+         lambda m: f"{fmt(m['false_box_rate'])} ({m['n_slices_without_pancreas']})"),
+        ("pancreas box rate / IoU (slices with pancreas)",
+         lambda m: f"{fmt(m['pancreas_box_rate'])} / {fmt(m['pancreas_iou'])} ({m['n_pancreas_slices']})"),
+        ("AUC of P(no box) for \"no pancreas on this slice\"", lambda m: fmt(m["p_no_box_auc"])),
+        ("tumor AUC on TC slices, crops from the predicted box", lambda m: f"{fmt(m['tc_auc_predicted_crops'])} ({m['n_tc_slices']})"),
+        ("3-D rule + aggregation chosen on val", lambda m: f"{m['z_rule']} + {m['aggregation']}"),
+        ("inconclusive test volumes", lambda m: f"{m['n_inconclusive']} of {m['n_volumes']}"),
+        ("patient AUC [95% CI], inconclusive as positive", lambda m: patient(m, "inconclusive_as_positive")),
+        ("patient AUC [95% CI], inconclusive excluded", lambda m: patient(m, "inconclusive_excluded")),
+    ]
+    lines = ["## Stage 1 compared (the same stages 2-3 and volumes)", "",
+             f"| test volumes | compared: `{name(base)}` | this cascade: `{name(this)}` |", "|---|---|---|"]
+    lines += [f"| {label} | {cell(base)} | {cell(this)} |" for label, cell in rows]
+    note = comparison["note"]
+    return lines + ["", f"{note[0].upper()}{note[1:]}.", ""]
+
+
 def cascade_tables(metrics: dict) -> str:
     s, p, sel = metrics["slice"], metrics["patient"], metrics["selection"]
     t = fmt(s["slice_threshold"])
@@ -426,6 +510,8 @@ def cascade_tables(metrics: dict) -> str:
         lines.append(f"Note: {note}.")
     if "calibration" in metrics:
         lines += [""] + calibration_lines(metrics["calibration"])
+    if "stage1_compared" in metrics:
+        lines += [""] + stage1_comparison_lines(metrics["stage1_compared"])
     provenance = provenance_table_lines((metrics.get("run") or {}).get("provenance") or {})
     return "\n".join((provenance + [""] if provenance else []) + lines) + "\n"
 
@@ -497,11 +583,15 @@ def panorama_section(cfg: Any, volumes: dict, rows: Sequence[dict], patients: di
 
 
 def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[dict] = None,
-             volumes: Optional[tuple[dict, dict]] = None) -> dict:
+             volumes: Optional[tuple[dict, dict]] = None, compared: Optional[dict] = None, write: bool = True) -> dict:
     """Choose the operating points on ``val``, run the cascade on ``test``, write every output.
 
     Args:
         volumes: ``(val, test)`` from :func:`load_volumes` when already read.
+        compared: the metrics of the same evaluation with another stage 1
+            (``cascade.compare_pancreas_detection``, ``write=False``): shown beside this one
+            (:func:`stage1_comparison`, metrics.json ``stage1_compared``, tables.md).
+        write: False: return the metrics and write nothing.
     """
     casc = cfg.cascade
     val_volumes, test_volumes = volumes or (load_volumes(cfg, "val"), load_volumes(cfg, "test"))
@@ -557,13 +647,24 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
                 "decoding": "greedy, 1 beam, left padding", "environment": environment_identity(), **(source or {})},
     }
     point = operating_point_record(selection, casc.top_k, min_assessed, z_rule, metrics["run"]["stages"],
-                                   len(val_volumes), "+".join(datasets))
+                                   len(val_volumes), "+".join(datasets), folders_normalization(cfg))
     point["calibration"] = calibration_map  # the calibration work's map (issue 28.1), chosen on val too
+    if compared is not None:
+        metrics["stage1_compared"] = stage1_comparison(compared, metrics)
 
-    if rank_and_world_size()[0] != 0:
-        return metrics  # torchrun: rank 0 writes
+    if write and rank_and_world_size()[0] == 0:  # torchrun: rank 0 writes
+        write_outputs(cfg, metrics, point, rows, (test_volumes, patients), make_figures)
+    return metrics
+
+
+def write_outputs(cfg: Any, metrics: dict, point: dict, rows: Sequence[dict], test: tuple[dict, dict],
+                  make_figures: bool) -> None:
+    """Write what :func:`evaluate` measured into ``run.output_dir`` (adds ``metrics["panorama"]``);
+    ``test``: the test volumes and their patient scores."""
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    selection, calibration = metrics["selection"], metrics["calibration"]
+    test_volumes, patients = test
     metrics["panorama"] = panorama_section(cfg, test_volumes, rows, patients, selection["aggregation"], out, make_figures)
     write_jsonl_atomic(out / "predictions.jsonl", rows)
     write_json_atomic(out / "metrics.json", metrics)
@@ -574,4 +675,3 @@ def evaluate(cfg: Any, stages: Any, make_figures: bool = True, source: Optional[
         reliability_figure({"patient score": calibration["patient"], "slice P(tumor)": calibration["slice"]},
                            out / "reliability.png")
     save_config(cfg, out / "config.yaml")
-    return metrics

@@ -10,7 +10,9 @@ Format 1::
      "aggregation": str, "top_k": int, "threshold": float, "slice_threshold": float,
      "min_assessed": {"min_slices": int, "rule": str, ...},
      "z_rule": {"name": "largest_run", "min_run": int, "rule": str} | null,
-     "calibration": null | {...}}            # filled by the calibration work (issue 28.1), passed through
+     "calibration": null | {...},            # filled by the calibration work (issue 28.1), passed through
+     "normalization": {"method": "paper" | "window", "window": [lo, hi]} | null}
+                                            # how the evaluated folders' slices were prepared; null = not recorded
 
 A scan config names the file, or sets the whole operating point explicitly (``threshold``,
 ``slice_threshold``, ``aggregation``, ``z_rule``, ``min_boxed_slices``); anything less is refused,
@@ -26,6 +28,7 @@ from typing import Any, Optional
 from minigpt4.config import AGGREGATIONS, Z_RULES, ConfigError
 from minigpt4.inference.pipeline import CascadeSettings
 from minigpt4.io import file_sha256, read_json
+from preprocessing.normalize import DEFAULT_WINDOW, METHODS
 
 FORMAT = 1
 FILENAME = "operating_point.json"
@@ -83,7 +86,35 @@ def read_operating_point(path: str | Path) -> dict:
     z = point["z_rule"]
     if z is not None and (not isinstance(z, dict) or z.get("name") not in Z_RULES):
         raise ConfigError(f"{path}: z_rule must be null or have a name in {', '.join(Z_RULES)}")
+    norm = point.get("normalization")
+    if norm is not None and (not isinstance(norm, dict) or norm.get("method") not in METHODS
+                             or len(norm.get("window") or ()) != 2):
+        raise ConfigError(f"{path}: normalization must be null or {{\"method\": one of {', '.join(METHODS)}, "
+                          f"\"window\": [lo, hi]}}, got {norm!r}")
     return point
+
+
+def scan_normalization(point: Optional[dict], requested: Optional[str], where: str) -> str:
+    """The slice normalisation a scan uses: the one the operating point's folders were prepared
+    with (a stage sees slices as it was trained and evaluated on them), ``requested`` when the
+    point records none (default ``paper``).
+
+    Raises:
+        ConfigError: ``requested`` differs from the recorded one, or the recorded window is not the
+            one scan.py applies (:data:`preprocessing.normalize.DEFAULT_WINDOW`).
+    """
+    recorded = (point or {}).get("normalization")
+    if recorded is None:
+        return requested or "paper"
+    method = recorded["method"]
+    if requested is not None and requested != method:
+        raise ConfigError(f"{where}: --normalization {requested}, but the operating point was chosen on slices "
+                          f"prepared with --normalization {method}: leave the option out, or evaluate stages "
+                          f"prepared with {requested}")
+    if method == "window" and tuple(float(v) for v in recorded["window"]) != DEFAULT_WINDOW:
+        raise ConfigError(f"{where}: the operating point's slices were windowed to {list(recorded['window'])} HU; "
+                          f"scan.py windows to {list(DEFAULT_WINDOW)}")
+    return method
 
 
 def scan_settings(cascade: Any, where: str, **run) -> tuple[CascadeSettings, Optional[dict]]:
@@ -139,12 +170,12 @@ def check_checkpoints(point: dict, stage_paths: dict, where: str) -> None:
 
 
 def operating_point_record(selection: dict, top_k: int, min_assessed: dict, z_rule: str, checkpoints: dict,
-                           n_volumes: int, dataset: str) -> dict:
+                           n_volumes: int, dataset: str, normalization: Optional[dict] = None) -> dict:
     """The ``operating_point.json`` content from eval_cascade's choices on val; ``checkpoints``:
-    ``{stage: checkpoint_identity}``."""
+    ``{stage: checkpoint_identity}``; ``normalization``: how the folders' slices were prepared."""
     return {"format": FORMAT,
             "chosen_on": {"split": "val", "n_volumes": int(n_volumes), "dataset": dataset},
             "checkpoints": {STAGE_KEYS[s]: (c or {}).get("sha256") for s, c in checkpoints.items() if s in STAGE_KEYS},
             "aggregation": selection["aggregation"], "top_k": int(top_k), "threshold": float(selection["threshold"]),
             "slice_threshold": float(selection["slice_threshold"]), "min_assessed": dict(min_assessed),
-            "z_rule": z_rule_record(z_rule), "calibration": None}
+            "z_rule": z_rule_record(z_rule), "calibration": None, "normalization": normalization}
