@@ -16,11 +16,12 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     # every stage trained from the previous one's best checkpoint, and was evaluated
     for stage, parent in [("stage2_tumor_classification", "stage1_pancreas_detection"),
                           ("stage3_tumor_detection", "stage2_tumor_classification"),
-                          ("abd_organ_detection", "stage1_pancreas_detection")]:
+                          ("abd_organ_detection", "stage1_pancreas_detection_paper")]:
         saved = (tmp_path / "configs" / f"{stage}.yaml").read_text()
         assert f"init_from: {tmp_path / 'runs' / parent / 'checkpoint_best'}" in saved
         assert ("init_lr: 0.0005" in saved) == (stage == "stage2_tumor_classification")  # STAGE_OPTIONS
-    for stage in ["stage1_pancreas_detection", "stage3_tumor_detection", "abd_organ_detection"]:
+    for stage in ["stage1_pancreas_detection_paper", "stage1_pancreas_detection", "stage3_tumor_detection",
+                  "abd_organ_detection"]:
         metrics = json.loads((tmp_path / "eval" / stage / "metrics.json").read_text())
         assert 0.0 <= metrics["weighted"]["mean_iou"] <= 1.0 and metrics["weighted"]["n"] > 0
         assert (tmp_path / "eval" / stage / "tables.md").is_file()
@@ -28,11 +29,16 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     assert set(classification) >= {"accuracy", "precision", "recall", "f1", "auc"}
     assert (tmp_path / "runs" / "stage3_tumor_detection" / "checkpoint_best" / "model.safetensors").is_file()
     # stage 1 of the cascade trains on slices without pancreas too (issue 26); Table 1's configs do not
-    assert "empty_share: 0.5" in (tmp_path / "configs" / "stage1_pancreas_detection.yaml").read_text()
+    assert "empty_share: 0.2" in (tmp_path / "configs" / "stage1_pancreas_detection.yaml").read_text()
+    assert "empty_share: 0.0" in (tmp_path / "configs" / "stage1_pancreas_detection_paper.yaml").read_text()
+    # the phantoms are windowed, and the scan and the demo follow the operating point's normalisation
+    assert json.loads((tmp_path / "data" / "MSD" / "manifest.json").read_text())["parameters"]["normalization"] == "window"
+    point = json.loads((tmp_path / "eval" / "cascade" / "operating_point.json").read_text())
+    assert point["normalization"] == {"method": "window", "window": [-150.0, 250.0]}
     assert "cascade.operating_point=" in printed
     assert "TINY model on SYNTHETIC phantoms" in printed
     # every stage's result is printed next to what an image-blind answer gets on the same records
-    assert printed.count("vs image-blind baseline, constant box (mean training box per target): mean IoU") == 3
+    assert printed.count("vs image-blind baseline, constant box (mean training box per target): mean IoU") == 4
     assert printed.count("vs image-blind baseline, always '") == 1
     assert "python demo.py --cfg-path eval_configs/demo_cpu.yaml --options model.ckpt=" in printed
     # the clinical cascade ran on every slice of the test volumes and its tables were printed
@@ -44,7 +50,11 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     tables = markdown_tables(printed)
     assert markdown_tables(printed.split("## Patient level (test volumes)")[1])[0].header[0] != ""
     written = {p: markdown_tables(p.read_text()) for p in (tmp_path / "eval").rglob("tables.md")}
-    assert len(written) == 6 and all(written.values()) and len(tables) >= 6
+    assert len(written) == 7 and all(written.values()) and len(tables) >= 7
+    # the paper-faithful stage 1 through the same stages 2-3, beside the cascade's (issue 26)
+    assert "## Stage 1 compared (the same stages 2-3 and volumes)" in printed
+    assert "| compared: `stage1_pancreas_detection_paper` | this cascade: `stage1_pancreas_detection` |" in printed
+    assert set(cascade["stage1_compared"]) == {"baseline", "this", "note"}
     # the PANORAMA path: phantoms prepared, the cascade's evaluation scored the PANORAMA way
     panorama = json.loads((tmp_path / "eval" / "cascade_panorama" / "metrics.json").read_text())["panorama"]
     assert set(panorama) >= {"auroc", "ap", "score", "ci95", "n_studies", "patient_truth"}
@@ -65,6 +75,7 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
         assert report["config"]["z_rule"] == cascade["selection"]["z_rule"]
         assert report["config"]["min_boxed_slices"] == cascade["min_assessed"]["min_slices"]
         assert report["config"]["operating_point"] == str(tmp_path / "eval" / "cascade" / "operating_point.json")
+        assert report["config"]["normalisation"] == "window"  # from the operating point, not asked for
         assert report["patient"]["verdict"].count("slice(s)") >= 1 and "assessed" in report
         assert (scan / name / "boxes.nii.gz").is_file() and (scan / name / "report.html").is_file()
     # the same phantom read from NIfTI and from DICOM: the same slices, so the same answers
