@@ -307,10 +307,11 @@ class DatasetConfig(Checked):
                                 default_factory=lambda: list(ORGANS))
     """organ_detection only: organs to keep."""
     empty_share: float = checked(0.0, between(0, 0.9))
-    """pancreas_detection only, training and validation splits: the share of records that are slices
-    without pancreas, answered ``{<0><0><0><0>}`` (:data:`minigpt4.boxes.NO_BOX_ANSWER`), so stage 1
-    can say "no pancreas" on a whole volume. 0 = the paper (pancreas slices only; Table 1 configs);
-    the cascade's stage 1 uses 0.5 (README deviations). Needs a folder prepared with ``--all-slices``."""
+    """pancreas_detection only, the trainer's training and validation splits: the share of records
+    that are slices without pancreas, answered ``{<0><0><0><0>}`` (:data:`minigpt4.boxes.NO_BOX_ANSWER`),
+    so stage 1 can say "no pancreas" on a whole volume. 0 = the paper (pancreas slices only; Table 1
+    configs); the cascade's stage 1 uses 0.2 (docs/DEVIATIONS.md). Needs a folder prepared with
+    ``--all-slices``."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from minigpt4.io import read_json
+from preprocessing.normalize import DEFAULT_WINDOW
 from preprocessing.slices import select_records, select_with_empty
 from preprocessing.splits import SPLITS
 
@@ -50,7 +51,7 @@ def read_normalization(root: str | os.PathLike) -> Optional[dict]:
     parameters = _manifest(Path(root)).get("parameters") or {}
     if "normalization" not in parameters:
         return None
-    return {"method": parameters["normalization"], "window": [float(v) for v in parameters.get("window") or (-150.0, 250.0)]}
+    return {"method": parameters["normalization"], "window": [float(v) for v in parameters.get("window") or DEFAULT_WINDOW]}
 
 
 def _annotation_file(root: Path, dataset: str, task: str, split: str) -> Path:

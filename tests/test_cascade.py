@@ -315,10 +315,19 @@ def test_eval_cascade_shows_a_compared_stage1_beside_its_own(tmp_path, prepared)
     table = (tmp_path / "out" / "tables.md").read_text().split("## Stage 1 compared")[1]
     assert "| compared: `other` | this cascade: `ckpt` |" in table.splitlines()[2]
     assert f"| false box rate (slices without pancreas given a box) | {fmt(alone['slice']['false_box_rate'])} " in table
-    assert not (tmp_path / "out" / "stage1_compared").exists()  # the comparison run writes nothing of its own
-    with pytest.raises(FileNotFoundError, match="cascade.compare_pancreas_detection: .*missing not found"):
+    # the comparison run writes nothing of its own: the predictions are this cascade's, one row per test slice
+    rows = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert len(rows) == alone["slice"]["n_slices"] == metrics["slice"]["n_slices"]
+    others = read_jsonl(tmp_path / "alone" / "out" / "predictions.jsonl")
+    assert [(r["volume_name"], r["slice_index"]) for r in rows] == [(r["volume_name"], r["slice_index"]) for r in others]
+    assert [r["p_no_box"] for r in rows] != [r["p_no_box"] for r in others]  # this stage 1's, not the compared one's
+    with pytest.raises(FileNotFoundError, match="cascade.yaml: cascade.compare_pancreas_detection .*missing not found; "
+                                                "train it, or set cascade.compare_pancreas_detection=null"):
         eval_cascade.main(["--cfg-path", str(config), "--overwrite", "--options",
                            f"cascade.compare_pancreas_detection={tmp_path / 'missing'}"])
+    with pytest.raises(ValueError, match="cascade.compare_pancreas_detection is cascade.stages.pancreas_detection"):
+        eval_cascade.main(["--cfg-path", str(config), "--overwrite", "--options",
+                           f"cascade.compare_pancreas_detection={paths['pancreas_detection']}"])
 
 
 def test_eval_cascade_refuses_folders_without_all_slices(tmp_path):

@@ -750,7 +750,7 @@ def test_configs_load_and_point_at_checkpoints():
     assert cpu.model.ckpt is None  # three-stage mode
     assert cpu.cascade.stages.configured() == {
         s: f"quickstart_output/runs/{run}/checkpoint_best" for s, run in (
-            ("pancreas_detection", "stage1_pancreas_detection"), ("tumor_classification", "stage2_tumor_classification"),
+            ("pancreas_detection", "stage1_pancreas_detection_cascade"), ("tumor_classification", "stage2_tumor_classification"),
             ("tumor_detection", "stage3_tumor_detection"))}
     assert cpu.model.text.path is None and cpu.run.device == "cpu"
 

@@ -93,7 +93,7 @@ def test_validation_multiplies_pancreas_iou_by_the_share_of_correct_no_pancreas_
         evaluation.detection_row(r, a) for r, a in zip(selected, answers)])
     score, metrics = evaluation.validation_score(None, records, "pancreas_detection", batch_size=8)
     assert score == pytest.approx(0.5 * 2 / 3)  # mean IoU x share said absent
-    assert metrics["no_target"] == {"n": 3, "said_absent": 2, "boxed_share": pytest.approx(1 / 3)}
+    assert metrics["no_target"] == {"n": 3, "said_absent": 2}
     assert metrics["n"] == 2 and metrics["weighted"]["mean_iou"] == pytest.approx(0.5)
     # without slices lacking pancreas: the paper's score, the mean IoU
     score, metrics = evaluation.validation_score(None, records[:2], "pancreas_detection", batch_size=8)
@@ -102,6 +102,27 @@ def test_validation_multiplies_pancreas_iou_by_the_share_of_correct_no_pancreas_
     monkeypatch.setattr(evaluation, "predict_detection", lambda model, selected, task, batch_size, feature_cache=None: [
         evaluation.detection_row(r, NO_BOX_ANSWER) for r in selected])
     assert evaluation.validation_score(None, records, "pancreas_detection", batch_size=8)[0] == 0.0
+    # a subsample of empty slices only: no IoU to multiply, score 0, the counts kept
+    score, metrics = evaluation.validation_score(None, records[2:], "pancreas_detection", batch_size=8)
+    assert score == 0.0 and metrics["n"] == 0 and metrics["no_target"] == {"n": 3, "said_absent": 3}
+
+
+def test_only_the_trainer_reads_the_slices_without_pancreas(tmp_path):
+    """Training and validation (``without_target=True``) get the empty_share; the evaluation scripts
+    score pancreas slices (Table 1's measure)."""
+    from minigpt4.config import Config, DatasetConfig
+    from minigpt4.data.datasets import load_split_records
+    from tests.test_cascade import prepare_phantoms
+
+    prepared = prepare_phantoms(tmp_path)
+    cfg = Config()
+    cfg.datasets = {"msd": DatasetConfig(root=str(prepared["MSD"]), task="pancreas_detection", empty_share=0.5)}
+    for split in ("train", "val", "test"):
+        plain = load_split_records(cfg, split)[0][3]
+        mixed = load_split_records(cfg, split, without_target=True)[0][3]
+        assert plain and not any(r.get("no_target") for r in plain), split
+        empty = [r for r in mixed if r.get("no_target")]
+        assert len(empty) == len(mixed) - len(plain) == selection.empty_count(len(plain), 0.5), split
 
 
 def test_empty_share_is_a_checked_option_of_pancreas_detection_only():

@@ -14,13 +14,14 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--smoke", "--workers", "1"]) == 0
     printed = capsys.readouterr().out
     # every stage trained from the previous one's best checkpoint, and was evaluated
-    for stage, parent in [("stage2_tumor_classification", "stage1_pancreas_detection"),
+    for stage, parent in [("stage1_pancreas_detection_cascade", "stage1_pancreas_detection"),
+                          ("stage2_tumor_classification", "stage1_pancreas_detection_cascade"),
                           ("stage3_tumor_detection", "stage2_tumor_classification"),
-                          ("abd_organ_detection", "stage1_pancreas_detection_paper")]:
+                          ("abd_organ_detection", "stage1_pancreas_detection")]:
         saved = (tmp_path / "configs" / f"{stage}.yaml").read_text()
         assert f"init_from: {tmp_path / 'runs' / parent / 'checkpoint_best'}" in saved
         assert ("init_lr: 0.0005" in saved) == (stage == "stage2_tumor_classification")  # STAGE_OPTIONS
-    for stage in ["stage1_pancreas_detection_paper", "stage1_pancreas_detection", "stage3_tumor_detection",
+    for stage in ["stage1_pancreas_detection", "stage1_pancreas_detection_cascade", "stage3_tumor_detection",
                   "abd_organ_detection"]:
         metrics = json.loads((tmp_path / "eval" / stage / "metrics.json").read_text())
         assert 0.0 <= metrics["weighted"]["mean_iou"] <= 1.0 and metrics["weighted"]["n"] > 0
@@ -29,8 +30,8 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     assert set(classification) >= {"accuracy", "precision", "recall", "f1", "auc"}
     assert (tmp_path / "runs" / "stage3_tumor_detection" / "checkpoint_best" / "model.safetensors").is_file()
     # stage 1 of the cascade trains on slices without pancreas too (issue 26); Table 1's configs do not
-    assert "empty_share: 0.2" in (tmp_path / "configs" / "stage1_pancreas_detection.yaml").read_text()
-    assert "empty_share: 0.0" in (tmp_path / "configs" / "stage1_pancreas_detection_paper.yaml").read_text()
+    assert "empty_share: 0.2" in (tmp_path / "configs" / "stage1_pancreas_detection_cascade.yaml").read_text()
+    assert "empty_share: 0.0" in (tmp_path / "configs" / "stage1_pancreas_detection.yaml").read_text()
     # the phantoms are windowed, and the scan and the demo follow the operating point's normalisation
     assert json.loads((tmp_path / "data" / "MSD" / "manifest.json").read_text())["parameters"]["normalization"] == "window"
     point = json.loads((tmp_path / "eval" / "cascade" / "operating_point.json").read_text())
@@ -53,7 +54,7 @@ def test_quickstart_smoke_runs_the_whole_cascade(tmp_path, capsys):
     assert len(written) == 7 and all(written.values()) and len(tables) >= 7
     # the paper-faithful stage 1 through the same stages 2-3, beside the cascade's (issue 26)
     assert "## Stage 1 compared (the same stages 2-3 and volumes)" in printed
-    assert "| compared: `stage1_pancreas_detection_paper` | this cascade: `stage1_pancreas_detection` |" in printed
+    assert "| compared: `stage1_pancreas_detection` | this cascade: `stage1_pancreas_detection_cascade` |" in printed
     assert set(cascade["stage1_compared"]) == {"baseline", "this", "note"}
     # the PANORAMA path: phantoms prepared, the cascade's evaluation scored the PANORAMA way
     panorama = json.loads((tmp_path / "eval" / "cascade_panorama" / "metrics.json").read_text())["panorama"]

@@ -7,14 +7,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from minigpt4.cli import add_provenance_argument
 from minigpt4.config import add_config_arguments, load_config
 from minigpt4.distributed import cleanup, init_distributed
-from minigpt4.evaluation.cascade import cascade_tables, evaluate, load_volumes, source_jobs
+from minigpt4.evaluation.cascade import cascade_tables, evaluate, folders_normalization, load_volumes, source_jobs
 from minigpt4.evaluation.panorama import check_sources
 from minigpt4.models.stages import check_stage_tasks, load_stages, require_all_stages
 from minigpt4.outputs import OutputFolder, check_output_folder
@@ -25,14 +28,22 @@ CASCADE_OUTPUTS = ("predictions.jsonl", "metrics.json", "tables.md", "p_tumor_al
 """What ``eval_cascade.py`` writes in ``run.output_dir`` (besides its ``manifest.json``)."""
 
 
-def compared_config(cfg):
+def compared_config(cfg, where: str):
     """The config of the comparison run (``cascade.compare_pancreas_detection`` as stage 1, nothing
-    else changed), or None when no comparison is configured."""
+    else changed), or None when no comparison is configured.
+
+    Raises:
+        FileNotFoundError / ValueError: the checkpoint is missing, or is this cascade's own stage 1.
+    """
     other = cfg.cascade.compare_pancreas_detection
     if other is None:
         return None
     if not Path(other).exists():
-        raise FileNotFoundError(f"cascade.compare_pancreas_detection: {other} not found")
+        raise FileNotFoundError(f"{where}: cascade.compare_pancreas_detection {other} not found; train it, or set "
+                                "cascade.compare_pancreas_detection=null to skip the comparison")
+    if Path(other).resolve() == Path(cfg.cascade.stages.pancreas_detection).resolve():
+        raise ValueError(f"{where}: cascade.compare_pancreas_detection is cascade.stages.pancreas_detection ({other}): "
+                         "compare another stage 1, or set it to null")
     baseline = copy.deepcopy(cfg)
     baseline.cascade.stages.pancreas_detection = other
     baseline.cascade.compare_pancreas_detection = None
@@ -60,12 +71,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.cfg_path, args.options)
     require_all_stages(cfg.cascade.stages.configured(), args.cfg_path)
-    baseline_cfg = compared_config(cfg)
+    baseline_cfg = compared_config(cfg, args.cfg_path)
     volumes = load_volumes(cfg, "val"), load_volumes(cfg, "test")  # fail on data before loading the model
     if not volumes[1]:
         roots = ", ".join(dict.fromkeys(str(ds.root) for ds in cfg.datasets.values()))
         raise ValueError(f"{roots}: the test split holds no volume (annotations/split.json); nothing to evaluate")
     check_sources(volumes[1], source_jobs(cfg))  # the detection maps need every test CT and label file
+    folders_normalization(cfg)  # folders prepared alike (also checked, and recorded, after the scan)
     check_stage_tasks(cfg.cascade.stages.configured())  # checkpoint headers only
     provenance = stage_provenance(check_cascade_leakage(cfg, args.allow_unknown_provenance))
     if baseline_cfg is not None:
@@ -89,7 +101,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 baseline = load_stages(cfg.model, baseline_cfg.cascade.stages.configured(), device=info.device,
                                        check_tasks=False)
                 compared = evaluate(baseline_cfg, baseline, False, None, volumes, write=False)
-                del baseline
+                del baseline  # its base weights go before the cascade's load: one base in memory at a time
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             stages = load_stages(cfg.model, cfg.cascade.stages.configured(), device=info.device, check_tasks=False)
             metrics = evaluate(cfg, stages, not args.no_figures,
                                {"config": str(args.cfg_path), "options": list(args.options),

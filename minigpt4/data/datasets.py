@@ -214,8 +214,13 @@ def collate_samples(samples: Sequence[dict]) -> dict:
     }
 
 
-def load_split_records(cfg: Config, split: str) -> list[tuple[str, str, float, list[dict]]]:
+def load_split_records(cfg: Config, split: str, without_target: bool = False) -> list[tuple[str, str, float, list[dict]]]:
     """``(name, task, sample_ratio, records)`` for every configured dataset, checked.
+
+    ``without_target``: add each dataset's ``empty_share`` of slices without pancreas — the trainer
+    does, for training and validation (whose score then credits a correct "no pancreas",
+    :func:`minigpt4.evaluation.validation_score`); the evaluation scripts do not: they score the
+    pancreas slices, Table 1's measure (``eval_cascade.py`` measures the false boxes on whole volumes).
 
     Raises:
         ConfigError: no dataset configured.
@@ -231,11 +236,7 @@ def load_split_records(cfg: Config, split: str) -> list[tuple[str, str, float, l
         if ds.empty_share and ds.task != "pancreas_detection":
             raise ConfigError(f"datasets.{name}.empty_share: only pancreas_detection trains on slices without its "
                               f"target, not {ds.task}")
-        # slices without pancreas are added to the training and validation splits (validation then
-        # credits a correct "no pancreas", so checkpoint_best is not a model that boxes every slice,
-        # minigpt4.evaluation.validation_score); test evaluation scores boxes on pancreas slices as the
-        # paper does (eval_cascade measures the false boxes on whole volumes)
-        empty = ds.empty_share if split in ("train", "val") else 0.0
+        empty = ds.empty_share if without_target else 0.0
         records = read_prepared(ds.root, ds.task, split, threshold=ds.threshold,
                                 organs=list(ds.organs) if narrowed else None, empty_share=empty)
         check_records(records, ds.task, source=source)

@@ -98,7 +98,6 @@ def _score_with_absent(rows: list[dict], no_target: list[bool], task: str) -> tu
     absent = [row for row, empty in zip(rows, no_target) if empty]
     said_absent = sum(says_absent(row["answer"]) for row in absent)
     metrics = detection_metrics(present, task, n_boot=0) if present else {"task": task, "n": 0}
-    metrics["no_target"] = {"n": len(absent), "said_absent": int(said_absent),
-                            "boxed_share": 1.0 - said_absent / len(absent)}
+    metrics["no_target"] = {"n": len(absent), "said_absent": int(said_absent)}
     metrics["score_rule"] = "mean IoU on pancreas slices x share of slices without pancreas answered 'no pancreas'"
     return (primary_score(metrics) if present else 0.0) * (said_absent / len(absent)), metrics

@@ -191,7 +191,8 @@ def folders_normalization(cfg: Any) -> Optional[dict]:
     found = {name: read_normalization(ds.root) for name, ds in cfg.datasets.items()}
     if any(v is None for v in found.values()):
         return None
-    if len({(v["method"], tuple(v["window"])) for v in found.values()}) > 1:
+    # the window matters only to windowed slices
+    if len({(v["method"], tuple(v["window"]) if v["method"] == "window" else None) for v in found.values()}) > 1:
         listed = ", ".join(f"datasets.{n}: {v['method']} {v['window']}" for n, v in found.items())
         raise ConfigError(f"the cascade's folders were prepared with different slice normalisations ({listed}); "
                           "prepare them alike")

@@ -88,7 +88,8 @@ def read_operating_point(path: str | Path) -> dict:
         raise ConfigError(f"{path}: z_rule must be null or have a name in {', '.join(Z_RULES)}")
     norm = point.get("normalization")
     if norm is not None and (not isinstance(norm, dict) or norm.get("method") not in METHODS
-                             or len(norm.get("window") or ()) != 2):
+                             or not isinstance(norm.get("window"), list) or len(norm["window"]) != 2
+                             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in norm["window"])):
         raise ConfigError(f"{path}: normalization must be null or {{\"method\": one of {', '.join(METHODS)}, "
                           f"\"window\": [lo, hi]}}, got {norm!r}")
     return point

@@ -269,8 +269,9 @@ class _TrainingRun:
         if mismatch and self.main:
             log.warning(mismatch)
         check_weight_files(cfg)
-        self.train_sets = load_split_records(cfg, "train")
-        self.val_sets = load_split_records(cfg, "val") if run.validate else []
+        # with slices without pancreas (datasets.*.empty_share): so checkpoint_best is not a model that boxes every slice
+        self.train_sets = load_split_records(cfg, "train", without_target=True)
+        self.val_sets = load_split_records(cfg, "val", without_target=True) if run.validate else []
         self.provenance = training_provenance(cfg, allow_unknown_provenance)  # recorded in every checkpoint
         self.envelope = training_envelope(cfg)  # ... with the acquisition range of the train volumes
         self.resume_from = resolve_resume(run.resume, self.output_dir)
