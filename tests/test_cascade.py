@@ -217,18 +217,25 @@ def test_3d_boxes_by_hand():
 
 
 # ----------------------------------------------------------------------------- end to end
-def _cascade_config(tmp_path: Path, prepared: dict, paths: dict, cfg, threshold=None, slice_threshold=None) -> Path:
+def cascade_config(tmp_path: Path, folders: dict, paths: dict, cfg, threshold=None, slice_threshold=None,
+                   bootstrap: int = 20) -> Path:
+    """``tmp_path/cascade.yaml`` for eval_cascade: ``folders`` ``{name: prepared folder}``, the stage
+    checkpoints ``paths``, the tiny model ``cfg``; output in ``tmp_path/out``."""
     doc = {
         "model": OmegaConf.to_container(OmegaConf.structured(cfg)),
-        "datasets": {"msd": {"root": str(prepared["MSD"]), "task": "pancreas_detection"},
-                     "nih": {"root": str(prepared["NIH"]), "task": "pancreas_detection"}},
+        "datasets": {name: {"root": str(root), "task": "pancreas_detection"} for name, root in folders.items()},
         "cascade": {"stages": paths, "threshold": threshold, "slice_threshold": slice_threshold, "top_k": 2,
-                    "bootstrap": 20, "crop_margin": 2},
+                    "bootstrap": bootstrap, "crop_margin": 2},
         "run": {"output_dir": str(tmp_path / "out"), "device": "cpu", "eval_batch_size": 16},
     }
     path = tmp_path / "cascade.yaml"
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(doc)))
     return path
+
+
+def _cascade_config(tmp_path: Path, prepared: dict, paths: dict, cfg, threshold=None, slice_threshold=None) -> Path:
+    """:func:`cascade_config` over the prepared MSD and NIH phantoms."""
+    return cascade_config(tmp_path, {"msd": prepared["MSD"], "nih": prepared["NIH"]}, paths, cfg, threshold, slice_threshold)
 
 
 def test_eval_cascade_end_to_end(tmp_path, prepared):

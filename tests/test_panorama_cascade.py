@@ -13,9 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from minigpt4.io import read_json, read_jsonl
+from tests.test_cascade import cascade_config
 from tests.tiny import random_checkpoints, tiny_model_config
 
 STAGES = ("pancreas_detection", "tumor_classification", "tumor_detection")
@@ -39,16 +39,8 @@ def panorama(tmp_path_factory) -> dict:
 
 
 def _config(tmp_path: Path, root: Path, paths: dict, cfg) -> Path:
-    doc = {
-        "model": OmegaConf.to_container(OmegaConf.structured(cfg)),
-        "datasets": {"panorama": {"root": str(root), "task": "pancreas_detection"}},
-        "cascade": {"stages": paths, "threshold": 0.0, "slice_threshold": 0.0, "top_k": 2, "bootstrap": 50,
-                    "crop_margin": 2},
-        "run": {"output_dir": str(tmp_path / "out"), "device": "cpu", "eval_batch_size": 16},
-    }
-    path = tmp_path / "cascade.yaml"
-    path.write_text(OmegaConf.to_yaml(OmegaConf.create(doc)))
-    return path
+    """The PANORAMA folder alone; stage 3 asked on every boxed slice (thresholds 0)."""
+    return cascade_config(tmp_path, {"panorama": root}, paths, cfg, threshold=0.0, slice_threshold=0.0, bootstrap=50)
 
 
 def test_eval_cascade_on_panorama(tmp_path, panorama):
